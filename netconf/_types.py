@@ -1,0 +1,73 @@
+"""Plain data shared by the plan, the executor and the supervisor.
+
+A :class:`Nic` is what netconf needs to know about one guest NIC once the
+supervisor has validated the user's spec and opened the tap.  It is frozen
+and JSON-friendly (see :meth:`Nic.to_dict`) because it is stored in the
+instance record and handed to hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Mode = Literal["routed", "bridged", "openvswitch"]
+
+#: The phases of a NIC's configuration.  ``attach``/``activate`` go up,
+#: ``deactivate``/``detach`` are their exact reverses (undo from the journal).
+Phase = Literal["attach", "activate", "deactivate", "detach"]
+
+#: Why netconf is running; exported to hooks as ``PHASE``.
+Reason = Literal["start", "stop", "crash", "migrate-in", "migrate-out", "rollback"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Nic:
+    """One guest NIC as netconf sees it.
+
+    ``nic_id`` is the stable key (the lower-case MAC), never a list index:
+    records, journal entries and hook runs are keyed by it.
+    """
+
+    instance: str
+    mac: str
+    mode: Mode
+    tap: str
+    link: str | None = None
+    ip: str | None = None  # IPv4 host address, no prefix (routed: installed as /32)
+    ip6: str | None = None  # IPv6 host address, no prefix (routed: installed as /128)
+    vlan: int | None = None  # access VLAN (untagged on the tap)
+    trunks: tuple[int, ...] = ()  # tagged VLANs (bridged: vlan_filtering; ovs: trunks=)
+    queues: int = 1
+    tags: tuple[str, ...] = ()
+    mtu: int | None = None
+
+    @property
+    def nic_id(self) -> str:
+        return self.mac.lower()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["trunks"] = list(self.trunks)
+        d["tags"] = list(self.tags)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Nic":
+        d = dict(d)
+        d["trunks"] = tuple(d.get("trunks") or ())
+        d["tags"] = tuple(d.get("tags") or ())
+        return cls(**d)
+
+
+class NetconfError(Exception):
+    """A host network step failed.
+
+    ``failures`` lists every failed step (undo keeps going and reports them
+    all); each item is a dict with at least ``step`` and ``error``, and for a
+    hook also ``path``, ``exit_code`` and ``output``.
+    """
+
+    def __init__(self, message: str, failures: list[dict] | None = None):
+        super().__init__(message)
+        self.failures = failures or []
