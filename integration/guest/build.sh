@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Build the small real test guest: a Debian cloud kernel plus a busybox initramfs.
+#
+# Outputs (relative to the repo root, never committed):
+#   build/guest/vmlinuz      the kernel of the current Debian 12 linux-image-*-cloud-amd64
+#   build/guest/initrd.img   gzip'd newc cpio: busybox-static, virtio-net modules, /init
+#
+# Why this shape: the integration tests need a guest that boots in seconds under TCG and has a
+# real network stack. The cloud kernel is small and has virtio-net as modules, so the initramfs
+# carries just those modules (resolved from modules.dep, loaded in dependency order with insmod),
+# and busybox provides every userland tool /init needs.
+#
+# Idempotent: if both outputs exist and are newer than this script, the /init and busybox,
+# nothing is done (no apt query either). GUEST_REBUILD=1 forces a rebuild, which also picks up
+# a newer kernel package.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+OUT="$ROOT/build/guest"
+WORK="$OUT/work"
+INIT_SRC="$HERE/init"
+BUSYBOX=/bin/busybox
+
+# Modules wanted in the guest; their dependencies are added from modules.dep.
+#   virtio_pci + virtio_net: the NICs; button + evdev: the ACPI power button as an input
+#   device, so the guest powers off on QMP system_powerdown.
+WANT_MODULES=(virtio_pci virtio_net button evdev)
+
+log() { printf 'guest-build: %s\n' "$*" >&2; }
+
+up_to_date() {
+    local out input
+    for out in "$OUT/vmlinuz" "$OUT/initrd.img"; do
+        [[ -s "$out" ]] || return 1
+        for input in "${BASH_SOURCE[0]}" "$INIT_SRC" "$BUSYBOX"; do
+            [[ "$out" -nt "$input" ]] || return 1
+        done
+    done
+}
+
+ensure_tools() {
+    local missing=()
+    [[ -x "$BUSYBOX" ]] && "$BUSYBOX" --list >/dev/null 2>&1 \
+        && file_is_static "$BUSYBOX" || missing+=(busybox-static)
+    command -v cpio >/dev/null || missing+=(cpio)
+    command -v depmod >/dev/null || missing+=(kmod)
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# busybox (non-static) would need libc in the initramfs; insist on busybox-static.
+file_is_static() {
+    # A static binary has no PT_INTERP; `ldd` says "not a dynamic executable".
+    ! ldd "$1" >/dev/null 2>&1
+}
+
+kernel_package() {
+    local pkg
+    pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+        | awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}')"
+    if [[ -z "$pkg" ]]; then
+        apt-get update -qq
+        pkg="$(apt-cache depends linux-image-cloud-amd64 \
+            | awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}')"
+    fi
+    [[ -n "$pkg" ]] || { log "cannot resolve linux-image-cloud-amd64"; exit 1; }
+    printf '%s\n' "$pkg"
+}
+
+fetch_kernel() {
+    local pkg="$1" deb
+    mkdir -p "$WORK/deb"
+    deb="$(ls "$WORK/deb/${pkg}_"*.deb 2>/dev/null | head -n1 || true)"
+    if [[ -z "$deb" ]]; then
+        log "downloading $pkg"
+        # apt's _apt user cannot write into root-owned dirs; download as root quietly.
+        (cd "$WORK/deb" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+        deb="$(ls "$WORK/deb/${pkg}_"*.deb 2>/dev/null | head -n1 || true)"
+        [[ -n "$deb" ]] || { log "apt-get download $pkg failed"; exit 1; }
+    fi
+    rm -rf "$WORK/kernel"
+    dpkg -x "$deb" "$WORK/kernel"
+}
+
+# Print the modules (paths relative to /lib/modules/KVER) in load order: every module after
+# all of its dependencies. modules.dep lists a module's deps so that the LAST must load first.
+module_order() {
+    local kdir="$1" seen="" m
+    declare -A dep
+    local line key
+    while IFS= read -r line; do
+        key="${line%%:*}"
+        dep["$key"]="${line#*:}"
+    done <"$kdir/modules.dep"
+    visit() {
+        local path="$1" d deps=()
+        [[ " $seen " == *" $path "* ]] && return 0
+        read -r -a deps <<<"${dep[$path]}"
+        local i
+        for ((i = ${#deps[@]} - 1; i >= 0; i--)); do visit "${deps[i]}"; done
+        seen+=" $path"
+        printf '%s\n' "$path"
+    }
+    for m in "${WANT_MODULES[@]}"; do
+        local path
+        path="$(grep -E "(^|/)${m}\.ko(\.[a-z]+)?:" "$kdir/modules.dep" | head -n1 | cut -d: -f1)"
+        [[ -n "$path" ]] || { log "module $m not found in modules.dep"; exit 1; }
+        visit "$path"
+    done
+}
+
+build_initrd() {
+    local kver kdir rootfs order rel
+    kver="$(ls "$WORK/kernel/lib/modules")"
+    kdir="$WORK/kernel/lib/modules/$kver"
+    depmod -b "$WORK/kernel" "$kver"
+
+    rootfs="$WORK/rootfs"
+    rm -rf "$rootfs"
+    mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,etc,lib/modules}
+    cp "$BUSYBOX" "$rootfs/bin/busybox"
+    local applet
+    for applet in $("$BUSYBOX" --list-full); do
+        [[ "$applet" == bin/busybox ]] && continue
+        mkdir -p "$rootfs/$(dirname "$applet")"
+        ln -sf /bin/busybox "$rootfs/$applet"
+    done
+
+    order="$rootfs/lib/modules/load-order"
+    : >"$order"
+    while IFS= read -r rel; do
+        cp "$kdir/$rel" "$rootfs/lib/modules/"
+        basename "$rel" >>"$order"
+    done < <(module_order "$kdir")
+    log "modules: $(tr '\n' ' ' <"$order")"
+
+    install -m 0755 "$INIT_SRC" "$rootfs/init"
+    # Console device node, for the rare case devtmpfs is mounted late.
+    mknod -m 600 "$rootfs/dev/console" c 5 1 2>/dev/null || true
+
+    (cd "$rootfs" && find . -print0 | LC_ALL=C sort -z \
+        | cpio --null -o -H newc --owner=0:0 --quiet) | gzip -9 >"$OUT/initrd.img.tmp"
+    mv -f "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+    cp "$WORK/kernel/boot/vmlinuz-$kver" "$OUT/vmlinuz.tmp"
+    mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+    printf '%s\n' "$kver" >"$OUT/kernel-version"
+    touch "$OUT/initrd.img" "$OUT/vmlinuz"
+}
+
+main() {
+    mkdir -p "$OUT"
+    if [[ "${GUEST_REBUILD:-0}" != 1 ]] && up_to_date; then
+        log "up to date: $OUT"
+        return 0
+    fi
+    ensure_tools
+    local pkg
+    pkg="$(kernel_package)"
+    fetch_kernel "$pkg"
+    build_initrd
+    log "built $OUT/vmlinuz ($(stat -c %s "$OUT/vmlinuz") bytes)," \
+        "$OUT/initrd.img ($(stat -c %s "$OUT/initrd.img") bytes), kernel $(cat "$OUT/kernel-version")"
+}
+
+main "$@"
