@@ -1,0 +1,113 @@
+"""A node: the instances of one host, the resources they share, one nursery.
+
+The node owns, for its whole life:
+
+* the asyncio thread that qemu.qmp runs on (``qmp_glue.AsyncioThread``);
+* the netconf worker thread that owns the netlink socket;
+* the event log;
+* a nursery in which each instance's task runs (each instance then opens
+  its own nursery inside).
+
+Both ``qsup run`` (foreground) and ``qsup serve`` (the daemon) are a node;
+they differ only in where requests come from.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import structlog
+import trio
+
+import netconf
+import qmp_glue
+
+from ._config import Config
+from ._instance import Instance, NodeContext
+from ._records import Layout
+from ._spec import InstanceSpec
+
+log = structlog.get_logger("qsup.node")
+
+
+class Conflict(RuntimeError):
+    """The request clashes with the node's state (a duplicate name, say)."""
+
+    def __init__(self, message: str, field: str = "name"):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFound(KeyError):
+    def __str__(self) -> str:
+        return f"no instance named {self.args[0]!r}"
+
+
+class Node:
+    def __init__(self, cfg: Config, events):
+        self.cfg = cfg
+        self.layout = Layout(cfg.state_dir, cfg.run_dir)
+        self.events = events
+        self.instances: dict[str, Instance] = {}
+        self._nursery: trio.Nursery | None = None
+        self.ctx: NodeContext | None = None
+
+    @asynccontextmanager
+    async def running(self):
+        """Open the node's threads and nursery; on exit, instances are left as they are
+        unless :meth:`stop_all` was called (the daemon's ``on_shutdown``)."""
+        self.layout.prepare()
+        hooks = netconf.Hooks(self.cfg.hooks_dir, timeout=self.cfg.hook_timeout) if self.cfg.hooks_dir else None
+        with qmp_glue.AsyncioThread() as aio, netconf.NetconfWorker() as worker:
+            self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    def get(self, name: str) -> Instance:
+        inst = self.instances.get(name)
+        if inst is None:
+            raise NotFound(name)
+        return inst
+
+    def list(self) -> list[Instance]:
+        return [self.instances[k] for k in sorted(self.instances)]
+
+    async def start(self, spec: InstanceSpec) -> Instance:
+        """Start an instance and return once it runs; raise (rolled back) if it can't."""
+        name = spec.name
+        old = self.instances.get(name)
+        if old is not None and not old.state.is_final:
+            raise Conflict(f"instance {name!r} already exists ({old.state.value})")
+        if self.layout.record_path(name).exists():
+            raise Conflict(f"instance {name!r} has a record on this node")
+        inst = Instance(spec, self.ctx)
+        self.instances[name] = inst
+        try:
+            await self._nursery.start(inst.run)
+        except BaseException:
+            if self.instances.get(name) is inst:
+                del self.instances[name]
+            raise
+        return inst
+
+    async def stop(self, name: str, *, force: bool = False, timeout: float | None = None) -> Instance:
+        inst = self.get(name)
+        await inst.stop(force=force, timeout=timeout)
+        return inst
+
+    async def stop_all(self, *, timeout: float | None = None) -> None:
+        async with trio.open_nursery() as n:
+            for inst in self.list():
+                if not inst.state.is_final:
+                    n.start_soon(lambda i=inst: i.stop(timeout=timeout))
+
+    def forget(self, name: str) -> None:
+        """Drop a final-state instance from the table."""
+        inst = self.get(name)
+        if not inst.state.is_final:
+            raise Conflict(f"instance {name!r} is {inst.state.value}")
+        del self.instances[name]

@@ -1,0 +1,127 @@
+"""A QEMU process we can wait on, whether we spawned it or found it again.
+
+After a daemon restart the QEMU processes are no longer our children, so
+``waitpid`` is not available.  A *pidfd* works for both: it becomes
+readable the moment the process exits, which is how a crash is noticed at
+once instead of by polling.  For our own children we also reap, so no
+zombie is left.
+
+PID reuse is guarded by the start time (field 22 of ``/proc/PID/stat``,
+in clock ticks since boot): a record stores it, and a process with the same
+pid but another start time is not ours.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import trio
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+class QemuProcess:
+    """A handle on a QEMU pid: ``await wait()``, ``signal()``, ``alive``."""
+
+    def __init__(self, pid: int, *, child: bool, popen: subprocess.Popen | None = None):
+        self.pid = pid
+        self.child = child
+        self._popen = popen
+        self.returncode: int | None = None
+        self.started_at = start_time(pid)
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            self._reap()
+            if self.returncode is None:
+                self.returncode = -1
+
+    @classmethod
+    def spawn(cls, argv: list[str], *, pass_fds: list[int], log_fd: int) -> "QemuProcess":
+        """Start QEMU in its own session (a daemon's SIGINT must not reach it)."""
+        popen = subprocess.Popen(
+            argv,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,
+            close_fds=True,
+        )
+        return cls(popen.pid, child=True, popen=popen)
+
+    @classmethod
+    def attach(cls, pid: int, expected_start: int | None) -> "QemuProcess | None":
+        """Find a recorded QEMU again; None if it is gone or the pid was reused."""
+        st = start_time(pid)
+        if st is None or (expected_start is not None and st != expected_start):
+            return None
+        proc = cls(pid, child=False)
+        return None if proc.returncode is not None else proc
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None
+
+    def _reap(self) -> None:
+        if self._popen is not None:
+            rc = self._popen.poll()
+            if rc is not None:
+                self.returncode = rc
+        elif not self.child and start_time(self.pid) != self.started_at:
+            self.returncode = -1  # gone (not our child: no exit status to read)
+
+    async def wait(self) -> int:
+        """Wait for exit, without polling."""
+        while self.returncode is None:
+            if self._pidfd is None:
+                await trio.sleep(0.05)
+            else:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            if self._popen is not None:
+                self.returncode = self._popen.wait()
+            else:
+                self.returncode = -1
+        self._close_pidfd()
+        return self.returncode
+
+    def signal(self, sig: int = signal.SIGKILL) -> None:
+        if self.returncode is not None:
+            return
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            try:
+                trio.lowlevel.notify_closing(self._pidfd)
+            except Exception:
+                pass
+            os.close(self._pidfd)
+            self._pidfd = None
