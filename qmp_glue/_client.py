@@ -1,0 +1,222 @@
+"""The trio half of a QMP connection: what the supervisor calls.
+
+``connect()`` returns a ``QMPClient``; every method is a trio coroutine. The
+real protocol work is qemu.qmp's, running on an ``AsyncioThread`` (see
+``_bridge.py`` for the thread hop, ``_session.py`` for the asyncio half).
+
+Events are pushed from the asyncio thread into an unbounded trio memory
+channel with ``TrioToken.run_sync_soon`` (FIFO, so wire order is kept). The
+channel exists from before the handshake, so no event between ``connect()``
+and the first ``async for`` is lost. There is **one** event stream per
+client: several tasks iterating ``events()`` at once *share* it (each event
+goes to exactly one of them). Fan out yourself if several consumers need
+every event.
+
+The event stream is unbounded on purpose: QEMU's event rate is low and a
+slow consumer should see every event rather than stall the reader (which
+would also stall command replies).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import structlog
+import trio
+
+from ._bridge import AsyncioThread
+from ._errors import QMPConnectionLost, QMPTimeout
+from ._session import NotYetListening, Session
+
+log = structlog.get_logger("qmp_glue")
+
+_RETRY_FIRST = 0.005   # first pause between connection attempts (seconds)
+_RETRY_MAX = 0.1       # ... doubling up to this
+_CLOSE_TIMEOUT = 5.0   # aclose() never waits longer than this for qemu.qmp
+
+
+class QMPClient:
+    """A connected QMP monitor. Obtain one with ``connect()``."""
+
+    def __init__(self, loop: AsyncioThread, name: str, path: str) -> None:
+        self._aio = loop
+        self.name = name
+        self.path = path
+        self._token = trio.lowlevel.current_trio_token()
+        self._ev_send, self._ev_recv = trio.open_memory_channel[dict](math.inf)
+        self._session = Session(name, self._event_from_aio, self._down_from_aio)
+        self._down_reason: str | None = None  # set once the connection is gone
+        self._down = trio.Event()
+        self._closed = False
+        self._quitting = False
+
+    # -- public API -----------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return not self._closed and self._down_reason is None
+
+    async def execute(self, cmd: str, args: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = 30.0) -> object:
+        """Run a QMP command and return its ``return`` value.
+
+        Raises ``QMPError`` if QEMU refuses it, ``QMPConnectionLost`` if the
+        connection is (or goes) down, ``QMPTimeout`` after ``timeout`` seconds
+        (``None``: wait forever). A reply that arrives after a timeout or
+        cancellation is dropped; it never answers a later call.
+        """
+        self._check_usable(cmd)
+        if timeout is None:
+            return await self._aio.run(self._session.execute, cmd, args)
+        try:
+            with trio.fail_after(timeout):
+                return await self._aio.run(self._session.execute, cmd, args)
+        except trio.TooSlowError:
+            raise QMPTimeout(f"QMP {self.name}: {cmd!r} got no reply within {timeout}s") from None
+
+    def events(self) -> AsyncIterator[dict]:
+        """The stream of QMP events, ``{"event", "data", "timestamp"}`` dicts.
+
+        Every event is delivered once, in order, including those that arrived
+        before the first iteration. Iteration ends when the connection ends
+        (QEMU exits, ``quit()``, ``aclose()``). Shared, not broadcast, between
+        concurrent iterators.
+        """
+        return _EventIterator(self._ev_recv)
+
+    async def quit(self, *, timeout: float = 10.0) -> None:
+        """Ask QEMU to exit and wait until it closes the monitor.
+
+        The EOF that follows ``quit`` is the expected outcome, not an error.
+        Raises ``QMPTimeout`` if QEMU has not closed the connection within
+        ``timeout`` (the client is closed either way).
+        """
+        self._quitting = True
+        try:
+            try:
+                await self.execute("quit", timeout=timeout)
+            except QMPConnectionLost:
+                pass  # QEMU closed the socket before (or instead of) replying
+            with trio.move_on_after(timeout) as scope:
+                await self._down.wait()
+            if scope.cancelled_caught:
+                raise QMPTimeout(f"QMP {self.name}: QEMU did not close the monitor "
+                                 f"within {timeout}s after 'quit'")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Disconnect. Idempotent; completes even if the caller is cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_CLOSE_TIMEOUT):
+                try:
+                    await self._aio.run(self._session.close)
+                except RuntimeError:
+                    pass  # the AsyncioThread is already closed: nothing to disconnect
+        self._mark_down("closed by this client")
+        self._ev_send.close()
+
+    async def __aenter__(self) -> QMPClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.is_connected else f"down ({self._down_reason})"
+        return f"<QMPClient {self.name} {self.path} {state}>"
+
+    # -- internals ------------------------------------------------------------
+
+    def _check_usable(self, cmd: str) -> None:
+        if self._closed:
+            raise QMPConnectionLost(f"QMP {self.name}: cannot send {cmd!r}, client is closed")
+        if self._down_reason is not None:
+            raise QMPConnectionLost(
+                f"QMP {self.name}: cannot send {cmd!r}, connection is down ({self._down_reason})")
+
+    def _mark_down(self, reason: str) -> None:
+        """Trio thread: the connection is gone; end the event stream."""
+        if self._down_reason is None:
+            self._down_reason = reason
+            if not self._quitting and not self._closed:
+                log.warning("qmp.connection_lost", qmp=self.name, reason=reason)
+        self._down.set()
+        self._ev_send.close()
+
+    def _push_event(self, event: dict) -> None:
+        """Trio thread (via run_sync_soon: must never raise)."""
+        try:
+            self._ev_send.send_nowait(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # nobody will ever read it
+
+    # The two callbacks below are called on the asyncio thread.
+
+    def _event_from_aio(self, event: dict) -> None:
+        self._to_trio(self._push_event, event)
+
+    def _down_from_aio(self, reason: str) -> None:
+        self._to_trio(self._mark_down, reason)
+
+    def _to_trio(self, fn: Any, arg: Any) -> None:
+        try:
+            self._token.run_sync_soon(fn, arg)
+        except trio.RunFinishedError:
+            pass  # the trio run is over; nobody is listening
+
+
+class _EventIterator:
+    """Async iterator over the event channel that ends cleanly at EOF."""
+
+    def __init__(self, recv: trio.MemoryReceiveChannel[dict]) -> None:
+        self._recv = recv
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> dict:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+
+async def connect(path: str | os.PathLike[str], *, loop: AsyncioThread,
+                  timeout: float = 10.0, name: str | None = None) -> QMPClient:
+    """Connect to QEMU's QMP unix socket at ``path`` and negotiate capabilities.
+
+    Retries while the socket does not exist or refuses connections (QEMU may
+    still be starting), until ``timeout`` seconds have passed: then raises
+    ``QMPTimeout``. Other failures (QEMU hung up during the handshake, ...)
+    raise ``QMPConnectionLost`` at once. Events are buffered from here on.
+    """
+    path = os.fspath(path)
+    client = QMPClient(loop, name or os.path.basename(path), path)
+    delay = _RETRY_FIRST
+    last = "no attempt finished"
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    await loop.run(client._session.open, path)  # noqa: SLF001
+                    break
+                except NotYetListening as exc:
+                    last = str(exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+    except trio.TooSlowError:
+        await client.aclose()
+        raise QMPTimeout(f"QMP {client.name}: could not connect to {path} "
+                         f"within {timeout}s ({last})") from None
+    except BaseException:
+        await client.aclose()
+        raise
+    log.debug("qmp.connected", qmp=client.name, path=path)
+    return client
