@@ -36,10 +36,11 @@ a daemon restart by passing the last ``seq`` they saw. That contract drives the 
   every event reaches SQLite before the ring and before any wake-up, there is no window between
   "read the backlog" and "subscribe": both are "events with seq > cursor".
 
-Retention keeps the newest ``retention`` rows, pruning in batches (one DELETE every
-``max(1, min(1000, retention // 10))`` emits), so the table holds between ``retention`` and
-``retention + batch`` rows. A reader further behind than that has lost the pruned events; they
-are gone, and the stream resumes at the oldest one kept.
+Retention keeps the newest ``retention`` rows, pruning in batches (one DELETE of the oldest rows
+every ``max(1, min(1000, retention // 10))`` emits), so the table holds between ``retention`` and
+``retention + batch`` rows. It counts rows, not seq numbers, since seq may jump. A reader further
+behind than that has lost the pruned events; they are gone, and the stream resumes at the oldest
+one kept.
 
 Data values JSON cannot encode are **coerced with ``str()``** (a ``Path``, an ``IPv4Address``, an
 exception) rather than raising: an event is emitted in the middle of state transitions, and a
@@ -173,6 +174,7 @@ class EventLog:
         self._closed = False
         self._db = self._connect()
         self._last_seq = self._open_session()
+        self._rows = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
         self._prune()
 
     # -- opening ---------------------------------------------------------------------------
@@ -206,10 +208,12 @@ class EventLog:
             last += SEQ_SKIP_AFTER_HOST_CRASH
         self._db.execute("BEGIN")
         if last != (row[0] if row else 0):  # sqlite_sequence has no key: update or insert
-            if row:
-                self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'", (last,))
-            else:
-                self._db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('events', ?)", (last,))
+            sql = (
+                "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'events'"
+                if row
+                else "INSERT INTO sqlite_sequence(name, seq) VALUES ('events', ?1)"
+            )
+            self._db.execute(sql, (last,))
         self._set_meta("open", "1")
         self._set_meta("boot_id", boot)
         self._db.execute("COMMIT")
@@ -237,6 +241,7 @@ class EventLog:
             (seq, ts, instance, type, body),
         )
         self._last_seq = seq
+        self._rows += 1
         event = json.loads(body)
         self._ring.append(event)
         self._wake()
@@ -253,8 +258,20 @@ class EventLog:
             wakeup.set()
 
     def _prune(self) -> None:
+        """Delete the oldest rows beyond ``retention``.
+
+        By row count, not by ``last_seq - retention``: seq may jump (after a host crash), and
+        arithmetic would then delete rows that are among the newest ``retention``.
+        """
         self._since_prune = 0
-        self._db.execute("DELETE FROM events WHERE seq <= ?", (self._last_seq - self.retention,))
+        excess = self._rows - self.retention
+        if excess > 0:
+            cur = self._db.execute(
+                "DELETE FROM events WHERE seq <= "
+                "(SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?)",
+                (excess - 1,),
+            )
+            self._rows -= cur.rowcount
 
     @staticmethod
     def _call_sink(sink: Callable[[dict], None], event: dict) -> None:
