@@ -1,0 +1,68 @@
+"""Integration fixtures: real namespaces, real qemu, a real guest.
+
+Each fixture removes exactly what it made, even when the test fails.  The
+session-level check at the end asserts no namespace created here is left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from topo import Netns, QsupRun, pid_alive
+
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _need_root():
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root (namespaces, taps)")
+
+
+@pytest.fixture
+def netns_factory():
+    made: list[Netns] = []
+
+    def make(prefix: str = "qst") -> Netns:
+        ns = Netns(prefix)
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in reversed(made):
+        ns.close()
+
+
+@pytest.fixture
+def qsup_factory(tmp_path):
+    runs: list[QsupRun] = []
+
+    def start(ns: Netns, specs: list[dict], **kw) -> QsupRun:
+        d = tmp_path / f"node{len(runs)}"
+        d.mkdir()
+        r = QsupRun(ns, d, specs, **kw)
+        runs.append(r)
+        return r
+
+    yield start
+    leaked = []
+    for r in runs:
+        pids = r.qemu_pids()
+        r.close()
+        leaked += [p for p in pids if pid_alive(p)]
+    assert not leaked, f"qemu pids still alive: {leaked}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    mine = [l.split()[0] for l in out.splitlines() if l.startswith(f"qst{os.getpid() % 100000}-")]
+    for ns in mine:  # belt and braces: a fixture should already have removed these
+        subprocess.run(["ip", "netns", "del", ns])

@@ -1,0 +1,221 @@
+"""Test topology helpers: network namespaces and a `qsup run` driven inside one.
+
+Everything here is for tests only, so forking `ip` is fine.  Every object
+tracks what it created and removes exactly that in ``close()``; processes
+are killed by the pid we started, never by name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+GUEST = ROOT / "build" / "guest"
+_counter = itertools.count()
+
+
+def sh(*argv: str, check: bool = True, ns: str | None = None, timeout: float = 30) -> str:
+    if ns:
+        argv = ("ip", "netns", "exec", ns, *argv)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+class Netns:
+    """A network namespace with lo up; deleted on close()."""
+
+    def __init__(self, prefix: str = "qst"):
+        self.name = f"{prefix}{os.getpid() % 100000}-{next(_counter)}"
+        sh("ip", "netns", "add", self.name)
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> str:
+        return sh(*argv, check=check, ns=self.name, timeout=timeout)
+
+    def json(self, *argv: str):
+        out = self.run("ip", "-j", *argv)
+        return json.loads(out) if out.strip() else []
+
+    def links(self) -> set[str]:
+        return {l["ifname"] for l in self.json("link", "show")}
+
+    def sysctl(self, key: str) -> str:
+        return self.run("cat", "/proc/sys/" + key.replace(".", "/")).strip()
+
+    def ping(self, addr: str, count: int = 3, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = subprocess.run(["ip", "netns", "exec", self.name, "ping", "-c", "1", "-W", "1", addr],
+                               capture_output=True)
+            if r.returncode == 0:
+                ok = subprocess.run(["ip", "netns", "exec", self.name, "ping", "-c", str(count),
+                                     "-i", "0.2", "-W", "2", addr], capture_output=True)
+                return ok.returncode == 0
+        return False
+
+    def close(self) -> None:
+        sh("ip", "netns", "del", self.name, check=False)
+
+
+def veth(a: Netns, a_if: str, b: Netns, b_if: str) -> None:
+    """A veth pair with one end in each namespace, both up."""
+    a.run("ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name)
+    a.run("ip", "link", "set", a_if, "up")
+    b.run("ip", "link", "set", b_if, "up")
+
+
+def node_with_uplink(node: Netns, client: Netns, n: int = 1) -> None:
+    """Join ``node`` to ``client`` with a /24 and give the node a default route.
+
+    A routed node needs a route covering the guest's on-link gateway
+    169.254.0.1 outside the tap, or proxy ARP will not answer for it; a real
+    node has its default route, so the test node gets one too.
+    """
+    veth(node, "uplink", client, f"down{n}")
+    node.run("ip", "addr", "add", f"192.168.{100 + n}.1/24", "dev", "uplink")
+    client.run("ip", "addr", "add", f"192.168.{100 + n}.2/24", "dev", f"down{n}")
+    node.run("ip", "route", "add", "default", "via", f"192.168.{100 + n}.2")
+    # A routed node forwards between its uplink and the taps.
+    node.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+
+
+def guest_paths() -> tuple[str, str]:
+    k, i = GUEST / "vmlinuz", GUEST / "initrd.img"
+    if not (k.exists() and i.exists()):
+        raise RuntimeError("guest image missing: run `make guest` (make test does it)")
+    return str(k), str(i)
+
+
+def guest_spec(name: str, nics: list[dict], append: str = "", **kw) -> dict:
+    k, i = guest_paths()
+    return {"name": name, "memory": 192, "kernel": k, "initrd": i,
+            "append": f"console=ttyS0 quiet panic=-1 {append}".strip(), "nics": nics, **kw}
+
+
+def qemu_pids_of(events: list[dict]) -> set[int]:
+    return {e["pid"] for e in events if e.get("type") == "instance.started" and e.get("pid")}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie counts as dead
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+class QsupRun:
+    """`qsup run SPEC...` in a namespace, its events collected from stdout."""
+
+    def __init__(self, ns: Netns, workdir: Path, specs: list[dict], *, hooks_dir: Path | None = None,
+                 powerdown_timeout: float = 3.0, extra_config: str = ""):
+        self.ns = ns
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.run_dir = workdir / "run"
+        cfg = workdir / "qsup.toml"
+        cfg.write_text(
+            f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\n'
+            f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\n'
+            f'powerdown_timeout = {powerdown_timeout}\n'
+            + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
+            + extra_config
+        )
+        paths = []
+        for i, s in enumerate(specs):
+            p = workdir / f"spec{i}.json"
+            p.write_text(json.dumps(s))
+            paths.append(str(p))
+        self.events: list[dict] = []
+        self._q: queue.Queue = queue.Queue()
+        self.stderr_path = workdir / "qsup.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns.name, str(VENV_BIN / "qsup"), "run", "--json",
+             "--config", str(cfg), *paths],
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            ev["_rx"] = time.time()
+            self.events.append(ev)
+            self._q.put(ev)
+        self._q.put(None)
+
+    def wait_event(self, type: str, instance: str | None = None, timeout: float = 60) -> dict:
+        for ev in self.events:
+            if ev["type"] == type and (instance is None or ev.get("instance") == instance):
+                return ev
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {type} event within {timeout}s; got {[e['type'] for e in self.events]}"
+                                   f"; stderr: {self.stderr()[-2000:]}")
+            try:
+                ev = self._q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if ev is None:
+                raise RuntimeError(f"qsup exited ({self.proc.poll()}) before {type}; stderr: {self.stderr()[-3000:]}")
+            if ev["type"] == type and (instance is None or ev.get("instance") == instance):
+                return ev
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def console(self, name: str) -> str:
+        p = self.state_dir / "logs" / f"{name}.console"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def wait_console(self, name: str, text: str = "GUEST-READY", timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.console(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not on {name}'s console: {self.console(name)[-1500:]}")
+            time.sleep(0.1)
+
+    def qemu_pids(self) -> set[int]:
+        return qemu_pids_of(self.events)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM qsup and wait; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._reader.join(timeout=5)
+
+    def close(self) -> None:
+        """Last-resort cleanup: kill qsup and the qemus *it* started, by pid."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in self.qemu_pids():
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._stderr.close()

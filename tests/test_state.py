@@ -1,0 +1,43 @@
+"""The state machine allows exactly the transitions in its table."""
+
+import pytest
+
+from supervisor import TRANSITIONS, IllegalTransition, State, StateMachine
+
+
+def test_every_state_has_a_row_and_final_states_are_sinks():
+    assert set(TRANSITIONS) == set(State)
+    for s in (State.STOPPED, State.CRASHED, State.FAILED):
+        assert s.is_final and TRANSITIONS[s] == frozenset()
+
+
+def test_normal_lifecycle_emits_each_change():
+    seen = []
+    sm = StateMachine(on_change=lambda o, n, r: seen.append((o.value, n.value, r)))
+    for s in (State.RUNNING, State.PAUSED, State.RUNNING, State.STOPPING, State.STOPPED):
+        sm.move(s, "t")
+    assert [n for _, n, _ in seen] == ["running", "paused", "running", "stopping", "stopped"]
+
+
+@pytest.mark.parametrize("path", [
+    (State.STOPPED, State.RUNNING),
+    (State.CRASHED, State.RUNNING),
+    (State.FAILED, State.STARTING),
+    (State.STOPPING, State.RUNNING),
+])
+def test_illegal_moves_raise(path):
+    sm = StateMachine()
+    prefix = {State.STOPPED: [State.RUNNING, State.STOPPING, State.STOPPED],
+              State.CRASHED: [State.RUNNING, State.CRASHED],
+              State.FAILED: [State.FAILED],
+              State.STOPPING: [State.RUNNING, State.STOPPING]}[path[0]]
+    for s in prefix:
+        sm.move(s)
+    with pytest.raises(IllegalTransition):
+        sm.move(path[1])
+    assert sm.state == path[0]
+
+
+def test_state_values_are_the_documented_ones():
+    assert {s.value for s in State} == {
+        "starting", "running", "paused", "migrating", "stopping", "stopped", "crashed", "failed"}
