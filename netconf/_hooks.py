@@ -1,0 +1,488 @@
+"""Per-step user hooks: run user programs before, instead of, or after a named netconf step.
+
+Why this exists
+---------------
+Ganeti's network configuration is a pair of shell scripts per mode.  They swallow errors, and
+a site that needs one different line must copy and maintain the whole script.  In qsup the
+network configuration is code, split into small *named steps* (``tap-up``, ``bridge-port``,
+``route4``, ...).  A user can put programs next to any single step:
+
+    <hooks_dir>/<step>/before.d/*    run, in order, before the step
+    <hooks_dir>/<step>/replace       runs *instead of* the built-in step
+    <hooks_dir>/<step>/after.d/*     run, in order, after the step
+
+``hooks_dir`` defaults to :data:`DEFAULT_HOOKS_DIR` (``/etc/qsup/hooks``); the daemon config's
+``hooks_dir`` overrides it, and ``None`` (or an empty string) disables hooks altogether.
+
+This module only *finds* and *runs* hooks; the executor decides when.  It calls
+:meth:`Hooks.find` for every step of every NIC, so ``find`` must be nearly free when no hooks
+exist: the top-level listing of ``hooks_dir`` is cached and revalidated with a single
+``stat`` (see :class:`_DirCache`).  Steps that do have a directory are rescanned on every call,
+because ``chmod +x`` on a hook changes no directory mtime and must take effect at once.
+
+Safety rules, each for a reason:
+
+* argv is ``[path, step, action]`` and values travel in the environment only.  Nothing is
+  ever interpolated into a shell string (``shell=False``), so a tag such as
+  ``$(touch /tmp/pwned)`` reaches the hook as those literal characters.
+* The environment is built from scratch (a fixed ``PATH`` plus the documented variables):
+  the daemon's own environment, which may hold tokens, is not inherited.
+* stdin is ``/dev/null`` (a hook must never wait for a terminal), cwd is ``/`` (a hook must not
+  depend on, or pin, the daemon's working directory), and all other fds are closed.
+* Each hook runs in its own session, hence its own process group.  On timeout the whole group
+  gets SIGKILL, so ``sleep 100 &`` inside a hook does not outlive it.  (A grandchild that calls
+  ``setsid`` itself escapes; that is the price of not using cgroups.)
+* stdout and stderr are captured together and only the last :data:`OUTPUT_CAP` bytes are kept,
+  so a chatty hook cannot grow the daemon's memory.
+
+A hook that exits non-zero, is killed by a signal, times out, or cannot be executed raises
+:class:`HookError`.  Its ``failures`` list has the same shape the executor uses for its own
+failed steps, so both can be reported together.
+
+Environment variables are documented in ``examples/hooks/README.md`` and built by
+:func:`hook_env`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import selectors
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from ._types import NetconfError, Nic
+
+log = structlog.get_logger("qsup.netconf.hooks")
+
+DEFAULT_HOOKS_DIR = Path("/etc/qsup/hooks")
+
+#: The only PATH a hook sees; nothing else is inherited from the daemon.
+HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Captured output is trimmed to its last OUTPUT_CAP bytes.
+OUTPUT_CAP = 64 * 1024
+
+#: How much of the output goes into the exception message (the full capture is in failures).
+MESSAGE_OUTPUT_CAP = 4 * 1024
+
+#: Step names a user may hook.  ``find`` accepts any name matching STEP_RE; this tuple is the
+#: public contract and lets tooling warn about misspelt step directories.
+ATTACH_STEPS = ("tap-up", "bridge-port", "bridge-vlan", "ovs-port")
+ACTIVATE_STEPS = ("sysctl-ipv4", "route4", "rule4", "sysctl-ipv6", "gw6", "route6", "rule6")
+KNOWN_STEPS = ATTACH_STEPS + ACTIVATE_STEPS + ("announce",)
+
+#: A step name is one path component: lower-case letters, digits and dashes, not starting with
+#: a dash.  This forbids ``..``, ``/`` and anything else that could leave hooks_dir.
+STEP_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+ACTIONS = ("up", "down")
+REASONS = ("start", "stop", "crash", "migrate-in", "migrate-out", "rollback")
+
+# Files in before.d/after.d that are never run: dotfiles, editor and package-manager leftovers.
+_IGNORED_SUFFIXES = (
+    "~", ".bak", ".orig", ".rej", ".swp", ".swo", ".tmp", ".rpmnew", ".rpmsave", ".rpmorig",
+)
+_IGNORED_INFIXES = (".dpkg-", ".ucf-")
+
+# The directory listing cache trusts a directory's mtime only once it is this old: two changes
+# within one filesystem timestamp tick would otherwise leave the same mtime ("racy git").
+_RACY_S = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepHooks:
+    """The hooks for one step, in the order they run (``replace`` runs instead of the step)."""
+
+    before: tuple[Path, ...] = ()
+    replace: Path | None = None
+    after: tuple[Path, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.before or self.replace or self.after)
+
+
+NO_HOOKS = StepHooks()
+
+
+@dataclasses.dataclass(frozen=True)
+class HookResult:
+    """What one hook run did.  ``exit_code`` is negative when a signal killed the hook."""
+
+    path: Path
+    exit_code: int
+    output: str
+    duration_s: float
+    timed_out: bool = False
+
+
+class HookError(NetconfError):
+    """A hook failed: non-zero exit, killed by a signal, timed out, or could not be executed.
+
+    The message is one readable line (path, step, action, and the exit code or
+    ``timed out after Ns``) followed by the hook's output, trimmed.  ``failures`` holds one
+    dict with ``step``, ``path``, ``exit_code`` (``None`` if it never ran), ``output`` (up to
+    :data:`OUTPUT_CAP` bytes), ``error`` (the one-line summary) and ``timed_out``.
+    ``result`` is the :class:`HookResult` when the hook did run.
+    """
+
+    def __init__(self, message: str, failures: list[dict] | None = None,
+                 result: HookResult | None = None):
+        super().__init__(message, failures)
+        self.result = result
+
+
+class Hooks:
+    """Finds and runs the hooks under one directory.  Thread-safe; cheap to call often."""
+
+    def __init__(self, hooks_dir: str | Path | None, timeout: float = 10.0):
+        if hooks_dir is not None and str(hooks_dir) == "":
+            hooks_dir = None  # an empty config value must not mean "the current directory"
+        self.hooks_dir: Path | None = Path(hooks_dir) if hooks_dir is not None else None
+        if timeout <= 0:
+            raise ValueError(f"hook timeout must be positive, got {timeout!r}")
+        self.timeout = float(timeout)
+        self._top = _DirCache(self.hooks_dir) if self.hooks_dir is not None else None
+
+    def __repr__(self) -> str:
+        return f"Hooks({str(self.hooks_dir) if self.hooks_dir else None!r}, timeout={self.timeout})"
+
+    @property
+    def enabled(self) -> bool:
+        return self.hooks_dir is not None
+
+    def find(self, step: str) -> StepHooks:
+        """Return the hooks installed for ``step`` (empty if none).
+
+        Raises ValueError for a malformed step name.  Costs one ``stat`` when ``hooks_dir``
+        has no directory for this step.
+        """
+        check_step(step)
+        if self._top is None or step not in self._top.names():
+            return NO_HOOKS
+        assert self.hooks_dir is not None
+        step_dir = self.hooks_dir / step
+        replace = step_dir / "replace"
+        return StepHooks(
+            before=_scan(step_dir / "before.d"),
+            replace=replace if _is_executable_file(replace) else None,
+            after=_scan(step_dir / "after.d"),
+        )
+
+    def unknown_steps(self) -> list[str]:
+        """Directories in hooks_dir that are no known step (likely typos); for a startup warning."""
+        if self._top is None:
+            return []
+        return sorted(n for n in self._top.names() if n not in KNOWN_STEPS)
+
+    def run(self, path: Path, env: dict[str, str], *, step: str, action: str) -> HookResult:
+        """Run one hook to completion and return what it did.
+
+        Raises HookError on a non-zero exit, a signal, a timeout or an exec failure.  Blocks
+        for up to ``timeout`` seconds: call it from a worker thread, never from the trio loop.
+        """
+        check_step(step)
+        if action not in ACTIONS:
+            raise ValueError(f"hook action must be one of {ACTIONS}, got {action!r}")
+        if env.get("ACTION", action) != action:
+            raise ValueError(f"env ACTION={env['ACTION']!r} contradicts action={action!r}")
+        path = Path(path)
+        full_env = {**env, "PATH": HOOK_PATH, "STEP": step, "ACTION": action}
+        _check_env(full_env)
+        argv = [str(path), step, action]
+        log.debug("hook.start", hook=str(path), step=step, action=action)
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv, shell=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env=full_env, cwd="/", close_fds=True,
+                start_new_session=True,
+            )
+        except OSError as e:
+            summary = f"hook {path} for step {step} ({action}) could not be executed: {e}"
+            log.warning("hook.exec_failed", hook=str(path), step=step, action=action, error=str(e))
+            raise HookError(summary, [_failure(step, path, None, "", summary, False)]) from e
+
+        with proc:
+            raw, timed_out = _collect(proc, self.timeout)
+        result = HookResult(
+            path=path, exit_code=proc.returncode, output=_decode(raw),
+            duration_s=time.monotonic() - started, timed_out=timed_out,
+        )
+        log.info("hook.done", hook=str(path), step=step, action=action,
+                 exit_code=result.exit_code, timed_out=timed_out,
+                 duration_ms=round(result.duration_s * 1000, 1))
+        if timed_out or result.exit_code != 0:
+            raise _hook_error(result, step, action, self.timeout)
+        return result
+
+
+def hook_env(nic: Nic, *, ifindex: int | None, reason: str, action: str,
+             bridge: str | None) -> dict[str, str]:
+    """The documented hook environment for one NIC (``STEP`` and ``PATH`` are added by run).
+
+    Optional variables (``INTERFACE_INDEX``, ``IP``, ``IP6``, ``LINK``, ``BRIDGE``, ``VLAN``,
+    ``TRUNKS``, ``MTU``) are *absent* when they do not apply, never empty strings, so
+    ``${VLAN+set}`` tells "no VLAN" apart from anything else.
+
+    Tags are arbitrary user strings (spaces, quotes, ``$(...)``), so no separator is safe.
+    ``TAGS`` is a JSON array (lossless; ``jq -r '.[]'``), and for plain ``sh`` each tag is also
+    its own variable ``TAG_1`` .. ``TAG_<TAG_COUNT>``, read with ``printenv "TAG_$i"``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"hook action must be one of {ACTIONS}, got {action!r}")
+    if reason not in REASONS:
+        raise ValueError(f"hook reason must be one of {REASONS}, got {reason!r}")
+    env = {
+        "INSTANCE": nic.instance,
+        "MAC": nic.nic_id,
+        "MODE": nic.mode,
+        "INTERFACE": nic.tap,
+        "PHASE": reason,
+        "ACTION": action,
+        "TAGS": _tags_json(nic.tags),
+        "TAG_COUNT": str(len(nic.tags)),
+    }
+    env.update({f"TAG_{i}": t for i, t in enumerate(nic.tags, start=1)})
+    optional = {
+        "INTERFACE_INDEX": ifindex,
+        "IP": nic.ip,
+        "IP6": nic.ip6,
+        "LINK": nic.link,
+        "BRIDGE": bridge,
+        "VLAN": nic.vlan,
+        "TRUNKS": " ".join(str(t) for t in nic.trunks) if nic.trunks else None,
+        "MTU": nic.mtu,
+    }
+    env.update({k: str(v) for k, v in optional.items() if v is not None})
+    return env
+
+
+def check_step(step: str) -> str:
+    """Refuse a step name that is not a single safe path component (ValueError)."""
+    if not isinstance(step, str) or not STEP_RE.fullmatch(step):
+        raise ValueError(f"invalid hook step name {step!r}: must match {STEP_RE.pattern}")
+    return step
+
+
+# --- finding -------------------------------------------------------------------------------
+
+
+class _DirCache:
+    """The set of entry names in one directory, revalidated by one ``stat`` per call.
+
+    The key is (device, inode, mtime): replacing the directory or adding/removing an entry
+    changes it.  A listing taken while the mtime was younger than ``_RACY_S`` is not trusted,
+    because a second change within the same timestamp tick would keep the mtime unchanged.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._lock = threading.Lock()
+        self._key: tuple[int, int, int] | None = None
+        self._names: frozenset[str] = frozenset()
+
+    def names(self) -> frozenset[str]:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return frozenset()  # missing (or unreadable) hooks_dir: no hooks
+        if not stat.S_ISDIR(st.st_mode):
+            return frozenset()
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            if key == self._key:
+                return self._names
+            now_ns = time.time_ns()
+            try:
+                names = frozenset(os.listdir(self._path))
+            except OSError:
+                return frozenset()
+            racy = now_ns - st.st_mtime_ns < _RACY_S * 1e9
+            self._key = None if racy else key
+            self._names = names
+            return names
+
+
+def _ignored(name: str) -> bool:
+    return (name.startswith(".") or name.startswith("#") or name.endswith(_IGNORED_SUFFIXES)
+            or any(infix in name for infix in _IGNORED_INFIXES))
+
+
+def _is_executable_file(path: Path | str) -> bool:
+    """A regular file (symlinks followed) that we may execute."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK)
+
+
+def _scan(directory: Path) -> tuple[Path, ...]:
+    """Executable regular files in ``directory``, in byte-wise lexical order ("C" locale)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return ()
+    keep = [n for n in names if not _ignored(n) and _is_executable_file(directory / n)]
+    keep.sort(key=lambda n: n.encode("utf-8", "surrogateescape"))
+    return tuple(directory / n for n in keep)
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+def _collect(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bool]:
+    """Read the hook's output until it exits or times out; reap it.  Returns (output, timed_out).
+
+    We wait for the *process*, not for EOF: a background child the hook leaves behind may keep
+    the pipe open for ever.  A pidfd tells us when the hook exits without polling; without one
+    (old kernels) we poll every 50 ms.  On timeout the whole process group is SIGKILLed before
+    the leader is reaped, so the group id cannot have been reused yet.
+    """
+    assert proc.stdout is not None
+    out_fd = proc.stdout.fileno()
+    os.set_blocking(out_fd, False)
+    buf = bytearray()
+    dropped = 0
+    deadline = time.monotonic() + timeout
+    pidfd = _pidfd(proc.pid)
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(out_fd, selectors.EVENT_READ, "out")
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ, "exit")
+        eof = False
+        while proc.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _kill_group(proc)
+                proc.wait()
+                dropped += _drain(out_fd, buf)
+                return _with_dropped(buf, dropped), True
+            wait = remaining if pidfd is not None else min(remaining, 0.05)
+            for key, _ in sel.select(wait):
+                if key.data == "out" and not eof:
+                    chunk = _read(out_fd)
+                    if chunk == b"":
+                        eof = True
+                        sel.unregister(out_fd)
+                    elif chunk:
+                        dropped += _append(buf, chunk)
+        dropped += _drain(out_fd, buf)
+        return _with_dropped(buf, dropped), False
+    finally:
+        sel.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # start_new_session made the hook a session and group leader: pgid == pid.  The leader is
+    # not reaped yet (at worst a zombie), so this pgid still names the hook's group.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _read(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+
+
+def _drain(fd: int, buf: bytearray) -> int:
+    """Take what is already in the pipe, without waiting for writers that outlive the hook."""
+    dropped = 0
+    while True:
+        chunk = _read(fd)
+        if not chunk:
+            return dropped
+        dropped += _append(buf, chunk)
+
+
+def _append(buf: bytearray, chunk: bytes) -> int:
+    """Append, keeping only the last OUTPUT_CAP bytes; return how many were dropped."""
+    buf += chunk
+    excess = len(buf) - OUTPUT_CAP
+    if excess > 0:
+        del buf[:excess]
+        return excess
+    return 0
+
+
+def _with_dropped(buf: bytearray, dropped: int) -> bytes:
+    if not dropped:
+        return bytes(buf)
+    return f"[... {dropped} bytes of earlier output dropped ...]\n".encode() + bytes(buf)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _check_env(env: dict[str, str]) -> None:
+    """Fail early and clearly on values the kernel cannot pass (NUL) or bad names."""
+    for k, v in env.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"hook environment must be str -> str, got {k!r}: {v!r}")
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ValueError(f"hook environment variable {k!r} cannot be passed (NUL or '=')")
+
+
+def _tags_json(tags: tuple[str, ...]) -> str:
+    text = json.dumps(list(tags), ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: fall back to pure-ASCII escapes
+        text = json.dumps(list(tags), separators=(",", ":"))
+    return text
+
+
+def _failure(step: str, path: Path, exit_code: int | None, output: str, error: str,
+             timed_out: bool) -> dict:
+    return {"step": step, "path": str(path), "exit_code": exit_code, "output": output,
+            "error": error, "timed_out": timed_out}
+
+
+def _hook_error(result: HookResult, step: str, action: str, timeout: float) -> HookError:
+    if result.timed_out:
+        how = f"timed out after {timeout:g}s (process group killed)"
+    elif result.exit_code < 0:
+        how = f"was killed by signal {_signame(-result.exit_code)}"
+    else:
+        how = f"exited with code {result.exit_code}"
+    summary = f"hook {result.path} for step {step} ({action}) {how}"
+    message = summary
+    output = result.output.rstrip("\n")
+    if output:
+        if len(output) > MESSAGE_OUTPUT_CAP:
+            output = "[...]\n" + output[-MESSAGE_OUTPUT_CAP:]
+        message += "\n" + output
+    failure = _failure(step, result.path, result.exit_code, result.output, summary,
+                       result.timed_out)
+    return HookError(message, [failure], result)
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

@@ -1,0 +1,347 @@
+"""Hooks are run for real: each test writes executable scripts into a tmp dir and runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from netconf._hooks import (
+    HOOK_PATH,
+    OUTPUT_CAP,
+    HookError,
+    HookResult,
+    Hooks,
+    StepHooks,
+    hook_env,
+)
+from netconf._types import NetconfError, Nic
+
+ROUTED = Nic(
+    instance="web1", mac="52:54:00:AB:CD:EF", mode="routed", tap="qs-web1-0",
+    ip="192.0.2.10", ip6="2001:db8::10", tags=("prod", "team a"),
+)
+BRIDGED = Nic(
+    instance="db2", mac="52:54:00:00:00:02", mode="bridged", tap="qs-db2-0",
+    link="br0", vlan=42, trunks=(100, 200), mtu=9000,
+)
+
+# Writes argv (NUL-separated) and the environment (as JSON) next to itself.
+DUMP = """#!/usr/bin/python3
+import json, os, sys
+fds = sorted(int(x) for x in os.listdir("/proc/self/fd"))
+with open(sys.argv[0] + ".out", "w") as f:
+    json.dump({"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(),
+               "stdin": os.readlink("/proc/self/fd/0"), "fds": fds}, f)
+"""
+
+
+def write(path: Path, text: str, mode: int = 0o755) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def sh(path: Path, body: str, mode: int = 0o755) -> Path:
+    return write(path, "#!/bin/sh\n" + body + "\n", mode)
+
+
+# --- find ----------------------------------------------------------------------------------
+
+
+def test_find_layout_order_and_ignoring(tmp_path):
+    step = tmp_path / "route4"
+    b = step / "before.d"
+    for name in ("20-b", "10-a", "9-z", "B-upper"):
+        sh(b / name, "exit 0")
+    sh(b / "30-not-executable", "exit 0", mode=0o644)
+    for junk in ("15-x~", ".15-hidden", "15-x.dpkg-old", "15-x.dpkg-new", "15-x.ucf-dist",
+                 "15-x.rpmnew", "15-x.swp", "#15-x#", "15-x.bak"):
+        sh(b / junk, "exit 0")
+    (b / "40-dir").mkdir()
+    os.symlink(b / "10-a", b / "50-link")  # a symlink to an executable file counts
+    os.symlink(tmp_path / "nowhere", b / "60-dangling")
+    sh(step / "replace", "exit 0")
+    sh(step / "after.d" / "50-log", "exit 0")
+
+    found = Hooks(tmp_path).find("route4")
+    assert [p.name for p in found.before] == ["10-a", "20-b", "50-link", "9-z", "B-upper"]
+    assert found.replace == step / "replace"
+    assert found.after == (step / "after.d" / "50-log",)
+    assert found.before[0] == b / "10-a"
+    assert found  # truthy when any hook exists
+
+
+def test_find_missing_dir_and_missing_step(tmp_path):
+    assert Hooks(tmp_path / "does-not-exist").find("route4") == StepHooks((), None, ())
+    assert not Hooks(tmp_path).find("route4")
+    assert not Hooks(None).find("route4")
+    assert not Hooks("").find("route4")  # empty config value disables, never means cwd
+    (tmp_path / "rule4").mkdir()
+    assert Hooks(tmp_path).find("rule4") == StepHooks()
+
+
+def test_replace_must_be_executable_regular_file(tmp_path):
+    sh(tmp_path / "route4" / "replace", "exit 0", mode=0o644)
+    (tmp_path / "route6" / "replace").mkdir(parents=True)
+    h = Hooks(tmp_path)
+    assert h.find("route4").replace is None
+    assert h.find("route6").replace is None
+
+
+@pytest.mark.parametrize("bad", ["../etc", "route4/../../x", "/abs", "Route4", "", "-x",
+                                 "a b", "a\0b", ".", "..", "route_4", "r\n", 4])
+def test_bad_step_name_refused(tmp_path, bad):
+    h = Hooks(tmp_path)
+    with pytest.raises(ValueError, match="invalid hook step name"):
+        h.find(bad)
+    script = sh(tmp_path / "ok", "exit 0")
+    with pytest.raises(ValueError, match="invalid hook step name"):
+        h.run(script, {}, step=bad, action="up")
+
+
+def test_find_sees_changes_without_restart(tmp_path):
+    h = Hooks(tmp_path)
+    assert not h.find("route4")
+    hook = sh(tmp_path / "route4" / "after.d" / "50-log", "exit 0", mode=0o644)
+    assert not h.find("route4")  # not executable yet
+    hook.chmod(0o755)  # changes no directory mtime: must still be seen
+    assert h.find("route4").after == (hook,)
+    hook.unlink()
+    assert not h.find("route4")
+    sh(tmp_path / "gw6" / "replace", "exit 0")
+    assert h.find("gw6").replace == tmp_path / "gw6" / "replace"
+
+
+def test_find_cache_revalidates_old_listing(tmp_path):
+    """A cached listing of an old directory must be dropped when the directory changes."""
+    h = Hooks(tmp_path)
+    old = time.time() - 3600
+    os.utime(tmp_path, (old, old))
+    assert not h.find("route4")  # listing cached (mtime is old: trusted)
+    assert not h.find("route4")
+    sh(tmp_path / "route4" / "replace", "exit 0")  # bumps hooks_dir mtime
+    assert h.find("route4").replace is not None
+
+
+def test_unknown_steps(tmp_path):
+    (tmp_path / "route4").mkdir()
+    (tmp_path / "rout4").mkdir()
+    assert Hooks(tmp_path).unknown_steps() == ["rout4"]
+    assert Hooks(None).unknown_steps() == []
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+def test_hook_env_routed():
+    env = hook_env(ROUTED, ifindex=17, reason="migrate-in", action="up", bridge=None)
+    assert env == {
+        "INSTANCE": "web1", "MAC": "52:54:00:ab:cd:ef", "MODE": "routed",
+        "INTERFACE": "qs-web1-0", "INTERFACE_INDEX": "17", "IP": "192.0.2.10",
+        "IP6": "2001:db8::10", "PHASE": "migrate-in", "ACTION": "up",
+        "TAGS": '["prod","team a"]', "TAG_COUNT": "2", "TAG_1": "prod", "TAG_2": "team a",
+    }
+
+
+def test_hook_env_bridged():
+    env = hook_env(BRIDGED, ifindex=None, reason="stop", action="down", bridge="br0")
+    assert env == {
+        "INSTANCE": "db2", "MAC": "52:54:00:00:00:02", "MODE": "bridged",
+        "INTERFACE": "qs-db2-0", "LINK": "br0", "BRIDGE": "br0", "VLAN": "42",
+        "TRUNKS": "100 200", "MTU": "9000", "PHASE": "stop", "ACTION": "down",
+        "TAGS": "[]", "TAG_COUNT": "0",
+    }
+
+
+def test_hook_env_refuses_bad_reason_or_action():
+    with pytest.raises(ValueError):
+        hook_env(ROUTED, ifindex=1, reason="reboot", action="up", bridge=None)
+    with pytest.raises(ValueError):
+        hook_env(ROUTED, ifindex=1, reason="start", action="sideways", bridge=None)
+
+
+def test_run_env_argv_and_isolation(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSUP_SECRET_TOKEN", "hunter2")
+    hook = write(tmp_path / "route4" / "after.d" / "50-dump", DUMP)
+    env = hook_env(ROUTED, ifindex=17, reason="start", action="up", bridge=None)
+    result = Hooks(tmp_path).run(hook, env, step="route4", action="up")
+    assert isinstance(result, HookResult)
+    assert (result.exit_code, result.timed_out, result.path) == (0, False, hook)
+    assert result.duration_s > 0
+    seen = json.loads(Path(str(hook) + ".out").read_text())
+    assert seen["argv"] == [str(hook), "route4", "up"]
+    expected = dict(env, STEP="route4", PATH=HOOK_PATH)
+    # The interpreter may add LC_CTYPE on a C locale; nothing else may appear.
+    extra = {k: v for k, v in seen["env"].items() if k not in expected}
+    assert set(extra) <= {"LC_CTYPE"}, extra
+    assert {k: seen["env"][k] for k in expected} == expected
+    assert "QSUP_SECRET_TOKEN" not in seen["env"]
+    assert seen["cwd"] == "/"
+    assert seen["stdin"] == "/dev/null"
+    assert seen["fds"] == [0, 1, 2, 3]  # 3 is the listdir fd itself: nothing leaked
+
+
+def test_hostile_tags_reach_hook_literally(tmp_path):
+    pwned = tmp_path / "pwned"
+    tags = (f"$(touch {pwned})", f"`touch {pwned}`", f"a; touch {pwned}", "it's \"quoted\"",
+            "two  spaces ", "*", "new\nline", "ünïcödé", "--help", "")
+    nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="routed", tap="t0", tags=tags)
+    env = hook_env(nic, ifindex=3, reason="start", action="up", bridge=None)
+    # A shell hook that uses its values the documented way (quoted) must not execute them.
+    hook = sh(tmp_path / "route4" / "replace",
+              'printf "%s" "$TAGS" > "$0.tags"\n'
+              'i=1; while [ "$i" -le "$TAG_COUNT" ]; do printenv "TAG_$i" >> "$0.each"; '
+              'printf "\\0" >> "$0.each"; i=$((i+1)); done\n'
+              'logger --no-act -- "$TAGS" "$@" 2>/dev/null || true')
+    Hooks(tmp_path).run(hook, env, step="route4", action="up")
+    assert json.loads(Path(str(hook) + ".tags").read_text()) == list(tags)
+    each = Path(str(hook) + ".each").read_text().split("\0")[:-1]
+    assert [t.removesuffix("\n") for t in each] == list(tags)  # printenv adds one newline
+    dumper = write(tmp_path / "dump", DUMP)
+    Hooks(tmp_path).run(dumper, env, step="route4", action="up")
+    seen = json.loads(Path(str(dumper) + ".out").read_text())
+    assert [seen["env"][f"TAG_{i}"] for i in range(1, len(tags) + 1)] == list(tags)
+    assert not pwned.exists()
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+def test_nonzero_exit_raises_hook_error(tmp_path):
+    hook = sh(tmp_path / "rule4" / "before.d" / "10-fail",
+              'echo "to stdout"; echo "to stderr" >&2; exit 3')
+    with pytest.raises(HookError) as ei:
+        Hooks(tmp_path).run(hook, {}, step="rule4", action="down")
+    err = ei.value
+    assert isinstance(err, NetconfError)
+    first, *rest = str(err).splitlines()
+    assert first == f"hook {hook} for step rule4 (down) exited with code 3"
+    assert rest == ["to stdout", "to stderr"]
+    assert err.failures == [{
+        "step": "rule4", "path": str(hook), "exit_code": 3,
+        "output": "to stdout\nto stderr\n", "error": first, "timed_out": False,
+    }]
+    assert err.result.exit_code == 3
+
+
+def test_killed_by_signal(tmp_path):
+    hook = sh(tmp_path / "h", "kill -TERM $$")
+    with pytest.raises(HookError, match="killed by signal SIGTERM") as ei:
+        Hooks(tmp_path).run(hook, {}, step="route4", action="up")
+    assert ei.value.failures[0]["exit_code"] == -15
+
+
+def test_unexecutable_hook_raises_hook_error(tmp_path):
+    hook = write(tmp_path / "noshebang", "echo hi\n")  # ENOEXEC: no #! line
+    with pytest.raises(HookError, match="could not be executed") as ei:
+        Hooks(tmp_path).run(hook, {}, step="route4", action="up")
+    assert ei.value.failures[0]["exit_code"] is None
+    with pytest.raises(HookError, match="could not be executed"):
+        Hooks(tmp_path).run(tmp_path / "gone", {}, step="route4", action="up")
+
+
+def _gone(pid: int) -> bool:
+    """True if pid no longer runs (a zombie waiting for a non-reaping init counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_timeout_kills_hook_and_its_children(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    hook = sh(tmp_path / "hang",
+              f'sleep 100 &\necho $! > "{pidfile}"\necho started\nsleep 100')
+    t0 = time.monotonic()
+    with pytest.raises(HookError) as ei:
+        Hooks(tmp_path, timeout=0.5).run(hook, {}, step="gw6", action="up")
+    elapsed = time.monotonic() - t0
+    assert 0.5 <= elapsed < 3
+    err = ei.value
+    assert str(err).splitlines()[0] == (
+        f"hook {hook} for step gw6 (up) timed out after 0.5s (process group killed)")
+    assert err.failures[0]["timed_out"] is True
+    assert err.failures[0]["output"] == "started\n"
+    assert err.result.timed_out and err.result.exit_code == -9
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 2
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _gone(child)
+
+
+def test_background_child_holding_pipe_does_not_block(tmp_path):
+    """The hook exits at once; a child it leaves behind keeps stdout open.  We must not wait."""
+    pidfile = tmp_path / "child.pid"
+    hook = sh(tmp_path / "bg", f'sleep 3 &\necho $! > "{pidfile}"\necho done')
+    t0 = time.monotonic()
+    try:
+        result = Hooks(tmp_path, timeout=5).run(hook, {}, step="route4", action="up")
+        assert time.monotonic() - t0 < 1.5
+        assert (result.exit_code, result.output) == (0, "done\n")
+    finally:
+        os.kill(int(pidfile.read_text()), 9)  # our own child's pid, read from the file
+
+
+def test_output_is_capped_to_the_tail(tmp_path):
+    hook = write(tmp_path / "loud", "#!/usr/bin/python3\nimport sys\n"
+                 "sys.stdout.write('x' * 1000000)\nsys.stdout.write('THE END\\n')\n")
+    result = Hooks(tmp_path).run(hook, {}, step="route4", action="up")
+    assert result.output.endswith("x" * 1000 + "THE END\n")
+    assert result.output.startswith("[... ")
+    assert len(result.output.encode()) < OUTPUT_CAP + 100
+
+
+def test_error_message_output_is_trimmed(tmp_path):
+    hook = write(tmp_path / "loud", "#!/usr/bin/python3\nimport sys\n"
+                 "print('y' * 100000)\nprint('last words')\nsys.exit(1)\n")
+    with pytest.raises(HookError) as ei:
+        Hooks(tmp_path).run(hook, {}, step="route4", action="up")
+    msg = str(ei.value)
+    assert len(msg) < 6000 and msg.endswith("last words")
+    assert len(ei.value.failures[0]["output"]) > 60000  # the full (capped) output is kept
+
+
+def test_run_refuses_contradicting_action(tmp_path):
+    hook = sh(tmp_path / "ok", "exit 0")
+    h = Hooks(tmp_path)
+    with pytest.raises(ValueError):
+        h.run(hook, {"ACTION": "down"}, step="route4", action="up")
+    with pytest.raises(ValueError):
+        h.run(hook, {}, step="route4", action="sideways")
+    with pytest.raises(ValueError):
+        h.run(hook, {"X": "a\0b"}, step="route4", action="up")
+
+
+def test_bad_timeout_refused():
+    with pytest.raises(ValueError):
+        Hooks(None, timeout=0)
+
+
+# --- the shipped examples ------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "hooks"
+
+
+def test_examples_are_found_as_hooks():
+    h = Hooks(EXAMPLES)
+    assert [p.name for p in h.find("route4").after] == ["50-log"]
+    assert h.find("bridge-port").replace == EXAMPLES / "bridge-port" / "replace"
+    assert h.unknown_steps() == []
+
+
+def test_bridge_port_example_without_bridge_tag_fails_clearly(tmp_path):
+    """Run the example for real, but where it must stop before touching the host."""
+    nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="bridged", tap="t0",
+              tags=("$(touch /nonexistent)", "colour=blue"))
+    env = hook_env(nic, ifindex=3, reason="start", action="up", bridge=None)
+    with pytest.raises(HookError, match="exited with code 2") as ei:
+        Hooks(EXAMPLES).run(EXAMPLES / "bridge-port" / "replace", env,
+                            step="bridge-port", action="up")
+    assert "no bridge=... tag" in ei.value.failures[0]["output"]
