@@ -141,6 +141,38 @@ class AsyncioThread:
         loop.call_soon_threadsafe(call.start)
         return await trio.lowlevel.wait_task_rescheduled(call.abort)
 
+    async def run_callback(self, start: Callable[..., None], *args: Any,
+                           cancel: Callable[[], None] | None = None) -> Any:
+        """From trio: run ``start(*args, complete)`` on the loop, wait for ``complete``.
+
+        The fast path for work that needs no asyncio task: ``start`` runs as a
+        plain loop callback (in the caller's contextvars context) and arranges
+        for ``complete(outcome)`` -- an ``outcome.Value``/``outcome.Error`` --
+        to be called later, from the loop thread (or any thread). That single
+        ``complete`` is the only wake-up of the trio task.
+
+        Cancellation is immediate: the trio caller gets ``trio.Cancelled`` at
+        once, ``cancel()`` (if given) is then queued on the loop so the
+        operation can be forgotten, and a ``complete`` that arrives later is
+        ignored. Exceptions raised by ``start`` itself go to the caller.
+        """
+        loop = self.loop
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waiter = _Waiter()
+        loop.call_soon_threadsafe(waiter.start, start, args,
+                                  context=contextvars.copy_context())
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            waiter.finished = True
+            if cancel is not None:
+                try:
+                    loop.call_soon_threadsafe(cancel)
+                except RuntimeError:
+                    pass  # loop closed: nothing left to forget
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
 
 class _Call:
     """State of one bridged call; methods are annotated with their thread."""
@@ -205,6 +237,37 @@ class _Call:
                     RuntimeError("asyncio task was cancelled (event loop shutting down?)")
                 )
         trio.lowlevel.reschedule(self.trio_task, result)
+
+
+class _Waiter:
+    """The trio side of one ``run_callback``: a one-shot, thread-safe wake-up."""
+
+    __slots__ = ("token", "trio_task", "finished")
+
+    def __init__(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.trio_task = trio.lowlevel.current_task()
+        self.finished = False  # only touched on the trio thread
+
+    # asyncio thread
+    def start(self, start: Callable[..., None], args: tuple) -> None:
+        try:
+            start(*args, self.complete)
+        except BaseException as exc:  # noqa: BLE001 - handed to the trio caller
+            self.complete(outcome.Error(exc))
+
+    # any thread
+    def complete(self, result: outcome.Outcome) -> None:
+        try:
+            self.token.run_sync_soon(self._wake, result)
+        except trio.RunFinishedError:
+            pass
+
+    # trio thread (run_sync_soon: must never raise)
+    def _wake(self, result: outcome.Outcome) -> None:
+        if not self.finished:  # not cancelled, not already completed
+            self.finished = True
+            trio.lowlevel.reschedule(self.trio_task, result)
 
 
 async def _cancel_all_and_stop(stop: bool = True) -> None:

@@ -19,6 +19,8 @@ would also stall command replies).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -28,8 +30,8 @@ import structlog
 import trio
 
 from ._bridge import AsyncioThread
-from ._errors import QMPConnectionLost, QMPTimeout
-from ._session import NotYetListening, Session
+from ._errors import QMPConnectionLost, QMPError, QMPTimeout
+from ._session import ID_PREFIX, NotYetListening, Session
 
 log = structlog.get_logger("qmp_glue")
 
@@ -52,6 +54,7 @@ class QMPClient:
         self._down = trio.Event()
         self._closed = False
         self._quitting = False
+        self._ids = itertools.count(1)
 
     # -- public API -----------------------------------------------------------
 
@@ -70,12 +73,18 @@ class QMPClient:
         """
         self._check_usable(cmd)
         if timeout is None:
-            return await self._aio.run(self._session.execute, cmd, args)
-        try:
-            with trio.fail_after(timeout):
-                return await self._aio.run(self._session.execute, cmd, args)
-        except trio.TooSlowError:
-            raise QMPTimeout(f"QMP {self.name}: {cmd!r} got no reply within {timeout}s") from None
+            reply = await self._send(cmd, args)
+        else:
+            try:
+                with trio.fail_after(timeout):
+                    reply = await self._send(cmd, args)
+            except trio.TooSlowError:
+                raise QMPTimeout(
+                    f"QMP {self.name}: {cmd!r} got no reply within {timeout}s") from None
+        if "error" in reply:
+            err = reply["error"]
+            raise QMPError(err.get("class", "GenericError"), err.get("desc", str(err)), cmd)
+        return reply.get("return")
 
     def events(self) -> AsyncIterator[dict]:
         """The stream of QMP events, ``{"event", "data", "timestamp"}`` dicts.
@@ -133,6 +142,12 @@ class QMPClient:
         return f"<QMPClient {self.name} {self.path} {state}>"
 
     # -- internals ------------------------------------------------------------
+
+    async def _send(self, cmd: str, args: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        msg_id = f"{ID_PREFIX}{next(self._ids)}"
+        return await self._aio.run_callback(
+            self._session.submit, cmd, args, msg_id,
+            cancel=functools.partial(self._session.forget, msg_id))
 
     def _check_usable(self, cmd: str) -> None:
         if self._closed:
