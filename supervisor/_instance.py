@@ -200,6 +200,56 @@ class Instance:
             finally:
                 self.done.set()
 
+    async def run_reattached(self, proc: QemuProcess, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Take over a QEMU that a previous daemon started; never stops or pauses it.
+
+        Reconnects the supervisor's monitor (a unix socket path, so it
+        survives us), asks ``query-status`` and rebuilds the state from it.
+        """
+        with structlog.contextvars.bound_contextvars(instance=self.name):
+            self.proc = proc
+            try:
+                self.qmp = await qmp_glue.connect(
+                    str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=10, name=self.name)
+                status = await self.qmp.execute("query-status")
+            except BaseException:
+                if self.qmp is not None:
+                    await self.qmp.aclose()
+                raise
+            st = status.get("status", "")
+            new = State.RUNNING if status.get("running") else State.PAUSED
+            self.sm.move(new, f"reattached (qemu status {st})")
+            self._emit("instance.reattached", pid=proc.pid, qemu_status=st)
+            task_status.started(self)
+            try:
+                await self._supervise()
+            finally:
+                self.done.set()
+
+    async def clean_up_dead(self, reason: str) -> None:
+        """QEMU is gone (or must go): undo whatever the journal owns, drop the records.
+
+        Used after a daemon restart for an instance whose QEMU died while
+        no daemon watched it, or whose start was interrupted half-way.
+        """
+        with structlog.contextvars.bound_contextvars(instance=self.name):
+            if self.proc is not None and self.proc.alive:
+                self.proc.signal(signal.SIGKILL)
+                await self.proc.wait()
+            try:
+                await self.ctx.worker.run(self.executor.recover, reason="crash")
+                errors = []
+            except netconf.NetconfError as e:
+                errors = e.failures or [{"error": str(e)}]
+                self._emit("netconf.undo_failed", reason="crash", error=str(e), failures=errors)
+            else:
+                self._emit("netconf.undone", reason="crash", recovered=True)
+            if not errors:
+                self.ctx.layout.remove_instance(self.name)
+            self.error = reason
+            self.sm.move(State.CRASHED if "died" in reason else State.FAILED, reason)
+            self.done.set()
+
     async def _start(self) -> None:
         ctx, name = self.ctx, self.name
         t0 = time.perf_counter()
@@ -276,8 +326,8 @@ class Instance:
         self.error = f"{type(exc).__name__}: {exc}"
         log.warning("start failed, rolling back", error=self.error)
         await self._kill_qemu()
-        errors = await self._undo_netconf("rollback")
-        self.ctx.layout.remove_instance(self.name) if not errors else None
+        if not await self._undo_netconf("rollback"):
+            self.ctx.layout.remove_instance(self.name)
         if self.sm.can(State.FAILED):
             self.sm.move(State.FAILED, self.error)
         self.done.set()

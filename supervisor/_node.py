@@ -23,9 +23,12 @@ import netconf
 import qmp_glue
 
 from ._config import Config
+import netconf
+
 from ._instance import Instance, NodeContext
-from ._records import Layout
-from ._spec import InstanceSpec
+from ._process import QemuProcess, cmdline
+from ._records import Layout, read_json
+from ._spec import InstanceSpec, SpecError, parse_spec
 
 log = structlog.get_logger("qsup.node")
 
@@ -66,6 +69,48 @@ class Node:
                     yield self
                 finally:
                     nursery.cancel_scope.cancel()
+
+    async def reattach(self) -> list[str]:
+        """Find every recorded instance again after a (re)start of the daemon.
+
+        For each record: if its QEMU is alive (same pid, same start time,
+        our ``-name``), reconnect and supervise it without touching the
+        guest; if it died while no daemon watched, or its start was cut
+        short, undo its journal and drop it, with an event.  Returns the
+        names that were reattached.
+        """
+        names = []
+        for name in self.layout.recorded_instances():
+            try:
+                rec = read_json(self.layout.record_path(name))
+                spec = parse_spec(rec["spec"])
+            except (OSError, ValueError, KeyError, SpecError) as e:
+                log.error("unreadable record, skipped", instance=name, error=str(e))
+                self.events.emit("instance.record_unreadable", instance=name, error=str(e))
+                continue
+            inst = Instance(spec, self.ctx)
+            recorded = {k.lower(): netconf.Nic.from_dict(v) for k, v in rec.get("nics", {}).items()}
+            inst.nics = [recorded.get(n.nic_id, n) for n in inst.nics]
+            proc = None
+            if rec.get("pid"):
+                proc = QemuProcess.attach(rec["pid"], rec.get("pid_start_time"))
+                if proc is not None and f"guest={name},debug-threads=on" not in cmdline(proc.pid):
+                    proc = None  # pid reused by something else
+            self.instances[name] = inst
+            if proc is None:
+                await inst.clean_up_dead("qemu died while qsup was down")
+            elif rec.get("state") == "starting":
+                inst.proc = proc
+                await inst.clean_up_dead("start interrupted by a daemon restart")
+            else:
+                try:
+                    await self._nursery.start(inst.run_reattached, proc)
+                except Exception as e:  # noqa: BLE001 - one bad instance must not stop the others
+                    log.error("reattach failed", instance=name, error=str(e))
+                    self.events.emit("instance.reattach_failed", instance=name, error=str(e))
+                    continue
+                names.append(name)
+        return names
 
     def get(self, name: str) -> Instance:
         inst = self.instances.get(name)
