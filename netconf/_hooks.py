@@ -181,7 +181,9 @@ class Hooks:
         """Directories in hooks_dir that are no known step (likely typos); for a startup warning."""
         if self._top is None:
             return []
-        return sorted(n for n in self._top.names() if n not in KNOWN_STEPS)
+        assert self.hooks_dir is not None
+        return sorted(n for n in self._top.names()
+                      if n not in KNOWN_STEPS and not _ignored(n) and (self.hooks_dir / n).is_dir())
 
     def run(self, path: Path, env: dict[str, str], *, step: str, action: str) -> HookResult:
         """Run one hook to completion and return what it did.
@@ -219,7 +221,8 @@ class Hooks:
         )
         log.info("hook.done", hook=str(path), step=step, action=action,
                  exit_code=result.exit_code, timed_out=timed_out,
-                 duration_ms=round(result.duration_s * 1000, 1))
+                 duration_ms=round(result.duration_s * 1000, 1),
+                 output=_tail(result.output, MESSAGE_OUTPUT_CAP))
         if timed_out or result.exit_code != 0:
             raise _hook_error(result, step, action, self.timeout)
         return result
@@ -251,7 +254,7 @@ def hook_env(nic: Nic, *, ifindex: int | None, reason: str, action: str,
         "TAGS": _tags_json(nic.tags),
         "TAG_COUNT": str(len(nic.tags)),
     }
-    env.update({f"TAG_{i}": t for i, t in enumerate(nic.tags, start=1)})
+    env.update({f"TAG_{i}": _env_safe(t) for i, t in enumerate(nic.tags, start=1)})
     optional = {
         "INTERFACE_INDEX": ifindex,
         "IP": nic.ip,
@@ -445,6 +448,22 @@ def _check_env(env: dict[str, str]) -> None:
             raise TypeError(f"hook environment must be str -> str, got {k!r}: {v!r}")
         if not k or "=" in k or "\0" in k or "\0" in v:
             raise ValueError(f"hook environment variable {k!r} cannot be passed (NUL or '=')")
+        try:
+            os.fsencode(k), os.fsencode(v)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"hook environment variable {k!r} cannot be encoded: {e}") from None
+
+
+def _env_safe(value: str) -> str:
+    """``value`` with lone surrogates (legal in a JSON spec, unencodable) replaced by U+FFFD.
+
+    Only the per-tag convenience variables need this: ``TAGS`` stays lossless via JSON escapes.
+    """
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
 
 
 def _tags_json(tags: tuple[str, ...]) -> str:
@@ -471,14 +490,17 @@ def _hook_error(result: HookResult, step: str, action: str, timeout: float) -> H
         how = f"exited with code {result.exit_code}"
     summary = f"hook {result.path} for step {step} ({action}) {how}"
     message = summary
-    output = result.output.rstrip("\n")
+    output = _tail(result.output, MESSAGE_OUTPUT_CAP)
     if output:
-        if len(output) > MESSAGE_OUTPUT_CAP:
-            output = "[...]\n" + output[-MESSAGE_OUTPUT_CAP:]
         message += "\n" + output
     failure = _failure(step, result.path, result.exit_code, result.output, summary,
                        result.timed_out)
     return HookError(message, [failure], result)
+
+
+def _tail(output: str, cap: int) -> str:
+    output = output.rstrip("\n")
+    return output if len(output) <= cap else "[...]\n" + output[-cap:]
 
 
 def _signame(signum: int) -> str:

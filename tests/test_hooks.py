@@ -131,6 +131,8 @@ def test_find_cache_revalidates_old_listing(tmp_path):
 def test_unknown_steps(tmp_path):
     (tmp_path / "route4").mkdir()
     (tmp_path / "rout4").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "README").write_text("notes")
     assert Hooks(tmp_path).unknown_steps() == ["rout4"]
     assert Hooks(None).unknown_steps() == []
 
@@ -345,3 +347,17 @@ def test_bridge_port_example_without_bridge_tag_fails_clearly(tmp_path):
         Hooks(EXAMPLES).run(EXAMPLES / "bridge-port" / "replace", env,
                             step="bridge-port", action="up")
     assert "no bridge=... tag" in ei.value.failures[0]["output"]
+
+
+def test_lone_surrogate_tag_is_passed_safely(tmp_path):
+    """JSON specs may carry "\\ud800"; TAGS stays lossless, TAG_n gets U+FFFD, nothing crashes."""
+    nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="routed", tap="t0",
+              tags=("ok", "bad\ud800tag"))
+    env = hook_env(nic, ifindex=3, reason="start", action="up", bridge=None)
+    assert json.loads(env["TAGS"]) == ["ok", "bad\ud800tag"]
+    assert env["TAG_2"] == "bad\ufffdtag"
+    hook = write(tmp_path / "dump", DUMP)
+    Hooks(tmp_path).run(hook, env, step="route4", action="up")
+    seen = json.loads(Path(str(hook) + ".out").read_text())
+    assert json.loads(seen["env"]["TAGS"]) == ["ok", "bad\ud800tag"]
+    assert seen["env"]["TAG_2"] == "bad\ufffdtag"
