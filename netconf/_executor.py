@@ -1,0 +1,258 @@
+"""The executor: apply a plan over netlink, journal every effect, undo exactly.
+
+Synchronous by design: it runs on the :class:`~netconf.NetconfWorker`
+thread in the daemon (or the main thread of a test/driver) and uses that
+thread's netlink socket (:func:`netconf._nl.netlink`).
+
+Apply, for each run of consecutive steps that have no hooks (a "group"):
+
+1. observe the prior state of every step in the group (reads only);
+2. journal all of them as ``pending`` in one write + ONE fsync;
+3. apply them in order, marking each ``done`` (plain write, no fsync).
+
+A step with hooks is its own group: ``before`` hooks (ACTION=up), then the
+``replace`` hook or the default step, then ``after`` hooks; each hook run
+is journaled (fsync'd) before it starts.  Undo walks the journal backwards,
+so ``after`` hooks are re-run with ACTION=down first, then the default undo
+(or the replace hook with ACTION=down), then ``before`` hooks with
+ACTION=down.  A hook that failed on the way up is recorded ``failed`` and
+is not re-run on the way down.
+
+If anything fails, the effects this call applied are undone in reverse and
+one :class:`NetconfError` is raised.  Re-applying a plan whose steps are
+already ``done`` for the *same* tap (same ifindex) changes nothing; a done
+entry for an older tap of the same name (qemu restarted) is first undone
+(its effects mostly vanished with the old tap), then the step is applied
+again.
+
+Why batch the fsync per group: fsync costs ~200 µs on these disks; one per
+step would cost ~1.4 ms for a routed activation alone, the whole budget.
+The guarantee that matters -- nothing changes on the host before a durable
+record says how to undo it -- holds per group.  The tradeoff: priors of a
+group are observed before its earlier steps run, so a later step sees the
+state *before* the group (e.g. ``bridge-port`` records the MTU from before
+``tap-up`` changed it); undo runs in reverse, so restoring those older
+values in order still ends at the original state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from ._journal import Journal
+from ._nl import netlink
+from ._ops import OPS, ifindex
+from ._plan import Plan, Step
+from ._types import NetconfError, Nic
+
+
+def _bridge_of(nic: Nic) -> str | None:
+    return nic.link if nic.mode in ("bridged", "openvswitch") else None
+
+
+def _failure(exc: BaseException, step: str, **extra) -> dict:
+    """One failure dict; a HookError's own (path, exit_code, output) wins."""
+    out = {"step": step, "error": str(exc).splitlines()[0] if str(exc) else repr(exc), **extra}
+    for f in getattr(exc, "failures", None) or []:
+        out.update({k: v for k, v in f.items() if k != "step"})
+        break
+    return out
+
+
+def _current_ifindex(tap: str) -> int | None:
+    try:
+        return ifindex(tap)
+    except OSError:
+        return None
+
+
+class Executor:
+    """Applies plans and undoes them from ``journal``."""
+
+    def __init__(self, journal: Journal, *, hooks=None, ovs_db: str | None = None) -> None:
+        self.journal = journal
+        self.hooks = hooks
+        self.ovs_db = ovs_db
+
+    # -- helpers -----------------------------------------------------------
+
+    def _op(self, name: str):
+        return OPS[name](netlink(), self.ovs_db)
+
+    def _hooks_for(self, step: Step):
+        if self.hooks is None:
+            return None
+        found = self.hooks.find(step.name)
+        if not (found.before or found.replace or found.after):
+            return None
+        return found
+
+    def _hook_runner(self):
+        if self.hooks is not None:
+            return self.hooks
+        from . import _hooks  # undo of a hook journaled by an earlier executor
+
+        return _hooks.Hooks(None)
+
+    def _run_hook(self, entry: dict, action: str, reason: str) -> None:
+        from ._hooks import hook_env
+
+        nic = Nic.from_dict(entry["nic"])
+        env = hook_env(nic, ifindex=_current_ifindex(nic.tap) or entry.get("ifindex"),
+                       reason=reason, action=action, bridge=_bridge_of(nic))
+        self._hook_runner().run(Path(entry["path"]), env, step=entry["step"], action=action)
+
+    def _find_done(self, step: Step, tap_index: int | None) -> tuple[bool, list[dict]]:
+        """(already applied for this tap?, stale entries for an older tap)."""
+        same = [e for e in self.journal.live(phases=(step.phase,), nic_id=step.nic_id)
+                if e["kind"] == "step" and e["step"] == step.name]
+        ok = [e for e in same if e["status"] == "done" and e["args"] == step.args
+              and e.get("ifindex") == tap_index]
+        return bool(ok), ([] if ok else same)
+
+    # -- apply -------------------------------------------------------------
+
+    def apply(self, plan: Plan, *, reason: str) -> list[dict]:
+        """Apply ``plan`` in order; on failure undo this call's effects and raise."""
+        nic: Nic = plan.nic
+        tap_index = _current_ifindex(nic.tap)
+        timings: list[dict] = []
+        applied: list[dict] = []
+        group: list[Step] = []
+        try:
+            for step in plan:
+                done, stale = self._find_done(step, tap_index)
+                if done:
+                    timings.append({"step": step.name, "kind": "step", "ms": 0.0, "skipped": True})
+                    continue
+                if stale:
+                    self._undo_entries(list(reversed(stale)), reason, [])
+                hooks = self._hooks_for(step)
+                if hooks is None:
+                    group.append(step)
+                    continue
+                self._apply_group(group, nic, tap_index, applied, timings)
+                group = []
+                self._apply_hooked(step, hooks, nic, tap_index, reason, applied, timings)
+            self._apply_group(group, nic, tap_index, applied, timings)
+        except Exception as exc:
+            failures = [_failure(exc, getattr(exc, "step", "?"))]
+            self._undo_entries(list(reversed(applied)), "rollback", failures)
+            raise NetconfError(
+                f"{nic.nic_id}: {plan[0].phase if plan else '?'} failed at "
+                f"{failures[0]['step']}: {failures[0]['error']}"
+                + (f" (+{len(failures) - 1} rollback failures)" if len(failures) > 1 else ""),
+                failures,
+            ) from exc
+        return timings
+
+    def _apply_group(self, group: list[Step], nic: Nic, tap_index, applied, timings) -> None:
+        if not group:
+            return
+        t0 = time.perf_counter()
+        records = []
+        for step in group:
+            try:
+                prior = self._op(step.op).observe(step.args)
+            except Exception as e:
+                e.step = step.name
+                raise
+            records.append({"kind": "step", "step": step.name, "phase": step.phase, "nic_id": step.nic_id,
+                            "op": step.op, "args": step.args, "prior": prior, "ifindex": tap_index})
+        entries = self.journal.add(records, sync=True)
+        timings.append({"step": "journal", "kind": "journal", "ms": (time.perf_counter() - t0) * 1e3,
+                        "records": len(entries)})
+        for i, entry in enumerate(entries):
+            t1 = time.perf_counter()
+            try:
+                result = self._op(entry["op"]).apply(entry["args"], entry["prior"], self._noter(entry))
+            except Exception as e:
+                applied.append(entry)  # pending: undo is safe whether or not it took effect
+                for rest in entries[i + 1:]:
+                    self.journal.set(rest, "void")
+                e.step = entry["step"]
+                raise
+            self.journal.set(entry, "done", result=result)
+            applied.append(entry)
+            timings.append({"step": entry["step"], "kind": "step", "ms": (time.perf_counter() - t1) * 1e3})
+
+    def _noter(self, entry: dict):
+        def note(**fields) -> None:
+            self.journal.set(entry, "pending", sync=True, prior=dict(entry["prior"], **fields))
+        return note
+
+    def _apply_hooked(self, step: Step, hooks, nic: Nic, tap_index, reason, applied, timings) -> None:
+        for path in hooks.before:
+            self._hook(step, "before", path, nic, tap_index, reason, applied, timings)
+        if hooks.replace is not None:
+            self._hook(step, "replace", hooks.replace, nic, tap_index, reason, applied, timings)
+        else:
+            self._apply_group([step], nic, tap_index, applied, timings)
+        for path in hooks.after:
+            self._hook(step, "after", path, nic, tap_index, reason, applied, timings)
+
+    def _hook(self, step, role, path, nic, tap_index, reason, applied, timings) -> None:
+        (entry,) = self.journal.add([{
+            "kind": "hook", "role": role, "path": str(path), "step": step.name, "phase": step.phase,
+            "nic_id": step.nic_id, "nic": nic.to_dict(), "ifindex": tap_index,
+        }], sync=True)
+        t0 = time.perf_counter()
+        try:
+            self._run_hook(entry, "up", reason)
+        except Exception as e:
+            self.journal.set(entry, "failed", error=str(e))
+            e.step = step.name
+            raise
+        self.journal.set(entry, "done")
+        applied.append(entry)
+        timings.append({"step": step.name, "kind": "hook", "role": role, "path": str(path),
+                        "ms": (time.perf_counter() - t0) * 1e3})
+
+    # -- undo --------------------------------------------------------------
+
+    def _undo_one(self, entry: dict, reason: str) -> None:
+        if entry["kind"] == "hook":
+            self._run_hook(entry, "down", reason)
+            return
+        result = entry.get("result") if entry["status"] == "done" else None
+        self._op(entry["op"]).undo(entry["args"], entry["prior"], result)
+
+    def _undo_entries(self, entries: Iterable[dict], reason: str, failures: list[dict]) -> None:
+        for entry in entries:
+            try:
+                self._undo_one(entry, reason)
+            except Exception as e:
+                extra = {"path": entry["path"]} if entry["kind"] == "hook" else {}
+                failures.append(_failure(e, entry["step"], nic_id=entry["nic_id"], **extra))
+                continue
+            self.journal.set(entry, "undone")
+
+    def undo(self, *, reason: str, phases: Iterable[str] | None = None, nic_id: str | None = None) -> None:
+        """Undo what the journal owns (optionally only ``phases`` / one NIC), newest first.
+
+        Keeps going past failures; failed entries stay in the journal (a
+        later undo retries them) and one :class:`NetconfError` lists all.
+        """
+        failures: list[dict] = []
+        self._undo_entries(reversed(self.journal.live(phases=phases, nic_id=nic_id)), reason, failures)
+        self.journal.maybe_compact()
+        if failures:
+            raise NetconfError(
+                f"undo ({reason}): {len(failures)} step(s) failed: "
+                + "; ".join(f"{f['step']}: {f['error']}" for f in failures),
+                failures,
+            )
+
+    def recover(self, *, reason: str) -> None:
+        """After a crash: resolve ``pending`` entries against the host, then undo everything.
+
+        A pending entry's undo is written to be correct whether or not the
+        effect reached the host (see :mod:`netconf._ops`): deletes match
+        our proto marker and the tap's ifindex, restores write the recorded
+        prior values.  Pending entries whose effect is absent therefore
+        resolve to no-ops, present ones are removed.
+        """
+        self.undo(reason=reason)
+        self.journal.compact()
