@@ -338,15 +338,61 @@ def test_examples_are_found_as_hooks():
     assert h.unknown_steps() == []
 
 
-def test_bridge_port_example_without_bridge_tag_fails_clearly(tmp_path):
-    """Run the example for real, but where it must stop before touching the host."""
-    nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="bridged", tap="t0",
-              tags=("$(touch /nonexistent)", "colour=blue"))
+@pytest.mark.parametrize("tags, complaint", [
+    (("$(touch /nonexistent)", "colour=blue"), "no bridge=... tag"),
+    (("bridge=br0;touch /nonexistent",), "not a valid interface name"),
+    (("bridge=../../x",), "not a valid interface name"),
+    (("bridge=qsup-no-such-br",), "does not exist or is not a bridge"),
+])
+def test_bridge_port_example_refuses_before_touching_host(tags, complaint):
+    """Run the example for real, on inputs where it must stop before changing anything."""
+    nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="bridged", tap="t0", tags=tags)
     env = hook_env(nic, ifindex=3, reason="start", action="up", bridge=None)
     with pytest.raises(HookError, match="exited with code 2") as ei:
         Hooks(EXAMPLES).run(EXAMPLES / "bridge-port" / "replace", env,
                             step="bridge-port", action="up")
-    assert "no bridge=... tag" in ei.value.failures[0]["output"]
+    assert complaint in ei.value.failures[0]["output"]
+
+
+NS_DRIVER = """
+import json, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+examples = Path(sys.argv[2])
+subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
+subprocess.run(["ip", "link", "add", "br-dmz", "type", "bridge"], check=True)
+subprocess.run(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
+from netconf._hooks import Hooks, hook_env
+from netconf._types import Nic
+nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="bridged", tap="v0", link="br0",
+          tags=("colour=blue", "bridge=br-dmz", "bridge=ignored"))
+hooks, replace, seen = Hooks(examples), examples / "bridge-port" / "replace", {}
+for action in ("up", "down", "down"):  # the second down must be a harmless no-op
+    hooks.run(replace, hook_env(nic, ifindex=None, reason="start", action=action, bridge="br0"),
+              step="bridge-port", action=action)
+    master = Path("/sys/class/net/v0/master")
+    seen[action] = os.path.basename(os.readlink(master)) if master.exists() else None
+subprocess.run(["ip", "link", "del", "v0"], check=True)
+hooks.run(replace, hook_env(nic, ifindex=None, reason="crash", action="down", bridge="br0"),
+          step="bridge-port", action="down")  # tap already gone: still fine
+print(json.dumps(seen))
+"""
+
+
+def test_bridge_port_example_in_user_namespace(tmp_path):
+    """The example really enslaves and releases an interface (in a throwaway user+net ns)."""
+    import shutil
+    import subprocess
+    import sys
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rnm", "true"]).returncode != 0:
+        pytest.skip("unprivileged user+net namespaces unavailable")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([unshare, "-rnm", sys.executable, "-c", NS_DRIVER, str(root),
+                           str(EXAMPLES)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"up": "br-dmz", "down": None}
 
 
 def test_lone_surrogate_tag_is_passed_safely(tmp_path):
@@ -361,3 +407,15 @@ def test_lone_surrogate_tag_is_passed_safely(tmp_path):
     seen = json.loads(Path(str(hook) + ".out").read_text())
     assert json.loads(seen["env"]["TAGS"]) == ["ok", "bad\ud800tag"]
     assert seen["env"]["TAG_2"] == "bad\ufffdtag"
+
+
+def test_log_example_runs_and_never_fails_the_step(tmp_path):
+    pwned = tmp_path / "pwned"
+    nic = Nic(instance="x", mac="52:54:00:00:00:09", mode="routed", tap="t0", ip="192.0.2.1",
+              tags=(f"$(touch {pwned})", f"'; touch {pwned}; '"))
+    for action in ("up", "down"):
+        env = hook_env(nic, ifindex=7, reason="start", action=action, bridge=None)
+        result = Hooks(EXAMPLES).run(EXAMPLES / "route4" / "after.d" / "50-log", env,
+                                     step="route4", action=action)
+        assert result.exit_code == 0
+    assert not pwned.exists()
