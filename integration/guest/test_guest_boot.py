@@ -1,0 +1,310 @@
+"""Boot the real test guest under TCG and prove its networking end to end.
+
+These tests pin down the guest's contract (integration/guest/README.md) and, just as much, what
+the *host* side must configure so that a routed or bridged guest is reachable. The supervisor's
+netconf must replicate the host side exactly:
+
+* routed IPv4: the guest has ADDR/32 and an on-link default gateway 169.254.0.1. The host routes
+  ADDR/32 to the tap and sets ``proxy_arp=1`` *and* ``forwarding=1`` on the tap; it must also have
+  a route to 169.254.0.1 through some other interface (a default route is enough), since proxy ARP
+  only answers for targets it would forward elsewhere.
+* routed IPv6: the guest has ADDR/128 and default via fe80::1. The host routes ADDR/128 to the
+  tap and owns fe80::1/64 on the tap, so it answers the guest's neighbour solicitation itself.
+  Forwarding IPv6 between interfaces needs ``net.ipv6.conf.all.forwarding=1``.
+* bridged: tap and uplink on one bridge, nothing else.
+
+Everything runs inside network namespaces made here. qemu is started inside them with
+``ip netns exec`` (which execs, so the Popen pid *is* qemu's pid), killed by that pid, and the
+namespaces are deleted in ``finally`` even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = ROOT / "build" / "guest"
+KERNEL = GUEST_DIR / "vmlinuz"
+INITRD = GUEST_DIR / "initrd.img"
+QEMU = shutil.which("qemu-system-x86_64")
+BUSYBOX = shutil.which("busybox")
+READY_TIMEOUT = 60.0
+
+if os.geteuid() != 0:
+    pytest.skip("needs root (namespaces, taps)", allow_module_level=True)
+if not (KERNEL.is_file() and INITRD.is_file()):
+    pytest.skip("guest not built: run `make guest`", allow_module_level=True)
+if QEMU is None or BUSYBOX is None:
+    pytest.skip("needs qemu-system-x86_64 and busybox", allow_module_level=True)
+
+
+def run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def nsrun(ns: str, *args: str) -> str:
+    return run("ip", "netns", "exec", ns, *args)
+
+
+@pytest.fixture
+def netns() -> Iterator[callable]:
+    """A factory of fresh network namespaces, all deleted afterwards."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"qsg-{uuid.uuid4().hex[:10]}"
+        run("ip", "netns", "add", name)
+        made.append(name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in reversed(made):
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class Guest:
+    """One qemu process running the test guest inside a namespace."""
+
+    def __init__(self, ns: str, workdir: Path, append: str, taps: list[tuple[str, str]]):
+        self.console = workdir / "console.log"
+        self.qmp_path = workdir / "qmp.sock"
+        args = [
+            "ip", "netns", "exec", ns, QEMU,
+            "-accel", "tcg", "-m", "256", "-display", "none", "-no-reboot",
+            "-monitor", "none", "-serial", f"file:{self.console}",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-kernel", str(KERNEL), "-initrd", str(INITRD),
+            "-append", f"console=ttyS0 quiet panic=-1 {append}",
+        ]  # fmt: skip
+        for i, (tap, mac) in enumerate(taps):
+            args += [
+                "-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off",
+                "-device", f"virtio-net-pci,netdev=n{i},mac={mac}",
+            ]  # fmt: skip
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def text(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self) -> float:
+        """Seconds from qemu start to GUEST-READY on the console."""
+        deadline = self.started + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if "GUEST-READY" in self.text():
+                return time.monotonic() - self.started
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace")
+                raise AssertionError(f"qemu exited {self.proc.returncode}: {err}\n{self.text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no GUEST-READY in {READY_TIMEOUT}s:\n{self.text()}")
+
+    def qmp(self, *commands: str) -> list[dict]:
+        """Send commands on a fresh QMP connection; return every message read."""
+        seen: list[dict] = []
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.qmp_path))
+            reader = sock.makefile("r")
+            seen.append(json.loads(reader.readline()))  # greeting
+            for command in ("qmp_capabilities", *commands):
+                sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+                while True:
+                    msg = json.loads(reader.readline())
+                    seen.append(msg)
+                    if "return" in msg or "error" in msg:
+                        break
+        return seen
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # by pid: Popen.kill signals exactly this process
+        self.proc.wait(timeout=10)
+        self.proc.stderr.close()
+
+
+@contextlib.contextmanager
+def guest(ns: str, workdir: Path, append: str, taps: list[tuple[str, str]]) -> Iterator[Guest]:
+    g = Guest(ns, workdir, append, taps)
+    try:
+        yield g
+    finally:
+        g.kill()
+
+
+def wait_tap(ns: str, tap: str) -> None:
+    """qemu creates the tap when it opens it; wait for it to exist."""
+    for _ in range(200):
+        if subprocess.run(["ip", "-n", ns, "link", "show", tap], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"tap {tap} never appeared in {ns}")
+
+
+def pings(ns: str, addr: str, tries: int = 10) -> bool:
+    """True once one echo request to addr is answered (the first may wait for ARP/ND)."""
+    for _ in range(tries):
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, BUSYBOX, "ping", "-c", "1", "-W", "1", addr],
+            capture_output=True,
+        )
+        if done.returncode == 0:
+            return True
+    return False
+
+
+def sysctl(ns: str, *settings: str) -> None:
+    nsrun(ns, "sysctl", "-qw", *settings)
+
+
+def ip(ns: str, *args: str) -> None:
+    run("ip", "-n", ns, *args)
+
+
+def setup_routed_node(node: str, client: str) -> None:
+    """node: uplink veth to client, default route out of it. client: routes everything to node."""
+    run("ip", "-n", node, "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", client)
+    ip(node, "addr", "add", "192.0.2.1/24", "dev", "up0")
+    ip(node, "addr", "add", "2001:db8:ff::1/64", "nodad", "dev", "up0")
+    ip(node, "link", "set", "up0", "up")
+    # The route that makes proxy ARP for 169.254.0.1 answer: it leads out of another device.
+    ip(node, "route", "add", "default", "via", "192.0.2.2", "dev", "up0")
+    sysctl(node, "net.ipv4.conf.up0.forwarding=1", "net.ipv6.conf.all.forwarding=1")
+    ip(client, "addr", "add", "192.0.2.2/24", "dev", "up1")
+    ip(client, "addr", "add", "2001:db8:ff::2/64", "nodad", "dev", "up1")
+    ip(client, "link", "set", "up1", "up")
+    ip(client, "route", "add", "default", "via", "192.0.2.1")
+    ip(client, "-6", "route", "add", "default", "via", "2001:db8:ff::1")
+
+
+def setup_routed_tap(node: str, tap: str, addr4: str, addr6: str) -> None:
+    """What the supervisor's netconf does for a routed NIC once qemu holds the tap."""
+    sysctl(
+        node,
+        f"net.ipv4.conf.{tap}.proxy_arp=1",
+        f"net.ipv4.conf.{tap}.forwarding=1",
+        f"net.ipv6.conf.{tap}.proxy_ndp=1",
+        f"net.ipv6.conf.{tap}.forwarding=1",
+    )
+    ip(node, "addr", "add", "fe80::1/64", "nodad", "dev", tap)
+    ip(node, "link", "set", tap, "up")
+    ip(node, "route", "add", f"{addr4}/32", "dev", tap)
+    ip(node, "-6", "route", "add", f"{addr6}/128", "dev", tap)
+
+
+def test_routed_ipv4_and_ipv6(netns, tmp_path, record_property):
+    node, client = netns(), netns()
+    setup_routed_node(node, client)
+    append = "guest.ip0=10.99.0.2/32 guest.ip6_0=2001:db8:99::2"
+    with guest(node, tmp_path, append, [("tap0", "52:54:00:12:34:56")]) as g:
+        wait_tap(node, "tap0")
+        setup_routed_tap(node, "tap0", "10.99.0.2", "2001:db8:99::2")
+        ready = g.wait_ready()
+        record_property("guest_ready_seconds", round(ready, 2))
+        print(f"GUEST-READY after {ready:.2f}s")
+        console = g.text()
+        assert "guest-if: eth0 mac=52:54:00:12:34:56 mtu=1500 addrs=10.99.0.2/32,2001:db8:99::2/128" in console
+        assert "guest-route4: default via 169.254.0.1 dev eth0" in console
+        assert "guest-route6: default via fe80::1 dev eth0" in console
+        # From the node itself, then forwarded through the node from the client namespace:
+        # the replies go through the guest's default gateways, so its ARP for 169.254.0.1
+        # and its NS for fe80::1 must have been answered.
+        assert pings(node, "10.99.0.2")
+        assert pings(node, "2001:db8:99::2")
+        assert pings(client, "10.99.0.2")
+        assert pings(client, "2001:db8:99::2")
+        neigh = run("ip", "-n", node, "neigh", "show", "dev", "tap0")
+        assert "10.99.0.2 lladdr 52:54:00:12:34:56" in neigh
+
+
+def test_routed_host_side_requirements(netns, tmp_path):
+    """Each host-side setting the routed mode relies on is needed: drop it and the guest is cut off.
+
+    * IPv4: ``forwarding=1`` on the tap (proxy ARP only answers for targets it would forward);
+    * IPv6: fe80::1 on the tap (the guest's gateway; proxy_ndp is not what answers it);
+    * IPv6 forwarding between interfaces: ``net.ipv6.conf.all.forwarding=1`` (the per-interface
+      knob alone does not forward on this kernel).
+    """
+    node, client = netns(), netns()
+    setup_routed_node(node, client)
+    append = "guest.ip0=10.99.0.2 guest.ip6_0=2001:db8:99::2"
+    with guest(node, tmp_path, append, [("tap0", "52:54:00:12:34:56")]) as g:
+        wait_tap(node, "tap0")
+        sysctl(node, "net.ipv4.conf.tap0.proxy_arp=1", "net.ipv4.conf.tap0.forwarding=0")
+        ip(node, "link", "set", "tap0", "up")
+        ip(node, "route", "add", "10.99.0.2/32", "dev", "tap0")
+        ip(node, "-6", "route", "add", "2001:db8:99::2/128", "dev", "tap0")
+        g.wait_ready()
+
+        assert not pings(node, "10.99.0.2", tries=3)
+        sysctl(node, "net.ipv4.conf.tap0.forwarding=1")
+        assert pings(node, "10.99.0.2")
+
+        assert not pings(node, "2001:db8:99::2", tries=3)
+        ip(node, "addr", "add", "fe80::1/64", "nodad", "dev", "tap0")
+        assert pings(node, "2001:db8:99::2")
+
+        sysctl(node, "net.ipv6.conf.all.forwarding=0")
+        sysctl(node, "net.ipv6.conf.tap0.forwarding=1", "net.ipv6.conf.up0.forwarding=1")
+        assert not pings(client, "2001:db8:99::2", tries=3)
+        sysctl(node, "net.ipv6.conf.all.forwarding=1")
+        assert pings(client, "2001:db8:99::2")
+
+
+def test_bridged_two_nics_mtu_and_powerdown(netns, tmp_path):
+    """eth0 routed, eth1 bridged /24 with its own MTU; then QMP system_powerdown powers off."""
+    node, client = netns(), netns()
+    setup_routed_node(node, client)
+    ip(node, "link", "add", "br0", "type", "bridge")
+    ip(node, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1")
+    ip(node, "link", "set", "lan1", "master", "br0")
+    ip(node, "addr", "add", "10.99.1.1/24", "dev", "lan0")
+    ip(node, "addr", "add", "2001:db8:1::1/64", "nodad", "dev", "lan0")
+    for dev in ("br0", "lan0", "lan1"):
+        ip(node, "link", "set", dev, "mtu", "1400")
+        ip(node, "link", "set", dev, "up")
+    append = (
+        "guest.ip0=10.99.0.2/32 guest.ip1=10.99.1.2/24 guest.ip6_1=2001:db8:1::2/64 guest.mtu1=1400"
+    )
+    taps = [("tap0", "52:54:00:12:34:56"), ("tap1", "52:54:00:12:34:57")]
+    with guest(node, tmp_path, append, taps) as g:
+        wait_tap(node, "tap0")
+        wait_tap(node, "tap1")
+        setup_routed_tap(node, "tap0", "10.99.0.2", "2001:db8:99::2")
+        ip(node, "link", "set", "tap1", "mtu", "1400")
+        ip(node, "link", "set", "tap1", "master", "br0")
+        ip(node, "link", "set", "tap1", "up")
+        g.wait_ready()
+        console = g.text()
+        assert "guest-if: eth1 mac=52:54:00:12:34:57 mtu=1400 addrs=10.99.1.2/24,2001:db8:1::2/64" in console
+        # The bridged NIC gets no default route: the routed eth0 holds it.
+        assert "guest-route4: default via 169.254.0.1 dev eth0" in console
+        assert "guest-route4: 10.99.1.0/24 dev eth1" in console
+        assert pings(node, "10.99.1.2")
+        assert pings(node, "2001:db8:1::2")
+        assert pings(client, "10.99.0.2")
+
+        events = g.qmp("system_powerdown")
+        assert {"return": {}} in events
+        g.proc.wait(timeout=30)
+        assert g.proc.returncode == 0
+        assert "power button pressed: powering off" in g.text()
