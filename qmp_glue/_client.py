@@ -19,10 +19,12 @@ would also stall command replies).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import math
 import os
+import socket
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -31,7 +33,7 @@ import trio
 
 from ._bridge import AsyncioThread
 from ._errors import QMPConnectionLost, QMPError, QMPTimeout
-from ._session import ID_PREFIX, NotYetListening, Session
+from ._session import ID_PREFIX, Session
 
 log = structlog.get_logger("qmp_glue")
 
@@ -55,6 +57,9 @@ class QMPClient:
         self._closed = False
         self._quitting = False
         self._ids = itertools.count(1)
+        # Logged from run_sync_soon callbacks, which run outside any task:
+        # keep the creator's context so structlog's bound variables show up.
+        self._log_ctx = contextvars.copy_context()
 
     # -- public API -----------------------------------------------------------
 
@@ -161,7 +166,8 @@ class QMPClient:
         if self._down_reason is None:
             self._down_reason = reason
             if not self._quitting and not self._closed:
-                log.warning("qmp.connection_lost", qmp=self.name, reason=reason)
+                self._log_ctx.run(log.warning, "qmp.connection_lost",
+                                  qmp=self.name, reason=reason)
         self._down.set()
         self._ev_send.close()
 
@@ -209,29 +215,48 @@ async def connect(path: str | os.PathLike[str], *, loop: AsyncioThread,
 
     Retries while the socket does not exist or refuses connections (QEMU may
     still be starting), until ``timeout`` seconds have passed: then raises
-    ``QMPTimeout``. Other failures (QEMU hung up during the handshake, ...)
-    raise ``QMPConnectionLost`` at once. Events are buffered from here on.
+    ``QMPTimeout``. The same timeout covers the greeting and negotiation.
+    Other failures (QEMU hung up during the handshake, ...) raise
+    ``QMPConnectionLost`` at once. Events are buffered from here on.
+
+    The socket is connected here, on the trio side, and handed to qemu.qmp
+    already connected: the retries cost no thread hops and do not fill the
+    log with qemu.qmp's "Failed to establish connection" errors.
     """
     path = os.fspath(path)
     client = QMPClient(loop, name or os.path.basename(path), path)
-    delay = _RETRY_FIRST
-    last = "no attempt finished"
     try:
         with trio.fail_after(timeout):
-            while True:
-                try:
-                    await loop.run(client._session.open, path)  # noqa: SLF001
-                    break
-                except NotYetListening as exc:
-                    last = str(exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
+            sock = await _connect_unix(path)
+            try:
+                await loop.run(client._session.open, sock)  # noqa: SLF001
+            except BaseException:
+                sock.close()
+                raise
     except trio.TooSlowError:
         await client.aclose()
         raise QMPTimeout(f"QMP {client.name}: could not connect to {path} "
-                         f"within {timeout}s ({last})") from None
+                         f"within {timeout}s") from None
     except BaseException:
         await client.aclose()
         raise
     log.debug("qmp.connected", qmp=client.name, path=path)
     return client
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    """A connected AF_UNIX socket to ``path``, retrying while nobody listens yet."""
+    delay = _RETRY_FIRST
+    while True:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            await trio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return socket.socket(fileno=sock.detach())

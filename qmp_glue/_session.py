@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,15 +52,6 @@ from qemu.qmp import ConnectError, Message, Runstate
 from qemu.qmp import QMPClient as _QemuQMPClient
 
 from ._errors import QMPConnectionLost
-
-# Connection errors that mean "QEMU has not created / is not listening on the
-# socket yet": connect() retries on these until its timeout.
-_NOT_YET = (FileNotFoundError, ConnectionRefusedError)
-
-
-class NotYetListening(Exception):
-    """The socket does not accept connections yet; worth retrying."""
-
 
 # Prefix of the ids we give commands; qemu.qmp's own are "__qmp#NNNNN".
 ID_PREFIX = "qg#"
@@ -132,14 +124,12 @@ class Session:
         self._close_task: asyncio.Task | None = None
         self.down_reason = "connection closed"
 
-    async def open(self, path: str) -> None:
-        """Connect and negotiate once; raise NotYetListening if worth retrying."""
+    async def open(self, sock: socket.socket) -> None:
+        """Greet and negotiate over an already connected socket (qemu.qmp owns it then)."""
         try:
-            await self.qmp.connect(path)
+            await self.qmp.connect(sock)
         except ConnectError as exc:
-            if isinstance(exc.exc, _NOT_YET):
-                raise NotYetListening(str(exc)) from exc
-            raise QMPConnectionLost(f"QMP {self.name}: cannot open {path}: {exc}") from exc
+            raise QMPConnectionLost(f"QMP {self.name}: handshake failed: {exc}") from exc
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     def submit(self, cmd: str, args: Mapping[str, Any] | None, msg_id: str,

@@ -1,0 +1,209 @@
+"""An in-process QMP server for unit tests: enough of QEMU's monitor to test against.
+
+It speaks the real wire protocol on a real unix socket -- greeting,
+``qmp_capabilities``, line-delimited JSON commands with ids, events -- so the
+glue under test runs its real code (qemu.qmp included), only QEMU is fake.
+
+Like QEMU it handles one command at a time, in order, unless
+``concurrent=True`` (then each command runs in its own task and replies may
+come out of order, which a correct client must route by id).
+
+Handlers: ``peer.handlers[name] = fn`` where ``fn(args)`` (sync or async)
+returns the ``return`` value, raises ``PeerError`` for an error reply, or
+returns ``NO_REPLY``. Built in: ``query-status``, ``echo`` (returns its
+arguments), ``sleep`` (``{"seconds": s, "tag": ...}``, replies after s),
+``hang`` (never replies), ``quit`` (replies -- unless ``reply_to_quit`` is
+False -- then closes the connection).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+NO_REPLY = object()
+
+
+class PeerError(Exception):
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QMPPeer:
+    def __init__(self, path: str, *, concurrent: bool = False) -> None:
+        self.path = path
+        self.concurrent = concurrent
+        self.received: list[tuple[str, Any]] = []  # (command, arguments), in order
+        self.events_on_negotiate: list[tuple[str, dict | None]] = []
+        self.handlers: dict[str, Callable[[dict], Any]] = {
+            "query-status": lambda a: {"status": "prelaunch", "running": False},
+            "echo": lambda a: a,
+            "sleep": self._sleep,
+            "hang": self._hang,
+        }
+        self._conns: list[_Conn] = []
+        self._listener: trio.SocketListener | None = None
+        self.connections = 0
+        self.reply_to_quit = True  # False: close the connection without replying
+
+    # -- control from tests --------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(self.path)
+        sock.listen(4)
+        self._listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await self._listener.accept()
+                    nursery.start_soon(self._serve_conn, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._listener.aclose()
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+    async def emit(self, event: str, data: dict | None = None) -> None:
+        """Send an event to every negotiated connection."""
+        for conn in list(self._conns):
+            if conn.negotiated:
+                await conn.send(_event(event, data))
+
+    async def drop(self) -> None:
+        """Close every connection abruptly, as if QEMU had been killed."""
+        for conn in list(self._conns):
+            await conn.close()
+
+    async def wait_received(self, n: int) -> None:
+        while len(self.received) < n:
+            await trio.sleep(0.005)
+
+    # -- protocol ------------------------------------------------------------
+
+    async def _serve_conn(self, stream: trio.SocketStream) -> None:
+        conn = _Conn(stream)
+        self._conns.append(conn)
+        self.connections += 1
+        try:
+            with conn.scope:
+                await conn.send({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                                     "package": "qmp_peer"},
+                                         "capabilities": []}})
+                async with trio.open_nursery() as nursery:
+                    async for msg in conn.lines():
+                        if self.concurrent:
+                            nursery.start_soon(self._dispatch, conn, msg)
+                        else:
+                            await self._dispatch(conn, msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._conns.remove(conn)
+            await conn.close()
+
+    async def _dispatch(self, conn: _Conn, msg: dict) -> None:
+        cmd, args, msg_id = msg.get("execute"), msg.get("arguments", {}), msg.get("id")
+        reply: dict[str, Any]
+        if cmd == "qmp_capabilities":
+            await conn.send(_with_id({"return": {}}, msg_id))
+            conn.negotiated = True
+            for event, data in self.events_on_negotiate:
+                await conn.send(_event(event, data))
+            return
+        self.received.append((cmd, args))
+        if not conn.negotiated:
+            reply = {"error": {"class": "CommandNotFound",
+                               "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}
+        elif cmd == "quit":
+            if self.reply_to_quit:
+                await conn.send(_with_id({"return": {}}, msg_id))
+            await conn.close()
+            return
+        elif cmd not in self.handlers:
+            reply = {"error": {"class": "CommandNotFound", "desc": f"The command {cmd} has not been found"}}
+        else:
+            try:
+                result = self.handlers[cmd](args)
+                if inspect.isawaitable(result):
+                    result = await result
+            except PeerError as exc:
+                reply = {"error": {"class": exc.error_class, "desc": exc.desc}}
+            else:
+                if result is NO_REPLY:
+                    return
+                reply = {"return": result}
+        await conn.send(_with_id(reply, msg_id))
+
+    @staticmethod
+    async def _sleep(args: dict) -> dict:
+        await trio.sleep(args.get("seconds", 0))
+        return {"slept": args.get("seconds", 0), "tag": args.get("tag")}
+
+    @staticmethod
+    async def _hang(args: dict) -> object:
+        await trio.sleep_forever()
+        return NO_REPLY
+
+
+class _Conn:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.negotiated = False
+        self.scope = trio.CancelScope()
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    async def send(self, obj: dict) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(json.dumps(obj).encode() + b"\r\n")
+
+    async def lines(self):
+        """Messages as QEMU parses them: a stream of JSON objects, newlines optional."""
+        decoder = json.JSONDecoder()
+        buf = ""
+        while True:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return
+            buf += data.decode()
+            while True:
+                buf = buf.lstrip()
+                try:
+                    obj, end = decoder.raw_decode(buf)
+                except json.JSONDecodeError:
+                    break  # incomplete: wait for more bytes
+                buf = buf[end:]
+                yield obj
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+
+def _with_id(reply: dict, msg_id: object) -> dict:
+    if msg_id is not None:
+        reply["id"] = msg_id
+    return reply
+
+
+def _event(event: str, data: dict | None) -> dict:
+    now = time.time()
+    msg: dict[str, Any] = {"event": event,
+                           "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
+    if data is not None:
+        msg["data"] = data
+    return msg
