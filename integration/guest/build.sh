@@ -77,6 +77,7 @@ fetch_kernel() {
     deb="$(ls "$WORK/deb/${pkg}_"*.deb 2>/dev/null | head -n1 || true)"
     if [[ -z "$deb" ]]; then
         log "downloading $pkg"
+        rm -f "$WORK/deb/"*.deb  # an older kernel package is no longer wanted
         # apt's _apt user cannot write into root-owned dirs; download as root quietly.
         (cd "$WORK/deb" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
         deb="$(ls "$WORK/deb/${pkg}_"*.deb 2>/dev/null | head -n1 || true)"

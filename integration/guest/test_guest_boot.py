@@ -284,6 +284,7 @@ def test_bridged_two_nics_mtu_and_powerdown(netns, tmp_path):
         ip(node, "link", "set", dev, "up")
     append = (
         "guest.ip0=10.99.0.2/32 guest.ip1=10.99.1.2/24 guest.ip6_1=2001:db8:1::2/64 guest.mtu1=1400"
+        " guest.bogus=1 guest.gw0=1.2.3.4;reboot"
     )
     taps = [("tap0", "52:54:00:12:34:56"), ("tap1", "52:54:00:12:34:57")]
     with guest(node, tmp_path, append, taps) as g:
@@ -295,6 +296,8 @@ def test_bridged_two_nics_mtu_and_powerdown(netns, tmp_path):
         ip(node, "link", "set", "tap1", "up")
         g.wait_ready()
         console = g.text()
+        assert "guest: ignoring unknown key guest.bogus" in console
+        assert "guest: ignoring bad value for guest.gw0" in console
         assert "guest-if: eth1 mac=52:54:00:12:34:57 mtu=1400 addrs=10.99.1.2/24,2001:db8:1::2/64" in console
         # The bridged NIC gets no default route: the routed eth0 holds it.
         assert "guest-route4: default via 169.254.0.1 dev eth0" in console
