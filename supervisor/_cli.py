@@ -76,11 +76,10 @@ def run_cmd(specs, config_path, state_dir, run_dir, accel, as_json, socket) -> N
 
 
 async def _run_foreground(cfg: Config, specs, as_json: bool) -> int:
-    from ._eventlog import EventLog
-    from ._node import Node
+    from ._node import Node, open_event_log
     from ._state import State
 
-    events = EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
+    events = open_event_log(cfg)
     events.subscribe_sink(lambda ev: (_print_event(ev, as_json), sys.stdout.flush()))
     node = Node(cfg, events)
     code = 0
@@ -111,6 +110,199 @@ async def _run_foreground(cfg: Config, specs, as_json: bool) -> int:
     finally:
         events.close()
     return code
+
+
+# -- the daemon and its clients ---------------------------------------------------------------
+#
+# Every client command takes --json and --socket PATH ($QSUP_SOCKET; default: the socket of
+# /etc/qsup/qsup.toml if that exists, else /run/qsup/qsup.sock), or --url + --token-file for a
+# daemon's TCP listener.  Errors: one line on stderr, exit code as in the module docstring.
+
+
+def _client_options(f):
+    f = click.option("--token-file", envvar="QSUP_TOKEN_FILE", type=click.Path(dir_okay=False),
+                     help="bearer token for --url")(f)
+    f = click.option("--url", envvar="QSUP_URL", help="daemon TCP URL instead of the socket")(f)
+    f = click.option("--socket", "socket_path", envvar="QSUP_SOCKET", type=click.Path(),
+                     help="daemon API socket [$QSUP_SOCKET]")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+    return f
+
+
+def _connect(socket_path, url, token_file):
+    from ._client import Client
+
+    token = None
+    if url and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            fail(f"token file {token_file}: {e.strerror}", EXIT_USAGE)
+    return Client(socket_path, url=url, token=token)
+
+
+class _Calls:
+    """Run client calls, mapping failures to one stderr line and the documented exit code."""
+
+    def __init__(self, socket_path, url, token_file):
+        self.client = _connect(socket_path, url, token_file)
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, typ, exc, tb):
+        from ._client import ApiError, Unreachable
+
+        self.client.close()
+        if isinstance(exc, Unreachable):
+            fail(str(exc), EXIT_UNREACHABLE)
+        if isinstance(exc, ApiError):
+            usage = exc.code == "invalid_spec" or exc.status in (400, 413)
+            fail(str(exc), EXIT_USAGE if usage else EXIT_FAILED)
+        return False
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, separators=(",", ":")))
+
+
+def _nic_summary(nic: dict) -> str:
+    where = nic.get("ip") or nic.get("ip6") or nic.get("link") or "-"
+    vlan = f".{nic['vlan']}" if nic.get("vlan") else ""
+    return f"{nic.get('mode')}:{where}{vlan}"
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@main.command("serve")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="node config (TOML); default /etc/qsup/qsup.toml if it exists")
+@_client_options
+def serve_cmd(config_path, as_json, socket_path, url, token_file) -> None:
+    """Run the node daemon: the HTTP API on the socket, reattaching recorded instances.
+
+    Logs are JSON lines on stdout.  Exits on SIGTERM/SIGINT, leaving the guests running unless
+    the config says on_shutdown = "stop".
+    """
+    from ._client import DEFAULT_CONFIG
+    from ._daemon import DaemonError, main as daemon_main
+
+    if config_path is None and DEFAULT_CONFIG.exists():
+        config_path = str(DEFAULT_CONFIG)
+    cfg = _config(config_path, socket=socket_path)
+    try:
+        sys.exit(daemon_main(cfg))
+    except DaemonError as e:
+        fail(str(e), EXIT_FAILED)
+    except PermissionError as e:
+        fail(f"{e.strerror}: {e.filename}", EXIT_FAILED)
+
+
+@main.command("start")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@_client_options
+def start_cmd(spec_path, as_json, socket_path, url, token_file) -> None:
+    """Create and start the instance described by SPEC (JSON or TOML); waits until it runs."""
+    try:
+        spec = load_spec_file(spec_path)
+    except SpecError as e:
+        fail(str(e), EXIT_USAGE)
+    with _Calls(socket_path, url, token_file) as c:
+        view = c.start(spec.model_dump(mode="json", exclude_none=True))
+    if as_json:
+        _echo_json(view)
+    else:
+        click.echo(f"{view['name']}: {view['state']} (pid {view.get('pid')})")
+
+
+@main.command("ls")
+@_client_options
+def ls_cmd(as_json, socket_path, url, token_file) -> None:
+    """List the node's instances."""
+    with _Calls(socket_path, url, token_file) as c:
+        views = c.list()
+    if as_json:
+        _echo_json(views)
+        return
+    rows = [["NAME", "STATE", "PID", "MEM", "CPUS", "NICS"]]
+    for v in views:
+        rows.append([v["name"], v["state"], str(v.get("pid") or "-"), str(v.get("memory", "-")),
+                     str(v.get("vcpus", "-")), ",".join(_nic_summary(n) for n in v.get("nics", [])) or "-"])
+    _table(rows)
+
+
+@main.command("show")
+@click.argument("name")
+@_client_options
+def show_cmd(name, as_json, socket_path, url, token_file) -> None:
+    """Show one instance (``--json``: the full view object)."""
+    with _Calls(socket_path, url, token_file) as c:
+        v = c.show(name)
+    if as_json:
+        _echo_json(v)
+        return
+    for key in ("name", "state", "pid", "memory", "vcpus", "tags", "qmp_operator", "console", "error"):
+        if key in v:
+            click.echo(f"{key + ':':<14}{v[key] if v[key] not in (None, []) else '-'}")
+    for i, n in enumerate(v.get("nics", [])):
+        parts = [f"{k}={n[k]}" for k in ("mac", "mode", "tap", "link", "ip", "ip6", "vlan", "queues")
+                 if n.get(k) not in (None, [], "")]
+        click.echo(f"{f'nic{i}:':<14}{' '.join(parts)}")
+
+
+@main.command("stop")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="SIGTERM QEMU instead of a guest powerdown")
+@click.option("--timeout", type=click.FloatRange(0, 3600), help="seconds the guest gets to power down")
+@_client_options
+def stop_cmd(name, force, timeout, as_json, socket_path, url, token_file) -> None:
+    """Stop an instance and wait until QEMU has exited and its network is undone."""
+    with _Calls(socket_path, url, token_file) as c:
+        v = c.stop(name, force=force, timeout=timeout)
+    if as_json:
+        _echo_json(v)
+    else:
+        click.echo(f"{v['name']}: {v['state']}")
+
+
+@main.command("events")
+@click.option("--follow", "-f", is_flag=True, help="keep printing new events")
+@click.option("--since", type=click.IntRange(0), default=0, show_default=True,
+              help="only events with seq > SINCE")
+@_client_options
+def events_cmd(follow, since, as_json, socket_path, url, token_file) -> None:
+    """Print the event stream (``--json``: one event object per line)."""
+    try:
+        with _Calls(socket_path, url, token_file) as c:
+            for ev in c.events(since=since, follow=follow):
+                _print_event(ev, as_json)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except BrokenPipeError:
+        sys.stderr.close()  # reader went away (`| head`): not an error
+        sys.exit(0)
+
+
+@main.command("qmp")
+@click.argument("name")
+@_client_options
+def qmp_cmd(name, as_json, socket_path, url, token_file) -> None:
+    """Open qmp-shell on NAME's operator monitor (a second QMP monitor; qsup keeps its own)."""
+    if url:
+        fail("qmp needs the daemon's local socket (the monitor is a local unix socket)", EXIT_USAGE)
+    with _Calls(socket_path, url, token_file) as c:
+        v = c.show(name)
+    path = v.get("qmp_operator")
+    if v["state"] in ("stopped", "crashed", "failed") or not path or not Path(path).exists():
+        fail(f"{name} is {v['state']}: no monitor to open", EXIT_FAILED)
+    import os
+
+    argv = [sys.executable, "-m", "qemu.qmp.qmp_shell", path]
+    os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""``qsup serve``: the per-node daemon -- a Node, its event log and the HTTP API, in one trio run.
+
+Start-up, in an order that matters:
+
+1. **Lock the state dir** (``flock`` on ``<state_dir>/daemon.lock``) and **probe the socket**: if
+   another daemon answers on ``cfg.socket`` we refuse to start, otherwise a stale socket file
+   (left by a SIGKILLed daemon) is removed.  Two daemons on one state dir would fight over
+   records and the event log's seq numbers.
+2. Open the event log and the node (its threads and nursery).
+3. **Reattach** the instances recorded in the state dir (``Node.reattach``): the QEMU processes
+   outlived the previous daemon, and their monitors are unix socket paths, so they are found
+   again, verified (pid + start time) and supervised; the ones that died meanwhile are cleaned up
+   from their netconf journal.
+4. Bind the API socket (mode 0660: access to the API is access to the socket file) and the
+   optional TCP listener (bearer token), and start hypercorn's trio worker on them.
+5. Tell systemd ``READY=1`` (``Type=notify``).  Only now: a unit ordered after qsup can rely on
+   every surviving instance being supervised again.
+
+Shutdown on SIGTERM/SIGINT: with ``on_shutdown = "leave"`` (the default) the daemon exits and
+leaves the guests running -- cancelling an instance's supervision task does not touch QEMU, and a
+later daemon reattaches.  With ``"stop"`` every instance is stopped cleanly first.  Either way
+the API stops first, so no request starts something during shutdown.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import structlog
+import trio
+
+from ._api import create_app
+from ._config import Config
+from ._metrics import Metrics
+from ._records import Layout, ensure_dir
+
+log = structlog.get_logger("qsup.daemon")
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (another one runs, a socket cannot be bound...)."""
+
+
+# -- systemd ---------------------------------------------------------------------------------
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's $NOTIFY_SOCKET; False if not under systemd (or it fails)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify failed", error=str(e))
+        return False
+
+
+# -- the sockets -------------------------------------------------------------------------------
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive flock on the state dir for the daemon's life; the fd is the lock."""
+    ensure_dir(state_dir)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise DaemonError(f"another qsup daemon holds {state_dir}") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
+    """Bind the API socket: refuse if a daemon answers there, replace a stale file, chmod."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise DaemonError(f"{path} exists and is not a socket")
+        if _answers(path):
+            raise DaemonError(f"another daemon is answering on {path}")
+        os.unlink(path)  # stale: its daemon died without cleaning up
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)  # no window in which the socket is wider than 0660
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock
+
+
+def bind_tcp(listen: str) -> socket.socket:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise DaemonError(f"listen: expected host:port, got {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, int(port)))
+    sock.listen(128)
+    return sock
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise DaemonError(f"token_file: cannot read {path}: {e.strerror}") from None
+    if len(token) < 16:
+        raise DaemonError(f"token_file: the token in {path} is shorter than 16 characters")
+    return token
+
+
+async def _serve_http(app, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's trio worker on a socket we bound ourselves (``fd://``: it takes the fd over)."""
+    from hypercorn.config import Config as HConfig
+    from hypercorn.trio import serve
+
+    hc = HConfig()
+    hc.bind = [f"fd://{sock.detach()}"]
+    hc.accesslog = None
+    hc.errorlog = None  # our own middleware logs
+    hc.graceful_timeout = 1.0
+    hc.keep_alive_timeout = 75
+    await serve(app, hc, task_status=task_status, mode="asgi")
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until SIGTERM/SIGINT.  ``task_status.started()`` once it is READY."""
+    from ._eventlog import EventLog
+    from ._node import Node
+
+    lock_fd = lock_state_dir(cfg.state_dir)
+    socks: list[socket.socket] = []
+    events = None
+    bound = False
+    try:
+        token = read_token(cfg.token_file) if cfg.listen else None
+        socks.append(bind_unix(cfg.socket))
+        bound = True
+        if cfg.listen:
+            socks.append(bind_tcp(cfg.listen))
+        Layout(cfg.state_dir, cfg.run_dir).prepare()
+        events = EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
+        metrics = Metrics()
+        metrics.watch(events)
+        node = Node(cfg, events)
+        metrics.observe_node(node)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with node.running():
+                reattach = getattr(node, "reattach", None)
+                reattached = list(await reattach()) if reattach is not None else []
+                log.info("reattached", instances=reattached)
+                app = create_app(node, events, metrics, reattached=reattached)
+                async with trio.open_nursery() as http:
+                    await http.start(_serve_http, app, socks[0])
+                    if len(socks) > 1:
+                        await http.start(_serve_http, create_app(node, events, metrics, token=token,
+                                                                 reattached=reattached), socks[1])
+                    socks.clear()  # hypercorn owns them now
+                    events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached)
+                    sd_notify("READY=1\nSTATUS=serving")
+                    log.info("ready", socket=str(cfg.socket), listen=cfg.listen)
+                    task_status.started()
+                    async for sig in signals:
+                        log.info("signal", signal=signal.Signals(sig).name, on_shutdown=cfg.on_shutdown)
+                        break
+                    sd_notify("STOPPING=1")
+                    events.emit("daemon.stopping", on_shutdown=cfg.on_shutdown)
+                    http.cancel_scope.cancel()  # no new requests (and end every event stream)
+                if cfg.on_shutdown == "stop":
+                    await node.stop_all()
+                left = [i.name for i in node.list() if not i.state.is_final]
+                log.info("exiting", left_running=left)
+                # leaving node.running() cancels the instance tasks; QEMU keeps running
+    finally:
+        for s in socks:
+            s.close()
+        if bound:
+            with _suppress():
+                os.unlink(cfg.socket)
+        if events is not None:
+            events.close()
+        os.close(lock_fd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def main(cfg: Config) -> int:
+    """Entry point for ``qsup serve``: returns the exit status."""
+    from . import _log
+
+    _log.configure()
+    try:
+        trio.run(serve_daemon, cfg)
+    except DaemonError as e:
+        log.error("cannot start", error=str(e))
+        raise
+    return 0
