@@ -37,6 +37,7 @@ values in order still ends at the original state.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +47,19 @@ from ._nl import netlink
 from ._ops import OPS, ifindex
 from ._plan import Plan, Step
 from ._types import NetconfError, Nic
+
+
+#: Test hook for crash tests: stop for ever right after applying this step,
+#: before marking it done (so the journal says "pending" while the effect is
+#: on the host), after creating the file named by ..._MARKER.
+_PAUSE_AFTER = os.environ.get("QSUP_NETCONF_TEST_PAUSE_AFTER")
+
+
+def _test_pause() -> None:
+    with open(os.environ["QSUP_NETCONF_TEST_PAUSE_MARKER"], "w") as fh:
+        fh.write(str(os.getpid()))
+    while True:
+        time.sleep(3600)
 
 
 def _bridge_of(nic: Nic) -> str | None:
@@ -174,6 +188,8 @@ class Executor:
                     self.journal.set(rest, "void")
                 e.step = entry["step"]
                 raise
+            if _PAUSE_AFTER == entry["step"]:
+                _test_pause()
             self.journal.set(entry, "done", result=result)
             applied.append(entry)
             timings.append({"step": entry["step"], "kind": "step", "ms": (time.perf_counter() - t1) * 1e3})
