@@ -256,8 +256,19 @@ def agent_main() -> None:
         if op == "arp_probe":
             h = taps[req["tap"]]
             return _arp_probe(h.fds[0], h.vnet_hdr, req["mac"], req["ip"], req["target"], req.get("timeout", 2.0))
-        if op == "fds":
-            return taps[req["tap"]].fds
+        if op == "check_link":
+            from netconf import check_link
+
+            return check_link(Nic.from_dict(req["nic"]), req.get("index"), ovs_db=req.get("ovs_db"))
+        if op == "spawn":
+            # e.g. qemu with the tap's fds; the test kills it by the returned pid
+            fds = taps[req["tap"]].fds if req.get("tap") else []
+            argv = [a.replace("{fd}", str(fds[0]) if fds else "") for a in req["argv"]]
+            log = open(req["log"], "wb")
+            p = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            return p.pid
         raise ValueError(f"unknown op {op}")
 
     for line in sys.stdin:
