@@ -1,0 +1,221 @@
+"""The qsup CLI against a real `qsup serve` subprocess (tmp dirs, no instances, no root needed).
+
+Exit codes are the contract scripts rely on: 0 ok, 1 the daemon answered an error, 2 bad input
+(one line naming the field, no traceback), 3 daemon unreachable.  ``--json`` output must parse.
+QEMU is ``/bin/false`` here, so a valid spec fails to start (exit 1) and nothing real runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QSUP = [sys.executable, "-m", "supervisor._cli"]
+
+
+def qsup(*args, env=None, timeout=30, **kw) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    e.pop("QSUP_SOCKET", None) if env is None or "QSUP_SOCKET" not in env else None
+    return subprocess.run([*QSUP, *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT, **kw)
+
+
+class Daemon:
+    def __init__(self, tmp: Path, **cfg):
+        self.sock = tmp / "qsup.sock"
+        self.config = tmp / "qsup.toml"
+        lines = {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "socket": str(self.sock),
+                 "hooks_dir": str(tmp / "no-hooks"), "qemu": "/bin/false", "qemu_user": "", "accel": "tcg", **cfg}
+        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items()))
+        self.log = open(tmp / "daemon.log", "w+")
+        self.proc = subprocess.Popen([*QSUP, "serve", "--config", str(self.config)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while '"ready"' not in Path(self.log.name).read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def cli(self, *args, **kw):
+        return qsup(*args, "--socket", str(self.sock), **kw)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.stop()
+
+
+def one_error_line(r) -> str:
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("qsup: error: ")
+    return lines[0]
+
+
+def test_unreachable_is_exit_3(tmp_path):
+    for args in (["ls"], ["show", "x"], ["stop", "x"], ["events"], ["qmp", "x"]):
+        r = qsup(*args, "--socket", str(tmp_path / "nobody.sock"))
+        assert r.returncode == 3, (args, r.stderr)
+        assert "cannot reach the qsup daemon" in one_error_line(r)
+
+
+def test_socket_from_environment(daemon, tmp_path):
+    r = qsup("ls", "--json", env={"QSUP_SOCKET": str(daemon.sock)})
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+    r = qsup("ls", env={"QSUP_SOCKET": str(tmp_path / "nope.sock")})
+    assert r.returncode == 3
+
+
+def test_ls_show_events_json(daemon):
+    r = daemon.cli("ls", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+    r = daemon.cli("ls")
+    assert r.returncode == 0 and r.stdout.split() == ["NAME", "STATE", "PID", "MEM", "CPUS", "NICS"]
+    r = daemon.cli("events", "--json")
+    assert r.returncode == 0
+    evs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert evs and evs[-1]["type"] == "daemon.ready"
+    assert all({"seq", "ts", "instance", "type"} <= set(e) for e in evs)
+    r = daemon.cli("events", "--json", "--since", str(evs[-1]["seq"]))
+    assert r.returncode == 0 and r.stdout == ""
+
+
+def test_socket_mode_and_second_daemon_refused(daemon, tmp_path):
+    assert oct(os.stat(daemon.sock).st_mode & 0o777) == "0o660"
+    # same socket, other state dir: the socket answers, so the second daemon refuses
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = other / "c.toml"
+    cfg.write_text(daemon.config.read_text().replace(str(tmp_path / "state"), str(other / "state")))
+    r = qsup("serve", "--config", str(cfg))
+    assert r.returncode == 1 and "another daemon is answering" in r.stderr
+    # same state dir: refused by the lock
+    r = qsup("serve", "--config", str(daemon.config), "--socket", str(other / "s.sock"))
+    assert r.returncode == 1 and "another qsup daemon holds" in r.stderr
+    assert daemon.cli("ls").returncode == 0  # the first one is untouched
+
+
+def test_stale_socket_is_replaced(tmp_path):
+    import socket as s
+
+    stale = s.socket(s.AF_UNIX)
+    stale.bind(str(tmp_path / "qsup.sock"))
+    stale.close()  # the file stays, nobody listens
+    d = Daemon(tmp_path)
+    try:
+        assert d.cli("ls", "--json").returncode == 0
+    finally:
+        assert d.stop() == 0
+    assert not (tmp_path / "qsup.sock").exists()
+
+
+def test_bad_spec_is_exit_2_one_line_naming_the_field(daemon, tmp_path):
+    cases = [
+        ({"name": "../x", "memory": 64, "kernel": "/k"}, "name"),
+        ({"name": "a", "memory": 64, "kernel": "/k", "nics": [{"mode": "routed", "ip": "1.2.3.999"}]},
+         "nics[0].ip"),
+        ({"name": "a", "memory": 64, "kernel": "/k", "nics": [{"mode": "bridged", "link": "qsupnobr9"}]},
+         "nics[0].link"),  # valid syntax: refused by the daemon's host check
+        ({"name": "a", "memory": 64, "kernel": "/k", "colour": 1}, "colour"),
+    ]
+    for i, (spec, field) in enumerate(cases):
+        p = tmp_path / f"bad{i}.json"
+        p.write_text(json.dumps(spec))
+        r = daemon.cli("start", str(p))
+        assert r.returncode == 2, (spec, r.stderr)
+        assert one_error_line(r).startswith(f"qsup: error: {field}:"), r.stderr
+    toml = tmp_path / "bad.toml"
+    toml.write_text('name = "ok"\nmemory = "lots"\nkernel = "/k"\n')
+    r = daemon.cli("start", str(toml))
+    assert r.returncode == 2 and one_error_line(r).startswith("qsup: error: memory:")
+    r = daemon.cli("start", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "cannot read spec" in one_error_line(r)
+    assert json.loads(daemon.cli("ls", "--json").stdout) == []
+
+
+def test_operation_failures_are_exit_1(daemon, tmp_path):
+    for args in (["show", "nope"], ["stop", "nope"], ["stop", "nope", "--force", "--timeout", "3"]):
+        r = daemon.cli(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert "no instance named 'nope'" in one_error_line(r)
+    # a valid spec whose "QEMU" (/bin/false) exits at once: rolled back, exit 1
+    p = tmp_path / "ok.json"
+    p.write_text(json.dumps({"name": "dies", "memory": 64, "kernel": "/k"}))
+    r = daemon.cli("start", str(p))
+    assert r.returncode == 1
+    assert "start failed (rolled back)" in one_error_line(r)
+    assert json.loads(daemon.cli("ls", "--json").stdout) == []
+
+
+def test_follow_sees_new_events_and_ends_with_the_daemon(daemon, tmp_path):
+    tail = subprocess.Popen([*QSUP, "events", "--follow", "--json", "--socket", str(daemon.sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    try:
+        first = json.loads(tail.stdout.readline())
+        assert first["type"] == "daemon.ready"
+        p = tmp_path / "ok.json"
+        p.write_text(json.dumps({"name": "f1", "memory": 64, "kernel": "/k"}))
+        assert daemon.cli("start", str(p)).returncode == 1
+        got = [json.loads(tail.stdout.readline())]
+        while got[-1]["type"] != "instance.failed":
+            got.append(json.loads(tail.stdout.readline()))
+        assert (got[0]["instance"], got[0]["type"]) == ("f1", "instance.starting")
+        assert [e["seq"] for e in got] == list(range(first["seq"] + 1, first["seq"] + 1 + len(got)))
+        assert daemon.stop() == 0
+        assert tail.wait(timeout=10) == 0  # the stream ended when the daemon went away
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+
+
+def _followers(sock: Path) -> float:
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://qsup") as c:
+        text = c.get("/metrics").text
+    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith("qsup_event_followers ")))
+
+
+def test_follower_task_ends_when_the_client_disconnects(daemon):
+    tails = [subprocess.Popen([*QSUP, "events", "--follow", "--json", "--socket", str(daemon.sock)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT) for _ in range(3)]
+    try:
+        for t in tails:
+            assert json.loads(t.stdout.readline())["type"] == "daemon.ready"
+        assert _followers(daemon.sock) == 3
+        for t in tails:
+            t.kill()
+            t.wait()
+        deadline = time.monotonic() + 5
+        while _followers(daemon.sock) != 0:
+            assert time.monotonic() < deadline, "follower tasks outlived their clients"
+            time.sleep(0.05)
+    finally:
+        for t in tails:
+            if t.poll() is None:
+                t.kill()
+                t.wait()
