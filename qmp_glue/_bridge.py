@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import selectors
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -71,6 +72,7 @@ class AsyncioThread:
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._selector: _FlushingSelector | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -78,7 +80,8 @@ class AsyncioThread:
         if self._thread is not None:
             raise RuntimeError("AsyncioThread already started")
         ready = threading.Event()
-        loop = asyncio.new_event_loop()
+        self._selector = _FlushingSelector()
+        loop = asyncio.SelectorEventLoop(self._selector)
         self._thread = threading.Thread(
             target=self._main, args=(loop, ready), name=self._name, daemon=True
         )
@@ -124,6 +127,18 @@ class AsyncioThread:
             raise RuntimeError("AsyncioThread is not running")
         return self._loop
 
+    def to_trio(self, token: trio.lowlevel.TrioToken, fn: Callable[[Any], None],
+                arg: Any) -> None:
+        """From any thread: run ``fn(arg)`` in that trio run soon (``run_sync_soon``).
+
+        From the loop thread the wake-up is sent when the loop is about to
+        block (see ``_FlushingSelector``); order is FIFO either way. ``fn``
+        runs outside any trio task and must not raise.
+        """
+        if self._selector is None:
+            raise RuntimeError("AsyncioThread is not running")
+        self._selector.to_trio(token, fn, arg)
+
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
@@ -137,52 +152,57 @@ class AsyncioThread:
         """
         loop = self.loop
         await trio.lowlevel.checkpoint_if_cancelled()
-        call = _Call(loop, coro_fn, args)
+        call = _Call(loop, self._selector, coro_fn, args)
         loop.call_soon_threadsafe(call.start)
         return await trio.lowlevel.wait_task_rescheduled(call.abort)
+
+    def completion(self) -> Completion:
+        """From trio: a one-shot wake-up for the current task, completable from any thread.
+
+        For work the trio task starts itself and that finishes on the loop
+        thread (see ``Completion``).
+        """
+        if self._selector is None:
+            raise RuntimeError("AsyncioThread is not running")
+        return Completion(self._selector)
 
     async def run_callback(self, start: Callable[..., None], *args: Any,
                            cancel: Callable[[], None] | None = None) -> Any:
         """From trio: run ``start(*args, complete)`` on the loop, wait for ``complete``.
 
-        The fast path for work that needs no asyncio task: ``start`` runs as a
-        plain loop callback (in the caller's contextvars context) and arranges
-        for ``complete(outcome)`` -- an ``outcome.Value``/``outcome.Error`` --
-        to be called later, from the loop thread (or any thread). That single
-        ``complete`` is the only wake-up of the trio task.
-
-        Cancellation is immediate: the trio caller gets ``trio.Cancelled`` at
-        once, ``cancel()`` (if given) is then queued on the loop so the
-        operation can be forgotten, and a ``complete`` that arrives later is
-        ignored. Exceptions raised by ``start`` itself go to the caller.
+        For work that needs no asyncio task: ``start`` runs as a plain loop
+        callback (in the caller's contextvars context) and arranges for
+        ``complete(outcome)`` to be called later. Cancellation is immediate
+        (see ``Completion.wait``); ``cancel()``, if given, is then queued on
+        the loop so the operation can be forgotten. Exceptions raised by
+        ``start`` itself go to the caller.
         """
         loop = self.loop
         await trio.lowlevel.checkpoint_if_cancelled()
-        waiter = _Waiter()
-        loop.call_soon_threadsafe(waiter.start, start, args,
+        done = self.completion()
+        loop.call_soon_threadsafe(done.start_on_loop, start, args,
                                   context=contextvars.copy_context())
 
-        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
-            waiter.finished = True
+        def on_cancel() -> None:
             if cancel is not None:
                 try:
                     loop.call_soon_threadsafe(cancel)
                 except RuntimeError:
                     pass  # loop closed: nothing left to forget
-            return trio.lowlevel.Abort.SUCCEEDED
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        return await done.wait(on_cancel)
 
 
 class _Call:
     """State of one bridged call; methods are annotated with their thread."""
 
-    __slots__ = ("loop", "coro_fn", "args", "ctx", "token", "trio_task",
+    __slots__ = ("loop", "selector", "coro_fn", "args", "ctx", "token", "trio_task",
                  "atask", "raise_cancel")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop,
+    def __init__(self, loop: asyncio.AbstractEventLoop, selector: _FlushingSelector,
                  coro_fn: Callable[..., Awaitable[Any]], args: tuple) -> None:
         self.loop = loop
+        self.selector = selector
         self.coro_fn = coro_fn
         self.args = args
         self.ctx = contextvars.copy_context()
@@ -204,10 +224,7 @@ class _Call:
             result = _CANCELLED
         except BaseException as exc:  # noqa: BLE001 - handed to the trio caller
             result = outcome.Error(exc)
-        try:
-            self.token.run_sync_soon(self._wake, result)
-        except trio.RunFinishedError:
-            pass  # the trio caller is gone with its whole run; nobody to tell
+        self.selector.to_trio(self.token, self._wake, result)
 
     # trio thread
     def abort(self, raise_cancel: Callable[[], Any]) -> trio.lowlevel.Abort:
@@ -239,29 +256,90 @@ class _Call:
         trio.lowlevel.reschedule(self.trio_task, result)
 
 
-class _Waiter:
-    """The trio side of one ``run_callback``: a one-shot, thread-safe wake-up."""
+class _FlushingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The loop's selector, which wakes trio only when the loop is about to sleep.
 
-    __slots__ = ("token", "trio_task", "finished")
+    Waking a trio task from the loop thread while this thread still has
+    Python work to do (finish the reader task's step, start the next
+    ``readline``, run the rest of the loop iteration) makes the woken trio
+    thread wait for the GIL, and then be woken a second time when the GIL is
+    released -- on a 2-vCPU VM that second cross-CPU wake-up costs as much as
+    the first. So wake-ups made on the loop thread are queued and sent in
+    ``select()``, immediately before the loop blocks (and releases the GIL).
+    The delay is at most one loop iteration; FIFO order is kept.
+    """
 
     def __init__(self) -> None:
+        super().__init__()
+        self._pending: list[tuple[trio.lowlevel.TrioToken, Callable[..., None], Any]] = []
+        self._thread_id: int | None = None
+
+    def to_trio(self, token: trio.lowlevel.TrioToken, fn: Callable[..., None], arg: Any) -> None:
+        """Run ``fn(arg)`` on trio soon; from the loop thread, at its next select()."""
+        if threading.get_ident() == self._thread_id:
+            self._pending.append((token, fn, arg))
+        else:
+            _run_sync_soon(token, fn, arg)
+
+    def select(self, timeout: float | None = None) -> list:
+        if self._thread_id is None:
+            self._thread_id = threading.get_ident()
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for token, fn, arg in pending:
+                _run_sync_soon(token, fn, arg)
+        return super().select(timeout)
+
+
+def _run_sync_soon(token: trio.lowlevel.TrioToken, fn: Callable[..., None], arg: Any) -> None:
+    try:
+        token.run_sync_soon(fn, arg)
+    except trio.RunFinishedError:
+        pass  # that trio run is over: nobody is waiting any more
+
+
+class Completion:
+    """A one-shot wake-up of one trio task, fired from any thread.
+
+    Created by (and for) the current trio task; ``complete(outcome)`` may be
+    called from the loop thread or any other thread, once or more (only the
+    first counts); the task sleeping in ``wait()`` then gets that outcome --
+    ``outcome.Value(x)`` returns ``x``, ``outcome.Error(e)`` raises ``e``.
+    From the loop thread the wake-up is sent when the loop is about to block
+    (``_FlushingSelector``), so it costs the trio thread a single wake-up.
+    """
+
+    __slots__ = ("selector", "token", "trio_task", "finished")
+
+    def __init__(self, selector: _FlushingSelector) -> None:
+        self.selector = selector
         self.token = trio.lowlevel.current_trio_token()
         self.trio_task = trio.lowlevel.current_task()
         self.finished = False  # only touched on the trio thread
 
-    # asyncio thread
-    def start(self, start: Callable[..., None], args: tuple) -> None:
+    async def wait(self, on_cancel: Callable[[], None] | None = None) -> Any:
+        """Trio: sleep until ``complete``. Cancellation is immediate: the task
+        gets ``trio.Cancelled`` at once, ``on_cancel()`` runs (on the trio
+        thread) and a later ``complete`` is ignored."""
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            self.finished = True
+            if on_cancel is not None:
+                on_cancel()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    # any thread
+    def complete(self, result: outcome.Outcome) -> None:
+        self.selector.to_trio(self.token, self._wake, result)
+
+    # asyncio thread, for run_callback
+    def start_on_loop(self, start: Callable[..., None], args: tuple) -> None:
         try:
             start(*args, self.complete)
         except BaseException as exc:  # noqa: BLE001 - handed to the trio caller
             self.complete(outcome.Error(exc))
-
-    # any thread
-    def complete(self, result: outcome.Outcome) -> None:
-        try:
-            self.token.run_sync_soon(self._wake, result)
-        except trio.RunFinishedError:
-            pass
 
     # trio thread (run_sync_soon: must never raise)
     def _wake(self, result: outcome.Outcome) -> None:

@@ -5,7 +5,8 @@ real protocol work is qemu.qmp's, running on an ``AsyncioThread`` (see
 ``_bridge.py`` for the thread hop, ``_session.py`` for the asyncio half).
 
 Events are pushed from the asyncio thread into an unbounded trio memory
-channel with ``TrioToken.run_sync_soon`` (FIFO, so wire order is kept). The
+channel with ``AsyncioThread.to_trio`` (``TrioToken.run_sync_soon``; FIFO, so
+wire order is kept). The
 channel exists from before the handshake, so no event between ``connect()``
 and the first ``async for`` is lost. There is **one** event stream per
 client: several tasks iterating ``events()`` at once *share* it (each event
@@ -30,10 +31,12 @@ from typing import Any
 
 import structlog
 import trio
+from qemu.qmp import Message
 
 from ._bridge import AsyncioThread
 from ._errors import QMPConnectionLost, QMPError, QMPTimeout
 from ._session import ID_PREFIX, Session
+from ._wire import CommandWriter
 
 log = structlog.get_logger("qmp_glue")
 
@@ -52,6 +55,7 @@ class QMPClient:
         self._token = trio.lowlevel.current_trio_token()
         self._ev_send, self._ev_recv = trio.open_memory_channel[dict](math.inf)
         self._session = Session(name, self._event_from_aio, self._down_from_aio)
+        self._writer: CommandWriter | None = None  # set once connected
         self._down_reason: str | None = None  # set once the connection is gone
         self._down = trio.Event()
         self._closed = False
@@ -80,12 +84,12 @@ class QMPClient:
         if timeout is None:
             reply = await self._send(cmd, args)
         else:
-            try:
-                with trio.fail_after(timeout):
-                    reply = await self._send(cmd, args)
-            except trio.TooSlowError:
-                raise QMPTimeout(
-                    f"QMP {self.name}: {cmd!r} got no reply within {timeout}s") from None
+            # A bare CancelScope: trio.fail_after's contextlib wrapper is
+            # measurable on this hot path.
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                reply = await self._send(cmd, args)
+            if scope.cancelled_caught:
+                raise QMPTimeout(f"QMP {self.name}: {cmd!r} got no reply within {timeout}s")
         if "error" in reply:
             err = reply["error"]
             raise QMPError(err.get("class", "GenericError"), err.get("desc", str(err)), cmd)
@@ -149,10 +153,25 @@ class QMPClient:
     # -- internals ------------------------------------------------------------
 
     async def _send(self, cmd: str, args: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        """Write the command from this (trio) thread, wait for qemu.qmp's reader
+        to route the reply back (see ``_wire.py`` for why)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         msg_id = f"{ID_PREFIX}{next(self._ids)}"
-        return await self._aio.run_callback(
-            self._session.submit, cmd, args, msg_id,
-            cancel=functools.partial(self._session.forget, msg_id))
+        body: dict[str, Any] = {"execute": cmd, "id": msg_id}
+        if args is not None:
+            body["arguments"] = args
+        data = self._session.outbound(Message(body))  # bad arguments raise here
+        done = self._aio.completion()
+        self._session.register(msg_id, cmd, done.complete)
+        try:
+            await self._writer.write(data)
+        except (OSError, trio.ClosedResourceError) as exc:
+            self._session.forget(msg_id)
+            raise QMPConnectionLost(f"QMP {self.name}: cannot send {cmd!r}: {exc or 'closed'}") from exc
+        except BaseException:
+            self._session.forget(msg_id)
+            raise
+        return await done.wait(functools.partial(self._session.forget, msg_id))
 
     def _check_usable(self, cmd: str) -> None:
         if self._closed:
@@ -170,6 +189,8 @@ class QMPClient:
                                   qmp=self.name, reason=reason)
         self._down.set()
         self._ev_send.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def _push_event(self, event: dict) -> None:
         """Trio thread (via run_sync_soon: must never raise)."""
@@ -187,10 +208,7 @@ class QMPClient:
         self._to_trio(self._mark_down, reason)
 
     def _to_trio(self, fn: Any, arg: Any) -> None:
-        try:
-            self._token.run_sync_soon(fn, arg)
-        except trio.RunFinishedError:
-            pass  # the trio run is over; nobody is listening
+        self._aio.to_trio(self._token, fn, arg)
 
 
 class _EventIterator:
@@ -228,11 +246,14 @@ async def connect(path: str | os.PathLike[str], *, loop: AsyncioThread,
     try:
         with trio.fail_after(timeout):
             sock = await _connect_unix(path)
+            wsock = sock.dup()  # the trio side's own descriptor, for writing
             try:
                 await loop.run(client._session.open, sock)  # noqa: SLF001
             except BaseException:
                 sock.close()
+                wsock.close()
                 raise
+            client._writer = CommandWriter(wsock)  # noqa: SLF001
     except trio.TooSlowError:
         await client.aclose()
         raise QMPTimeout(f"QMP {client.name}: could not connect to {path} "

@@ -12,15 +12,16 @@ errors and disconnection; we adapt it through the hooks its docs name as
 extension points (``_on_message``, ``_cb_inbound``, ``_cb_outbound``) plus
 its message writer (``_do_send``):
 
-* **Commands** take a short path (``Session.submit``). ``QMPClient.execute``
-  costs an asyncio task per call, a hop through the writer task's queue and a
-  hop through a per-call reply queue: three extra loop iterations, on top of
-  two thread hops. Here, ``submit`` runs as a plain loop callback, writes the
-  message at once and registers a completion callback under the message id;
-  the reader task's ``_on_message`` hands the reply straight to that
-  callback, which wakes the trio caller. Measured effect: see
-  ``integration/bench/qmp_rtt.py``. Ids are ``qg#N``, so a late reply to a
-  cancelled call can never be mistaken for the reply to a later one.
+* **Commands** take a short path. qemu.qmp's ``execute`` costs an asyncio
+  task per call, a hop through the writer task's queue and a hop through a
+  per-call reply queue (three loop iterations), plus a thread hop to get
+  there. Instead the trio side registers a completion callback under the
+  message id (``Session.register``) and writes the command itself
+  (``_wire.py``); the reader task's ``_on_message`` hands the reply straight
+  to that callback, which wakes the trio caller: one thread hop per call.
+  Measured effect: ``integration/bench/qmp_rtt.py``. Ids are ``qg#N``, so a
+  late reply to a cancelled call can never be mistaken for the reply to a
+  later one.
 * **Events** bypass qemu.qmp's default ``EventListener``. That listener
   keeps every event ever received in an unbounded queue *and* a history list
   -- a memory leak for a supervisor that runs for months. We forward each
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,16 +82,6 @@ class _GlueQMP(_QemuQMPClient):
             return
         await super()._on_message(msg)
 
-    def send_now(self, msg: Message) -> None:
-        """Write ``msg`` at once, exactly as qemu.qmp's writer task would.
-
-        qemu.qmp's ``_send`` is ``_do_send(_cb_outbound(msg))`` behind an
-        ``async def``; the writer task that normally calls it costs a loop
-        iteration per command. Writing from the caller keeps wire order (the
-        loop is single-threaded) and qemu.qmp's stream and hooks.
-        """
-        self._do_send(self._cb_outbound(msg))
-
     def _cb_outbound(self, msg: Message) -> Message:
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("--> %s", str(msg))
@@ -122,6 +114,10 @@ class Session:
         self._on_down = on_down
         self._watcher: asyncio.Task | None = None
         self._close_task: asyncio.Task | None = None
+        # Guards registering a reply route against failing them all at once;
+        # the trio thread registers, the loop thread fails (see register()).
+        self._lock = threading.Lock()
+        self._down = False
         self.down_reason = "connection closed"
 
     async def open(self, sock: socket.socket) -> None:
@@ -132,28 +128,29 @@ class Session:
             raise QMPConnectionLost(f"QMP {self.name}: handshake failed: {exc}") from exc
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    def submit(self, cmd: str, args: Mapping[str, Any] | None, msg_id: str,
-               complete: Callable[[outcome.Outcome], None]) -> None:
-        """Loop thread: send one command; ``complete(Value(reply_message))`` later.
+    def register(self, msg_id: str, cmd: str,
+                 complete: Callable[[outcome.Outcome], None]) -> None:
+        """Any thread: route the reply to ``msg_id`` to ``complete(Value(msg))``.
 
-        This is ``AsyncioThread.run_callback``'s ``start``: no asyncio task,
-        no queue. If the connection goes down first, ``complete`` gets
-        ``QMPConnectionLost`` (see ``_fail_pending``).
+        Called by the trio side *before* it writes the command, so the reply
+        cannot arrive unrouted. Raises ``QMPConnectionLost`` if the connection
+        is already down; otherwise ``complete`` is guaranteed to be called,
+        with the reply or with ``QMPConnectionLost`` (see ``_fail_pending``).
         """
-        if self.qmp.runstate != Runstate.RUNNING:
-            raise QMPConnectionLost(
-                f"QMP {self.name}: cannot send {cmd!r}, connection is down "
-                f"({self._reason_now()})")
-        body: dict[str, Any] = {"execute": cmd, "id": msg_id}
-        if args is not None:
-            body["arguments"] = args
-        msg = Message(body)  # serializes now: bad arguments raise here
-        self.qmp.replies[msg_id] = (cmd, complete)
-        self.qmp.send_now(msg)
+        with self._lock:
+            if self._down:
+                raise QMPConnectionLost(
+                    f"QMP {self.name}: cannot send {cmd!r}, connection is down "
+                    f"({self._reason_now()})")
+            self.qmp.replies[msg_id] = (cmd, complete)
 
     def forget(self, msg_id: str) -> None:
-        """Loop thread: the caller gave up on ``msg_id``; a late reply is dropped."""
+        """Any thread: the caller gave up on ``msg_id``; a late reply is dropped."""
         self.qmp.replies.pop(msg_id, None)
+
+    def outbound(self, msg: Message) -> bytes:
+        """The wire bytes of ``msg``, through qemu.qmp's outbound hook (logging)."""
+        return bytes(self.qmp._cb_outbound(msg))  # noqa: SLF001 - documented hook
 
     async def close(self) -> None:
         """Disconnect (idempotent, safe to call concurrently)."""
@@ -172,7 +169,9 @@ class Session:
         await self.close()
 
     def _fail_pending(self, reason: str) -> None:
-        replies, self.qmp.replies = self.qmp.replies, {}
+        with self._lock:
+            self._down = True
+            replies, self.qmp.replies = self.qmp.replies, {}
         for cmd, complete in replies.values():
             complete(outcome.Error(QMPConnectionLost(
                 f"QMP {self.name}: connection lost while {cmd!r} was pending "
