@@ -10,44 +10,50 @@ a daemon restart by passing the last ``seq`` they saw. That contract drives the 
   A new :class:`EventLog` on the same file continues at ``last_seq + 1``.
 
 * **One INSERT per event, committed on its own, on one persistent connection** in WAL mode with
-  ``synchronous=NORMAL``. A commit is then a ``write()`` to the WAL, no ``fsync``: about 10-15 us.
-  The durability trade-off, precisely:
+  ``synchronous=NORMAL``. A commit is then a ``write()`` to the WAL, no ``fsync``: emit measured
+  ~20-25 us median (JSON encode + INSERT + decode). WAL checkpoints (which do fsync, 3-5 ms here)
+  run on a background thread with its own connection every :data:`_CHECKPOINT_EVERY` emits, so
+  they never stall the trio thread. The durability trade-off, precisely:
 
   - the daemon crashing or being SIGKILLed loses nothing (the WAL is in the OS page cache);
-  - the *machine* crashing may lose the events since the last WAL checkpoint (SQLite fsyncs
-    there, about every 1000 pages). The file stays consistent, but those seq numbers would be
-    handed out again, and a reader who saw the lost ones would then skip the re-issued ones.
-    So the file remembers the boot it was opened in (``/proc/sys/kernel/random/boot_id``) and
-    whether it was closed cleanly; if it was not closed cleanly *and* the machine rebooted since,
-    seq jumps ahead by :data:`SEQ_SKIP_AFTER_HOST_CRASH`. Seq numbers are identifiers, not a
-    count: a jump in numbering is not a lost event. A clean :meth:`EventLog.close` checkpoints
-    and fsyncs, so a normal stop/reboot never jumps.
+  - the *machine* crashing may lose the events since the last checkpoint. The file stays
+    consistent, but those seq numbers would be handed out again, and a reader who saw the lost
+    ones would then skip the re-issued ones. So the file remembers the boot it was opened in
+    (``/proc/sys/kernel/random/boot_id``) and whether it was closed cleanly; if it was not closed
+    cleanly *and* the machine rebooted since, seq jumps ahead by
+    :data:`SEQ_SKIP_AFTER_HOST_CRASH`. Seq numbers are identifiers, not a count: a jump in
+    numbering is not a lost event. A clean :meth:`EventLog.close` checkpoints and fsyncs, so a
+    normal stop or reboot never jumps, and a daemon restart after SIGKILL does not either.
+
+  One writer per file: a second EventLog writing the same file gets ``sqlite3.IntegrityError``
+  on a duplicate seq. The daemon's state-dir lock is what keeps a second daemon away.
 
 * **Live fan-out through one shared ring, not per-reader queues.** :meth:`EventLog.emit` appends
   the event to an in-memory deque of the newest ``live_buffer`` events and wakes waiting readers
   with one :class:`trio.Event`. Each reader keeps only a cursor (the last seq it yielded) and asks
   "what comes after my cursor?": from the ring if the ring still holds ``cursor + 1``, else from
-  SQLite by seq. So emit is O(1) whatever the number of readers, a slow reader can never block it
-  (there is no queue to fill), and a reader that falls behind the ring silently re-reads from disk
-  -- nothing is lost and nothing is repeated, because everything is keyed by seq. The ring is the
-  "bounded per-reader buffer", shared: memory is ``live_buffer`` events, not that times readers.
+  SQLite by seq. So emit does no per-reader work (beyond trio rescheduling the parked readers),
+  a slow reader can never block it (there is no queue to fill), and a reader that falls behind
+  the ring re-reads from disk -- nothing is lost and nothing is repeated, because everything is
+  keyed by seq. The ring is the "bounded per-reader buffer", shared: its memory is
+  ``live_buffer`` events, not that times the number of readers.
 
 * **Backlog then live, no gap, no duplicate.** Because a reader's only state is its cursor and
   every event reaches SQLite before the ring and before any wake-up, there is no window between
   "read the backlog" and "subscribe": both are "events with seq > cursor".
 
-Retention keeps the newest ``retention`` rows, pruning in batches (one DELETE of the oldest rows
-every ``max(1, min(1000, retention // 10))`` emits), so the table holds between ``retention`` and
-``retention + batch`` rows. It counts rows, not seq numbers, since seq may jump. A reader further
-behind than that has lost the pruned events; they are gone, and the stream resumes at the oldest
-one kept.
+Retention keeps the newest ``retention`` rows, pruning in batches: one DELETE of the oldest rows
+every ``max(1, min(100, retention // 10))`` emits (~70 us for 100 rows), so the table holds
+between ``retention`` and ``retention + batch`` rows. It counts rows, not seq numbers, since seq
+may jump. A reader further behind than that has lost the pruned events; they are gone, and the
+stream resumes at the oldest one kept.
 
 Data values JSON cannot encode are **coerced with ``str()``** (a ``Path``, an ``IPv4Address``, an
 exception) rather than raising: an event is emitted in the middle of state transitions, and a
 log call that throws there would do more harm than a stringified value. NaN/inf become ``null``
 (strict JSON, so ``jq`` can read the stream). The dict that :meth:`emit` returns, and that every
 reader receives, is the decoded stored JSON, so live and replayed events are identical. Data may
-not use the keys ``seq`` or ``ts`` (``TypeError``).
+not use the keys ``seq`` or ``ts`` (``TypeError``). Storage errors (disk full) do raise.
 
 Threading: one EventLog belongs to one thread (the trio thread): ``emit``, ``since``, ``follow``
 and ``close`` are called there (sqlite3 enforces it). ``emit`` and ``since`` also work outside
@@ -69,6 +75,7 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -83,6 +90,8 @@ SEQ_SKIP_AFTER_HOST_CRASH = 1_000_000
 
 _RESERVED = frozenset(("seq", "ts"))
 _PAGE = 256  # events per SQLite read while catching up
+_CHECKPOINT_EVERY = 200  # emits between background WAL checkpoints
+_AUTOCHECKPOINT_PAGES = 20_000  # writer's own checkpoint: a safety net only (~80 MB WAL)
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 _log = logging.getLogger(__name__)
@@ -133,6 +142,52 @@ def _encode(event: dict) -> str:
         return json.dumps(_finite(event), separators=(",", ":"), default=_jsonable)
 
 
+class _Checkpointer:
+    """Runs WAL checkpoints on its own thread and connection, so their fsyncs never stall emit().
+
+    SQLite's automatic checkpoint runs inside the commit that crosses the threshold: with
+    ``synchronous=NORMAL`` it fsyncs, which measured 3-5 ms on these machines every ~500 emits,
+    on the trio thread. A PASSIVE checkpoint from another connection does not block the writer.
+    The writer connection keeps a high ``wal_autocheckpoint`` only as a safety net.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._cv = threading.Condition()
+        self._pending = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="eventlog-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._cv:
+            self._pending = True
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            while True:
+                with self._cv:
+                    while not (self._pending or self._stopping):
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                    self._pending = False
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    _log.exception("event log checkpoint failed")
+        finally:
+            db.close()
+
+
 def _create_private(path: str) -> None:
     """Create the database file mode 0600 before SQLite opens it; tighten it if it exists.
 
@@ -166,13 +221,15 @@ class EventLog:
             raise ValueError("live_buffer must be >= 1")
         self.path = None if path is None else os.fspath(path)
         self.retention = retention
-        self._prune_every = max(1, min(1000, retention // 10))
+        self._prune_every = max(1, min(100, retention // 10))
         self._since_prune = 0
         self._ring: collections.deque[dict] = collections.deque(maxlen=live_buffer)
         self._wakeup: trio.Event | None = None
         self._sinks: list[Callable[[dict], None]] = []
         self._closed = False
         self._db = self._connect()
+        self._checkpointer = None if self.path is None else _Checkpointer(self.path)
+        self._since_checkpoint = 0
         self._last_seq = self._open_session()
         self._rows = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
         self._prune()
@@ -186,6 +243,7 @@ class EventLog:
             _create_private(self.path)
             db = sqlite3.connect(self.path, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
         # NORMAL: commits are not fsynced; see the module docstring for what that risks.
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
@@ -248,6 +306,10 @@ class EventLog:
         self._since_prune += 1
         if self._since_prune >= self._prune_every:
             self._prune()
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= _CHECKPOINT_EVERY and self._checkpointer is not None:
+            self._since_checkpoint = 0
+            self._checkpointer.request()
         for sink in self._sinks:
             self._call_sink(sink, event)
         return dict(event)
@@ -349,6 +411,8 @@ class EventLog:
         if self._closed:
             return
         self._closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         try:
             self._set_meta("open", "0")
             if self.path is not None:
