@@ -27,6 +27,8 @@ import pytest
 
 from nsutil import ROOT, Netns, sh
 
+pytestmark = pytest.mark.integration
+
 TAP = "qsnct2"
 MAC = "52:54:00:12:34:99"
 

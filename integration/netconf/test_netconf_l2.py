@@ -9,6 +9,8 @@ import pytest
 
 from nsutil import AgentError, snapshot
 
+pytestmark = pytest.mark.integration
+
 TAP = "qsnct1"
 MAC = "52:54:00:aa:bb:01"
 

@@ -13,6 +13,8 @@ import pytest
 
 from nsutil import AgentError, snapshot
 
+pytestmark = pytest.mark.integration
+
 TAP = "qsnct0"
 MAC = "52:54:00:12:34:56"
 
