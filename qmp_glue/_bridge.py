@@ -309,18 +309,26 @@ class Completion:
     (``_FlushingSelector``), so it costs the trio thread a single wake-up.
     """
 
-    __slots__ = ("selector", "token", "trio_task", "finished")
+    __slots__ = ("selector", "token", "trio_task", "finished", "waiting", "early")
 
     def __init__(self, selector: _FlushingSelector) -> None:
         self.selector = selector
         self.token = trio.lowlevel.current_trio_token()
         self.trio_task = trio.lowlevel.current_task()
-        self.finished = False  # only touched on the trio thread
+        # Trio-thread-only state:
+        self.finished = False  # completed, failed or cancelled: ignore what comes next
+        self.waiting = False   # the task sleeps in wait()
+        self.early: outcome.Outcome | None = None  # completed before wait()
 
     async def wait(self, on_cancel: Callable[[], None] | None = None) -> Any:
         """Trio: sleep until ``complete``. Cancellation is immediate: the task
         gets ``trio.Cancelled`` at once, ``on_cancel()`` runs (on the trio
-        thread) and a later ``complete`` is ignored."""
+        thread) and a later ``complete`` is ignored. A completion that came
+        before ``wait()`` is returned at once."""
+        if self.early is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self.early.unwrap()
+        self.waiting = True
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
             self.finished = True
@@ -341,11 +349,20 @@ class Completion:
         except BaseException as exc:  # noqa: BLE001 - handed to the trio caller
             self.complete(outcome.Error(exc))
 
+    # trio thread
+    def fail(self, exc: BaseException) -> None:
+        """Trio thread: complete with ``exc`` now (e.g. a timeout)."""
+        self._wake(outcome.Error(exc))
+
     # trio thread (run_sync_soon: must never raise)
     def _wake(self, result: outcome.Outcome) -> None:
-        if not self.finished:  # not cancelled, not already completed
-            self.finished = True
+        if self.finished:  # cancelled, timed out or already completed
+            return
+        self.finished = True
+        if self.waiting:
             trio.lowlevel.reschedule(self.trio_task, result)
+        else:
+            self.early = result
 
 
 async def _cancel_all_and_stop(stop: bool = True) -> None:

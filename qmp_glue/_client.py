@@ -33,7 +33,8 @@ import structlog
 import trio
 from qemu.qmp import Message
 
-from ._bridge import AsyncioThread
+from ._bridge import AsyncioThread, Completion
+from ._deadlines import Deadlines
 from ._errors import QMPConnectionLost, QMPError, QMPTimeout
 from ._session import ID_PREFIX, Session
 from ._wire import CommandWriter
@@ -56,6 +57,7 @@ class QMPClient:
         self._ev_send, self._ev_recv = trio.open_memory_channel[dict](math.inf)
         self._session = Session(name, self._event_from_aio, self._down_from_aio)
         self._writer: CommandWriter | None = None  # set once connected
+        self._deadlines = Deadlines()  # execute() timeouts, see _deadlines.py
         self._down_reason: str | None = None  # set once the connection is gone
         self._down = trio.Event()
         self._closed = False
@@ -81,15 +83,7 @@ class QMPClient:
         cancellation is dropped; it never answers a later call.
         """
         self._check_usable(cmd)
-        if timeout is None:
-            reply = await self._send(cmd, args)
-        else:
-            # A bare CancelScope: trio.fail_after's contextlib wrapper is
-            # measurable on this hot path.
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
-                reply = await self._send(cmd, args)
-            if scope.cancelled_caught:
-                raise QMPTimeout(f"QMP {self.name}: {cmd!r} got no reply within {timeout}s")
+        reply = await self._send(cmd, args, timeout)
         if "error" in reply:
             err = reply["error"]
             raise QMPError(err.get("class", "GenericError"), err.get("desc", str(err)), cmd)
@@ -139,6 +133,7 @@ class QMPClient:
                     pass  # the AsyncioThread is already closed: nothing to disconnect
         self._mark_down("closed by this client")
         self._ev_send.close()
+        self._deadlines.close()
 
     async def __aenter__(self) -> QMPClient:
         return self
@@ -152,7 +147,8 @@ class QMPClient:
 
     # -- internals ------------------------------------------------------------
 
-    async def _send(self, cmd: str, args: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    async def _send(self, cmd: str, args: Mapping[str, Any] | None,
+                    timeout: float | None) -> Mapping[str, Any]:
         """Write the command from this (trio) thread, wait for qemu.qmp's reader
         to route the reply back (see ``_wire.py`` for why)."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -171,7 +167,21 @@ class QMPClient:
         except BaseException:
             self._session.forget(msg_id)
             raise
-        return await done.wait(functools.partial(self._session.forget, msg_id))
+        timer = None
+        if timeout is not None:  # armed only now: it may fire only while we wait below
+            timer = self._deadlines.call_at(
+                trio.current_time() + timeout,
+                functools.partial(self._expire, done, msg_id, cmd, timeout))
+        try:
+            return await done.wait(functools.partial(self._session.forget, msg_id))
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, done: Completion, msg_id: str, cmd: str, timeout: float) -> None:
+        """Trio thread, from the deadline task: give up on ``msg_id``."""
+        self._session.forget(msg_id)
+        done.fail(QMPTimeout(f"QMP {self.name}: {cmd!r} got no reply within {timeout}s"))
 
     def _check_usable(self, cmd: str) -> None:
         if self._closed:
