@@ -11,7 +11,10 @@ import math
 import os
 import pathlib
 import sqlite3
+import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -34,6 +37,12 @@ def run(fn, timeout=20):
             return await fn()
 
     return trio.run(bounded)
+
+
+def crash(log):
+    """Leave the file as SIGKILL or a host crash would: never close()d, still marked open."""
+    log._checkpointer.stop()
+    log._db.close()
 
 
 def seqs(events):
@@ -80,13 +89,22 @@ def test_seq_persists_across_clean_reopen(db):
         assert seqs(log.since(0)) == list(range(1, 9))
 
 
-def test_daemon_killed_same_boot_continues_without_jump(db):
-    log = EventLog(db)
-    log.emit("x")
-    log.emit("x")
-    log._db.close()  # what SIGKILL leaves behind: no close(), file still marked open
-    with EventLog(db) as log2:
-        assert log2.emit("y")["seq"] == 3
+def test_daemon_sigkilled_loses_nothing_and_continues_without_jump(db):
+    """A real SIGKILL mid-stream: every emitted event is there and seq continues at last + 1."""
+    child = (
+        "import os, signal, sys\n"
+        "from supervisor._eventlog import EventLog\n"
+        "log = EventLog(sys.argv[1])\n"
+        "for i in range(250):\n"
+        "    log.emit('x', i=i)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", child, str(db)], cwd=root, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with EventLog(db) as log:
+        assert seqs(log.since(0)) == list(range(1, 251))
+        assert log.emit("y")["seq"] == 251
 
 
 def test_unclean_close_then_reboot_jumps_seq(db, tmp_path, monkeypatch):
@@ -96,7 +114,7 @@ def test_unclean_close_then_reboot_jumps_seq(db, tmp_path, monkeypatch):
     log = EventLog(db)
     for _ in range(3):
         log.emit("x")
-    log._db.close()  # host crash: never closed
+    crash(log)  # host crash
     boot.write_text("boot-B\n")
     with EventLog(db) as log2:
         ev = log2.emit("after-crash")
@@ -388,7 +406,7 @@ def test_retention_counts_rows_not_seq_numbers_across_a_jump(db, tmp_path, monke
     log = EventLog(db, retention=5)
     for _ in range(4):
         log.emit("x")
-    log._db.close()
+    crash(log)
     boot.write_text("boot-B\n")
     with EventLog(db, retention=5) as log:
         new = [log.emit("y")["seq"] for _ in range(3)]
