@@ -75,34 +75,35 @@ def ovs_vsctl_argv(db: str | None) -> list[str]:
 def check_link(nic: Nic, index: int | None = None, *, ovs_db: str | None = None) -> None:
     """Raise :class:`NetconfError` when ``nic.link`` cannot work on this host.
 
-    ``index`` is the NIC's position in the spec, used to name the field
-    (``nics[index].link``).
+    ``index`` is the NIC's position in the spec: with it the message starts
+    with the full field (``nics[0].link: bridge 'br9' does not exist``),
+    without it with the NIC-relative one (``link: bridge 'br9' ...``).
     """
-    field = f"nics[{index}]" if index is not None else f"nic {nic.nic_id}"
+    field = f"nics[{index}]." if index is not None else ""
     link = nic.link
     if nic.mode == "routed":
         if link is not None:
             try:
                 resolve_table(link)
             except ValueError as e:
-                raise NetconfError(f"{field}.link: {e}") from None
+                raise NetconfError(f"{field}link: {e}") from None
         return
     if not link:
-        raise NetconfError(f"{field}.link: mode {nic.mode} needs a link (the bridge name)")
+        raise NetconfError(f"{field}link: mode {nic.mode} needs a link (the bridge name)")
     if nic.mode == "bridged":
         _check_bridge(field, link, nic)
     elif nic.mode == "openvswitch":
         _check_ovs(field, link, ovs_db)
     else:
-        raise NetconfError(f"{field}.mode: unknown mode {nic.mode!r}")
+        raise NetconfError(f"{field}mode: unknown mode {nic.mode!r}")
 
 
 def _check_bridge(field: str, link: str, nic: Nic) -> None:
     sysdir = os.path.join("/sys/class/net", link)
     if "/" in link or not os.path.exists(sysdir):
-        raise NetconfError(f"{field}.link: bridge {link!r} does not exist")
+        raise NetconfError(f"{field}link: bridge {link!r} does not exist")
     if not os.path.isdir(os.path.join(sysdir, "bridge")):
-        raise NetconfError(f"{field}.link: {link!r} exists but is not a Linux bridge")
+        raise NetconfError(f"{field}link: {link!r} exists but is not a Linux bridge")
     if nic.vlan is None and not nic.trunks:
         return
     what = "vlan" if nic.vlan is not None else "trunks"
@@ -110,11 +111,11 @@ def _check_bridge(field: str, link: str, nic: Nic) -> None:
         with open(os.path.join(sysdir, "bridge", "vlan_filtering")) as fh:
             on = fh.read().strip() == "1"
     except FileNotFoundError:
-        raise NetconfError(f"{field}.{what}: this kernel has no bridge VLAN filtering "
+        raise NetconfError(f"{field}{what}: this kernel has no bridge VLAN filtering "
                            "(CONFIG_BRIDGE_VLAN_FILTERING)") from None
     if not on:
         # Turning it on would change every other port of a bridge we do not own.
-        raise NetconfError(f"{field}.{what}: bridge {link!r} has vlan_filtering off; "
+        raise NetconfError(f"{field}{what}: bridge {link!r} has vlan_filtering off; "
                            f"enable it (ip link set {link} type bridge vlan_filtering 1)")
 
 
@@ -123,8 +124,8 @@ def _check_ovs(field: str, link: str, ovs_db: str | None) -> None:
         r = subprocess.run(ovs_vsctl_argv(ovs_db) + ["br-exists", link],
                            capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise NetconfError(f"{field}.link: cannot run ovs-vsctl: {e}") from None
+        raise NetconfError(f"{field}link: cannot run ovs-vsctl: {e}") from None
     if r.returncode == 2:
-        raise NetconfError(f"{field}.link: openvswitch bridge {link!r} does not exist")
+        raise NetconfError(f"{field}link: openvswitch bridge {link!r} does not exist")
     if r.returncode != 0:
-        raise NetconfError(f"{field}.link: ovs-vsctl failed: {r.stderr.strip()}")
+        raise NetconfError(f"{field}link: ovs-vsctl failed: {r.stderr.strip()}")

@@ -49,3 +49,8 @@ def test_check_link_bridge_missing():
 def test_check_link_not_a_bridge():
     with pytest.raises(NetconfError, match="'lo' exists but is not a Linux bridge"):
         check_link(Nic("vm", "52:54:00:00:00:01", "bridged", "qs1", link="lo"), 0)
+
+
+def test_check_link_without_index_names_the_nic_relative_field():
+    with pytest.raises(NetconfError, match=r"^link: bridge 'br-nope-9' does not exist$"):
+        check_link(Nic("vm", "52:54:00:00:00:01", "bridged", "qs1", link="br-nope-9"))
