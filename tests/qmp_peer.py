@@ -116,10 +116,11 @@ class QMPPeer:
         cmd, args, msg_id = msg.get("execute"), msg.get("arguments", {}), msg.get("id")
         reply: dict[str, Any]
         if cmd == "qmp_capabilities":
-            await conn.send(_with_id({"return": {}}, msg_id))
-            conn.negotiated = True
-            for event, data in self.events_on_negotiate:
-                await conn.send(_event(event, data))
+            conn.negotiated = True  # emit() now queues behind the lock taken below
+            async with conn.send_lock:  # reply + early events, nothing in between
+                await conn.send_unlocked(_with_id({"return": {}}, msg_id))
+                for event, data in self.events_on_negotiate:
+                    await conn.send_unlocked(_event(event, data))
             return
         self.received.append((cmd, args))
         if not conn.negotiated:
@@ -161,12 +162,15 @@ class _Conn:
         self.stream = stream
         self.negotiated = False
         self.scope = trio.CancelScope()
-        self._send_lock = trio.Lock()
+        self.send_lock = trio.Lock()
         self._closed = False
 
     async def send(self, obj: dict) -> None:
-        async with self._send_lock:
-            await self.stream.send_all(json.dumps(obj).encode() + b"\r\n")
+        async with self.send_lock:
+            await self.send_unlocked(obj)
+
+    async def send_unlocked(self, obj: dict) -> None:
+        await self.stream.send_all(json.dumps(obj).encode() + b"\r\n")
 
     async def lines(self):
         """Messages as QEMU parses them: a stream of JSON objects, newlines optional."""

@@ -462,3 +462,66 @@ def test_execute_timeout_none_waits(aio, sock_path):
             assert math.isclose(r["slept"], 0.1)
 
     trio.run(main)
+
+
+# ------------------------------------------------------------ internals worth pinning down
+
+
+def test_short_timeout_behind_a_long_one_fires_on_time(aio, sock_path):
+    async def main():
+        async with peer_and_client(aio, sock_path, concurrent=True) as (peer, client):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.execute, "hang", None)  # timeout 30 s
+                await peer.wait_received(1)
+                t0 = trio.current_time()
+                with pytest.raises(QMPTimeout):
+                    await client.execute("hang", timeout=0.1)
+                assert 0.1 <= trio.current_time() - t0 < 0.5
+                nursery.cancel_scope.cancel()
+            assert await client.execute("echo", {"ok": 1}) == {"ok": 1}
+
+    trio.run(main)
+
+
+def test_deadlines_fire_in_order_skip_cancelled_and_compact():
+    from qmp_glue._deadlines import Deadlines
+
+    async def main():
+        dl = Deadlines()
+        fired = []
+        now = trio.current_time()
+        keep = [dl.call_at(now + 0.05 * (i + 1), lambda i=i: fired.append(i)) for i in range(3)]
+        keep[1].cancel()
+        for _ in range(5000):  # like calls that complete long before their timeout
+            dl.call_at(now + 60, lambda: fired.append("stale")).cancel()
+        assert len(dl._heap) < 5000  # rebuilt: memory follows the live timers
+        await trio.sleep(0.3)
+        assert fired == [0, 2]
+        dl.close()
+
+    trio.run(main)
+
+
+def test_command_writer_never_interleaves_partial_writes():
+    import socket
+
+    from qmp_glue._wire import CommandWriter
+
+    async def main():
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer = CommandWriter(a)
+        big1, big2 = b"1" * 300_000 + b"\n", b"2" * 300_000 + b"\n"
+        rx = trio.socket.from_stdlib_socket(b)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.write, big1)
+            await trio.sleep(0.05)  # big1 is only partly written: the buffer is full
+            nursery.start_soon(writer.write, big2)
+            got = b""
+            while len(got) < len(big1) + len(big2):
+                got += await rx.recv(65536)
+        assert got == big1 + big2
+        writer.close()
+        rx.close()
+
+    trio.run(main)
