@@ -219,3 +219,184 @@ class QsupRun:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self._stderr.close()
+
+
+class QsupDaemon:
+    """`qsup serve` in a namespace, driven through the real CLI on its unix socket.
+
+    The daemon can be SIGKILLed and started again on the same config (``kill()``/``start()``),
+    which is how reattach is tested.  ``close()`` kills the daemon and every QEMU it ever
+    started -- found in its own event log, by pid -- so a failed test leaves nothing running.
+    """
+
+    def __init__(self, ns: Netns, workdir: Path, *, powerdown_timeout: float = 3.0, extra_config: str = "",
+                 hooks_dir: Path | None = None):
+        self.ns = ns
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.run_dir = workdir / "run"
+        self.socket = workdir / "qsup.sock"
+        self.config = workdir / "qsup.toml"
+        self.write_config(powerdown_timeout=powerdown_timeout, extra_config=extra_config, hooks_dir=hooks_dir)
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        self.start()
+
+    def write_config(self, *, powerdown_timeout: float = 3.0, extra_config: str = "",
+                     hooks_dir: Path | None = None) -> None:
+        self.config.write_text(
+            f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\nsocket = "{self.socket}"\n'
+            f'accel = "tcg"\npowerdown_timeout = {powerdown_timeout}\n'
+            + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
+            + extra_config
+        )
+
+    def start(self, timeout: float = 30) -> None:
+        """Start the daemon and wait until it is ready (it has reattached and serves)."""
+        assert self.proc is None or self.proc.poll() is not None, "daemon already running"
+        self._log = open(self.log_path, "ab")
+        mark = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns.name, str(VENV_BIN / "qsup"), "serve", "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(mark)
+                if b'"event": "ready"' in f.read():
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qsup serve exited ({self.proc.returncode}): {self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"qsup serve not ready in {timeout}s: {self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cli(self, *args: str, input: str | None = None, timeout: float = 120, check: bool = True):
+        r = subprocess.run([str(VENV_BIN / "qsup"), *args, "--socket", str(self.socket)], input=input,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"qsup {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}"
+                               f"\ndaemon log: {self.log()[-2000:]}")
+        return r
+
+    def cli_json(self, *args: str, **kw):
+        return json.loads(self.cli(*args, "--json", **kw).stdout)
+
+    def start_instance(self, spec: dict) -> dict:
+        p = self.workdir / f"spec-{spec['name']}.json"
+        p.write_text(json.dumps(spec))
+        return self.cli_json("start", str(p))
+
+    def events(self, since: int = 0) -> list[dict]:
+        out = self.cli("events", "--json", "--since", str(since)).stdout
+        return [json.loads(l) for l in out.splitlines() if l.strip()]
+
+    def tail(self, since: int | None = None) -> "EventTail":
+        return EventTail(self, since)
+
+    def console(self, name: str) -> str:
+        p = self.state_dir / "logs" / f"{name}.console"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def wait_console(self, name: str, text: str = "GUEST-READY", timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.console(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not on {name}'s console: {self.console(name)[-1500:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (by pid): what a crash looks like."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self._log:
+            self._log.close()
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self._log:
+                self._log.close()
+
+    def qemu_pids(self) -> set[int]:
+        """Every QEMU pid this daemon's event log says it started (read from the file directly)."""
+        import sqlite3
+
+        db = self.state_dir / "events.db"
+        if not db.exists():
+            return set()
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT body FROM events WHERE type = 'instance.started'").fetchall()
+        finally:
+            con.close()
+        return qemu_pids_of([json.loads(b) for (b,) in rows])
+
+    def close(self) -> list[int]:
+        """Kill the daemon and its QEMUs by pid; returns the QEMU pids that would not die."""
+        self.kill()
+        alive = [p for p in self.qemu_pids() if pid_alive(p)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [p for p in alive if pid_alive(p)]
+
+
+class EventTail:
+    """`qsup events --follow --json` as a subprocess; its events collected in a thread."""
+
+    def __init__(self, daemon: QsupDaemon, since: int | None = None):
+        args = [str(VENV_BIN / "qsup"), "events", "--follow", "--json", "--socket", str(daemon.socket)]
+        if since is not None:
+            args += ["--since", str(since)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: list[dict] = []
+        self._q: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            self.events.append(ev)
+            self._q.put(ev)
+        self._q.put(None)
+
+    def wait_for(self, type: str, instance: str | None = None, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for ev in self.events[seen:]:
+                seen += 1
+                if ev["type"] == type and (instance is None or ev.get("instance") == instance):
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"tail: no {type} for {instance} in {timeout}s: {[e['type'] for e in self.events]}")
+            try:
+                if self._q.get(timeout=min(left, 0.5)) is None and self.proc.poll() is not None:
+                    if not any(e["type"] == type for e in self.events[seen:]):
+                        raise RuntimeError(f"tail ended ({self.proc.returncode}) before {type}")
+            except queue.Empty:
+                pass
+
+    def close(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        rc = self.proc.wait()
+        self._reader.join(timeout=5)
+        return rc
