@@ -163,7 +163,8 @@ class QMPClient:
             await self._writer.write(data)
         except (OSError, trio.ClosedResourceError) as exc:
             self._session.forget(msg_id)
-            raise QMPConnectionLost(f"QMP {self.name}: cannot send {cmd!r}: {exc or 'closed'}") from exc
+            raise QMPConnectionLost(
+                f"QMP {self.name}: connection lost, cannot send {cmd!r} ({exc or 'closed'})") from exc
         except BaseException:
             self._session.forget(msg_id)
             raise
