@@ -124,7 +124,8 @@ async def _bench(glue_sock: str, raw_sock: str, calls: int, rounds: int) -> dict
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000, help="calls per client")
-    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds")
+    ap.add_argument("--rounds", type=int, default=40,
+                    help="alternating rounds (fine interleaving: load changes hit both alike)")
     opts = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="qmprtt")
     glue_sock, raw_sock = os.path.join(tmp, "glue.sock"), os.path.join(tmp, "raw.sock")
