@@ -11,31 +11,44 @@ make them meet were considered:
   upgrade cannot depend on it.
 * **A dedicated asyncio thread** (this module) leaves asyncio untouched: one
   ordinary ``asyncio`` loop runs forever in a daemon thread, and trio code
-  sends it work. The cost is two cross-thread wake-ups per call, which this
-  module keeps to the minimum (see below).
+  sends it work. The price is cross-thread wake-ups, which this module keeps
+  to one per direction at most, and the QMP client to a single one per
+  command (see ``_wire.py``).
 
-How one call travels (``AsyncioThread.run``):
+Three primitives, from general to fast:
 
-1. trio side: copy the current ``contextvars`` context (so structlog's bound
-   context -- ``structlog.contextvars.bind_contextvars`` -- is visible to the
-   asyncio code), queue ``_Call.start`` with ``loop.call_soon_threadsafe`` and
-   put the trio task to sleep with ``trio.lowlevel.wait_task_rescheduled``.
-   There is no ``concurrent.futures.Future`` and no worker thread parked in
-   ``fut.result()`` -- that is what made the naive bridge slow.
-2. asyncio side: ``start`` creates an asyncio task *in the copied context*;
-   the task runs ``coro_fn(*args)`` and, as its very last step, hands the
-   outcome back with ``trio_token.run_sync_soon`` -- a single wake-up of the
-   trio loop, which reschedules the sleeping task with that outcome.
+* ``AsyncioThread.run(coro_fn, *args)`` runs a coroutine as an asyncio task.
+  The trio side copies its ``contextvars`` context (so structlog's bound
+  variables -- ``structlog.contextvars.bind_contextvars`` -- are visible to
+  the asyncio code), queues the task's creation with
+  ``loop.call_soon_threadsafe`` and sleeps in
+  ``trio.lowlevel.wait_task_rescheduled``. The task hands its outcome back
+  with ``TrioToken.run_sync_soon``: no ``concurrent.futures.Future``, no
+  worker thread parked in ``fut.result()`` -- that is what made the naive
+  bridge slow.
+* ``AsyncioThread.run_callback(start, ...)`` runs a plain loop callback that
+  later calls ``complete(outcome)``: no asyncio task at all.
+* ``Completion`` is the wake-up itself: a trio task creates one, hands
+  ``complete`` to code on the loop thread and ``wait()``s. The QMP client
+  uses this: the trio thread writes the command, the loop thread's reader
+  completes it.
+
+Wake-ups sent from the loop thread are deferred to the moment the loop is
+about to block (``_FlushingSelector``): the woken trio thread then finds the
+GIL free instead of waking only to wait for it.
 
 Cancellation, both ways:
 
-* trio -> asyncio: when the trio task is cancelled, the abort callback asks
-  the loop to ``task.cancel()`` the asyncio task and returns
+* trio -> asyncio (``run``): when the trio task is cancelled, the abort
+  callback asks the loop to ``task.cancel()`` the asyncio task and returns
   ``Abort.FAILED``: the trio task keeps sleeping until the asyncio task has
   really finished (its ``finally`` blocks have run). If it finished by being
   cancelled, the trio task gets ``trio.Cancelled``; if it managed to finish
   anyway, the trio task gets its real result (Trio's rule: an operation that
   completed is not undone).
+* ``run_callback``/``Completion`` have nothing to wait for: cancellation is
+  immediate, an ``on_cancel`` hook lets the owner forget the operation, and
+  a completion arriving later is ignored.
 * asyncio -> trio: if the asyncio task is cancelled for another reason
   (the loop is shutting down), the trio caller gets ``RuntimeError`` rather
   than hanging forever.
@@ -83,7 +96,8 @@ class AsyncioThread:
         self._selector = _FlushingSelector()
         loop = asyncio.SelectorEventLoop(self._selector)
         self._thread = threading.Thread(
-            target=self._main, args=(loop, ready), name=self._name, daemon=True
+            target=self._main, args=(loop, self._selector, ready), name=self._name,
+            daemon=True
         )
         self._thread.start()
         ready.wait()
@@ -91,7 +105,8 @@ class AsyncioThread:
         return self
 
     @staticmethod
-    def _main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    def _main(loop: asyncio.AbstractEventLoop, selector: _FlushingSelector,
+              ready: threading.Event) -> None:
         asyncio.set_event_loop(loop)
         loop.call_soon(ready.set)
         try:
@@ -102,6 +117,7 @@ class AsyncioThread:
             loop.run_until_complete(_cancel_all_and_stop(stop=False))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            selector.flush()  # wake-ups queued in the very last iteration
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel leftover tasks, stop the loop and join the thread. Idempotent."""
@@ -281,13 +297,17 @@ class _FlushingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-t
         else:
             _run_sync_soon(token, fn, arg)
 
-    def select(self, timeout: float | None = None) -> list:
-        if self._thread_id is None:
-            self._thread_id = threading.get_ident()
+    def flush(self) -> None:
+        """Send the queued wake-ups now."""
         if self._pending:
             pending, self._pending = self._pending, []
             for token, fn, arg in pending:
                 _run_sync_soon(token, fn, arg)
+
+    def select(self, timeout: float | None = None) -> list:
+        if self._thread_id is None:
+            self._thread_id = threading.get_ident()
+        self.flush()
         return super().select(timeout)
 
 

@@ -132,7 +132,6 @@ class QMPClient:
                 except RuntimeError:
                     pass  # the AsyncioThread is already closed: nothing to disconnect
         self._mark_down("closed by this client")
-        self._ev_send.close()
         self._deadlines.close()
 
     async def __aenter__(self) -> QMPClient:
@@ -257,14 +256,14 @@ async def connect(path: str | os.PathLike[str], *, loop: AsyncioThread,
     try:
         with trio.fail_after(timeout):
             sock = await _connect_unix(path)
-            wsock = sock.dup()  # the trio side's own descriptor, for writing
+            # The trio side's own descriptor, for writing; set before the
+            # session starts so that a connection lost at once closes it too.
+            client._writer = CommandWriter(sock.dup())  # noqa: SLF001
             try:
                 await loop.run(client._session.open, sock)  # noqa: SLF001
             except BaseException:
-                sock.close()
-                wsock.close()
+                sock.close()  # qemu.qmp normally closed it already: then a no-op
                 raise
-            client._writer = CommandWriter(wsock)  # noqa: SLF001
     except trio.TooSlowError:
         await client.aclose()
         raise QMPTimeout(f"QMP {client.name}: could not connect to {path} "

@@ -177,11 +177,14 @@ class Session:
     # -- internals ----------------------------------------------------------
 
     async def _watch(self) -> None:
-        while self.qmp.runstate == Runstate.RUNNING:
-            await self.qmp.runstate_changed()
-        reason = self._reason_now()
-        self._on_down(reason)
-        self._fail_pending(reason)
+        reason = "the asyncio thread is shutting down"
+        try:
+            while self.qmp.runstate == Runstate.RUNNING:
+                await self.qmp.runstate_changed()
+            reason = self._reason_now()
+        finally:  # also when cancelled: no caller may be left waiting
+            self._on_down(reason)
+            self._fail_pending(reason)
         await self.close()
 
     def _fail_pending(self, reason: str) -> None:

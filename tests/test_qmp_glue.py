@@ -525,3 +525,25 @@ def test_command_writer_never_interleaves_partial_writes():
         rx.close()
 
     trio.run(main)
+
+
+def test_closing_the_asyncio_thread_under_a_client_fails_its_calls(sock_path):
+    async def main():
+        aio = AsyncioThread().start()
+        peer = QMPPeer(sock_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer.serve)
+            client = await connect(sock_path, loop=aio)
+            async with trio.open_nursery() as inner:
+                async def pending():
+                    with pytest.raises(QMPConnectionLost, match="shutting down"):
+                        await client.execute("hang")
+
+                inner.start_soon(pending)
+                await peer.wait_received(1)
+                aio.close()
+            assert [e async for e in client.events()] == []
+            await client.aclose()  # still fine: nothing left to close
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
