@@ -124,6 +124,8 @@ class AsyncioThread:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        if threading.current_thread() is thread:
+            raise RuntimeError("AsyncioThread.close() called from its own loop thread")
         self._loop = None
         if not loop.is_closed():
             asyncio.run_coroutine_threadsafe(_cancel_all_and_stop(), loop)

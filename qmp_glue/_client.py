@@ -54,7 +54,7 @@ class QMPClient:
         self.name = name
         self.path = path
         self._token = trio.lowlevel.current_trio_token()
-        self._ev_send, self._ev_recv = trio.open_memory_channel[dict](math.inf)
+        self._ev_send, self._ev_recv = trio.open_memory_channel(math.inf)
         self._session = Session(name, self._event_from_aio, self._down_from_aio)
         self._writer: CommandWriter | None = None  # set once connected
         self._deadlines = Deadlines()  # execute() timeouts, see _deadlines.py

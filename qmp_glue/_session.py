@@ -1,16 +1,17 @@
 """The asyncio half of a QMP connection: qemu.qmp, lightly adapted.
 
-Everything in this module runs on the ``AsyncioThread``'s loop, never on the
-trio thread. ``_client.py`` is the trio half and reaches this one only via
-``AsyncioThread.run`` (calls) and via the two callbacks it passes in
-(``on_event``, ``on_down``), which must be thread-safe because they are
-invoked here, on the asyncio thread.
+qemu.qmp's objects live on the ``AsyncioThread``'s loop. ``_client.py`` (the
+trio half) reaches them through ``AsyncioThread.run`` (``open``, ``close``)
+and through three small thread-safe methods it calls directly from the trio
+thread: ``register``/``forget`` (the reply routing table, guarded by a lock)
+and ``outbound`` (serialization). The two callbacks the trio half passes in
+(``on_event``, ``on_down``) are invoked here, on the loop thread.
 
 What we change in qemu.qmp, and why. qemu.qmp stays in charge of the
 connection, the greeting, capabilities negotiation, the reader task, stream
 errors and disconnection; we adapt it through the hooks its docs name as
 extension points (``_on_message``, ``_cb_inbound``, ``_cb_outbound``) plus
-its message writer (``_do_send``):
+``Message`` serialization for writing:
 
 * **Commands** take a short path. qemu.qmp's ``execute`` costs an asyncio
   task per call, a hop through the writer task's queue and a hop through a
@@ -65,7 +66,7 @@ class _GlueQMP(_QemuQMPClient):
     def __init__(self, name: str, on_event: Callable[[dict], None]) -> None:
         super().__init__(name)
         self._forward_event = on_event
-        #: id -> (command, complete) for commands sent by Session.submit
+        #: id -> (command, complete) for commands registered by Session.register
         self.replies: dict[str, tuple[str, Callable[[outcome.Outcome], None]]] = {}
 
     async def _on_message(self, msg: Message) -> None:
