@@ -54,6 +54,7 @@ class QMPPeer:
         self._listener: trio.SocketListener | None = None
         self.connections = 0
         self.reply_to_quit = True  # False: close the connection without replying
+        self.close_on_quit = True  # False: reply, but keep the connection open
 
     # -- control from tests --------------------------------------------------
 
@@ -129,7 +130,8 @@ class QMPPeer:
         elif cmd == "quit":
             if self.reply_to_quit:
                 await conn.send(_with_id({"return": {}}, msg_id))
-            await conn.close()
+            if self.close_on_quit:
+                await conn.close()
             return
         elif cmd not in self.handlers:
             reply = {"error": {"class": "CommandNotFound", "desc": f"The command {cmd} has not been found"}}

@@ -411,6 +411,17 @@ def test_quit_when_qemu_closes_without_replying(aio, sock_path):
     trio.run(main)
 
 
+def test_quit_times_out_if_qemu_keeps_the_monitor_open(aio, sock_path):
+    async def main():
+        async with peer_and_client(aio, sock_path) as (peer, client):
+            peer.close_on_quit = False
+            with pytest.raises(QMPTimeout, match="did not close the monitor"):
+                await client.quit(timeout=0.2)
+            assert not client.is_connected  # closed either way
+
+    trio.run(main)
+
+
 def test_aclose_is_idempotent_and_later_calls_fail_clearly(aio, sock_path):
     async def main():
         async with peer_and_client(aio, sock_path) as (peer, client):
