@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from pathlib import Path
 
 import structlog
@@ -180,9 +181,11 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         metrics.observe_node(node)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with node.running():
+                t0 = time.perf_counter()
                 reattach = getattr(node, "reattach", None)
                 reattached = list(await reattach()) if reattach is not None else []
-                log.info("reattached", instances=reattached)
+                reattach_ms = round((time.perf_counter() - t0) * 1000, 1)
+                log.info("reattached", instances=reattached, ms=reattach_ms)
                 app = create_app(node, events, metrics, reattached=reattached)
                 async with trio.open_nursery() as http:
                     await http.start(_serve_http, app, socks[0])
@@ -190,7 +193,8 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                         await http.start(_serve_http, create_app(node, events, metrics, token=token,
                                                                  reattached=reattached), socks[1])
                     socks.clear()  # hypercorn owns them now
-                    events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached)
+                    events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached,
+                                reattach_ms=reattach_ms)
                     sd_notify("READY=1\nSTATUS=serving")
                     log.info("ready", socket=str(cfg.socket), listen=cfg.listen)
                     task_status.started()
