@@ -33,6 +33,14 @@ from ._spec import InstanceSpec, SpecError, parse_spec
 log = structlog.get_logger("qsup.node")
 
 
+def open_event_log(cfg: Config):
+    """Prepare the node's directories and open its durable event log."""
+    from ._eventlog import EventLog
+
+    Layout(cfg.state_dir, cfg.run_dir).prepare()
+    return EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
+
+
 class Conflict(RuntimeError):
     """The request clashes with the node's state (a duplicate name, say)."""
 

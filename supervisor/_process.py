@@ -48,6 +48,8 @@ class QemuProcess:
         self.child = child
         self._popen = popen
         self.returncode: int | None = None
+        self._watching = False
+        self._watch_done = trio.Event()
         self.started_at = start_time(pid)
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
@@ -93,16 +95,28 @@ class QemuProcess:
             self.returncode = -1  # gone (not our child: no exit status to read)
 
     async def wait(self) -> int:
-        """Wait for exit, without polling."""
+        """Wait for exit, without polling.  Any number of tasks may wait.
+
+        Only one task may block on the pidfd at a time (trio allows one
+        reader per fd), so one waiter watches and the others wait for it to
+        finish -- or to be cancelled, in which case one of them takes over.
+        """
         while self.returncode is None:
-            if self._pidfd is None:
-                await trio.sleep(0.05)
-            else:
-                await trio.lowlevel.wait_readable(self._pidfd)
-            if self._popen is not None:
-                self.returncode = self._popen.wait()
-            else:
-                self.returncode = -1
+            if self._watching:
+                await self._watch_done.wait()
+                continue
+            self._watching = True
+            self._watch_done = trio.Event()
+            try:
+                if self._pidfd is None:
+                    await trio.sleep(0.05)
+                    self._reap()
+                else:
+                    await trio.lowlevel.wait_readable(self._pidfd)
+                    self.returncode = self._popen.wait() if self._popen is not None else -1
+            finally:
+                self._watching = False
+                self._watch_done.set()
         self._close_pidfd()
         return self.returncode
 
