@@ -42,8 +42,8 @@ def test_live_filters(tmp_path):
 
 def test_add_is_one_write_and_one_fsync_status_is_not_fsynced(tmp_path, monkeypatch):
     calls = []
-    real_fsync, real_write = os.fsync, os.write
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    real_fsync, real_write = os.fdatasync, os.write
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "write", lambda fd, d: (calls.append("write"), real_write(fd, d))[1])
     j = Journal(tmp_path / "j")
     calls.clear()

@@ -97,7 +97,7 @@ def _ping(ns: Netns, addr: str, v6: bool = False) -> bool:
     """True once one echo gets through (TCG guests are slow to start), and then 3 of 3."""
     ping = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
     base = ["ip", "netns", "exec", ns.name, *ping, "-6" if v6 else "-4"]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # TCG guests crawl when the machine is busy
     while time.monotonic() < deadline:
         if subprocess.run(base + ["-c", "1", "-W", "2", addr], capture_output=True).returncode == 0:
             r = subprocess.run(base + ["-c", "3", "-W", "3", addr], capture_output=True, text=True)
