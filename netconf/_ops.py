@@ -27,6 +27,11 @@ Ownership rules (what undo will NOT remove):
 * an OVS port with the tap's name that existed before is stale (its tap is
   gone with the qemu that used it): it is removed and not restored.
 
+One known gap: addresses carry no ownership check on delete, so if the
+process dies between journaling ``gw6`` and learning that ``fe80::1``
+already existed on the tap, recovery removes it.  The tap is created by
+the supervisor, so nothing else is expected to put ``fe80::1`` on it.
+
 "Gone" errors (ENODEV, ENOENT, ESRCH...) in undo mean the object vanished
 with the tap, which counts as undone.
 """

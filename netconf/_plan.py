@@ -35,6 +35,13 @@ needs the host-wide ``net.ipv6.conf.all.forwarding=1``, which is host
 policy and not touched here).  The way back is the ``/32`` (``/128``)
 route to the tap, in table ``LINK`` when the NIC names one, together with
 ``iif TAP lookup LINK`` so the guest's own traffic uses that table too.
+
+Host policy netconf does NOT touch (proven in
+integration/netconf/test_netconf_gateway.py): traffic *to* the guest that
+arrives on the uplink is forwarded only if the uplink has
+``forwarding=1`` (v4) / ``net.ipv6.conf.all.forwarding=1`` (v6), and with a
+table ``LINK`` it reaches the ``/32`` only if the admin routes uplink
+traffic through that table (e.g. ``ip rule add iif UPLINK lookup LINK``).
 """
 
 from __future__ import annotations

@@ -169,7 +169,9 @@ def test_sigkill_mid_apply_then_recover_restores_host_exactly(ns, agents, tmp_pa
     holder = agents()  # holds the tap, so its effects do not simply vanish with the killed process
     holder.call("open_tap", name=TAP)
     holder.call("apply", journal=str(tmp_path / "attach-j"), nic=nic(link="100"), phase="attach", reason="start")
-    ns.run("ip", "-6", "rule", "add", "iif", TAP, "lookup", "100")  # foreign, must survive recovery
+    # foreign and identical to what the plan makes: recovery must leave them alone
+    ns.run("ip", "-6", "rule", "add", "iif", TAP, "lookup", "100")
+    ns.run("ip", "-6", "route", "add", "2001:db8::5/128", "dev", TAP, "table", "100")
     before = snapshot(ns)
     marker = tmp_path / "paused"
     victim = agents({"QSUP_NETCONF_TEST_PAUSE_AFTER": "route4", "QSUP_NETCONF_TEST_PAUSE_MARKER": str(marker)})
