@@ -219,3 +219,34 @@ def test_follower_task_ends_when_the_client_disconnects(daemon):
             if t.poll() is None:
                 t.kill()
                 t.wait()
+
+
+def _free_port() -> int:
+    import socket as s
+
+    with s.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tcp_listener_needs_the_token(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok-" + "x" * 28 + "\n")
+    token.chmod(0o600)
+    port = _free_port()
+    d = Daemon(tmp_path, listen=f"127.0.0.1:{port}", token_file=str(token))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        r = qsup("ls", "--json", "--url", url, "--token-file", str(token))
+        assert r.returncode == 0 and json.loads(r.stdout) == []
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-token-at-all-000000")
+        r = qsup("ls", "--url", url, "--token-file", str(wrong))
+        assert r.returncode == 1 and "bearer token" in one_error_line(r)
+        r = qsup("ls", "--url", url)
+        assert r.returncode == 1
+        assert d.cli("ls", "--json").returncode == 0  # the unix socket needs no token
+        r = qsup("qmp", "x", "--url", url, "--token-file", str(token))
+        assert r.returncode == 2 and "local socket" in one_error_line(r)
+    finally:
+        assert d.stop() == 0

@@ -235,11 +235,13 @@ def main() -> None:
             rss1 = rss_kb(dm.pid)
             print(f"daemon RSS {rss0 / 1024:.1f} MB empty, {rss1 / 1024:.1f} MB with {args.instances}", flush=True)
 
-            c0, t0 = cpu_ticks(dm.pid), time.monotonic()
+            c0, q0, t0 = cpu_ticks(dm.pid), sum(map(cpu_ticks, pids.values())), time.monotonic()
             time.sleep(args.idle)
-            c1, t1 = cpu_ticks(dm.pid), time.monotonic()
+            c1, q1, t1 = cpu_ticks(dm.pid), sum(map(cpu_ticks, pids.values())), time.monotonic()
             idle_pct = (c1 - c0) / TICK / (t1 - t0) * 100
-            print(f"daemon idle CPU {idle_pct:.2f}% over {t1 - t0:.0f}s", flush=True)
+            qemu_idle_pct = (q1 - q0) / TICK / (t1 - t0) * 100
+            print(f"daemon idle CPU {idle_pct:.2f}% over {t1 - t0:.0f}s (all {args.instances} halted QEMUs together: "
+                  f"{qemu_idle_pct:.0f}% of a core); load average {os.getloadavg()[0]:.2f}", flush=True)
 
             # (a) fan-out alone: system_powerdown makes QEMU emit POWERDOWN (the halted guest ignores
             # it), one event with no state change behind it.
@@ -276,6 +278,7 @@ def main() -> None:
                 "rss_after_reattach_mb": round(rss2 / 1024, 1),
                 "qemu_rss_total_mb": round(qemu_rss_mb, 1),
                 "idle_cpu_pct": round(idle_pct, 3), "idle_window_s": round(t1 - t0, 1),
+                "qemu_idle_cpu_pct_total": round(qemu_idle_pct, 1), "loadavg_1m_end": round(os.getloadavg()[0], 2),
                 "reattach_ready_s": round(ready_s, 3), "reattach_phase_ms": ready_ev["reattach_ms"],
                 "reattached_all": reattached_ok,
                 "fanout": fan, "fanout_state_changes": fan_state,
