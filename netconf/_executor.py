@@ -121,10 +121,12 @@ class Executor:
     def _find_done(self, step: Step, tap_index: int | None) -> tuple[bool, list[dict]]:
         """(already applied for this tap?, stale entries for an older tap)."""
         same = [e for e in self.journal.live(phases=(step.phase,), nic_id=step.nic_id)
-                if e["kind"] == "step" and e["step"] == step.name]
-        ok = [e for e in same if e["status"] == "done" and e["args"] == step.args
-              and e.get("ifindex") == tap_index]
-        return bool(ok), ([] if ok else same)
+                if e["step"] == step.name]
+        ok = bool(same) and all(
+            e["status"] == "done" and e.get("ifindex") == tap_index
+            and (e["kind"] == "hook" or e["args"] == step.args)
+            for e in same)
+        return ok, ([] if ok else same)
 
     # -- apply -------------------------------------------------------------
 

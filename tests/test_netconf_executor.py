@@ -138,6 +138,7 @@ def test_hooks_run_around_and_instead_of_steps_and_reverse_on_undo(tmp_path):
     ex = Executor(Journal(tmp_path / "j"), hooks=Hooks(hd))
     ex.apply(PLAN, reason="start")
     assert HOST == {"a": 1, "c": 3}  # route4 was replaced by the hook
+    ex.apply(PLAN, reason="start")  # idempotent: hooked steps are not re-run either
     ex.undo(reason="stop")
     assert HOST == {}
     assert log.read_text().splitlines() == [
