@@ -36,6 +36,7 @@ import netconf
 import qmp_glue
 
 from ._config import Config
+from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, free_port, tcp_uri
 from ._process import QemuProcess
 from ._qemu import NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
@@ -131,6 +132,9 @@ class Instance:
         self._stop_wanted = trio.Event()
         self._stopping = False
         self._guest_shutdown = False
+        self._migrated = False
+        self.migration: IncomingMigration | OutgoingMigration | None = None
+        self._nursery: trio.Nursery | None = None
         self.done = trio.Event()
 
     # -- views ---------------------------------------------------------
@@ -157,6 +161,7 @@ class Instance:
             "created": self.created,
             "timings_ms": self.timings,
             "error": self.error,
+            "migration": self.migration.view() if self.migration else None,
         }
 
     def record(self) -> dict:
@@ -171,6 +176,7 @@ class Instance:
             # The NIC<->tap association, keyed by the stable NIC id (the MAC).
             "nics": {n.nic_id: n.to_dict() for n in self.nics},
             "created": self.created,
+            "migration": self.migration.direction if self.migration else None,
         }
 
     def _save(self) -> None:
@@ -250,10 +256,59 @@ class Instance:
             self.sm.move(State.CRASHED if "died" in reason else State.FAILED, reason)
             self.done.set()
 
+    async def run_incoming(self, postcopy: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Destination of a live migration: L2 now, L3 only at ``completed``."""
+        with structlog.contextvars.bound_contextvars(instance=self.name):
+            self.migration = IncomingMigration(self, postcopy)
+            try:
+                await self._start_incoming(postcopy)
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await self._rollback(exc)
+                raise
+            task_status.started(self.migration.uri)
+            try:
+                await self._supervise()
+            finally:
+                self.done.set()
+
+    async def _start_incoming(self, postcopy: bool) -> None:
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        self._emit("instance.starting", spec=self.spec.model_dump(mode="json"), incoming=True)
+        await self._launch(incoming=True, reason="migrate-in")
+        caps = [{"capability": "events", "state": True},
+                {"capability": "postcopy-ram", "state": postcopy}]
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        addr = ctx.cfg.migration_address
+        uri = tcp_uri(addr, free_port(addr))
+        await self.qmp.execute("migrate-incoming", {"uri": uri})
+        self.migration.uri = uri
+        self.sm.move(State.MIGRATING, "incoming")
+        self.timings = {"prepare": _ms(t0, time.perf_counter())}
+        self._emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings)
+
     async def _start(self) -> None:
-        ctx, name = self.ctx, self.name
         t0 = time.perf_counter()
         self._emit("instance.starting", spec=self.spec.model_dump(mode="json"))
+        t_spawn, t_qmp = await self._launch(incoming=False, reason="start")
+        for nic in self.nics:
+            await self.ctx.worker.run(self.executor.apply, netconf.plan(nic, "activate"), reason="start")
+        t_net = time.perf_counter()
+        self._emit("netconf.applied", phases=["attach", "activate"], ms=_ms(t_qmp, t_net))
+
+        await self.qmp.execute("cont")
+        t_run = time.perf_counter()
+        self.timings = {
+            "spawn": _ms(t0, t_spawn), "qmp_ready": _ms(t_spawn, t_qmp),
+            "netconf": _ms(t_qmp, t_net), "cont": _ms(t_net, t_run), "total": _ms(t0, t_run),
+        }
+        self.sm.move(State.RUNNING, "started")
+        self._emit("instance.started", timings_ms=self.timings, pid=self.proc.pid)
+
+    async def _launch(self, *, incoming: bool, reason: str) -> tuple[float, float]:
+        """Taps, QEMU (-S), QMP, then L2 ``attach``.  Returns (t_spawned, t_qmp_ready)."""
+        ctx, name = self.ctx, self.name
         check_host(self.nics)
         ensure_dir(ctx.layout.instance_dir(name))
         ensure_dir(ctx.layout.instance_run_dir(name))
@@ -265,7 +320,9 @@ class Instance:
             argv = build_argv(
                 self.spec, ctx.cfg, ctx.layout,
                 [NicFds(n.mac, tuple(t.fds), t.vnet_hdr) for n, t in zip(self.nics, taps)],
-                run_as=ctx.cfg.qemu_user or None,
+                incoming=incoming,
+                # post-copy needs userfaultfd, which an unprivileged QEMU may not get
+                run_as=(ctx.cfg.qemu_user or None) if not self._needs_root() else None,
             )
             log_fd = os.open(ctx.layout.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             try:
@@ -281,21 +338,12 @@ class Instance:
 
         self.qmp = await self._connect_qmp()
         t_qmp = time.perf_counter()
+        for nic in self.nics:
+            await ctx.worker.run(self.executor.apply, netconf.plan(nic, "attach"), reason=reason)
+        return t_spawn, t_qmp
 
-        for phase in ("attach", "activate"):
-            for nic in self.nics:
-                await ctx.worker.run(self.executor.apply, netconf.plan(nic, phase), reason="start")
-        t_net = time.perf_counter()
-        self._emit("netconf.applied", phases=["attach", "activate"], ms=_ms(t_qmp, t_net))
-
-        await self.qmp.execute("cont")
-        t_run = time.perf_counter()
-        self.timings = {
-            "spawn": _ms(t0, t_spawn), "qmp_ready": _ms(t_spawn, t_qmp),
-            "netconf": _ms(t_qmp, t_net), "cont": _ms(t_net, t_run), "total": _ms(t0, t_run),
-        }
-        self.sm.move(State.RUNNING, "started")
-        self._emit("instance.started", timings_ms=self.timings, pid=self.proc.pid)
+    def _needs_root(self) -> bool:
+        return isinstance(self.migration, IncomingMigration) and self.migration.postcopy
 
     async def _connect_qmp(self) -> qmp_glue.QMPClient:
         """Connect QMP, or fail fast with QEMU's own words if it exits first."""
@@ -351,8 +399,13 @@ class Instance:
         return []
 
     # -- supervision ---------------------------------------------------
+    def spawn(self, fn, *args) -> None:
+        """Run ``fn(*args)`` as a task of this instance (ends with it)."""
+        self._nursery.start_soon(fn, *args)
+
     async def _supervise(self) -> None:
         async with trio.open_nursery() as n:
+            self._nursery = n
             n.start_soon(self._forward_events)
             n.start_soon(self._serve_stop)
             await self.proc.wait()
@@ -372,6 +425,8 @@ class Instance:
                 self.sm.move(State.RUNNING, "qmp RESUME")
             elif name == "SHUTDOWN" and data.get("guest") and not self._stopping:
                 self._guest_shutdown = True
+            elif name == "MIGRATION" and self.migration is not None:
+                self.migration.on_event(ev)
         # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
         # lingers with a dead monitor it cannot be controlled any more.
         if not self._stopping:
@@ -414,7 +469,16 @@ class Instance:
     async def _after_exit(self) -> None:
         await self.qmp.aclose()
         rc = self.proc.returncode
-        if self._stopping or self._guest_shutdown:
+        incoming_failed = isinstance(self.migration, IncomingMigration) and not self.migration.activated
+        if self._migrated:
+            reason = "migrate-out"
+        elif incoming_failed:
+            # QEMU 7.2 exits by itself when an incoming migration fails: a
+            # failure of the migration, not a crash.  No L3 was ever applied.
+            reason = "rollback"
+            self.error = "incoming migration aborted" if self.migration.aborted else \
+                f"incoming migration failed (qemu exited with status {rc}, last status {self.migration.status})"
+        elif self._stopping or self._guest_shutdown:
             reason = "stop"
         else:
             reason = "crash"
@@ -425,8 +489,75 @@ class Instance:
             self.ctx.layout.remove_instance(self.name)
         if reason == "crash":
             self.sm.move(State.CRASHED, self.error)
+        elif reason == "rollback":
+            self.sm.move(State.FAILED, self.error)
+        elif reason == "migrate-out":
+            self.sm.move(State.STOPPED, "migrated")
         else:
             self.sm.move(State.STOPPED, "guest shutdown" if self._guest_shutdown and not self._stopping else "stopped")
+
+    # -- migration -----------------------------------------------------
+    async def apply_l3(self, reason: str) -> None:
+        for nic in self.nics:
+            await self.ctx.worker.run(self.executor.apply, netconf.plan(nic, "activate"), reason=reason)
+
+    async def release_l3(self) -> None:
+        """Undo exactly the journal's activate entries (routes, rules, sysctls)."""
+        await self.ctx.worker.run(self.executor.undo, reason="migrate-out", phases={"activate"})
+
+    async def announce_routed(self) -> None:
+        """Gratuitous ARP / unsolicited NA for routed guests on the node's uplinks."""
+        ifaces = self.ctx.cfg.announce_interfaces
+        announce = getattr(netconf, "announce", None)
+        if not ifaces or announce is None:
+            return
+        for nic in self.nics:
+            if nic.mode == "routed":
+                try:
+                    res = await self.ctx.worker.run(announce, ifaces, ip=nic.ip, ip6=nic.ip6)
+                    self._emit("migration.announced", mac=nic.mac, results=res)
+                except netconf.NetconfError as e:
+                    self._emit("migration.announce_failed", mac=nic.mac, error=str(e))
+
+    async def migrate(self, opts: MigrateOptions) -> OutgoingMigration:
+        """Start an outgoing migration; returns at once (follow it with the view/events)."""
+        if self.state not in (State.RUNNING, State.PAUSED):
+            raise MigrationError(f"instance is {self.state.value}, not running or paused", "name")
+        self.migration = OutgoingMigration(self, opts)
+        self.sm.move(State.MIGRATING, f"to {opts.to}")
+        self.spawn(self.migration.run)
+        return self.migration
+
+    async def finish_migrated(self) -> None:
+        """Source after ``completed``: quit QEMU; the exit path cleans up."""
+        self._migrated = True
+        self._stopping = True
+        await self._try_qmp("quit")
+        with trio.move_on_after(10):
+            await self.proc.wait()
+        self.proc.signal(signal.SIGKILL)
+
+    async def resume_after_failed_migration(self, l3_released: bool) -> None:
+        """Source after ``failed``/``cancelled``: L3 back, guest running again."""
+        if not self.proc.alive:
+            return
+        if l3_released:
+            await self.apply_l3("rollback")
+        try:
+            status = await self.qmp.execute("query-status")
+            if not status.get("running"):
+                await self.qmp.execute("cont")
+            self.sm.move(State.RUNNING, "migration failed; resumed")
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost) as e:
+            log.error("could not resume after failed migration", error=str(e))
+
+    async def abort_incoming(self) -> None:
+        """The source gave up: tear the destination down (no L3 was applied)."""
+        if not isinstance(self.migration, IncomingMigration) or self.migration.activated:
+            raise MigrationError("not an incoming migration that is still pending", "name")
+        self.migration.aborted = True
+        self.proc.signal(signal.SIGKILL)
+        await self.done.wait()
 
     # -- requests ------------------------------------------------------
     async def stop(self, *, force: bool = False, timeout: float | None = None) -> None:

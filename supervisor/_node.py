@@ -129,8 +129,7 @@ class Node:
     def list(self) -> list[Instance]:
         return [self.instances[k] for k in sorted(self.instances)]
 
-    async def start(self, spec: InstanceSpec) -> Instance:
-        """Start an instance and return once it runs; raise (rolled back) if it can't."""
+    def _claim(self, spec: InstanceSpec) -> Instance:
         name = spec.name
         old = self.instances.get(name)
         if old is not None and not old.state.is_final:
@@ -139,12 +138,44 @@ class Node:
             raise Conflict(f"instance {name!r} has a record on this node")
         inst = Instance(spec, self.ctx)
         self.instances[name] = inst
+        return inst
+
+    async def _start_task(self, inst: Instance, fn, *args):
         try:
-            await self._nursery.start(inst.run)
+            return await self._nursery.start(fn, *args)
         except BaseException:
-            if self.instances.get(name) is inst:
-                del self.instances[name]
+            if self.instances.get(inst.name) is inst:
+                del self.instances[inst.name]
             raise
+
+    async def start(self, spec: InstanceSpec) -> Instance:
+        """Start an instance and return once it runs; raise (rolled back) if it can't."""
+        inst = self._claim(spec)
+        await self._start_task(inst, inst.run)
+        return inst
+
+    async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False) -> str:
+        """Be the destination of a live migration; returns the URI to migrate to."""
+        inst = self._claim(spec)
+        return await self._start_task(inst, inst.run_incoming, postcopy)
+
+    async def abort_incoming(self, name: str) -> Instance:
+        inst = self.get(name)
+        await inst.abort_incoming()
+        return inst
+
+    async def migrate(self, name: str, opts) -> Instance:
+        inst = self.get(name)
+        await inst.migrate(opts)
+        return inst
+
+    async def cancel_migration(self, name: str) -> Instance:
+        from ._migration import MigrationError, OutgoingMigration
+
+        inst = self.get(name)
+        if not isinstance(inst.migration, OutgoingMigration) or inst.migration.done.is_set():
+            raise MigrationError(f"instance {name!r} has no outgoing migration in progress", "name")
+        await inst.migration.cancel()
         return inst
 
     async def stop(self, name: str, *, force: bool = False, timeout: float | None = None) -> Instance:

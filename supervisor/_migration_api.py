@@ -1,0 +1,113 @@
+"""HTTP routes for live migration (added to the API app by ``_api.create_app``).
+
+::
+
+    POST /v1/migrations/incoming              destination: prepare; body {"spec", "postcopy"};
+                                              201 {"uri", "name"} (taps + L2 + qemu -incoming defer -S)
+    POST /v1/migrations/incoming/{name}/abort destination: tear a pending incoming migration down
+    POST /v1/instances/{name}/migrate         source: body {"to", "postcopy", "max_bandwidth",
+                                              "downtime_limit"}; 202 view (follow it with GET)
+    POST /v1/instances/{name}/migrate/cancel  source: migrate_cancel
+
+The destination's token for an ``http://`` peer is the source node's own
+``token_file`` (one cluster token), never part of a request.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ._api import ApiError, _instance, _node, read_json
+from ._instance import StartError, build_nics, check_host
+from ._migration import MigrateOptions, MigrationError
+from ._node import Conflict
+from ._spec import SpecError, _loc, _message, parse_spec
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class PrepareBody(_Body):
+    spec: dict
+    postcopy: bool = False
+
+
+class MigrateBody(_Body):
+    to: str = Field(min_length=1, max_length=4096)
+    postcopy: bool = False
+    max_bandwidth: int | None = Field(default=None, ge=1)
+    downtime_limit: int | None = Field(default=None, ge=1, le=2000000)
+
+
+def _body(model, data):
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _loc(err["loc"])
+        raise ApiError(422, f"{field}: {_message(err)}", field, "invalid_spec") from None
+
+
+async def prepare_incoming(request: Request) -> Response:
+    node = _node(request)
+    body = _body(PrepareBody, await read_json(request))
+    try:
+        spec = parse_spec(body.spec)
+        check_host(build_nics(spec))
+        uri = await node.prepare_incoming(spec, postcopy=body.postcopy)
+    except SpecError as e:
+        raise ApiError(422, f"spec.{e}", f"spec.{e.field}" if e.field else "spec", "invalid_spec") from None
+    except Conflict as e:
+        raise ApiError(409, str(e), e.field, "conflict") from None
+    except (StartError, Exception) as e:  # noqa: BLE001 - rolled back; the answer says why
+        raise ApiError(422, f"prepare failed (rolled back): {type(e).__name__}: {e}", None,
+                       "start_failed") from None
+    return JSONResponse({"name": spec.name, "uri": uri}, 201)
+
+
+async def abort_incoming(request: Request) -> Response:
+    inst = _instance(request)
+    try:
+        await _node(request).abort_incoming(inst.name)
+    except MigrationError as e:
+        raise ApiError(409, str(e), e.field, "conflict") from None
+    return JSONResponse(inst.view())
+
+
+async def migrate(request: Request) -> Response:
+    inst = _instance(request)
+    node = _node(request)
+    body = _body(MigrateBody, await read_json(request))
+    token = None
+    if body.to.startswith(("http://", "https://")) and node.cfg.token_file:
+        token = node.cfg.token_file.read_text().strip()
+    opts = MigrateOptions(to=body.to, postcopy=body.postcopy, max_bandwidth=body.max_bandwidth,
+                          downtime_limit=body.downtime_limit, token=token)
+    try:
+        await node.migrate(inst.name, opts)
+    except MigrationError as e:
+        raise ApiError(409, str(e), e.field, "conflict") from None
+    return JSONResponse(inst.view(), 202)
+
+
+async def cancel(request: Request) -> Response:
+    inst = _instance(request)
+    try:
+        await _node(request).cancel_migration(inst.name)
+    except MigrationError as e:
+        raise ApiError(409, str(e), e.field, "conflict") from None
+    return JSONResponse(inst.view())
+
+
+ROUTES = [
+    Route("/v1/migrations/incoming", prepare_incoming, methods=["POST"]),
+    Route("/v1/migrations/incoming/{name}/abort", abort_incoming, methods=["POST"]),
+    Route("/v1/instances/{name}/migrate", migrate, methods=["POST"]),
+    Route("/v1/instances/{name}/migrate/cancel", cancel, methods=["POST"]),
+]
