@@ -6,7 +6,7 @@ name the key.  Every key has a default so ``qsup run`` works without a file.
 
 from __future__ import annotations
 
-import socket
+import socket as _socket
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -25,7 +25,7 @@ class Config(BaseModel):
     hooks_dir: Path | None = Path("/etc/qsup/hooks")
     qemu: str = "qemu-system-x86_64"
     accel: str = "kvm"
-    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=63)
+    node_name: str = Field(default_factory=_socket.gethostname, min_length=1, max_length=63)
     migration_address: str = "127.0.0.1"
     listen: str | None = None  # "host:port" for node-to-node calls (needs token_file)
     token_file: Path | None = None
