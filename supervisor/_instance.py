@@ -204,7 +204,7 @@ class Instance:
             try:
                 await self._supervise()
             finally:
-                self.done.set()
+                self._finished()
 
     async def run_reattached(self, proc: QemuProcess, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Take over a QEMU that a previous daemon started; never stops or pauses it.
@@ -230,7 +230,7 @@ class Instance:
             try:
                 await self._supervise()
             finally:
-                self.done.set()
+                self._finished()
 
     async def clean_up_dead(self, reason: str) -> None:
         """QEMU is gone (or must go): undo whatever the journal owns, drop the records.
@@ -254,7 +254,7 @@ class Instance:
                 self.ctx.layout.remove_instance(self.name)
             self.error = reason
             self.sm.move(State.CRASHED if "died" in reason else State.FAILED, reason)
-            self.done.set()
+            self._finished()
 
     async def run_incoming(self, postcopy: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Destination of a live migration: L2 now, L3 only at ``completed``."""
@@ -270,7 +270,7 @@ class Instance:
             try:
                 await self._supervise()
             finally:
-                self.done.set()
+                self._finished()
 
     async def _start_incoming(self, postcopy: bool) -> None:
         ctx = self.ctx
@@ -378,7 +378,7 @@ class Instance:
             self.ctx.layout.remove_instance(self.name)
         if self.sm.can(State.FAILED):
             self.sm.move(State.FAILED, self.error)
-        self.done.set()
+        self._finished()
 
     async def _kill_qemu(self) -> None:
         if self.qmp is not None:
@@ -399,6 +399,10 @@ class Instance:
         return []
 
     # -- supervision ---------------------------------------------------
+    def _finished(self) -> None:
+        self.executor.journal.close()
+        self.done.set()
+
     def spawn(self, fn, *args) -> None:
         """Run ``fn(*args)`` as a task of this instance (ends with it)."""
         self._nursery.start_soon(fn, *args)

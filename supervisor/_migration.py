@@ -65,6 +65,8 @@ class MigrateOptions:
     max_bandwidth: int | None = None  # bytes/s
     downtime_limit: int | None = None  # ms
     token: str | None = None  # bearer token for an http:// destination
+    #: cancel when no RAM moved for this long (a dead link stalls TCP, it doesn't fail it)
+    stall_timeout: float = 15.0
 
 
 def free_port(address: str) -> int:
@@ -243,10 +245,26 @@ class OutgoingMigration:
                 return
 
     async def _poll_progress(self) -> None:
+        """``query-migrate`` at <= 4 Hz for the progress view, and stall detection.
+
+        Progress only; the events alone decide state.  A link that goes down
+        stalls the TCP stream without failing it, so if nothing moves for
+        ``stall_timeout`` the migration is cancelled (and then rolled back
+        by the ``cancelled`` event like any other).
+        """
+        last, since = -1, time.monotonic()
         while True:
             try:
                 self.progress.update(await self.inst.qmp.execute("query-migrate", timeout=5))
             except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+                return
+            now = time.monotonic()
+            if self.progress.transferred != last or self.status in ("pre-switchover", "device"):
+                last, since = self.progress.transferred, now
+            elif now - since > self.opts.stall_timeout and self.status not in ("postcopy-active",):
+                self.error = f"no progress for {self.opts.stall_timeout:.0f}s; cancelled"
+                self.inst._emit("migration.stalled", after_s=self.opts.stall_timeout)
+                await self.cancel()
                 return
             await trio.sleep(1 / PROGRESS_HZ)
 

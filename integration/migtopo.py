@@ -1,0 +1,149 @@
+"""The two-node migration topology from DESIGN.md, for tests and the demo.
+
+::
+
+    client ns:  bridge "lan" 192.168.100.1/24, route 10.99.0.0/24 dev lan (on-link: the
+                client ARPs for guests and the node holding the /32 answers by proxy ARP)
+       |-- veth --> nodeA "uplink" 192.168.100.2 (proxy_arp=1, forwarding, default via client)
+       |-- veth --> nodeB "uplink" 192.168.100.3
+    nodeA "mig" 10.200.0.1/30 <-- veth --> nodeB "mig" 10.200.0.2/30   (the migration stream)
+
+Each node runs its own `qsup serve` (own state dir, run dir and API socket).
+Bridged mode: each node also has bridge br0 with a port "lanbr" on the client's lan.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from topo import VENV_BIN, Netns, QsupDaemon, veth
+
+HERE = Path(__file__).resolve().parent
+
+
+class TwoNodes:
+    def __init__(self, workdir: Path, prefix: str = "qst"):
+        self.workdir = workdir
+        self.made: list[Netns] = []
+        self.daemons: list[QsupDaemon] = []
+        self.client = self._ns(prefix)
+        self.a = self._ns(prefix)
+        self.b = self._ns(prefix)
+        c = self.client
+        c.run("ip", "link", "add", "lan", "type", "bridge")
+        c.run("ip", "link", "set", "lan", "up")
+        c.run("ip", "addr", "add", "192.168.100.1/24", "dev", "lan")
+        c.run("ip", "route", "add", "10.99.0.0/24", "dev", "lan")
+        c.run("sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0")
+        for i, (node, letter) in enumerate(((self.a, "a"), (self.b, "b"))):
+            veth(node, "uplink", c, f"to{letter}")
+            c.run("ip", "link", "set", f"to{letter}", "master", "lan")
+            node.run("ip", "addr", "add", f"192.168.100.{2 + i}/24", "dev", "uplink")
+            node.run("ip", "route", "add", "default", "via", "192.168.100.1")
+            node.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.uplink.proxy_arp=1")
+            # bridged mode: br0 with a port on the client's lan
+            veth(node, "lanbr", c, f"br{letter}")
+            c.run("ip", "link", "set", f"br{letter}", "master", "lan")
+            node.run("ip", "link", "add", "br0", "type", "bridge")
+            node.run("ip", "link", "set", "br0", "up")
+            node.run("ip", "link", "set", "lanbr", "master", "br0")
+        veth(self.a, "mig", self.b, "mig")
+        self.a.run("ip", "addr", "add", "10.200.0.1/30", "dev", "mig")
+        self.b.run("ip", "addr", "add", "10.200.0.2/30", "dev", "mig")
+
+    def _ns(self, prefix: str) -> Netns:
+        ns = Netns(prefix)
+        self.made.append(ns)
+        return ns
+
+    def start_daemons(self, extra_config: str = "") -> tuple[QsupDaemon, QsupDaemon]:
+        for node, letter, addr in ((self.a, "a", "10.200.0.1"), (self.b, "b", "10.200.0.2")):
+            d = self.workdir / f"node-{letter}"
+            d.mkdir(exist_ok=True)
+            self.daemons.append(QsupDaemon(
+                node, d, extra_config=f'node_name = "node-{letter}"\nmigration_address = "{addr}"\n'
+                                      f'announce_interfaces = ["uplink"]\n' + extra_config))
+        return self.daemons[0], self.daemons[1]
+
+    def close(self) -> list[int]:
+        leaked = []
+        for d in self.daemons:
+            leaked += d.close()
+        for ns in reversed(self.made):
+            ns.close()
+        return leaked
+
+
+class RouteSampler:
+    """route_sampler.py in a node namespace; transitions read back after stop()."""
+
+    def __init__(self, ns: Netns, addr: str, out: Path):
+        self.out = out
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, str(VENV_BIN / "python"),
+                                      str(HERE / "route_sampler.py"), addr, str(out)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> list[tuple[float, int]]:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        out = []
+        for line in self.out.read_text().splitlines():
+            t, v = line.split()[:2]
+            if v != "end":
+                out.append((float(t), int(v)))
+        return out
+
+
+def intervals(transitions: list[tuple[float, int]], t_end: float) -> list[tuple[float, float]]:
+    """Present-intervals [(start, end)] from transitions."""
+    res, start = [], None
+    for t, v in transitions:
+        if v and start is None:
+            start = t
+        elif not v and start is not None:
+            res.append((start, t))
+            start = None
+    if start is not None:
+        res.append((start, t_end))
+    return res
+
+
+def overlap_and_gap(a: list, b: list, t_end: float) -> tuple[float, float]:
+    """Seconds both held the route; and the longest time neither did after A first held it."""
+    ia, ib = intervals(a, t_end), intervals(b, t_end)
+    overlap = sum(max(0.0, min(x1, y1) - max(x0, y0)) for x0, x1 in ia for y0, y1 in ib)
+    # gap: from A's last release to B's first acquisition after it
+    gap = 0.0
+    if ia and ib:
+        a_release = ia[-1][1] if ia[-1][1] < t_end else None
+        b_start = [s for s, _ in ib if a_release is not None and s >= a_release]
+        if a_release is not None and b_start:
+            gap = b_start[0] - a_release
+    return overlap, gap
+
+
+class Pinger:
+    """`ping -i 0.01 -D` from the client; counts sent/received."""
+
+    def __init__(self, ns: Netns, addr: str):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "ping", "-n", "-D", "-i", "0.01",
+                                      "-W", "1", addr], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+
+    def stop(self) -> dict:
+        self.proc.send_signal(2)
+        out, _ = self.proc.communicate(timeout=10)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        sent, recv = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        seqs = [int(x) for x in re.findall(r"icmp_seq=(\d+)", out)]
+        return {"sent": sent, "received": recv, "lost": sent - recv, "seqs": seqs}
+
+
+def loss_budget(downtime_ms: float) -> int:
+    return math.ceil((downtime_ms + 20) / 10)
