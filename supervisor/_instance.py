@@ -176,7 +176,10 @@ class Instance:
             # The NIC<->tap association, keyed by the stable NIC id (the MAC).
             "nics": {n.nic_id: n.to_dict() for n in self.nics},
             "created": self.created,
-            "migration": self.migration.direction if self.migration else None,
+            "migration": {"direction": self.migration.direction,
+                          "postcopy": getattr(self.migration, "postcopy", False)
+                          or getattr(getattr(self.migration, "opts", None), "postcopy", False)}
+            if self.migration and not getattr(self.migration, "activated", False) else None,
         }
 
     def _save(self) -> None:
@@ -206,7 +209,8 @@ class Instance:
             finally:
                 self._finished()
 
-    async def run_reattached(self, proc: QemuProcess, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_reattached(self, proc: QemuProcess, migration: dict | None = None, *,
+                             task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Take over a QEMU that a previous daemon started; never stops or pauses it.
 
         Reconnects the supervisor's monitor (a unix socket path, so it
@@ -223,12 +227,21 @@ class Instance:
                     await self.qmp.aclose()
                 raise
             st = status.get("status", "")
-            new = State.RUNNING if status.get("running") else State.PAUSED
-            self.sm.move(new, f"reattached (qemu status {st})")
-            self._emit("instance.reattached", pid=proc.pid, qemu_status=st)
+            if migration and migration["direction"] == "in":
+                # before supervision starts, so no MIGRATION event is missed
+                self.migration = IncomingMigration(self, migration.get("postcopy", False))
+            if migration:
+                self.sm.move(State.MIGRATING, f"reattached mid-migration (qemu status {st})")
+            else:
+                new = State.RUNNING if status.get("running") else State.PAUSED
+                self.sm.move(new, f"reattached (qemu status {st})")
+            self._emit("instance.reattached", pid=proc.pid, qemu_status=st, migration=migration)
             task_status.started(self)
             try:
-                await self._supervise()
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._supervise)
+                    if migration:
+                        await self._recover_migration(migration, st)
             finally:
                 self._finished()
 
@@ -501,6 +514,42 @@ class Instance:
             self.sm.move(State.STOPPED, "guest shutdown" if self._guest_shutdown and not self._stopping else "stopped")
 
     # -- migration -----------------------------------------------------
+    async def _recover_migration(self, migration: dict, qemu_status: str) -> None:
+        """A daemon died mid-migration; finish it from what QEMU says now.
+
+        Whatever happened, the guest must end running on exactly one node
+        with L3 on exactly that node:
+
+        * destination, migration completed (guest paused, no L3 yet): L3, ``cont``;
+          still ``inmigrate``: keep waiting for the event;
+        * source, ``postmigrate``/``completed``: release L3, ``quit``;
+          anything else: cancel the migration and keep the guest here, L3
+          re-applied (idempotent) and running.
+        """
+        while self._nursery is None:
+            await trio.sleep(0)
+        info = await self.qmp.execute("query-migrate")
+        mstatus = info.get("status", "none")
+        self._emit("migration.recovering", direction=migration["direction"], qemu_status=qemu_status,
+                   migrate_status=mstatus)
+        if migration["direction"] == "in":
+            self.migration.status = mstatus
+            if (qemu_status == "inmigrate" and mstatus != "completed") or self.migration.activated:
+                return  # the MIGRATION event comes to our new monitor connection
+            self.migration.activated = True
+            await self.migration.activate(time.time())
+            return
+        if qemu_status == "postmigrate" or mstatus == "completed":
+            await self.release_l3()
+            await self.finish_migrated()
+            return
+        if mstatus in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
+            try:
+                await self.qmp.execute("migrate_cancel")
+            except qmp_glue.QMPError as e:
+                log.warning("migrate_cancel during recovery", error=str(e))
+        await self.resume_after_failed_migration(True)
+
     async def apply_l3(self, reason: str) -> None:
         for nic in self.nics:
             await self.ctx.worker.run(self.executor.apply, netconf.plan(nic, "activate"), reason=reason)

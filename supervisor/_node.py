@@ -112,7 +112,7 @@ class Node:
                 await inst.clean_up_dead("start interrupted by a daemon restart")
             else:
                 try:
-                    await self._nursery.start(inst.run_reattached, proc)
+                    await self._nursery.start(inst.run_reattached, proc, rec.get("migration"))
                 except Exception as e:  # noqa: BLE001 - one bad instance must not stop the others
                     log.error("reattach failed", instance=name, error=str(e))
                     self.events.emit("instance.reattach_failed", instance=name, error=str(e))
