@@ -209,6 +209,8 @@ SIOCGIFINDEX = 0x8933
 # be most of announce()'s time.  Keyed by the calling thread's netns inode;
 # only the latest netns is kept, so at most one namespace is pinned.  A
 # socket keeps its netns alive, so the inode cannot be reused under us.
+# announce() is meant for one thread (netconf's worker): a switch of netns
+# closes the previous socket, which another thread might still be using.
 _cache: tuple[int, socket.socket] | None = None
 _cache_lock = threading.Lock()
 
@@ -226,7 +228,11 @@ def _packet_socket() -> socket.socket:
     with _cache_lock:
         if _cache is not None and _cache[0] == key:
             return _cache[1]
-        old, _cache = _cache, (key, socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except OSError as e:  # EPERM without CAP_NET_RAW
+            raise NetconfError(f"announce: cannot open a packet socket: {e}") from e
+        old, _cache = _cache, (key, s)
     if old is not None:
         old[1].close()  # slow (see above), but only when the netns changes
     return _cache[1]
