@@ -7,6 +7,7 @@
 * :func:`open_tap` opens the NIC's tap, whose fds the supervisor hands to QEMU.
 """
 
+from ._announce import announce
 from ._check import check_link, resolve_table
 from ._executor import Executor
 from ._hooks import HookError, HookResult, Hooks, StepHooks, hook_env
@@ -20,5 +21,5 @@ __all__ = [
     "Nic", "NetconfError", "Phase", "Reason", "open_tap", "TapHandle", "tap_name_for",
     "plan", "Plan", "Step", "STEP_NAMES", "Journal", "Executor", "NetconfWorker",
     "check_link", "resolve_table",
-    "Hooks", "HookError", "HookResult", "StepHooks", "hook_env",
+    "Hooks", "HookError", "HookResult", "StepHooks", "hook_env", "announce",
 ]
