@@ -71,6 +71,9 @@ class Node:
         hooks = netconf.Hooks(self.cfg.hooks_dir, timeout=self.cfg.hook_timeout) if self.cfg.hooks_dir else None
         with qmp_glue.AsyncioThread() as aio, netconf.NetconfWorker() as worker:
             self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks)
+            if self.cfg.announce_interfaces:
+                # open the packet socket now: the first announce is on a migration's critical path
+                await worker.run(netconf.announce, [])
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
