@@ -412,6 +412,8 @@ class _Outer:
             if self.token is not None and not self._authorized(scope):
                 await error_response(401, "missing or wrong bearer token", None, "unauthorized",
                                      {"www-authenticate": "Bearer"})(scope, receive, send_)
+            elif scope.get("path") == "/v1/events" and scope.get("method") == "GET":
+                await self._events(scope, receive, send, send_, status)
             else:
                 await self.app(scope, receive, send_)
         except Exception as e:  # noqa: BLE001 -- logged; the client got (or gets) a JSON 500
@@ -425,6 +427,23 @@ class _Outer:
             if status[0] >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
                 log.info("request", method=method[:20], path=scope.get("path", "")[:200], status=status[0],
                          ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    async def _events(self, scope, receive, send, send_, status) -> None:
+        """``GET /v1/events`` straight to the stream, past Starlette's middleware.
+
+        Each of the three middleware layers wraps ``send`` in another coroutine; one event goes
+        out once per follower, so on this route those layers are most of the per-send cost that
+        is not the server's own.  Same validation and errors as every other route.
+        """
+        request = Request(scope, receive)
+        try:
+            since = _query_int(request, "since", 0)
+            follow = _query_bool(request, "follow", False)
+        except ApiError as e:
+            await error_response(e.status, e.message, e.field, e.code)(scope, receive, send_)
+            return
+        status[0] = 200
+        await EventStream(self.app.state, since, follow)(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
         for k, v in scope.get("headers", []):

@@ -27,8 +27,12 @@ def qsup(*args, env=None, timeout=30, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*QSUP, *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT, **kw)
 
 
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "QSUP_SOCKET")}
+
+
 class Daemon:
-    def __init__(self, tmp: Path, **cfg):
+    def __init__(self, tmp: Path, env: dict | None = None, **cfg):
         self.sock = tmp / "qsup.sock"
         self.config = tmp / "qsup.toml"
         lines = {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "socket": str(self.sock),
@@ -36,7 +40,8 @@ class Daemon:
         self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items()))
         self.log = open(tmp / "daemon.log", "w+")
         self.proc = subprocess.Popen([*QSUP, "serve", "--config", str(self.config)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+                                     stderr=subprocess.STDOUT, env={**_env(), "PYTHONPATH": str(ROOT), **(env or {})},
+                                     cwd=ROOT)
         deadline = time.monotonic() + 20
         while '"ready"' not in Path(self.log.name).read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -250,3 +255,24 @@ def test_tcp_listener_needs_the_token(tmp_path):
         assert r.returncode == 2 and "local socket" in one_error_line(r)
     finally:
         assert d.stop() == 0
+
+
+def test_systemd_notify_ready_after_reattach_and_stopping(tmp_path):
+    import socket as s
+
+    notify = s.socket(s.AF_UNIX, s.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(20)
+    d = Daemon(tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        msg = notify.recv(4096).decode()
+        assert "READY=1" in msg.split("\n")
+        # READY was sent once serving: the API answers, and the ready log line came first
+        assert d.cli("ls", "--json").returncode == 0
+        log = Path(d.log.name).read_text()
+        assert log.index('"reattached"') < log.index('"ready"')
+    finally:
+        assert d.stop() == 0
+        notify.settimeout(5)
+        assert "STOPPING=1" in notify.recv(4096).decode()
+        notify.close()
