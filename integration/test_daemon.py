@@ -144,30 +144,38 @@ def test_tailer_sees_the_lifecycle_in_order_and_qmp_shell_works(node, daemon_fac
 
 
 def test_qemu_killed_while_the_daemon_is_down_is_cleaned_up(node, daemon_factory):
+    """The tap (and routes through it) vanish with QEMU; the policy rule does not: the journal must."""
     node_ns, client = node
     dm = daemon_factory(node_ns)
-    v = dm.start_instance(routed("k1", "10.99.0.31", "52:54:00:aa:03:01"))
+    spec = guest_spec("k1", [{"mode": "routed", "mac": "52:54:00:aa:03:01", "ip": "10.99.0.31", "link": "100"}],
+                      append="guest.ip0=10.99.0.31/32")
+    v = dm.start_instance(spec)
     tap, pid = v["nics"][0]["tap"], v["pid"]
-    assert f"10.99.0.31 dev {tap}" in node_ns.run("ip", "route", "show", "10.99.0.31")
+    assert f"10.99.0.31 dev {tap}" in node_ns.run("ip", "route", "show", "table", "100")
+    assert f"iif {tap} lookup 100" in node_ns.run("ip", "rule", "show")
     last = dm.events()[-1]["seq"]
     dm.kill()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    # qemu is gone but its route is not: nobody undid the journal yet
-    assert node_ns.run("ip", "route", "show", "10.99.0.31") != ""
-    dm.start()
-    assert node_ns.run("ip", "route", "show", "10.99.0.31") == "", "journal not undone on restart"
+    # QEMU is gone and its tap with it, but the rule is host state nobody has undone yet
     assert tap not in node_ns.links()
+    assert f"iif {tap} [detached] lookup 100" in node_ns.run("ip", "rule", "show")
+    dm.start()
+    assert f"iif {tap}" not in node_ns.run("ip", "rule", "show"), "journal not undone on restart"
+    assert "10.99.0.31" not in node_ns.run("ip", "route", "show", "table", "all")
     assert node_ns.sysctl("net.ipv4.ip_forward") == "1"  # the node's own settings are untouched
     shown = dm.cli_json("show", "k1")
     assert shown["state"] == "crashed" and "while qsup was down" in (shown["error"] or "")
     evs = [e for e in dm.events(since=last) if e.get("instance") == "k1"]
     types = [e["type"] for e in evs]
     assert "netconf.undone" in types and "instance.crashed" in types
+    assert types.index("netconf.undone") < types.index("instance.crashed")
     assert not (dm.state_dir / "instances" / "k1").exists()
     assert not (dm.run_dir / "k1").exists()
+    # the name is free again once the crashed entry is deleted
+    assert dm.cli_json("stop", "k1")["state"] == "crashed"
 
 
 def test_sigterm_leaves_guests_running_and_stop_mode_stops_them(node, daemon_factory):
