@@ -32,6 +32,14 @@ counted in ``qsup_http_requests_total{status=...}``.
 
 No handler lets an exception escape as a bare traceback: the outer middleware turns anything
 unexpected into a JSON 500 (and logs it), so the API's contract holds even for bugs.
+
+``DELETE`` is "make it gone": a live instance is force-stopped (SIGTERM to QEMU, netconf undone)
+and then dropped from the table; an instance that already ended is just dropped.  ``stop`` of
+an instance that already ended answers 200 with its final view.
+
+``GET /v1/events`` is answered by the outer layer directly (:class:`EventStream`), past
+Starlette's middleware, because its cost per follower per event is what fan-out latency is made
+of; the route is also registered with Starlette so the routing table stays complete.
 """
 
 from __future__ import annotations
