@@ -108,6 +108,18 @@ class Client:
     def delete(self, name: str) -> dict:
         return self._request("DELETE", f"/v1/instances/{_seg(name)}").json()
 
+    def migrate(self, name: str, to: str, *, postcopy: bool = False, max_bandwidth: int | None = None,
+                downtime_limit: int | None = None) -> dict:
+        body: dict = {"to": to, "postcopy": postcopy}
+        if max_bandwidth:
+            body["max_bandwidth"] = max_bandwidth
+        if downtime_limit:
+            body["downtime_limit"] = downtime_limit
+        return self._request("POST", f"/v1/instances/{_seg(name)}/migrate", json=body).json()
+
+    def cancel_migration(self, name: str) -> dict:
+        return self._request("POST", f"/v1/instances/{_seg(name)}/migrate/cancel").json()
+
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 
@@ -125,10 +137,10 @@ class Client:
         except (httpx.ConnectError, httpx.ConnectTimeout, FileNotFoundError, ConnectionRefusedError,
                 PermissionError) as e:
             raise Unreachable(f"cannot reach the qsup daemon at {self.where}: {_reason(e)}") from None
-        except (httpx.RemoteProtocolError, httpx.ReadError):
+        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
             if not follow:
-                raise
-            return  # the daemon went away mid-stream: the follow ends
+                raise Unreachable(f"the qsup daemon at {self.where} went away mid-stream: {_reason(e)}") from None
+            return  # the daemon went away (stopped, restarted): the follow ends
 
 
 def _seg(name: str) -> str:
