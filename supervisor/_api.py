@@ -468,7 +468,9 @@ def create_app(node, events, metrics: Metrics | None = None, *, token: str | Non
         metrics = Metrics()
         metrics.observe_node(node)
         metrics.watch(events)
-    app = Starlette(routes=ROUTES, exception_handlers={
+    from ._migration_api import ROUTES as MIGRATION_ROUTES  # it imports this module
+
+    app = Starlette(routes=ROUTES + MIGRATION_ROUTES, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, Exception: _internal})
     app.state.node = node
     app.state.events = events

@@ -170,6 +170,7 @@ class OutgoingMigration:
         self.l3_released = False
         self.t0 = time.time()
         self.dest_view: dict | None = None
+        self.total_ms: float | None = None
         self.done = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
 
@@ -178,7 +179,7 @@ class OutgoingMigration:
         return {"direction": "out", "to": self.opts.to, "status": self.status, "result": self.result,
                 "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
-                "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms,
+                "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
                 "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
 
     def on_event(self, ev: dict) -> None:
@@ -270,6 +271,7 @@ class OutgoingMigration:
 
     async def _finish(self, peer: PeerClient, prepared: bool) -> None:
         inst = self.inst
+        self.total_ms = round((time.time() - self.t0) * 1000, 1)
         if self.result == "completed":
             try:
                 self.progress.update(await inst.qmp.execute("query-migrate", timeout=5))
@@ -280,7 +282,7 @@ class OutgoingMigration:
                     self.dest_view = await peer.show(inst.name)
             except (MigrationError, trio.TooSlowError):
                 self.dest_view = None
-            summary = {"total_ms": round((time.time() - self.t0) * 1000, 1),
+            summary = {"total_ms": self.total_ms,
                        "downtime_ms": self.progress.downtime_ms,
                        "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
             inst._emit("migration.completed", **summary)
