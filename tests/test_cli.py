@@ -276,3 +276,12 @@ def test_systemd_notify_ready_after_reattach_and_stopping(tmp_path):
         notify.settimeout(5)
         assert "STOPPING=1" in notify.recv(4096).decode()
         notify.close()
+
+
+def test_sigint_exits_cleanly_like_sigterm(tmp_path):
+    d = Daemon(tmp_path)
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=20) == 0
+    d.log.close()
+    assert not d.sock.exists()
+    assert '"signal": "SIGINT"' in Path(d.log.name).read_text()
