@@ -141,8 +141,11 @@ class Pinger:
         out, _ = self.proc.communicate(timeout=10)
         m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         sent, recv = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        seqs = [int(x) for x in re.findall(r"icmp_seq=(\d+)", out)]
-        return {"sent": sent, "received": recv, "lost": sent - recv, "seqs": seqs}
+        seqs = sorted({int(x) for x in re.findall(r"icmp_seq=(\d+)", out)})
+        # lost = requests with no reply *between* replies; the ones still in flight when
+        # ping was stopped are not losses
+        lost = (seqs[-1] - seqs[0] + 1 - len(seqs)) if seqs else sent
+        return {"sent": sent, "received": recv, "lost": lost, "seqs": seqs}
 
 
 def loss_budget(downtime_ms: float) -> int:

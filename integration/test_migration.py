@@ -88,6 +88,9 @@ def test_routed_migration_under_ping_zero_overlap(nodes, tmp_path):
     ra, rb = sa.stop(), sb.stop()
     overlap, gap = overlap_and_gap(ra, rb, t_end)
     downtime = summary["downtime_ms"]
+    seqs = res["seqs"]
+    holes = [(x, y) for x, y in zip(seqs, seqs[1:]) if y - x > 1]
+    print("ping holes", holes, "route A", ra, "route B", rb)
     print(json.dumps({"overlap_ms": overlap * 1000, "gap_ms": gap * 1000, "downtime_ms": downtime,
                       "ping": {k: v for k, v in res.items() if k != "seqs"}, "summary": summary}))
     assert summary["result"] == "completed"

@@ -56,7 +56,29 @@ def _features(fd: int) -> int:
     return struct.unpack("I", buf)[0]
 
 
-def open_tap(name: str, queues: int = 1) -> TapHandle:
+SIOCSIFHWADDR = 0x8924
+ARPHRD_ETHER = 1
+
+
+def set_tap_mac(name: str, mac: str) -> None:
+    """Give a (down, just created) tap its MAC before anything uses it.
+
+    qsup sets the tap's MAC to the guest MAC with ``fe:`` as the first
+    octet (see ``_plan.fe_mac``), on every node.  That matters for live
+    migration: the guest's neighbour entry for its gateway (169.254.0.1,
+    fe80::1) points at the tap's MAC, and after a migration it must still
+    be right on the new node, or the guest keeps sending to a MAC nobody
+    has until its ARP entry times out.
+    """
+    import socket
+
+    hw = bytes(int(x, 16) for x in mac.split(":"))
+    ifr = struct.pack("16sH6s8x", name.encode(), ARPHRD_ETHER, hw)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s.fileno(), SIOCSIFHWADDR, ifr)
+
+
+def open_tap(name: str, queues: int = 1, mac: str | None = None) -> TapHandle:
     """Create (or attach to) tap ``name`` and return one fd per queue.
 
     Raises ``ValueError`` for a bad name/queue count and ``OSError`` from the
@@ -85,6 +107,8 @@ def open_tap(name: str, queues: int = 1) -> TapHandle:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             fds.append(fd)
             fcntl.ioctl(fd, TUNSETIFF, ifr)
+        if mac:
+            set_tap_mac(name, mac)
     except BaseException:
         for fd in fds:
             os.close(fd)

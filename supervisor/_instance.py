@@ -329,7 +329,7 @@ class Instance:
         taps = []
         try:
             for nic in self.nics:
-                taps.append(netconf.open_tap(nic.tap, nic.queues))
+                taps.append(netconf.open_tap(nic.tap, nic.queues, mac=netconf.fe_mac(nic.mac)))
             argv = build_argv(
                 self.spec, ctx.cfg, ctx.layout,
                 [NicFds(n.mac, tuple(t.fds), t.vnet_hdr) for n, t in zip(self.nics, taps)],

@@ -277,11 +277,18 @@ class OutgoingMigration:
                 self.progress.update(await inst.qmp.execute("query-migrate", timeout=5))
             except Exception:  # noqa: BLE001 - the summary is best effort
                 pass
-            try:
-                with trio.fail_after(10):
-                    self.dest_view = await peer.show(inst.name)
-            except (MigrationError, trio.TooSlowError):
-                self.dest_view = None
+            # the destination activates on its own ``completed`` event, at about the
+            # same moment as ours: wait (briefly) for its activation figures
+            with trio.move_on_after(10):
+                while True:
+                    try:
+                        self.dest_view = await peer.show(inst.name)
+                    except MigrationError:
+                        break
+                    m = self.dest_view.get("migration") or {}
+                    if m.get("activation") or self.dest_view.get("state") != "migrating":
+                        break
+                    await trio.sleep(0.02)
             summary = {"total_ms": self.total_ms,
                        "downtime_ms": self.progress.downtime_ms,
                        "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
