@@ -320,6 +320,7 @@ def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detac
         m = _follow_migration(c, name, quiet=as_json)
     summary = {"name": name, "to": to, "result": m.get("result") or "failed", "error": m.get("error"),
                "total_ms": m.get("total_ms"), "downtime_ms": m.get("downtime_ms"),
+               "switchover_ms": m.get("switchover_ms"),
                "activation": m.get("activation")}
     if as_json:
         _echo_json(summary)
@@ -327,6 +328,7 @@ def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detac
         act = summary["activation"] or {}
         click.echo(f"{name}: {summary['result']}" + (f" ({summary['error']})" if summary["error"] else ""))
         click.echo(f"  total {summary['total_ms']} ms, downtime {summary['downtime_ms']} ms (QEMU), "
+                   f"source stop -> destination completed {summary['switchover_ms']} ms, "
                    f"activation {act.get('event_to_cont_ms', '-')} ms from the completed event to cont "
                    f"(L3 after {act.get('event_to_l3_ms', '-')} ms)")
     sys.exit(0 if summary["result"] == "completed" else EXIT_FAILED)

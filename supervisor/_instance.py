@@ -435,7 +435,10 @@ class Instance:
         async for ev in self.qmp.events():
             name, data = ev.get("event", "?"), ev.get("data", {})
             ts = ev.get("timestamp", {})
-            self._emit(f"qmp.{name}", data=data, qmp_ts=ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6)
+            ev_ts = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+            self._emit(f"qmp.{name}", data=data, qmp_ts=ev_ts)
+            if name == "STOP" and isinstance(self.migration, OutgoingMigration):
+                self.migration.stop_ts = self.migration.stop_ts or ev_ts
             if name == "STOP" and self.state == State.RUNNING and not self._stopping:
                 self.sm.move(State.PAUSED, "qmp STOP")
             elif name == "RESUME" and self.state == State.PAUSED:

@@ -171,6 +171,7 @@ class OutgoingMigration:
         self.t0 = time.time()
         self.dest_view: dict | None = None
         self.total_ms: float | None = None
+        self.stop_ts: float | None = None  # QMP timestamp of the source guest's STOP
         self.done = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
 
@@ -180,10 +181,23 @@ class OutgoingMigration:
                 "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
+                "switchover_ms": self.switchover_ms(((self.dest_view or {}).get("migration") or {}).get("activation")),
                 "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
 
     def on_event(self, ev: dict) -> None:
         self._events_send.send_nowait(ev)
+
+    def switchover_ms(self, activation: dict | None) -> float | None:
+        """QEMU's own clocks: source guest STOP -> destination ``completed``.
+
+        QEMU's ``downtime`` is measured on the source and ends when the
+        source has sent everything; the destination still has to load the
+        device state before it reports ``completed``.  This is the window in
+        which no node may hold the guest's L3 (both timestamps are QMP's).
+        """
+        if not activation or not self.stop_ts:
+            return None
+        return round((activation["qmp_ts"] - self.stop_ts) * 1000, 3)
 
     async def run(self) -> None:
         inst = self.inst
@@ -289,9 +303,11 @@ class OutgoingMigration:
                     if m.get("activation") or self.dest_view.get("state") != "migrating":
                         break
                     await trio.sleep(0.02)
+            activation = ((self.dest_view or {}).get("migration") or {}).get("activation")
             summary = {"total_ms": self.total_ms,
                        "downtime_ms": self.progress.downtime_ms,
-                       "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
+                       "switchover_ms": self.switchover_ms(activation),
+                       "activation": activation}
             inst._emit("migration.completed", **summary)
             await inst.finish_migrated()
             return
