@@ -191,6 +191,11 @@ class Instance:
     def _on_state(self, old: State, new: State, reason: str) -> None:
         log.info("state", old=old.value, new=new.value, reason=reason)
         self._emit(f"instance.{new.value}", previous=old.value, reason=reason)
+        # The record matters to a restarted daemon only for starting/migrating
+        # (running vs paused comes from query-status), so pause/resume don't
+        # pay two fsyncs on the trio thread.
+        if {old, new} <= {State.RUNNING, State.PAUSED}:
+            return
         if not new.is_final and self.ctx.layout.instance_dir(self.name).exists():
             self._save()
 

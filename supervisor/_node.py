@@ -115,7 +115,7 @@ class Node:
                 await inst.clean_up_dead("start interrupted by a daemon restart")
             else:
                 try:
-                    await self._nursery.start(inst.run_reattached, proc, rec.get("migration"))
+                    await self._nursery.start(self._guarded, inst, inst.run_reattached, proc, rec.get("migration"))
                 except Exception as e:  # noqa: BLE001 - one bad instance must not stop the others
                     log.error("reattach failed", instance=name, error=str(e))
                     self.events.emit("instance.reattach_failed", instance=name, error=str(e))
@@ -143,9 +143,31 @@ class Node:
         self.instances[name] = inst
         return inst
 
+    async def _guarded(self, inst: Instance, fn, *args, task_status=trio.TASK_STATUS_IGNORED):
+        """Run an instance task so that a bug in one instance can't take the node down.
+
+        Before ``started`` an exception is the start's failure and goes back
+        to the caller; after it, it is logged and reported as an event.
+        """
+        started = False
+
+        class _Status:
+            def started(self, value=None):
+                nonlocal started
+                started = True
+                task_status.started(value)
+
+        try:
+            await fn(*args, task_status=_Status())
+        except Exception as e:  # noqa: BLE001
+            if not started:
+                raise
+            log.exception("instance task failed", instance=inst.name)
+            self.events.emit("instance.internal_error", instance=inst.name, error=f"{type(e).__name__}: {e}")
+
     async def _start_task(self, inst: Instance, fn, *args):
         try:
-            return await self._nursery.start(fn, *args)
+            return await self._nursery.start(self._guarded, inst, fn, *args)
         except BaseException:
             if self.instances.get(inst.name) is inst:
                 del self.instances[inst.name]
