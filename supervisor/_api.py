@@ -526,10 +526,12 @@ def _ok(desc: str, schema: dict, code: int = 200, media: str = "application/json
 
 
 def openapi() -> dict:
+    from . import _migration_api  # it imports this module
+
     view = {"$ref": "#/components/schemas/InstanceView"}
     json_body = lambda ref, required: {"required": required, "content": {  # noqa: E731
         "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
-    return {
+    doc = {
         "openapi": "3.1.0",
         "info": {"title": "qsup node API", "version": "1"},
         "paths": {
@@ -574,3 +576,6 @@ def openapi() -> dict:
             "Error": _ERROR,
         }},
     }
+    doc["paths"].update(_migration_api.openapi_paths(view, json_body, _ok, _err, _NAME_PARAM))
+    doc["components"]["schemas"].update(_migration_api.openapi_schemas())
+    return doc

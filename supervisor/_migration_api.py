@@ -111,3 +111,30 @@ ROUTES = [
     Route("/v1/instances/{name}/migrate", migrate, methods=["POST"]),
     Route("/v1/instances/{name}/migrate/cancel", cancel, methods=["POST"]),
 ]
+
+
+def openapi_paths(view: dict, json_body, ok, err, name_param: dict) -> dict:
+    """The migration routes' part of ``/openapi.json`` (merged by ``_api.openapi``)."""
+    return {
+        "/v1/migrations/incoming": {"post": {
+            "summary": "Destination: prepare an incoming migration (taps, L2, qemu -incoming defer -S)",
+            "requestBody": json_body("PrepareBody", True),
+            "responses": {**ok("Prepared", {"type": "object", "required": ["name", "uri"],
+                                            "properties": {"name": {"type": "string"},
+                                                           "uri": {"type": "string"}}}, 201),
+                          **err(400, 409, 413, 422)}}},
+        "/v1/migrations/incoming/{name}/abort": {"parameters": [name_param], "post": {
+            "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
+            "responses": {**ok("Final view", view), **err(404, 409)}}},
+        "/v1/instances/{name}/migrate": {"parameters": [name_param], "post": {
+            "summary": "Source: start a live migration; follow it with GET /v1/instances/{name}",
+            "requestBody": json_body("MigrateBody", True),
+            "responses": {**ok("Migrating", view, 202), **err(400, 404, 409, 413, 422)}}},
+        "/v1/instances/{name}/migrate/cancel": {"parameters": [name_param], "post": {
+            "summary": "Source: cancel the migration in progress (the guest stays here)",
+            "responses": {**ok("View", view), **err(404, 409)}}},
+    }
+
+
+def openapi_schemas() -> dict:
+    return {"PrepareBody": PrepareBody.model_json_schema(), "MigrateBody": MigrateBody.model_json_schema()}
