@@ -472,9 +472,15 @@ class Instance:
                 await self.proc.wait()
         else:
             timeout = self.ctx.cfg.powerdown_timeout if req.timeout is None else req.timeout
-            await self._try_qmp("system_powerdown")
             with trio.move_on_after(timeout):
-                await self.proc.wait()
+                # Repeat the ACPI press once a second: a guest that has not yet
+                # started listening for it (early boot) drops the first one.
+                while True:
+                    await self._try_qmp("system_powerdown")
+                    with trio.move_on_after(1):
+                        await self.proc.wait()
+                    if not self.proc.alive:
+                        break
             if self.proc.alive:
                 await self._try_qmp("quit")
                 with trio.move_on_after(5):
