@@ -40,6 +40,11 @@ class Config(BaseModel):
     #: uplinks on which a migration destination announces routed guests.
     announce_interfaces: list[str] = []
 
+    @field_validator("hooks_dir", mode="before")
+    @classmethod
+    def _hooks_off(cls, v):
+        return None if v in ("", None) else v
+
     @field_validator("accel")
     @classmethod
     def _accel(cls, v: str) -> str:
