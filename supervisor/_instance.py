@@ -441,6 +441,8 @@ class Instance:
             name, data = ev.get("event", "?"), ev.get("data", {})
             ts = ev.get("timestamp", {})
             ev_ts = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+            if name == "MIGRATION" and self.migration is not None:
+                self.migration.on_event(ev)  # first: activation is on the critical path
             self._emit(f"qmp.{name}", data=data, qmp_ts=ev_ts)
             if name == "STOP" and isinstance(self.migration, OutgoingMigration):
                 self.migration.stop_ts = self.migration.stop_ts or ev_ts
@@ -450,8 +452,6 @@ class Instance:
                 self.sm.move(State.RUNNING, "qmp RESUME")
             elif name == "SHUTDOWN" and data.get("guest") and not self._stopping:
                 self._guest_shutdown = True
-            elif name == "MIGRATION" and self.migration is not None:
-                self.migration.on_event(ev)
         # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
         # lingers with a dead monitor it cannot be controlled any more.
         if not self._stopping:
