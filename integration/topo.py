@@ -119,7 +119,24 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-class QsupRun:
+class _Console:
+    """Reading a guest's serial console from a node's state dir."""
+
+    state_dir: Path
+
+    def console(self, name: str) -> str:
+        p = self.state_dir / "logs" / f"{name}.console"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def wait_console(self, name: str, text: str = "GUEST-READY", timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.console(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not on {name}'s console: {self.console(name)[-1500:]}")
+            time.sleep(0.1)
+
+
+class QsupRun(_Console):
     """`qsup run SPEC...` in a namespace, its events collected from stdout."""
 
     def __init__(self, ns: Netns, workdir: Path, specs: list[dict], *, hooks_dir: Path | None = None,
@@ -187,17 +204,6 @@ class QsupRun:
         self._stderr.flush()
         return self.stderr_path.read_text(errors="replace")
 
-    def console(self, name: str) -> str:
-        p = self.state_dir / "logs" / f"{name}.console"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def wait_console(self, name: str, text: str = "GUEST-READY", timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.console(name):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not on {name}'s console: {self.console(name)[-1500:]}")
-            time.sleep(0.1)
-
     def qemu_pids(self) -> set[int]:
         return qemu_pids_of(self.events)
 
@@ -221,7 +227,7 @@ class QsupRun:
         self._stderr.close()
 
 
-class QsupDaemon:
+class QsupDaemon(_Console):
     """`qsup serve` in a namespace, driven through the real CLI on its unix socket.
 
     The daemon can be SIGKILLed and started again on the same config (``kill()``/``start()``),
@@ -301,17 +307,6 @@ class QsupDaemon:
 
     def tail(self, since: int | None = None) -> "EventTail":
         return EventTail(self, since)
-
-    def console(self, name: str) -> str:
-        p = self.state_dir / "logs" / f"{name}.console"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def wait_console(self, name: str, text: str = "GUEST-READY", timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.console(name):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not on {name}'s console: {self.console(name)[-1500:]}")
-            time.sleep(0.1)
 
     def kill(self) -> None:
         """SIGKILL the daemon (by pid): what a crash looks like."""
