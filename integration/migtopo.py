@@ -150,3 +150,53 @@ class Pinger:
 
 def loss_budget(downtime_ms: float) -> int:
     return math.ceil((downtime_ms + 20) / 10)
+
+
+# --- measurement helpers shared by integration/bench/migration_bench.py and integration/demo.py ---
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (no interpolation): with 20 samples p99 is the maximum."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+class MigrationWatch:
+    """Both nodes' route samplers and the client's 10 ms pinger around one migration.
+
+    ``src_ns``/``dst_ns`` are the namespaces of the node that holds the route now and
+    the one that should hold it after; ``result()`` stops everything and returns the
+    overlap/gap (ms) measured from the samplers and the ping counts.
+    """
+
+    def __init__(self, topo: TwoNodes, src_ns: Netns, dst_ns: Netns, addr: str, outdir: Path, tag: str = ""):
+        self.src = RouteSampler(src_ns, addr, outdir / f"route-src{tag}.txt")
+        try:
+            self.dst = RouteSampler(dst_ns, addr, outdir / f"route-dst{tag}.txt")
+        except BaseException:
+            self.src.stop()
+            raise
+        self.ping = Pinger(topo.client, addr)
+
+    def result(self) -> dict:
+        ping = self.ping.stop()
+        t_end = time.time()
+        rs, rd = self.src.stop(), self.dst.stop()
+        overlap, gap = overlap_and_gap(rs, rd, t_end)
+        seqs = ping.pop("seqs")
+        holes = [(x, y) for x, y in zip(seqs, seqs[1:]) if y - x > 1]
+        return {"overlap_ms": round(overlap * 1000, 3), "gap_ms": round(gap * 1000, 3),
+                "src_routes": rs, "dst_routes": rd, "ping": ping, "ping_holes": holes,
+                "dst_has_route": bool(rd and rd[-1][1]), "src_has_route": bool(rs and rs[-1][1])}
+
+
+def event_line(node: str, ev: dict, width: int = 100) -> str:
+    """One compact line per event: node, seq, time, instance, type, then the other fields."""
+    import json
+
+    skip = ("seq", "ts", "instance", "type", "spec")
+    extra = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in ev.items() if k not in skip)
+    ts = time.strftime("%H:%M:%S", time.localtime(ev.get("ts", 0))) + f".{int(ev.get('ts', 0) * 1000) % 1000:03d}"
+    line = f"{node:<7}{ev.get('seq', 0):>5} {ts} {ev.get('instance') or '-':<8} {ev.get('type', '?'):<26} {extra}"
+    return line if len(line) <= width + 60 else line[:width + 57] + "..."
