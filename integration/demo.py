@@ -1,13 +1,25 @@
-"""`make demo`: boot a real guest under qsup with a routed NIC and ping it.
+"""`make demo`: a live migration of a routed guest between two nodes, under ping.
 
-A node namespace runs `qsup run`; a client namespace reaches the guest
-through the node's uplink (proxy ARP, as a routed deployment would).  The
-event stream is printed as it happens.  Everything is torn down at the end.
+The topology is migtopo.TwoNodes: a client namespace and two node namespaces
+(A and B), each node with its own `qsup serve`.  A guest with one routed NIC
+boots on A; the client pings it every 10 ms through whichever node answers
+proxy ARP for it, and a sampler on each node reads the routing table every
+millisecond.  `qsup events --follow` tails both daemons.  Then the real CLI
+runs `qsup migrate NAME --to <B's socket>` with this terminal as its stdout,
+so its progress bar and summary show as an operator would see them.
+
+Afterwards: the ping result, the route overlap/gap the samplers measured
+(overlap must be 0: the source releases the guest's /32 at QEMU's
+`pre-switchover`, the destination installs it only at `completed`), and
+both nodes' event streams, one line per event.  Everything is torn down.
+Exit status: 0 when the migration completed with zero overlap, the guest
+answers on B and ping loss stays within ceil((downtime + 20 ms) / 10 ms);
+1 otherwise.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,45 +27,106 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from topo import Netns, QsupRun, guest_spec, node_with_uplink  # noqa: E402
+from migtopo import MigrationWatch, TwoNodes, event_line, loss_budget  # noqa: E402
+from topo import VENV_BIN, guest_spec  # noqa: E402
+
+NAME, IP, MAC = "demo", "10.99.0.2", "52:54:00:de:00:01"
 
 
-def show(ev: dict) -> None:
-    extra = {k: v for k, v in ev.items() if k not in ("seq", "ts", "instance", "type", "_rx", "spec")}
-    print(f"  event {ev['seq']:>4} {ev.get('instance') or '-':<6} {ev['type']:<22} {json.dumps(extra)[:110]}")
+def step(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def boot(t: TwoNodes, a) -> None:
+    spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32")
+    v = a.start_instance(spec)
+    print(f"{NAME} started on node A, qemu pid {v.get('pid')}; waiting for the guest to boot (TCG)...", flush=True)
+    t0 = time.monotonic()
+    a.wait_console(NAME)
+    print(f"guest printed GUEST-READY after {time.monotonic() - t0:.1f}s", flush=True)
+    if not t.client.ping(IP):
+        raise RuntimeError("the client cannot reach the guest on node A")
+
+
+def migrate(a, b) -> int:
+    """`qsup migrate` through the real CLI, stdout inherited (progress bar + human summary)."""
+    argv = [str(VENV_BIN / "qsup"), "migrate", NAME, "--to", str(b.socket), "--socket", str(a.socket)]
+    print("$ qsup migrate demo --to " + str(b.socket), flush=True)
+    return subprocess.run(argv, timeout=120).returncode
+
+
+def verdict(rc: int, w: dict, summary: dict | None) -> list[str]:
+    """Why the demo failed (empty when it did not)."""
+    problems = []
+    if rc != 0 or not summary:
+        problems.append(f"qsup migrate exited {rc}")
+    if w["overlap_ms"] > 0:
+        problems.append(f"both nodes held the route for {w['overlap_ms']} ms")
+    if not w["dst_has_route"] or w["src_has_route"]:
+        problems.append("the route is not on node B alone")
+    ping = w["ping"]
+    if ping["received"] == 0:
+        problems.append("no ping replies")
+    if summary:
+        budget = loss_budget(max(summary.get("downtime_ms") or 0, summary.get("switchover_ms") or 0))
+        if ping["lost"] > budget:
+            problems.append(f"ping lost {ping['lost']} > budget {budget}")
+    return problems
 
 
 def main() -> int:
-    node = client = run = None
+    work = Path(tempfile.mkdtemp(prefix="qsup-demo-"))
+    t = None
+    tails = []
     try:
-        node, client = Netns("qdemo"), Netns("qdemo")
-        node_with_uplink(node, client)
-        client.run("ip", "route", "add", "10.99.0.0/24", "via", "192.168.101.1")
-        print(f"node namespace {node.name}, client namespace {client.name}")
-        spec = guest_spec("demo", [{"mode": "routed", "mac": "52:54:00:de:00:01", "ip": "10.99.0.2"}],
-                          append="guest.ip0=10.99.0.2/32")
-        run = QsupRun(node, Path(tempfile.mkdtemp(prefix="qsup-demo-")), [spec])
-        started = run.wait_event("instance.started", "demo", timeout=60)
-        print(f"qemu pid {started['pid']}, start timings (ms): {started['timings_ms']}")
-        t = time.monotonic()
-        run.wait_console("demo")
-        print(f"guest printed GUEST-READY after {time.monotonic() - t:.1f}s")
-        print("client pings the guest through the node:")
-        out = subprocess.run(["ip", "netns", "exec", client.name, "ping", "-c", "5", "-i", "0.2", "10.99.0.2"],
-                             capture_output=True, text=True)
-        print("  " + "\n  ".join(out.stdout.strip().splitlines()[-2:]))
-        print("stopping (SIGTERM to qsup run)...")
-        run.stop()
-        print("event stream:")
-        for ev in run.events:
-            show(ev)
-        return 0 if out.returncode == 0 else 1
+        step("topology: client + node A + node B (network namespaces), a qsup daemon per node")
+        t = TwoNodes(work, prefix="qdemo")
+        a, b = t.start_daemons()
+        print(f"client {t.client.name}, node A {t.a.name} ({a.socket}), node B {t.b.name} ({b.socket})")
+        tails = [a.tail(since=0), b.tail(since=0)]
+        step("boot a guest with a routed NIC on node A")
+        boot(t, a)
+        step(f"client pings {IP} every 10 ms; route samplers on both nodes; live migration A -> B")
+        watch = MigrationWatch(t, t.a, t.b, IP, work)
+        try:
+            time.sleep(0.5)
+            rc = migrate(a, b)
+            time.sleep(1.0)
+        finally:
+            w = watch.result()
+        summary = None
+        try:
+            ev = tails[0].wait_for("migration.completed", NAME, timeout=5)
+            summary = {k: ev.get(k) for k in ("downtime_ms", "switchover_ms", "activation")}
+        except (TimeoutError, RuntimeError):
+            pass
+        step("result")
+        p = w["ping"]
+        print(f"ping: {p['sent']} sent, {p['received']} received, {p['lost']} lost between replies "
+              f"(holes at seq {w['ping_holes']})")
+        if summary:
+            down = max(summary["downtime_ms"] or 0, summary["switchover_ms"] or 0)
+            print(f"      budget ceil((max(downtime {summary['downtime_ms']}, switchover {summary['switchover_ms']}) "
+                  f"+ 20) / 10) = {loss_budget(down)}")
+        print(f"routes: overlap {w['overlap_ms']} ms (both nodes held {IP}/32), gap {w['gap_ms']} ms (neither did)")
+        print(f"        node A now {'has' if w['src_has_route'] else 'has no'} route, "
+              f"node B {'has' if w['dst_has_route'] else 'has no'} route")
+        time.sleep(0.3)  # let the tailers catch the last events
+        step("event streams (qsup events --follow on each node)")
+        for label, tail in (("node-a", tails[0]), ("node-b", tails[1])):
+            for ev in tail.events:
+                print(event_line(label, ev))
+        problems = verdict(rc, w, summary)
+        step("demo " + ("OK" if not problems else "FAILED: " + "; ".join(problems)))
+        return 0 if not problems else 1
     finally:
-        if run:
-            run.close()
-        for ns in (client, node):
-            if ns:
-                ns.close()
+        for tail in tails:
+            tail.close()
+        if t is not None:
+            leaked = t.close()
+            if leaked:
+                print(f"warning: qemu pids would not die: {leaked}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
