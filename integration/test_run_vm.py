@@ -141,7 +141,7 @@ def test_qemu_sigkill_is_detected_within_a_second_and_undone(netns_factory, qsup
     assert undone and undone[0]["reason"] == "crash"
 
 
-def _run_bad(node, tmp_path, specs, config_extra=""):
+def _run_bad(node, tmp_path, specs, config_extra="", hooks_dir="/nonexistent-qsup-hooks", json_events=False):
     paths = []
     for i, s in enumerate(specs):
         p = tmp_path / f"bad{i}.json"
@@ -149,10 +149,10 @@ def _run_bad(node, tmp_path, specs, config_extra=""):
         paths.append(str(p))
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\naccel = "tcg"\n'
-                   f'hooks_dir = "/nonexistent-qsup-hooks"\n{config_extra}')
+                   f'hooks_dir = "{hooks_dir}"\n{config_extra}')
     before = node.links()
     r = subprocess.run(["ip", "netns", "exec", node.name, str(VENV_BIN / "qsup"), "run", "--config", str(cfg),
-                        *paths], capture_output=True, text=True, timeout=60)
+                        *(["--json"] if json_events else []), *paths], capture_output=True, text=True, timeout=60)
     assert node.links() == before, "a bad spec left a link behind"
     inst = tmp_path / "state" / "instances"
     assert not inst.exists() or not any(inst.iterdir()), "a bad spec left a record"

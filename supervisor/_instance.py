@@ -390,7 +390,13 @@ class Instance:
     async def _rollback(self, exc: BaseException) -> None:
         """Undo a failed start completely; the instance ends ``failed``."""
         self.error = f"{type(exc).__name__}: {exc}"
+        failures = getattr(exc, "failures", None) or []
+        outputs = [f["output"].strip() for f in failures if f.get("output", "").strip()]
+        if outputs:  # a hook's own words belong in the error, not just in a log
+            self.error += " -- output: " + " | ".join(o.replace("\n", " / ")[-500:] for o in outputs)
         log.warning("start failed, rolling back", error=self.error)
+        if failures:
+            self._emit("netconf.failed", error=str(exc), failures=failures)
         await self._kill_qemu()
         if not await self._undo_netconf("rollback"):
             self.ctx.layout.remove_instance(self.name)
