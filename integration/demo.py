@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from migtopo import MigrationWatch, TwoNodes, event_line, loss_budget  # noqa: E402
+from migtopo import MigrationWatch, TwoNodes, close_nodes, event_line, loss_budget  # noqa: E402
 from topo import VENV_BIN, guest_spec  # noqa: E402
 
 NAME, IP, MAC = "demo", "10.99.0.2", "52:54:00:de:00:01"
@@ -123,7 +123,7 @@ def main() -> int:
         for tail in tails:
             tail.close()
         if t is not None:
-            leaked = t.close()
+            leaked = close_nodes(t)  # incoming QEMUs too (the event log has no pid for them)
             if leaked:
                 print(f"warning: qemu pids would not die: {leaked}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)

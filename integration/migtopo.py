@@ -200,3 +200,53 @@ def event_line(node: str, ev: dict, width: int = 100) -> str:
     ts = time.strftime("%H:%M:%S", time.localtime(ev.get("ts", 0))) + f".{int(ev.get('ts', 0) * 1000) % 1000:03d}"
     line = f"{node:<7}{ev.get('seq', 0):>5} {ts} {ev.get('instance') or '-':<8} {ev.get('type', '?'):<26} {extra}"
     return line if len(line) <= width + 60 else line[:width + 57] + "..."
+
+
+def live_qemu_pids(daemons: list[QsupDaemon]) -> set[int]:
+    """The QEMU pids the daemons report right now (``qsup ls --json``), incoming ones included.
+
+    Why: QsupDaemon.close() finds QEMUs through ``instance.started`` events, and a
+    migration destination's QEMU has none (its daemon logs ``instance.starting
+    incoming=true`` and ``migration.prepared``, without a pid), so after a migration the
+    guest's QEMU would outlive the test.  Ask the daemons while they still run.
+    """
+    import json
+
+    pids = set()
+    for d in daemons:
+        try:
+            r = d.cli("ls", "--json", check=False, timeout=10)
+            pids |= {v["pid"] for v in json.loads(r.stdout) if v.get("pid")} if r.returncode == 0 else set()
+        except (ValueError, subprocess.TimeoutExpired):
+            pass
+    return pids
+
+
+def close_nodes(t: TwoNodes, pids: set[int] = frozenset()) -> list[int]:
+    """TwoNodes.close(), then SIGKILL (by pid) the QEMUs in ``pids`` + those the daemons report.
+
+    A pid is killed only while its command line still names this topology's work dir
+    (a recorded pid may have been reused).  Returns the pids that would not die.
+    """
+    import os
+    import signal
+
+    from topo import pid_alive
+
+    pids = set(pids) | live_qemu_pids(t.daemons)
+    leaked = set(t.close())
+    for pid in pids:
+        if str(t.workdir).encode() in _cmdline(pid) and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    mine = lambda p: pid_alive(p) and str(t.workdir).encode() in _cmdline(p)  # noqa: E731
+    while any(mine(p) for p in pids | leaked) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(p for p in pids | leaked if mine(p))
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
