@@ -129,5 +129,13 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run() -> int:
+    try:
+        return main()
+    except (RuntimeError, TimeoutError, subprocess.SubprocessError) as e:
+        print(f"\n== demo FAILED: {e}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
