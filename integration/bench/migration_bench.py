@@ -139,16 +139,15 @@ def migrate_once(i: int, t: TwoNodes, src, dst, src_ns, dst_ns, runner: ScriptRu
         evs = [e for e in dst.events() if e["type"] == "migration.activated" and e.get("instance") == NAME]
         act = evs[-1] if evs else {}
     down = max(summary.get("downtime_ms") or 0, summary.get("switchover_ms") or 0)
-    sub = lambda x, y: round(act[x] - act[y], 3) if act.get(x) is not None and act.get(y) is not None else None  # noqa: E731
-    return {"delivery_ms": sub("event_to_l3_ms", "received_to_l3_ms"),
-            "cont_ms": sub("event_to_cont_ms", "event_to_l3_ms"), "i": i, "total_ms": summary.get("total_ms"),
-            "downtime_ms": summary.get("downtime_ms"),
-            "switchover_ms": summary.get("switchover_ms"), **{k: act.get(k) for k in (
-                "event_to_l3_ms", "event_to_cont_ms", "received_to_l3_ms", "received_to_cont_ms")},
-            "script_l3_ms": script_ms, "overlap_ms": w["overlap_ms"], "gap_ms": w["gap_ms"],
-            "lost": w["ping"]["lost"], "sent": w["ping"]["sent"], "budget": loss_budget(down),
-            "dst_has_route": w["dst_has_route"], "src_has_route": w["src_has_route"]}
-
+    row = {"i": i, "script_l3_ms": script_ms, "budget": loss_budget(down),
+           "lost": w["ping"]["lost"], "sent": w["ping"]["sent"]}
+    row |= {k: summary.get(k) for k in ("total_ms", "downtime_ms", "switchover_ms")}
+    row |= {k: act.get(k) for k in ("event_to_l3_ms", "event_to_cont_ms", "received_to_l3_ms", "received_to_cont_ms")}
+    row |= {k: w[k] for k in ("overlap_ms", "gap_ms", "dst_has_route", "src_has_route")}
+    if row["event_to_l3_ms"] is not None and row["received_to_l3_ms"] is not None:
+        row["delivery_ms"] = round(row["event_to_l3_ms"] - row["received_to_l3_ms"], 3)  # QMP event -> qsup's task
+        row["cont_ms"] = round(row["event_to_cont_ms"] - row["event_to_l3_ms"], 3)  # the `cont` round trip
+    return row
 
 def p(rows: list[dict], key: str, q: float) -> float | None:
     v = percentile([r[key] for r in rows if r.get(key) is not None], q)
