@@ -1,0 +1,357 @@
+"""Issue "Live migration", fault matrix: a process dies at the worst moment, the guest survives once.
+
+Every case here kills something in the middle of a live migration and then
+checks the one invariant the design exists for: **the guest runs on exactly
+one node and its /32 route is on exactly that node** (or, when the only
+copy of the guest is killed, on none), and neither node keeps a tap, route,
+rule, record or QEMU process that belongs to nobody.
+
+The cases the older ``test_migration.py`` does not cover:
+
+* the destination QEMU dies at ``pre-switchover``, i.e. *after* the source
+  released the guest's L3.  The moment is hit exactly, not by sleeping: a
+  netconf hook on the source's ``route4`` step (``after.d``, run first on
+  undo) kills the destination QEMU when ``PHASE=migrate-out ACTION=down``;
+* the source QEMU dies mid-stream;
+* the destination daemon is SIGKILLed mid-migration and restarted (QEMU
+  finishes the migration without it; the restarted daemon must activate);
+* the source daemon is SIGKILLed mid-migration and restarted, both while
+  the stream is ``active`` and while QEMU waits at ``pre-switchover``
+  with nobody to continue it (the restarted daemon must cancel and resume).
+
+Slow migrations use ``--max-bandwidth`` so the windows are seconds wide
+(TCG guest, 192 MiB, mostly zero pages: about 10 s at 2 MB/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from migtopo import TwoNodes
+from test_migration import IP, has_route, routed_spec, wait_state
+from topo import QsupDaemon, pid_alive
+
+SLOW = "2000000"  # bytes/s: the stream takes ~10 s, wide enough to kill things in
+
+
+# --- topology and teardown -------------------------------------------------------------------
+
+def start_daemons(t: TwoNodes, hooks: dict[str, Path] | None = None) -> tuple[QsupDaemon, QsupDaemon]:
+    """``TwoNodes.start_daemons`` with an optional hooks_dir per node ("a"/"b")."""
+    hooks = hooks or {}
+    for node, letter, addr in ((t.a, "a", "10.200.0.1"), (t.b, "b", "10.200.0.2")):
+        d = t.workdir / f"node-{letter}"
+        d.mkdir(exist_ok=True)
+        t.daemons.append(QsupDaemon(
+            node, d, hooks_dir=hooks.get(letter),
+            extra_config=f'node_name = "node-{letter}"\nmigration_address = "{addr}"\n'
+                         f'announce_interfaces = ["uplink"]\n'))
+    return t.daemons[0], t.daemons[1]
+
+
+def _is_qemu_of(pid: int) -> bool:
+    try:
+        return b"guest=" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def qemu_pids(d: QsupDaemon) -> set[int]:
+    """Every QEMU pid a daemon ever owned: its event log (started, reattached) and its records.
+
+    ``QsupDaemon.qemu_pids`` only knows ``instance.started``; an *incoming* QEMU never emits
+    that, so a failed test would leak it without the records and reattach events.
+    """
+    pids: set[int] = set()
+    db = d.state_dir / "events.db"
+    if db.exists():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT body FROM events WHERE type IN "
+                               "('instance.started', 'instance.reattached')").fetchall()
+        finally:
+            con.close()
+        pids |= {json.loads(b).get("pid") for (b,) in rows} - {None}
+    for rec in (d.state_dir / "instances").glob("*/record.json"):
+        try:
+            pid = json.loads(rec.read_text()).get("pid")
+        except (OSError, ValueError):
+            continue
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+@pytest.fixture
+def topo(tmp_path):
+    """TwoNodes without daemons; the test starts them (with hooks if it needs any).
+
+    Teardown kills both daemons and every QEMU they owned -- incoming ones
+    included -- by pid, then removes the namespaces, even when the test failed.
+    """
+    t = TwoNodes(tmp_path)
+    seen: set[int] = set()
+    try:
+        yield t, seen
+    finally:
+        pids = set(seen)
+        for d in t.daemons:
+            pids |= qemu_pids(d)
+        leaked = t.close()
+        # a guest that ends the test running (on B, say) is killed here, not a leak;
+        # leaks are asserted by the tests themselves
+        alive = [p for p in pids if pid_alive(p) and _is_qemu_of(p)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p) for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leaked += [p for p in alive if pid_alive(p)]
+        assert not leaked, f"qemu pids that would not die: {leaked}"
+
+
+# --- what "nothing left" means ---------------------------------------------------------------
+
+def leaks(ns) -> list[str]:
+    """Anything of the guest's still on a node: taps, the /32 in any table, rules, proxy neighbours."""
+    out = []
+    taps = sorted(l for l in ns.links() if l.startswith("qs"))
+    if taps:
+        out.append(f"taps {taps}")
+    if IP in ns.run("ip", "route", "show", "table", "all"):
+        out.append("route")
+    if "proto 152" in ns.run("ip", "rule", "show"):
+        out.append("rule")
+    if IP in ns.run("ip", "neigh", "show", "proxy"):
+        out.append("proxy neighbour")
+    return out
+
+
+def records(d: QsupDaemon) -> list[str]:
+    return sorted(p.parent.name for p in (d.state_dir / "instances").glob("*/record.json"))
+
+
+def gone_or_final(d: QsupDaemon, name: str, timeout: float = 60) -> dict | None:
+    """Wait until ``name`` on ``d`` is final (or unknown); returns the view (None if unknown)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = d.cli("show", name, "--json", check=False)
+        if r.returncode != 0:
+            return None
+        v = json.loads(r.stdout)
+        if v["state"] in ("stopped", "crashed", "failed"):
+            return v
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} not final on {d.workdir.name}: {d.cli('show', name, '--json', check=False).stdout}")
+
+
+def assert_only_on(t, here: QsupDaemon, here_ns, there: QsupDaemon, there_ns, name: str) -> None:
+    """Exactly one node: the guest runs on ``here`` with its /32 there; ``there`` has nothing."""
+    v = wait_state(here, name, {"running"}, timeout=60)
+    assert pid_alive(v["pid"])
+    other = gone_or_final(there, name)
+    assert other is None or other["pid"] is None, other
+    assert has_route(here_ns), "the guest's /32 is missing on the node that runs it"
+    assert leaks(there_ns) == [], leaks(there_ns)
+    assert records(there) == [], records(there)
+    # the node that runs it has exactly its own tap, and one /32
+    assert len([l for l in here_ns.links() if l.startswith("qs")]) == 1
+    assert here_ns.run("ip", "route", "show", "table", "all").count(IP) == 1
+    assert t.client.ping(IP), "guest unreachable from the client"
+
+
+def migrate_detached(src: QsupDaemon, dst: QsupDaemon, name: str, *extra: str) -> None:
+    src.cli("migrate", name, "--to", str(dst.socket), "--json", "--detach", *extra)
+
+
+def incoming_pid(dst: QsupDaemon, name: str, seen: set[int]) -> int:
+    v = wait_state(dst, name, {"migrating"}, timeout=60)
+    assert v["pid"], v
+    seen.add(v["pid"])
+    return v["pid"]
+
+
+def events_of(d: QsupDaemon, name: str) -> list[str]:
+    return [e["type"] for e in d.events() if e.get("instance") == name]
+
+
+def qmp(sock: str, cmd: str, args: dict | None = None) -> dict:
+    """One command on an instance's *operator* monitor (a second QMP monitor; no daemon needed).
+
+    Returns QEMU's ``return`` value; raises on an ``error`` answer.  Events are skipped.
+    """
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        f = s.makefile("rwb")
+
+        def call(execute, arguments=None):
+            msg = {"execute": execute, **({"arguments": arguments} if arguments else {})}
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                r = json.loads(f.readline())
+                if "return" in r:
+                    return r["return"]
+                if "error" in r:
+                    raise RuntimeError(f"{execute}: {r['error']}")
+
+        json.loads(f.readline())  # greeting
+        call("qmp_capabilities")
+        return call(cmd, args)
+
+
+def started_guest(t, a: QsupDaemon, name: str, seen: set[int]) -> int:
+    a.start_instance(routed_spec(name))
+    a.wait_console(name)
+    pid = a.cli_json("show", name)["pid"]
+    seen.add(pid)
+    assert has_route(t.a)
+    return pid
+
+
+# --- the cases -------------------------------------------------------------------------------
+
+KILL_HOOK = """#!/bin/sh
+# Fault injection (test only): when the source releases the guest's L3 at pre-switchover,
+# SIGKILL the destination qemu whose pid the test wrote to {pidfile}, once.
+[ "$PHASE" = migrate-out ] && [ "$ACTION" = down ] || exit 0
+f={pidfile}
+i=0
+while [ ! -s "$f" ] && [ "$i" -lt 80 ]; do sleep 0.1; i=$((i + 1)); done
+[ -s "$f" ] || {{ echo "no pid file"; exit 0; }}
+pid=$(cat "$f")
+mv "$f" "$f.used"
+kill -9 "$pid" && echo "killed destination qemu $pid"
+# wait until it is gone (or a zombie its daemon has not reaped yet), so migrate-continue meets a dead peer
+i=0
+while [ "$i" -lt 50 ] && [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; do
+    sleep 0.05; i=$((i + 1))
+done
+exit 0
+"""
+
+
+def test_kill_destination_qemu_at_pre_switchover(topo, tmp_path):
+    t, seen = topo
+    hooks = tmp_path / "hooks-a"
+    pidfile = tmp_path / "dst-qemu.pid"
+    hook = hooks / "route4" / "after.d" / "50-kill-destination"
+    hook.parent.mkdir(parents=True)
+    hook.write_text(KILL_HOOK.format(pidfile=pidfile))
+    hook.chmod(0o755)
+    a, b = start_daemons(t, {"a": hooks})
+    name = "fps"
+    src_pid = started_guest(t, a, name, seen)
+
+    migrate_detached(a, b, name)
+    dst_pid = incoming_pid(b, name, seen)
+    tmp = pidfile.with_suffix(".tmp")
+    tmp.write_text(str(dst_pid))
+    tmp.rename(pidfile)  # the hook waits for it (at most 8 s) if pre-switchover comes first
+
+    assert_only_on(t, a, t.a, b, t.b, name)
+    assert (tmp_path / "dst-qemu.pid.used").exists(), "the hook never ran: pre-switchover not reached?"
+    assert not pid_alive(dst_pid)
+    assert a.cli_json("show", name)["pid"] == src_pid
+    ev = [e for e in a.events() if e.get("instance") == name]
+    failed = [e for e in ev if e["type"] == "migration.failed"]
+    assert failed and failed[-1]["l3_was_released"] is True, [e["type"] for e in ev]
+    assert "migration.switchover" in [e["type"] for e in ev] or failed[-1]["l3_was_released"]
+
+
+def test_kill_source_qemu_mid_stream(topo):
+    t, seen = topo
+    a, b = start_daemons(t)
+    name = "ksq"
+    src_pid = started_guest(t, a, name, seen)
+    migrate_detached(a, b, name, "--max-bandwidth", SLOW)
+    dst_pid = incoming_pid(b, name, seen)
+    time.sleep(1.0)
+    assert wait_state(a, name, {"migrating"})
+    os.kill(src_pid, signal.SIGKILL)
+
+    # the only copy of the guest is gone: zero nodes hold it, nothing is left anywhere
+    va = gone_or_final(a, name)
+    assert va is not None and va["state"] == "crashed", va
+    vb = gone_or_final(b, name)
+    assert vb is None or vb["state"] == "failed", vb
+    deadline = time.monotonic() + 10
+    while pid_alive(dst_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(dst_pid), "the incoming qemu outlived the stream"
+    for d, ns in ((a, t.a), (b, t.b)):
+        assert leaks(ns) == [], (d.workdir.name, leaks(ns))
+        assert records(d) == [], (d.workdir.name, records(d))
+    assert "migration.activated" not in events_of(b, name)
+
+
+@pytest.mark.parametrize("restart", ["after-completion", "before-completion"])
+def test_kill_destination_daemon(topo, restart):
+    """QEMU migrates without the destination daemon; the restarted daemon activates."""
+    t, seen = topo
+    a, b = start_daemons(t)
+    name = "kdd" + restart[0]
+    src_pid = started_guest(t, a, name, seen)
+    migrate_detached(a, b, name, "--max-bandwidth", SLOW)
+    dst_pid = incoming_pid(b, name, seen)
+    time.sleep(0.5)
+    b.kill()
+    if restart == "after-completion":
+        # the source continues at pre-switchover and quits after `completed` on its own side
+        va = gone_or_final(a, name, timeout=90)
+        assert va is None or va["state"] == "stopped", va
+        assert not pid_alive(src_pid)
+        assert not has_route(t.a)
+        assert not has_route(t.b), "L3 applied on the destination while no daemon ran there"
+        b.start()
+    else:
+        b.start()
+        assert wait_state(b, name, {"migrating", "running"})["pid"] == dst_pid
+    assert_only_on(t, b, t.b, a, t.a, name)
+    assert b.cli_json("show", name)["pid"] == dst_pid
+    assert not pid_alive(src_pid)
+    types = events_of(b, name)
+    assert "instance.reattached" in types and "migration.activated" in types, types
+
+
+@pytest.mark.parametrize("when", ["active", "pre-switchover"])
+def test_kill_source_daemon(topo, when):
+    """The restarted source daemon cancels the orphaned migration and resumes the guest here."""
+    t, seen = topo
+    a, b = start_daemons(t)
+    name = "ksd" + when[0]
+    src_pid = started_guest(t, a, name, seen)
+    operator = a.cli_json("show", name)["qmp_operator"]
+    migrate_detached(a, b, name, "--max-bandwidth", SLOW)
+    dst_pid = incoming_pid(b, name, seen)
+    time.sleep(1.0)
+    a.kill()
+    if when == "pre-switchover":
+        # nobody to continue: QEMU stops the guest and waits there for ever
+        qmp(operator, "migrate-set-parameters", {"max-bandwidth": 1 << 30})
+        deadline = time.monotonic() + 60
+        while qmp(operator, "query-migrate").get("status") != "pre-switchover":
+            assert time.monotonic() < deadline, qmp(operator, "query-migrate")
+            time.sleep(0.1)
+        assert qmp(operator, "query-status")["running"] is False
+        time.sleep(0.5)
+        assert qmp(operator, "query-migrate")["status"] == "pre-switchover"
+    assert has_route(t.a) and not has_route(t.b)
+    a.start()
+    assert_only_on(t, a, t.a, b, t.b, name)
+    assert a.cli_json("show", name)["pid"] == src_pid
+    assert not pid_alive(dst_pid)
+    ev = [e for e in a.events() if e.get("instance") == name]
+    rec = [e for e in ev if e["type"] == "migration.recovering"]
+    assert rec and rec[0]["migrate_status"] == when, rec
+    assert {"status": "cancelled"} in [e["data"] for e in ev if e["type"] == "qmp.MIGRATION"]
+    assert "migration.activated" not in events_of(b, name)
