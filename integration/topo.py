@@ -103,8 +103,12 @@ def guest_spec(name: str, nics: list[dict], append: str = "", **kw) -> dict:
             "append": f"console=ttyS0 quiet panic=-1 {append}".strip(), "nics": nics, **kw}
 
 
+#: events that carry the pid of a QEMU the daemon started (or took over)
+PID_EVENTS = ("instance.started", "migration.prepared", "instance.reattached")
+
+
 def qemu_pids_of(events: list[dict]) -> set[int]:
-    return {e["pid"] for e in events if e.get("type") == "instance.started" and e.get("pid")}
+    return {e["pid"] for e in events if e.get("type") in PID_EVENTS and e.get("pid")}
 
 
 def pid_alive(pid: int) -> bool:
@@ -334,7 +338,7 @@ class QsupDaemon(_Console):
             return set()
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            rows = con.execute("SELECT body FROM events WHERE type = 'instance.started'").fetchall()
+            rows = con.execute("SELECT body FROM events WHERE type IN (?, ?, ?)", PID_EVENTS).fetchall()
         finally:
             con.close()
         return qemu_pids_of([json.loads(b) for (b,) in rows])

@@ -304,7 +304,7 @@ class Instance:
         self.migration.uri = uri
         self.sm.move(State.MIGRATING, "incoming")
         self.timings = {"prepare": _ms(t0, time.perf_counter())}
-        self._emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings)
+        self._emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings, pid=self.proc.pid)
 
     async def _start(self) -> None:
         t0 = time.perf_counter()
