@@ -295,6 +295,8 @@ class Instance:
         t0 = time.perf_counter()
         self._emit("instance.starting", spec=self.spec.model_dump(mode="json"), incoming=True)
         await self._launch(incoming=True, reason="migrate-in")
+        for nic in self.nics:  # journal L3 now: at ``completed`` only netlink work remains
+            await ctx.worker.run(self.executor.stage, netconf.plan(nic, "activate"))
         caps = [{"capability": "events", "state": True},
                 {"capability": "postcopy-ram", "state": postcopy}]
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
@@ -559,16 +561,35 @@ class Instance:
             self.migration.activated = True
             await self.migration.activate(time.time())
             return
+        if mstatus.startswith("postcopy-"):
+            # The guest already runs on the destination and pulls its pages from here:
+            # cancelling would resume a second, stale copy here, with its L3 back.
+            mstatus = await self._wait_postcopy_end()
+            if mstatus != "completed":
+                await self.release_l3()  # the destination owns the guest (or nobody does)
+                self._emit("migration.postcopy_lost", migrate_status=mstatus)
+                return
         if qemu_status == "postmigrate" or mstatus == "completed":
             await self.release_l3()
             await self.finish_migrated()
             return
-        if mstatus in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
+        if mstatus in ("setup", "active", "pre-switchover", "device"):
             try:
                 await self.qmp.execute("migrate_cancel")
             except qmp_glue.QMPError as e:
                 log.warning("migrate_cancel during recovery", error=str(e))
         await self.resume_after_failed_migration(True)
+
+    async def _wait_postcopy_end(self) -> str:
+        """Poll ``query-migrate`` (5 Hz) while a post-copy migration still runs; its end status."""
+        while True:
+            try:
+                status = (await self.qmp.execute("query-migrate", timeout=5)).get("status", "none")
+            except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+                return "lost"  # QEMU went away: the exit path cleans up
+            if not status.startswith("postcopy-"):
+                return status
+            await trio.sleep(0.2)
 
     async def apply_l3(self, reason: str) -> None:
         for nic in self.nics:
