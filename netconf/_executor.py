@@ -142,6 +142,10 @@ class Executor:
                             "staged": True})
         return len(self.journal.add(records, sync=True))
 
+    def hooked(self, plan: Plan) -> bool:
+        """Would any step of ``plan`` run a user hook?  (Hooks may block for seconds.)"""
+        return any(self._hooks_for(step) is not None for step in plan)
+
     @staticmethod
     def _is_staged(entry: dict, step: Step, tap_index: int | None) -> bool:
         return (entry.get("staged") and entry["status"] == "pending" and entry["kind"] == "step"

@@ -184,7 +184,7 @@ class OutgoingMigration:
                 "switchover_ms": self.switchover_ms(((self.dest_view or {}).get("migration") or {}).get("activation")),
                 "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
 
-    def on_event(self, ev: dict) -> None:
+    async def handle(self, ev: dict) -> None:
         self._events_send.send_nowait(ev)
 
     def switchover_ms(self, activation: dict | None) -> float | None:
@@ -341,19 +341,35 @@ class IncomingMigration:
         return {"direction": "in", "status": self.status, "uri": self.uri, "postcopy": self.postcopy,
                 "activation": self.activation}
 
-    def on_event(self, ev: dict) -> None:
+    async def handle(self, ev: dict) -> None:
+        """Called by the instance's event task the moment a MIGRATION event arrives.
+
+        Activation runs right here, before the event is even logged: it is
+        the critical path (the guest is paused until ``cont``).
+        """
+        t_rx = time.time()
         status = ev["data"]["status"]
         self.status = status
         trigger = "postcopy-active" if self.postcopy else "completed"
         if status == trigger and not self.activated:
             self.activated = True
-            self.inst.spawn(self.activate, _qmp_ts(ev))
+            await self.activate(_qmp_ts(ev), t_rx)
 
-    async def activate(self, qmp_ts: float) -> None:
-        """L3, then ``cont``, then announce; timed from QEMU's event timestamp."""
+    async def activate(self, qmp_ts: float, t_rx: float | None = None) -> None:
+        """L3, then ``cont``; then announce (in the background); timed from QEMU's event timestamp.
+
+        ``t_rx`` is when qsup received the event.  If L3 fails the guest is
+        still resumed -- the source has already handed it over, so running
+        here without routes beats not running at all -- and the failure is
+        reported as ``migration.activation_failed``.
+        """
         inst = self.inst
-        t_rx = time.time()
-        await inst.apply_l3("migrate-in")
+        t_rx = t_rx or time.time()
+        netconf_ms = 0.0
+        try:
+            netconf_ms = await inst.apply_l3("migrate-in", inline=True)
+        except netconf.NetconfError as e:
+            inst._emit("migration.activation_failed", error=str(e), failures=e.failures)
         t_l3 = time.time()
         await inst.qmp.execute("cont")
         t_cont = time.time()
@@ -363,11 +379,16 @@ class IncomingMigration:
             "event_to_cont_ms": round((t_cont - qmp_ts) * 1000, 3),
             "received_to_l3_ms": round((t_l3 - t_rx) * 1000, 3),
             "received_to_cont_ms": round((t_cont - t_rx) * 1000, 3),
+            "netconf_ms": round(netconf_ms, 3),
+            "cont_ms": round((t_cont - t_l3) * 1000, 3),
         }
         inst.sm.move(State.RUNNING, "migration activated")
         inst._emit("migration.activated", **self.activation)
+        inst.spawn(self._announce)
+
+    async def _announce(self) -> None:
         try:
-            await inst.qmp.execute("announce-self", ANNOUNCE)
-        except qmp_glue.QMPError as e:
+            await self.inst.qmp.execute("announce-self", ANNOUNCE)
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost) as e:
             log.warning("announce-self failed", error=str(e))
-        await inst.announce_routed()
+        await self.inst.announce_routed()
