@@ -350,6 +350,9 @@ def _follow_migration(c, name: str, quiet: bool) -> dict:
             total = m.get("total") or None
             bar.update(task, completed=m.get("transferred", 0), total=total, status=m.get("status", "?"))
             if m.get("result") and v["state"] != "migrating":
+                if m["result"] == "completed":  # zero pages are never sent: fill the bar
+                    done = total or m.get("transferred", 0)
+                    bar.update(task, completed=done, total=done, status="completed")
                 m = dict(m)
                 m["total_ms"] = m.get("total_ms") or round((_time.monotonic() - t0) * 1000, 1)
                 return m
