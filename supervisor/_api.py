@@ -164,16 +164,19 @@ class StopOptions(BaseModel):
     timeout: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
 
 
-def _stop_options(data: object) -> StopOptions:
-    if data is None:
-        return StopOptions()
+def validate_body(model, data: object, what: str = "the body"):
+    """``data`` (decoded JSON) as a ``model``; 400 if not an object, 422 naming the field."""
     if not isinstance(data, dict):
-        raise ApiError(400, "stop options must be a JSON object")
+        raise ApiError(400, f"{what} must be a JSON object")
     try:
-        return StopOptions.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         raise ApiError(422, f"{_loc(err['loc'])}: {_message(err)}", _loc(err["loc"]), "invalid_spec") from None
+
+
+def _stop_options(data: object) -> StopOptions:
+    return StopOptions() if data is None else validate_body(StopOptions, data, "stop options")
 
 
 # -- handlers ----------------------------------------------------------------------------------

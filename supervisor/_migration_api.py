@@ -15,16 +15,16 @@ The destination's token for an ``http://`` peer is the source node's own
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._api import ApiError, _instance, _node, read_json
+from ._api import ApiError, _instance, _node, read_json, validate_body
 from ._instance import StartError, build_nics, check_host
 from ._migration import MigrateOptions, MigrationError
 from ._node import Conflict
-from ._spec import SpecError, _loc, _message, parse_spec
+from ._spec import SpecError, parse_spec
 
 
 class _Body(BaseModel):
@@ -43,20 +43,9 @@ class MigrateBody(_Body):
     downtime_limit: int | None = Field(default=None, ge=1, le=2000000)
 
 
-def _body(model, data):
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = _loc(err["loc"])
-        raise ApiError(422, f"{field}: {_message(err)}", field, "invalid_spec") from None
-
-
 async def prepare_incoming(request: Request) -> Response:
     node = _node(request)
-    body = _body(PrepareBody, await read_json(request))
+    body = validate_body(PrepareBody, await read_json(request))
     try:
         spec = parse_spec(body.spec)
         check_host(build_nics(spec))
@@ -71,19 +60,24 @@ async def prepare_incoming(request: Request) -> Response:
     return JSONResponse({"name": spec.name, "uri": uri}, 201)
 
 
-async def abort_incoming(request: Request) -> Response:
+async def _node_call(request: Request, method: str) -> Response:
+    """Call ``node.<method>(name)``; a MigrationError is a 409 naming the field."""
     inst = _instance(request)
     try:
-        await _node(request).abort_incoming(inst.name)
+        await getattr(_node(request), method)(inst.name)
     except MigrationError as e:
         raise ApiError(409, str(e), e.field, "conflict") from None
     return JSONResponse(inst.view())
 
 
+async def abort_incoming(request: Request) -> Response:
+    return await _node_call(request, "abort_incoming")
+
+
 async def migrate(request: Request) -> Response:
     inst = _instance(request)
     node = _node(request)
-    body = _body(MigrateBody, await read_json(request))
+    body = validate_body(MigrateBody, await read_json(request))
     token = None
     if body.to.startswith(("http://", "https://")) and node.cfg.token_file:
         token = node.cfg.token_file.read_text().strip()
@@ -97,12 +91,7 @@ async def migrate(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    inst = _instance(request)
-    try:
-        await _node(request).cancel_migration(inst.name)
-    except MigrationError as e:
-        raise ApiError(409, str(e), e.field, "conflict") from None
-    return JSONResponse(inst.view())
+    return await _node_call(request, "cancel_migration")
 
 
 ROUTES = [
