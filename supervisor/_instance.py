@@ -45,6 +45,9 @@ from ._state import State, StateMachine
 
 log = structlog.get_logger("qsup.instance")
 
+#: ``query-migrate`` statuses of a migration that has not ended yet (before post-copy)
+_MIGRATION_RUNNING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
+
 
 @dataclass
 class NodeContext:
@@ -544,8 +547,11 @@ class Instance:
 
         * destination, migration completed (guest paused, no L3 yet): L3, ``cont``;
           still ``inmigrate``: keep waiting for the event;
-        * source, ``postmigrate``/``completed``: release L3, ``quit``;
-          anything else: cancel the migration and keep the guest here, L3
+        * source, ``completed``: release L3, ``quit``;
+          ``postcopy-*``: the guest runs on the destination already -- wait
+          for the end, never cancel (cancel would resume a stale copy here);
+          anything else: cancel, wait until QEMU says it is over (a cancel in
+          ``device`` can lose to ``completed``), then keep the guest here, L3
           re-applied (idempotent) and running.
         """
         while self._nursery is None:
@@ -564,32 +570,36 @@ class Instance:
         if mstatus.startswith("postcopy-"):
             # The guest already runs on the destination and pulls its pages from here:
             # cancelling would resume a second, stale copy here, with its L3 back.
-            mstatus = await self._wait_postcopy_end()
+            mstatus = await self._wait_migration_end(0.2)
             if mstatus != "completed":
                 await self.release_l3()  # the destination owns the guest (or nobody does)
                 self._emit("migration.postcopy_lost", migrate_status=mstatus)
                 return
-        if qemu_status == "postmigrate" or mstatus == "completed":
-            await self.release_l3()
-            await self.finish_migrated()
-            return
-        if mstatus in ("setup", "active", "pre-switchover", "device"):
+        if mstatus in _MIGRATION_RUNNING:
             try:
                 await self.qmp.execute("migrate_cancel")
             except qmp_glue.QMPError as e:
                 log.warning("migrate_cancel during recovery", error=str(e))
+            # resume only once QEMU says it is over: in ``device`` the cancel can lose
+            # the race and the migration complete -- then the guest is the destination's
+            with trio.move_on_after(30):
+                mstatus = await self._wait_migration_end(0.02)
+        if mstatus == "completed":  # not "postmigrate" alone: a paused guest's failed migration ends there too
+            await self.release_l3()
+            await self.finish_migrated()
+            return
         await self.resume_after_failed_migration(True)
 
-    async def _wait_postcopy_end(self) -> str:
-        """Poll ``query-migrate`` (5 Hz) while a post-copy migration still runs; its end status."""
+    async def _wait_migration_end(self, interval: float) -> str:
+        """Poll ``query-migrate`` while a migration still runs (post-copy included); its end status."""
         while True:
             try:
                 status = (await self.qmp.execute("query-migrate", timeout=5)).get("status", "none")
             except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
                 return "lost"  # QEMU went away: the exit path cleans up
-            if not status.startswith("postcopy-"):
+            if status not in _MIGRATION_RUNNING and not status.startswith("postcopy-"):
                 return status
-            await trio.sleep(0.2)
+            await trio.sleep(interval)
 
     def _apply_phase(self, phase: str, reason: str) -> float:
         """Every NIC's ``phase``, in one worker-thread call; returns the ms spent inside."""
