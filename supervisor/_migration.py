@@ -6,8 +6,8 @@ than QEMU's own downtime plus two netlink batches.  It holds by causality,
 not timing:
 
 Source (``OutgoingMigration``)
-    capabilities ``events`` + ``pause-before-switchover`` (+ ``postcopy-ram``),
-    then ``migrate``.  At MIGRATION ``pre-switchover`` the source guest is
+    capabilities ``events`` + ``pause-before-switchover`` + ``return-path``
+    (+ ``postcopy-ram``), then ``migrate``.  At MIGRATION ``pre-switchover`` the source guest is
     already stopped and its final device state not yet sent: the source
     runs netconf ``deactivate`` (undo of the activate phase only, from the
     journal), *then* ``migrate-continue``.  The destination cannot reach
@@ -209,8 +209,13 @@ class OutgoingMigration:
             dest = await peer.prepare(inst.spec.model_dump(mode="json"), self.opts.postcopy)
             prepared = True
             uri = dest["uri"]
+            # return-path: without it the source reports ``completed`` as soon as the last
+            # bytes are in its socket buffer -- even when the destination just died -- and
+            # would quit the only copy of the guest.  With it, ``completed`` waits for the
+            # destination's "loaded" reply, and a dead destination is ``failed``.
             caps = [{"capability": "events", "state": True},
                     {"capability": "pause-before-switchover", "state": True},
+                    {"capability": "return-path", "state": True},
                     {"capability": "postcopy-ram", "state": self.opts.postcopy}]
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
             params = {}
