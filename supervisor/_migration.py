@@ -172,6 +172,7 @@ class OutgoingMigration:
         self.dest_view: dict | None = None
         self.total_ms: float | None = None
         self.stop_ts: float | None = None  # QMP timestamp of the source guest's STOP
+        self.reached_postcopy = False
         self.done = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
 
@@ -249,6 +250,8 @@ class OutgoingMigration:
         async for ev in self._events_recv:
             status = ev["data"]["status"]
             self.status = status
+            if status.startswith("postcopy-"):
+                self.reached_postcopy = True
             if status == "active" and self.opts.postcopy and not postcopy_started:
                 postcopy_started = True
                 await qmp.execute("migrate-start-postcopy")
@@ -260,7 +263,7 @@ class OutgoingMigration:
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
                 self.inst._emit("migration.switchover", l3_released_ms=round((t_rel - t) * 1000, 3),
                                 qmp_ts=_qmp_ts(ev))
-            elif status in ("completed", "failed", "cancelled"):
+            elif status in ("completed", "failed", "cancelled", "postcopy-paused"):
                 self.result = status
                 return
 
@@ -281,7 +284,9 @@ class OutgoingMigration:
             now = time.monotonic()
             if self.progress.transferred != last or self.status in ("pre-switchover", "device"):
                 last, since = self.progress.transferred, now
-            elif now - since > self.opts.stall_timeout and self.status not in ("postcopy-active",):
+            elif now - since > self.opts.stall_timeout and not self.status.startswith("postcopy"):
+                # (never in post-copy: the destination already runs the guest, a
+                # cancel would resume a stale copy here)
                 self.error = f"no progress for {self.opts.stall_timeout:.0f}s; cancelled"
                 self.inst._emit("migration.stalled", after_s=self.opts.stall_timeout)
                 await self.cancel()
@@ -315,6 +320,15 @@ class OutgoingMigration:
                        "activation": activation}
             inst._emit("migration.completed", **summary)
             await inst.finish_migrated()
+            return
+        if self.reached_postcopy:
+            # The destination has been running the guest: this copy is stale.
+            # Resuming it would put the guest on two nodes; keep it paused for
+            # an operator (QEMU can still serve pages / be recovered).
+            self.error = self.error or f"post-copy ended {self.status}"
+            inst._emit("migration.postcopy_lost", status=self.status, error=self.error)
+            if inst.proc.alive and inst.sm.can(State.PAUSED):
+                inst.sm.move(State.PAUSED, "post-copy lost: stale copy kept paused")
             return
         # failed / cancelled / error: the source keeps the guest.
         if prepared:

@@ -24,8 +24,6 @@ import netconf
 import qmp_glue
 
 from ._config import Config
-import netconf
-
 from ._instance import Instance, NodeContext
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
