@@ -201,3 +201,25 @@ def test_veth_down_between_nodes(nodes):
         _assert_on_a_only(t, a, b, "v1")
     finally:
         t.a.run("ip", "link", "set", "mig", "up")
+
+
+def test_prepared_destination_nobody_migrates_to_tears_itself_down(tmp_path):
+    """The source vanished between prepare and migrate: the destination must not wait forever."""
+    t = TwoNodes(tmp_path)
+    try:
+        a, b = t.start_daemons(extra_config="incoming_timeout = 3\n")
+        import httpx
+
+        spec = routed_spec("orphan")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(b.socket)), base_url="http://qsup") as c:
+            r = c.post("/v1/migrations/incoming", json={"spec": spec, "postcopy": False})
+        assert r.status_code == 201, r.text
+        assert [l for l in t.b.links() if l.startswith("qs")], "prepare should have opened the tap"
+        v = wait_state(b, "orphan", {"failed"}, timeout=30)
+        assert v["state"] == "failed" and "abort" in (v["error"] or "")
+        assert leftovers(t.b) == []
+        assert not (b.state_dir / "instances" / "orphan").exists()
+        assert any(e["type"] == "migration.incoming_timeout" for e in b.events())
+    finally:
+        leaked = t.close()
+        assert not leaked

@@ -37,6 +37,8 @@ class Config(BaseModel):
     powerdown_timeout: float = Field(default=30.0, ge=0, le=3600)
     hook_timeout: float = Field(default=10.0, gt=0, le=3600)
     event_retention: int = Field(default=100_000, ge=100)
+    #: seconds a prepared migration destination waits for the source to connect.
+    incoming_timeout: float = Field(default=120.0, gt=0, le=86400)
     #: uplinks on which a migration destination announces routed guests.
     announce_interfaces: list[str] = []
 

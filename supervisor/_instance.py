@@ -289,9 +289,28 @@ class Instance(MigrationMixin):
                 raise
             task_status.started(self.migration.uri)
             try:
-                await self._supervise()
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._incoming_watchdog)
+                    await self._supervise()
+                    n.cancel_scope.cancel()
             finally:
                 self._finished()
+
+    async def _incoming_watchdog(self) -> None:
+        """Tear down a prepared destination that nobody ever migrates to.
+
+        If the source (or its daemon) goes away between ``prepare`` and
+        ``migrate``, QEMU would wait on ``-incoming`` forever, holding taps
+        and memory.  No MIGRATION event within the config's
+        ``incoming_timeout`` seconds: abort, as the source's abort call would.
+        """
+        timeout = self.ctx.cfg.incoming_timeout
+        await trio.sleep(timeout)
+        m = self.migration
+        if m.status == "setup" and not m.activated and self.proc.alive:
+            self._emit("migration.incoming_timeout", after_s=timeout)
+            m.aborted = True
+            self.proc.signal(signal.SIGKILL)
 
     async def _start_incoming(self, postcopy: bool) -> None:
         ctx = self.ctx
