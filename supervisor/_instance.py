@@ -474,6 +474,8 @@ class Instance(MigrationMixin):
             if name == "MIGRATION" and self.migration is not None:
                 await self.migration.handle(ev)  # first: activation is on the critical path
             self._emit(f"qmp.{name}", data=data, qmp_ts=ev_ts)
+            if name == "RESUME" and isinstance(self.migration, IncomingMigration):
+                self.migration.resumed(ev_ts)
             if name == "STOP" and isinstance(self.migration, OutgoingMigration):
                 self.migration.stop_ts = self.migration.stop_ts or ev_ts
             if name == "STOP" and self.state == State.RUNNING and not self._stopping:

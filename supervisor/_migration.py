@@ -405,6 +405,16 @@ class IncomingMigration:
         inst._emit("migration.activated", **self.activation)
         inst.spawn(self._announce)
 
+    def resumed(self, qmp_ts: float) -> None:
+        """QEMU's RESUME after our ``cont``: when the guest really ran again, by QEMU's clock.
+
+        ``cont`` *returning* (``event_to_cont_ms``) also includes the reply's
+        trip back through the monitor; this is the other end of the guest's
+        pause as QEMU saw it.
+        """
+        if self.activation and "event_to_resumed_ms" not in self.activation:
+            self.activation["event_to_resumed_ms"] = round((qmp_ts - self.activation["qmp_ts"]) * 1000, 3)
+
     async def _announce(self) -> None:
         try:
             await self.inst.qmp.execute("announce-self", ANNOUNCE)
