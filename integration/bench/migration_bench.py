@@ -143,6 +143,8 @@ def migrate_once(i: int, t: TwoNodes, src, dst, src_ns, dst_ns, runner: ScriptRu
            "lost": w["ping"]["lost"], "sent": w["ping"]["sent"]}
     row |= {k: summary.get(k) for k in ("total_ms", "downtime_ms", "switchover_ms")}
     row |= {k: act.get(k) for k in ("event_to_l3_ms", "event_to_cont_ms", "received_to_l3_ms", "received_to_cont_ms")}
+    # QEMU's RESUME after `cont`, by QEMU's clock (in the destination's view, after the event)
+    row["event_to_resumed_ms"] = (summary.get("activation") or {}).get("event_to_resumed_ms")
     row |= {k: w[k] for k in ("overlap_ms", "gap_ms", "dst_has_route", "src_has_route")}
     if row["event_to_l3_ms"] is not None and row["received_to_l3_ms"] is not None:
         row["delivery_ms"] = round(row["event_to_l3_ms"] - row["received_to_l3_ms"], 3)  # QMP event -> qsup's task
@@ -156,7 +158,7 @@ def p(rows: list[dict], key: str, q: float) -> float | None:
 
 def report(rows: list[dict]) -> dict:
     res: dict = {"bench": "migration", "n": len(rows)}
-    for k in ("event_to_l3", "event_to_cont", "received_to_l3", "received_to_cont"):
+    for k in ("event_to_l3", "event_to_cont", "event_to_resumed", "received_to_l3", "received_to_cont"):
         res[f"activation_{k}_p50_ms"] = p(rows, f"{k}_ms", 50)
         res[f"activation_{k}_p99_ms"] = p(rows, f"{k}_ms", 99)
     # where event->cont goes: QMP event -> qsup's activation task, then L3, then the `cont` round trip
