@@ -159,7 +159,11 @@ def test_qemu_killed_while_the_daemon_is_down_is_cleaned_up(node, daemon_factory
     deadline = time.monotonic() + 10
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    # QEMU is gone and its tap with it, but the rule is host state nobody has undone yet
+    # QEMU is gone and its tap with it (the kernel unregisters it just after the last fd
+    # closes, so give it a moment), but the rule is host state nobody has undone yet
+    deadline = time.monotonic() + 10
+    while tap in node_ns.links() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert tap not in node_ns.links()
     assert f"iif {tap} [detached] lookup 100" in node_ns.run("ip", "rule", "show")
     dm.start()
