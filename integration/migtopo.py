@@ -242,7 +242,10 @@ def close_nodes(t: TwoNodes, pids: set[int] = frozenset()) -> list[int]:
     mine = lambda p: pid_alive(p) and str(t.workdir).encode() in _cmdline(p)  # noqa: E731
     while any(mine(p) for p in pids | leaked) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return sorted(p for p in pids | leaked if mine(p))
+    left = sorted(p for p in pids | leaked if mine(p))
+    if left:
+        print(f"warning: qemu pids would not die: {left}", file=sys.stderr)
+    return left
 
 
 def _cmdline(pid: int) -> bytes:
