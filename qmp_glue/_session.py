@@ -47,8 +47,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import outcome
 from qemu.qmp import ConnectError, Message, Runstate

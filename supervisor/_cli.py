@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import trio
@@ -24,7 +25,7 @@ from ._spec import SpecError, load_spec_file
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"qsup: error: {message}", err=True)
     sys.exit(code)
 
