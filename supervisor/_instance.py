@@ -253,7 +253,7 @@ class Instance(MigrationMixin):
             finally:
                 self._finished()
 
-    async def clean_up_dead(self, reason: str) -> None:
+    async def clean_up_dead(self, reason: str, final: State = State.CRASHED) -> None:
         """QEMU is gone (or must go): undo whatever the journal owns, drop the records.
 
         Used after a daemon restart for an instance whose QEMU died while
@@ -274,7 +274,7 @@ class Instance(MigrationMixin):
             if not errors:
                 self.ctx.layout.remove_instance(self.name)
             self.error = reason
-            self.sm.move(State.CRASHED if "died" in reason else State.FAILED, reason)
+            self.sm.move(final, reason)
             self._finished()
 
     async def run_incoming(self, postcopy: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

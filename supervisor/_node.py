@@ -28,6 +28,7 @@ from ._instance import Instance, NodeContext
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
 from ._spec import InstanceSpec, SpecError, parse_spec
+from ._state import State
 
 log = structlog.get_logger("qsup.node")
 
@@ -116,7 +117,7 @@ class Node:
                 await inst.clean_up_dead("qemu died while qsup was down")
             elif rec.get("state") == "starting":
                 inst.proc = proc
-                await inst.clean_up_dead("start interrupted by a daemon restart")
+                await inst.clean_up_dead("start interrupted by a daemon restart", State.FAILED)
             else:
                 try:
                     await self._nursery.start(self._guarded, inst, inst.run_reattached, proc, rec.get("migration"))
