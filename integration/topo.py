@@ -50,8 +50,12 @@ class Netns:
     def links(self) -> set[str]:
         return {l["ifname"] for l in self.json("link", "show")}
 
+    def read(self, path: str) -> str:
+        """A /proc or /sys file as seen from inside the namespace."""
+        return self.run("cat", path).strip()
+
     def sysctl(self, key: str) -> str:
-        return self.run("cat", "/proc/sys/" + key.replace(".", "/")).strip()
+        return self.read("/proc/sys/" + key.replace(".", "/"))
 
     def ping(self, addr: str, count: int = 3, timeout: float = 20) -> bool:
         deadline = time.monotonic() + timeout

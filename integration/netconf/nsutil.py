@@ -15,7 +15,6 @@ killed by the pid we started, never by name.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import select
@@ -27,38 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+# This file also runs as a script (the agent) inside a namespace; topo lives one level up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from topo import Netns, sh  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = str(ROOT / ".venv" / "bin" / "python")
-_count = itertools.count()
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 30) -> str:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout
-
-
-class Netns:
-    """A fresh network namespace with lo up; ``close()`` deletes it."""
-
-    def __init__(self, prefix: str = "qsnc") -> None:
-        self.name = f"{prefix}{os.getpid() % 100000}-{next(_count)}"
-        sh("ip", "netns", "add", self.name)
-        self.run("ip", "link", "set", "lo", "up")
-
-    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> str:
-        return sh("ip", "netns", "exec", self.name, *argv, check=check, timeout=timeout)
-
-    def ip_json(self, *argv: str):
-        out = sh("ip", "-n", self.name, "-j", *argv)
-        return json.loads(out) if out.strip() else []
-
-    def read(self, path: str) -> str:
-        return self.run("cat", path).strip()
-
-    def close(self) -> None:
-        sh("ip", "netns", "del", self.name, check=False)
 
 
 # -- snapshots -------------------------------------------------------------
@@ -69,13 +42,13 @@ _LINK_KEYS = ("ifname", "mtu", "address", "master", "flags", "link_type")
 def snapshot(ns: Netns) -> dict:
     """The namespace's routes, rules, links, addresses and per-device sysctls."""
     snap = {
-        "route4": ns.ip_json("-4", "route", "show", "table", "all"),
-        "route6": ns.ip_json("-6", "route", "show", "table", "all"),
-        "rule4": ns.ip_json("-4", "rule", "show"),
-        "rule6": ns.ip_json("-6", "rule", "show"),
-        "links": [{k: l.get(k) for k in _LINK_KEYS} for l in ns.ip_json("link", "show")],
+        "route4": ns.json("-4", "route", "show", "table", "all"),
+        "route6": ns.json("-6", "route", "show", "table", "all"),
+        "rule4": ns.json("-4", "rule", "show"),
+        "rule6": ns.json("-6", "rule", "show"),
+        "links": [{k: l.get(k) for k in _LINK_KEYS} for l in ns.json("link", "show")],
         "addrs": [{"ifname": a["ifname"], "addr": sorted((i["local"], i["prefixlen"]) for i in a.get("addr_info", []))}
-                  for a in ns.ip_json("addr", "show")],
+                  for a in ns.json("addr", "show")],
     }
     out = ns.run("sh", "-c", "grep -H . /proc/sys/net/ipv4/conf/*/proxy_arp /proc/sys/net/ipv4/conf/*/forwarding "
                  "/proc/sys/net/ipv6/conf/*/proxy_ndp /proc/sys/net/ipv6/conf/*/forwarding", check=False)

@@ -65,7 +65,7 @@ def test_proxy_arp_for_the_gateway_needs_exactly_this(ns, agent, tmp_path, case,
         ns.run("sysctl", "-q", "-w", f"net.ipv4.conf.{TAP}.forwarding=0")
     if case.startswith("proxy_arp=0"):
         ns.run("sysctl", "-q", "-w", f"net.ipv4.conf.{TAP}.proxy_arp=0")
-    tap_mac = ns.ip_json("link", "show", TAP)[0]["address"]
+    tap_mac = ns.json("link", "show", TAP)[0]["address"]
     got = agent.call("arp_probe", tap=TAP, mac=MAC, ip="10.0.0.5", target="169.254.0.1",
                      timeout=1.5 if answered else 1.0)
     assert got == (tap_mac if answered else None)

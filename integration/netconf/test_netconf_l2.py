@@ -34,7 +34,7 @@ def bridge(ns):
 
 
 def link(ns, name):
-    return ns.ip_json("link", "show", name)[0]
+    return ns.json("link", "show", name)[0]
 
 
 def test_bridged_attach_copies_mtu_sets_fe_mac_keeps_bridge_mac(ns, agent, bridge, tmp_path):

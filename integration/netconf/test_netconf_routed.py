@@ -31,11 +31,11 @@ def up(agent, jpath, n, **kw):
 
 
 def rules(ns, fam):
-    return [r for r in ns.ip_json(fam, "rule", "show") if r.get("iif") == TAP]
+    return [r for r in ns.json(fam, "rule", "show") if r.get("iif") == TAP]
 
 
 def routes(ns, fam, table):
-    return [r for r in ns.ip_json(fam, "route", "show", "table", table) if r.get("dev") == TAP]
+    return [r for r in ns.json(fam, "route", "show", "table", table) if r.get("dev") == TAP]
 
 
 def test_routed_v4_v6_in_table_link_apply_reapply_undo(ns, agent, tmp_path):
@@ -50,12 +50,12 @@ def test_routed_v4_v6_in_table_link_apply_reapply_undo(ns, agent, tmp_path):
     for fam in ("-4", "-6"):
         (r,) = rules(ns, fam)
         assert r["table"] == "100"
-    addrs = {a["local"] for a in ns.ip_json("addr", "show", "dev", TAP)[0]["addr_info"]}
+    addrs = {a["local"] for a in ns.json("addr", "show", "dev", TAP)[0]["addr_info"]}
     assert "fe80::1" in addrs
     for key in ("ipv4/conf/%s/proxy_arp", "ipv4/conf/%s/forwarding", "ipv6/conf/%s/proxy_ndp",
                 "ipv6/conf/%s/forwarding"):
         assert ns.read("/proc/sys/net/" + key % TAP) == "1"
-    link = ns.ip_json("link", "show", TAP)[0]
+    link = ns.json("link", "show", TAP)[0]
     assert "UP" in link["flags"]
 
     # idempotent: nothing new on the host, nothing new in the journal
@@ -80,7 +80,7 @@ def test_routed_main_table_v4_only_makes_no_rules(ns, agent, tmp_path):
     assert [x["step"] for x in t if x["kind"] == "step"] == ["sysctl-ipv4", "route4"]
     assert [r["dst"] for r in routes(ns, "-4", "main")] == ["10.0.0.5"]
     assert rules(ns, "-4") == []
-    assert ns.ip_json("link", "show", TAP)[0]["mtu"] == 1400
+    assert ns.json("link", "show", TAP)[0]["mtu"] == 1400
     agent.call("undo", journal=j, reason="stop")
     assert snapshot(ns) == before
 
@@ -99,7 +99,7 @@ def test_preexisting_routes_and_rules_are_kept(ns, agent, tmp_path):
     before = snapshot(ns)
     agent.call("apply", journal=j, nic=nic(link="100"), phase="activate", reason="start")
     assert len(rules(ns, "-4")) == 1  # no duplicate
-    assert [r["dev"] for r in ns.ip_json("-6", "route", "show", "table", "100") if r["dst"] == "2001:db8::5"] == [TAP]
+    assert [r["dev"] for r in ns.json("-6", "route", "show", "table", "100") if r["dst"] == "2001:db8::5"] == [TAP]
     agent.call("undo", journal=j, reason="stop", phases=["activate"])
     assert snapshot(ns) == before
 
@@ -217,8 +217,8 @@ def test_sigkill_inside_a_hook_then_recover(ns, agents, tmp_path):
 def test_multiqueue_tap_and_vnet_hdr(ns, agent):
     r = agent.call("open_tap", name=TAP, queues=4)
     assert r == {"fds": 4, "vnet_hdr": True}
-    info = ns.ip_json("-d", "link", "show", TAP)[0]["linkinfo"]["info_data"]
+    info = ns.json("-d", "link", "show", TAP)[0]["linkinfo"]["info_data"]
     assert info["type"] == "tap" and info.get("multi_queue") is True and info.get("vnet_hdr") is True
     assert info.get("persist") is not True
     agent.call("close_tap", name=TAP)
-    assert TAP not in {l["ifname"] for l in ns.ip_json("link", "show")}
+    assert TAP not in {l["ifname"] for l in ns.json("link", "show")}
