@@ -229,11 +229,7 @@ async def create_instance(request: Request) -> Response:
         raise ApiError(400, "the instance spec must be a JSON object")
     try:
         spec = parse_spec(data)
-        old = node.instances.get(spec.name)
-        if old is not None and not old.state.is_final:
-            raise Conflict(f"instance {spec.name!r} already exists ({old.state.value})")
-        if node.layout.record_path(spec.name).exists():
-            raise Conflict(f"instance {spec.name!r} has a record on this node")
+        node.check_free(spec.name)  # before the host checks: a duplicate is a 409
         # Host facts (bridge/OVS bridge/table exist).  check_link may run ovs-vsctl: off-thread.
         await trio.to_thread.run_sync(check_host, build_nics(spec))
         inst = await node.start(spec)

@@ -91,13 +91,6 @@ class MigrationMixin:
                 return status
             await trio.sleep(interval)
 
-    def _apply_phase(self, phase: str, reason: str) -> float:
-        """Every NIC's ``phase``, in one worker-thread call; returns the ms spent inside."""
-        t = time.perf_counter()
-        for nic in self.nics:
-            self.executor.apply(netconf.plan(nic, phase), reason=reason)
-        return (time.perf_counter() - t) * 1000
-
     async def apply_l3(self, reason: str, *, inline: bool = False) -> float:
         """L3 for every NIC; returns netconf's own ms.
 

@@ -137,13 +137,17 @@ class Node:
     def list(self) -> list[Instance]:
         return [self.instances[k] for k in sorted(self.instances)]
 
-    def _claim(self, spec: InstanceSpec) -> Instance:
-        name = spec.name
+    def check_free(self, name: str) -> None:
+        """Raise :class:`Conflict` unless ``name`` can be started on this node."""
         old = self.instances.get(name)
         if old is not None and not old.state.is_final:
             raise Conflict(f"instance {name!r} already exists ({old.state.value})")
         if self.layout.record_path(name).exists():
             raise Conflict(f"instance {name!r} has a record on this node")
+
+    def _claim(self, spec: InstanceSpec) -> Instance:
+        name = spec.name
+        self.check_free(name)
         inst = Instance(spec, self.ctx)
         self.instances[name] = inst
         return inst
