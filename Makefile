@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := qemu-system-x86 busybox-static cpio iproute2 iputils-ping openvswitch-switch procps kmod
+APT_PACKAGES := qemu-system-x86 busybox-static cpio iproute2 iputils-ping openvswitch-switch procps kmod python3-venv
 STAMP := build/.stamp
 
 include mk/guest.mk
