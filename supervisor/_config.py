@@ -41,6 +41,9 @@ class Config(BaseModel):
     incoming_timeout: float = Field(default=120.0, gt=0, le=86400)
     #: uplinks on which a migration destination announces routed guests.
     announce_interfaces: list[str] = []
+    #: what a guest kernel panic does unless its spec says: keep it paused for
+    #: inspection (``pause``), ``stop`` it (undo its network), or ``restart`` it.
+    on_panic: Literal["pause", "stop", "restart"] = "pause"
 
     @field_validator("hooks_dir", mode="before")
     @classmethod

@@ -153,6 +153,8 @@ class InstanceSpec(_Strict):
     accel: str | None = None
     nics: list[NicSpec] = []
     tags: list[str] = []
+    #: what a guest kernel panic does (pvpanic); None: the node config's ``on_panic``
+    on_panic: Literal["pause", "stop", "restart"] | None = None
 
     @field_validator("name")
     @classmethod
