@@ -24,8 +24,9 @@ BUSYBOX=/bin/busybox
 
 # Modules wanted in the guest; their dependencies are added from modules.dep.
 #   virtio_pci + virtio_net: the NICs; button + evdev: the ACPI power button as an input
-#   device, so the guest powers off on QMP system_powerdown.
-WANT_MODULES=(virtio_pci virtio_net button evdev)
+#   device, so the guest powers off on QMP system_powerdown; pvpanic_pci: a guest kernel panic
+#   reaches QEMU (and qsup) as GUEST_PANICKED.
+WANT_MODULES=(virtio_pci virtio_net button evdev pvpanic_pci)
 
 log() { printf 'guest-build: %s\n' "$*" >&2; }
 
