@@ -2,8 +2,11 @@
 
 It speaks HTTP over the daemon's unix socket (``httpx.HTTPTransport(uds=...)``) or, for another
 node, over TCP with a bearer token.  It turns the API's answers into two exceptions a caller can
-act on without parsing HTTP: :class:`ApiError` (the daemon answered with an error document) and
-:class:`Unreachable` (nobody answered).
+act on without parsing HTTP: :class:`RequestFailed` (the daemon answered with an error document),
+:class:`Unreachable` (nobody answered) and its subclass :class:`StreamLost` (a followed event
+stream ended because the daemon went away; it carries the last seq received, to resume from).
+(The server has its own ``ApiError``; the client's name differs so a traceback or an import
+never leaves a doubt about which side raised it.)
 
 Timeouts: connecting is quick or it fails; reading has no fixed limit for the calls that wait on
 a guest (``start`` waits until it runs, ``stop`` until QEMU exits, which can take the
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +30,15 @@ class Unreachable(ConnectionError):
     """No daemon answered on the socket / URL."""
 
 
-class ApiError(RuntimeError):
+class StreamLost(Unreachable):
+    """A followed event stream ended: the daemon stopped or restarted.  ``last_seq``: resume after it."""
+
+    def __init__(self, message: str, last_seq: int):
+        super().__init__(message)
+        self.last_seq = last_seq
+
+
+class RequestFailed(RuntimeError):
     """The daemon answered with an error: ``status``, one-line ``message``, ``field``, ``code``."""
 
     def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
@@ -124,8 +135,14 @@ class Client:
         return self._request("GET", "/metrics").text
 
     def events(self, since: int = 0, follow: bool = False) -> Iterator[dict]:
-        """Events with seq > since; with ``follow``, keeps yielding until the daemon goes away."""
+        """Events with seq > since.
+
+        Without ``follow`` the iteration ends after the last stored event.  With ``follow`` it
+        never ends normally: the daemon ends a followed stream only when it stops, so the end of
+        the stream, clean or not, raises :class:`StreamLost` with the last seq received.
+        """
         params = {"since": str(since), "follow": "true" if follow else "false"}
+        last = since
         try:
             with self._http.stream("GET", "/v1/events", params=params) as r:
                 if r.status_code >= 400:
@@ -133,14 +150,63 @@ class Client:
                     raise _api_error(r)
                 for line in r.iter_lines():
                     if line.strip():
-                        yield json.loads(line)
+                        ev = json.loads(line)
+                        last = ev.get("seq", last)
+                        yield ev
         except (httpx.ConnectError, httpx.ConnectTimeout, FileNotFoundError, ConnectionRefusedError,
                 PermissionError) as e:
             raise Unreachable(f"cannot reach the qsup daemon at {self.where}: {_reason(e)}") from None
         except (httpx.RemoteProtocolError, httpx.ReadError) as e:
             if not follow:
                 raise Unreachable(f"the qsup daemon at {self.where} went away mid-stream: {_reason(e)}") from None
-            return  # the daemon went away (stopped, restarted): the follow ends
+            raise StreamLost(f"the qsup daemon at {self.where} went away ({_reason(e)})", last) from None
+        if follow:
+            raise StreamLost(f"the qsup daemon at {self.where} ended the stream", last)
+
+    def follow_events(self, since: int = 0, *, reconnect: bool = True,
+                      on_lost: Callable[[StreamLost], None] | None = None,
+                      on_resumed: Callable[[int], None] | None = None,
+                      backoff_max: float = 2.0) -> Iterator[dict]:
+        """Follow the stream, surviving daemon restarts: reconnect and resume after the last seq.
+
+        The first connection must succeed (else :class:`Unreachable`).  When the stream is lost
+        it retries forever, from 0.1 s up to ``backoff_max`` between attempts (``tail -F``
+        semantics: Ctrl-C ends it); ``on_lost`` is called once per loss and ``on_resumed`` once
+        the stream is back.  With ``reconnect=False`` the :class:`StreamLost` propagates.
+        Because seq is persisted and strictly increasing, resuming after ``last_seq`` neither
+        skips nor repeats an event.
+        """
+        import time
+
+        last = since
+        ever_connected = False
+        while True:
+            try:
+                for ev in self.events(since=last, follow=True):
+                    last = ev.get("seq", last)
+                    yield ev
+            except StreamLost as e:
+                ever_connected = True
+                if not reconnect:
+                    raise StreamLost(str(e), last) from None
+                if on_lost is not None:
+                    on_lost(StreamLost(str(e), last))
+            except Unreachable:
+                if not ever_connected:
+                    raise
+                # the daemon answered the health check, then went away again: keep waiting
+            delay = 0.1
+            while True:
+                time.sleep(delay)
+                try:
+                    self.health()
+                    break
+                except Unreachable:
+                    delay = min(delay * 2, backoff_max)
+                except RequestFailed:
+                    break  # it answers: the events request will say what is wrong
+            if on_resumed is not None:
+                on_resumed(last)
 
 
 def _seg(name: str) -> str:
@@ -154,9 +220,10 @@ def _reason(e: BaseException) -> str:
     return s.splitlines()[0]
 
 
-def _api_error(r: httpx.Response) -> ApiError:
+def _api_error(r: httpx.Response) -> RequestFailed:
     try:
         doc = r.json()
-        return ApiError(r.status_code, str(doc.get("error") or r.reason_phrase), doc.get("field"), doc.get("code"))
+        return RequestFailed(r.status_code, str(doc.get("error") or r.reason_phrase), doc.get("field"),
+                             doc.get("code"))
     except (ValueError, AttributeError):
-        return ApiError(r.status_code, f"HTTP {r.status_code} {r.reason_phrase}")
+        return RequestFailed(r.status_code, f"HTTP {r.status_code} {r.reason_phrase}")

@@ -30,6 +30,11 @@ class Config(BaseModel):
     listen: str | None = None  # "host:port" for node-to-node calls (needs token_file)
     token_file: Path | None = None
     on_shutdown: Literal["leave", "stop"] = "leave"
+    #: lowest level logged (journald priorities: debug 7, info 6, warning 4, error 3, critical 2).
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    #: "host:port" of an unauthenticated listener serving only GET /metrics and /v1/health
+    #: (for Prometheus and load-balancer checks); none by default.
+    metrics_listen: str | None = None
     #: QEMU drops to this user after opening its sockets and files (``-runas``);
     #: empty string keeps it root (needed e.g. for post-copy's userfaultfd).
     qemu_user: str = "nobody"
