@@ -1,7 +1,7 @@
 """Integration fixtures: real namespaces, real qemu, a real guest.
 
 Each fixture removes exactly what it made, even when the test fails.  The
-session-level check at the end asserts no namespace created here is left.
+session-level check at the end fails the run if a namespace created here is left.
 """
 
 from __future__ import annotations
@@ -61,8 +61,27 @@ def qsup_factory(tmp_path):
     assert not leaked, f"qemu pids still alive: {leaked}"
 
 
-def pytest_sessionfinish(session, exitstatus):
+def leaked_namespaces() -> list[str]:
+    """Namespaces this pytest process made (``Netns`` names carry its pid) that still exist."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    mine = [l.split()[0] for l in out.splitlines() if l.startswith(f"qst{os.getpid() % 100000}-")]
-    for ns in mine:  # belt and braces: a fixture should already have removed these
+    return [l.split()[0] for l in out.splitlines() if l.startswith(f"qst{os.getpid() % 100000}-")]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every fixture removes its namespaces; one still here is a leak, and fails the run.
+
+    The leaked namespaces are deleted (so the next run starts clean), named on the
+    terminal, and the session's exit status is set to "tests failed".
+    """
+    leaked = leaked_namespaces()
+    if not leaked:
+        return
+    for ns in leaked:
         subprocess.run(["ip", "netns", "del", ns])
+    msg = f"LEAK: {len(leaked)} network namespace(s) outlived their tests (deleted now): {' '.join(leaked)}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(msg, red=True, bold=True)
+    else:
+        print(msg)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -87,12 +87,11 @@ def main() -> int:
         step("boot a guest with a routed NIC on node A")
         boot(t, a)
         step(f"client pings {IP} every 10 ms; route samplers on both nodes; live migration A -> B")
-        watch = MigrationWatch(t, t.a, t.b, IP, work)
-        try:
-            time.sleep(0.5)
+        with MigrationWatch(t, t.a, t.b, IP, work) as watch:
+            watch.ping.wait_replies(20)  # the guest answers before the migration starts
             rc = migrate(a, b)
-            time.sleep(1.0)
-        finally:
+            if rc == 0:
+                watch.ping.wait_replies(50, timeout=10)  # ... and on B afterwards
             w = watch.result()
         summary = None
         try:
@@ -102,8 +101,8 @@ def main() -> int:
             pass
         step("result")
         p = w["ping"]
-        print(f"ping: {p['sent']} sent, {p['received']} received, {p['lost']} lost between replies "
-              f"(holes at seq {w['ping_holes']})")
+        print(f"ping: {p['sent']} sent, {p['received']} received, {p['lost']} lost "
+              f"(ping's totals, its last request excepted; holes at seq {w['ping_holes']})")
         if summary:
             down = max(summary["downtime_ms"] or 0, summary["switchover_ms"] or 0)
             print(f"      budget ceil((max(downtime {summary['downtime_ms']}, switchover {summary['switchover_ms']}) "
@@ -111,7 +110,11 @@ def main() -> int:
         print(f"routes: overlap {w['overlap_ms']} ms (both nodes held {IP}/32), gap {w['gap_ms']} ms (neither did)")
         print(f"        node A now {'has' if w['src_has_route'] else 'has no'} route, "
               f"node B {'has' if w['dst_has_route'] else 'has no'} route")
-        time.sleep(0.3)  # let the tailers catch the last events
+        for tail, last in ((tails[0], "instance.stopped"), (tails[1], "migration.activated")):
+            try:  # the last event each node emits for the migration: the tailers have it all
+                tail.wait_for(last, NAME, timeout=5)
+            except (TimeoutError, RuntimeError):
+                pass
         step("event streams (qsup events --follow on each node)")
         for label, tail in (("node-a", tails[0]), ("node-b", tails[1])):
             for ev in tail.events:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,14 +63,25 @@ class TwoNodes:
         self.made.append(ns)
         return ns
 
-    def start_daemons(self, extra_config: str = "") -> tuple[QsupDaemon, QsupDaemon]:
+    def start_daemons(self, extra_config: str = "", hooks: dict | None = None) -> tuple[QsupDaemon, QsupDaemon]:
+        """One ``qsup serve`` per node; ``hooks`` maps "a"/"b" to a node's hooks_dir.
+
+        Each daemon is registered for ``close()`` *before* it is waited for, so one
+        that never gets ready is still killed by the teardown.
+        """
+        hooks = hooks or {}
+        made = []
         for node, letter, addr in ((self.a, "a", "10.200.0.1"), (self.b, "b", "10.200.0.2")):
             d = self.workdir / f"node-{letter}"
             d.mkdir(exist_ok=True)
-            self.daemons.append(QsupDaemon(
-                node, d, extra_config=f'node_name = "node-{letter}"\nmigration_address = "{addr}"\n'
-                                      f'announce_interfaces = ["uplink"]\n' + extra_config))
-        return self.daemons[0], self.daemons[1]
+            dm = QsupDaemon(node, d, hooks_dir=hooks.get(letter), start=False,
+                            extra_config=f'node_name = "node-{letter}"\nmigration_address = "{addr}"\n'
+                                         f'announce_interfaces = ["uplink"]\n' + extra_config)
+            self.daemons.append(dm)
+            made.append(dm)
+        for dm in made:
+            dm.start()
+        return made[0], made[1]
 
     def close(self) -> list[int]:
         leaked = []
@@ -87,17 +100,36 @@ class RouteSampler:
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, str(VENV_BIN / "python"),
                                       str(HERE / "route_sampler.py"), addr, str(out)],
                                      stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
+        ready = self.proc.stdout.readline().strip()
+        if ready != "ready":
+            self.kill()
+            raise RuntimeError(f"route sampler did not start: {ready!r}")
+
+    def kill(self) -> None:
+        """Last resort (a failed test): SIGKILL it by pid; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
 
     def stop(self) -> list[tuple[float, int]]:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(timeout=10)
-        out = []
+        self.proc.stdout.close()
+        return self._read()
+
+    def present(self) -> bool:
+        """Did the sampler ever see the route?  (Read while it runs or after stop().)"""
+        return any(v for _, v in self._read())
+
+    def _read(self) -> list[tuple[float, int]]:
+        rows = []
         for line in self.out.read_text().splitlines():
             t, v = line.split()[:2]
             if v != "end":
-                out.append((float(t), int(v)))
-        return out
+                rows.append((float(t), int(v)))
+        return rows
 
 
 def intervals(transitions: list[tuple[float, int]], t_end: float) -> list[tuple[float, float]]:
@@ -128,24 +160,79 @@ def overlap_and_gap(a: list, b: list, t_end: float) -> tuple[float, float]:
     return overlap, gap
 
 
+class PingError(RuntimeError):
+    """ping's output has no totals line: nothing can be said about loss."""
+
+
+#: an echo *reply* (``ping -D``); "From X icmp_seq=N Destination Host Unreachable" is not one
+_REPLY = re.compile(r"^\[\d+\.\d+\] \d+ bytes from \S+: icmp_seq=(\d+) ", re.M)
+_TOTALS = re.compile(r"^(\d+) packets transmitted, (\d+) received", re.M)
+
+
+def ping_counts(out: str) -> dict:
+    """Loss from ping's own totals ("N packets transmitted, M received").
+
+    ``lost`` counts every request without a reply -- before, during and after the
+    migration -- except the last one sent, when it has no reply: ping was interrupted
+    less than one interval after sending it, so its reply may still have been on its
+    way.  ``seqs`` are the sequence numbers of real echo replies (error lines such
+    as "Destination Host Unreachable" carry an icmp_seq too, and are not replies).
+    Output without the totals line raises :class:`PingError`.
+    """
+    m = _TOTALS.search(out)
+    if not m:
+        raise PingError(f"no totals in ping's output: {out[-500:]!r}")
+    sent, received = int(m.group(1)), int(m.group(2))
+    seqs = sorted({int(x) for x in _REPLY.findall(out)})
+    if len(seqs) != received:
+        raise PingError(f"ping says {received} received but printed {len(seqs)} replies: {out[-500:]!r}")
+    in_flight = 1 if sent and sent not in seqs else 0
+    return {"sent": sent, "received": received, "lost": sent - received - in_flight, "seqs": seqs}
+
+
 class Pinger:
-    """`ping -i 0.01 -D` from the client; counts sent/received."""
+    """`ping -i 0.01 -D` from the client, its output read as it comes; loss from its totals."""
 
     def __init__(self, ns: Netns, addr: str):
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "ping", "-n", "-D", "-i", "0.01",
                                       "-W", "1", addr], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
+        self._lines: list[str] = []
+        self._replies = 0
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self._lines.append(line)
+                if _REPLY.match(line):
+                    self._replies += 1
+                self._cond.notify_all()
+
+    def wait_replies(self, n: int, timeout: float = 20) -> None:
+        """Block until ``n`` more echo replies arrived than when called (not a sleep: a condition)."""
+        with self._cond:
+            target = self._replies + n
+            if not self._cond.wait_for(lambda: self._replies >= target or self.proc.poll() is not None,
+                                       timeout=timeout):
+                raise TimeoutError(f"fewer than {n} ping replies in {timeout}s: {''.join(self._lines[-5:])!r}")
+            if self._replies < target:
+                raise RuntimeError(f"ping exited ({self.proc.returncode}): {''.join(self._lines[-5:])!r}")
 
     def stop(self) -> dict:
-        self.proc.send_signal(2)
-        out, _ = self.proc.communicate(timeout=10)
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        sent, recv = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        seqs = sorted({int(x) for x in re.findall(r"icmp_seq=(\d+)", out)})
-        # lost = requests with no reply *between* replies; the ones still in flight when
-        # ping was stopped are not losses
-        lost = (seqs[-1] - seqs[0] + 1 - len(seqs)) if seqs else sent
-        return {"sent": sent, "received": recv, "lost": lost, "seqs": seqs}
+        """SIGINT ping (it prints its totals) and count; raises PingError on unparsable output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=5)
+        self.proc.stdout.close()
+        return ping_counts("".join(self._lines))
 
 
 def loss_budget(downtime_ms: float) -> int:
@@ -167,28 +254,56 @@ class MigrationWatch:
 
     ``src_ns``/``dst_ns`` are the namespaces of the node that holds the route now and
     the one that should hold it after; ``result()`` stops everything and returns the
-    overlap/gap (ms) measured from the samplers and the ping counts.
+    overlap/gap (ms) measured from the samplers and the ping counts.  Use it as a
+    context manager (or call ``close()`` in a ``finally``): whatever happens, nothing
+    it started keeps running.
     """
 
     def __init__(self, topo: TwoNodes, src_ns: Netns, dst_ns: Netns, addr: str, outdir: Path, tag: str = ""):
-        self.src = RouteSampler(src_ns, addr, outdir / f"route-src{tag}.txt")
+        self._started: list = []
         try:
-            self.dst = RouteSampler(dst_ns, addr, outdir / f"route-dst{tag}.txt")
+            self.src = self._start(RouteSampler, src_ns, addr, outdir / f"route-src{tag}.txt")
+            self.dst = self._start(RouteSampler, dst_ns, addr, outdir / f"route-dst{tag}.txt")
+            self.ping = self._start(Pinger, topo.client, addr)
         except BaseException:
-            self.src.stop()
+            self.close()
             raise
-        self.ping = Pinger(topo.client, addr)
+        self._result: dict | None = None
+
+    def _start(self, cls, *args):
+        obj = cls(*args)
+        self._started.append(obj)
+        return obj
+
+    def __enter__(self) -> "MigrationWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill whatever still runs (a failed test); a no-op after ``result()``."""
+        for obj in self._started:
+            if obj.proc.poll() is None:
+                obj.proc.kill()
+                obj.proc.wait()
 
     def result(self) -> dict:
-        ping = self.ping.stop()
-        t_end = time.time()
-        rs, rd = self.src.stop(), self.dst.stop()
+        if self._result is not None:
+            return self._result
+        try:
+            ping = self.ping.stop()
+            t_end = time.time()
+            rs, rd = self.src.stop(), self.dst.stop()
+        finally:
+            self.close()
         overlap, gap = overlap_and_gap(rs, rd, t_end)
         seqs = ping.pop("seqs")
         holes = [(x, y) for x, y in zip(seqs, seqs[1:]) if y - x > 1]
-        return {"overlap_ms": round(overlap * 1000, 3), "gap_ms": round(gap * 1000, 3),
-                "src_routes": rs, "dst_routes": rd, "ping": ping, "ping_holes": holes,
-                "dst_has_route": bool(rd and rd[-1][1]), "src_has_route": bool(rs and rs[-1][1])}
+        self._result = {"overlap_ms": round(overlap * 1000, 3), "gap_ms": round(gap * 1000, 3),
+                        "src_routes": rs, "dst_routes": rd, "ping": ping, "ping_holes": holes,
+                        "dst_has_route": bool(rd and rd[-1][1]), "src_has_route": bool(rs and rs[-1][1])}
+        return self._result
 
 
 def event_line(node: str, ev: dict, width: int = 100) -> str:

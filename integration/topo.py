@@ -127,6 +127,11 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _env(extra: dict | None) -> dict | None:
+    """The environment for a process we start: ours plus ``extra`` (None: inherit as is)."""
+    return None if not extra else {**os.environ, **extra}
+
+
 class _Console:
     """Reading a guest's serial console from a node's state dir."""
 
@@ -148,7 +153,7 @@ class QsupRun(_Console):
     """`qsup run SPEC...` in a namespace, its events collected from stdout."""
 
     def __init__(self, ns: Netns, workdir: Path, specs: list[dict], *, hooks_dir: Path | None = None,
-                 powerdown_timeout: float = 3.0, extra_config: str = ""):
+                 powerdown_timeout: float = 3.0, extra_config: str = "", env: dict | None = None):
         self.ns = ns
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -173,7 +178,7 @@ class QsupRun(_Console):
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns.name, str(VENV_BIN / "qsup"), "run", "--json",
              "--config", str(cfg), *paths],
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=_env(env),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -244,7 +249,7 @@ class QsupDaemon(_Console):
     """
 
     def __init__(self, ns: Netns, workdir: Path, *, powerdown_timeout: float = 3.0, extra_config: str = "",
-                 hooks_dir: Path | None = None):
+                 hooks_dir: Path | None = None, env: dict | None = None, start: bool = True):
         self.ns = ns
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -255,7 +260,9 @@ class QsupDaemon(_Console):
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen | None = None
         self._log = None
-        self.start()
+        self._env = env
+        if start:
+            self.start()
 
     def write_config(self, *, powerdown_timeout: float = 3.0, extra_config: str = "",
                      hooks_dir: Path | None = None) -> None:
@@ -267,13 +274,24 @@ class QsupDaemon(_Console):
         )
 
     def start(self, timeout: float = 30) -> None:
-        """Start the daemon and wait until it is ready (it has reattached and serves)."""
+        """Start the daemon and wait until it is ready (it has reattached and serves).
+
+        A daemon that does not get ready in time is SIGKILLed here, by pid, before the
+        error is raised: the caller has no handle on it yet if this ran from ``__init__``.
+        """
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         self._log = open(self.log_path, "ab")
         mark = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns.name, str(VENV_BIN / "qsup"), "serve", "--config", str(self.config)],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            stdout=self._log, stderr=subprocess.STDOUT, env=_env(self._env))
+        try:
+            self._wait_ready(mark, timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, mark: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             with open(self.log_path, "rb") as f:
@@ -359,6 +377,68 @@ class QsupDaemon(_Console):
         return [p for p in alive if pid_alive(p)]
 
 
+class Ovs:
+    """ovsdb-server + ovs-vswitchd in ``ns`` with their own db/run dir; userspace datapath.
+
+    A process given ``env`` (``OVS_RUNDIR``) talks to this instance with a plain
+    ``ovs-vsctl``, as qsup's netconf does.
+    """
+
+    def __init__(self, ns: Netns, rundir: Path) -> None:
+        self.ns, self.dir = ns, Path(rundir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = f"unix:{self.dir}/db.sock"
+        self.procs: list[subprocess.Popen] = []
+        env = dict(os.environ, OVS_RUNDIR=str(self.dir), OVS_LOGDIR=str(self.dir), OVS_DBDIR=str(self.dir))
+        self.env = env
+        try:
+            self._boot()
+        except BaseException:
+            self.close()  # a daemon that started before the failure must not outlive it
+            raise
+
+    @property
+    def client_env(self) -> dict:
+        """What a client (qsup's ``ovs-vsctl``) needs in its environment to reach this OVS."""
+        return {"OVS_RUNDIR": str(self.dir)}
+
+    def _boot(self) -> None:
+        sh("ovsdb-tool", "create", str(self.dir / "conf.db"), "/usr/share/openvswitch/vswitch.ovsschema")
+        self._spawn("ovsdb-server", str(self.dir / "conf.db"), f"--remote=punix:{self.dir}/db.sock",
+                    f"--unixctl={self.dir}/ovsdb.ctl", f"--log-file={self.dir}/ovsdb.log")
+        self._wait_for(self.dir / "db.sock")
+        self.vsctl("--no-wait", "init")
+        self._spawn("ovs-vswitchd", self.db, f"--unixctl={self.dir}/vswitchd.ctl",
+                    f"--log-file={self.dir}/vswitchd.log")
+        self._wait_for(self.dir / "vswitchd.ctl")
+
+    def _spawn(self, *argv: str) -> None:
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns.name, *argv], env=self.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+
+    @staticmethod
+    def _wait_for(path: Path, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} did not appear")
+            time.sleep(0.02)
+
+    def vsctl(self, *argv: str, check: bool = True) -> str:
+        return self.ns.run("ovs-vsctl", "--timeout=10", f"--db={self.db}", *argv, check=check)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
 class EventTail:
     """`qsup events --follow --json` as a subprocess; its events collected in a thread."""
 
@@ -379,23 +459,33 @@ class EventTail:
             self._q.put(ev)
         self._q.put(None)
 
-    def wait_for(self, type: str, instance: str | None = None, timeout: float = 60) -> dict:
+    def wait_for(self, type: str, instance: str | None = None, timeout: float = 60, **data) -> dict:
+        """The first event of ``type`` (for ``instance``) whose ``data`` fields match.
+
+        ``data`` matches the event's own fields or, for ``qmp.*`` events, QEMU's
+        ``data`` object: ``wait_for("qmp.MIGRATION", "vm", status="active")``.
+        """
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
             for ev in self.events[seen:]:
                 seen += 1
-                if ev["type"] == type and (instance is None or ev.get("instance") == instance):
+                if _matches(ev, type, instance, data):
                     return ev
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"tail: no {type} for {instance} in {timeout}s: {[e['type'] for e in self.events]}")
+                raise TimeoutError(f"tail: no {type} {data or ''} for {instance} in {timeout}s: "
+                                   f"{[e['type'] for e in self.events]}")
             try:
                 if self._q.get(timeout=min(left, 0.5)) is None and self.proc.poll() is not None:
-                    if not any(e["type"] == type for e in self.events[seen:]):
+                    if not any(_matches(e, type, instance, data) for e in self.events[seen:]):
                         raise RuntimeError(f"tail ended ({self.proc.returncode}) before {type}")
             except queue.Empty:
                 pass
+
+    def of(self, instance: str, type: str | None = None) -> list[dict]:
+        """The events seen so far for ``instance`` (of ``type`` when given)."""
+        return [e for e in self.events if e.get("instance") == instance and (type is None or e["type"] == type)]
 
     def close(self) -> int | None:
         if self.proc.poll() is None:
@@ -403,3 +493,10 @@ class EventTail:
         rc = self.proc.wait()
         self._reader.join(timeout=5)
         return rc
+
+
+def _matches(ev: dict, type: str, instance: str | None, data: dict) -> bool:
+    if ev["type"] != type or (instance is not None and ev.get("instance") != instance):
+        return False
+    fields = {**ev, **(ev.get("data") or {})} if isinstance(ev.get("data"), dict) else ev
+    return all(fields.get(k) == v for k, v in data.items())

@@ -123,15 +123,24 @@ def test_trio_cancel_cancels_asyncio_task_and_waits_for_its_cleanup(aio):
 
 
 def test_asyncio_task_that_finishes_despite_cancel_returns_its_result(aio):
+    saw_cancel = []
+
     async def stubborn():
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
+            saw_cancel.append(True)
             return "finished anyway"
 
     async def main():
-        with trio.move_on_after(0.05):
-            assert await aio.run(stubborn) == "finished anyway"
+        got = []
+        with trio.move_on_after(0.05) as scope:
+            got.append(await aio.run(stubborn))
+        # Checked outside the cancelled scope: had run() raised Cancelled instead of
+        # returning, an assert inside the scope would never have run.
+        assert saw_cancel == [True], "the asyncio task was never cancelled"
+        assert got == ["finished anyway"]
+        assert not scope.cancelled_caught
 
     trio.run(main)
 
@@ -160,19 +169,25 @@ def test_closing_the_thread_answers_pending_callers(aio):
 def test_run_callback_cancel_is_immediate_and_calls_cancel_on_loop(aio):
     cancelled = threading.Event()
     completes = []
+    cancel_threads = []
 
     def start(complete):
         completes.append(complete)  # never completes by itself
 
     def cancel():
-        assert aio.in_loop_thread()
+        # Runs on the asyncio thread: an assert here would be lost there, so record
+        # what we want to check and assert it on the trio side.
+        cancel_threads.append(aio.in_loop_thread())
         cancelled.set()
 
     async def main():
+        t0 = trio.current_time()
         with trio.move_on_after(0.05) as scope:
             await aio.run_callback(start, cancel=cancel)
         assert scope.cancelled_caught
-        await trio.to_thread.run_sync(cancelled.wait, 5)
+        assert trio.current_time() - t0 < 1, "cancellation was not immediate"
+        assert await trio.to_thread.run_sync(cancelled.wait, 5), "cancel() was never called"
+        assert cancel_threads == [True], "cancel() did not run on the loop thread"
         completes[0](outcome.Value("too late"))  # must be ignored, not crash trio
         await trio.sleep(0.05)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 # This file also runs as a script (the agent) inside a namespace; topo lives one level up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from topo import Netns, sh  # noqa: E402
+from topo import Netns, Ovs, sh  # noqa: E402,F401 (Ovs: the netconf fixtures import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -115,55 +115,6 @@ class AgentError(Exception):
         super().__init__(message)
         self.failures = failures
         self.type = type_
-
-
-# -- OVS -------------------------------------------------------------------
-
-
-class Ovs:
-    """ovsdb-server + ovs-vswitchd in ``ns`` with their own db/run dir; userspace datapath."""
-
-    def __init__(self, ns: Netns, rundir: Path) -> None:
-        self.ns, self.dir = ns, Path(rundir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = f"unix:{self.dir}/db.sock"
-        self.procs: list[subprocess.Popen] = []
-        env = dict(os.environ, OVS_RUNDIR=str(self.dir), OVS_LOGDIR=str(self.dir), OVS_DBDIR=str(self.dir))
-        self.env = env
-        sh("ovsdb-tool", "create", str(self.dir / "conf.db"), "/usr/share/openvswitch/vswitch.ovsschema")
-        self._spawn("ovsdb-server", str(self.dir / "conf.db"), f"--remote=punix:{self.dir}/db.sock",
-                    f"--unixctl={self.dir}/ovsdb.ctl", f"--log-file={self.dir}/ovsdb.log")
-        self._wait_for(self.dir / "db.sock")
-        self.vsctl("--no-wait", "init")
-        self._spawn("ovs-vswitchd", self.db, f"--unixctl={self.dir}/vswitchd.ctl",
-                    f"--log-file={self.dir}/vswitchd.log")
-        self._wait_for(self.dir / "vswitchd.ctl")
-
-    def _spawn(self, *argv: str) -> None:
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns.name, *argv], env=self.env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs.append(p)
-
-    @staticmethod
-    def _wait_for(path: Path, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} did not appear")
-            time.sleep(0.02)
-
-    def vsctl(self, *argv: str, check: bool = True) -> str:
-        return self.ns.run("ovs-vsctl", "--timeout=10", f"--db={self.db}", *argv, check=check)
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
 
 
 # -- code that runs INSIDE the namespace -----------------------------------
