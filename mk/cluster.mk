@@ -4,10 +4,11 @@
 # * Service starts are blocked during the install (policy-rc.d exiting 101): the tests run
 #   every node's corosync/pacemakerd themselves, inside namespaces.  A policy-rc.d that was
 #   already there is left alone; one made here is removed again.
+# * libxml2-utils: ocf-tester validates the agent's meta-data with xmllint.
 # * pacemaker-remote conflicts with pacemaker as a package, so it is only downloaded and
 #   unpacked under $(CLUSTER_REMOTE) (it links against the libraries pacemaker installs);
 #   the harness runs $(CLUSTER_REMOTE)/usr/sbin/pacemaker-remoted from there.
-CLUSTER_PACKAGES := corosync pacemaker pacemaker-cli-utils resource-agents fence-agents curl
+CLUSTER_PACKAGES := corosync pacemaker pacemaker-cli-utils resource-agents fence-agents curl libxml2-utils
 CLUSTER_BUILD := build/cluster
 CLUSTER_REMOTE := $(CLUSTER_BUILD)/pacemaker-remote
 # wait for another apt/dpkg (up to 10 min) instead of failing on its lock
