@@ -8,7 +8,17 @@ it, so validation is strict:
 * every error names the field, as a dotted path such as ``nics[1].mac``;
 * the instance name is restricted to ``[A-Za-z0-9][A-Za-z0-9_.-]{0,62}``
   and may not be ``.``/``..``-like, so it can never escape the state or run
-  directory it is joined onto.
+  directory it is joined onto;
+* every string is checked on the *whole* string (``fullmatch``/``\\Z``:
+  Python's ``re.match(... $)`` accepts ``"x\\n"``) and free text (``append``,
+  ``tags``, paths) may hold no control character (C0, DEL, C1: newline, NUL,
+  ESC...) and no lone surrogate, so nothing downstream (argv, hook
+  environment, JSON events, log lines) ever sees one;
+* routed addresses are real unicast host addresses: not unspecified,
+  broadcast, multicast, loopback, link-local, reserved, v4-mapped, scoped,
+  nor the guests' own gateway (:data:`netconf._plan.GATEWAY4`/``GATEWAY6``);
+* NICs and queues are capped (:data:`MAX_NICS`, :data:`MAX_QUEUES`,
+  :data:`MAX_TOTAL_QUEUES`) below what QEMU's ``pc`` machine can place.
 
 Validation here is syntactic.  Facts about the host (does the bridge exist,
 is the routing table known) are checked by :func:`netconf.check_link` just
@@ -23,9 +33,11 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,9 +46,33 @@ from pydantic import (
     model_validator,
 )
 
+# NAME_RE's pattern is also the OpenAPI schema's (ECMA-262, where ``$`` is the end of input), so
+# it keeps ``$``; in Python match it only with ``fullmatch`` (or :func:`valid_name`).  The
+# others end in ``\Z`` so that even a plain ``.match`` cannot accept a trailing newline.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-ACCEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,15}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+ACCEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,15}\Z")
+LINK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
+
+#: Control characters (C0, DEL, C1) and lone surrogates: refused in every string field.
+_BAD_CHAR_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+# -- limits: what QEMU can place, with room to spare ---------------------------------------
+# A ``pc`` (i440fx) machine has one PCI bus with 32 slots.  With ``-nodefaults`` slot 0 is the
+# host bridge and slot 1 the PIIX3 (ISA bridge, IDE, ACPI PM), so 30 are free; QEMU 7.2 refuses
+# a 31st device ("PCI: no slot/function available", checked on this host).  qsup puts each NIC
+# in its own slot (no multifunction) and needs one more for a virtio disk, and future devices
+# (rng, balloon, ...) need their own: 16 NICs leaves 14 slots for everything else.
+MAX_NICS = 16
+# Per NIC, QEMU allows up to 1024 queues (MAX_QUEUE_NUM; virtio-net needs 2q+1 <= 1024
+# virtqueues) and Linux 256 per tap (MAX_TAP_QUEUES); a guest uses at most one queue pair per
+# vCPU.  Each queue is a tap fd that qsup opens and passes to QEMU, and each needs two MSI-X
+# vectors (``vectors=2q+2``; with KVM every vector may take an IRQ route, 4096 per VM, shared).
+# 16 per NIC and 64 in all keeps a guest at <= 64 tap fds and <= 2*64 + 2*16 = 160 vectors.
+MAX_QUEUES = 16
+MAX_TOTAL_QUEUES = 64
+#: PATH_MAX
+MAX_PATH = 4096
 
 
 class SpecError(ValueError):
@@ -48,8 +84,33 @@ class SpecError(ValueError):
         self.message = message
 
 
+def valid_name(v: object) -> bool:
+    """Is ``v`` a valid instance name (the whole string; for the API's path parameter too)."""
+    return isinstance(v, str) and NAME_RE.fullmatch(v) is not None and v.strip(".") != ""
+
+
+def check_text(v: str) -> str:
+    """Refuse control characters (newline, NUL, ESC, DEL, C1) and lone surrogates anywhere."""
+    m = _BAD_CHAR_RE.search(v)
+    if m:
+        c = ord(m.group())
+        what = "a lone surrogate" if 0xD800 <= c <= 0xDFFF else "a control character"
+        raise ValueError(f"contains {what} (U+{c:04X}) at offset {m.start()}")
+    return v
+
+
+#: A free-text string: no control characters, no lone surrogates.
+Text = Annotated[str, AfterValidator(check_text)]
+
+
+def _check_tag(v: str) -> str:
+    if len(v) > 256:
+        raise ValueError("a tag must be at most 256 characters")
+    return check_text(v)
+
+
 def _check_name(v: str) -> str:
-    if not NAME_RE.match(v) or v.strip(".") == "":
+    if not valid_name(v):
         raise ValueError(
             f"invalid name {v!r}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}"
         )
@@ -69,7 +130,7 @@ class NicSpec(_Strict):
     ip: str | None = None
     ip6: str | None = None
     vlan: int | list[int] | None = None
-    queues: int = Field(default=1, ge=1, le=16)
+    queues: int = Field(default=1, ge=1, le=MAX_QUEUES)
 
     @field_validator("mac")
     @classmethod
@@ -77,7 +138,7 @@ class NicSpec(_Strict):
         if v is None:
             return v
         m = v.lower()
-        if not MAC_RE.match(m):
+        if not MAC_RE.fullmatch(m):
             raise ValueError(f"invalid MAC address {v!r}")
         if int(m[:2], 16) & 1:
             raise ValueError(f"MAC address {v!r} is multicast")
@@ -96,7 +157,7 @@ class NicSpec(_Strict):
     @field_validator("link")
     @classmethod
     def _link(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", v):
+        if v is not None and not LINK_RE.fullmatch(v):
             raise ValueError(f"invalid link {v!r}")
         return v
 
@@ -123,7 +184,12 @@ class NicSpec(_Strict):
 
 
 def _host_address(v: str, version: int) -> str:
-    """Accept ``ADDR`` or ``ADDR/32`` (``/128``); return the bare address."""
+    """Accept ``ADDR`` or ``ADDR/32`` (``/128``); return the bare address.
+
+    Only a routable unicast host address is accepted: see the module docstring.
+    """
+    if _BAD_CHAR_RE.search(v) or "%" in v or not v.isascii():
+        raise ValueError(f"invalid IPv{version} address {v!r}")
     try:
         iface = ipaddress.ip_interface(v)
     except ValueError:
@@ -135,9 +201,39 @@ def _host_address(v: str, version: int) -> str:
             f"{v!r}: a guest address is a host address (/{iface.max_prefixlen} or none)"
         )
     a = iface.ip
-    if a.is_multicast or a.is_unspecified or a.is_loopback:
-        raise ValueError(f"{v!r} is not a usable unicast address")
-    return str(a)
+    gw4, gw6 = _gateways()
+    if a == gw4 or a == gw6:
+        why = "the guests' own gateway"
+    elif a.is_unspecified or (version == 4 and a in _THIS_NETWORK):
+        why = "unspecified"
+    elif a.is_multicast:
+        why = "multicast"
+    elif version == 4 and a == _BROADCAST:
+        why = "the broadcast address"
+    elif a.is_loopback:
+        why = "loopback"
+    elif a.is_link_local:
+        why = "link-local"
+    elif version == 4 and a.is_reserved:
+        why = "reserved (240.0.0.0/4)"
+    elif version == 6 and a.ipv4_mapped is not None:
+        why = "an IPv4-mapped address"
+    else:
+        return str(a)
+    raise ValueError(f"{v!r} is {why}, not a usable guest address")
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_BROADCAST = ipaddress.ip_address("255.255.255.255")
+
+
+@cache
+def _gateways() -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    """netconf's on-link gateway addresses (imported late: ``import netconf`` costs ~0.5 s,
+    which the CLI should not pay unless a spec has a routed address to check)."""
+    from netconf._plan import GATEWAY4, GATEWAY6
+
+    return ipaddress.IPv4Address(GATEWAY4), ipaddress.IPv6Address(GATEWAY6)
 
 
 class InstanceSpec(_Strict):
@@ -148,11 +244,11 @@ class InstanceSpec(_Strict):
     vcpus: int = Field(default=1, ge=1, le=255)
     kernel: str | None = None
     initrd: str | None = None
-    append: str | None = Field(default=None, max_length=4096)
+    append: Text | None = Field(default=None, max_length=4096)
     disk: str | None = None
     accel: str | None = None
     nics: list[NicSpec] = []
-    tags: list[str] = []
+    tags: list[Annotated[str, AfterValidator(_check_tag)]] = []
     #: what a guest kernel panic does (pvpanic); None: the node config's ``on_panic``
     on_panic: Literal["pause", "stop", "restart"] | None = None
 
@@ -164,7 +260,7 @@ class InstanceSpec(_Strict):
     @field_validator("accel")
     @classmethod
     def _accel(cls, v: str | None) -> str | None:
-        if v is not None and not ACCEL_RE.match(v):
+        if v is not None and not ACCEL_RE.fullmatch(v):
             raise ValueError(f"invalid accelerator {v!r}")
         return v
 
@@ -175,17 +271,11 @@ class InstanceSpec(_Strict):
             return v
         if not v.startswith("/"):
             raise ValueError(f"{v!r} must be an absolute path")
-        if "," in v or "\x00" in v:
-            raise ValueError(f"{v!r}: ',' and NUL are not allowed in paths")
-        return v
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, v: list[str]) -> list[str]:
-        for t in v:
-            if "\x00" in t or len(t) > 256:
-                raise ValueError("tags must be under 256 characters, without NUL")
-        return v
+        if "," in v:
+            raise ValueError(f"{v!r}: ',' is not allowed in paths")
+        if len(v) > MAX_PATH:
+            raise ValueError(f"path longer than {MAX_PATH} characters")
+        return check_text(v)
 
     @model_validator(mode="after")
     def _boot_and_nics(self) -> "InstanceSpec":
@@ -193,6 +283,14 @@ class InstanceSpec(_Strict):
             raise ValueError("@kernel: exactly one of kernel or disk is required")
         if (self.initrd or self.append) and not self.kernel:
             raise ValueError("@kernel: initrd and append need kernel")
+        if len(self.nics) > MAX_NICS:
+            raise ValueError(f"@nics: {len(self.nics)} NICs, at most {MAX_NICS}")
+        total = 0
+        for i, nic in enumerate(self.nics):
+            total += nic.queues
+            if total > MAX_TOTAL_QUEUES:
+                raise ValueError(f"@nics[{i}].queues: {total} queues in all NICs so far, "
+                                 f"at most {MAX_TOTAL_QUEUES} per instance")
         return self
 
     def resolved_nics(self) -> list[NicSpec]:

@@ -92,3 +92,107 @@ def test_load_json_and_toml(tmp_path):
     bad.write_text("name = ")
     with pytest.raises(SpecError, match="not valid JSON/TOML"):
         load_spec_file(bad)
+
+
+# --- issue 9: every string field is checked on the full string ---------------------------
+
+NIC = {"mode": "routed", "ip": "10.0.0.1"}
+
+
+@pytest.mark.parametrize("bad", ["\n", "\r\n", "\x00", "\ud800", "\udfff", "\x1b", "\x7f", "\x85"])
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda s: spec(name="vm1" + s), "name:"),
+        (lambda s: spec(accel="tcg" + s), "accel:"),
+        (lambda s: spec(append="console=ttyS0" + s), "append:"),
+        (lambda s: spec(tags=["ok", "web" + s]), "tags[1]:"),
+        (lambda s: spec(kernel="/boot/vmlinuz" + s), "kernel:"),
+        (lambda s: spec(initrd="/boot/initrd" + s), "initrd:"),
+        (lambda s: spec(kernel=None, disk="/srv/d.img" + s), "disk:"),
+        (lambda s: spec(nics=[dict(NIC, mac="52:54:00:00:00:01" + s)]), "nics[0].mac:"),
+        (lambda s: spec(nics=[dict(NIC, link="100" + s)]), "nics[0].link:"),
+        (lambda s: spec(nics=[{"mode": "bridged", "link": "br0" + s}]), "nics[0].link:"),
+        (lambda s: spec(nics=[dict(NIC, ip="10.0.0.1" + s)]), "nics[0].ip:"),
+        (lambda s: spec(nics=[{"mode": "routed", "ip6": "2001:db8::1" + s}]), "nics[0].ip6:"),
+    ],
+)
+def test_trailing_newline_nul_surrogate_and_controls_refused(make, field, bad):
+    """`re.match` with `$` accepts "x\\n"; NUL and lone surrogates broke the event stream."""
+    assert err(make(bad)).startswith(field), err(make(bad))
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\ud800", "\n"])
+def test_bad_characters_inside_a_string_refused(bad):
+    assert err(spec(name="vm" + bad + "1")).startswith("name:")
+    assert err(spec(tags=["a" + bad + "b"])).startswith("tags[0]:")
+    assert err(spec(append="a" + bad + "b")).startswith("append:")
+
+
+def test_refusals_are_one_line_and_encodable():
+    """The error itself must be printable and valid UTF-8 (it goes to stderr and events)."""
+    for d in (spec(name="vm1\n"), spec(tags=["\ud800"]), spec(append="\x00")):
+        e = err(d)
+        assert "\n" not in e
+        e.encode("utf-8")
+
+
+def test_unicode_tags_and_append_still_accepted():
+    s = parse_spec(spec(tags=["équipe", "日本", "a b"], append="console=ttyS0 quiet x=ü"))
+    assert s.tags == ["équipe", "日本", "a b"]
+
+
+@pytest.mark.parametrize(
+    "ip, field",
+    [
+        ("255.255.255.255", "nics[0].ip:"),
+        ("169.254.0.1", "nics[0].ip:"),    # the guests' own gateway (netconf GATEWAY4)
+        ("169.254.3.4", "nics[0].ip:"),    # link-local
+        ("0.0.0.0", "nics[0].ip:"),
+        ("0.1.2.3", "nics[0].ip:"),        # "this network"
+        ("127.0.0.1", "nics[0].ip:"),
+        ("224.0.0.1", "nics[0].ip:"),
+        ("240.0.0.1", "nics[0].ip:"),      # reserved (class E)
+    ],
+)
+def test_special_ipv4_refused(ip, field):
+    assert err(spec(nics=[{"mode": "routed", "ip": ip}])).startswith(field)
+
+
+@pytest.mark.parametrize(
+    "ip6", ["fe80::1", "fe80::5", "::", "::1", "ff02::1", "ff0e::1", "::ffff:10.0.0.1",
+            "2001:db8::1%eth0"],
+)
+def test_special_ipv6_refused(ip6):
+    assert err(spec(nics=[{"mode": "routed", "ip6": ip6}])).startswith("nics[0].ip6:")
+
+
+def test_gateways_are_netconfs():
+    from netconf._plan import GATEWAY4, GATEWAY6
+    assert err(spec(nics=[{"mode": "routed", "ip": GATEWAY4}])).startswith("nics[0].ip:")
+    assert err(spec(nics=[{"mode": "routed", "ip6": GATEWAY6}])).startswith("nics[0].ip6:")
+
+
+def test_ordinary_addresses_still_accepted():
+    s = parse_spec(spec(nics=[{"mode": "routed", "ip": "192.0.2.10", "ip6": "2001:db8::10"},
+                              {"mode": "routed", "ip": "100.64.0.1"}]))
+    assert s.nics[1].ip == "100.64.0.1"
+
+
+def test_nic_count_capped():
+    from supervisor._spec import MAX_NICS
+    ok = [{"mode": "routed", "ip": f"10.0.{i}.1"} for i in range(MAX_NICS)]
+    assert len(parse_spec(spec(nics=ok)).nics) == MAX_NICS
+    e = err(spec(nics=ok + [{"mode": "routed", "ip": "10.1.0.1"}]))
+    assert e.startswith("nics:") and str(MAX_NICS) in e, e
+
+
+def test_queues_per_nic_and_total_capped():
+    from supervisor._spec import MAX_QUEUES, MAX_TOTAL_QUEUES
+    assert err(spec(nics=[{"mode": "bridged", "link": "br0", "queues": MAX_QUEUES + 1}])).startswith("nics[0].queues:")
+    per = MAX_QUEUES
+    n_ok = MAX_TOTAL_QUEUES // per
+    nics = [{"mode": "bridged", "link": "br0", "queues": per} for _ in range(n_ok)]
+    parse_spec(spec(nics=nics))
+    e = err(spec(nics=nics + [{"mode": "bridged", "link": "br0", "queues": 1}]))
+    assert e.startswith(f"nics[{n_ok}].queues:") and str(MAX_TOTAL_QUEUES) in e, e
