@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -37,17 +38,59 @@ def _config(path, **overrides) -> Config:
         fail(f"config: {e}", EXIT_USAGE)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qsup")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "--version", "-V", prog_name="qsup", message="%(prog)s %(version)s")
 def main() -> None:
-    """qsup: a QEMU process supervisor."""
+    """qsup: a QEMU process supervisor.
+
+    \b
+    Shell completion (commands, options, instance names), e.g. in ~/.bashrc:
+      eval "$(_QSUP_COMPLETE=bash_source qsup)"
+    (zsh: zsh_source, fish: fish_source)
+    """
+
+
+def _human(value) -> str:
+    """A value for people: no Python reprs, no None."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_human(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_human(v)}" for k, v in value.items() if v not in (None, "", [], {}))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _event_extra(ev: dict) -> str:
+    parts = []
+    for k, v in ev.items():
+        if k in ("seq", "ts", "instance", "type") or v in (None, "", [], {}):
+            continue
+        parts.append(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (dict, list)) else _human(v)}")
+    return " ".join(parts)
 
 
 def _print_event(ev: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(ev, separators=(",", ":")))
     else:
-        extra = {k: v for k, v in ev.items() if k not in ("seq", "ts", "instance", "type")}
-        click.echo(f"{ev['seq']:>6} {ev.get('instance') or '-':<16} {ev['type']:<24} {json.dumps(extra)[:160]}")
+        ts = ev.get("ts")
+        when = _log.format_ts(ts) if isinstance(ts, (int, float)) else "-"
+        click.echo(f"{when} {ev['seq']:>6} {ev.get('instance') or '-':<16} {ev['type']:<24} {_event_extra(ev)[:200]}"
+                   .rstrip())
 
 
 @main.command("run")
@@ -57,7 +100,7 @@ def _print_event(ev: dict, as_json: bool) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False))
 @click.option("--accel", help="override the config's accelerator")
 @click.option("--json", "as_json", is_flag=True, help="events as JSON lines")
-@click.option("--socket", help="(accepted for uniformity; run does not serve an API)")
+@click.option("--socket", hidden=True, help="accepted for uniformity; run serves no API")
 def run_cmd(specs, config_path, state_dir, run_dir, accel, as_json, socket) -> None:
     """Supervise SPEC... in the foreground until SIGINT/SIGTERM, then stop them.
 
@@ -72,7 +115,7 @@ def run_cmd(specs, config_path, state_dir, run_dir, accel, as_json, socket) -> N
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         fail("name: duplicate instance name among the specs", EXIT_USAGE)
-    _log.configure(stream=sys.stderr)
+    _log.configure(cfg.log_level, stream=sys.stderr)
     sys.exit(trio.run(_run_foreground, cfg, parsed, as_json))
 
 
@@ -120,14 +163,47 @@ async def _run_foreground(cfg: Config, specs, as_json: bool) -> int:
 # daemon's TCP listener.  Errors: one line on stderr, exit code as in the module docstring.
 
 
-def _client_options(f):
-    f = click.option("--token-file", envvar="QSUP_TOKEN_FILE", type=click.Path(dir_okay=False),
-                     help="bearer token for --url")(f)
-    f = click.option("--url", envvar="QSUP_URL", help="daemon TCP URL instead of the socket")(f)
-    f = click.option("--socket", "socket_path", envvar="QSUP_SOCKET", type=click.Path(),
-                     help="daemon API socket [$QSUP_SOCKET]")(f)
-    f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
-    return f
+def _complete_names(ctx: click.Context, param, incomplete: str):
+    """Shell completion for NAME: the instance names the daemon knows (quietly nothing if none)."""
+    from click.shell_completion import CompletionItem
+
+    from ._client import Client
+
+    socket_path = ctx.params.get("socket_path") or os.environ.get("QSUP_SOCKET")
+    try:
+        with Client(socket_path, timeout=1.0) as c:
+            views = c.list()
+    except Exception:  # noqa: BLE001 -- completion must never print errors into the prompt
+        return []
+    return [CompletionItem(v["name"], help=v.get("state")) for v in views if v["name"].startswith(incomplete)]
+
+
+def _name_argument(f):
+    return click.argument("name", shell_complete=_complete_names)(f)
+
+
+def _client_options(f=None, *, remote: bool = True, json_output: bool = True):
+    """--json, --socket, and (``remote``) --url/--token-file for a daemon's TCP listener.
+
+    Commands that need the daemon's host (``qmp``, ``console``: local unix socket, local file)
+    get ``remote=False``: --url is then not offered, and, if given anyway, refused in one line.
+    """
+    def deco(f):
+        if remote:
+            f = click.option("--token-file", envvar="QSUP_TOKEN_FILE", type=click.Path(dir_okay=False),
+                             help="bearer token for --url [$QSUP_TOKEN_FILE]")(f)
+            f = click.option("--url", envvar="QSUP_URL",
+                             help="daemon TCP URL instead of the socket [$QSUP_URL]")(f)
+        else:
+            f = click.option("--token-file", hidden=True)(f)
+            f = click.option("--url", hidden=True)(f)
+        f = click.option("--socket", "socket_path", envvar="QSUP_SOCKET", type=click.Path(),
+                         help="daemon API socket [$QSUP_SOCKET]")(f)
+        f = click.option("--json", "as_json", is_flag=True, hidden=not json_output,
+                         help="machine-readable output")(f)
+        return f
+
+    return deco(f) if f is not None else deco
 
 
 def _connect(socket_path, url, token_file):
@@ -152,12 +228,14 @@ class _Calls:
         return self.client
 
     def __exit__(self, typ, exc, tb):
-        from ._client import ApiError, Unreachable
+        from ._client import RequestFailed, StreamLost, Unreachable
 
         self.client.close()
+        if isinstance(exc, StreamLost):
+            fail(f"{exc}; resume with --since {exc.last_seq}", EXIT_UNREACHABLE)
         if isinstance(exc, Unreachable):
             fail(str(exc), EXIT_UNREACHABLE)
-        if isinstance(exc, ApiError):
+        if isinstance(exc, RequestFailed):
             usage = exc.code == "invalid_spec" or exc.status in (400, 413)
             fail(str(exc), EXIT_USAGE if usage else EXIT_FAILED)
         return False
@@ -182,12 +260,14 @@ def _table(rows: list[list[str]]) -> None:
 @main.command("serve")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="node config (TOML); default /etc/qsup/qsup.toml if it exists")
-@_client_options
-def serve_cmd(config_path, as_json, socket_path, url, token_file) -> None:
+@click.option("--socket", "socket_path", type=click.Path(), help="API socket to serve (overrides the config)")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="accepted for uniformity: logs are JSON")
+def serve_cmd(config_path, socket_path, as_json) -> None:
     """Run the node daemon: the HTTP API on the socket, reattaching recorded instances.
 
-    Logs are JSON lines on stdout.  Exits on SIGTERM/SIGINT, leaving the guests running unless
-    the config says on_shutdown = "stop".
+    Logs are JSON lines on stdout; under systemd they go to the journal with their priority and
+    an INSTANCE field.  Exits on SIGTERM/SIGINT, leaving the guests running unless the config
+    says on_shutdown = "stop".
     """
     from ._client import DEFAULT_CONFIG
     from ._daemon import DaemonError, main as daemon_main
@@ -217,7 +297,8 @@ def start_cmd(spec_path, as_json, socket_path, url, token_file) -> None:
     if as_json:
         _echo_json(view)
     else:
-        click.echo(f"{view['name']}: {view['state']} (pid {view.get('pid')})")
+        pid = f" (pid {view['pid']})" if view.get("pid") else ""
+        click.echo(f"{view['name']}: {view['state']}{pid}")
 
 
 @main.command("ls")
@@ -231,16 +312,16 @@ def ls_cmd(as_json, socket_path, url, token_file) -> None:
         return
     rows = [["NAME", "STATE", "PID", "MEM", "CPUS", "NICS"]]
     for v in views:
-        rows.append([v["name"], v["state"], str(v.get("pid") or "-"), str(v.get("memory", "-")),
-                     str(v.get("vcpus", "-")), ",".join(_nic_summary(n) for n in v.get("nics", [])) or "-"])
+        rows.append([v["name"], v["state"], _human(v.get("pid")), _human(v.get("memory")),
+                     _human(v.get("vcpus")), ",".join(_nic_summary(n) for n in v.get("nics", [])) or "-"])
     _table(rows)
 
 
 @main.command("show")
-@click.argument("name")
+@_name_argument
 @_client_options
 def show_cmd(name, as_json, socket_path, url, token_file) -> None:
-    """Show one instance (``--json``: the full view object)."""
+    """Show one instance (with --json: the full view object)."""
     with _Calls(socket_path, url, token_file) as c:
         v = c.show(name)
     if as_json:
@@ -248,15 +329,18 @@ def show_cmd(name, as_json, socket_path, url, token_file) -> None:
         return
     for key in ("name", "state", "pid", "memory", "vcpus", "tags", "qmp_operator", "console", "error"):
         if key in v:
-            click.echo(f"{key + ':':<14}{v[key] if v[key] not in (None, []) else '-'}")
+            click.echo(f"{key + ':':<14}{_human(v[key])}")
     for i, n in enumerate(v.get("nics", [])):
-        parts = [f"{k}={n[k]}" for k in ("mac", "mode", "tap", "link", "ip", "ip6", "vlan", "queues")
-                 if n.get(k) not in (None, [], "")]
+        parts = [f"{k}={_human(n[k])}" for k in ("mac", "mode", "tap", "link", "ip", "ip6", "vlan", "trunks",
+                                                  "queues") if n.get(k) not in (None, [], "")]
         click.echo(f"{f'nic{i}:':<14}{' '.join(parts)}")
+    m = v.get("migration")
+    if m:
+        click.echo(f"{'migration:':<14}{_human({k: m.get(k) for k in ('status', 'result', 'to', 'error')})}")
 
 
 @main.command("stop")
-@click.argument("name")
+@_name_argument
 @click.option("--force", is_flag=True, help="SIGTERM QEMU instead of a guest powerdown")
 @click.option("--timeout", type=click.FloatRange(0, 3600), help="seconds the guest gets to power down")
 @_client_options
@@ -270,17 +354,48 @@ def stop_cmd(name, force, timeout, as_json, socket_path, url, token_file) -> Non
         click.echo(f"{v['name']}: {v['state']}")
 
 
+@main.command("rm")
+@_name_argument
+@_client_options
+def rm_cmd(name, as_json, socket_path, url, token_file) -> None:
+    """Delete NAME: force-stop it if it still runs, then forget it (its records go)."""
+    with _Calls(socket_path, url, token_file) as c:
+        v = c.delete(name)
+    if as_json:
+        _echo_json(v)
+    else:
+        click.echo(f"{v.get('name', name)}: deleted")
+
+
 @main.command("events")
 @click.option("--follow", "-f", is_flag=True, help="keep printing new events")
 @click.option("--since", type=click.IntRange(0), default=0, show_default=True,
               help="only events with seq > SINCE")
+@click.option("--reconnect/--no-reconnect", default=True, show_default=True,
+              help="with --follow: when the daemon stops or restarts, wait for it and resume after the "
+                   "last seq printed; --no-reconnect exits 3 instead, saying which --since resumes")
 @_client_options
-def events_cmd(follow, since, as_json, socket_path, url, token_file) -> None:
-    """Print the event stream (``--json``: one event object per line)."""
+def events_cmd(follow, since, reconnect, as_json, socket_path, url, token_file) -> None:
+    """Print the event stream: time (UTC), seq, instance, type, details.
+
+    With --json: one event object per line.  With --follow it keeps printing new events and
+    survives daemon restarts (no gap, no duplicate: seq is persisted); a note on stderr says
+    when the stream was lost and when it resumed.
+    """
+    def lost(e) -> None:
+        click.echo(f"qsup: {e}; reconnecting (resumes after seq {e.last_seq})", err=True)
+
+    def resumed(seq: int) -> None:
+        click.echo(f"qsup: reconnected, resuming after seq {seq}", err=True)
+
     try:
         with _Calls(socket_path, url, token_file) as c:
-            for ev in c.events(since=since, follow=follow):
+            stream = (c.follow_events(since, reconnect=reconnect, on_lost=lost, on_resumed=resumed) if follow
+                      else c.events(since=since))
+            for ev in stream:
                 _print_event(ev, as_json)
+                if follow:
+                    sys.stdout.flush()
     except KeyboardInterrupt:
         sys.exit(0)
     except BrokenPipeError:
@@ -289,7 +404,7 @@ def events_cmd(follow, since, as_json, socket_path, url, token_file) -> None:
 
 
 @main.command("migrate")
-@click.argument("name")
+@_name_argument
 @click.option("--to", "to", metavar="NODE", help="destination daemon: its socket path or http://host:port")
 @click.option("--postcopy", is_flag=True, help="switch to post-copy after the first pass")
 @click.option("--max-bandwidth", type=click.IntRange(1), metavar="BYTES/S")
@@ -326,13 +441,28 @@ def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detac
     if as_json:
         _echo_json(summary)
     else:
-        act = summary["activation"] or {}
         click.echo(f"{name}: {summary['result']}" + (f" ({summary['error']})" if summary["error"] else ""))
-        click.echo(f"  total {summary['total_ms']} ms, downtime {summary['downtime_ms']} ms (QEMU), "
-                   f"source stop -> destination completed {summary['switchover_ms']} ms, "
-                   f"activation {act.get('event_to_cont_ms', '-')} ms from the completed event to cont "
-                   f"(L3 after {act.get('event_to_l3_ms', '-')} ms)")
+        line = _migration_numbers(summary)
+        if line:
+            click.echo(f"  {line}")
     sys.exit(0 if summary["result"] == "completed" else EXIT_FAILED)
+
+
+def _migration_numbers(summary: dict) -> str:
+    """The summary's timings, each only when QEMU/the daemon reported it (never "None ms")."""
+    act = summary.get("activation") or {}
+
+    def ms(v) -> str | None:
+        return f"{v:g} ms" if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    parts = [(f"total {ms(summary.get('total_ms'))}", ms(summary.get("total_ms"))),
+             (f"downtime {ms(summary.get('downtime_ms'))} (QEMU)", ms(summary.get("downtime_ms"))),
+             (f"source stop -> destination completed {ms(summary.get('switchover_ms'))}",
+              ms(summary.get("switchover_ms"))),
+             (f"activation {ms(act.get('event_to_cont_ms'))} from the completed event to cont",
+              ms(act.get("event_to_cont_ms"))),
+             (f"L3 after {ms(act.get('event_to_l3_ms'))}", ms(act.get("event_to_l3_ms")))]
+    return ", ".join(text for text, value in parts if value)
 
 
 def _follow_migration(c, name: str, quiet: bool) -> dict:
@@ -362,22 +492,157 @@ def _follow_migration(c, name: str, quiet: bool) -> dict:
             _time.sleep(0.25)
 
 
-@main.command("qmp")
-@click.argument("name")
-@_client_options
-def qmp_cmd(name, as_json, socket_path, url, token_file) -> None:
-    """Open qmp-shell on NAME's operator monitor (a second QMP monitor; qsup keeps its own)."""
+def _local_view(name, socket_path, url, what: str) -> dict:
+    """The instance view, for commands that open a local file or socket of the daemon's host."""
     if url:
-        fail("qmp needs the daemon's local socket (the monitor is a local unix socket)", EXIT_USAGE)
-    with _Calls(socket_path, url, token_file) as c:
-        v = c.show(name)
+        fail(f"{what} needs the daemon's local socket (--url is not supported: the {what} is local)", EXIT_USAGE)
+    with _Calls(socket_path, None, None) as c:
+        return c.show(name)
+
+
+@main.command("qmp")
+@_name_argument
+@click.argument("command", required=False)
+@click.argument("arguments", metavar="[JSON]", required=False)
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30, show_default=True,
+              help="seconds to wait for the monitor and for the answer")
+@_client_options(remote=False)
+def qmp_cmd(name, command, arguments, timeout, as_json, socket_path, url, token_file) -> None:
+    """Talk QMP to NAME's operator monitor (a second monitor; qsup keeps its own).
+
+    \b
+    qsup qmp NAME                          interactive qmp-shell
+    qsup qmp NAME query-status             one command: prints its JSON return value
+    qsup qmp NAME set_link '{"name": "nic0", "up": false}'
+
+    One-shot exit codes: 0 the command succeeded; 1 QEMU answered an error (its class and
+    description on stderr; with --json also {"error": {...}} on stdout); 2 JSON is not an
+    object; 3 the daemon or the monitor could not be reached.
+    """
+    args = None
+    if arguments is not None:
+        try:
+            args = json.loads(arguments)
+        except ValueError as e:
+            fail(f"arguments: invalid JSON: {e}", EXIT_USAGE)
+        if not isinstance(args, dict):
+            fail("arguments: must be a JSON object", EXIT_USAGE)
+    v = _local_view(name, socket_path, url, "monitor")
     path = v.get("qmp_operator")
     if v["state"] in ("stopped", "crashed", "failed") or not path or not Path(path).exists():
         fail(f"{name} is {v['state']}: no monitor to open", EXIT_FAILED)
-    import os
+    if command is None:
+        argv = [sys.executable, "-m", "qemu.qmp.qmp_shell", path]
+        os.execv(sys.executable, argv)
+    import asyncio
 
-    argv = [sys.executable, "-m", "qemu.qmp.qmp_shell", path]
-    os.execv(sys.executable, argv)
+    try:
+        ok, value = asyncio.run(_qmp_once(path, command, args, timeout))
+    except (OSError, EOFError, asyncio.TimeoutError) as e:
+        reason = "timed out (is another client using the operator monitor?)" \
+            if isinstance(e, asyncio.TimeoutError) else (str(e) or type(e).__name__)
+        fail(f"monitor {path}: {reason}", EXIT_UNREACHABLE)
+    except Exception as e:  # noqa: BLE001 -- qemu.qmp's connection errors: one line, no traceback
+        fail(f"monitor {path}: {type(e).__name__}: {e}", EXIT_UNREACHABLE)
+    if ok:
+        _echo_json(value)
+        return
+    if as_json:
+        _echo_json({"error": value})
+    fail(f"qmp {command}: {value.get('class', 'Error')}: {value.get('desc', '')}", EXIT_FAILED)
+
+
+async def _qmp_once(path: str, command: str, args: dict | None, timeout: float) -> tuple[bool, object]:
+    """Connect, negotiate, run one command: (True, return value) or (False, QMP error object).
+
+    The command and its arguments go to QEMU as one JSON message: nothing passes a shell.
+    """
+    import asyncio
+    import logging
+
+    from qemu.qmp import ExecuteError, QMPClient
+
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its connection narration is not ours
+    client = QMPClient("qsup-cli")
+    try:
+        await asyncio.wait_for(client.connect(path), timeout)
+        try:
+            return True, await asyncio.wait_for(client.execute(command, args), timeout)
+        except ExecuteError as e:
+            return False, {"class": e.error_class, "desc": e.error.error.desc}
+    finally:
+        await client.disconnect()
+
+
+@main.command("console")
+@_name_argument
+@click.option("--lines", "-n", type=click.IntRange(0), default=50, show_default=True,
+              help="start with the last N lines (0: only new output)")
+@click.option("--follow/--no-follow", "-f", default=True, show_default=True,
+              help="keep printing new output until Ctrl-C")
+@_client_options(remote=False, json_output=False)
+def console_cmd(name, lines, follow, as_json, socket_path, url, token_file) -> None:
+    """Print NAME's serial console log and follow it (read-only; like tail -f)."""
+    v = _local_view(name, socket_path, url, "console")
+    path = Path(v.get("console") or "")
+    if not v.get("console"):
+        fail(f"{name}: the daemon reports no console", EXIT_FAILED)
+    try:
+        _tail(path, lines, follow)
+    except PermissionError:
+        fail(f"console {path}: permission denied (it is readable by root only)", EXIT_FAILED)
+    except FileNotFoundError:
+        fail(f"console {path}: no such file ({name} is {v['state']})", EXIT_FAILED)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+
+
+def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
+    """Last ``lines`` lines of ``path``, then (``follow``) new bytes as they come.
+
+    A file that shrinks (the instance was started again, its console recreated) is read again
+    from the start; one that is replaced (another inode) is reopened.
+    """
+    import time
+
+    out = sys.stdout.buffer
+    f = open(path, "rb")
+    try:
+        size = os.fstat(f.fileno()).st_size
+        back = min(size, 64 * 1024 + lines * 256)
+        f.seek(size - back)
+        tail = b""
+        if lines:
+            parts = f.read(back).split(b"\n")
+            if back < size:
+                parts = parts[1:]  # the first piece may be the end of a cut line
+            full, partial = parts[:-1], parts[-1]
+            tail = b"".join(line + b"\n" for line in full[-lines:]) + partial
+        else:
+            f.seek(size)
+        out.write(tail)
+        out.flush()
+        while follow:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            time.sleep(poll)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if st.st_ino != os.fstat(f.fileno()).st_ino:
+                f.close()
+                f = open(path, "rb")
+            elif st.st_size < f.tell():
+                f.seek(0)
+    finally:
+        f.close()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ Start-up, in an order that matters:
    outlived the previous daemon, and their monitors are unix socket paths, so they are found
    again, verified (pid + start time) and supervised; the ones that died meanwhile are cleaned up
    from their netconf journal.
-4. Bind the API socket (mode 0660: access to the API is access to the socket file) and the
-   optional TCP listener (bearer token), and start hypercorn's trio worker on them.
+4. Bind the API socket (mode 0660: access to the API is access to the socket file), the
+   optional TCP listener (bearer token) and the optional ``metrics_listen`` listener (no
+   token: it serves only ``GET /metrics`` and ``GET /v1/health``, for Prometheus and load
+   balancers), and start hypercorn's trio worker on them.
 5. Tell systemd ``READY=1`` (``Type=notify``).  Only now: a unit ordered after qsup can rely on
    every surviving instance being supervised again.
 
@@ -118,18 +120,61 @@ def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
     return sock
 
 
-def bind_tcp(listen: str) -> socket.socket:
+def bind_tcp(listen: str, key: str = "listen") -> socket.socket:
+    """Bind ``host:port`` (``[v6]:port``; empty host: all IPv4 addresses); ``key`` names the config key."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise DaemonError(f"listen: expected host:port, got {listen!r}")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise DaemonError(f"{key}: expected host:port, got {listen!r}")
     host = host.strip("[]") or "0.0.0.0"
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(fam, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, int(port)))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, int(port)))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise DaemonError(f"{key}: cannot listen on {listen}: {e.strerror}") from None
     return sock
+
+
+def metrics_app(node, events, metrics: Metrics, reattached: list[str]):
+    """The unauthenticated listener's app: ``GET /metrics`` and ``GET /v1/health``, nothing else.
+
+    The API module's :func:`create_metrics_app` is used when it exists (one definition of those
+    two routes); otherwise the same two routes are served here from the same Metrics object.
+    """
+    from . import _api
+
+    factory = getattr(_api, "create_metrics_app", None)
+    if factory is not None:
+        return factory(node, events, metrics)
+    return _minimal_metrics_app(node, events, metrics, reattached)
+
+
+def _minimal_metrics_app(node, events, metrics: Metrics, reattached: list[str]):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from ._metrics import CONTENT_TYPE
+
+    async def get_metrics(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def get_health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "node": node.cfg.node_name, "instances": len(node.list()),
+                             "last_seq": events.last_seq, "reattached": reattached})
+
+    async def not_here(request: Request) -> Response:
+        return JSONResponse({"error": "this listener serves only GET /metrics and GET /v1/health",
+                             "field": None, "code": "not_found"}, 404)
+
+    return Starlette(routes=[Route("/metrics", get_metrics, methods=["GET"]),
+                             Route("/v1/health", get_health, methods=["GET"]),
+                             Route("/{path:path}", not_here, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
 
 
 def read_token(path: Path) -> str:
@@ -171,8 +216,9 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         token = read_token(cfg.token_file) if cfg.listen else None
         socks.append(bind_unix(cfg.socket))
         bound = True
-        if cfg.listen:
-            socks.append(bind_tcp(cfg.listen))
+        tcp = bind_tcp(cfg.listen, "listen") if cfg.listen else None
+        metrics_sock = bind_tcp(cfg.metrics_listen, "metrics_listen") if cfg.metrics_listen else None
+        socks += [s for s in (tcp, metrics_sock) if s is not None]
         Layout(cfg.state_dir, cfg.run_dir).prepare()
         events = EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
         metrics = Metrics()
@@ -189,14 +235,18 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 app = create_app(node, events, metrics, reattached=reattached)
                 async with trio.open_nursery() as http:
                     await http.start(_serve_http, app, socks[0])
-                    if len(socks) > 1:
+                    if tcp is not None:
                         await http.start(_serve_http, create_app(node, events, metrics, token=token,
-                                                                 reattached=reattached), socks[1])
+                                                                 reattached=reattached), tcp)
+                    if metrics_sock is not None:
+                        await http.start(_serve_http, metrics_app(node, events, metrics, reattached),
+                                         metrics_sock)
                     socks.clear()  # hypercorn owns them now
                     events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached,
                                 reattach_ms=reattach_ms)
                     sd_notify("READY=1\nSTATUS=serving")
-                    log.info("ready", socket=str(cfg.socket), listen=cfg.listen)
+                    log.info("ready", socket=str(cfg.socket), listen=cfg.listen,
+                             metrics_listen=cfg.metrics_listen)
                     task_status.started()
                     async for sig in signals:
                         log.info("signal", signal=signal.Signals(sig).name, on_shutdown=cfg.on_shutdown)
@@ -232,7 +282,7 @@ def main(cfg: Config) -> int:
     """Entry point for ``qsup serve``: returns the exit status."""
     from . import _log
 
-    _log.configure()
+    _log.configure(cfg.log_level)
     try:
         trio.run(serve_daemon, cfg)
     except DaemonError as e:

@@ -173,8 +173,8 @@ def test_operation_failures_are_exit_1(daemon, tmp_path):
     assert json.loads(daemon.cli("ls", "--json").stdout) == []
 
 
-def test_follow_sees_new_events_and_ends_with_the_daemon(daemon, tmp_path):
-    tail = subprocess.Popen([*QSUP, "events", "--follow", "--json", "--socket", str(daemon.sock)],
+def test_follow_no_reconnect_says_where_to_resume(daemon, tmp_path):
+    tail = subprocess.Popen([*QSUP, "events", "--follow", "--no-reconnect", "--json", "--socket", str(daemon.sock)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     try:
@@ -189,7 +189,13 @@ def test_follow_sees_new_events_and_ends_with_the_daemon(daemon, tmp_path):
         assert (got[0]["instance"], got[0]["type"]) == ("f1", "instance.starting")
         assert [e["seq"] for e in got] == list(range(first["seq"] + 1, first["seq"] + 1 + len(got)))
         assert daemon.stop() == 0
-        assert tail.wait(timeout=10) == 0  # the stream ended when the daemon went away
+        rest = [json.loads(l) for l in tail.stdout.read().splitlines() if l.strip()]
+        last = (rest or got)[-1]["seq"]  # daemon.stopping may or may not make it out
+        # the daemon went away: not a normal end of the stream, and the error says how to resume
+        assert tail.wait(timeout=10) == 3
+        err = tail.stderr.read()
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"resume with --since {last}" in err, err
     finally:
         if tail.poll() is None:
             tail.kill()
@@ -285,3 +291,96 @@ def test_sigint_exits_cleanly_like_sigterm(tmp_path):
     d.log.close()
     assert not d.sock.exists()
     assert '"signal": "SIGINT"' in Path(d.log.name).read_text()
+
+
+def test_follow_reconnects_across_a_daemon_restart_without_gap(tmp_path):
+    d = Daemon(tmp_path)
+    tail = subprocess.Popen([*QSUP, "events", "--follow", "--json", "--socket", str(d.sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    try:
+        first = json.loads(tail.stdout.readline())
+        assert first["type"] == "daemon.ready"
+        assert d.stop() == 0
+        d = Daemon(tmp_path)  # same state dir and socket: a restart
+        got = [first]
+        while not (got[-1]["type"] == "daemon.ready" and got[-1]["seq"] > first["seq"]):
+            got.append(json.loads(tail.stdout.readline()))
+        seqs = [e["seq"] for e in got]
+        assert seqs == list(range(first["seq"], first["seq"] + len(seqs))), seqs  # no gap, no duplicate
+        assert "daemon.stopping" in [e["type"] for e in got]
+        assert tail.poll() is None  # still following
+        p = tmp_path / "ok.json"
+        p.write_text(json.dumps({"name": "after", "memory": 64, "kernel": "/k"}))
+        assert d.cli("start", str(p)).returncode == 1
+        nxt = json.loads(tail.stdout.readline())
+        assert (nxt["seq"], nxt["instance"]) == (seqs[-1] + 1, "after")
+    finally:
+        tail.kill()
+        tail.wait()
+        d.stop()
+    err = tail.stderr.read()
+    assert "reconnecting" in err and "Traceback" not in err, err
+
+
+def test_events_human_output_has_the_log_time_format(daemon):
+    import re
+
+    r = daemon.cli("events")
+    assert r.returncode == 0
+    line = r.stdout.splitlines()[-1]
+    ts, seq, inst, typ = line.split()[:4]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts), line
+    assert typ == "daemon.ready" and inst == "-"
+    log_ts = json.loads(next(l for l in Path(daemon.log.name).read_text().splitlines() if '"ready"' in l))["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", log_ts)
+    assert "None" not in r.stdout and "{'" not in r.stdout
+
+
+def test_version():
+    from importlib.metadata import version
+
+    r = qsup("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"qsup {version('qsup')}"
+
+
+def test_help_texts_are_clean_and_options_apply():
+    r = qsup("--help")
+    assert r.returncode == 0
+    for cmd in ("serve", "run", "start", "ls", "show", "stop", "rm", "events", "migrate", "qmp", "console"):
+        assert cmd in r.stdout, cmd
+        h = qsup(cmd, "--help")
+        assert h.returncode == 0
+        assert "``" not in h.stdout and "\\b" not in h.stdout, (cmd, h.stdout)
+    serve = qsup("serve", "--help").stdout
+    assert "--url" not in serve and "--token-file" not in serve
+    for local in ("qmp", "console"):
+        assert "--url" not in qsup(local, "--help").stdout
+    assert "--socket" not in qsup("run", "--help").stdout
+    r = qsup("serve", "--url", "http://x")
+    assert r.returncode == 2 and "No such option" in r.stderr
+
+
+def test_rm_and_qmp_bad_input(daemon):
+    r = daemon.cli("rm", "nope")
+    assert r.returncode == 1 and "no instance named 'nope'" in one_error_line(r)
+    r = daemon.cli("qmp", "nope", "query-status", "[1]")
+    assert r.returncode == 2 and "arguments: must be a JSON object" in one_error_line(r)
+    r = daemon.cli("qmp", "nope", "query-status", "{bad")
+    assert r.returncode == 2 and "arguments: invalid JSON" in one_error_line(r)
+    r = daemon.cli("qmp", "nope", "query-status")
+    assert r.returncode == 1 and "no instance named 'nope'" in one_error_line(r)
+    r = daemon.cli("console", "nope", "--no-follow")
+    assert r.returncode == 1 and "no instance named 'nope'" in one_error_line(r)
+
+
+def test_name_completion_asks_the_daemon(daemon, monkeypatch):
+    """click's completion protocol, as the shell script drives it: COMP_WORDS/COMP_CWORD."""
+    r = qsup(env={"_QSUP_COMPLETE": "bash_source"})
+    assert r.returncode == 0 and "_QSUP_COMPLETE=bash_complete" in r.stdout
+    # no instances: no names (and no error text in the prompt)
+    r = qsup(env={"_QSUP_COMPLETE": "bash_complete", "COMP_WORDS": "qsup show ", "COMP_CWORD": "2",
+                  "QSUP_SOCKET": str(daemon.sock)})
+    assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr == ""
+    r = qsup(env={"_QSUP_COMPLETE": "bash_complete", "COMP_WORDS": "qsup sh", "COMP_CWORD": "1"})
+    assert "plain,show" in r.stdout.split()
