@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._spec import ACCEL_RE, SpecError, _loc, _message
+from ._limits import ImageDirs
+from ._uids import DEFAULT_QEMU_UIDS, QemuUids
 
 
 class Config(BaseModel):
@@ -49,6 +51,14 @@ class Config(BaseModel):
     #: what a guest kernel panic does unless its spec says: keep it paused for
     #: inspection (``pause``), ``stop`` it (undo its network), or ``restart`` it.
     on_panic: Literal["pause", "stop", "restart"] = "pause"
+    #: each instance's QEMU runs as its own uid from this "START-END" range (supervisor/_uids.py)
+    qemu_uids: QemuUids = DEFAULT_QEMU_UIDS
+    #: kernel/initrd/disk must resolve inside one of these; None allows any regular file
+    image_dirs: ImageDirs = None
+    #: allow a block/character device as a disk
+    allow_device_disks: bool = False
+    #: disk used by one instance's console log (current + rotated ``.1``), in bytes
+    console_max_bytes: int = Field(default=1024 * 1024, ge=4096, le=1024**4)
 
     @field_validator("hooks_dir", mode="before")
     @classmethod

@@ -1,0 +1,173 @@
+"""Node-level input checks run before anything is opened: unique routed IPs, image paths."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from supervisor import SpecError, parse_spec
+from supervisor._limits import check_images, check_unique_addresses
+
+
+def spec(name="vm1", nics=(), **kw):
+    d = {"name": name, "memory": 128, "kernel": "/boot/vmlinuz", "nics": list(nics)}
+    d.update(kw)
+    return parse_spec(d)
+
+
+def routed(ip=None, ip6=None, link=None):
+    n = {"mode": "routed"}
+    n.update({k: v for k, v in (("ip", ip), ("ip6", ip6), ("link", link)) if v is not None})
+    return n
+
+
+def refused(fn, *a) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        fn(*a)
+    return e.value
+
+
+# --- unique routed addresses ---------------------------------------------------------------
+
+
+def test_distinct_addresses_pass():
+    a = spec("a", [routed("10.0.0.1", "2001:db8::1")])
+    b = spec("b", [routed("10.0.0.2", "2001:db8::2")])
+    check_unique_addresses(a, [b])
+    check_unique_addresses(a, [])
+
+
+def test_ip_taken_by_another_instance_names_the_field():
+    other = spec("other", [routed("10.0.0.9"), routed("10.0.0.1")])
+    new = spec("new", [routed("10.0.0.5"), routed("10.0.0.1")])
+    e = refused(check_unique_addresses, new, [other])
+    assert e.field == "nics[1].ip" and "10.0.0.1" in str(e) and "other" in str(e), e
+
+
+def test_ip6_taken_compares_addresses_not_strings():
+    other = spec("other", [routed(ip6="2001:db8:0:0::10")])
+    new = spec("new", [routed(ip6="2001:DB8::10/128")])
+    e = refused(check_unique_addresses, new, [other])
+    assert e.field == "nics[0].ip6", e
+
+
+def test_same_address_twice_in_one_spec():
+    e = refused(check_unique_addresses, spec("a", [routed("10.0.0.1"), routed("10.0.0.1")]), [])
+    assert e.field == "nics[1].ip" and "nics[0]" in str(e), e
+
+
+def test_same_address_in_another_routing_table_is_no_conflict():
+    a = spec("a", [routed("10.0.0.1", link="100")])
+    b = spec("b", [routed("10.0.0.1", link="200")])
+    check_unique_addresses(a, [b])
+    main = spec("c", [routed("10.0.0.1")])
+    main254 = spec("d", [routed("10.0.0.1", link="254")])
+    assert refused(check_unique_addresses, main, [main254]).field == "nics[0].ip"
+
+
+def test_bridged_nics_do_not_count():
+    a = spec("a", [routed("10.0.0.1")])
+    b = spec("b", [{"mode": "bridged", "link": "br0", "ip": "10.0.0.1"}])
+    check_unique_addresses(a, [b])
+    check_unique_addresses(b, [a])
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    (d / "vmlinuz").write_bytes(b"k")
+    (d / "initrd").write_bytes(b"i")
+    (d / "disk.img").write_bytes(b"d")
+    (tmp_path / "secret").write_bytes(b"s")
+    return d
+
+
+def test_any_regular_file_when_image_dirs_unset(images, tmp_path):
+    s = spec(kernel=str(images / "vmlinuz"), initrd=str(tmp_path / "secret"))
+    check_images(s, None, False)
+
+
+def test_inside_image_dirs(images, tmp_path):
+    s = spec(kernel=str(images / "vmlinuz"), initrd=str(images / "initrd"))
+    assert check_images(s, [tmp_path / "elsewhere", images], False) == {
+        "kernel": str(images / "vmlinuz"), "initrd": str(images / "initrd")}
+
+
+@pytest.mark.parametrize("field", ["kernel", "initrd"])
+def test_outside_image_dirs_refused(images, tmp_path, field):
+    paths = {"kernel": str(images / "vmlinuz"), "initrd": str(images / "initrd")}
+    paths[field] = str(tmp_path / "secret")
+    e = refused(check_images, spec(**paths), [images], False)
+    assert e.field == field and "image_dirs" in str(e), e
+
+
+def test_dotdot_and_symlinks_are_resolved_first(images, tmp_path):
+    e = refused(check_images, spec(kernel=str(images / ".." / "secret")), [images], False)
+    assert e.field == "kernel", e
+    os.symlink(tmp_path / "secret", images / "link")
+    e = refused(check_images, spec(kernel=str(images / "link")), [images], False)
+    assert e.field == "kernel" and str(tmp_path / "secret") in str(e), e
+    # a symlinked image dir is resolved too, and a link inside it to inside is fine
+    os.symlink(images, tmp_path / "imglink")
+    os.symlink(images / "vmlinuz", images / "good")
+    assert check_images(spec(kernel=str(images / "good")), [tmp_path / "imglink"], False) == {
+        "kernel": str(images / "vmlinuz")}
+
+
+def test_missing_file_refused(images):
+    e = refused(check_images, spec(kernel=str(images / "nope")), None, False)
+    assert e.field == "kernel" and "does not exist" in str(e), e
+    e = refused(check_images, spec(kernel=str(images / "nope")), [images], False)
+    assert e.field == "kernel", e
+
+
+def test_directory_and_fifo_refused(images):
+    e = refused(check_images, spec(kernel=str(images)), None, False)
+    assert e.field == "kernel" and "regular file" in str(e), e
+    os.mkfifo(images / "fifo")
+    e = refused(check_images, spec(kernel=str(images / "fifo")), None, False)
+    assert e.field == "kernel", e
+
+
+def test_device_disk_only_when_allowed():
+    s = spec(kernel=None, disk="/dev/null")
+    e = refused(check_images, s, None, False)
+    assert e.field == "disk" and "allow_device_disks" in str(e), e
+    assert check_images(s, None, True) == {"disk": "/dev/null"}
+    # image_dirs still apply to devices
+    assert refused(check_images, s, ["/srv/images"], True).field == "disk"
+    assert check_images(s, ["/dev"], True) == {"disk": "/dev/null"}
+    # a kernel or initrd is never a device
+    e = refused(check_images, spec(kernel="/dev/null"), None, True)
+    assert e.field == "kernel", e
+
+
+def test_device_disk_behind_a_symlink_refused(tmp_path):
+    os.symlink("/dev/null", tmp_path / "disk.img")
+    e = refused(check_images, spec(kernel=None, disk=str(tmp_path / "disk.img")), None, False)
+    assert e.field == "disk", e
+
+
+# --- the config keys -------------------------------------------------------------------------
+
+
+def test_config_keys_defaults_and_refusals():
+    from supervisor._config import load_config
+
+    c = load_config(None)
+    assert (c.qemu_uids, c.image_dirs, c.allow_device_disks) == ("60000-60999", None, False)
+    assert c.console_max_bytes == 1024 * 1024
+    assert load_config(None, image_dirs=["/srv/images"]).image_dirs == [__import__("pathlib").Path("/srv/images")]
+    for kw, field in [({"qemu_uids": "0-10"}, "qemu_uids"), ({"qemu_uids": "1-2\n"}, "qemu_uids"),
+                      ({"image_dirs": ["relative"]}, "image_dirs"),
+                      ({"image_dirs": ["/srv/\nx"]}, "image_dirs"),
+                      ({"console_max_bytes": 10}, "console_max_bytes"),
+                      ({"accel": "tcg\n"}, "accel")]:
+        with pytest.raises(SpecError) as e:
+            load_config(None, **kw)
+        assert e.value.field.startswith(field), (kw, e.value)
