@@ -33,6 +33,13 @@ class TwoNodes:
         self.workdir = workdir
         self.made: list[Netns] = []
         self.daemons: list[QsupDaemon] = []
+        try:
+            self._build(prefix)
+        except BaseException:
+            self.close()  # the namespaces made so far
+            raise
+
+    def _build(self, prefix: str) -> None:
         self.client = self._ns(prefix)
         self.a = self._ns(prefix)
         self.b = self._ns(prefix)

@@ -10,7 +10,7 @@ import json
 import subprocess
 
 from test_run_vm import MAC1, _run_bad, assert_nothing_left, tap_of
-from topo import VENV_BIN, guest_spec, node_with_uplink
+from topo import guest_spec, node_with_uplink
 
 
 def hook(root, step, kind, body, name="10-hook"):

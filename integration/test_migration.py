@@ -8,6 +8,7 @@ table every millisecond.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,8 +16,8 @@ import time
 
 import pytest
 
-from migtopo import Pinger, RouteSampler, TwoNodes, loss_budget, overlap_and_gap
-from topo import guest_spec, pid_alive
+from migtopo import MigrationWatch, RouteSampler, TwoNodes, loss_budget
+from topo import guest_spec, pid_alive, qmp
 
 IP = "10.99.0.2"
 MAC = "52:54:00:99:00:02"
@@ -70,40 +71,46 @@ def leftovers(node) -> list[str]:
     return out
 
 
+def watched_migration(t, src, dst, src_ns, dst_ns, name, addr, outdir) -> tuple[dict, dict]:
+    """Migrate under the client's 10 ms ping with both nodes' routes sampled.
+
+    Ping must be answered before the migration (20 replies) and again after it
+    (50 replies: the guest answers from the destination) -- conditions, not sleeps.
+    Returns (the CLI's summary, MigrationWatch.result()).  Nothing keeps running
+    if anything fails.
+    """
+    with MigrationWatch(t, src_ns, dst_ns, addr, outdir) as watch:
+        watch.ping.wait_replies(20)
+        summary = json.loads(migrate(src, dst, name).stdout.strip().splitlines()[-1])
+        watch.ping.wait_replies(50, timeout=10)
+        return summary, watch.result()
+
+
+def switchover_budget(summary: dict) -> int:
+    # QEMU's `downtime` ends when the *source* has sent everything; the destination still
+    # loads the device state before `completed`.  Both are QEMU's own clocks; take the larger.
+    return loss_budget(max(summary["downtime_ms"], summary["switchover_ms"] or 0))
+
+
 def test_routed_migration_under_ping_zero_overlap(nodes, tmp_path):
     t, a, b = nodes
     a.start_instance(routed_spec())
     a.wait_console("m1")
     assert t.client.ping(IP), "guest not reachable before migration"
     qemu_a = a.cli_json("show", "m1")["pid"]
-    sa = RouteSampler(t.a, IP, tmp_path / "ra.txt")
-    sb = RouteSampler(t.b, IP, tmp_path / "rb.txt")
-    ping = Pinger(t.client, IP)
-    time.sleep(1)
-    r = migrate(a, b, "m1")
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
-    time.sleep(1.5)
-    res = ping.stop()
-    t_end = time.time()
-    ra, rb = sa.stop(), sb.stop()
-    overlap, gap = overlap_and_gap(ra, rb, t_end)
-    # QEMU's `downtime` ends when the *source* has sent everything; the destination still
-    # loads the device state before `completed`.  Both are QEMU's own clocks; take the larger.
-    downtime = max(summary["downtime_ms"], summary["switchover_ms"] or 0)
-    seqs = res["seqs"]
-    holes = [(x, y) for x, y in zip(seqs, seqs[1:]) if y - x > 1]
-    print("ping holes", holes, "route A", ra, "route B", rb)
-    print(json.dumps({"overlap_ms": overlap * 1000, "gap_ms": gap * 1000, "downtime_ms": downtime,
-                      "ping": {k: v for k, v in res.items() if k != "seqs"}, "summary": summary}))
+    summary, w = watched_migration(t, a, b, t.a, t.b, "m1", IP, tmp_path)
+    print(json.dumps({k: v for k, v in w.items() if k not in ("src_routes", "dst_routes")}), summary)
     assert summary["result"] == "completed"
-    assert overlap == 0.0, f"both nodes held the route for {overlap * 1000:.1f} ms"
-    assert gap * 1000 <= downtime + 20, (gap * 1000, downtime)
-    assert res["lost"] <= loss_budget(downtime), (res, downtime)
+    assert w["overlap_ms"] == 0.0, f"both nodes held the route for {w['overlap_ms']} ms"
+    downtime = max(summary["downtime_ms"], summary["switchover_ms"] or 0)
+    assert w["gap_ms"] <= downtime + 20, (w["gap_ms"], downtime)
+    assert w["ping"]["lost"] <= switchover_budget(summary), (w["ping"], summary)
     # exactly one node: B runs the guest with L3; A has nothing left
     vb = b.cli_json("show", "m1")
     assert vb["state"] == "running"
     assert vb["migration"]["activation"]["event_to_cont_ms"] > 0
     assert has_route(t.b) and not has_route(t.a)
+    assert w["dst_has_route"] and not w["src_has_route"]
     assert not pid_alive(qemu_a)
     assert leftovers(t.a) == []
     assert t.client.ping(IP)
@@ -116,15 +123,17 @@ def test_bridged_migration_under_ping(nodes, tmp_path):
     a.start_instance(spec)
     a.wait_console("m2")
     assert t.client.ping("10.98.0.2")
-    ping = Pinger(t.client, "10.98.0.2")
-    time.sleep(1)
-    summary = json.loads(migrate(a, b, "m2").stdout.strip().splitlines()[-1])
-    time.sleep(1.5)
-    res = ping.stop()
+    qemu_a = a.cli_json("show", "m2")["pid"]
+    summary, w = watched_migration(t, a, b, t.a, t.b, "m2", "10.98.0.2", tmp_path)
     assert summary["result"] == "completed"
-    assert res["lost"] <= loss_budget(max(summary["downtime_ms"], summary["switchover_ms"] or 0)), (res, summary)
-    assert b.cli_json("show", "m2")["state"] == "running"
+    assert w["ping"]["lost"] <= switchover_budget(summary), (w["ping"], summary)
+    vb = b.cli_json("show", "m2")
+    assert vb["state"] == "running" and pid_alive(vb["pid"])
+    assert not pid_alive(qemu_a)
     assert leftovers(t.a) == []
+    # B's tap is the guest's port on B's bridge; the client reaches the guest through it
+    assert t.b.json("link", "show", vb["nics"][0]["tap"])[0]["master"] == "br0"
+    assert t.client.ping("10.98.0.2"), "guest unreachable after the bridged migration"
 
 
 def test_postcopy_migration(nodes):
@@ -155,6 +164,16 @@ def test_back_and_forth_ten_times_no_leaks(nodes):
     assert t.a.run("ip", "rule", "show").count("proto 152") == 0
 
 
+def wait_migrate_status(d, name, status, timeout=60):
+    """Until the source QEMU itself reports ``status`` (its operator monitor; a condition, not a sleep)."""
+    operator = d.cli_json("show", name)["qmp_operator"]
+    deadline = time.monotonic() + timeout
+    while (got := qmp(operator, "query-migrate").get("status")) != status:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: migration never {status} (last {got})")
+        time.sleep(0.05)
+
+
 def _fault_setup(nodes, name):
     t, a, b = nodes
     a.start_instance(routed_spec(name))
@@ -170,13 +189,34 @@ def _assert_on_a_only(t, a, b, name):
     assert t.client.ping(IP)
 
 
-def test_cancel_keeps_guest_on_source(nodes):
+def test_cancel_keeps_guest_on_source(nodes, tmp_path):
+    """Cancel once the stream is really ``active`` (an event, not a sleep); the guest stays on A.
+
+    A route sampler on B runs from before the migration to after the cancel: the
+    guest's /32 must never have appeared there, not just be absent at the end.
+    """
     t, a, b = _fault_setup(nodes, "c1")
-    # a slow migration we can cancel
-    r = a.cli("migrate", "c1", "--to", str(b.socket), "--max-bandwidth", "1000000", "--json", "--detach")
-    time.sleep(1.0)
-    a.cli("migrate", "--cancel", "c1")
+    with contextlib.ExitStack() as cleanup:
+        tail_a = a.tail(since=a.events()[-1]["seq"])
+        cleanup.callback(tail_a.close)
+        tail_b = b.tail(since=0)
+        cleanup.callback(tail_b.close)
+        sampler = RouteSampler(t.b, IP, tmp_path / "route-b.txt")
+        cleanup.callback(sampler.kill)
+        # a slow migration we can cancel (~90 MB at 1 MB/s)
+        a.cli("migrate", "c1", "--to", str(b.socket), "--max-bandwidth", "1000000", "--json", "--detach")
+        tail_a.wait_for("qmp.MIGRATION", "c1", status="active")
+        a.cli("migrate", "--cancel", "c1")
+        failed = tail_a.wait_for("migration.failed", "c1")
+        tail_b.wait_for("instance.failed", "c1")  # B tore its incoming QEMU down
+        routes_b = sampler.stop()
+    assert failed["result"] == "cancelled" and failed["l3_was_released"] is False, failed
+    assert {"status": "cancelled"} in [e["data"] for e in tail_a.of("c1", "qmp.MIGRATION")]
+    assert not any(v for _, v in routes_b), f"the guest's /32 appeared on B: {routes_b}"
+    assert "migration.activated" not in [e["type"] for e in tail_b.of("c1")]
     _assert_on_a_only(t, a, b, "c1")
+    operator = a.cli_json("show", "c1")["qmp_operator"]
+    assert qmp(operator, "query-status")["running"] is True
 
 
 @pytest.mark.parametrize("when", ["setup", "active"])
@@ -186,8 +226,8 @@ def test_kill_destination_qemu(nodes, when):
     a.cli("migrate", name, "--to", str(b.socket), "--max-bandwidth", "2000000", "--json", "--detach")
     v = wait_state(b, name, {"migrating"})
     if when == "active":
-        time.sleep(1.0)
-    os.kill(b.cli_json("show", name)["pid"], signal.SIGKILL)
+        wait_migrate_status(a, name, "active")
+    os.kill(v["pid"], signal.SIGKILL)
     _assert_on_a_only(t, a, b, name)
 
 
@@ -195,7 +235,7 @@ def test_veth_down_between_nodes(nodes):
     t, a, b = _fault_setup(nodes, "v1")
     a.cli("migrate", "v1", "--to", str(b.socket), "--max-bandwidth", "2000000", "--json", "--detach")
     wait_state(b, "v1", {"migrating"})
-    time.sleep(0.5)
+    wait_migrate_status(a, "v1", "active")
     t.a.run("ip", "link", "set", "mig", "down")
     try:
         _assert_on_a_only(t, a, b, "v1")

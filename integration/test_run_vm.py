@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from topo import VENV_BIN, guest_spec, node_with_uplink, pid_alive, veth
+from topo import VENV_BIN, Ovs, guest_spec, node_with_uplink, pid_alive, veth
 
 MAC1 = "52:54:00:aa:00:01"
 MAC2 = "52:54:00:aa:00:02"
@@ -123,22 +123,44 @@ def test_one_instance_two_nics_routed_and_bridged(netns_factory, qsup_factory):
     assert_nothing_left(node, run, "two", pid, [tap1, tap2])
 
 
-def test_qemu_sigkill_is_detected_within_a_second_and_undone(netns_factory, qsup_factory):
+def test_qemu_sigkill_is_detected_within_a_second_and_undone(netns_factory, qsup_factory, tmp_path):
+    """QEMU SIGKILLed: qsup notices at once and undoes what *it* made -- not what the kernel undoes.
+
+    When QEMU dies its taps vanish, and with them every route through a tap.  So the
+    NICs here leave state the kernel keeps: a routed NIC whose L3 lives in routing
+    table 100 (the ``iif TAP lookup 100`` rule stays, "[detached]") and an
+    openvswitch NIC (the OVS Port/Interface rows stay).  Only qsup's journal undo
+    removes those.
+    """
     node, client = netns_factory(), netns_factory()
     node_with_uplink(node, client)
-    spec = guest_spec("k1", [{"mode": "routed", "mac": MAC1, "ip": "10.99.0.4"}],
-                      append="guest.ip0=10.99.0.4/32")
-    run = qsup_factory(node, [spec])
-    tap, pid = tap_of(run, "k1", MAC1)
-    t_kill = time.time()
-    os.kill(pid, signal.SIGKILL)
-    crashed = run.wait_event("instance.crashed", "k1", timeout=10)
-    assert crashed["ts"] - t_kill < 1.0, crashed["ts"] - t_kill
-    # qsup run exits non-zero once its only instance crashed
-    assert run.proc.wait(timeout=30) == 1
-    assert_nothing_left(node, run, "k1", pid, [tap])
-    undone = [e for e in run.events if e["type"] == "netconf.undone"]
-    assert undone and undone[0]["reason"] == "crash"
+    ovs = Ovs(node, tmp_path / "ovs")
+    try:
+        ovs.vsctl("add-br", "obr0", "--", "set", "bridge", "obr0", "datapath_type=netdev")
+        spec = guest_spec("k1", [{"mode": "routed", "mac": MAC1, "ip": "10.99.0.4", "link": "100"},
+                                 {"mode": "openvswitch", "mac": MAC2, "link": "obr0"}],
+                          append="guest.ip0=10.99.0.4/32")
+        run = qsup_factory(node, [spec], env=ovs.client_env)
+        tap, pid = tap_of(run, "k1", MAC1)
+        ovs_tap, _ = tap_of(run, "k1", MAC2)
+        assert f"10.99.0.4 dev {tap}" in node.run("ip", "route", "show", "table", "100")
+        assert f"iif {tap} lookup 100" in node.run("ip", "rule", "show")
+        assert ovs_tap in ovs.vsctl("list-ports", "obr0").split()
+        t_kill = time.time()
+        os.kill(pid, signal.SIGKILL)
+        crashed = run.wait_event("instance.crashed", "k1", timeout=10)
+        assert crashed["ts"] - t_kill < 1.0, crashed["ts"] - t_kill
+        # qsup run exits non-zero once its only instance crashed
+        assert run.proc.wait(timeout=30) == 1
+        assert_nothing_left(node, run, "k1", pid, [tap, ovs_tap])
+        assert f"iif {tap}" not in node.run("ip", "rule", "show"), "the table's rule was not undone"
+        assert node.run("ip", "route", "show", "table", "100") == ""
+        assert ovs_tap not in ovs.vsctl("list-ports", "obr0").split(), "the OVS port was not undone"
+        assert ovs.vsctl("--bare", "--columns=name", "find", "Interface", f"name={ovs_tap}").strip() == ""
+        undone = [e for e in run.events if e["type"] == "netconf.undone"]
+        assert undone and undone[0]["reason"] == "crash"
+    finally:
+        ovs.close()
 
 
 def _run_bad(node, tmp_path, specs, config_extra="", hooks_dir="/nonexistent-qsup-hooks", json_events=False):

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -130,6 +131,32 @@ def pid_alive(pid: int) -> bool:
 def _env(extra: dict | None) -> dict | None:
     """The environment for a process we start: ours plus ``extra`` (None: inherit as is)."""
     return None if not extra else {**os.environ, **extra}
+
+
+def qmp(sock: str, cmd: str, args: dict | None = None) -> dict:
+    """One command on an instance's *operator* monitor (a second QMP monitor; no daemon needed).
+
+    Returns QEMU's ``return`` value; raises on an ``error`` answer.  Events are skipped.
+    """
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        f = s.makefile("rwb")
+
+        def call(execute, arguments=None):
+            msg = {"execute": execute, **({"arguments": arguments} if arguments else {})}
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                r = json.loads(f.readline())
+                if "return" in r:
+                    return r["return"]
+                if "error" in r:
+                    raise RuntimeError(f"{execute}: {r['error']}")
+
+        json.loads(f.readline())  # greeting
+        call("qmp_capabilities")
+        return call(cmd, args)
 
 
 class _Console:
@@ -318,6 +345,11 @@ class QsupDaemon(_Console):
             raise RuntimeError(f"qsup {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}"
                                f"\ndaemon log: {self.log()[-2000:]}")
         return r
+
+    def cli_async(self, *args: str) -> subprocess.Popen:
+        """``qsup ARGS --json`` started, not waited for (the caller communicate()s)."""
+        return subprocess.Popen([str(VENV_BIN / "qsup"), *args, "--json", "--socket", str(self.socket)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def cli_json(self, *args: str, **kw):
         return json.loads(self.cli(*args, "--json", **kw).stdout)
