@@ -1,0 +1,572 @@
+"""N Pacemaker/Corosync nodes on one machine, each with its own qsup daemon.
+
+::
+
+    fabric ns:  bridge "fab" 192.168.100.1/24, route 10.99.0.0/24 dev fab (the client: it pings
+                routed guests; the node holding a guest's /32 answers by proxy ARP)
+       |-- veth --> node1 "uplink" 192.168.100.11  (corosync/knet ring0, migration stream, API)
+       |-- veth --> node2 "uplink" 192.168.100.12
+       ...
+
+A node is a network namespace (``topo.Netns``) plus a holder process started as
+``ip netns exec NS unshare -m -u -p -f --mount-proc --propagation private nodeinit.py``: a
+private mount, UTS and PID namespace whose PID 1 (``nodeinit.py``) reaps orphans.  Inside the
+holder's mount namespace the harness mounts the node's private state over the host paths:
+
+* tmpfs on ``/run`` and ``/dev/shm`` (libqb IPC rings, pid files; its abstract sockets are
+  per network namespace already);
+* bind mounts of ``<node>/…`` over ``/etc/corosync`` (corosync.conf, authkey),
+  ``/var/lib/corosync``, ``/var/log/corosync``, ``/var/lib/pacemaker`` (cib, pengine,
+  blackbox, cores: hacluster:haclient 0750), ``/var/log/pacemaker``, ``/etc/pacemaker``
+  (authkey root:haclient 0640);
+* a tmpfs over ``/usr/lib/ocf/resource.d`` holding the host's ``heartbeat`` and ``pacemaker``
+  providers (bound back) and ``qsup/qsup`` = ``contrib/ocf/qsup`` (Pacemaker 2.1 has no
+  OCF_RA_PATH: agents live under that one directory);
+* ``/run/qsup`` = the node's qsup socket directory, so the resource template uses the
+  production default socket ``/run/qsup/qsup.sock`` on every node.
+
+``corosync -f`` and then ``pacemakerd`` run inside all three namespaces (``nsenter -t HOLDER
+-m -u -n -p``), as children of the harness's nsenter processes, which it waits on.  ``qsup
+serve`` runs in the node's network namespace only (``topo.QsupDaemon``): it needs no private
+mount, and in the host PID namespace the pids in its events and views are real pids, which
+is what ``QsupDaemon.close()`` kills by.
+
+Teardown is the reverse order (cluster to maintenance mode, qsup daemons and their QEMUs,
+pacemakerd, corosync, PID 1, the namespaces) and is verified: :meth:`Cluster.close` returns
+what was left (processes in a node's namespaces, mounts, namespaces), which must be nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # integration/: topo, migtopo
+
+from topo import ROOT, VENV_BIN, Netns, QsupDaemon, pid_alive, veth  # noqa: E402
+
+AGENT = ROOT / "contrib" / "ocf" / "qsup"
+REMOTED = ROOT / "build" / "cluster" / "pacemaker-remote" / "usr" / "sbin" / "pacemaker-remoted"
+NODEINIT = HERE / "nodeinit.py"
+FABRIC_NET = "192.168.100"
+GUEST_NET = "10.99.0"
+CLUSTER_BINARIES = ("corosync", "corosync-keygen", "pacemakerd", "cibadmin", "crm_resource", "crm_mon",
+                    "crm_attribute", "ocf-tester", "xmllint", "curl")
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in CLUSTER_BINARIES if not shutil.which(b, path="/usr/sbin:/usr/bin:/sbin:/bin")]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _ns_inode(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+class NsProc:
+    """A long-running process inside a node (via ``nsenter ... -p``, which forks it).
+
+    The harness is the parent of nsenter, and nsenter the parent of the process: ``wait()``
+    waits on both.  Signals go to the inner process by its (host) pid.
+    """
+
+    def __init__(self, node: "ClusterNode", argv: list[str], log: Path, env: dict | None = None):
+        self.argv = argv
+        self._log = open(log, "ab")
+        self.popen = subprocess.Popen(node.nsenter_argv(pid_ns=True) + ["env", *[f"{k}={v}" for k, v in
+                                                                          (env or {}).items()], *argv],
+                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        self.pid = None
+        while self.pid is None and time.monotonic() < deadline:
+            kids = _children(self.popen.pid)
+            if kids:
+                self.pid = kids[0]
+            elif self.popen.poll() is not None:
+                break
+            else:
+                time.sleep(0.01)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.pid and self.alive() and pid_alive(self.pid):
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM, wait; SIGKILL after ``timeout``."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.popen.wait(timeout=10)
+        finally:
+            self._log.close()
+
+
+class ClusterNode:
+    def __init__(self, cluster: "Cluster", index: int):
+        self.cluster = cluster
+        self.index = index
+        self.name = f"node{index}"
+        self.addr = f"{FABRIC_NET}.{10 + index}"
+        self.dir = cluster.workdir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.qsup_dir = self.dir / "qsup"  # /run/qsup inside the node: qsup.sock lives here
+        self.qsup_dir.mkdir(exist_ok=True)
+        self.ns: Netns | None = None
+        self.holder: subprocess.Popen | None = None
+        self.holder_pid: int | None = None
+        self.pidns: str | None = None
+        self.netns: str | None = None
+        self.corosync: NsProc | None = None
+        self.pacemakerd: NsProc | None = None
+        self.qsup: QsupDaemon | None = None
+
+    # --- inside the node ---------------------------------------------------------------------
+
+    def nsenter_argv(self, pid_ns: bool = True) -> list[str]:
+        return ["nsenter", "-t", str(self.holder_pid), "-m", "-u", "-n"] + (["-p"] if pid_ns else []) + ["--"]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 60, env: dict | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a command inside the node (mount, UTS, network and PID namespace)."""
+        full = self.nsenter_argv() + (["env", *[f"{k}={v}" for k, v in env.items()]] if env else []) + list(argv)
+        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{self.name}: {' '.join(argv)} failed ({r.returncode}): "
+                               f"{r.stderr.strip()[-2000:]} {r.stdout.strip()[-1000:]}")
+        return r
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def make_network(self, fabric: Netns, prefix: str) -> None:
+        self.ns = Netns(prefix)
+        self.netns = f"net:[{os.stat(f'/run/netns/{self.ns.name}').st_ino}]"
+        veth(self.ns, "uplink", fabric, f"n{self.index}")
+        fabric.run("ip", "link", "set", f"n{self.index}", "master", "fab")
+        self.ns.run("ip", "addr", "add", f"{self.addr}/24", "dev", "uplink")
+        self.ns.run("ip", "route", "add", "default", "via", f"{FABRIC_NET}.1")
+        self.ns.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.uplink.proxy_arp=1")
+
+    def make_dirs(self, corosync_conf: str, corosync_key: bytes, pcmk_key: bytes, cib: str) -> None:
+        d = self.dir
+        import grp
+        import pwd
+
+        uid, gid = pwd.getpwnam("hacluster").pw_uid, grp.getgrnam("haclient").gr_gid
+        for sub in ("etc-corosync", "var-lib-corosync", "var-log-corosync", "var-lib-pacemaker",
+                    "var-log-pacemaker", "etc-pacemaker"):
+            (d / sub).mkdir(exist_ok=True)
+        for sub in ("cib", "pengine", "blackbox", "cores"):
+            p = d / "var-lib-pacemaker" / sub
+            p.mkdir(exist_ok=True)
+            os.chown(p, uid, gid)
+            p.chmod(0o750)
+        os.chown(d / "var-log-pacemaker", uid, gid)
+        (d / "var-log-pacemaker").chmod(0o770)
+        (d / "etc-corosync" / "corosync.conf").write_text(corosync_conf)
+        key = d / "etc-corosync" / "authkey"
+        key.write_bytes(corosync_key)
+        key.chmod(0o400)
+        pk = d / "etc-pacemaker" / "authkey"
+        pk.write_bytes(pcmk_key)
+        os.chown(pk, 0, gid)
+        pk.chmod(0o640)
+        cib_file = d / "var-lib-pacemaker" / "cib" / "cib.xml"
+        cib_file.write_text(cib)
+        os.chown(cib_file, uid, gid)
+        cib_file.chmod(0o600)
+
+    def start_holder(self) -> None:
+        self.holder = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns.name, "unshare", "-m", "-u", "-p", "-f", "--mount-proc",
+             "--propagation", "private", "--kill-child=SIGKILL", sys.executable, str(NODEINIT)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        line = self.holder.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"{self.name}: node init did not start ({self.holder.poll()}): {line!r}")
+        kids = _children(self.holder.pid)
+        if len(kids) != 1:
+            raise RuntimeError(f"{self.name}: expected one PID 1 under unshare, got {kids}")
+        self.holder_pid = kids[0]
+        self.pidns = _ns_inode(f"/proc/{self.holder_pid}/ns/pid")
+        d = self.dir
+        binds = [("etc-corosync", "/etc/corosync"), ("var-lib-corosync", "/var/lib/corosync"),
+                 ("var-log-corosync", "/var/log/corosync"), ("var-lib-pacemaker", "/var/lib/pacemaker"),
+                 ("var-log-pacemaker", "/var/log/pacemaker"), ("etc-pacemaker", "/etc/pacemaker")]
+        ocf = "/usr/lib/ocf/resource.d"
+        script = "\n".join([
+            "set -e",
+            f"hostname {self.name}",
+            "mount -t tmpfs -o mode=0755 tmpfs /run",
+            "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
+            # the host's OCF providers, plus ours, under a private resource.d
+            "mkdir -p /run/.ocf-host",
+            f"mount --bind {ocf} /run/.ocf-host",
+            f"mount -t tmpfs -o mode=0755 tmpfs {ocf}",
+            *[f"mkdir {ocf}/{p} && mount --bind /run/.ocf-host/{p} {ocf}/{p}"
+              for p in sorted(os.listdir(ocf))],
+            f"mkdir {ocf}/qsup && touch {ocf}/qsup/qsup && mount --bind {AGENT} {ocf}/qsup/qsup",
+            *[f"mount --bind {d / src} {dst}" for src, dst in binds],
+            f"mkdir -p /run/qsup && mount --bind {self.qsup_dir} /run/qsup",
+        ])
+        subprocess.run(["nsenter", "-t", str(self.holder_pid), "-m", "-u", "--", "sh", "-c", script],
+                       check=True, capture_output=True, text=True, timeout=30)
+
+    def start_corosync(self) -> None:
+        self.corosync = NsProc(self, ["corosync", "-f"], self.dir / "corosync.out")
+
+    def start_pacemaker(self) -> None:
+        self.pacemakerd = NsProc(self, ["pacemakerd"], self.dir / "pacemakerd.out",
+                                 env={"PCMK_logfile": "/var/log/pacemaker/pacemaker.log",
+                                      "PCMK_logfacility": "none", "PCMK_debug": "no"})
+
+    def start_qsup(self) -> None:
+        self.qsup = QsupDaemon(self.ns, self.qsup_dir, extra_config=(
+            f'node_name = "{self.name}"\nmigration_address = "{self.addr}"\n'
+            'announce_interfaces = ["uplink"]\n'))
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def stop_holder(self) -> None:
+        if self.holder and self.holder.poll() is None:
+            if self.holder_pid and pid_alive(self.holder_pid):
+                os.kill(self.holder_pid, signal.SIGTERM)
+            try:
+                self.holder.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.holder.kill()  # unshare --kill-child takes PID 1 (and so the namespace) along
+                self.holder.wait(timeout=10)
+        if self.holder and self.holder.stdout:
+            self.holder.stdout.close()
+
+    def processes(self) -> list[int]:
+        """Host pids of processes in this node's network or PID namespace."""
+        out = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            net, pidns = _ns_inode(f"{p}/ns/net"), _ns_inode(f"{p}/ns/pid")
+            if (self.netns and net == self.netns) or (self.pidns and pidns == self.pidns):
+                out.append(int(p.name))
+        return out
+
+
+class Cluster:
+    """``Cluster(workdir, n)``: build and start everything; ``close()`` tears it down and
+    returns the leftovers (empty when clean)."""
+
+    def __init__(self, workdir: Path, n: int = 3, prefix: str = "qst", dc_deadtime: str = "2s",
+                 properties: dict | None = None):
+        self.workdir = workdir
+        self.prefix = prefix
+        self.nodes: list[ClusterNode] = []
+        self.fabric: Netns | None = None
+        self.timings: dict[str, float] = {}
+        self.extra_qemu_pids: set[int] = set()
+        t0 = time.monotonic()
+        try:
+            self._build(n, dc_deadtime, properties or {})
+        except BaseException:
+            left = self.close()
+            if left:
+                print(f"warning: cluster teardown after a failed start left {left}", file=sys.stderr)
+            raise
+        self.timings["total_s"] = round(time.monotonic() - t0, 2)
+
+    def _build(self, n: int, dc_deadtime: str, properties: dict) -> None:
+        t0 = time.monotonic()
+        self.fabric = Netns(self.prefix)
+        f = self.fabric
+        f.run("ip", "link", "add", "fab", "type", "bridge")
+        f.run("ip", "link", "set", "fab", "up")
+        f.run("ip", "addr", "add", f"{FABRIC_NET}.1/24", "dev", "fab")
+        f.run("ip", "route", "add", f"{GUEST_NET}.0/24", "dev", "fab")
+        keyfile = self.workdir / "corosync-authkey"
+        subprocess.run(["corosync-keygen", "-k", str(keyfile)], check=True, capture_output=True, timeout=30)
+        corosync_key = keyfile.read_bytes()
+        pcmk_key = os.urandom(4096)
+        self.nodes = [ClusterNode(self, i) for i in range(1, n + 1)]
+        conf = self.corosync_conf()
+        cib = self.initial_cib(dc_deadtime, properties)
+        for node in self.nodes:
+            node.make_network(f, self.prefix)
+            node.make_dirs(conf, corosync_key, pcmk_key, cib)
+            node.start_holder()
+        self.timings["namespaces_s"] = round(time.monotonic() - t0, 2)
+        for node in self.nodes:
+            node.start_corosync()
+        for node in self.nodes:
+            node.start_qsup()
+        self.wait_quorate()
+        self.timings["quorate_s"] = round(time.monotonic() - t0, 2)
+        for node in self.nodes:
+            node.start_pacemaker()
+        self.wait_online()
+        self.timings["dc_s"] = round(time.monotonic() - t0, 2)
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def corosync_conf(self) -> str:
+        nodes = "\n".join(
+            f"    node {{\n        ring0_addr: {n.addr}\n        name: {n.name}\n        nodeid: {n.index}\n    }}"
+            for n in self.nodes)
+        return f"""totem {{
+    version: 2
+    cluster_name: qsuptest
+    transport: knet
+    crypto_cipher: aes256
+    crypto_hash: sha256
+    token: 3000
+}}
+nodelist {{
+{nodes}
+}}
+quorum {{
+    provider: corosync_votequorum
+}}
+logging {{
+    to_logfile: yes
+    logfile: /var/log/corosync/corosync.log
+    to_syslog: no
+    to_stderr: no
+    timestamp: on
+}}
+system {{
+    sched_rr: no
+}}
+"""
+
+    @staticmethod
+    def initial_cib(dc_deadtime: str, properties: dict) -> str:
+        props = {"dc-deadtime": dc_deadtime, "stonith-enabled": "false", "cluster-recheck-interval": "1min",
+                 "no-quorum-policy": "stop", **properties}
+        nv = "\n".join(f'        <nvpair id="opt-{k}" name="{k}" value="{v}"/>' for k, v in props.items())
+        return f"""<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+  <configuration>
+    <crm_config>
+      <cluster_property_set id="cib-bootstrap-options">
+{nv}
+      </cluster_property_set>
+    </crm_config>
+    <nodes/>
+    <resources/>
+    <constraints/>
+  </configuration>
+  <status/>
+</cib>
+"""
+
+    # --- waiting -----------------------------------------------------------------------------
+
+    def wait_quorate(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            outs = [n.run("corosync-quorumtool", "-s", check=False, timeout=10) for n in self.nodes]
+            if all(r.returncode == 0 and "Quorate:          Yes" in r.stdout
+                   and f"Total votes:      {len(self.nodes)}" in r.stdout for r in outs):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"corosync not quorate in {timeout}s: {[r.stdout[-400:] for r in outs]}")
+            time.sleep(0.3)
+
+    def status(self, node: ClusterNode | None = None) -> ET.Element:
+        r = (node or self.nodes[0]).run("crm_mon", "-1", "--output-as=xml", check=False, timeout=20)
+        return ET.fromstring(r.stdout) if r.stdout.strip().startswith("<") else ET.Element("none")
+
+    def wait_online(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            dc = st.find("./summary/current_dc")
+            online = [n.get("name") for n in st.findall("./nodes/node") if n.get("online") == "true"]
+            if dc is not None and dc.get("present") == "true" and len(online) == len(self.nodes):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no DC with all nodes online in {timeout}s: "
+                                   f"{ET.tostring(st, encoding='unicode')[-1500:]}")
+            time.sleep(0.5)
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until the DC has no transition in progress (``crmadmin -q -S DC`` says S_IDLE)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.nodes[0].run("crmadmin", "-D", "-q", check=False, timeout=10)
+            dc = (r.stdout.strip() or r.stderr.strip()).split()[-1] if (r.stdout or r.stderr).strip() else ""
+            s = self.nodes[0].run("crmadmin", "-q", "-S", dc, check=False, timeout=10) if dc else None
+            if s is not None and "S_IDLE" in (s.stdout + s.stderr):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not idle in {timeout}s ({dc}: {s and (s.stdout + s.stderr)})")
+            time.sleep(0.3)
+
+    # --- resources ---------------------------------------------------------------------------
+
+    def node(self, name: str) -> ClusterNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def cib(self, *args: str, input: str | None = None, node: ClusterNode | None = None) -> str:
+        return (node or self.nodes[0]).run("cibadmin", *args, input=input).stdout
+
+    def add_resource(self, xml: str) -> None:
+        self.cib("--create", "-o", "resources", "--xml-pipe", input=xml)
+
+    def crm(self, *args: str, node: ClusterNode | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        return (node or self.nodes[0]).run(*args, check=check)
+
+    def locate(self, rsc: str) -> list[str]:
+        """Nodes Pacemaker reports the resource active on."""
+        st = self.status()
+        for r in st.iter("resource"):
+            if r.get("id") == rsc and r.get("active") == "true":
+                return [n.get("name") for n in r.findall("node")]
+        return []
+
+    def wait_located(self, rsc: str, node: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            res = [r for r in st.iter("resource") if r.get("id") == rsc]
+            if res and res[0].get("role") == "Started" and res[0].get("active") == "true" \
+                    and [n.get("name") for n in res[0].findall("node")] == [node]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{rsc} not started on {node} in {timeout}s: "
+                                   f"{[ET.tostring(r, encoding='unicode') for r in res]}"
+                                   f" failures: {self.failures()}")
+            time.sleep(0.5)
+
+    def failures(self) -> list[dict]:
+        return [dict(f.attrib) for f in self.status().iter("failure")]
+
+    def history(self, rsc: str) -> list[tuple[str, str, str, int]]:
+        """(node, task, rc, call-id) of every operation on ``rsc`` in the status section, by time."""
+        ops = []
+        for n in self.status().findall("./node_history/node"):
+            for r in n.findall("resource_history"):
+                if r.get("id") != rsc:
+                    continue
+                for op in r.findall("operation_history"):
+                    ops.append((n.get("name"), op.get("task"), op.get("rc"), int(op.get("call") or 0),
+                                int(op.get("last-rc-change") or 0)))
+        return ops
+
+    def daemons(self) -> list[QsupDaemon]:
+        return [n.qsup for n in self.nodes if n.qsup]
+
+    def view(self, node: ClusterNode, name: str) -> dict | None:
+        r = node.qsup.cli("show", name, "--json", check=False, timeout=30)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> list[str]:
+        """Tear everything down in reverse order; return what was left (must be empty)."""
+        left: list[str] = []
+        live = [n for n in self.nodes if n.pacemakerd and n.pacemakerd.alive()]
+        if live:  # no recovery, no migration while the cluster goes away
+            live[0].run("crm_attribute", "--type", "crm_config", "--name", "maintenance-mode",
+                        "--update", "true", check=False, timeout=20)
+        # qsup daemons and every QEMU they report (migration destinations have no start event)
+        from migtopo import live_qemu_pids
+
+        qemus = live_qemu_pids(self.daemons()) | self.extra_qemu_pids
+        for n in reversed(self.nodes):
+            if n.qsup:
+                qemus |= n.qsup.qemu_pids()
+                left += [f"{n.name}: qemu {p} would not die" for p in n.qsup.close()]
+        for pid in qemus:
+            if pid_alive(pid) and str(self.workdir).encode() in _cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+        for n in reversed(self.nodes):
+            if n.pacemakerd:
+                n.pacemakerd.signal(signal.SIGTERM)
+        for n in reversed(self.nodes):
+            if n.pacemakerd:
+                n.pacemakerd.stop(timeout=30)
+        for n in reversed(self.nodes):
+            if n.corosync:
+                n.corosync.stop(timeout=15)
+        for n in reversed(self.nodes):
+            n.stop_holder()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(n.processes() for n in self.nodes):
+            time.sleep(0.1)
+        for n in self.nodes:
+            procs = n.processes()
+            if procs:
+                left.append(f"{n.name}: processes {[(p, _cmdline(p)[:80]) for p in procs]}")
+        for pid in qemus:
+            if pid_alive(pid) and str(self.workdir).encode() in _cmdline(pid):
+                left.append(f"qemu {pid} alive")
+        for n in reversed(self.nodes):
+            if n.ns:
+                n.ns.close()
+        if self.fabric:
+            self.fabric.close()
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for ns in [n.ns for n in self.nodes if n.ns] + ([self.fabric] if self.fabric else []):
+            if any(line.split()[0] == ns.name for line in names.splitlines() if line.strip()):
+                left.append(f"netns {ns.name}")
+        mounts = Path("/proc/self/mountinfo").read_text()
+        if str(self.workdir) in mounts:
+            left.append("mounts under the work dir on the host: " + ", ".join(
+                l.split()[4] for l in mounts.splitlines() if str(self.workdir) in l))
+        self.nodes = []
+        self.fabric = None
+        return left
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def resource_xml(rid: str, spec: Path, *, peers: str = "", qsup: str | None = None, monitor: str = "5s",
+                 extra_meta: dict | None = None) -> str:
+    """The resource template: ocf:qsup:qsup, live-migratable."""
+    params = {"name": rid, "spec": str(spec)}
+    if peers:
+        params["peers"] = peers
+    if qsup:
+        params["qsup"] = qsup
+    meta = {"allow-migrate": "true", "migration-threshold": "3", **(extra_meta or {})}
+    p = "\n".join(f'      <nvpair id="{rid}-p-{k}" name="{k}" value="{v}"/>' for k, v in params.items())
+    m = "\n".join(f'      <nvpair id="{rid}-m-{k}" name="{k}" value="{v}"/>' for k, v in meta.items())
+    return f"""<primitive id="{rid}" class="ocf" provider="qsup" type="qsup">
+    <instance_attributes id="{rid}-params">
+{p}
+    </instance_attributes>
+    <meta_attributes id="{rid}-meta">
+{m}
+    </meta_attributes>
+    <operations>
+      <op id="{rid}-start" name="start" interval="0s" timeout="60s"/>
+      <op id="{rid}-stop" name="stop" interval="0s" timeout="60s"/>
+      <op id="{rid}-monitor" name="monitor" interval="{monitor}" timeout="20s"/>
+      <op id="{rid}-migrate_to" name="migrate_to" interval="0s" timeout="120s"/>
+      <op id="{rid}-migrate_from" name="migrate_from" interval="0s" timeout="60s"/>
+    </operations>
+  </primitive>"""
