@@ -26,6 +26,8 @@ import itertools
 import math
 import os
 import socket
+import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -44,6 +46,29 @@ log = structlog.get_logger("qmp_glue")
 _RETRY_FIRST = 0.005   # first pause between connection attempts (seconds)
 _RETRY_MAX = 0.1       # ... doubling up to this
 _CLOSE_TIMEOUT = 5.0   # aclose() never waits longer than this for qemu.qmp
+
+
+_observers: list[weakref.WeakMethod] = []
+
+
+def observe_calls(method: Any) -> None:
+    """Call ``method(command, seconds, outcome)`` after every ``execute()``, on the trio thread.
+
+    ``outcome`` is None on success, else ``"qmp_error"``, ``"timeout"``, ``"connection_lost"``
+    or ``"cancelled"``.  For metrics; must be cheap and must not raise.  ``method`` is a bound
+    method, held weakly: it goes away with its object.
+    """
+    _observers.append(weakref.WeakMethod(method))
+
+
+def _notify(cmd: str, t0: float, outcome: str | None) -> None:
+    seconds = time.perf_counter() - t0
+    for ref in list(_observers):
+        fn = ref()
+        if fn is None:
+            _observers.remove(ref)
+        else:
+            fn(cmd, seconds, outcome)
 
 
 class QMPClient:
@@ -82,8 +107,20 @@ class QMPClient:
         (``None``: wait forever). A reply that arrives after a timeout or
         cancellation is dropped; it never answers a later call.
         """
-        self._check_usable(cmd)
-        reply = await self._send(cmd, args, timeout)
+        t0, outcome = time.perf_counter(), "cancelled"
+        try:
+            self._check_usable(cmd)
+            reply = await self._send(cmd, args, timeout)
+            outcome = "qmp_error" if "error" in reply else None
+        except QMPTimeout:
+            outcome = "timeout"
+            raise
+        except QMPConnectionLost:
+            outcome = "connection_lost"
+            raise
+        finally:
+            if _observers:
+                _notify(cmd, t0, outcome)
         if "error" in reply:
             err = reply["error"]
             raise QMPError(err.get("class", "GenericError"), err.get("desc", str(err)), cmd)

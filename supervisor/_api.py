@@ -1,8 +1,8 @@
 """The node's HTTP API (Starlette), served by the daemon on a unix socket (and optionally TCP).
 
-Routes (all JSON unless noted; see :func:`openapi` for the schema served at ``/openapi.json``)::
+Routes (all JSON unless noted; ``/openapi.json`` is generated from :data:`ROUTES`)::
 
-    GET    /v1/health                      200 {"status": "ok", ...}
+    GET    /v1/health                      200 {"status": "ok", ...}   (503 while the daemon stops)
     GET    /metrics                        200 Prometheus text
     POST   /v1/instances                   201 view   (body: an instance spec; waits until running)
     GET    /v1/instances                   200 {"instances": [view, ...]}
@@ -11,27 +11,25 @@ Routes (all JSON unless noted; see :func:`openapi` for the schema served at ``/o
     DELETE /v1/instances/{name}            200 final view (force-stops if still alive, then forgets)
     GET    /v1/events?since=SEQ&follow=B   200 NDJSON, one event per line
 
-Errors are always ``{"error": "<one line>", "field": <dotted field or null>, "code": "<slug>"}``:
+plus the migration routes of ``_migration_api.py``.  Errors are always ``{"error": "<one line>",
+"field": <dotted field or null>, "code": "<slug>"}``:
 
     400 bad_request      malformed JSON, not an object, wrong content type, bad query parameter
     401 unauthorized     TCP listener without the right bearer token
     404 not_found        unknown instance or route
-    405 method_not_allowed
-    409 conflict         the name is taken by a live instance
+    405 method_not_allowed (with ``Allow``)
+    409 conflict         the name is taken by a live instance; a migration refused
     413 too_large        body over 64 KiB
     422 invalid_spec     the spec (or stop options) failed validation, incl. host checks
     422 start_failed     valid spec, but QEMU/netconf failed; everything was rolled back
+    500 internal         a bug: logged with its traceback
+    503 unavailable      the daemon is shutting down (``app.state.stopping``)
 
-Why validate everything *before* calling the node: a request with bad input must change
-nothing -- no instance entry, no record, no event.  So the spec is parsed and the host facts
-(bridge exists, table known) are checked here first; only a request that passed those reaches
-:meth:`Node.start`, whose own failures are rolled back by the instance and reported as 422
-``start_failed`` with QEMU's reason (the start did emit its ``instance.starting``/``failed``
-events: something really was attempted).  Rejected requests are not events; they are logged and
-counted in ``qsup_http_requests_total{status=...}``.
-
-No handler lets an exception escape as a bare traceback: the outer middleware turns anything
-unexpected into a JSON 500 (and logs it), so the API's contract holds even for bugs.
+Which exception becomes which answer is one table, ``_http.ERROR_TABLE``; only the errors in it
+become 4xx.  A request with bad input changes nothing -- no instance entry, no record, no event:
+the spec is parsed here, and the node checks the host facts (bridge exists, table known) before
+it claims the name.  Rejected requests are not events; they are logged and counted in
+``qsup_http_requests_total``.
 
 ``DELETE`` is "make it gone": a live instance is force-stopped (SIGTERM to QEMU, netconf undone)
 and then dropped from the table; an instance that already ended is just dropped.  ``stop`` of
@@ -51,109 +49,42 @@ import time
 
 import structlog
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from ._instance import StartError, build_nics, check_host
+from . import _migration_api
+from ._http import (
+    ERROR_TABLE,
+    MAX_BODY,
+    MAX_SEQ,
+    NAME_PARAM,
+    NDJSON,
+    ApiRoute,
+    HttpError,
+    Op,
+    error_response,
+    errors,
+    http_error,
+    instance,
+    json_body,
+    node,
+    ok,
+    query_bool,
+    query_int,
+    read_json,
+    ref,
+    validate_body,
+)
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
-from ._node import Conflict, NotFound
-from ._spec import NAME_RE, InstanceSpec, SpecError, _loc, _message, parse_spec
+from ._spec import parse_spec
 
 log = structlog.get_logger("qsup.api")
 
-MAX_BODY = 64 * 1024
-MAX_SEQ = 2**63 - 1
-NDJSON = "application/x-ndjson"
 _EVENT_PAGE = 1000
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                 409: "conflict", 413: "too_large", 422: "invalid_spec", 500: "internal"}
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status, one-line message, the offending field (or None)."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = one_line(message)
-        self.field = field or None
-        self.code = code or _STATUS_CODES.get(status, "error")
-
-
-def one_line(text: str, limit: int = 1000) -> str:
-    s = " | ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def error_response(status: int, message: str, field: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    e = ApiError(status, message, field, code)
-    return JSONResponse({"error": e.message, "field": e.field, "code": e.code}, status, headers=headers)
-
-
-# -- request parsing ---------------------------------------------------------------------------
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_json(request: Request, *, required: bool = True) -> object | None:
-    """The body as decoded JSON, enforcing size, content type and strict JSON; None if empty."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise ApiError(400, "invalid Content-Length")
-        if int(length) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise ApiError(413, f"request body over {MAX_BODY} bytes")
-    except ClientDisconnect:
-        raise ApiError(400, "client disconnected while sending the body") from None
-    if not body:
-        if required:
-            raise ApiError(400, "a JSON request body is required")
-        return None
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(400, f"Content-Type must be application/json, not {media or 'missing'!r}")
-    try:
-        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise ApiError(400, "body is not UTF-8") from None
-    except RecursionError:
-        raise ApiError(400, "malformed JSON: nested too deeply") from None
-    except ValueError as e:
-        raise ApiError(400, f"malformed JSON: {e}") from None
-
-
-def _query_int(request: Request, key: str, default: int) -> int:
-    raw = request.query_params.get(key)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_SEQ:
-        raise ApiError(400, f"{key} must be a non-negative integer, got {raw[:40]!r}", key)
-    return int(raw)
-
-
-def _query_bool(request: Request, key: str, default: bool) -> bool:
-    raw = request.query_params.get(key)
-    if raw is None:
-        return default
-    v = raw.lower()
-    if v in ("true", "1", "yes"):
-        return True
-    if v in ("false", "0", "no"):
-        return False
-    raise ApiError(400, f"{key} must be true or false, got {raw[:40]!r}", key)
 
 
 class StopOptions(BaseModel):
@@ -164,46 +95,23 @@ class StopOptions(BaseModel):
     timeout: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
 
 
-def validate_body(model, data: object, what: str = "the body"):
-    """``data`` (decoded JSON) as a ``model``; 400 if not an object, 422 naming the field."""
-    if not isinstance(data, dict):
-        raise ApiError(400, f"{what} must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ApiError(422, f"{_loc(err['loc'])}: {_message(err)}", _loc(err["loc"]), "invalid_spec") from None
-
-
-def _stop_options(data: object) -> StopOptions:
-    return StopOptions() if data is None else validate_body(StopOptions, data, "stop options")
-
-
 # -- handlers ----------------------------------------------------------------------------------
 
-def _node(request: Request):
-    return request.app.state.node
-
-
-def _instance(request: Request):
-    name = request.path_params["name"]
-    if not NAME_RE.match(name) or name.strip(".") == "":
-        raise ApiError(404, f"no instance named {name[:80]!r} (not a valid name)", "name")
-    try:
-        return _node(request).get(name)
-    except NotFound as e:
-        raise ApiError(404, str(e), "name") from None
+def _unavailable(request: Request) -> None:
+    if getattr(request.app.state, "stopping", False):
+        raise HttpError(503, "the daemon is shutting down", None, "unavailable")
 
 
 async def health(request: Request) -> Response:
-    node = _node(request)
+    n = node(request)
+    stopping = bool(getattr(request.app.state, "stopping", False))
     return JSONResponse({
-        "status": "ok",
-        "node": node.cfg.node_name,
-        "instances": len(node.list()),
+        "status": "stopping" if stopping else "ok",
+        "node": n.cfg.node_name,
+        "instances": len(n.list()),
         "last_seq": request.app.state.events.last_seq,
         "reattached": request.app.state.reattached,
-    })
+    }, 503 if stopping else 200)
 
 
 async def metrics(request: Request) -> Response:
@@ -215,59 +123,45 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def list_instances(request: Request) -> Response:
-    return JSONResponse({"instances": [i.view() for i in _node(request).list()]})
+    return JSONResponse({"instances": [i.view() for i in node(request).list()]})
 
 
 async def show_instance(request: Request) -> Response:
-    return JSONResponse(_instance(request).view())
+    return JSONResponse(instance(request).view())
 
 
 async def create_instance(request: Request) -> Response:
-    node = _node(request)
     data = await read_json(request)
     if not isinstance(data, dict):
-        raise ApiError(400, "the instance spec must be a JSON object")
-    try:
-        spec = parse_spec(data)
-        node.check_free(spec.name)  # before the host checks: a duplicate is a 409
-        # Host facts (bridge/OVS bridge/table exist).  check_link may run ovs-vsctl: off-thread.
-        await trio.to_thread.run_sync(check_host, build_nics(spec))
-        inst = await node.start(spec)
-    except SpecError as e:
-        raise ApiError(422, str(e), e.field, "invalid_spec") from None
-    except Conflict as e:
-        raise ApiError(409, str(e), e.field, "conflict") from None
-    except StartError as e:
-        raise ApiError(422, f"start failed (rolled back): {e}", e.field, "start_failed") from None
-    except Exception as e:  # noqa: BLE001 -- a start failure is the request's answer, not a 5xx
-        log.warning("start failed", instance=data.get("name"), error=repr(e))
-        raise ApiError(422, f"start failed (rolled back): {type(e).__name__}: {e}", None, "start_failed") from None
+        raise HttpError(400, "the instance spec must be a JSON object")
+    _unavailable(request)
+    # SpecError, Conflict (name taken) and StartError (rolled back) are answered by the table;
+    # the node checks the host facts (bridge, table) itself, off the trio thread.
+    inst = await node(request).start(parse_spec(data))
     return JSONResponse(inst.view(), 201, headers={"location": f"/v1/instances/{inst.name}"})
 
 
 async def stop_instance(request: Request) -> Response:
-    inst = _instance(request)
-    opts = _stop_options(await read_json(request, required=False))
-    await _node(request).stop(inst.name, force=opts.force, timeout=opts.timeout)
+    inst = instance(request)
+    data = await read_json(request, required=False)
+    opts = StopOptions() if data is None else validate_body(StopOptions, data, "stop options")
+    await node(request).stop(inst.name, force=opts.force, timeout=opts.timeout)
     return JSONResponse(inst.view())
 
 
 async def delete_instance(request: Request) -> Response:
-    inst = _instance(request)
-    node = _node(request)
+    inst = instance(request)
+    n = node(request)
     if not inst.state.is_final:
-        await node.stop(inst.name, force=True)
-    try:
-        if node.instances.get(inst.name) is inst:
-            node.forget(inst.name)
-    except Conflict as e:
-        raise ApiError(409, str(e), e.field, "conflict") from None
+        await n.stop(inst.name, force=True)
+    if n.instances.get(inst.name) is inst:
+        n.forget(inst.name)  # Conflict (it came back to life?) -> 409 through the table
     return JSONResponse(inst.view())
 
 
 async def events(request: Request) -> Response:
-    since = _query_int(request, "since", 0)
-    follow = _query_bool(request, "follow", False)
+    since = query_int(request, "since", 0)
+    follow = query_bool(request, "follow", False)
     return EventStream(request.app.state, since, follow)
 
 
@@ -365,31 +259,274 @@ class EventStream:
             self.metrics.followers -= 1
 
 
+
+# -- OpenAPI: the component schemas ------------------------------------------------------------
+#
+# Written out rather than derived from the pydantic models: a client generator or a fuzzer
+# takes the schema literally, so it must say exactly what the validators accept (patterns,
+# ranges, the kernel/disk choice, what each NIC mode needs).  tests/test_openapi_schema.py
+# checks it against the models, example by example.
+
+_HEX4 = "[0-9a-fA-F]{1,4}"
+#: a unicast MAC (the first octet's low bit clear), any case
+MAC_PATTERN = "^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"
+#: a usable IPv4 host address (not 0/8, loopback or multicast), optionally /32
+IP_PATTERN = ("^([1-9]|[1-9][0-9]|1[01][0-9]|12[0-6]|12[89]|1[3-9][0-9]|2[01][0-9]|22[0-3]|24[0-9]|25[0-5])"
+              "(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}(/32)?$")
+#: an IPv6 host address whose first group is 1000..efff (so never ::, ::1 or multicast), optionally /128
+IP6_PATTERN = (f"^[1-9a-eA-E][0-9a-fA-F]{{3}}((:{_HEX4}){{7}}|(:{_HEX4}){{0,5}}::({_HEX4})?)(/128)?$")
+PATH_PATTERN = "^/[^,\\x00]*$"
+LINK_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+ACCEL_PATTERN = "^[a-z][a-z0-9_-]{0,15}$"
+STATES = ["starting", "running", "paused", "migrating", "stopping", "stopped", "crashed", "failed"]
+MODES = ["routed", "bridged", "openvswitch"]
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _vlan_id() -> dict:
+    return {"type": "integer", "minimum": 1, "maximum": 4094}
+
+
+NIC_SPEC = {
+    "type": "object",
+    "description": "One NIC. `mac` is its stable identity (generated from name and position if omitted; "
+                   "MACs must differ between NICs). routed needs `ip` or `ip6` and takes no `vlan`; "
+                   "bridged and openvswitch need `link` (the bridge).",
+    "additionalProperties": False,
+    "required": ["mode"],
+    "properties": {
+        "mac": {**_nullable({"type": "string", "pattern": MAC_PATTERN}), "default": None},
+        "mode": {"type": "string", "enum": MODES},
+        "link": {**_nullable({"type": "string", "minLength": 1, "maxLength": 64, "pattern": LINK_PATTERN}),
+                 "default": None,
+                 "description": "routed: the routing table; bridged/openvswitch: the bridge"},
+        "ip": {**_nullable({"type": "string", "pattern": IP_PATTERN}), "default": None},
+        "ip6": {**_nullable({"type": "string", "pattern": IP6_PATTERN}), "default": None},
+        "vlan": {"anyOf": [_vlan_id(),
+                           {"type": "array", "items": _vlan_id(), "minItems": 1, "uniqueItems": True},
+                           {"type": "null"}],
+                 "default": None, "description": "an access VLAN, or a list of trunk VLANs"},
+        "queues": {"type": "integer", "minimum": 1, "maximum": 16, "default": 1},
+    },
+    "oneOf": [
+        {"title": "RoutedNic",
+         "properties": {"mode": {"const": "routed"}, "vlan": {"type": "null"}},
+         "anyOf": [{"required": ["ip"], "properties": {"ip": {"type": "string"}}},
+                   {"required": ["ip6"], "properties": {"ip6": {"type": "string"}}}]},
+        {"title": "SwitchedNic",
+         "required": ["link"],
+         "properties": {"mode": {"enum": ["bridged", "openvswitch"]}, "link": {"type": "string"}}},
+    ],
+}
+
+INSTANCE_SPEC = {
+    "type": "object",
+    "description": "An instance. Exactly one boot source: `kernel` (with optional `initrd`/`append`) or `disk`.",
+    "additionalProperties": False,
+    "required": ["name", "memory"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+        "memory": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024, "description": "MiB"},
+        "vcpus": {"type": "integer", "minimum": 1, "maximum": 255, "default": 1},
+        "kernel": {**_nullable({"type": "string", "pattern": PATH_PATTERN}), "default": None},
+        "initrd": {**_nullable({"type": "string", "pattern": PATH_PATTERN}), "default": None},
+        "append": {**_nullable({"type": "string", "maxLength": 4096}), "default": None},
+        "disk": {**_nullable({"type": "string", "pattern": PATH_PATTERN}), "default": None},
+        "accel": {**_nullable({"type": "string", "pattern": ACCEL_PATTERN}), "default": None,
+                  "description": "default: the node's accel"},
+        "nics": {"type": "array", "items": ref("NicSpec"), "default": []},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 256, "pattern": "^[^\\x00]*$"},
+                 "default": []},
+        "on_panic": {**_nullable({"type": "string", "enum": ["pause", "stop", "restart"]}), "default": None,
+                     "description": "what a guest kernel panic does; default: the node's on_panic"},
+    },
+    "oneOf": [
+        {"title": "KernelBoot", "required": ["kernel"],
+         "properties": {"kernel": {"type": "string"}, "disk": {"type": "null"}}},
+        {"title": "DiskBoot", "required": ["disk"],
+         "properties": {"disk": {"type": "string"}, "kernel": {"type": "null"}, "initrd": {"type": "null"},
+                        "append": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}}},
+    ],
+}
+
+NIC_VIEW = {
+    "type": "object",
+    "required": ["mac", "mode", "tap", "link", "ip", "ip6", "vlan", "trunks", "queues"],
+    "properties": {
+        "mac": {"type": "string"},
+        "mode": {"type": "string", "enum": MODES},
+        "tap": {"type": "string", "description": "the tap device qsup opened for this NIC"},
+        "link": {"type": ["string", "null"]},
+        "ip": {"type": ["string", "null"]},
+        "ip6": {"type": ["string", "null"]},
+        "vlan": {"type": ["integer", "null"], "description": "access VLAN"},
+        "trunks": {"type": "array", "items": {"type": "integer"}},
+        "queues": {"type": "integer"},
+    },
+}
+
+TIMINGS = {
+    "type": "object",
+    "description": "Milliseconds per start step (`prepare` for a migration destination)",
+    "properties": {k: {"type": "number"} for k in ("spawn", "qmp_ready", "netconf", "cont", "total", "prepare")},
+    "additionalProperties": {"type": "number"},
+}
+
+INSTANCE_VIEW = {
+    "type": "object",
+    "required": ["name", "state", "pid", "memory", "vcpus", "tags", "nics", "qmp_operator", "console",
+                 "created", "timings_ms", "error", "migration"],
+    "properties": {
+        "name": {"type": "string"},
+        "state": {"type": "string", "enum": STATES},
+        "pid": {"type": ["integer", "null"], "description": "QEMU's pid while it runs"},
+        "memory": {"type": "integer"},
+        "vcpus": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "nics": {"type": "array", "items": ref("NicView")},
+        "qmp_operator": {"type": "string", "description": "the operator's QMP socket"},
+        "console": {"type": "string", "description": "the serial console log"},
+        "created": {"type": "number", "description": "Unix time"},
+        "timings_ms": ref("Timings"),
+        "error": {"type": ["string", "null"]},
+        "migration": {"anyOf": [ref("OutgoingMigration"), ref("IncomingMigration"), {"type": "null"}]},
+    },
+}
+
+INSTANCE_LIST = {"type": "object", "required": ["instances"],
+                 "properties": {"instances": {"type": "array", "items": ref("InstanceView")}}}
+
+HEALTH = {
+    "type": "object",
+    "required": ["status", "node", "instances", "last_seq", "reattached"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "stopping"]},
+        "node": {"type": "string"},
+        "instances": {"type": "integer", "minimum": 0},
+        "last_seq": {"type": "integer", "minimum": 0},
+        "reattached": {"type": "array", "items": {"type": "string"},
+                       "description": "instances found running again when the daemon started"},
+    },
+}
+
+EVENT = {
+    "type": "object",
+    "description": "One event; `type` decides the other fields (e.g. `instance.running`, `migration.completed`)",
+    "required": ["seq", "ts", "instance", "type"],
+    "properties": {
+        "seq": {"type": "integer", "minimum": 1, "description": "strictly increasing, persisted"},
+        "ts": {"type": "number", "description": "Unix time"},
+        "instance": {"type": ["string", "null"]},
+        "type": {"type": "string"},
+    },
+}
+
+ERROR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["error", "field", "code"],
+    "properties": {
+        "error": {"type": "string", "description": "one line"},
+        "field": {"type": ["string", "null"], "description": "the offending field, dotted (`nics[0].mac`)"},
+        "code": {"type": "string", "enum": sorted({"bad_request", "unauthorized", "not_found", "method_not_allowed",
+                                                   "too_large", "unavailable", "internal",
+                                                   *(m.code for m in ERROR_TABLE.values())})},
+    },
+}
+
+STOP_OPTIONS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "force": {"type": "boolean", "default": False, "description": "SIGTERM instead of powerdown"},
+        "timeout": {**_nullable({"type": "number", "minimum": 0, "maximum": 3600}), "default": None,
+                    "description": "seconds of powerdown before quit; default: the node's powerdown_timeout"},
+    },
+}
+
+
+def component_schemas() -> dict:
+    return {
+        "InstanceSpec": INSTANCE_SPEC, "NicSpec": NIC_SPEC,
+        "InstanceView": INSTANCE_VIEW, "NicView": NIC_VIEW, "Timings": TIMINGS, "InstanceList": INSTANCE_LIST,
+        "StopOptions": STOP_OPTIONS, "Health": HEALTH, "Event": EVENT, "Error": ERROR,
+        **_migration_api.SCHEMAS,
+    }
+
+
+# -- the routes --------------------------------------------------------------------------------
+
+_VIEW = ref("InstanceView")
+_LOCATION = {"Location": {"description": "the new instance's URL", "schema": {"type": "string"}}}
+
 ROUTES = [
-    Route("/openapi.json", openapi_json, methods=["GET"]),
-    Route("/metrics", metrics, methods=["GET"]),
-    Route("/v1/health", health, methods=["GET"]),
-    Route("/v1/instances", list_instances, methods=["GET"]),
-    Route("/v1/instances", create_instance, methods=["POST"]),
-    Route("/v1/instances/{name}", show_instance, methods=["GET"]),
-    Route("/v1/instances/{name}", delete_instance, methods=["DELETE"]),
-    Route("/v1/instances/{name}/stop", stop_instance, methods=["POST"]),
-    Route("/v1/events", events, methods=["GET"]),
+    ApiRoute("/openapi.json", {"GET": Op(openapi_json, {
+        "operationId": "get_openapi", "summary": "This document",
+        "responses": {**ok("OpenAPI 3.1", {"type": "object"}), **errors()}})}),
+    ApiRoute("/metrics", {"GET": Op(metrics, {
+        "operationId": "get_metrics", "summary": "Prometheus metrics",
+        "responses": {**ok("Prometheus text exposition 0.0.4", {"type": "string"}, media="text/plain"),
+                      **errors()}})}),
+    ApiRoute("/v1/health", {"GET": Op(health, {
+        "operationId": "get_health", "summary": "Liveness and basic facts",
+        "responses": {**ok("Serving", ref("Health")),
+                      "503": {"description": "The daemon is shutting down",
+                              "content": {"application/json": {"schema": ref("Health")}}},
+                      **errors()}})}),
+    ApiRoute("/v1/instances", {
+        "GET": Op(list_instances, {
+            "operationId": "list_instances", "summary": "List instances",
+            "responses": {**ok("Instances, by name", ref("InstanceList")), **errors()}}),
+        "POST": Op(create_instance, {
+            "operationId": "create_instance", "summary": "Create and start an instance; returns once it runs",
+            "requestBody": json_body("InstanceSpec"),
+            "responses": {**ok("Running", _VIEW, 201, headers=_LOCATION), **errors(400, 409, 413, 422, 503)}}),
+    }),
+    ApiRoute("/v1/instances/{name}", {
+        "GET": Op(show_instance, {
+            "operationId": "show_instance", "summary": "One instance",
+            "responses": {**ok("The instance", _VIEW), **errors(404)}}),
+        "DELETE": Op(delete_instance, {
+            "operationId": "delete_instance", "summary": "Force-stop if alive, then forget",
+            "responses": {**ok("Final view", _VIEW), **errors(404, 409)}}),
+    }, parameters=[NAME_PARAM]),
+    ApiRoute("/v1/instances/{name}/stop", {"POST": Op(stop_instance, {
+        "operationId": "stop_instance", "summary": "Stop: powerdown, then quit, then SIGKILL (force: SIGTERM)",
+        "requestBody": json_body("StopOptions", False),
+        "responses": {**ok("Final view", _VIEW), **errors(400, 404, 409, 413, 422)}})},
+        parameters=[NAME_PARAM]),
+    ApiRoute("/v1/events", {"GET": Op(events, {
+        "operationId": "list_events", "summary": "Events as NDJSON (one Event per line); follow keeps it open",
+        "parameters": [
+            {"name": "since", "in": "query", "required": False, "description": "only events after this seq",
+             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}},
+            {"name": "follow", "in": "query", "required": False, "description": "keep streaming new events",
+             "schema": {"type": "boolean"}}],
+        "responses": {**ok("One Event object per line", {"type": "string", "description": "NDJSON of Event"},
+                           media=NDJSON),
+                      **errors(400)}})}),
+    *_migration_api.ROUTES,
 ]
+
+_METRICS_ROUTES = [r for r in ROUTES if r.path in ("/metrics", "/v1/health")]
 
 
 # -- errors, auth, logging ---------------------------------------------------------------------
 
-async def _api_error(request: Request, exc: ApiError) -> Response:
-    return error_response(exc.status, exc.message, exc.field, exc.code)
+async def _known_error(request: Request, exc: Exception) -> Response:
+    return http_error(exc).response()
 
 
-async def _http_error(request: Request, exc: HTTPException) -> Response:
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
     msg = {404: f"no route {request.url.path[:200]}", 405: f"method {request.method[:20]} not allowed here"}
     return error_response(exc.status_code, msg.get(exc.status_code, exc.detail), None, None, exc.headers)
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this answer; _Outer logs the traceback.
     return error_response(500, f"internal error: {type(exc).__name__}", None, "internal")
 
 
@@ -408,11 +545,12 @@ class _Outer:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = [0]
+        status = [0, 0.0]  # status, seconds to the response's start
 
         async def send_(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                status[1] = time.perf_counter() - t0
             await send(message)
 
         try:
@@ -420,22 +558,27 @@ class _Outer:
                 await error_response(401, "missing or wrong bearer token", None, "unauthorized",
                                      {"www-authenticate": "Bearer"})(scope, receive, send_)
             elif scope.get("path") == "/v1/events" and scope.get("method") == "GET":
-                await self._events(scope, receive, send, send_, status)
+                await self._events(scope, receive, send, send_, status, t0)
             else:
                 await self.app(scope, receive, send_)
         except Exception as e:  # noqa: BLE001 -- logged; the client got (or gets) a JSON 500
-            log.error("request failed", path=scope.get("path"), error=repr(e), exc_info=True)
+            log.error("request failed", method=scope.get("method", "")[:20], path=scope.get("path", "")[:200],
+                      error=repr(e), exc_info=True)
             if status[0] == 0:
                 await error_response(500, f"internal error: {type(e).__name__}", None, "internal")(
                     scope, receive, send_)
         finally:
             method = scope.get("method", "")
-            self.metrics.requests.labels(method if method in _KNOWN_METHODS else "other", str(status[0])).inc()
+            method = method if method in _KNOWN_METHODS else "other"
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("/v1/events" if scope.get("path") == "/v1/events"
+                                                   else "unmatched")
+            self.metrics.observe_request(method, path, status[0], status[1] or time.perf_counter() - t0)
             if status[0] >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
-                log.info("request", method=method[:20], path=scope.get("path", "")[:200], status=status[0],
+                log.info("request", method=method, path=scope.get("path", "")[:200], status=status[0],
                          ms=round((time.perf_counter() - t0) * 1000, 2))
 
-    async def _events(self, scope, receive, send, send_, status) -> None:
+    async def _events(self, scope, receive, send, send_, status, t0: float) -> None:
         """``GET /v1/events`` straight to the stream, past Starlette's middleware.
 
         Each of the three middleware layers wraps ``send`` in another coroutine; one event goes
@@ -444,12 +587,13 @@ class _Outer:
         """
         request = Request(scope, receive)
         try:
-            since = _query_int(request, "since", 0)
-            follow = _query_bool(request, "follow", False)
-        except ApiError as e:
-            await error_response(e.status, e.message, e.field, e.code)(scope, receive, send_)
+            since = query_int(request, "since", 0)
+            follow = query_bool(request, "follow", False)
+        except HttpError as e:
+            await e.response()(scope, receive, send_)
             return
         status[0] = 200
+        status[1] = time.perf_counter() - t0  # a followed stream lasts: its latency is to the headers
         await EventStream(self.app.state, since, follow)(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
@@ -460,121 +604,71 @@ class _Outer:
         return False
 
 
-def create_app(node, events, metrics: Metrics | None = None, *, token: str | None = None,
-               reattached: list[str] | None = None):
-    """The ASGI app for ``node``.  ``token`` set: every request needs ``Authorization: Bearer``."""
-    if metrics is None:
-        metrics = Metrics()
-        metrics.observe_node(node)
-        metrics.watch(events)
-    from ._migration_api import ROUTES as MIGRATION_ROUTES  # it imports this module
-
-    app = Starlette(routes=ROUTES + MIGRATION_ROUTES, exception_handlers={
-        ApiError: _api_error, HTTPException: _http_error, Exception: _internal})
+def _starlette(routes, node, events, metrics: Metrics, reattached, doc: dict | None) -> Starlette:
+    handlers = {cls: _known_error for cls in ERROR_TABLE}
+    handlers.update({HttpError: _known_error, HTTPException: _http_exception, Exception: _internal})
+    app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.node = node
     app.state.events = events
     app.state.metrics = metrics
     app.state.reattached = list(reattached or [])
     app.state.lines = _LineCache()
-    app.state.openapi = openapi()
+    app.state.openapi = doc
+    app.state.stopping = False
+    return app
+
+
+def _default_metrics(node, events) -> Metrics:
+    metrics = Metrics()
+    metrics.observe_node(node)
+    metrics.watch(events)
+    return metrics
+
+
+def create_app(node, events, metrics: Metrics | None = None, *, token: str | None = None,
+               reattached: list[str] | None = None):
+    """The ASGI app for ``node``.  ``token`` set: every request needs ``Authorization: Bearer``.
+
+    Set ``app.state.stopping = True`` when the daemon begins to shut down: health answers 503
+    and no new instance or migration is started.
+    """
+    metrics = metrics or _default_metrics(node, events)
+    app = _starlette(ROUTES, node, events, metrics, reattached, openapi(authenticated=token is not None))
     outer = _Outer(app, metrics, token)
-    outer.state = app.state  # so callers can update e.g. reattached
+    outer.state = app.state  # so callers can update e.g. reattached, stopping
+    return outer
+
+
+def create_metrics_app(node, events, metrics: Metrics | None = None, *, reattached: list[str] | None = None):
+    """``/metrics`` and ``/v1/health`` only, without authentication (the ``metrics_listen`` listener)."""
+    metrics = metrics or _default_metrics(node, events)
+    app = _starlette(_METRICS_ROUTES, node, events, metrics, reattached, None)
+    outer = _Outer(app, metrics, None)
+    outer.state = app.state
     return outer
 
 
 # -- OpenAPI -----------------------------------------------------------------------------------
 
-def _spec_schemas() -> dict:
-    """Instance spec JSON schema from the pydantic models, tightened with the validators' rules."""
-    s = InstanceSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = s.pop("$defs", {})
-    s["properties"]["name"]["pattern"] = NAME_RE.pattern
-    for key in ("kernel", "initrd", "disk"):
-        s["properties"][key] = {"anyOf": [{"type": "string", "pattern": "^/[^,\\x00]*$"}, {"type": "null"}],
-                                "default": None}
-    nic = defs.get("NicSpec", {})
-    if nic:
-        nic["properties"]["mac"] = {"anyOf": [{"type": "string", "pattern": "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"},
-                                              {"type": "null"}], "default": None}
-    defs["InstanceSpec"] = s
-    return defs
+_SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer",
+               "description": "the node's token_file (TCP listener only; the unix socket needs none)"},
+    "mutualTLS": {"type": "mutualTLS",
+                  "description": "a client certificate signed by the node's tls_ca (TCP listener with TLS)"},
+}
 
 
-_ERROR = {"type": "object", "required": ["error", "field"],
-          "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"]},
-                         "code": {"type": "string"}}}
-_VIEW = {"type": "object", "required": ["name", "state", "nics"],
-         "properties": {"name": {"type": "string"},
-                        "state": {"enum": ["starting", "running", "paused", "migrating", "stopping",
-                                           "stopped", "crashed", "failed"]},
-                        "pid": {"type": ["integer", "null"]}, "nics": {"type": "array"},
-                        "qmp_operator": {"type": "string"}, "error": {"type": ["string", "null"]}}}
-_NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+def openapi(*, authenticated: bool = False) -> dict:
+    """The OpenAPI 3.1 document, generated from :data:`ROUTES`.
 
-
-def _err(*codes: int) -> dict:
-    text = {400: "Bad request", 401: "Unauthorized", 404: "Not found", 405: "Method not allowed",
-            409: "Conflict", 413: "Body too large", 422: "Invalid spec, or start failed and was rolled back"}
-    return {str(c): {"description": text[c],
-                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-            for c in codes}
-
-
-def _ok(desc: str, schema: dict, code: int = 200, media: str = "application/json") -> dict:
-    return {str(code): {"description": desc, "content": {media: {"schema": schema}}}}
-
-
-def openapi() -> dict:
-    from . import _migration_api  # it imports this module
-
-    view = {"$ref": "#/components/schemas/InstanceView"}
-    json_body = lambda ref, required: {"required": required, "content": {  # noqa: E731
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
-    doc = {
+    ``authenticated``: the TCP listener's document (every operation needs the bearer token or a
+    client certificate); otherwise the unix socket's (no credentials: access is the socket's mode).
+    """
+    return {
         "openapi": "3.1.0",
-        "info": {"title": "qsup node API", "version": "1"},
-        "paths": {
-            "/v1/health": {"get": {"summary": "Liveness and basic facts", "responses": {
-                **_ok("OK", {"type": "object", "required": ["status"]})}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                **_ok("Prometheus text exposition", {"type": "string"}, media="text/plain")}}},
-            "/v1/instances": {
-                "get": {"summary": "List instances", "responses": {
-                    **_ok("Instances", {"type": "object", "required": ["instances"],
-                                        "properties": {"instances": {"type": "array", "items": view}}})}},
-                "post": {"summary": "Create and start an instance; returns once it runs",
-                         "requestBody": json_body("InstanceSpec", True),
-                         "responses": {**_ok("Running", view, 201), **_err(400, 409, 413, 422)}},
-            },
-            "/v1/instances/{name}": {
-                "parameters": [_NAME_PARAM],
-                "get": {"summary": "One instance", "responses": {**_ok("The instance", view), **_err(404)}},
-                "delete": {"summary": "Force-stop if alive, then forget", "responses": {
-                    **_ok("Final view", view), **_err(404, 409)}},
-            },
-            "/v1/instances/{name}/stop": {
-                "parameters": [_NAME_PARAM],
-                "post": {"summary": "Stop (powerdown, then quit; force: SIGTERM)",
-                         "requestBody": json_body("StopOptions", False),
-                         "responses": {**_ok("Final view", view), **_err(400, 404, 413, 422)}},
-            },
-            "/v1/events": {"get": {
-                "summary": "Events as NDJSON; follow keeps the stream open",
-                "parameters": [
-                    {"name": "since", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}},
-                    {"name": "follow", "in": "query", "required": False,
-                     "schema": {"type": "boolean"}}],
-                "responses": {**_ok("One event object per line", {"type": "string"}, media=NDJSON),
-                              **_err(400)}}},
-        },
-        "components": {"schemas": {
-            **_spec_schemas(),
-            "StopOptions": StopOptions.model_json_schema(),
-            "InstanceView": _VIEW,
-            "Error": _ERROR,
-        }},
+        "info": {"title": "qsup node API", "version": "1",
+                 "description": "A per-node QEMU supervisor. Errors are always an Error object."},
+        "security": [{"bearer": []}, {"mutualTLS": []}] if authenticated else [{}],
+        "paths": {r.path: r.path_item() for r in ROUTES},
+        "components": {"schemas": component_schemas(), "securitySchemes": _SECURITY_SCHEMES},
     }
-    doc["paths"].update(_migration_api.openapi_paths(view, json_body, _ok, _err, _NAME_PARAM))
-    doc["components"]["schemas"].update(_migration_api.openapi_schemas())
-    return doc

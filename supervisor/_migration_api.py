@@ -1,4 +1,4 @@
-"""HTTP routes for live migration (added to the API app by ``_api.create_app``).
+"""HTTP routes for live migration (part of the API app's route list, ``_api.ROUTES``).
 
 ::
 
@@ -18,12 +18,23 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from ._api import ApiError, _instance, _node, read_json, validate_body
-from ._instance import StartError, build_nics, check_host
-from ._migration import MigrateOptions, MigrationError
-from ._node import Conflict
+from ._http import (
+    NAME_PARAM,
+    ApiRoute,
+    HttpError,
+    Op,
+    errors,
+    http_error,
+    instance,
+    json_body,
+    node,
+    ok,
+    read_json,
+    ref,
+    validate_body,
+)
+from ._migration import MigrateOptions
 from ._spec import SpecError, parse_spec
 
 
@@ -43,87 +54,133 @@ class MigrateBody(_Body):
     downtime_limit: int | None = Field(default=None, ge=1, le=2000000)
 
 
+def _unavailable(request: Request) -> None:
+    if getattr(request.app.state, "stopping", False):
+        raise HttpError(503, "the daemon is shutting down", None, "unavailable")
+
+
 async def prepare_incoming(request: Request) -> Response:
-    node = _node(request)
     body = validate_body(PrepareBody, await read_json(request))
+    _unavailable(request)
     try:
         spec = parse_spec(body.spec)
-        check_host(build_nics(spec))
-        uri = await node.prepare_incoming(spec, postcopy=body.postcopy)
-    except SpecError as e:
-        raise ApiError(422, f"spec.{e}", f"spec.{e.field}" if e.field else "spec", "invalid_spec") from None
-    except Conflict as e:
-        raise ApiError(409, str(e), e.field, "conflict") from None
-    except (StartError, Exception) as e:  # noqa: BLE001 - rolled back; the answer says why
-        raise ApiError(422, f"prepare failed (rolled back): {type(e).__name__}: {e}", None,
-                       "start_failed") from None
+        # the node checks the host facts itself (off the trio thread); rolled back on failure
+        uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy)
+    except SpecError as e:  # the spec is the body's "spec" field
+        raise http_error(e, field_prefix="spec") from None
     return JSONResponse({"name": spec.name, "uri": uri}, 201)
 
 
-async def _node_call(request: Request, method: str) -> Response:
-    """Call ``node.<method>(name)``; a MigrationError is a 409 naming the field."""
-    inst = _instance(request)
-    try:
-        await getattr(_node(request), method)(inst.name)
-    except MigrationError as e:
-        raise ApiError(409, str(e), e.field, "conflict") from None
+async def abort_incoming(request: Request) -> Response:
+    inst = instance(request)
+    await node(request).abort_incoming(inst.name)  # MigrationError -> 409 through the table
     return JSONResponse(inst.view())
 
 
-async def abort_incoming(request: Request) -> Response:
-    return await _node_call(request, "abort_incoming")
-
-
 async def migrate(request: Request) -> Response:
-    inst = _instance(request)
-    node = _node(request)
+    inst = instance(request)
+    n = node(request)
     body = validate_body(MigrateBody, await read_json(request))
+    _unavailable(request)
     token = None
-    if body.to.startswith(("http://", "https://")) and node.cfg.token_file:
-        token = node.cfg.token_file.read_text().strip()
+    if body.to.startswith(("http://", "https://")) and n.cfg.token_file:
+        token = n.cfg.token_file.read_text().strip()
     opts = MigrateOptions(to=body.to, postcopy=body.postcopy, max_bandwidth=body.max_bandwidth,
                           downtime_limit=body.downtime_limit, token=token)
-    try:
-        await node.migrate(inst.name, opts)
-    except MigrationError as e:
-        raise ApiError(409, str(e), e.field, "conflict") from None
+    await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
 
 
 async def cancel(request: Request) -> Response:
-    return await _node_call(request, "cancel_migration")
+    inst = instance(request)
+    await node(request).cancel_migration(inst.name)
+    return JSONResponse(inst.view())
 
+
+_VIEW = ref("InstanceView")
 
 ROUTES = [
-    Route("/v1/migrations/incoming", prepare_incoming, methods=["POST"]),
-    Route("/v1/migrations/incoming/{name}/abort", abort_incoming, methods=["POST"]),
-    Route("/v1/instances/{name}/migrate", migrate, methods=["POST"]),
-    Route("/v1/instances/{name}/migrate/cancel", cancel, methods=["POST"]),
+    ApiRoute("/v1/migrations/incoming", {"POST": Op(prepare_incoming, {
+        "operationId": "prepare_incoming",
+        "summary": "Destination: prepare an incoming migration (taps, L2, qemu -incoming defer -S)",
+        "requestBody": json_body("PrepareBody"),
+        "responses": {**ok("Prepared: migrate to `uri`", ref("Prepared"), 201),
+                      **errors(400, 409, 413, 422, 503)}})}),
+    ApiRoute("/v1/migrations/incoming/{name}/abort", {"POST": Op(abort_incoming, {
+        "operationId": "abort_incoming",
+        "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
+        "responses": {**ok("Final view", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
+    ApiRoute("/v1/instances/{name}/migrate", {"POST": Op(migrate, {
+        "operationId": "migrate_instance",
+        "summary": "Source: start a live migration; follow it with GET /v1/instances/{name}",
+        "requestBody": json_body("MigrateBody"),
+        "responses": {**ok("Migrating", _VIEW, 202), **errors(400, 404, 409, 413, 422, 503)}})},
+        parameters=[NAME_PARAM]),
+    ApiRoute("/v1/instances/{name}/migrate/cancel", {"POST": Op(cancel, {
+        "operationId": "cancel_migration",
+        "summary": "Source: cancel the migration in progress (the guest stays here)",
+        "responses": {**ok("View", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
 ]
 
 
-def openapi_paths(view: dict, json_body, ok, err, name_param: dict) -> dict:
-    """The migration routes' part of ``/openapi.json`` (merged by ``_api.openapi``)."""
-    return {
-        "/v1/migrations/incoming": {"post": {
-            "summary": "Destination: prepare an incoming migration (taps, L2, qemu -incoming defer -S)",
-            "requestBody": json_body("PrepareBody", True),
-            "responses": {**ok("Prepared", {"type": "object", "required": ["name", "uri"],
-                                            "properties": {"name": {"type": "string"},
-                                                           "uri": {"type": "string"}}}, 201),
-                          **err(400, 409, 413, 422)}}},
-        "/v1/migrations/incoming/{name}/abort": {"parameters": [name_param], "post": {
-            "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
-            "responses": {**ok("Final view", view), **err(404, 409)}}},
-        "/v1/instances/{name}/migrate": {"parameters": [name_param], "post": {
-            "summary": "Source: start a live migration; follow it with GET /v1/instances/{name}",
-            "requestBody": json_body("MigrateBody", True),
-            "responses": {**ok("Migrating", view, 202), **err(400, 404, 409, 413, 422)}}},
-        "/v1/instances/{name}/migrate/cancel": {"parameters": [name_param], "post": {
-            "summary": "Source: cancel the migration in progress (the guest stays here)",
-            "responses": {**ok("View", view), **err(404, 409)}}},
-    }
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_INT_OR_NULL = {"type": ["integer", "null"]}
 
-
-def openapi_schemas() -> dict:
-    return {"PrepareBody": PrepareBody.model_json_schema(), "MigrateBody": MigrateBody.model_json_schema()}
+#: the OpenAPI component schemas of these routes and of the migration part of the instance view
+SCHEMAS = {
+    "PrepareBody": {
+        "type": "object", "additionalProperties": False, "required": ["spec"],
+        "properties": {"spec": ref("InstanceSpec"),
+                       "postcopy": {"type": "boolean", "default": False}}},
+    "Prepared": {
+        "type": "object", "required": ["name", "uri"],
+        "properties": {"name": {"type": "string"},
+                       "uri": {"type": "string", "description": "where the source's QEMU migrates to"}}},
+    "MigrateBody": {
+        "type": "object", "additionalProperties": False, "required": ["to"],
+        "properties": {
+            "to": {"type": "string", "minLength": 1, "maxLength": 4096,
+                   "description": "the destination daemon: a unix socket path or http(s)://host:port"},
+            "postcopy": {"type": "boolean", "default": False},
+            "max_bandwidth": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}], "default": None,
+                              "description": "bytes/s"},
+            "downtime_limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 2000000}, {"type": "null"}],
+                               "default": None, "description": "ms"}}},
+    "Activation": {
+        "type": "object",
+        "description": "Destination: from QEMU's `completed` (its own timestamp, `qmp_ts`) to L3 applied and "
+                       "to `cont` returned, in ms",
+        "required": ["qmp_ts", "event_to_l3_ms", "event_to_cont_ms"],
+        "properties": {
+            "qmp_ts": _NUM, "event_to_l3_ms": _NUM, "event_to_cont_ms": _NUM,
+            "received_to_l3_ms": _NUM, "received_to_cont_ms": _NUM, "netconf_ms": _NUM, "cont_ms": _NUM,
+            "event_to_resumed_ms": _NUM}},
+    "OutgoingMigration": {
+        "type": "object",
+        "required": ["direction", "to", "status", "result", "error", "postcopy", "l3_released"],
+        "properties": {
+            "direction": {"const": "out"},
+            "to": {"type": "string"},
+            "status": {"type": "string", "description": "QEMU's migration status"},
+            "result": {"type": ["string", "null"], "enum": ["completed", "failed", "cancelled",
+                                                            "postcopy-paused", None]},
+            "error": {"type": ["string", "null"]},
+            "postcopy": {"type": "boolean"},
+            "l3_released": {"type": "boolean"},
+            "transferred": {"type": "integer"}, "remaining": {"type": "integer"}, "total": {"type": "integer"},
+            "mbps": _NUM,
+            "downtime_ms": _INT_OR_NULL, "total_time_ms": _INT_OR_NULL, "total_ms": _NUM_OR_NULL,
+            "switchover_ms": {**_NUM_OR_NULL,
+                              "description": "source guest STOP to destination `completed`, QEMU's clocks"},
+            "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
+    "IncomingMigration": {
+        "type": "object",
+        "required": ["direction", "status", "uri", "postcopy", "activation"],
+        "properties": {
+            "direction": {"const": "in"},
+            "status": {"type": "string"},
+            "uri": {"type": ["string", "null"]},
+            "postcopy": {"type": "boolean"},
+            "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
+}

@@ -198,7 +198,9 @@ def test_health_metrics_openapi(tmp_path):
     assert 'qsup_instances{state="running"} 0.0' in text
     assert 'qsup_events_emitted_total{family="instance.started"} 1.0' in text
     assert "qsup_instance_start_seconds_count 1.0" in text
-    assert 'qsup_http_requests_total{method="GET",status="200"}' in metrics2.text
+    assert 'qsup_http_requests_total{method="GET",route="/v1/health",status="200"}' in metrics2.text
+    assert 'qsup_http_request_duration_seconds_count{method="GET",route="/metrics"} 1.0' in metrics2.text
+    assert "_created" not in metrics2.text
     doc = schema.json()
     assert doc == json.loads(json.dumps(openapi()))
     assert {"/v1/instances", "/v1/instances/{name}", "/v1/instances/{name}/stop", "/v1/events",
