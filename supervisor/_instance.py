@@ -1,24 +1,30 @@
-"""One supervised instance: start, supervise, stop, crash -- in its own nursery.
+"""One supervised instance: one task, one nursery, one teardown.
 
-An :class:`Instance` is driven by a single trio task (:meth:`Instance.run`)
-that the node starts with ``nursery.start``.  The start sequence runs
-*before* ``task_status.started()``, so a failed start raises straight back
-to whoever asked for it, after rolling back everything it did.  Once
-started, the task supervises: it forwards QMP events, answers stop
-requests, and notices QEMU's exit the moment its pidfd becomes readable.
+:meth:`Instance.run` is the instance's only task.  It takes a *launcher*
+(start, be a migration destination, or adopt a QEMU a previous daemon
+started), then supervises, and always ends in :meth:`Instance._teardown`.
+The launcher runs *before* ``task_status.started()``, so a failed start
+raises straight back to whoever asked for it, after the teardown rolled
+everything back.
 
-Start, in order (each step timed; the timings go into the ``instance.started``
-event and the start-latency benchmark):
+Start, in order (each step timed; the timings go into ``instance.started``):
 
 1. open each NIC's tap (the supervisor owns the fds);
 2. spawn QEMU with ``-S`` and the tap fds, then close our copies;
 3. connect QMP on the unix socket (racing QEMU's exit: a bad command line
-   fails fast with QEMU's own message);
+   fails fast with QEMU's own words);
 4. netconf ``attach`` then ``activate`` for every NIC, journaled;
 5. ``cont``.
 
-Any failure: SIGKILL QEMU (its taps vanish with it), undo the journal, drop
-the records -- nothing half-applied -- and raise.
+Why an exit *cause* rather than flags: the code that makes QEMU go away
+knows why (a stop request, the guest's own shutdown, a hand-over to
+another node...), and the teardown needs exactly that one fact to decide
+what to undo and which final state follows (:data:`supervisor._state.EXITS`).
+The first cause set wins; QEMU exiting with no cause set is a crash.
+
+The instance serves its migrations through :class:`supervisor._migration.InstancePort`
+(the methods in the "port" section below) and acts on the
+:class:`~supervisor._migration.Outcome` each one ends with.
 """
 
 from __future__ import annotations
@@ -36,17 +42,17 @@ import netconf
 import qmp_glue
 
 from ._config import Config
-from ._instance_migration import MigrationMixin
-from ._migration import IncomingMigration, OutgoingMigration, free_port, tcp_uri
+from ._errors import describe, only_cancelled, root_cause
+from ._faults import NO_FAULTS, Checkpoint
+from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
+    free_port, qmp_timestamp, tcp_uri
 from ._process import QemuProcess
 from ._qemu import NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
-from ._state import State, StateMachine
+from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, State, StateMachine
 
 log = structlog.get_logger("qsup.instance")
-
-#: ``query-migrate`` statuses of a migration that has not ended yet (before post-copy)
 
 
 @dataclass
@@ -59,12 +65,13 @@ class NodeContext:
     aio: qmp_glue.AsyncioThread
     worker: netconf.NetconfWorker
     hooks: Any = None  # netconf.Hooks | None
+    faults: Any = NO_FAULTS  # supervisor._faults.Faults in tests
 
 
 class StartError(RuntimeError):
     """Starting failed; everything was rolled back.  ``field`` names the culprit when known."""
 
-    def __init__(self, message: str, field: str = ""):
+    def __init__(self, message: str, field: str | None = None):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
 
@@ -93,15 +100,17 @@ def build_nics(spec: InstanceSpec) -> list[netconf.Nic]:
 
 
 def check_host(nics: list[netconf.Nic]) -> None:
-    """Host facts a spec can't check itself: the bridge, OVS bridge or table must exist."""
+    """Host facts a spec can't check itself: the bridge, OVS bridge or table must exist.
+
+    Blocking (sysfs, ``ovs-vsctl``): the node runs it on a worker thread.
+    ``check_link``'s own field (``nics[0].vlan``, ``nics[0].link``) is kept.
+    """
     for i, nic in enumerate(nics):
         try:
-            netconf.check_link(nic)
+            netconf.check_link(nic, i)
         except netconf.NetconfError as e:
-            msg = str(e)
-            if msg.startswith("link: "):
-                msg = msg[len("link: "):]
-            raise SpecError(f"nics[{i}].link", msg) from None
+            field, sep, msg = str(e).partition(": ")
+            raise SpecError(field, msg) if sep else SpecError(f"nics[{i}]", str(e)) from None
 
 
 def _ms(a: float, b: float) -> float:
@@ -114,8 +123,8 @@ class _StopRequest:
     timeout: float | None = None
 
 
-class Instance(MigrationMixin):
-    """A QEMU process, its taps and its host network, from start to final state."""
+class Instance:
+    """A QEMU process, its taps and its host network, from launch to final state."""
 
     def __init__(self, spec: InstanceSpec, ctx: NodeContext):
         self.spec = spec
@@ -124,19 +133,21 @@ class Instance(MigrationMixin):
         self.nics = build_nics(spec)
         self.sm = StateMachine(State.STARTING, self._on_state)
         self.proc: QemuProcess | None = None
-        self.qmp: qmp_glue.QMPClient | None = None
-        self.executor = netconf.Executor(
-            netconf.Journal(ctx.layout.journal_path(self.name)), hooks=ctx.hooks
-        )
+        self._qmp: qmp_glue.QMPClient | None = None
+        self._executor: netconf.Executor | None = None  # opened at launch: claiming a name writes nothing
         self.timings: dict[str, float] = {}
         self.error: str | None = None
         self.created = time.time()
+        self.cause: ExitCause | None = None
+        #: QEMU's run state as ``query-status`` names it (running, paused, guest-panicked, ...)
+        self.runstate = "prelaunch"
+        self.panic: dict | None = None
+        self.migration: IncomingMigration | OutgoingMigration | None = None
         self._stop_request: _StopRequest | None = None
         self._stop_wanted = trio.Event()
-        self._stopping = False
-        self._guest_shutdown = False
-        self._migrated = False
-        self.migration: IncomingMigration | OutgoingMigration | None = None
+        self._migration_settled = trio.Event()
+        self._migration_settled.set()
+        self._recovery = None  # finishes a migration a killed daemon left behind (adopt only)
         self._nursery: trio.Nursery | None = None
         self.done = trio.Event()
 
@@ -145,11 +156,19 @@ class Instance(MigrationMixin):
     def state(self) -> State:
         return self.sm.state
 
+    @property
+    def executor(self) -> netconf.Executor:
+        if self._executor is None:
+            self._executor = netconf.Executor(
+                netconf.Journal(self.ctx.layout.journal_path(self.name)), hooks=self.ctx.hooks)
+        return self._executor
+
     def view(self) -> dict:
         """What ``show``/``ls`` print; ``state`` is one of the DESIGN.md states."""
         return {
             "name": self.name,
             "state": self.state.value,
+            "runstate": self.runstate,
             "pid": self.proc.pid if self.proc and self.proc.alive else None,
             "memory": self.spec.memory,
             "vcpus": self.spec.vcpus,
@@ -164,8 +183,17 @@ class Instance(MigrationMixin):
             "created": self.created,
             "timings_ms": self.timings,
             "error": self.error,
+            "exit_cause": self.cause.value if self.cause else None,
+            "panic": self.panic,
             "migration": self.migration.view() if self.migration else None,
         }
+
+    def _migration_record(self) -> dict | None:
+        m = self.migration
+        if m is None or (isinstance(m, IncomingMigration) and m.activated) or \
+                (isinstance(m, OutgoingMigration) and m.done.is_set()):
+            return None
+        return m.record()
 
     def record(self) -> dict:
         return {
@@ -179,21 +207,15 @@ class Instance(MigrationMixin):
             # The NIC<->tap association, keyed by the stable NIC id (the MAC).
             "nics": {n.nic_id: n.to_dict() for n in self.nics},
             "created": self.created,
-            "migration": {"direction": self.migration.direction,
-                          "postcopy": getattr(self.migration, "postcopy", False)
-                          or getattr(getattr(self.migration, "opts", None), "postcopy", False)}
-            if self.migration and not getattr(self.migration, "activated", False) else None,
+            "migration": self._migration_record(),
         }
 
     def _save(self) -> None:
         write_json(self.ctx.layout.record_path(self.name), self.record())
 
-    def _emit(self, type: str, **data) -> dict:
-        return self.ctx.events.emit(type, instance=self.name, **data)
-
     def _on_state(self, old: State, new: State, reason: str) -> None:
         log.info("state", old=old.value, new=new.value, reason=reason)
-        self._emit(f"instance.{new.value}", previous=old.value, reason=reason)
+        self.emit(f"instance.{new.value}", previous=old.value, reason=reason)
         # The record matters to a restarted daemon only for starting/migrating
         # (running vs paused comes from query-status), so pause/resume don't
         # pay two fsyncs on the trio thread.
@@ -202,158 +224,251 @@ class Instance(MigrationMixin):
         if not new.is_final and self.ctx.layout.instance_dir(self.name).exists():
             self._save()
 
+    # -- the port a migration uses (supervisor._migration.InstancePort) --
+    @property
+    def qmp(self) -> qmp_glue.QMPClient:
+        assert self._qmp is not None, "QMP is connected before anything can use it"
+        return self._qmp
+
+    @property
+    def stop_requested(self) -> bool:
+        """An exit is under way: a migration destination must not activate any more."""
+        return self.cause is not None
+
+    def emit(self, type: str, **data) -> dict:
+        return self.ctx.events.emit(type, instance=self.name, **data)
+
+    def checkpoint(self, point: Checkpoint) -> None:
+        self.ctx.faults.reach(point)
+
+    def spec_json(self) -> dict:
+        return self.spec.model_dump(mode="json")
+
+    def spawn(self, fn, *args) -> None:
+        """Run ``fn(*args)`` as a task of this instance (it ends with the instance)."""
+        self._nursery.start_soon(fn, *args)
+
+    async def apply_l3(self, reason: str, *, inline: bool = False) -> float:
+        """L3 for every NIC; returns netconf's own ms.
+
+        Normally one hop to the netconf thread.  ``inline`` (a migration
+        destination's activation, staged at prepare) runs it right here on
+        the trio thread: with the journal already written it is a few
+        netlink round trips, cheaper than waking another thread.  Never
+        inline when a hook would run (a hook may take seconds).
+        """
+        if inline and not any(self.executor.hooked(netconf.plan(n, "activate")) for n in self.nics):
+            return self._apply_phase("activate", reason)
+        return await self.ctx.worker.run(self._apply_phase, "activate", reason)
+
+    async def release_l3(self) -> None:
+        """Undo exactly the journal's activate entries (routes, rules, sysctls)."""
+        await self.ctx.worker.run(self.executor.undo, reason="migrate-out", phases={"activate"})
+
+    async def announce(self) -> None:
+        """Gratuitous ARP / unsolicited NA for routed guests on the node's uplinks."""
+        ifaces = self.ctx.cfg.announce_interfaces
+        if not ifaces:
+            return
+        for nic in self.nics:
+            if nic.mode == "routed":
+                try:
+                    res = await self.ctx.worker.run(netconf.announce, ifaces, ip=nic.ip, ip6=nic.ip6)
+                    self.emit("migration.announced", mac=nic.mac, results=res)
+                except netconf.NetconfError as e:
+                    self.emit("migration.announce_failed", mac=nic.mac, error=str(e))
+
     # -- the task ------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    def exit(self, cause: ExitCause, error: str | None = None) -> None:
+        """Say why QEMU goes away.  The first cause wins; the teardown acts on it."""
+        if self.cause is None:
+            self.cause = cause
+            if error:
+                self.error = error
+            log.info("exit", cause=cause.value, error=error)
+
+    async def run(self, launcher, *args, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The instance's one task: launch, supervise, tear down.
+
+        Before ``started`` a failure is the launch's: it is rolled back and
+        raised to the caller as :class:`StartError`.  After it, nothing is
+        raised except a cancellation (the node leaving its guests running):
+        an unexpected error becomes the ``internal error`` exit cause, so the
+        instance still ends in a final state with its error in an event.
+        """
+        started = False
+        failure: BaseException | None = None
         with structlog.contextvars.bound_contextvars(instance=self.name):
             try:
-                await self._start()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    value = await launcher(*args)
+                    started = True
+                    task_status.started(value)
+                    if self.cause is None:
+                        await self._supervise(nursery)
             except BaseException as exc:
+                failure = exc
+                if not started:
+                    self.exit(ExitCause.START_FAILED, self._start_error_text(exc))
+                elif not only_cancelled(exc):
+                    log.error("instance task failed", error=describe(exc), exc_info=root_cause(exc))
+                    self.emit("instance.internal_error", error=describe(exc))
+                    self.exit(ExitCause.INTERNAL_ERROR, f"internal error: {describe(exc)}")
+            finally:
                 with trio.CancelScope(shield=True):
-                    await self._rollback(exc)
-                raise
-            task_status.started(self)
-            try:
-                await self._supervise()
-            finally:
-                self._finished()
+                    await self._teardown()
+        if failure is None:
+            return
+        if only_cancelled(failure):
+            raise failure
+        if not started:
+            cause = root_cause(failure)
+            field = getattr(cause, "field", None)
+            raise StartError(self.error or describe(failure), field) from failure
 
-    async def run_reattached(self, proc: QemuProcess, migration: dict | None = None, *,
-                             task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Take over a QEMU that a previous daemon started; never stops or pauses it.
+    def _start_error_text(self, exc: BaseException) -> str:
+        cause = root_cause(exc)
+        return str(cause).removeprefix(f"{cause.field}: ") if getattr(cause, "field", None) else describe(exc)
 
-        Reconnects the supervisor's monitor (a unix socket path, so it
-        survives us), asks ``query-status`` and rebuilds the state from it.
+    async def _teardown(self) -> None:
+        """The one teardown.  From the exit cause alone: what to undo and which final state follows.
+
+        No cause means the node is leaving the guest running (daemon
+        shutdown): close our handles, keep QEMU, its network and its record
+        for the next daemon.  Otherwise QEMU is made dead first, then the
+        journal is undone, then the records go (kept if the undo failed, so
+        a later daemon retries it), then the final state.
         """
-        with structlog.contextvars.bound_contextvars(instance=self.name):
-            self.proc = proc
-            try:
-                self.qmp = await qmp_glue.connect(
-                    str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=10, name=self.name)
-                status = await self.qmp.execute("query-status")
-            except BaseException:
-                if self.qmp is not None:
-                    await self.qmp.aclose()
-                raise
-            st = status.get("status", "")
-            if migration and migration["direction"] == "in":
-                # before supervision starts, so no MIGRATION event is missed
-                self.migration = IncomingMigration(self, migration.get("postcopy", False))
-            if migration:
-                self.sm.move(State.MIGRATING, f"reattached mid-migration (qemu status {st})")
-            else:
-                new = State.RUNNING if status.get("running") else State.PAUSED
-                self.sm.move(new, f"reattached (qemu status {st})")
-            self._emit("instance.reattached", pid=proc.pid, qemu_status=st, migration=migration)
-            task_status.started(self)
-            try:
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._supervise)
-                    if migration:
-                        await self._recover_migration(migration, st)
-            finally:
-                self._finished()
-
-    async def clean_up_dead(self, reason: str, final: State = State.CRASHED) -> None:
-        """QEMU is gone (or must go): undo whatever the journal owns, drop the records.
-
-        Used after a daemon restart for an instance whose QEMU died while
-        no daemon watched it, or whose start was interrupted half-way.
-        """
-        with structlog.contextvars.bound_contextvars(instance=self.name):
+        try:
+            if self.cause is None:
+                return
+            exit_ = EXITS[self.cause]
             if self.proc is not None and self.proc.alive:
                 self.proc.signal(signal.SIGKILL)
                 await self.proc.wait()
-            try:
-                await self.ctx.worker.run(self.executor.recover, reason="crash")
-                errors = []
-            except netconf.NetconfError as e:
-                errors = e.failures or [{"error": str(e)}]
-                self._emit("netconf.undo_failed", reason="crash", error=str(e), failures=errors)
-            else:
-                self._emit("netconf.undone", reason="crash", recovered=True)
-            if not errors:
+            await self._close_qmp()
+            failures = await self._undo_netconf(exit_.undo_reason) if self._journal_exists() else []
+            if not failures:
                 self.ctx.layout.remove_instance(self.name)
-            self.error = reason
-            self.sm.move(final, reason)
-            self._finished()
+            if self.cause is ExitCause.QEMU_DIED and self.error is None:
+                rc = self.proc.returncode if self.proc else None
+                self.error = f"qemu exited unexpectedly (status {rc}): {self._log_tail()}"
+            self.sm.move(exit_.final, self.error or self.cause.value)
+        finally:
+            await self._close_qmp()
+            if self._executor is not None:
+                self._executor.journal.close()
+            self.done.set()
 
-    async def run_incoming(self, postcopy: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Destination of a live migration: L2 now, L3 only at ``completed``."""
-        with structlog.contextvars.bound_contextvars(instance=self.name):
-            self.migration = IncomingMigration(self, postcopy)
-            try:
-                await self._start_incoming(postcopy)
-            except BaseException as exc:
-                with trio.CancelScope(shield=True):
-                    await self._rollback(exc)
-                raise
-            task_status.started(self.migration.uri)
-            try:
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._incoming_watchdog)
-                    await self._supervise()
-                    n.cancel_scope.cancel()
-            finally:
-                self._finished()
+    def _journal_exists(self) -> bool:
+        return self._executor is not None or self.ctx.layout.journal_path(self.name).exists()
 
-    async def _incoming_watchdog(self) -> None:
-        """Tear down a prepared destination that nobody ever migrates to.
+    async def _close_qmp(self) -> None:
+        if self._qmp is not None:
+            await self._qmp.aclose()
 
-        If the source (or its daemon) goes away between ``prepare`` and
-        ``migrate``, QEMU would wait on ``-incoming`` forever, holding taps
-        and memory.  No MIGRATION event within the config's
-        ``incoming_timeout`` seconds: abort, as the source's abort call would.
-        """
-        timeout = self.ctx.cfg.incoming_timeout
-        await trio.sleep(timeout)
-        m = self.migration
-        if m.status == "setup" and not m.activated and self.proc.alive:
-            self._emit("migration.incoming_timeout", after_s=timeout)
-            m.aborted = True
-            self.proc.signal(signal.SIGKILL)
+    async def _undo_netconf(self, reason: str) -> list[dict]:
+        t = time.perf_counter()
+        try:
+            await self.ctx.worker.run(self.executor.undo, reason=reason)
+        except netconf.NetconfError as e:
+            log.error("netconf undo failed", error=str(e), failures=e.failures)
+            self.emit("netconf.undo_failed", reason=reason, error=str(e), failures=e.failures)
+            return e.failures or [{"error": str(e)}]
+        self.emit("netconf.undone", reason=reason, ms=_ms(t, time.perf_counter()))
+        return []
 
-    async def _start_incoming(self, postcopy: bool) -> None:
-        ctx = self.ctx
+    # -- launchers -----------------------------------------------------
+    async def launch_start(self) -> "Instance":
         t0 = time.perf_counter()
-        self._emit("instance.starting", spec=self.spec.model_dump(mode="json"), incoming=True)
-        await self._launch(incoming=True, reason="migrate-in")
-        for nic in self.nics:  # journal L3 now: at ``completed`` only netlink work remains
-            await ctx.worker.run(self.executor.stage, netconf.plan(nic, "activate"))
-        caps = [{"capability": "events", "state": True},
-                {"capability": "postcopy-ram", "state": postcopy}]
-        await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        addr = ctx.cfg.migration_address
-        uri = tcp_uri(addr, free_port(addr))
-        await self.qmp.execute("migrate-incoming", {"uri": uri})
-        self.migration.uri = uri
-        self.sm.move(State.MIGRATING, "incoming")
-        self.timings = {"prepare": _ms(t0, time.perf_counter())}
-        self._emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings, pid=self.proc.pid)
-
-    async def _start(self) -> None:
-        t0 = time.perf_counter()
-        self._emit("instance.starting", spec=self.spec.model_dump(mode="json"))
+        self.emit("instance.starting", spec=self.spec_json())
         t_spawn, t_qmp = await self._launch(incoming=False, reason="start")
         await self.ctx.worker.run(self._apply_phase, "activate", "start")
+        self.checkpoint(Checkpoint.ACTIVATED)
         t_net = time.perf_counter()
-        self._emit("netconf.applied", phases=["attach", "activate"], ms=_ms(t_qmp, t_net))
-
+        self.emit("netconf.applied", phases=["attach", "activate"], ms=_ms(t_qmp, t_net))
+        self.checkpoint(Checkpoint.CONT)
         await self.qmp.execute("cont")
+        self.runstate = "running"
         t_run = time.perf_counter()
         self.timings = {
             "spawn": _ms(t0, t_spawn), "qmp_ready": _ms(t_spawn, t_qmp),
             "netconf": _ms(t_qmp, t_net), "cont": _ms(t_net, t_run), "total": _ms(t0, t_run),
         }
         self.sm.move(State.RUNNING, "started")
-        self._emit("instance.started", timings_ms=self.timings, pid=self.proc.pid)
+        self.emit("instance.started", timings_ms=self.timings, pid=self.proc.pid)
+        return self
+
+    async def launch_incoming(self, postcopy: bool) -> str:
+        """Destination of a live migration: L2 now, L3 staged, applied only at ``completed``."""
+        ctx = self.ctx
+        self.migration = IncomingMigration(self, postcopy)
+        t0 = time.perf_counter()
+        self.emit("instance.starting", spec=self.spec_json(), incoming=True)
+        await self._launch(incoming=True, reason="migrate-in")
+        for nic in self.nics:  # journal L3 now: at ``completed`` only netlink work remains
+            await ctx.worker.run(self.executor.stage, netconf.plan(nic, "activate"))
+        self.checkpoint(Checkpoint.STAGED)
+        caps = [{"capability": "events", "state": True},
+                {"capability": "postcopy-ram", "state": postcopy}]
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        addr = ctx.cfg.migration_address
+        uri = tcp_uri(addr, free_port(addr))
+        self.checkpoint(Checkpoint.LISTENING)
+        await self.qmp.execute("migrate-incoming", {"uri": uri})
+        self.migration.uri = uri
+        self.runstate = "inmigrate"
+        self.sm.move(State.MIGRATING, "incoming")
+        self.timings = {"prepare": _ms(t0, time.perf_counter())}
+        self.emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings, pid=self.proc.pid)
+        return uri
+
+    async def launch_adopt(self, proc: QemuProcess | None, rec: dict) -> "Instance":
+        """Take over a QEMU that a previous daemon started; never stops or pauses a live guest.
+
+        A QEMU that died meanwhile, or whose start was cut short by the
+        restart, gets its exit cause here and goes straight to the teardown.
+        """
+        self.proc = proc
+        if proc is None:
+            self.exit(ExitCause.QEMU_DIED, "qemu died while qsup was down")
+            return self
+        if rec.get("state") == State.STARTING.value:
+            self.exit(ExitCause.START_FAILED, "start interrupted by a daemon restart")
+            return self
+        self.checkpoint(Checkpoint.REATTACH)
+        self._qmp = await qmp_glue.connect(
+            str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=10, name=self.name)
+        self.checkpoint(Checkpoint.REATTACH_STATUS)
+        status = await self.qmp.execute("query-status")
+        self.runstate = status.get("status", "")
+        migration = rec.get("migration")
+        if migration and migration.get("direction") == "in":
+            self.migration = IncomingMigration(self, bool(migration.get("postcopy")))
+            self._recovery = self._recover_incoming
+        elif migration:
+            opts = MigrateOptions(to=str(migration.get("to", "")), postcopy=bool(migration.get("postcopy")))
+            self.migration = OutgoingMigration(self, opts, was_running=bool(migration.get("was_running", True)))
+            self._migration_settled = trio.Event()
+            self._recovery = self._recover_outgoing
+        if migration:
+            self.sm.move(State.MIGRATING, f"reattached mid-migration (qemu status {self.runstate})")
+        else:
+            new = State.RUNNING if status.get("running") else State.PAUSED
+            self.sm.move(new, f"reattached (qemu status {self.runstate})")
+        self.emit("instance.reattached", pid=proc.pid, qemu_status=self.runstate, migration=migration)
+        return self
 
     async def _launch(self, *, incoming: bool, reason: str) -> tuple[float, float]:
         """Taps, QEMU (-S), QMP, then L2 ``attach``.  Returns (t_spawned, t_qmp_ready)."""
         ctx, name = self.ctx, self.name
-        check_host(self.nics)
+        self.checkpoint(Checkpoint.DIRS)
         ensure_dir(ctx.layout.instance_dir(name))
         ensure_dir(ctx.layout.instance_run_dir(name))
         self._save()
+        self.executor  # open the journal now: the teardown undoes whatever it records
+        self.checkpoint(Checkpoint.TAPS)
         taps = []
         try:
             for nic in self.nics:
@@ -367,7 +482,7 @@ class Instance(MigrationMixin):
             )
             log_fd = os.open(ctx.layout.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             try:
-                self.proc = QemuProcess.spawn(argv, pass_fds=[fd for t in taps for fd in t.fds], log_fd=log_fd)
+                self.proc = QemuProcess.popen(argv, pass_fds=[fd for t in taps for fd in t.fds], log_fd=log_fd)
             finally:
                 os.close(log_fd)
         finally:
@@ -376,10 +491,12 @@ class Instance(MigrationMixin):
         t_spawn = time.perf_counter()
         self._save()
         log.info("spawned", pid=self.proc.pid)
-
-        self.qmp = await self._connect_qmp()
+        self.checkpoint(Checkpoint.SPAWNED)
+        self._qmp = await self._connect_qmp()
         t_qmp = time.perf_counter()
+        self.checkpoint(Checkpoint.QMP)
         await ctx.worker.run(self._apply_phase, "attach", reason)
+        self.checkpoint(Checkpoint.ATTACHED)
         return t_spawn, t_qmp
 
     def _apply_phase(self, phase: str, reason: str) -> float:
@@ -406,123 +523,210 @@ class Instance(MigrationMixin):
             await self.proc.wait()
             n.cancel_scope.cancel()
         if not result:
-            raise StartError(f"qemu exited with status {self.proc.returncode}: {self._log_tail()}")
+            said = self._log_tail()
+            raise StartError(f"qemu exited with status {self.proc.returncode}: {said}", self._field_named_by(said))
         return result[0]
+
+    def _field_named_by(self, qemu_said: str) -> str | None:
+        """The spec field QEMU's error is about: the one whose path it quotes, else its keyword."""
+        for key in ("kernel", "initrd", "disk"):
+            path = getattr(self.spec, key)
+            if path and path in qemu_said:
+                return key
+        low = qemu_said.lower()
+        for key, words in (("initrd", ("initrd", "ram disk")), ("kernel", ("kernel",)), ("disk", ("drive",))):
+            if getattr(self.spec, key) and any(w in low for w in words):
+                return key
+        return None
 
     def _log_tail(self, n: int = 3) -> str:
         try:
             lines = self.ctx.layout.log_path(self.name).read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return " | ".join(lines[-n:])
-
-    async def _rollback(self, exc: BaseException) -> None:
-        """Undo a failed start completely; the instance ends ``failed``."""
-        self.error = f"{type(exc).__name__}: {exc}"
-        failures = getattr(exc, "failures", None) or []
-        outputs = [f["output"].strip() for f in failures if f.get("output", "").strip()]
-        if outputs:  # a hook's own words belong in the error, not just in a log
-            self.error += " -- output: " + " | ".join(o.replace("\n", " / ")[-500:] for o in outputs)
-        log.warning("start failed, rolling back", error=self.error)
-        if failures:
-            self._emit("netconf.failed", error=str(exc), failures=failures)
-        await self._kill_qemu()
-        if not await self._undo_netconf("rollback"):
-            self.ctx.layout.remove_instance(self.name)
-        if self.sm.can(State.FAILED):
-            self.sm.move(State.FAILED, self.error)
-        self._finished()
-
-    async def _kill_qemu(self) -> None:
-        if self.qmp is not None:
-            await self.qmp.aclose()
-        if self.proc is not None and self.proc.alive:
-            self.proc.signal(signal.SIGKILL)
-            await self.proc.wait()
-
-    async def _undo_netconf(self, reason: str) -> list[dict]:
-        t = time.perf_counter()
-        try:
-            await self.ctx.worker.run(self.executor.undo, reason=reason)
-        except netconf.NetconfError as e:
-            log.error("netconf undo failed", error=str(e), failures=e.failures)
-            self._emit("netconf.undo_failed", reason=reason, error=str(e), failures=e.failures)
-            return e.failures or [{"error": str(e)}]
-        self._emit("netconf.undone", reason=reason, ms=_ms(t, time.perf_counter()))
-        return []
+        return " | ".join(line.strip() for line in lines[-n:] if line.strip())
 
     # -- supervision ---------------------------------------------------
-    def _finished(self) -> None:
-        self.executor.journal.close()
-        self.done.set()
+    async def _supervise(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._forward_events)
+        nursery.start_soon(self._serve_stop)
+        if isinstance(self.migration, IncomingMigration) and not self.migration.activated:
+            nursery.start_soon(self._incoming_watchdog)
+        if self._recovery is not None:  # adopted mid-migration
+            nursery.start_soon(self._recovery, self.migration)
+        await self.proc.wait()
+        if self.cause is None:
+            self.exit(*self._unannounced_exit())
+        nursery.cancel_scope.cancel()
 
-    def spawn(self, fn, *args) -> None:
-        """Run ``fn(*args)`` as a task of this instance (ends with it)."""
-        self._nursery.start_soon(fn, *args)
-
-    async def _supervise(self) -> None:
-        async with trio.open_nursery() as n:
-            self._nursery = n
-            n.start_soon(self._forward_events)
-            n.start_soon(self._serve_stop)
-            await self.proc.wait()
-            n.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            await self._after_exit()
+    def _unannounced_exit(self) -> tuple[ExitCause, str]:
+        """QEMU exited and nobody said why: an incoming migration that failed, or a crash."""
+        rc = self.proc.returncode
+        m = self.migration
+        if isinstance(m, IncomingMigration) and not m.activated:
+            # QEMU 7.2 exits by itself when an incoming migration fails: a
+            # failure of the migration, not a crash.  No L3 was ever applied.
+            return ExitCause.INCOMING_ABORTED, \
+                f"incoming migration failed (qemu exited with status {rc}, last status {m.status})"
+        log.error("qemu crashed", status=rc, log_tail=self._log_tail())
+        return ExitCause.QEMU_DIED, f"qemu exited unexpectedly (status {rc}): {self._log_tail()}"
 
     async def _forward_events(self) -> None:
         """Every QMP event goes to the event log, with its data and QEMU's timestamp."""
         async for ev in self.qmp.events():
             name, data = ev.get("event", "?"), ev.get("data", {})
-            ts = ev.get("timestamp", {})
-            ev_ts = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+            ts = qmp_timestamp(ev)
             if name == "MIGRATION" and self.migration is not None:
-                await self.migration.handle(ev)  # first: activation is on the critical path
-            self._emit(f"qmp.{name}", data=data, qmp_ts=ev_ts)
-            if name == "RESUME" and isinstance(self.migration, IncomingMigration):
-                self.migration.resumed(ev_ts)
-            if name == "STOP" and isinstance(self.migration, OutgoingMigration):
-                self.migration.stop_ts = self.migration.stop_ts or ev_ts
-            if name == "STOP" and self.state == State.RUNNING and not self._stopping:
-                self.sm.move(State.PAUSED, "qmp STOP")
-            elif name == "RESUME" and self.state == State.PAUSED:
-                self.sm.move(State.RUNNING, "qmp RESUME")
-            elif name == "SHUTDOWN" and data.get("guest") and not self._stopping:
-                self._guest_shutdown = True
+                await self._on_migration_event(ev)  # first: activation is on the critical path
+            self.emit(f"qmp.{name}", data=data, qmp_ts=ts)
+            if name == "STOP":
+                self._on_qemu_stop(ts)
+            elif name == "RESUME":
+                self._on_qemu_resume(ts)
+            elif name == "GUEST_PANICKED":
+                self._on_guest_panicked(data)
+            elif name == "SHUTDOWN" and data.get("guest"):
+                self.exit(ExitCause.GUEST_SHUTDOWN, None)
         # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
         # lingers with a dead monitor it cannot be controlled any more.
-        if not self._stopping:
-            with trio.move_on_after(2):
-                await self.proc.wait()
-            if self.proc.alive:
-                log.error("QMP lost but qemu still alive; killing it")
-                self.proc.signal(signal.SIGKILL)
+        with trio.move_on_after(2):
+            await self.proc.wait()
+        if self.proc.alive:
+            log.error("QMP lost but qemu still alive; killing it")
+            self.exit(ExitCause.QEMU_DIED, "the monitor closed while qemu still ran; killed")
+            self.proc.signal(signal.SIGKILL)
 
+    async def _on_migration_event(self, ev: dict) -> None:
+        m = self.migration
+        if isinstance(m, IncomingMigration):
+            if await m.on_event(ev) is Outcome.ACTIVATED:
+                self._activated()
+        elif not m.done.is_set():
+            m.on_event(ev)
+
+    def _on_qemu_stop(self, ts: float) -> None:
+        m = self.migration
+        if isinstance(m, OutgoingMigration) and not m.done.is_set():
+            m.on_stop(ts)
+            self.runstate = "paused"
+            return
+        self.runstate = "paused"
+        if self.state == State.RUNNING:
+            self.sm.move(State.PAUSED, "qmp STOP")
+        if self.cause is None:
+            self.spawn(self._learn_why_stopped)
+
+    def _on_qemu_resume(self, ts: float) -> None:
+        self.runstate = "running"
+        if isinstance(self.migration, IncomingMigration):
+            self.migration.on_resume(ts)
+        if self.state == State.PAUSED:
+            self.sm.move(State.RUNNING, "qmp RESUME")
+
+    async def _learn_why_stopped(self) -> None:
+        """A STOP nobody asked for may be a fault (internal-error, io-error): QEMU's status says."""
+        try:
+            status = (await self.qmp.execute("query-status", timeout=5)).get("status", "")
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+            return
+        if status and self.runstate != "running":
+            self.runstate = status
+        event = GUEST_FAULT_EVENTS.get(status)
+        if event and event != "guest.panicked":  # a panic has its own QMP event
+            self.emit(event, qemu_status=status)
+
+    def _on_guest_panicked(self, data: dict) -> None:
+        """pvpanic: QEMU paused the guest (``-action panic=pause``); the policy says what next."""
+        self.runstate = "guest-panicked"
+        self.panic = {"action": data.get("action"), "info": data.get("info")}
+        policy = self.spec.on_panic or self.ctx.cfg.on_panic
+        self.emit("guest.panicked", policy=policy, **self.panic)
+        if self.state == State.RUNNING:
+            self.sm.move(State.PAUSED, "guest panicked")
+        if policy == "stop":
+            self.exit(ExitCause.GUEST_PANICKED, f"guest panicked: {data.get('info') or ''}".rstrip(": "))
+            self.spawn(self._quit)
+        elif policy == "restart":
+            self.spawn(self._restart_guest)
+
+    async def _restart_guest(self) -> None:
+        try:
+            await self.qmp.execute("system_reset", timeout=5)
+            await self.qmp.execute("cont", timeout=5)
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+            self.emit("guest.restart_failed", error=str(e))
+            return
+        self.panic = None
+        self.emit("guest.restarted", reason="panic")
+
+    async def _incoming_watchdog(self) -> None:
+        """Tear down a prepared destination that nobody ever migrates to.
+
+        If the source (or its daemon) goes away between ``prepare`` and
+        ``migrate``, QEMU would wait on ``-incoming`` forever, holding taps
+        and memory.  No MIGRATION event within ``incoming_timeout``: abort.
+        """
+        timeout = self.ctx.cfg.incoming_timeout
+        await trio.sleep(timeout)
+        m = self.migration
+        if m.status == "setup" and not m.activated:
+            self.emit("migration.incoming_timeout", after_s=timeout)
+            self.exit(ExitCause.INCOMING_ABORTED, f"no source connected within {timeout:g}s")
+            self.proc.signal(signal.SIGKILL)
+
+    # -- stop ------------------------------------------------------------
     async def _serve_stop(self) -> None:
         await self._stop_wanted.wait()
         req = self._stop_request
-        self._stopping = True
+        m = self.migration
+        if isinstance(m, OutgoingMigration) and not self._migration_settled.is_set() and not req.force:
+            # A stop during an outgoing migration: end the migration first, then stop
+            # from its definite result (handed over: nothing left to stop here).
+            self.emit("instance.stop_deferred", reason="cancelling the outgoing migration first")
+            try:
+                await m.cancel()
+            except (MigrationError, qmp_glue.QMPError, qmp_glue.QMPConnectionLost) as e:
+                log.info("cancel before stop", error=str(e))
+            await self._migration_settled.wait()
+            if self.cause is not None:
+                return
+        self.exit(ExitCause.REQUESTED_STOP)
         self.sm.move(State.STOPPING, "force" if req.force else "requested")
-        if req.force:
+        if isinstance(m, IncomingMigration) and not m.activated:
+            self.proc.signal(signal.SIGKILL)  # nothing ran here yet: nothing to shut down
+        elif req.force:
             self.proc.signal(signal.SIGTERM)
             with trio.move_on_after(5):
                 await self.proc.wait()
+        elif self.runstate in GUEST_STUCK or self.runstate != "running":
+            self.emit("instance.stop_escalated", step="quit", reason=f"guest is {self.runstate}")
+            await self._quit()
         else:
-            timeout = self.ctx.cfg.powerdown_timeout if req.timeout is None else req.timeout
-            with trio.move_on_after(timeout):
-                # Repeat the ACPI press once a second: a guest that has not yet
-                # started listening for it (early boot) drops the first one.
-                while True:
-                    await self._try_qmp("system_powerdown")
-                    with trio.move_on_after(1):
-                        await self.proc.wait()
-                    if not self.proc.alive:
-                        break
-            if self.proc.alive:
-                await self._try_qmp("quit")
-                with trio.move_on_after(5):
-                    await self.proc.wait()
+            await self._powerdown(self.ctx.cfg.powerdown_timeout if req.timeout is None else req.timeout)
         self.proc.signal(signal.SIGKILL)  # no-op if it already exited
+
+    async def _powerdown(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            # Repeat the ACPI press once a second: a guest that has not yet
+            # started listening for it (early boot) drops the first one.
+            while self.proc.alive:
+                self.checkpoint(Checkpoint.POWERDOWN)
+                await self._try_qmp("system_powerdown")
+                with trio.move_on_after(1):
+                    await self.proc.wait()
+        if self.proc.alive:
+            self.emit("instance.stop_escalated", step="quit", reason=f"no powerdown within {timeout:g}s")
+            await self._quit()
+
+    async def _quit(self) -> None:
+        """``quit``, then SIGKILL if QEMU is still there 5 s later."""
+        self.checkpoint(Checkpoint.QUIT)
+        await self._try_qmp("quit")
+        with trio.move_on_after(5):
+            await self.proc.wait()
+        if self.proc.alive:
+            self.emit("instance.stop_escalated", step="kill", reason="qemu did not quit within 5s")
+            self.proc.signal(signal.SIGKILL)
 
     async def _try_qmp(self, cmd: str) -> None:
         try:
@@ -534,44 +738,79 @@ class Instance(MigrationMixin):
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
             log.info("qmp command failed during stop", command=cmd, error=str(e))
 
-    async def _after_exit(self) -> None:
-        await self.qmp.aclose()
-        rc = self.proc.returncode
-        incoming_failed = isinstance(self.migration, IncomingMigration) and not self.migration.activated
-        if self._migrated:
-            reason = "migrate-out"
-        elif incoming_failed:
-            # QEMU 7.2 exits by itself when an incoming migration fails: a
-            # failure of the migration, not a crash.  No L3 was ever applied.
-            reason = "rollback"
-            self.error = "incoming migration aborted" if self.migration.aborted else \
-                f"incoming migration failed (qemu exited with status {rc}, last status {self.migration.status})"
-        elif self._stopping or self._guest_shutdown:
-            reason = "stop"
-        else:
-            reason = "crash"
-            self.error = f"qemu exited unexpectedly (status {rc})"
-            log.error("qemu crashed", status=rc, log_tail=self._log_tail())
-        errors = await self._undo_netconf(reason)
-        if not errors:
-            self.ctx.layout.remove_instance(self.name)
-        if reason == "crash":
-            self.sm.move(State.CRASHED, self.error)
-        elif reason == "rollback":
-            self.sm.move(State.FAILED, self.error)
-        elif reason == "migrate-out":
-            self.sm.move(State.STOPPED, "migrated")
-        else:
-            self.sm.move(State.STOPPED, "guest shutdown" if self._guest_shutdown and not self._stopping else "stopped")
+    # -- migrations ------------------------------------------------------
+    async def _migrate_out(self, m: OutgoingMigration) -> None:
+        try:
+            outcome = await m.run()
+            await self._settle(outcome)
+        finally:
+            self._migration_settled.set()
 
-    # -- requests ------------------------------------------------------
+    async def _recover_outgoing(self, m: OutgoingMigration) -> None:
+        try:
+            await self._settle(await m.recover())
+        finally:
+            self._migration_settled.set()
+
+    async def _recover_incoming(self, m: IncomingMigration) -> None:
+        if await m.recover(self.runstate) is Outcome.ACTIVATED:
+            self._activated()
+
+    def _activated(self) -> None:
+        self.runstate = "running"
+        if self.state == State.MIGRATING:  # a stop may have begun during the activation
+            self.sm.move(State.RUNNING, "migration activated")
+
+    async def _settle(self, outcome: Outcome) -> None:
+        """Act on how an outgoing migration ended."""
+        m = self.migration
+        if outcome is Outcome.HANDED_OVER:
+            self.exit(ExitCause.MIGRATED_OUT)
+            await self._quit()
+        elif self.cause is not None or not self.proc.alive:
+            return  # an exit is under way (a forced stop, QEMU died): it decides the end
+        elif outcome is Outcome.POSTCOPY_LOST:
+            self.runstate = "postmigrate"
+            self.sm.move(State.PAUSED, "post-copy lost: stale copy kept paused")
+        else:
+            resumed = m.was_running
+            self.sm.move(State.RUNNING if resumed else State.PAUSED, "migration failed; guest kept here")
+
+    # -- requests --------------------------------------------------------
+    async def migrate(self, opts: MigrateOptions) -> OutgoingMigration:
+        """Start an outgoing migration; returns at once (follow it with the view/events)."""
+        if self.state not in (State.RUNNING, State.PAUSED) or self.cause is not None:
+            raise MigrationError(f"instance is {self.state.value}, not running or paused", "name")
+        m = OutgoingMigration(self, opts, was_running=self.state == State.RUNNING)
+        self.migration = m
+        self._migration_settled = trio.Event()
+        self.sm.move(State.MIGRATING, f"to {opts.to}")
+        self.spawn(self._migrate_out, m)
+        return m
+
+    async def cancel_migration(self) -> None:
+        m = self.migration
+        if not isinstance(m, OutgoingMigration) or m.done.is_set():
+            raise MigrationError(f"instance {self.name!r} has no outgoing migration in progress", "name")
+        await m.cancel()
+
+    async def abort_incoming(self) -> None:
+        """The source gave up: tear the destination down (no L3 was applied)."""
+        m = self.migration
+        if not isinstance(m, IncomingMigration) or m.activated or self.cause is not None:
+            raise MigrationError("not an incoming migration that is still pending", "name")
+        self.exit(ExitCause.INCOMING_ABORTED, "incoming migration aborted by the source")
+        self.proc.signal(signal.SIGKILL)
+        await self.done.wait()
+
     async def stop(self, *, force: bool = False, timeout: float | None = None) -> None:
         """Ask the instance to stop and wait until it has (final state)."""
         if self.state.is_final:
             return
         if self._stop_request is None or force:
+            escalate = self._stop_request is not None and self.state == State.STOPPING
             self._stop_request = _StopRequest(force=force, timeout=timeout)
-            if force and self._stopping and self.proc:
+            if force and escalate and self.proc:
                 self.proc.signal(signal.SIGKILL)
             self._stop_wanted.set()
         await self.done.wait()

@@ -5,57 +5,106 @@ ARP/NDP) is never on two nodes at once**, and the hand-over costs no more
 than QEMU's own downtime plus two netlink batches.  It holds by causality,
 not timing:
 
-Source (``OutgoingMigration``)
+Source (:class:`OutgoingMigration`)
     capabilities ``events`` + ``pause-before-switchover`` + ``return-path``
-    (+ ``postcopy-ram``), then ``migrate``.  At MIGRATION ``pre-switchover`` the source guest is
-    already stopped and its final device state not yet sent: the source
-    runs netconf ``deactivate`` (undo of the activate phase only, from the
-    journal), *then* ``migrate-continue``.  The destination cannot reach
-    ``completed`` before that.  On ``completed``: ``quit``; the taps go with
-    QEMU and the journal's L2 entries are undone.  On ``failed`` or
-    ``cancelled``: re-activate L3 if it was released, ``cont`` if paused.
+    (+ ``postcopy-ram``), then ``migrate``.  At MIGRATION ``pre-switchover``
+    the source guest is already stopped and its final device state not yet
+    sent: the source releases its L3 (undo of the journal's activate
+    entries), *then* ``migrate-continue``.  The destination cannot reach
+    ``completed`` before that.
 
-Destination (``IncomingMigration``)
-    taps opened and ``attach`` (L2) applied when QEMU starts -- QEMU's
-    self-announce after migration is lost if the tap is not on its bridge
-    yet -- with ``-incoming defer -S`` and the ``events`` capability.  On
-    MIGRATION ``completed`` (``postcopy-active`` for post-copy): ``activate``
-    (L3), ``cont``, ``announce-self``, gratuitous ARP / unsolicited NA on the
-    node's uplinks; event ``migration.activated`` with the QMP event's
-    timestamp and the time from it to L3 applied and to ``cont`` returned.
-    With QEMU 7.2 a failed incoming migration makes QEMU exit by itself:
-    that is ``failed``, not a crash.
+Destination (:class:`IncomingMigration`)
+    taps and L2 when QEMU starts (its self-announce is lost if the tap is
+    not on its bridge yet), ``-incoming defer -S``, the ``events``
+    capability.  On ``completed`` (``postcopy-active`` for post-copy): L3,
+    ``cont``, then announcements.  QEMU 7.2 exits by itself when an
+    incoming migration fails: that is an aborted incoming, not a crash.
+
+How a migration talks to its instance: through :class:`InstancePort`, a
+narrow typed interface (emit an event, apply/release L3, announce, spawn a
+task in the instance's nursery, is a stop under way).  A migration never
+moves the instance's state; whatever happens inside it ends in a definite
+:class:`Outcome` that the instance then acts on.
+
+Everything a peer answers is validated against a schema before use
+(:class:`PrepareAnswer`, :class:`PeerView`): a bad answer is a failed
+migration with a clear error, and the guest keeps running on the source.
 
 Never probe the incoming port: a TCP connect can kill an incoming QEMU.
 """
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import math
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 import structlog
 import trio
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 import netconf
 import qmp_glue
 
-from ._state import State
+from ._errors import describe, only_cancelled
+from ._faults import Checkpoint
 
 log = structlog.get_logger("qsup.migration")
 
 #: QMP announce-self parameters (ms): five RARPs, 50..550 ms apart.
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 PROGRESS_HZ = 4
+#: ``query-migrate`` statuses of a migration that has not ended (post-copy ones aside)
+RUNNING_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
+#: MIGRATION event statuses that end a migration on the source
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
 class MigrationError(RuntimeError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class Outcome(str, enum.Enum):
+    """How a migration ended, for the instance to act on."""
+
+    HANDED_OVER = "handed over"  # source: the destination runs the guest; quit here
+    ROLLED_BACK = "rolled back"  # source: the guest stays here, L3 back, running as before
+    POSTCOPY_LOST = "post-copy lost"  # source: the destination ran the guest; stale copy kept paused
+    ACTIVATED = "activated"  # destination: L3 applied, guest resumed
+    PENDING = "pending"  # destination: nothing to do yet
+
+
+class InstancePort(Protocol):
+    """What a migration may ask of its instance, and nothing more."""
+
+    name: str
+
+    @property
+    def qmp(self) -> qmp_glue.QMPClient: ...
+
+    @property
+    def stop_requested(self) -> bool: ...
+
+    def emit(self, type: str, **data) -> dict: ...
+
+    def checkpoint(self, point: Checkpoint) -> None: ...
+
+    def spec_json(self) -> dict: ...
+
+    async def apply_l3(self, reason: str, *, inline: bool = False) -> float: ...
+
+    async def release_l3(self) -> None: ...
+
+    async def announce(self) -> None: ...
+
+    def spawn(self, fn, *args) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +134,77 @@ def tcp_uri(address: str, port: int) -> str:
     return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
 
 
+def parse_tcp_uri(uri: str) -> tuple[str, int]:
+    """``tcp:ADDR:PORT`` (``tcp:[ADDR6]:PORT``) with a literal IP and a port in range, else ValueError.
+
+    The only migration URI the source accepts from a peer: any other scheme
+    (``exec:`` runs a command, ``unix:``/``fd:`` reach local files) is refused.
+    """
+    if not isinstance(uri, str) or not uri.startswith("tcp:") or not uri.isascii() or not uri.isprintable():
+        raise ValueError("must be tcp:ADDRESS:PORT")
+    host, sep, port = uri[4:].rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must end in a port 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError("brackets are for IPv6 addresses")
+    else:
+        ipaddress.IPv4Address(host)
+    return host, int(port)
+
+
+class PrepareAnswer(BaseModel):
+    """The destination's answer to ``POST /v1/migrations/incoming``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    name: str
+    uri: str
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        parse_tcp_uri(v)
+        return v
+
+
+class Activation(BaseModel):
+    """The destination's activation figures (all optional; shown, never acted on)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    qmp_ts: float | None = None
+    event_to_l3_ms: float | None = None
+    event_to_cont_ms: float | None = None
+    received_to_l3_ms: float | None = None
+    received_to_cont_ms: float | None = None
+    netconf_ms: float | None = None
+    cont_ms: float | None = None
+    event_to_resumed_ms: float | None = None
+
+
+class PeerMigration(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    activation: Activation | None = None
+
+
+class PeerView(BaseModel):
+    """The part of the destination's ``GET /v1/instances/{name}`` the source reads."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    name: str
+    state: str
+    migration: PeerMigration | None = None
+
+
+def _peer_answer(model: type[BaseModel], body: object, what: str):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        raise MigrationError(f"destination sent an invalid {what}: {loc}: {err['msg']}", "to") from None
+
+
 class PeerClient:
     """Async client for another node's API (the destination daemon)."""
 
@@ -97,7 +217,7 @@ class PeerClient:
                 transport=httpx.AsyncHTTPTransport(uds=to), base_url="http://qsup", headers=headers,
                 timeout=timeout)
 
-    async def _call(self, method: str, path: str, **kw) -> dict:
+    async def _call(self, method: str, path: str, **kw) -> object:
         try:
             r = await self._client.request(method, path, **kw)
         except httpx.HTTPError as e:
@@ -105,14 +225,20 @@ class PeerClient:
         try:
             body = r.json()
         except ValueError:
-            body = {"error": r.text[:200]}
+            body = None
         if r.status_code >= 400:
-            raise MigrationError(f"destination refused ({r.status_code}): {body.get('error')}",
-                                 body.get("field"))
+            err = body if isinstance(body, dict) else {}
+            message = err.get("error") if isinstance(err.get("error"), str) else r.text[:200]
+            field_ = err.get("field") if isinstance(err.get("field"), str) else None
+            raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_)
         return body
 
-    async def prepare(self, spec: dict, postcopy: bool) -> dict:
-        return await self._call("POST", "/v1/migrations/incoming", json={"spec": spec, "postcopy": postcopy})
+    async def prepare(self, name: str, spec: dict, postcopy: bool) -> PrepareAnswer:
+        body = await self._call("POST", "/v1/migrations/incoming", json={"spec": spec, "postcopy": postcopy})
+        answer = _peer_answer(PrepareAnswer, body, "prepare answer")
+        if answer.name != name:
+            raise MigrationError(f"destination prepared {answer.name[:80]!r}, not {name!r}", "to")
+        return answer
 
     async def abort(self, name: str) -> None:
         try:
@@ -120,14 +246,17 @@ class PeerClient:
         except MigrationError as e:
             log.info("destination abort", result=str(e))
 
-    async def show(self, name: str) -> dict:
-        return await self._call("GET", f"/v1/instances/{name}")
+    async def show(self, name: str) -> PeerView:
+        view = _peer_answer(PeerView, await self._call("GET", f"/v1/instances/{name}"), "instance view")
+        if view.name != name:
+            raise MigrationError(f"destination showed {view.name[:80]!r}, not {name!r}", "to")
+        return view
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def _qmp_ts(ev: dict) -> float:
+def qmp_timestamp(ev: dict) -> float:
     ts = ev.get("timestamp", {})
     return ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
 
@@ -155,97 +284,136 @@ class Progress:
         self.updated = time.time()
 
 
+async def wait_qemu_migration_end(qmp: qmp_glue.QMPClient, interval: float) -> str:
+    """Poll ``query-migrate`` while a migration runs (post-copy included); its end status.
+
+    ``lost`` when QEMU went away (its exit path cleans up).
+    """
+    while True:
+        try:
+            status = (await qmp.execute("query-migrate", timeout=5)).get("status", "none")
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+            return "lost"
+        if status not in RUNNING_STATUSES and not status.startswith("postcopy-"):
+            return status
+        await trio.sleep(interval)
+
+
 class OutgoingMigration:
-    """The source side; runs as a task in the instance's nursery."""
+    """The source side.  :meth:`run` (or :meth:`recover`) returns its :class:`Outcome`."""
 
     direction = "out"
 
-    def __init__(self, inst, opts: MigrateOptions):
-        self.inst = inst
+    def __init__(self, port: InstancePort, opts: MigrateOptions, *, was_running: bool = True):
+        self.port = port
         self.opts = opts
+        self.was_running = was_running
         self.progress = Progress()
         self.status = "setup"
         self.result: str | None = None  # completed | failed | cancelled
         self.error: str | None = None
+        #: L3 release was started (so a rollback must put L3 back, even if the release failed half-way)
         self.l3_released = False
+        #: ... and finished: nothing of the guest's L3 is left here
+        self.l3_gone = False
+        self.migrate_sent = False
         self.t0 = time.time()
-        self.dest_view: dict | None = None
+        self.activation: Activation | None = None
         self.total_ms: float | None = None
         self.stop_ts: float | None = None  # QMP timestamp of the source guest's STOP
         self.reached_postcopy = False
         self.done = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
 
+    @property
+    def postcopy(self) -> bool:
+        return self.opts.postcopy
+
     def view(self) -> dict:
         p = self.progress
+        activation = self.activation.model_dump() if self.activation else None
         return {"direction": "out", "to": self.opts.to, "status": self.status, "result": self.result,
                 "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
-                "switchover_ms": self.switchover_ms(((self.dest_view or {}).get("migration") or {}).get("activation")),
-                "activation": (self.dest_view or {}).get("migration", {}).get("activation")}
+                "switchover_ms": self.switchover_ms(), "activation": activation}
 
-    async def handle(self, ev: dict) -> None:
+    def record(self) -> dict:
+        return {"direction": "out", "postcopy": self.opts.postcopy, "to": self.opts.to,
+                "was_running": self.was_running}
+
+    def on_event(self, ev: dict) -> None:
+        """The instance's event task hands every MIGRATION event over, in order."""
         self._events_send.send_nowait(ev)
 
-    def switchover_ms(self, activation: dict | None) -> float | None:
+    def on_stop(self, qmp_ts: float) -> None:
+        self.stop_ts = self.stop_ts or qmp_ts
+
+    def switchover_ms(self) -> float | None:
         """QEMU's own clocks: source guest STOP -> destination ``completed``.
 
-        QEMU's ``downtime`` is measured on the source and ends when the
-        source has sent everything; the destination still has to load the
-        device state before it reports ``completed``.  This is the window in
-        which no node may hold the guest's L3 (both timestamps are QMP's).
+        QEMU's ``downtime`` ends when the source has sent everything; the
+        destination still loads the device state before ``completed``.
+        This is the window in which no node may hold the guest's L3.
         """
-        if not activation or not self.stop_ts:
+        if not self.activation or self.activation.qmp_ts is None or not self.stop_ts:
             return None
-        return round((activation["qmp_ts"] - self.stop_ts) * 1000, 3)
+        return round((self.activation.qmp_ts - self.stop_ts) * 1000, 3)
 
-    async def run(self) -> None:
-        inst = self.inst
-        qmp = inst.qmp
+    # -- the run ---------------------------------------------------------
+    async def run(self) -> Outcome:
         peer = PeerClient(self.opts.to, self.opts.token)
         prepared = False
         try:
-            inst._emit("migration.started", to=self.opts.to, postcopy=self.opts.postcopy)
-            dest = await peer.prepare(inst.spec.model_dump(mode="json"), self.opts.postcopy)
-            prepared = True
-            uri = dest["uri"]
-            # return-path: without it the source reports ``completed`` as soon as the last
-            # bytes are in its socket buffer -- even when the destination just died -- and
-            # would quit the only copy of the guest.  With it, ``completed`` waits for the
-            # destination's "loaded" reply, and a dead destination is ``failed``.
-            caps = [{"capability": "events", "state": True},
-                    {"capability": "pause-before-switchover", "state": True},
-                    {"capability": "return-path", "state": True},
-                    {"capability": "postcopy-ram", "state": self.opts.postcopy}]
-            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-            params = {}
-            if self.opts.max_bandwidth:
-                params["max-bandwidth"] = self.opts.max_bandwidth
-            if self.opts.downtime_limit:
-                params["downtime-limit"] = self.opts.downtime_limit
-            if params:
-                await qmp.execute("migrate-set-parameters", params)
-            await qmp.execute("migrate", {"uri": uri})
-            inst._emit("migration.uri", uri=uri)
-            async with trio.open_nursery() as n:
-                n.start_soon(self._poll_progress)
-                await self._follow(qmp)
-                n.cancel_scope.cancel()
-        except (MigrationError, qmp_glue.QMPError, qmp_glue.QMPConnectionLost) as e:
-            self.result = self.result or "failed"
-            self.error = str(e)
-            log.warning("migration failed", error=self.error)
+            try:
+                self.port.emit("migration.started", to=self.opts.to, postcopy=self.opts.postcopy)
+                self.port.checkpoint(Checkpoint.PREPARE)
+                answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy)
+                prepared = True
+                await self._start_qemu(answer.uri)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._poll_progress)
+                    await self._follow()
+                    n.cancel_scope.cancel()
+            except BaseException as e:
+                if only_cancelled(e):
+                    raise  # the daemon is leaving: a restarted one recovers from the record
+                self.error = self.error or describe(e)
+                log.warning("migration failed", error=self.error)
+            with trio.CancelScope(shield=True):
+                return await self._conclude(peer, prepared)
         finally:
             with trio.CancelScope(shield=True):
-                try:
-                    await self._finish(peer, prepared)
-                finally:
-                    await peer.aclose()
-                    self.done.set()
+                await peer.aclose()
+            self.done.set()
 
-    async def _follow(self, qmp) -> None:
+    async def _start_qemu(self, uri: str) -> None:
+        qmp = self.port.qmp
+        # return-path: without it the source reports ``completed`` as soon as the last
+        # bytes are in its socket buffer -- even when the destination just died -- and
+        # would quit the only copy of the guest.  With it, ``completed`` waits for the
+        # destination's "loaded" reply, and a dead destination is ``failed``.
+        caps = [{"capability": "events", "state": True},
+                {"capability": "pause-before-switchover", "state": True},
+                {"capability": "return-path", "state": True},
+                {"capability": "postcopy-ram", "state": self.opts.postcopy}]
+        self.port.checkpoint(Checkpoint.CAPABILITIES)
+        await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        params = {}
+        if self.opts.max_bandwidth:
+            params["max-bandwidth"] = self.opts.max_bandwidth
+        if self.opts.downtime_limit:
+            params["downtime-limit"] = self.opts.downtime_limit
+        if params:
+            await qmp.execute("migrate-set-parameters", params)
+        self.port.checkpoint(Checkpoint.MIGRATE)
+        self.migrate_sent = True
+        await qmp.execute("migrate", {"uri": uri})
+        self.port.emit("migration.uri", uri=uri)
+
+    async def _follow(self) -> None:
         """React to MIGRATION events until a final one; the events alone decide state."""
+        qmp = self.port.qmp
         postcopy_started = False
         async for ev in self._events_recv:
             status = ev["data"]["status"]
@@ -257,13 +425,16 @@ class OutgoingMigration:
                 await qmp.execute("migrate-start-postcopy")
             elif status == "pre-switchover":
                 t = time.perf_counter()
-                await self.inst.release_l3()
-                self.l3_released = True
+                self.port.checkpoint(Checkpoint.RELEASE)
+                self.l3_released = True  # before: a release that fails half-way must be put back
+                await self.port.release_l3()
+                self.l3_gone = True
                 t_rel = time.perf_counter()
+                self.port.checkpoint(Checkpoint.CONTINUE)
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                self.inst._emit("migration.switchover", l3_released_ms=round((t_rel - t) * 1000, 3),
-                                qmp_ts=_qmp_ts(ev))
-            elif status in ("completed", "failed", "cancelled", "postcopy-paused"):
+                self.port.emit("migration.switchover", l3_released_ms=round((t_rel - t) * 1000, 3),
+                               qmp_ts=qmp_timestamp(ev))
+            elif status in FINAL_STATUSES or status == "postcopy-paused":
                 self.result = status
                 return
 
@@ -273,73 +444,160 @@ class OutgoingMigration:
         Progress only; the events alone decide state.  A link that goes down
         stalls the TCP stream without failing it, so if nothing moves for
         ``stall_timeout`` the migration is cancelled (and then rolled back
-        by the ``cancelled`` event like any other).
+        like any other).  Never in post-copy: the destination already runs
+        the guest, and a cancel would resume a stale copy here.
         """
         last, since = -1, time.monotonic()
         while True:
             try:
-                self.progress.update(await self.inst.qmp.execute("query-migrate", timeout=5))
+                self.progress.update(await self.port.qmp.execute("query-migrate", timeout=5))
             except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
                 return
             now = time.monotonic()
             if self.progress.transferred != last or self.status in ("pre-switchover", "device"):
                 last, since = self.progress.transferred, now
             elif now - since > self.opts.stall_timeout and not self.status.startswith("postcopy"):
-                # (never in post-copy: the destination already runs the guest, a
-                # cancel would resume a stale copy here)
                 self.error = f"no progress for {self.opts.stall_timeout:.0f}s; cancelled"
-                self.inst._emit("migration.stalled", after_s=self.opts.stall_timeout)
+                self.port.emit("migration.stalled", after_s=self.opts.stall_timeout)
                 await self.cancel()
                 return
             await trio.sleep(1 / PROGRESS_HZ)
 
-    async def _finish(self, peer: PeerClient, prepared: bool) -> None:
-        inst = self.inst
+    async def _end_in_qemu(self) -> None:
+        """Our side failed while QEMU may still migrate: make QEMU's migration end, and learn how.
+
+        In ``pre-switchover`` QEMU waits for us forever; elsewhere it would
+        go on.  A cancel in ``device`` can lose the race to ``completed``:
+        then the guest is the destination's, and the result says so.
+        """
+        qmp = self.port.qmp
+        try:
+            status = (await qmp.execute("query-migrate", timeout=5)).get("status", "none")
+            if status.startswith("postcopy-"):
+                self.reached_postcopy = True
+                self.result = await wait_qemu_migration_end(qmp, 0.2)
+                return
+            if status in RUNNING_STATUSES:
+                await qmp.execute("migrate_cancel", timeout=5)
+                with trio.move_on_after(30):
+                    status = await wait_qemu_migration_end(qmp, 0.02)
+            self.result = "completed" if status == "completed" else "failed"
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+            self.error = self.error or describe(e)
+            self.result = "failed"
+
+    async def _conclude(self, peer: PeerClient | None, prepared: bool) -> Outcome:
+        port = self.port
         self.total_ms = round((time.time() - self.t0) * 1000, 1)
+        if self.result is None and self.migrate_sent:
+            await self._end_in_qemu()
         if self.result == "completed":
-            try:
-                self.progress.update(await inst.qmp.execute("query-migrate", timeout=5))
-            except Exception:  # noqa: BLE001 - the summary is best effort
-                pass
-            # the destination activates on its own ``completed`` event, at about the
-            # same moment as ours: wait (briefly) for its activation figures
-            with trio.move_on_after(10):
-                while True:
-                    try:
-                        self.dest_view = await peer.show(inst.name)
-                    except MigrationError:
-                        break
-                    m = self.dest_view.get("migration") or {}
-                    if m.get("activation") or self.dest_view.get("state") != "migrating":
-                        break
-                    await trio.sleep(0.02)
-            activation = ((self.dest_view or {}).get("migration") or {}).get("activation")
-            summary = {"total_ms": self.total_ms,
-                       "downtime_ms": self.progress.downtime_ms,
-                       "switchover_ms": self.switchover_ms(activation),
-                       "activation": activation}
-            inst._emit("migration.completed", **summary)
-            await inst.finish_migrated()
-            return
+            await self._summarise(peer)
+            if not self.l3_gone:  # completed without our pre-switchover step (recovery, races)
+                await self._release_after_completion()
+            return Outcome.HANDED_OVER
         if self.reached_postcopy:
             # The destination has been running the guest: this copy is stale.
             # Resuming it would put the guest on two nodes; keep it paused for
             # an operator (QEMU can still serve pages / be recovered).
             self.error = self.error or f"post-copy ended {self.status}"
-            inst._emit("migration.postcopy_lost", status=self.status, error=self.error)
-            if inst.proc.alive and inst.sm.can(State.PAUSED):
-                inst.sm.move(State.PAUSED, "post-copy lost: stale copy kept paused")
-            return
-        # failed / cancelled / error: the source keeps the guest.
-        if prepared:
+            await self._release_after_completion()
+            port.emit("migration.postcopy_lost", status=self.status, error=self.error)
+            return Outcome.POSTCOPY_LOST
+        self.result = self.result or "failed"
+        if prepared and peer is not None:
             with trio.move_on_after(15):
-                await peer.abort(inst.name)
-        await inst.resume_after_failed_migration(self.l3_released)
-        inst._emit("migration.failed", result=self.result or "failed", error=self.error,
-                   l3_was_released=self.l3_released)
+                await peer.abort(port.name)
+        await self._roll_back()
+        port.emit("migration.failed", result=self.result, error=self.error,
+                  l3_was_released=self.l3_released)
+        return Outcome.ROLLED_BACK
+
+    async def _release_after_completion(self) -> None:
+        self.l3_released = True
+        try:
+            await self.port.release_l3()
+            self.l3_gone = True
+        except netconf.NetconfError as e:
+            self.port.emit("netconf.undo_failed", reason="migrate-out", error=str(e), failures=e.failures)
+
+    async def _roll_back(self) -> None:
+        """The guest stays here: L3 back (all of it, if the release failed half-way), running as before."""
+        port = self.port
+        if self.l3_released:
+            try:
+                await port.apply_l3("rollback")
+            except netconf.NetconfError as e:
+                port.emit("netconf.failed", reason="rollback", error=str(e), failures=e.failures)
+        try:
+            status = await port.qmp.execute("query-status", timeout=5)
+            if self.was_running and not status.get("running"):
+                await port.qmp.execute("cont", timeout=5)
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+            log.error("could not resume after failed migration", error=str(e))
+
+    async def _summarise(self, peer: PeerClient | None) -> None:
+        port = self.port
+        try:
+            self.progress.update(await port.qmp.execute("query-migrate", timeout=5))
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+            pass  # the summary is best effort
+        # the destination activates on its own ``completed`` event, at about the
+        # same moment as ours: wait (briefly) for its activation figures
+        if peer is not None:
+            with trio.move_on_after(10):
+                while True:
+                    try:
+                        view = await peer.show(port.name)
+                    except MigrationError as e:
+                        log.info("destination view", error=str(e))
+                        break
+                    self.activation = view.migration.activation if view.migration else None
+                    if self.activation or view.state != "migrating":
+                        break
+                    await trio.sleep(0.02)
+        port.emit("migration.completed", total_ms=self.total_ms, downtime_ms=self.progress.downtime_ms,
+                  switchover_ms=self.switchover_ms(),
+                  activation=self.activation.model_dump() if self.activation else None)
 
     async def cancel(self) -> None:
-        await self.inst.qmp.execute("migrate_cancel")
+        if self.status.startswith("postcopy-") or self.reached_postcopy:
+            raise MigrationError("a post-copy migration cannot be cancelled: the destination runs the guest",
+                                 "name")
+        await self.port.qmp.execute("migrate_cancel")
+
+    async def recover(self) -> Outcome:
+        """A daemon died mid-migration (source side); finish it from what QEMU says now.
+
+        ``completed``: release L3, hand over.  ``postcopy-*``: the guest
+        runs on the destination already -- wait for the end, never cancel.
+        Anything else still running: cancel, wait until QEMU says it is over
+        (a cancel in ``device`` can lose to ``completed``), keep the guest.
+        """
+        try:
+            info = await self.port.qmp.execute("query-migrate")
+            self.status = info.get("status", "none")
+            self.port.emit("migration.recovering", direction="out", migrate_status=self.status)
+            if self.status == "completed":
+                self.result = "completed"
+            elif self.status.startswith("postcopy-"):
+                self.reached_postcopy = True
+                self.result = await wait_qemu_migration_end(self.port.qmp, 0.2)
+            elif self.status in RUNNING_STATUSES:
+                self.migrate_sent = True  # _conclude cancels it
+            else:
+                self.result = "failed"
+            # a daemon killed after pre-switchover may have released some L3: put it all back
+            self.l3_released = True
+        except BaseException as e:
+            if only_cancelled(e):
+                raise
+            self.error = describe(e)
+        with trio.CancelScope(shield=True):
+            try:
+                return await self._conclude(None, False)
+            finally:
+                self.done.set()
 
 
 class IncomingMigration:
@@ -347,20 +605,22 @@ class IncomingMigration:
 
     direction = "in"
 
-    def __init__(self, inst, postcopy: bool):
-        self.inst = inst
+    def __init__(self, port: InstancePort, postcopy: bool):
+        self.port = port
         self.postcopy = postcopy
         self.status = "setup"
         self.uri: str | None = None
         self.activation: dict | None = None
         self.activated = False
-        self.aborted = False
 
     def view(self) -> dict:
         return {"direction": "in", "status": self.status, "uri": self.uri, "postcopy": self.postcopy,
                 "activation": self.activation}
 
-    async def handle(self, ev: dict) -> None:
+    def record(self) -> dict:
+        return {"direction": "in", "postcopy": self.postcopy}
+
+    async def on_event(self, ev: dict) -> Outcome:
         """Called by the instance's event task the moment a MIGRATION event arrives.
 
         Activation runs right here, before the event is even logged: it is
@@ -370,11 +630,11 @@ class IncomingMigration:
         status = ev["data"]["status"]
         self.status = status
         trigger = "postcopy-active" if self.postcopy else "completed"
-        if status == trigger and not self.activated:
-            self.activated = True
-            await self.activate(_qmp_ts(ev), t_rx)
+        if status == trigger and not self.activated and not self.port.stop_requested:
+            return await self.activate(qmp_timestamp(ev), t_rx)
+        return Outcome.PENDING
 
-    async def activate(self, qmp_ts: float, t_rx: float | None = None) -> None:
+    async def activate(self, qmp_ts: float, t_rx: float | None = None) -> Outcome:
         """L3, then ``cont``; then announce (in the background); timed from QEMU's event timestamp.
 
         ``t_rx`` is when qsup received the event.  If L3 fails the guest is
@@ -382,15 +642,18 @@ class IncomingMigration:
         here without routes beats not running at all -- and the failure is
         reported as ``migration.activation_failed``.
         """
-        inst = self.inst
+        port = self.port
+        self.activated = True
         t_rx = t_rx or time.time()
         netconf_ms = 0.0
+        port.checkpoint(Checkpoint.ACTIVATE)
         try:
-            netconf_ms = await inst.apply_l3("migrate-in", inline=True)
+            netconf_ms = await port.apply_l3("migrate-in", inline=True)
         except netconf.NetconfError as e:
-            inst._emit("migration.activation_failed", error=str(e), failures=e.failures)
+            port.emit("migration.activation_failed", error=str(e), failures=e.failures)
         t_l3 = time.time()
-        await inst.qmp.execute("cont")
+        port.checkpoint(Checkpoint.RESUME)
+        await port.qmp.execute("cont")
         t_cont = time.time()
         self.activation = {
             "qmp_ts": qmp_ts,
@@ -401,23 +664,28 @@ class IncomingMigration:
             "netconf_ms": round(netconf_ms, 3),
             "cont_ms": round((t_cont - t_l3) * 1000, 3),
         }
-        inst.sm.move(State.RUNNING, "migration activated")
-        inst._emit("migration.activated", **self.activation)
-        inst.spawn(self._announce)
+        port.emit("migration.activated", **self.activation)
+        port.spawn(self._announce)
+        return Outcome.ACTIVATED
 
-    def resumed(self, qmp_ts: float) -> None:
-        """QEMU's RESUME after our ``cont``: when the guest really ran again, by QEMU's clock.
-
-        ``cont`` *returning* (``event_to_cont_ms``) also includes the reply's
-        trip back through the monitor; this is the other end of the guest's
-        pause as QEMU saw it.
-        """
+    def on_resume(self, qmp_ts: float) -> None:
+        """QEMU's RESUME after our ``cont``: when the guest really ran again, by QEMU's clock."""
         if self.activation and "event_to_resumed_ms" not in self.activation:
             self.activation["event_to_resumed_ms"] = round((qmp_ts - self.activation["qmp_ts"]) * 1000, 3)
 
     async def _announce(self) -> None:
         try:
-            await self.inst.qmp.execute("announce-self", ANNOUNCE)
+            await self.port.qmp.execute("announce-self", ANNOUNCE)
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost) as e:
             log.warning("announce-self failed", error=str(e))
-        await self.inst.announce_routed()
+        await self.port.announce()
+
+    async def recover(self, qemu_status: str) -> Outcome:
+        """A daemon died mid-migration (destination side); activate if QEMU completed meanwhile."""
+        info = await self.port.qmp.execute("query-migrate")
+        mstatus = info.get("status", "none")
+        self.port.emit("migration.recovering", direction="in", qemu_status=qemu_status, migrate_status=mstatus)
+        self.status = mstatus
+        if (qemu_status == "inmigrate" and mstatus != "completed") or self.activated:
+            return Outcome.PENDING  # the MIGRATION event comes to our new monitor connection
+        return await self.activate(time.time())

@@ -24,11 +24,10 @@ import netconf
 import qmp_glue
 
 from ._config import Config
-from ._instance import Instance, NodeContext
+from ._instance import Instance, NodeContext, StartError, check_host
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
 from ._spec import InstanceSpec, SpecError, parse_spec
-from ._state import State
 
 log = structlog.get_logger("qsup.node")
 
@@ -92,15 +91,15 @@ class Node:
         For each record: if its QEMU is alive (same pid, same start time,
         our ``-name``), reconnect and supervise it without touching the
         guest; if it died while no daemon watched, or its start was cut
-        short, undo its journal and drop it, with an event.  Returns the
-        names that were reattached.
+        short, its instance task tears it down (journal undone, record
+        dropped) with an event.  Returns the names that were reattached.
         """
         names = []
         for name in self.layout.recorded_instances():
             try:
                 rec = read_json(self.layout.record_path(name))
                 spec = parse_spec(rec["spec"])
-            except (OSError, ValueError, KeyError, SpecError) as e:
+            except (OSError, ValueError, KeyError, TypeError, SpecError) as e:
                 log.error("unreadable record, skipped", instance=name, error=str(e))
                 self.events.emit("instance.record_unreadable", instance=name, error=str(e))
                 continue
@@ -113,18 +112,13 @@ class Node:
                 if proc is not None and f"guest={name},debug-threads=on" not in cmdline(proc.pid):
                     proc = None  # pid reused by something else
             self.instances[name] = inst
-            if proc is None:
-                await inst.clean_up_dead("qemu died while qsup was down")
-            elif rec.get("state") == "starting":
-                inst.proc = proc
-                await inst.clean_up_dead("start interrupted by a daemon restart", State.FAILED)
-            else:
-                try:
-                    await self._nursery.start(self._guarded, inst, inst.run_reattached, proc, rec.get("migration"))
-                except Exception as e:  # noqa: BLE001 - one bad instance must not stop the others
-                    log.error("reattach failed", instance=name, error=str(e))
-                    self.events.emit("instance.reattach_failed", instance=name, error=str(e))
-                    continue
+            try:
+                await self._nursery.start(inst.run, inst.launch_adopt, proc, rec)
+            except StartError as e:  # the instance ended failed (QEMU killed, journal undone)
+                log.error("reattach failed", instance=name, error=str(e))
+                self.events.emit("instance.reattach_failed", instance=name, error=str(e))
+                continue
+            if inst.cause is None:
                 names.append(name)
         return names
 
@@ -145,53 +139,45 @@ class Node:
         if self.layout.record_path(name).exists():
             raise Conflict(f"instance {name!r} has a record on this node")
 
-    def _claim(self, spec: InstanceSpec) -> Instance:
+    async def _claim(self, spec: InstanceSpec) -> Instance:
+        """Reserve the name, then check what the spec can't check itself.
+
+        The name is taken first so that two concurrent requests can't both
+        pass the checks; a check that fails gives it back.  Nothing is
+        written and no event is emitted until the checks passed.
+        """
         name = spec.name
         self.check_free(name)
         inst = Instance(spec, self.ctx)
         self.instances[name] = inst
+        try:
+            # sysfs, rt_tables and ovs-vsctl (up to 10 s): never on the trio thread
+            await trio.to_thread.run_sync(check_host, inst.nics)
+        except BaseException:
+            self._drop(inst)
+            raise
         return inst
 
-    async def _guarded(self, inst: Instance, fn, *args, task_status=trio.TASK_STATUS_IGNORED):
-        """Run an instance task so that a bug in one instance can't take the node down.
+    def _drop(self, inst: Instance) -> None:
+        if self.instances.get(inst.name) is inst:
+            del self.instances[inst.name]
 
-        Before ``started`` an exception is the start's failure and goes back
-        to the caller; after it, it is logged and reported as an event.
-        """
-        started = False
-
-        class _Status:
-            def started(self, value=None):
-                nonlocal started
-                started = True
-                task_status.started(value)
-
+    async def _run(self, inst: Instance, launcher, *args):
         try:
-            await fn(*args, task_status=_Status())
-        except Exception as e:  # noqa: BLE001
-            if not started:
-                raise
-            log.exception("instance task failed", instance=inst.name)
-            self.events.emit("instance.internal_error", instance=inst.name, error=f"{type(e).__name__}: {e}")
-
-    async def _start_task(self, inst: Instance, fn, *args):
-        try:
-            return await self._nursery.start(self._guarded, inst, fn, *args)
+            return await self._nursery.start(inst.run, launcher, *args)
         except BaseException:
-            if self.instances.get(inst.name) is inst:
-                del self.instances[inst.name]
+            self._drop(inst)
             raise
 
     async def start(self, spec: InstanceSpec) -> Instance:
         """Start an instance and return once it runs; raise (rolled back) if it can't."""
-        inst = self._claim(spec)
-        await self._start_task(inst, inst.run)
-        return inst
+        inst = await self._claim(spec)
+        return await self._run(inst, inst.launch_start)
 
     async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False) -> str:
         """Be the destination of a live migration; returns the URI to migrate to."""
-        inst = self._claim(spec)
-        return await self._start_task(inst, inst.run_incoming, postcopy)
+        inst = await self._claim(spec)
+        return await self._run(inst, inst.launch_incoming, postcopy)
 
     async def abort_incoming(self, name: str) -> Instance:
         inst = self.get(name)
@@ -204,12 +190,8 @@ class Node:
         return inst
 
     async def cancel_migration(self, name: str) -> Instance:
-        from ._migration import MigrationError, OutgoingMigration
-
         inst = self.get(name)
-        if not isinstance(inst.migration, OutgoingMigration) or inst.migration.done.is_set():
-            raise MigrationError(f"instance {name!r} has no outgoing migration in progress", "name")
-        await inst.migration.cancel()
+        await inst.cancel_migration()
         return inst
 
     async def stop(self, name: str, *, force: bool = False, timeout: float | None = None) -> Instance:
@@ -229,3 +211,4 @@ class Node:
         if not inst.state.is_final:
             raise Conflict(f"instance {name!r} is {inst.state.value}")
         del self.instances[name]
+        self.events.emit("instance.deleted", instance=name, state=inst.state.value)

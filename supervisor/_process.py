@@ -1,4 +1,4 @@
-"""A QEMU process we can wait on, whether we spawned it or found it again.
+"""A QEMU process we can wait on, whether we started it or found it again.
 
 After a daemon restart the QEMU processes are no longer our children, so
 ``waitpid`` is not available.  A *pidfd* works for both: it becomes
@@ -60,7 +60,7 @@ class QemuProcess:
                 self.returncode = -1
 
     @classmethod
-    def spawn(cls, argv: list[str], *, pass_fds: list[int], log_fd: int) -> "QemuProcess":
+    def popen(cls, argv: list[str], *, pass_fds: list[int], log_fd: int) -> "QemuProcess":
         """Start QEMU in its own session (a daemon's SIGINT must not reach it)."""
         popen = subprocess.Popen(
             argv,

@@ -11,6 +11,8 @@ Why these options:
   a restarted daemon can reconnect) and one for operators (``qsup qmp``).
 * ``-runas``: QEMU opens its sockets and files as root, then drops to an
   unprivileged user before running the guest.
+* ``-device pvpanic-pci`` + ``-action panic=pause``: without it a panicked
+  guest looks ``running`` forever.
 * ``-incoming defer`` for a migration destination (with ``-S``: see
   DESIGN.md, the destination must not run before ``completed``).
 """
@@ -58,6 +60,10 @@ def build_argv(
         "-mon", "chardev=op-qmp,mode=control",
         "-chardev", f"file,id=console,path={layout.console_path(name)}",
         "-serial", "chardev:console",
+        # a guest kernel panic reaches QMP as GUEST_PANICKED; QEMU pauses the
+        # guest and qsup applies the instance's on_panic policy
+        "-device", "pvpanic-pci",
+        "-action", "panic=pause",
         "-S",
     ]
     if spec.kernel:

@@ -1,30 +1,45 @@
-"""The instance state machine: every state and every legal transition, here.
+"""The instance state machine: its states, transitions and exit causes, in one place.
 
-The supervisor never assigns ``instance.state`` directly; it asks the
-:class:`StateMachine` to move, which refuses moves the table does not allow.
-That keeps the lifecycle reviewable in one screen and turns a logic error
-(say, "running" after "stopped") into an exception instead of a lie on the
-API.
+**The invariant.**  Every QEMU that qsup started or adopted is, at every
+moment, either supervised by exactly one task or dead; and every instance
+task ends in a final state, with its error in an event.
+
+How the code makes that true rather than hoping for it:
+
+* An instance has exactly one task, :meth:`Instance.run`, and one nursery.
+  Everything that acts on its QEMU (event forwarding, stop, migrations,
+  the console) runs inside that nursery, so no exception can leave it
+  without passing through the ``finally`` that calls the one teardown.
+* The teardown kills QEMU if it still runs, undoes the netconf journal and
+  moves to the final state that :data:`EXITS` names for the exit cause.
+  The only way out without a final state is the node leaving its guests
+  running on daemon shutdown (the task is cancelled with no exit cause):
+  then QEMU keeps its record, and the next daemon adopts it again.
+* The code that causes an exit says so with one :class:`ExitCause`
+  (``Instance.exit``); the first cause set wins.  The teardown decides
+  from it alone what to undo and which final state follows.
 
 ::
 
     starting --> running <--> paused
-       |           |  \\         |
-       |           |   migrating-+--> stopped   (source, after hand-off)
-       v           v      |
-     failed     stopping --> stopped
-                   ^
-    any live state --(qemu died unexpectedly)--> crashed
+       |            |    \\      |
+       |            |     migrating ---> stopped   (source: handed over)
+       v            v        |
+     failed      stopping --> stopped
+    any live state --(qemu died, panicked)--> crashed
+    any live state --(start/incoming failed, internal error)--> failed
 
-``failed`` means qsup could not bring the instance up (or an incoming
-migration failed) and everything it applied was rolled back; ``crashed``
-means QEMU went away on its own after it was up.
+A stop requested while a migration runs does not move the state at once:
+the migration is asked to end (the source cancels, the destination is torn
+down before it activates), and the stop proceeds from whatever definite
+result that gives -- so there is never a ``stopping -> running`` move.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import NamedTuple
 
 
 class State(str, enum.Enum):
@@ -43,20 +58,63 @@ class State(str, enum.Enum):
 
 
 FINAL = frozenset({State.STOPPED, State.CRASHED, State.FAILED})
+_ENDS = frozenset({State.STOPPING, State.STOPPED, State.CRASHED, State.FAILED})
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STARTING: frozenset(
-        {State.RUNNING, State.PAUSED, State.MIGRATING, State.STOPPING, State.FAILED, State.CRASHED}
-    ),
-    State.RUNNING: frozenset({State.PAUSED, State.MIGRATING, State.STOPPING, State.CRASHED}),
-    State.PAUSED: frozenset({State.RUNNING, State.MIGRATING, State.STOPPING, State.CRASHED}),
-    State.MIGRATING: frozenset(
-        {State.RUNNING, State.PAUSED, State.STOPPING, State.STOPPED, State.FAILED, State.CRASHED}
-    ),
+    State.STARTING: frozenset({State.RUNNING, State.PAUSED, State.MIGRATING}) | _ENDS,
+    State.RUNNING: frozenset({State.PAUSED, State.MIGRATING}) | _ENDS,
+    State.PAUSED: frozenset({State.RUNNING, State.MIGRATING}) | _ENDS,
+    State.MIGRATING: frozenset({State.RUNNING, State.PAUSED}) | _ENDS,
     State.STOPPING: frozenset({State.STOPPED, State.CRASHED, State.FAILED}),
     State.STOPPED: frozenset(),
     State.CRASHED: frozenset(),
     State.FAILED: frozenset(),
+}
+
+
+class ExitCause(str, enum.Enum):
+    """Why an instance's QEMU goes away; set once, by the code that causes it."""
+
+    REQUESTED_STOP = "requested stop"
+    GUEST_SHUTDOWN = "guest shutdown"
+    QEMU_DIED = "qemu died"
+    MIGRATED_OUT = "migrated out"
+    START_FAILED = "start failed"
+    INCOMING_ABORTED = "incoming aborted"
+    GUEST_PANICKED = "guest panicked"
+    INTERNAL_ERROR = "internal error"
+
+
+class Exit(NamedTuple):
+    """What the teardown does for a cause: the final state and the netconf undo reason.
+
+    The undo reason is the hook environment's ``PHASE`` (DESIGN.md).
+    """
+
+    final: State
+    undo_reason: str
+
+
+EXITS: dict[ExitCause, Exit] = {
+    ExitCause.REQUESTED_STOP: Exit(State.STOPPED, "stop"),
+    ExitCause.GUEST_SHUTDOWN: Exit(State.STOPPED, "stop"),
+    ExitCause.QEMU_DIED: Exit(State.CRASHED, "crash"),
+    ExitCause.MIGRATED_OUT: Exit(State.STOPPED, "migrate-out"),
+    ExitCause.START_FAILED: Exit(State.FAILED, "rollback"),
+    ExitCause.INCOMING_ABORTED: Exit(State.FAILED, "rollback"),
+    ExitCause.GUEST_PANICKED: Exit(State.CRASHED, "crash"),
+    ExitCause.INTERNAL_ERROR: Exit(State.FAILED, "crash"),
+}
+
+#: QEMU run states (``query-status``) in which the guest cannot run until
+#: something outside it acts: ``stop`` skips the ACPI powerdown for them.
+GUEST_STUCK = frozenset({"guest-panicked", "internal-error", "io-error", "shutdown", "postmigrate"})
+
+#: QEMU run states that are a fault of the guest or its host, and their event.
+GUEST_FAULT_EVENTS = {
+    "guest-panicked": "guest.panicked",
+    "internal-error": "guest.internal_error",
+    "io-error": "guest.io_error",
 }
 
 

@@ -41,3 +41,18 @@ def test_illegal_moves_raise(path):
 def test_state_values_are_the_documented_ones():
     assert {s.value for s in State} == {
         "starting", "running", "paused", "migrating", "stopping", "stopped", "crashed", "failed"}
+
+
+def test_every_exit_cause_has_one_final_state_reachable_from_every_live_state():
+    from supervisor._state import EXITS, ExitCause
+
+    assert set(EXITS) == set(ExitCause)
+    for cause, exit_ in EXITS.items():
+        assert exit_.final.is_final
+        assert exit_.undo_reason in ("start", "stop", "crash", "migrate-in", "migrate-out", "rollback")
+        for live in (s for s in State if not s.is_final):
+            assert exit_.final in TRANSITIONS[live], (cause, live)
+
+
+def test_no_move_leaves_stopping_except_to_a_final_state():
+    assert all(s.is_final for s in TRANSITIONS[State.STOPPING])

@@ -1,0 +1,76 @@
+"""Fault injection: named checkpoints at the await points of an instance's life.
+
+The invariant in :mod:`supervisor._state` is only as good as the failure
+paths that keep it, and failure paths are the ones nobody exercises by
+hand.  Every await point of start, stop, reattach, migrate-out and
+migrate-in calls :meth:`Faults.reach` with a :class:`Checkpoint` first; a
+test arms one checkpoint with an exception and then checks the invariant
+(final or live state, QEMU supervised or gone, journal undone or intact).
+
+In production ``ctx.faults`` is :data:`NO_FAULTS`, whose ``reach`` is one
+attribute test: cheap enough for the migration activation path.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Checkpoint(str, enum.Enum):
+    # start (and the launch part of an incoming migration)
+    DIRS = "start.dirs"
+    TAPS = "start.taps"
+    SPAWNED = "start.spawned"
+    QMP = "start.qmp"
+    ATTACHED = "start.attached"
+    ACTIVATED = "start.activated"
+    CONT = "start.cont"
+    # incoming migration (destination)
+    STAGED = "incoming.staged"
+    LISTENING = "incoming.listening"
+    ACTIVATE = "incoming.activate"
+    RESUME = "incoming.resume"
+    # stop
+    POWERDOWN = "stop.powerdown"
+    QUIT = "stop.quit"
+    # reattach
+    REATTACH = "reattach.connect"
+    REATTACH_STATUS = "reattach.status"
+    # outgoing migration (source)
+    PREPARE = "outgoing.prepare"
+    CAPABILITIES = "outgoing.capabilities"
+    MIGRATE = "outgoing.migrate"
+    RELEASE = "outgoing.release"
+    CONTINUE = "outgoing.continue"
+    HANDED_OVER = "outgoing.handed_over"
+
+
+class InjectedFault(RuntimeError):
+    """The exception a checkpoint raises by default."""
+
+
+class Faults:
+    """Raise ``exc`` the ``count``-th time ``at`` is reached; record every checkpoint reached."""
+
+    def __init__(self, at: Checkpoint | None = None, exc: BaseException | None = None, count: int = 1):
+        self.at = at
+        self.exc = exc
+        self.count = count
+        self.reached: list[Checkpoint] = []
+        self.fired = False
+
+    def reach(self, point: Checkpoint) -> None:
+        self.reached.append(point)
+        if point is self.at and not self.fired:
+            self.count -= 1
+            if self.count <= 0:
+                self.fired = True
+                raise self.exc or InjectedFault(f"injected at {point.value}")
+
+
+class _NoFaults:
+    def reach(self, point: Checkpoint) -> None:
+        pass
+
+
+NO_FAULTS = _NoFaults()
