@@ -1,7 +1,7 @@
 """The daemon dies at the worst moment of a start or a stop; a guest that will not stop.
 
 * ``qsup serve`` is SIGKILLed in the middle of a start and in the middle of a stop.
-  The moment is hit exactly, not by sleeping: a ``route4`` hook of the instance
+  The moment is hit exactly, not by sleeping: a netconf hook of the instance
   SIGKILLs the daemon (by the pid the test wrote to a file).  After a restart the
   instance must be final or live -- never stuck -- and if final, nothing of it is
   left: no QEMU, tap, route, rule or record.  The NIC's L3 lives in routing table
@@ -28,7 +28,7 @@ IP = "10.99.0.51"
 MAC = "52:54:00:aa:05:01"
 FINAL = ("stopped", "crashed", "failed")
 
-#: SIGKILL the daemon once, when the instance reaches PHASE/ACTION of ``route4``.
+#: SIGKILL the daemon once, when the instance's hooked step runs at PHASE/ACTION.
 KILL_DAEMON_HOOK = """#!/bin/sh
 [ "$PHASE" = {phase} ] && [ "$ACTION" = {action} ] || exit 0
 f={pidfile}
@@ -73,10 +73,11 @@ def table_spec(name: str, append: str = "") -> dict:
                       append=f"guest.ip0={IP}/32 {append}")
 
 
-def kill_hook(tmp_path, phase: str, action: str, kind: str) -> tuple:
+def kill_hook(tmp_path, step: str, kind: str, phase: str, action: str) -> tuple:
+    """A hook of ``step`` (``kind``: before.d/after.d) that SIGKILLs the daemon at PHASE/ACTION."""
     hooks = tmp_path / "hooks"
     pidfile = tmp_path / "daemon.pid"
-    hook = hooks / "route4" / kind / "50-kill-daemon"
+    hook = hooks / step / kind / "50-kill-daemon"
     hook.parent.mkdir(parents=True)
     hook.write_text(KILL_DAEMON_HOOK.format(phase=phase, action=action, pidfile=pidfile))
     hook.chmod(0o755)
@@ -120,7 +121,7 @@ def assert_final_or_live(ns, client, dm: QsupDaemon, name: str, qemu_pids: set[i
 
 def test_daemon_killed_in_the_middle_of_a_start(node, daemons, tmp_path):
     node_ns, client = node
-    hooks, pidfile = kill_hook(tmp_path, "start", "up", "before.d")
+    hooks, pidfile = kill_hook(tmp_path, "route4", "before.d", "start", "up")
     dm = daemons(node_ns, hooks_dir=hooks)
     pidfile.write_text(str(dm.pid))
     spec = dm.workdir / "spec-ds.json"
@@ -139,7 +140,8 @@ def test_daemon_killed_in_the_middle_of_a_start(node, daemons, tmp_path):
 
 def test_daemon_killed_in_the_middle_of_a_stop(node, daemons, tmp_path):
     node_ns, client = node
-    hooks, pidfile = kill_hook(tmp_path, "stop", "down", "after.d")
+    # rule4 is the last step applied, so the first undone: the rule is still there
+    hooks, pidfile = kill_hook(tmp_path, "rule4", "after.d", "stop", "down")
     dm = daemons(node_ns, hooks_dir=hooks)
     v = dm.start_instance(table_spec("dt"))
     tap = v["nics"][0]["tap"]
