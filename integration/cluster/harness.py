@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +61,14 @@ FABRIC_NET = "192.168.100"
 GUEST_NET = "10.99.0"
 CLUSTER_BINARIES = ("corosync", "corosync-keygen", "pacemakerd", "cibadmin", "crm_resource", "crm_mon",
                     "crm_attribute", "ocf-tester", "xmllint", "curl")
+
+
+def peers_declared() -> bool:
+    """Whether this qsup has the node config's ``[peers]`` (``migrate --to`` then takes a peer
+    name); before that, ``--to`` takes the destination's socket path."""
+    from supervisor._config import Config
+
+    return "peers" in Config.model_fields
 
 
 def missing_binaries() -> list[str]:
@@ -239,12 +248,22 @@ class ClusterNode:
     def start_pacemaker(self) -> None:
         self.pacemakerd = NsProc(self, ["pacemakerd"], self.dir / "pacemakerd.out",
                                  env={"PCMK_logfile": "/var/log/pacemaker/pacemaker.log",
-                                      "PCMK_logfacility": "none", "PCMK_debug": "no"})
+                                      "PCMK_logfacility": "none", "PCMK_debug": "no",
+                                      # agents inherit it: a test run against another checkout
+                                      **({"PYTHONPATH": os.environ["PYTHONPATH"]}
+                                         if os.environ.get("PYTHONPATH") else {})})
+
+    @property
+    def socket(self) -> Path:
+        return self.qsup_dir / "qsup.sock"
 
     def start_qsup(self) -> None:
-        self.qsup = QsupDaemon(self.ns, self.qsup_dir, extra_config=(
-            f'node_name = "{self.name}"\nmigration_address = "{self.addr}"\n'
-            'announce_interfaces = ["uplink"]\n'))
+        extra = (f'node_name = "{self.name}"\nmigration_address = "{self.addr}"\n'
+                 'announce_interfaces = ["uplink"]\n')
+        if peers_declared():
+            extra += "[peers]\n" + "".join(f'{n.name} = "unix:{n.socket}"\n'
+                                           for n in self.cluster.nodes if n is not self)
+        self.qsup = QsupDaemon(self.ns, self.qsup_dir, extra_config=extra)
 
     # --- teardown ----------------------------------------------------------------------------
 
@@ -372,6 +391,11 @@ system {{
     <nodes/>
     <resources/>
     <constraints/>
+    <rsc_defaults>
+      <meta_attributes id="rsc-options">
+        <nvpair id="rsc-options-resource-stickiness" name="resource-stickiness" value="100"/>
+      </meta_attributes>
+    </rsc_defaults>
   </configuration>
   <status/>
 </cib>
@@ -459,17 +483,26 @@ system {{
     def failures(self) -> list[dict]:
         return [dict(f.attrib) for f in self.status().iter("failure")]
 
-    def history(self, rsc: str) -> list[tuple[str, str, str, int]]:
-        """(node, task, rc, call-id) of every operation on ``rsc`` in the status section, by time."""
-        ops = []
-        for n in self.status().findall("./node_history/node"):
-            for r in n.findall("resource_history"):
-                if r.get("id") != rsc:
-                    continue
-                for op in r.findall("operation_history"):
-                    ops.append((n.get("name"), op.get("task"), op.get("rc"), int(op.get("call") or 0),
-                                int(op.get("last-rc-change") or 0)))
-        return ops
+    def operations(self, rsc: str) -> list[tuple[str, str, str, str]]:
+        """(time, node, operation, result) of every executed operation on ``rsc``, in time order,
+        from the nodes' controller logs ("Result of migrate_to operation for vm1 on node1: ok").
+        The CIB keeps only each node's last operation, so a migrate_to is gone after the stop."""
+        pat = re.compile(r"^(\w+ +\d+ [\d:.]+) .*Result of (\S+) operation for (\S+) on (\S+): ([^|]*?) *\|")
+        out = []
+        for n in self.nodes:
+            log = n.dir / "var-log-pacemaker" / "pacemaker.log"
+            for line in (log.read_text(errors="replace").splitlines() if log.exists() else []):
+                m = pat.match(line)
+                if m and m.group(3) == rsc:
+                    out.append((m.group(1), m.group(4), m.group(2), m.group(5)))
+        return sorted(out)
+
+    def peer_map(self) -> str:
+        """The agent's ``peers`` parameter: empty with declared peers (node names are peer
+        names); else each node's socket path, what ``qsup migrate --to`` takes today."""
+        if peers_declared():
+            return ""
+        return " ".join(f"{n.name}={n.socket}" for n in self.nodes)
 
     def daemons(self) -> list[QsupDaemon]:
         return [n.qsup for n in self.nodes if n.qsup]

@@ -1,0 +1,207 @@
+"""A real 3-node Pacemaker/Corosync cluster driving qsup through contrib/ocf/qsup.
+
+One cluster for the module (about 10 s to a DC); the guest resource is shared by the tests,
+which run in file order: placed and started -> moved with ``crm_resource --move`` (live
+migration, checked in both daemons' event logs) -> its node put on standby (evacuated by
+live migration) -> ``ocf-tester`` against a live node, with the monitor's cost measured.
+The fixture's teardown asserts that nothing is left: no process in any node namespace, no
+mount, no namespace, no QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from harness import AGENT, GUEST_NET, Cluster, missing_binaries, resource_xml
+from topo import VENV_BIN, guest_spec
+
+VM = "vm1"
+VM_IP = f"{GUEST_NET}.10"
+VM_MAC = "52:54:00:c1:00:10"
+QSUP = str(VENV_BIN / "qsup")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        pytest.fail(f"cluster packages missing ({', '.join(missing)}): run `make deps` (mk/cluster.mk)")
+    c = Cluster(tmp_path_factory.mktemp("cluster"), 3)
+    try:
+        yield c
+    finally:
+        left = c.close()
+        assert not left, f"cluster teardown left: {left}"
+
+
+@pytest.fixture(scope="module")
+def vm(cluster):
+    """The guest as a Pacemaker resource; returns its resource id once it runs somewhere."""
+    spec = cluster.workdir / f"{VM}.json"
+    spec.write_text(json.dumps(guest_spec(VM, [{"mode": "routed", "mac": VM_MAC, "ip": VM_IP}],
+                                          append=f"guest.ip0={VM_IP}/32")))
+    cluster.add_resource(resource_xml(VM, spec, peers=cluster.peer_map(), qsup=QSUP))
+    node = _wait_started(cluster, VM)
+    return VM, spec, node
+
+
+def _wait_started(c: Cluster, rsc: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        where = c.locate(rsc)
+        if len(where) == 1:
+            v = c.view(c.node(where[0]), rsc)
+            if v and v["state"] == "running":
+                return where[0]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{rsc} not started in {timeout}s: at {where}, failures {c.failures()}")
+        time.sleep(0.5)
+
+
+def _holders(c: Cluster, name: str) -> dict[str, str]:
+    """node -> qsup state, for every node whose daemon knows the instance."""
+    out = {}
+    for n in c.nodes:
+        v = c.view(n, name)
+        if v:
+            out[n.name] = v["state"]
+    return out
+
+
+def _running_on(c: Cluster, name: str) -> list[str]:
+    return [n for n, s in _holders(c, name).items() if s == "running"]
+
+
+def _migrated(c: Cluster, name: str, src: str, dst: str, src_seq: int, dst_seq: int) -> None:
+    """Assert from both event logs that ``name`` went src -> dst by live migration."""
+    s_ev = [e for e in c.node(src).qsup.events(since=src_seq) if e.get("instance") == name]
+    d_ev = [e for e in c.node(dst).qsup.events(since=dst_seq) if e.get("instance") == name]
+    s_types, d_types = [e["type"] for e in s_ev], [e["type"] for e in d_ev]
+    assert "migration.completed" in s_types, s_types
+    assert "migration.activated" in d_types, d_types
+    # a restart would show a fresh start on the target and a powerdown on the source
+    assert "instance.started" not in d_types, d_types
+    assert "instance.stopping" not in s_types, s_types
+    # the guest did not boot again: nothing of a boot on the target's serial console
+    assert "GUEST-READY" not in c.node(dst).qsup.console(name)
+
+
+def _assert_migrated_by_pacemaker(c: Cluster, name: str, src: str, dst: str) -> None:
+    """The last operations: migrate_to on src, migrate_from on dst, stop on src -- all ok,
+    and no start anywhere after the migrate_to."""
+    ops = c.operations(name)
+    i = max(k for k, o in enumerate(ops) if o[2] == "migrate_to")
+    tail = [(node, op, res) for _, node, op, res in ops[i:] if op != "monitor"]
+    assert tail == [(src, "migrate_to", "ok"), (dst, "migrate_from", "ok"), (src, "stop", "ok")], ops
+
+
+def _last_seq(c: Cluster, node: str) -> int:
+    ev = c.node(node).qsup.events()
+    return ev[-1]["seq"] if ev else 0
+
+
+def test_guest_placed_and_started(cluster, vm):
+    name, _, node = vm
+    assert _running_on(cluster, name) == [node]
+    assert _holders(cluster, name) == {node: "running"}
+    cluster.node(node).qsup.wait_console(name)
+    assert cluster.fabric.ping(VM_IP), "guest not reachable from the fabric"
+    # every node probed it and the start succeeded: no failed operation anywhere
+    assert cluster.failures() == []
+
+
+def test_move_live_migrates(cluster, vm):
+    name = vm[0]
+    src = cluster.locate(name)[0]
+    dst = next(n.name for n in cluster.nodes if n.name != src)
+    seqs = _last_seq(cluster, src), _last_seq(cluster, dst)
+    t0 = time.monotonic()
+    cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
+    try:
+        cluster.wait_located(name, dst, timeout=120)
+        cluster.wait_idle()
+        moved_s = time.monotonic() - t0
+        _assert_migrated_by_pacemaker(cluster, name, src, dst)
+        _migrated(cluster, name, src, dst, *seqs)
+        assert _holders(cluster, name) == {dst: "running"}  # the source's stop forgot its entry
+        assert cluster.fabric.ping(VM_IP)
+        assert cluster.failures() == []
+        print(f"move {src} -> {dst}: {moved_s:.1f} s from crm_resource --move to idle")
+    finally:
+        cluster.crm("crm_resource", "--clear", "--resource", name)
+    cluster.wait_idle()
+    assert cluster.locate(name) == [dst]  # stickiness: clearing the move does not move it back
+
+
+def test_standby_evacuates_by_live_migration(cluster, vm):
+    name = vm[0]
+    src = cluster.locate(name)[0]
+    seqs = {n.name: _last_seq(cluster, n.name) for n in cluster.nodes}
+    cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "on")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # during the migration crm_mon lists both nodes
+            where = cluster.locate(name)
+            if len(where) == 1 and where[0] != src:
+                break
+            time.sleep(0.5)
+        dst = cluster.locate(name)
+        assert len(dst) == 1 and dst[0] != src, dst
+        cluster.wait_located(name, dst[0])
+        cluster.wait_idle()
+        _assert_migrated_by_pacemaker(cluster, name, src, dst[0])
+        _migrated(cluster, name, src, dst[0], seqs[src], seqs[dst[0]])
+        assert _holders(cluster, name) == {dst[0]: "running"}
+        assert cluster.fabric.ping(VM_IP)
+    finally:
+        cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "off")
+    cluster.wait_idle()
+
+
+def test_ocf_tester_against_live_node(cluster):
+    """ocf-tester runs the agent through its whole contract on node3's live qsup daemon
+    (its own instance, outside Pacemaker), then one monitor call's cost is measured."""
+    node = cluster.nodes[-1]
+    name = "ocft"
+    spec = cluster.workdir / f"{name}.json"
+    spec.write_text(json.dumps(guest_spec(name, [])))
+    agent = "/usr/lib/ocf/resource.d/qsup/qsup"  # the agent as Pacemaker runs it in the node
+    r = node.run("ocf-tester", "-n", name, "-o", f"spec={spec}", "-o", f"qsup={QSUP}", agent,
+                 check=False, timeout=240)
+    assert r.returncode == 0 and "passed all tests" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert name not in [v["name"] for v in node.qsup.cli_json("ls")]  # the tester stopped it
+
+    # monitor cost: the agent (sh + curl on the socket) vs the Python CLI, on a running guest
+    env = {"OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": name, "OCF_RESKEY_spec": str(spec),
+           "OCF_RESKEY_qsup": QSUP}
+    node.run(agent, "start", env=env, timeout=90)
+    try:
+        cost = node.run("sh", "-c", _TIMING, env={**env, "QSUP": QSUP}, timeout=120).stdout.split()
+        agent_ms, cli_ms = float(cost[0]), float(cost[1])
+        print(f"monitor cost (median): agent {agent_ms:.1f} ms, `qsup show --json` {cli_ms:.1f} ms")
+        assert agent_ms < cli_ms / 5, (agent_ms, cli_ms)
+        assert node.run(agent, "monitor", env=env, check=False).returncode == 0
+    finally:
+        node.run(agent, "stop", env=env, timeout=90)
+    assert node.run(agent, "monitor", env=env, check=False).returncode == 7
+
+
+# median wall time (ms) of 20 agent calls and 5 CLI calls, measured inside the node: the agent's monitor and
+# the CLI's show (what a Python agent would cost at least)
+_TIMING = r"""
+med() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+t() { s=$(date +%s%N); "$@" >/dev/null 2>&1; e=$(date +%s%N); echo $(( (e - s) / 1000 )); }
+a=$(for i in $(seq 20); do t /usr/lib/ocf/resource.d/qsup/qsup monitor; done | med)
+c=$(for i in $(seq 5); do t "$QSUP" show "$OCF_RESOURCE_INSTANCE" --json --socket /run/qsup/qsup.sock; done | med)
+echo "$(awk "BEGIN{print $a/1000}") $(awk "BEGIN{print $c/1000}")"
+"""
+
+
+def test_agent_is_the_shipped_one():
+    assert AGENT.exists() and AGENT.stat().st_mode & 0o755 == 0o755
+    out = subprocess.run([str(AGENT), "meta-data"], capture_output=True, text=True, check=True).stdout
+    assert '<action name="migrate_to"' in out and '<action name="migrate_from"' in out
