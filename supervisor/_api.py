@@ -80,7 +80,7 @@ from ._http import (
 )
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
-from ._spec import parse_spec
+from ._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, parse_spec
 
 log = structlog.get_logger("qsup.api")
 
@@ -268,14 +268,21 @@ class EventStream:
 # checks it against the models, example by example.
 
 _HEX4 = "[0-9a-fA-F]{1,4}"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 #: a unicast MAC (the first octet's low bit clear), any case
 MAC_PATTERN = "^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$"
-#: a usable IPv4 host address (not 0/8, loopback or multicast), optionally /32
-IP_PATTERN = ("^([1-9]|[1-9][0-9]|1[01][0-9]|12[0-6]|12[89]|1[3-9][0-9]|2[01][0-9]|22[0-3]|24[0-9]|25[0-5])"
-              "(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}(/32)?$")
-#: an IPv6 host address whose first group is 1000..efff (so never ::, ::1 or multicast), optionally /128
-IP6_PATTERN = (f"^[1-9a-eA-E][0-9a-fA-F]{{3}}((:{_HEX4}){{7}}|(:{_HEX4}){{0,5}}::({_HEX4})?)(/128)?$")
-PATH_PATTERN = "^/[^,\\x00]*$"
+#: a routable IPv4 host address, optionally /32: not 0/8, loopback, link-local (169.254/16, which
+#: holds the guests' gateway), multicast, reserved or broadcast (240/4)
+IP_PATTERN = ("^(([1-9]|[1-9][0-9]|1[01][0-9]|12[0-6]|12[89]|1[3-5][0-9]|16[0-8]|1[7-9][0-9]|2[01][0-9]|22[0-3])"
+              f"(\\.{_OCTET}){{3}}|169\\.(25[0-35]|2[0-4][0-9]|1[0-9]{{2}}|[1-9]?[0-9])(\\.{_OCTET}){{2}})(/32)?$")
+#: a routable IPv6 host address, optionally /128, whose first group is 1000..fdff or fec0..feff: never
+#: unspecified, loopback, v4-mapped, link-local (fe80::/10, which holds the guests' gateway) or multicast
+IP6_PATTERN = (f"^([1-9a-eA-E][0-9a-fA-F]{{3}}|[fF][0-9a-dA-D][0-9a-fA-F]{{2}}|[fF][eE][c-fC-F][0-9a-fA-F])"
+               f"((:{_HEX4}){{7}}|(:{_HEX4}){{0,5}}::({_HEX4})?)(/128)?$")
+#: no control characters (C0, DEL, C1); JSON text has no lone surrogates to refuse
+_TEXT = "\\x00-\\x1f\\x7f-\\x9f"
+TEXT_PATTERN = f"^[^{_TEXT}]*$"
+PATH_PATTERN = f"^/[^,{_TEXT}]*$"
 LINK_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 ACCEL_PATTERN = "^[a-z][a-z0-9_-]{0,15}$"
 STATES = ["starting", "running", "paused", "migrating", "stopping", "stopped", "crashed", "failed"]
@@ -284,6 +291,9 @@ MODES = ["routed", "bridged", "openvswitch"]
 
 def _nullable(schema: dict) -> dict:
     return {"anyOf": [schema, {"type": "null"}]}
+
+
+_PATH = {"type": "string", "maxLength": MAX_PATH, "pattern": PATH_PATTERN}
 
 
 def _vlan_id() -> dict:
@@ -309,7 +319,7 @@ NIC_SPEC = {
                            {"type": "array", "items": _vlan_id(), "minItems": 1, "uniqueItems": True},
                            {"type": "null"}],
                  "default": None, "description": "an access VLAN, or a list of trunk VLANs"},
-        "queues": {"type": "integer", "minimum": 1, "maximum": 16, "default": 1},
+        "queues": {"type": "integer", "minimum": 1, "maximum": MAX_QUEUES, "default": 1},
     },
     "oneOf": [
         {"title": "RoutedNic",
@@ -331,14 +341,15 @@ INSTANCE_SPEC = {
         "name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
         "memory": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024, "description": "MiB"},
         "vcpus": {"type": "integer", "minimum": 1, "maximum": 255, "default": 1},
-        "kernel": {**_nullable({"type": "string", "pattern": PATH_PATTERN}), "default": None},
-        "initrd": {**_nullable({"type": "string", "pattern": PATH_PATTERN}), "default": None},
-        "append": {**_nullable({"type": "string", "maxLength": 4096}), "default": None},
-        "disk": {**_nullable({"type": "string", "pattern": PATH_PATTERN}), "default": None},
+        "kernel": {**_nullable(_PATH), "default": None},
+        "initrd": {**_nullable(_PATH), "default": None},
+        "append": {**_nullable({"type": "string", "maxLength": 4096, "pattern": TEXT_PATTERN}), "default": None},
+        "disk": {**_nullable(_PATH), "default": None},
         "accel": {**_nullable({"type": "string", "pattern": ACCEL_PATTERN}), "default": None,
                   "description": "default: the node's accel"},
-        "nics": {"type": "array", "items": ref("NicSpec"), "default": []},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 256, "pattern": "^[^\\x00]*$"},
+        "nics": {"type": "array", "items": ref("NicSpec"), "maxItems": MAX_NICS, "default": [],
+                 "description": f"at most {MAX_NICS} NICs with at most {MAX_TOTAL_QUEUES} queues in all"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
                  "default": []},
         "on_panic": {**_nullable({"type": "string", "enum": ["pause", "stop", "restart"]}), "default": None,
                      "description": "what a guest kernel panic does; default: the node's on_panic"},

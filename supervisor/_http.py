@@ -125,6 +125,17 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: an integral value is an int (``64.0`` is 64).
+
+    JSON has one number type, and JSON Schema's ``integer`` is any number with a zero fraction;
+    the models are strict (no "64" for 64, no 1.5 for an int), so the one place that decides what
+    a number *is* is here, the same way for every body.
+    """
+    f = float(text)
+    return int(f) if f.is_integer() and abs(f) < 2**63 else f
+
+
 async def read_json(request: Request, *, required: bool = True) -> object | None:
     """The body as decoded JSON, enforcing size, content type and strict JSON; None if empty."""
     length = request.headers.get("content-length")
@@ -149,7 +160,7 @@ async def read_json(request: Request, *, required: bool = True) -> object | None
     if media != "application/json":
         raise HttpError(400, f"Content-Type must be application/json, not {media or 'missing'!r}")
     try:
-        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant, parse_float=_number)
     except UnicodeDecodeError:
         raise HttpError(400, "body is not UTF-8") from None
     except RecursionError:
