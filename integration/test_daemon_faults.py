@@ -121,7 +121,8 @@ def assert_final_or_live(ns, client, dm: QsupDaemon, name: str, qemu_pids: set[i
 
 def test_daemon_killed_in_the_middle_of_a_start(node, daemons, tmp_path):
     node_ns, client = node
-    hooks, pidfile = kill_hook(tmp_path, "route4", "before.d", "start", "up")
+    # just before the rule: the route in table 100 is applied (and journaled), the rule not yet
+    hooks, pidfile = kill_hook(tmp_path, "rule4", "before.d", "start", "up")
     dm = daemons(node_ns, hooks_dir=hooks)
     pidfile.write_text(str(dm.pid))
     spec = dm.workdir / "spec-ds.json"
@@ -133,6 +134,7 @@ def test_daemon_killed_in_the_middle_of_a_start(node, daemons, tmp_path):
     # what the start had made so far: a QEMU (paused, -S) and its tap, journaled
     rec = json.loads((dm.state_dir / "instances" / "ds" / "record.json").read_text())
     assert rec["state"] == "starting" and pid_alive(rec["pid"]), rec
+    assert IP in node_ns.run("ip", "route", "show", "table", "100")
     dm.start()
     state = assert_final_or_live(node_ns, client, dm, "ds", {rec["pid"]})
     assert state == "failed", state  # a start cut short is rolled back, not resumed
