@@ -547,10 +547,11 @@ _KNOWN_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OP
 class _Outer:
     """Outermost ASGI layer: bearer auth (TCP only), access log + metrics, and a last-resort 500."""
 
-    def __init__(self, app, metrics: Metrics, token: str | None):
+    def __init__(self, app, metrics: Metrics, token: str | None, *, events: bool = True):
         self.app = app
         self.metrics = metrics
         self.token = token.encode() if token else None
+        self.events = events  # serve GET /v1/events (the fast path)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -568,7 +569,7 @@ class _Outer:
             if self.token is not None and not self._authorized(scope):
                 await error_response(401, "missing or wrong bearer token", None, "unauthorized",
                                      {"www-authenticate": "Bearer"})(scope, receive, send_)
-            elif scope.get("path") == "/v1/events" and scope.get("method") == "GET":
+            elif self.events and scope.get("path") == "/v1/events" and scope.get("method") == "GET":
                 await self._events(scope, receive, send, send_, status, t0)
             else:
                 await self.app(scope, receive, send_)
@@ -582,7 +583,7 @@ class _Outer:
             method = scope.get("method", "")
             method = method if method in _KNOWN_METHODS else "other"
             route = scope.get("route")
-            path = getattr(route, "path", None) or ("/v1/events" if scope.get("path") == "/v1/events"
+            path = getattr(route, "path", None) or ("/v1/events" if self.events and scope.get("path") == "/v1/events"
                                                    else "unmatched")
             self.metrics.observe_request(method, path, status[0], status[1] or time.perf_counter() - t0)
             if status[0] >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
@@ -654,7 +655,7 @@ def create_metrics_app(node, events, metrics: Metrics | None = None, *, reattach
     """``/metrics`` and ``/v1/health`` only, without authentication (the ``metrics_listen`` listener)."""
     metrics = metrics or _default_metrics(node, events)
     app = _starlette(_METRICS_ROUTES, node, events, metrics, reattached, None)
-    outer = _Outer(app, metrics, None)
+    outer = _Outer(app, metrics, None, events=False)
     outer.state = app.state
     return outer
 

@@ -290,3 +290,265 @@ def test_lifecycle_with_real_qemu(tmp_path):
     assert gone.status_code == 404
     assert types.index("instance.running") < types.index("instance.stopping") < types.index("instance.stopped")
     assert not os.path.exists(tmp_path / "state" / "instances" / "real1")
+
+
+# -- errors: the one table -----------------------------------------------------------------------
+
+class _Boom:
+    """A node whose start raises what it is told to."""
+
+    def __init__(self, exc):
+        self.exc = exc
+        self.cfg = type("Cfg", (), {"node_name": "t", "token_file": None})()
+
+    def list(self):
+        return []
+
+    def get(self, name):
+        from supervisor._node import NotFound
+
+        raise NotFound(name)
+
+    async def start(self, spec):
+        raise self.exc
+
+    async def prepare_incoming(self, spec, postcopy=False):
+        raise self.exc
+
+
+def _boom(exc, path="/v1/instances", body=None):
+    async def main():
+        events = EventLog(None)
+        try:
+            app = create_app(_Boom(exc), events)
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://qsup") as c:
+                return await c.post(path, json=body or spec())
+        finally:
+            events.close()
+
+    return trio.run(main)
+
+
+def _table_cases():
+    from supervisor._instance import StartError
+    from supervisor._migration import MigrationError
+    from supervisor._node import Conflict, NotFound
+    from supervisor._spec import SpecError
+
+    return [
+        ("spec", SpecError("nics[0].link", "bridge 'br9' does not exist"), 422, "invalid_spec", "nics[0].link"),
+        ("conflict", Conflict("instance 'vm1' already exists (running)"), 409, "conflict", "name"),
+        ("not-found", NotFound("vm1"), 404, "not_found", "name"),
+        ("start", StartError("qemu: could not open kernel '/k': No such file", "kernel"), 422, "start_failed",
+         "kernel"),
+        ("migration", MigrationError("destination refused", "to"), 409, "conflict", "to"),
+        # anything else is a bug: 500, never a 4xx that would hide it from the fuzzers
+        ("runtime", RuntimeError("oops"), 500, "internal", None),
+        ("value", ValueError("oops"), 500, "internal", None),
+        ("key", KeyError("uri"), 500, "internal", None),
+        ("group", ExceptionGroup("nursery", [RuntimeError("x")]), 500, "internal", None),
+    ]
+
+
+@pytest.mark.parametrize("case", _table_cases(), ids=lambda c: c[0])
+def test_error_table_maps_only_known_errors_to_4xx(case):
+    _, exc, status, code, field = case
+    r = _boom(exc)
+    assert r.status_code == status, r.text
+    assert r.json()["code"] == code and r.json()["field"] == field
+    if status == 422 and code == "start_failed":
+        assert r.json()["error"] == "start failed (rolled back): kernel: qemu: could not open kernel '/k': No such file"
+
+
+def test_prepare_names_the_spec_field_inside_the_body():
+    from supervisor._spec import SpecError
+
+    r = _boom(SpecError("nics[0].link", "bridge 'br9' does not exist"), "/v1/migrations/incoming",
+              {"spec": spec(), "postcopy": False})
+    assert r.status_code == 422
+    assert r.json() == {"error": "spec.nics[0].link: bridge 'br9' does not exist", "field": "spec.nics[0].link",
+                        "code": "invalid_spec"}
+    assert _boom(RuntimeError("x"), "/v1/migrations/incoming", {"spec": spec()}).status_code == 500
+
+
+def test_405_allows_every_method_of_the_path(tmp_path):
+    async def go(client, node, events):
+        return [await client.request(m, p) for m, p in
+                (("PUT", "/v1/instances"), ("PATCH", "/v1/instances/vm1"), ("GET", "/v1/instances/vm1/stop"))]
+
+    coll, item, stop = with_api(tmp_path, go)
+    allow = lambda r: {m.strip() for m in r.headers["allow"].split(",")}  # noqa: E731
+    assert coll.status_code == 405 and allow(coll) == {"GET", "HEAD", "POST"}
+    assert item.status_code == 405 and allow(item) == {"GET", "HEAD", "DELETE"}
+    assert stop.status_code == 405 and allow(stop) == {"POST"}
+    assert coll.json()["code"] == "method_not_allowed"
+
+
+def test_stopping_daemon_answers_503_and_starts_nothing(tmp_path):
+    async def go(client, node, events):
+        client._transport.app.state.stopping = True
+        return (await client.get("/v1/health"), await client.post("/v1/instances", json=spec(name="late")),
+                await client.get("/v1/instances"))
+
+    health, create, lst = with_api(tmp_path, go)
+    assert health.status_code == 503 and health.json()["status"] == "stopping"
+    assert create.status_code == 503 and create.json()["code"] == "unavailable"
+    assert lst.json() == {"instances": []}
+
+
+def test_metrics_app_serves_only_metrics_and_health_without_a_token(tmp_path):
+    from supervisor._api import create_metrics_app
+
+    async def go(client, node, events):
+        app = create_metrics_app(node, events, reattached=["a"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://qsup") as c:
+            return [await c.get(p) for p in ("/metrics", "/v1/health", "/v1/instances", "/openapi.json",
+                                              "/v1/events")] + [await c.post("/v1/instances", json=spec())]
+
+    m, h, i, o, e, p = with_api(tmp_path, go, token="s3cret-token-0123456789")
+    assert m.status_code == 200 and "qsup_build_info" in m.text
+    assert h.status_code == 200 and h.json()["reattached"] == ["a"]
+    assert [r.status_code for r in (i, o, e, p)] == [404, 404, 404, 404]
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+def _scrape(metrics) -> str:
+    return metrics.render().decode()
+
+
+def _value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in metrics:\n{text}")
+
+
+def test_metrics_follow_the_event_log():
+    from supervisor._metrics import Metrics
+
+    events = EventLog(None)
+    m = Metrics()
+    m.watch(events)
+    try:
+        events.emit("migration.completed", instance="a", total_ms=2500.0, downtime_ms=12, switchover_ms=31.5,
+                    activation={"event_to_l3_ms": 0.8})
+        events.emit("migration.failed", instance="b", result="cancelled", error="x", l3_was_released=False)
+        events.emit("migration.failed", instance="b", result="weird", error="x", l3_was_released=False)
+        events.emit("migration.activated", instance="c", qmp_ts=1.0, event_to_l3_ms=0.9, event_to_cont_ms=1.7)
+        events.emit("netconf.failed", instance="d", error="e", failures=[
+            {"step": "route4", "path": "/etc/qsup/hooks/route4", "exit_code": 1, "error": "hook"},
+            {"step": "addr6", "error": "netlink"}])
+        events.emit("netconf.undo_failed", instance="d", reason="crash", error="e",
+                    failures=[{"step": "rule4", "error": "gone"}])
+        text = _scrape(m)
+    finally:
+        events.close()
+    assert _value(text, 'qsup_migrations_total{direction="out",result="completed"}') == 1
+    assert _value(text, 'qsup_migrations_total{direction="out",result="cancelled"}') == 1
+    assert _value(text, 'qsup_migrations_total{direction="out",result="failed"}') == 1  # unknown results fold
+    assert _value(text, 'qsup_migrations_total{direction="in",result="activated"}') == 1
+    assert _value(text, "qsup_migration_duration_seconds_sum") == 2.5
+    assert _value(text, 'qsup_migration_downtime_seconds_bucket{le="0.025"}') == 1
+    assert _value(text, "qsup_migration_switchover_gap_seconds_sum") == pytest.approx(0.0315)
+    assert _value(text, 'qsup_migration_activation_seconds_sum{until="cont"}') == pytest.approx(0.0017)
+    assert _value(text, 'qsup_hook_failures_total{step="route4"}') == 1
+    assert 'qsup_hook_failures_total{step="addr6"}' not in text  # not a hook
+    assert _value(text, "qsup_netconf_failures_total") == 1
+    assert _value(text, 'qsup_netconf_undo_failures_total{reason="crash"}') == 1
+    assert "_created" not in text
+
+
+def test_qmp_call_latency_and_errors_come_from_the_glue(tmp_path):
+    import tempfile
+
+    from qmp_glue import AsyncioThread, QMPError, QMPTimeout, connect
+    from qmp_peer import PeerError, QMPPeer
+    from supervisor._metrics import Metrics
+
+    m = Metrics()
+    d = tempfile.mkdtemp(prefix="qm", dir="/tmp")
+    path = os.path.join(d, "qmp.sock")
+
+    def refuse(args):
+        raise PeerError("GenericError", "no")
+
+    async def main():
+        peer = QMPPeer(path)
+        peer.handlers["refuse"] = refuse
+        with AsyncioThread() as aio:
+            async with trio.open_nursery() as n:
+                await n.start(peer.serve)
+                client = await connect(path, loop=aio, timeout=5, name="vm")
+                try:
+                    await client.execute("query-status")
+                    await client.execute("query-status")
+                    with pytest.raises(QMPError):
+                        await client.execute("refuse")
+                    with pytest.raises(QMPTimeout):
+                        await client.execute("hang", timeout=0.05)
+                finally:
+                    await client.aclose()
+                    n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    text = _scrape(m)
+    assert _value(text, 'qsup_qmp_call_seconds_count{command="query-status"}') == 2
+    assert _value(text, 'qsup_qmp_call_errors_total{command="refuse",kind="qmp_error"}') == 1
+    assert _value(text, 'qsup_qmp_call_errors_total{command="hang",kind="timeout"}') == 1
+    assert 'qsup_qmp_call_errors_total{command="query-status"' not in text
+    import gc
+    import weakref
+
+    from qmp_glue import _client
+
+    gone = weakref.ref(m)
+    del m  # the glue holds its observer weakly: a dropped Metrics is not kept alive nor called
+    gc.collect()
+    assert gone() is None
+    _client._notify("x", 0.0, None)
+    assert all(r() is not None for r in _client._observers)
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+def test_a_scrape_passes_promtool_check_metrics(tmp_path):
+    """Every family the daemon can expose, with data in it, as Prometheus' own linter sees it."""
+    import subprocess
+
+    assert PROMTOOL, "promtool missing: apt-get install prometheus (Debian ships promtool in it)"
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0")
+
+    async def go(client, node, events):
+        from supervisor._instance import Instance
+        from supervisor._spec import parse_spec
+
+        inst = Instance(parse_spec({"name": "m1", "memory": 64, "disk": str(disk), "nics": []}), node.ctx)
+        node.instances["m1"] = inst  # an instance to describe (never started)
+        events.emit("instance.started", instance="m1", timings_ms={"total": 120.0})
+        events.emit("netconf.applied", instance="m1", ms=1.2)
+        events.emit("migration.completed", instance="m1", total_ms=2500.0, downtime_ms=12, switchover_ms=31.5)
+        events.emit("migration.activated", instance="m1", qmp_ts=1.0, event_to_l3_ms=0.9, event_to_cont_ms=1.7)
+        events.emit("netconf.undo_failed", instance="m1", reason="stop", error="e",
+                    failures=[{"step": "route4", "path": "/h/route4", "error": "x"}])
+        await client.get("/v1/instances/nope")
+        r = await client.get("/metrics")
+        del node.instances["m1"]
+        return r
+
+    r = with_api(tmp_path, go)
+    text = r.text
+    assert 'qsup_instance_info{accel="",instance="m1",memory_mib="64",nics="0",vcpus="1"} 1.0' in text
+    assert 'qsup_instance_state{instance="m1",state="starting"} 1.0' in text
+    assert 'qsup_instance_state{instance="m1",state="running"} 0.0' in text
+    assert 'qsup_http_requests_total{method="GET",route="/v1/instances/{name}",status="404"} 1.0' in text
+    assert "qsup_build_info{" in text
+    out = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
