@@ -72,7 +72,7 @@ class FakeDaemon:
             daemon_threads = True
 
         self.server = Server(str(path), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def script(self, *views: tuple[int, dict]) -> None:
         self.views = list(views)
@@ -246,3 +246,31 @@ def test_validate_all(env, tmp_path):
     assert agent(e, "validate-all", OCF_RESKEY_spec=str(tmp_path / "missing.json")).returncode == 5
     assert agent(e, "validate-all", OCF_RESKEY_name="../x").returncode == 6
     assert agent(e, "bogus").returncode == 3
+
+
+def test_migrate_to_source_lost_it_target_decides(env, tmp_path):
+    """The source daemon no longer knows the guest (it restarted and finished the migration):
+    a target reachable on a local socket that runs the guest makes it a success; one that
+    does not leaves the outcome unknown (failure)."""
+    d, e, _ = env
+    target = FakeDaemon(tmp_path / "target.sock")
+    try:
+        e = {**e, "OCF_RESKEY_peers": f"node2=unix:{target.path}"}
+        d.script(view("running"), ABSENT)
+        target.script(view("running"))
+        assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2", FAKE_RC="3").returncode == 0
+        d.script(view("running"), ABSENT)
+        target.script(ABSENT)
+        r = agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2", FAKE_RC="3")
+        assert r.returncode == 1 and "outcome unknown" in r.stderr, r.stderr
+    finally:
+        target.close()
+
+
+def test_migrate_options_reach_the_cli_and_are_checked(env):
+    d, e, log = env
+    d.script(view("running"), view("stopped", migration={"direction": "out", "result": "completed"}))
+    assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="n2",
+                 OCF_RESKEY_migrate_options="--max-bandwidth 5000000").returncode == 0
+    assert "--max-bandwidth 5000000" in log.read_text()
+    assert agent(e, "validate-all", OCF_RESKEY_migrate_options="--to evil").returncode == 6
