@@ -34,6 +34,19 @@ Safety rules, each for a reason:
   ``setsid`` itself escapes; that is the price of not using cgroups.)
 * stdout and stderr are captured together and only the last :data:`OUTPUT_CAP` bytes are kept,
   so a chatty hook cannot grow the daemon's memory.
+* A hook runs as root, so only a file nobody else could have written or swapped may run
+  (:func:`check_trusted`).  The hook's path is resolved one component at a time from ``/``,
+  symlinks included, and every directory looked into, every symlink followed and the file
+  itself must be owned by root (or by the daemon's own uid, so an unprivileged test run
+  works); directories and the file must not be group- or world-writable.  So a hook symlinked
+  to a file in a user's home, a step directory symlinked into ``/tmp``, a hook owned by
+  ``nobody`` or a group-writable ``before.d`` are all refused.  A sticky world-writable
+  directory (``/tmp``) is accepted on the way *outside* ``hooks_dir`` (nobody can replace the
+  root-owned entry below it), never inside it (anyone could add a hook).  The directories
+  *above* ``hooks_dir`` are checked too: whoever can rename them can swap the whole hooks
+  directory.  Since only trusted users can change anything on a trusted path, the check
+  cannot be raced.  An untrusted hook is not skipped: the step fails with a
+  :class:`HookError` naming the hook and the offending path.
 
 A hook that exits non-zero, is killed by a signal, times out, or cannot be executed raises
 :class:`HookError`.  Its ``failures`` list has the same shape the executor uses for its own
@@ -199,6 +212,13 @@ class Hooks:
         path = Path(path)
         full_env = {**env, "PATH": HOOK_PATH, "STEP": step, "ACTION": action}
         _check_env(full_env)
+        try:
+            check_trusted(path, self.hooks_dir)
+        except UntrustedHook as e:
+            summary = f"hook {path} for step {step} ({action}) refused: {e}"
+            log.warning("hook.untrusted", hook=str(path), step=step, action=action,
+                        offending=str(e.path), error=str(e))
+            raise HookError(summary, [_failure(step, path, None, "", summary, False)]) from None
         argv = [str(path), step, action]
         log.debug("hook.start", hook=str(path), step=step, action=action)
         started = time.monotonic()
@@ -274,6 +294,82 @@ def check_step(step: str) -> str:
     if not isinstance(step, str) or not STEP_RE.fullmatch(step):
         raise ValueError(f"invalid hook step name {step!r}: must match {STEP_RE.pattern}")
     return step
+
+
+class UntrustedHook(Exception):
+    """A hook (or a directory above it) that someone other than root could have changed."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} {why}")
+        self.path = path
+
+
+def _trusted_uids() -> frozenset[int]:
+    return frozenset({0, os.geteuid()})
+
+
+def check_trusted(path: str | Path, hooks_dir: str | Path | None) -> Path:
+    """Return the resolved path of hook ``path`` if it may run; raise :class:`UntrustedHook`.
+
+    The path is resolved the way the kernel resolves it, one component at a time from ``/``,
+    and everything met on the way is checked (see the module docstring): each directory
+    looked into and the file itself must be owned by root (or the daemon's uid) and not
+    group- or world-writable; each symlink followed must be owned by root (or the daemon's
+    uid).  A sticky directory (``/tmp``) is accepted on the way outside ``hooks_dir`` only.
+    So is everything that decides *which* file runs -- including every directory holding a
+    symlink -- and *what* it contains, changeable by trusted users only, and nothing can be
+    swapped between this check and the exec.  A missing file is not an error here: exec
+    then fails and says so.
+    """
+    owners = _trusted_uids()
+    base = Path(os.path.realpath(hooks_dir)) if hooks_dir is not None else None
+    parts = list(Path(os.path.abspath(path)).parts[1:])
+    cur = Path("/")
+    _check_entry(cur, os.lstat(cur), owners, sticky_ok=True)
+    links = 0
+    while parts:
+        name = parts.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            cur = cur.parent  # an ancestor of a checked real path: checked on the way down
+            continue
+        nxt = cur / name
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return nxt
+        except OSError as e:
+            raise UntrustedHook(nxt, f"cannot be checked: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in owners:
+                raise UntrustedHook(nxt, f"is a symlink owned by uid {st.st_uid}, not root")
+            links += 1
+            if links > 40:
+                raise UntrustedHook(Path(path), "has too many levels of symbolic links")
+            target = Path(os.readlink(nxt))
+            if target.is_absolute():
+                cur = Path("/")
+                parts = list(target.parts[1:]) + parts
+            else:
+                parts = list(target.parts) + parts
+            continue
+        inside = base is not None and (nxt == base or base in nxt.parents)
+        _check_entry(nxt, st, owners, sticky_ok=bool(parts) and not inside)
+        cur = nxt
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedHook(cur, "is not a regular file")
+    return cur
+
+
+def _check_entry(p: Path, st: os.stat_result, owners: frozenset[int], *, sticky_ok: bool) -> None:
+    if st.st_uid not in owners:
+        raise UntrustedHook(p, f"is owned by uid {st.st_uid}, not root")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # A sticky directory's entries can only be replaced by their owners (checked next).
+        if not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            raise UntrustedHook(
+                p, f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
 # --- finding -------------------------------------------------------------------------------

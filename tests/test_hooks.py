@@ -419,3 +419,193 @@ def test_log_example_runs_and_never_fails_the_step(tmp_path):
                                      step="route4", action=action)
         assert result.exit_code == 0
     assert not pwned.exists()
+
+
+# --- issue 9: a hook runs only if nobody but root (the daemon's user) could have changed it ---
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+OTHER_UID = 65534
+
+
+def _armed(tmp_path, hook_path: Path) -> tuple[Path, Path]:
+    """A hook that leaves a marker if it runs; returns (hook, marker)."""
+    marker = tmp_path / "ran"
+    return sh(hook_path, f"touch {marker}"), marker
+
+
+def _refused(hooks: Hooks, hook: Path, marker: Path, step: str = "route4") -> HookError:
+    with pytest.raises(HookError) as ei:
+        hooks.run(hook, {}, step=step, action="up")
+    assert not marker.exists(), "an untrusted hook ran"
+    failure = ei.value.failures[0]
+    assert failure["path"] == str(hook) and failure["exit_code"] is None
+    assert str(hook) in str(ei.value)
+    return ei.value
+
+
+def test_trusted_hook_runs(tmp_path):
+    hooks = tmp_path / "hooks"
+    hook, marker = _armed(tmp_path, hooks / "route4" / "replace")
+    Hooks(hooks).run(hook, {}, step="route4", action="up")
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777, 0o4777])
+def test_group_or_world_writable_hook_refused(tmp_path, mode):
+    hooks = tmp_path / "hooks"
+    hook, marker = _armed(tmp_path, hooks / "route4" / "replace")
+    hook.chmod(mode)
+    e = _refused(Hooks(hooks), hook, marker)
+    assert "writable" in str(e), e
+
+
+@pytest.mark.parametrize("which", ["hooks_dir", "step", "after.d"])
+def test_writable_directory_above_the_hook_refused(tmp_path, which):
+    hooks = tmp_path / "hooks"
+    hook, marker = _armed(tmp_path, hooks / "route4" / "after.d" / "10-x")
+    d = {"hooks_dir": hooks, "step": hooks / "route4", "after.d": hooks / "route4" / "after.d"}[which]
+    d.chmod(0o777)
+    e = _refused(Hooks(hooks), hook, marker)
+    assert f"{d} " in str(e) and "writable" in str(e), e
+    d.chmod(0o755)
+    Hooks(hooks).run(hook, {}, step="route4", action="up")
+    assert marker.exists()
+
+
+@needs_root
+def test_hook_owned_by_another_user_refused(tmp_path):
+    hooks = tmp_path / "hooks"
+    hook, marker = _armed(tmp_path, hooks / "route4" / "replace")
+    os.chown(hook, OTHER_UID, -1)
+    e = _refused(Hooks(hooks), hook, marker)
+    assert f"uid {OTHER_UID}" in str(e), e
+
+
+@needs_root
+@pytest.mark.parametrize("which", ["hooks_dir", "step", "before.d"])
+def test_directory_owned_by_another_user_refused(tmp_path, which):
+    hooks = tmp_path / "hooks"
+    hook, marker = _armed(tmp_path, hooks / "route4" / "before.d" / "10-x")
+    d = {"hooks_dir": hooks, "step": hooks / "route4", "before.d": hooks / "route4" / "before.d"}[which]
+    os.chown(d, OTHER_UID, -1)
+    e = _refused(Hooks(hooks), hook, marker)
+    assert str(d) in str(e) and f"uid {OTHER_UID}" in str(e), e
+
+
+def test_symlink_to_a_file_in_a_writable_dir_refused(tmp_path):
+    """The link is trusted, its target is not: symlinks are resolved, then checked."""
+    hooks = tmp_path / "hooks"
+    (hooks / "route4").mkdir(parents=True)
+    outside = tmp_path / "drop"
+    outside.mkdir()
+    target, marker = _armed(tmp_path, outside / "evil")
+    outside.chmod(0o777)
+    link = hooks / "route4" / "replace"
+    os.symlink(target, link)
+    assert Hooks(hooks).find("route4").replace == link
+    e = _refused(Hooks(hooks), link, marker)
+    assert f"{outside} is group- or world-writable" in str(e), e
+
+
+def test_sticky_dirs_outside_hooks_dir_are_accepted_but_not_inside(tmp_path):
+    """/tmp-like (1777) on the way to a root-owned target outside hooks_dir is fine."""
+    hooks = tmp_path / "hooks"
+    sticky = tmp_path / "sticky"
+    target, marker = _armed(tmp_path, sticky / "ok")
+    sticky.chmod(0o1777)
+    os.symlink(target, _mk(hooks / "route4") / "replace")
+    Hooks(hooks).run(hooks / "route4" / "replace", {}, step="route4", action="up")
+    assert marker.exists()
+    marker.unlink()
+    (hooks / "route4").chmod(0o1777)
+    _refused(Hooks(hooks), hooks / "route4" / "replace", marker)
+    (hooks / "route4").chmod(0o755)
+    target.chmod(0o1777)  # the file itself: never
+    _refused(Hooks(hooks), hooks / "route4" / "replace", marker)
+
+
+def test_symlinked_step_dir_into_a_writable_dir_refused(tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    outside = tmp_path / "drop"
+    hook, marker = _armed(tmp_path, outside / "replace")
+    outside.chmod(0o777)
+    os.symlink(outside, hooks / "route4")
+    _refused(Hooks(hooks), hooks / "route4" / "replace", marker)
+
+
+def test_symlinks_to_trusted_targets_run(tmp_path):
+    hooks = tmp_path / "hooks"
+    real, marker = _armed(tmp_path, hooks / "shared" / "log")
+    os.symlink(real, _mk(hooks / "route4") / "replace")
+    Hooks(hooks).run(hooks / "route4" / "replace", {}, step="route4", action="up")
+    assert marker.exists()
+    # outside hooks_dir: the whole path from / must be trusted (true for /bin/true)
+    os.symlink("/bin/true", _mk(hooks / "route6") / "replace")
+    assert Hooks(hooks).run(hooks / "route6" / "replace", {}, step="route6",
+                            action="up").exit_code == 0
+
+
+def _mk(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_symlinked_hooks_dir_is_resolved_then_checked(tmp_path):
+    real = tmp_path / "real-hooks"
+    hook, marker = _armed(tmp_path, real / "route4" / "replace")
+    os.symlink(real, tmp_path / "hooks")
+    Hooks(tmp_path / "hooks").run(tmp_path / "hooks" / "route4" / "replace", {},
+                                  step="route4", action="up")
+    assert marker.exists()
+    marker.unlink()
+    real.chmod(0o777)
+    _refused(Hooks(tmp_path / "hooks"), tmp_path / "hooks" / "route4" / "replace", marker)
+
+
+def test_journaled_hook_outside_any_hooks_dir_checked_from_root(tmp_path):
+    """Undo of a journaled hook with hooks now disabled (Hooks(None)): checked from /."""
+    d = tmp_path / "old"
+    hook, marker = _armed(tmp_path, d / "replace")
+    Hooks(None).run(hook, {}, step="route4", action="down")  # tmp_path's parents are trusted
+    marker.unlink()
+    d.chmod(0o777)
+    with pytest.raises(HookError):
+        Hooks(None).run(hook, {}, step="route4", action="down")
+    assert not marker.exists()
+
+
+def test_every_symlink_hop_is_checked(tmp_path):
+    """hook -> a/link -> b/file: a trusted final file is not enough if `a` is writable."""
+    hooks = tmp_path / "hooks"
+    final, marker = _armed(tmp_path, tmp_path / "b" / "file")
+    a = _mk(tmp_path / "a")
+    os.symlink(final, a / "link")
+    os.symlink(a / "link", _mk(hooks / "route4") / "replace")
+    Hooks(hooks).run(hooks / "route4" / "replace", {}, step="route4", action="up")
+    assert marker.exists()
+    marker.unlink()
+    a.chmod(0o777)
+    e = _refused(Hooks(hooks), hooks / "route4" / "replace", marker)
+    assert f"{a} is group- or world-writable" in str(e), e
+
+
+def test_hooks_dir_inside_a_writable_directory_refused(tmp_path):
+    """Whoever can rename hooks_dir's parent can swap the whole hooks directory."""
+    parent = _mk(tmp_path / "shared")
+    hook, marker = _armed(tmp_path, parent / "hooks" / "route4" / "replace")
+    parent.chmod(0o777)
+    e = _refused(Hooks(parent / "hooks"), hook, marker)
+    assert f"{parent} is group- or world-writable" in str(e), e
+
+
+@needs_root
+def test_symlink_owned_by_another_user_in_a_sticky_dir_refused(tmp_path):
+    sticky = _mk(tmp_path / "sticky")
+    sticky.chmod(0o1777)
+    target, marker = _armed(tmp_path, tmp_path / "t" / "hook")
+    os.symlink(target, sticky / "link")
+    os.lchown(sticky / "link", OTHER_UID, -1)
+    os.symlink(sticky / "link", _mk(tmp_path / "hooks" / "route4") / "replace")
+    e = _refused(Hooks(tmp_path / "hooks"), tmp_path / "hooks" / "route4" / "replace", marker)
+    assert f"{sticky / 'link'} is a symlink owned by uid {OTHER_UID}" in str(e), e
