@@ -321,20 +321,17 @@ NIC_SPEC = {
                  "default": None, "description": "an access VLAN, or a list of trunk VLANs"},
         "queues": {"type": "integer", "minimum": 1, "maximum": MAX_QUEUES, "default": 1},
     },
-    "oneOf": [
-        {"title": "RoutedNic",
-         "properties": {"mode": {"const": "routed"}, "vlan": {"type": "null"}},
-         "anyOf": [{"required": ["ip"], "properties": {"ip": {"type": "string"}}},
-                   {"required": ["ip6"], "properties": {"ip6": {"type": "string"}}}]},
-        {"title": "SwitchedNic",
-         "required": ["link"],
-         "properties": {"mode": {"enum": ["bridged", "openvswitch"]}, "link": {"type": "string"}}},
-    ],
+    # what each mode needs (if/then/else: client generators keep NicSpec one model)
+    "if": {"properties": {"mode": {"const": "routed"}}},
+    "then": {"properties": {"vlan": {"type": "null"}},
+             "anyOf": [{"required": ["ip"], "properties": {"ip": {"type": "string"}}},
+                       {"required": ["ip6"], "properties": {"ip6": {"type": "string"}}}]},
+    "else": {"required": ["link"], "properties": {"link": {"type": "string"}}},
 }
 
-INSTANCE_SPEC = {
+INSTANCE_SPEC_BASE = {
     "type": "object",
-    "description": "An instance. Exactly one boot source: `kernel` (with optional `initrd`/`append`) or `disk`.",
+    "description": "The fields of an instance spec (see InstanceSpec for the boot-source rule).",
     "additionalProperties": False,
     "required": ["name", "memory"],
     "properties": {
@@ -354,13 +351,31 @@ INSTANCE_SPEC = {
         "on_panic": {**_nullable({"type": "string", "enum": ["pause", "stop", "restart"]}), "default": None,
                      "description": "what a guest kernel panic does; default: the node's on_panic"},
     },
-    "oneOf": [
-        {"title": "KernelBoot", "required": ["kernel"],
-         "properties": {"kernel": {"type": "string"}, "disk": {"type": "null"}}},
-        {"title": "DiskBoot", "required": ["disk"],
-         "properties": {"disk": {"type": "string"}, "kernel": {"type": "null"}, "initrd": {"type": "null"},
-                        "append": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}}},
-    ],
+}
+
+
+def _is_string(field: str, **kw) -> dict:
+    return {"required": [field], "properties": {field: {"type": "string", **kw}}}
+
+
+#: exactly one boot source; each branch is the whole spec (allOf the base), so a client
+#: generator makes each a complete model
+INSTANCE_SPEC = {
+    "description": "An instance. Exactly one boot source: `kernel` (with optional `initrd`/`append`) or `disk`.",
+    "oneOf": [ref("KernelBootSpec"), ref("DiskBootSpec")],
+}
+KERNEL_BOOT_SPEC = {
+    "title": "KernelBootSpec",
+    "allOf": [ref("InstanceSpecFields"),
+              {"required": ["kernel"],
+               "not": {"anyOf": [{"properties": {"kernel": {"type": "null"}}}, _is_string("disk")]}}],
+}
+DISK_BOOT_SPEC = {
+    "title": "DiskBootSpec",
+    "allOf": [ref("InstanceSpecFields"),
+              {"required": ["disk"],
+               "not": {"anyOf": [{"properties": {"disk": {"type": "null"}}}, _is_string("kernel"),
+                                 _is_string("initrd"), _is_string("append", minLength=1)]}}],
 }
 
 NIC_VIEW = {
@@ -461,7 +476,8 @@ STOP_OPTIONS = {
 
 def component_schemas() -> dict:
     return {
-        "InstanceSpec": INSTANCE_SPEC, "NicSpec": NIC_SPEC,
+        "InstanceSpec": INSTANCE_SPEC, "KernelBootSpec": KERNEL_BOOT_SPEC, "DiskBootSpec": DISK_BOOT_SPEC,
+        "InstanceSpecFields": INSTANCE_SPEC_BASE, "NicSpec": NIC_SPEC,
         "InstanceView": INSTANCE_VIEW, "NicView": NIC_VIEW, "Timings": TIMINGS, "InstanceList": INSTANCE_LIST,
         "StopOptions": STOP_OPTIONS, "Health": HEALTH, "Event": EVENT, "Error": ERROR,
         **_migration_api.SCHEMAS,

@@ -138,10 +138,10 @@ def test_the_two_things_the_schema_cannot_say_are_documented():
     assert "MACs must differ" in DOC["components"]["schemas"]["NicSpec"]["description"]
     many = base(nics=[nic(ip=f"10.0.0.{i + 2}", queues=16) for i in range(5)])
     assert SPEC.is_valid(many) and not server_accepts(many)
-    assert "64 queues in all" in DOC["components"]["schemas"]["InstanceSpec"]["properties"]["nics"]["description"]
+    assert "64 queues in all" in DOC["components"]["schemas"]["InstanceSpecFields"]["properties"]["nics"]["description"]
 
 
-@pytest.mark.parametrize("schema, model", [("InstanceSpec", InstanceSpec), ("NicSpec", NicSpec),
+@pytest.mark.parametrize("schema, model", [("InstanceSpecFields", InstanceSpec), ("NicSpec", NicSpec),
                                            ("StopOptions", StopOptions),
                                            ("MigrateBody", _migration_api.MigrateBody),
                                            ("PrepareBody", _migration_api.PrepareBody)])
@@ -160,9 +160,16 @@ def test_prepare_body_spec_is_the_instance_spec():
     assert not v.is_valid({"spec": base(disk="/d")})
 
 
-def test_kernel_disk_exclusivity_is_a_oneof():
-    titles = [b["title"] for b in DOC["components"]["schemas"]["InstanceSpec"]["oneOf"]]
-    assert titles == ["KernelBoot", "DiskBoot"]
+def test_kernel_disk_exclusivity_is_a_oneof_of_complete_specs():
+    schemas = DOC["components"]["schemas"]
+    assert schemas["InstanceSpec"]["oneOf"] == [{"$ref": "#/components/schemas/KernelBootSpec"},
+                                                {"$ref": "#/components/schemas/DiskBootSpec"}]
+    for branch in ("KernelBootSpec", "DiskBootSpec"):  # each the whole spec, for client generators
+        assert schemas[branch]["allOf"][0] == {"$ref": "#/components/schemas/InstanceSpecFields"}
+    kernel, disk = validator("KernelBootSpec"), validator("DiskBootSpec")
+    assert kernel.is_valid(base()) and not disk.is_valid(base())
+    d = {"name": "vm1", "memory": 64, "disk": "/d"}
+    assert disk.is_valid(d) and not kernel.is_valid(d)
 
 
 def _no_untyped_arrays(node, path="$"):
