@@ -275,6 +275,15 @@ def test_lifecycle_with_real_qemu(tmp_path):
      types) = with_api(tmp_path, go, qemu=QEMU)
     assert created.status_code == 201, created.text
     view = created.json()
+    # the real node's answers are what the OpenAPI document says they are
+    import jsonschema_rs
+
+    doc = openapi()
+    for schema, doc_ in (("InstanceView", view), ("InstanceView", shown.json()), ("InstanceView", stopped.json()),
+                         ("InstanceList", listed.json()), ("Error", dup.json()), ("Error", gone.json())):
+        v = jsonschema_rs.Draft202012Validator({"$ref": f"#/components/schemas/{schema}",
+                                                "components": doc["components"]})
+        assert v.is_valid(doc_), (schema, doc_, [str(e) for e in v.iter_errors(doc_)][:3])
     assert view["state"] == "running" and view["pid"] > 0 and view["name"] == "real1"
     assert created.headers["location"] == "/v1/instances/real1"
     assert dup.status_code == 409 and dup.json()["field"] == "name"
