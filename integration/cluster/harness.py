@@ -578,9 +578,9 @@ def _cmdline(pid: int) -> bytes:
 
 
 def resource_xml(rid: str, spec: Path, *, peers: str = "", qsup: str | None = None, monitor: str = "5s",
-                 extra_meta: dict | None = None) -> str:
+                 extra_meta: dict | None = None, extra_params: dict | None = None) -> str:
     """The resource template: ocf:qsup:qsup, live-migratable."""
-    params = {"name": rid, "spec": str(spec)}
+    params = {"name": rid, "spec": str(spec), **(extra_params or {})}
     if peers:
         params["peers"] = peers
     if qsup:

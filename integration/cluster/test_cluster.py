@@ -162,6 +162,61 @@ def test_standby_evacuates_by_live_migration(cluster, vm):
     cluster.wait_idle()
 
 
+def test_source_daemon_killed_during_migration(cluster):
+    """SIGKILL the source's qsup daemon while Pacemaker live-migrates a guest, restart it a
+    second later: whatever the outcome, the guest ends on exactly one node, the one Pacemaker
+    reports."""
+    name, ip, mac = "vm2", f"{GUEST_NET}.11", "52:54:00:c1:00:11"
+    spec = cluster.workdir / f"{name}.json"
+    spec.write_text(json.dumps(guest_spec(name, [{"mode": "routed", "mac": mac, "ip": ip}],
+                                          append=f"guest.ip0={ip}/32")))
+    # ~90 MB of non-zero pages at 10 MB/s: the stream runs for seconds, long enough to kill into
+    cluster.add_resource(resource_xml(name, spec, peers=cluster.peer_map(), qsup=QSUP,
+                                      extra_params={"migrate_options": "--max-bandwidth 10000000"}))
+    try:
+        src = _wait_started(cluster, name)
+        daemon = cluster.node(src).qsup
+        daemon.wait_console(name)
+        dst = next(n.name for n in cluster.nodes if n.name != src)
+        cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
+        deadline = time.monotonic() + 60
+        while ((cluster.view(cluster.node(src), name) or {}).get("migration") or {}).get("status") != "active":
+            assert time.monotonic() < deadline, cluster.view(cluster.node(src), name)
+            time.sleep(0.1)
+        daemon.kill()
+        time.sleep(1)
+        daemon.start()
+        deadline = time.monotonic() + 120
+        while True:
+            where, running = cluster.locate(name), _running_on(cluster, name)
+            if len(where) == 1 and running == where:
+                break
+            assert time.monotonic() < deadline, (where, _holders(cluster, name), cluster.operations(name))
+            time.sleep(0.5)
+        cluster.wait_idle()
+        assert _running_on(cluster, name) == cluster.locate(name) and len(cluster.locate(name)) == 1
+        assert _holders(cluster, name) == {cluster.locate(name)[0]: "running"}
+        assert cluster.fabric.ping(ip)
+        print(f"killed {src}'s daemon mid-migration: guest on {cluster.locate(name)[0]}; "
+              f"operations {[(n, op, res) for _, n, op, res in cluster.operations(name) if op != 'monitor']}")
+    finally:
+        cluster.crm("crm_resource", "--clear", "--resource", name, check=False)
+        _remove_resource(cluster, name)
+    assert _holders(cluster, name) == {}
+
+
+def _remove_resource(c: Cluster, name: str) -> None:
+    c.crm("crm_resource", "--resource", name, "--meta", "--set-parameter", "target-role",
+          "--parameter-value", "Stopped", check=False)
+    deadline = time.monotonic() + 90
+    while c.locate(name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    c.wait_idle()
+    c.cib("--delete", "-o", "resources", "--xml-text", f'<primitive id="{name}"/>')
+    c.crm("crm_resource", "--cleanup", "--resource", name, check=False)
+    c.wait_idle()
+
+
 def test_ocf_tester_against_live_node(cluster):
     """ocf-tester runs the agent through its whole contract on node3's live qsup daemon
     (its own instance, outside Pacemaker), then one monitor call's cost is measured."""
