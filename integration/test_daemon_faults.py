@@ -121,8 +121,9 @@ def assert_final_or_live(ns, client, dm: QsupDaemon, name: str, qemu_pids: set[i
 
 def test_daemon_killed_in_the_middle_of_a_start(node, daemons, tmp_path):
     node_ns, client = node
-    # just before the rule: the route in table 100 is applied (and journaled), the rule not yet
-    hooks, pidfile = kill_hook(tmp_path, "rule4", "before.d", "start", "up")
+    # right after the rule, the last L3 step, before ``cont``: the rule outlives QEMU's tap,
+    # so only the restarted daemon's journal recovery can remove it
+    hooks, pidfile = kill_hook(tmp_path, "rule4", "after.d", "start", "up")
     dm = daemons(node_ns, hooks_dir=hooks)
     pidfile.write_text(str(dm.pid))
     spec = dm.workdir / "spec-ds.json"
@@ -135,6 +136,7 @@ def test_daemon_killed_in_the_middle_of_a_start(node, daemons, tmp_path):
     rec = json.loads((dm.state_dir / "instances" / "ds" / "record.json").read_text())
     assert rec["state"] == "starting" and pid_alive(rec["pid"]), rec
     assert IP in node_ns.run("ip", "route", "show", "table", "100")
+    assert "lookup 100" in node_ns.run("ip", "rule", "show")
     dm.start()
     state = assert_final_or_live(node_ns, client, dm, "ds", {rec["pid"]})
     assert state == "failed", state  # a start cut short is rolled back, not resumed
