@@ -45,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -57,6 +58,7 @@ from topo import ROOT, VENV_BIN, Netns, QsupDaemon, pid_alive, veth  # noqa: E40
 AGENT = ROOT / "contrib" / "ocf" / "qsup"
 REMOTED = ROOT / "build" / "cluster" / "pacemaker-remote" / "usr" / "sbin" / "pacemaker-remoted"
 NODEINIT = HERE / "nodeinit.py"
+FENCE_AGENT = HERE / "fence_qsuptest"
 FABRIC_NET = "192.168.100"
 GUEST_NET = "10.99.0"
 CLUSTER_BINARIES = ("corosync", "corosync-keygen", "pacemakerd", "cibadmin", "crm_resource", "crm_mon",
@@ -238,6 +240,13 @@ class ClusterNode:
             f"mkdir {ocf}/qsup && touch {ocf}/qsup/qsup && mount --bind {AGENT} {ocf}/qsup/qsup",
             *[f"mount --bind {d / src} {dst}" for src, dst in binds],
             f"mkdir -p /run/qsup && mount --bind {self.qsup_dir} /run/qsup",
+            # /usr/sbin = the host's (symlinked) plus the test fence agent: the fencer only
+            # runs fence_* agents from there
+            "mkdir -p /run/.sbin-host /run/.sbin",
+            "mount --bind /usr/sbin /run/.sbin-host",
+            "cp -as /run/.sbin-host/. /run/.sbin/",
+            f"ln -s {FENCE_AGENT} /run/.sbin/fence_qsuptest",
+            "mount --bind /run/.sbin /usr/sbin",
         ])
         subprocess.run(["nsenter", "-t", str(self.holder_pid), "-m", "-u", "--", "sh", "-c", script],
                        check=True, capture_output=True, text=True, timeout=30)
@@ -414,8 +423,16 @@ system {{
                 raise TimeoutError(f"corosync not quorate in {timeout}s: {[r.stdout[-400:] for r in outs]}")
             time.sleep(0.3)
 
+    def live(self) -> ClusterNode:
+        """The first node whose cluster stack still runs (commands go there)."""
+        for n in self.nodes:
+            if n.holder_pid and pid_alive(n.holder_pid) and n.pacemakerd and n.pacemakerd.alive() \
+                    and n.corosync and n.corosync.alive():
+                return n
+        raise RuntimeError("no live cluster node")
+
     def status(self, node: ClusterNode | None = None) -> ET.Element:
-        r = (node or self.nodes[0]).run("crm_mon", "-1", "--output-as=xml", check=False, timeout=20)
+        r = (node or self.live()).run("crm_mon", "-1", "--output-as=xml", check=False, timeout=20)
         return ET.fromstring(r.stdout) if r.stdout.strip().startswith("<") else ET.Element("none")
 
     def wait_online(self, timeout: float = 60) -> None:
@@ -435,9 +452,10 @@ system {{
         """Until the DC has no transition in progress (``crmadmin -q -S DC`` says S_IDLE)."""
         deadline = time.monotonic() + timeout
         while True:
-            r = self.nodes[0].run("crmadmin", "-D", "-q", check=False, timeout=10)
+            live = self.live()
+            r = live.run("crmadmin", "-D", "-q", check=False, timeout=10)
             dc = (r.stdout.strip() or r.stderr.strip()).split()[-1] if (r.stdout or r.stderr).strip() else ""
-            s = self.nodes[0].run("crmadmin", "-q", "-S", dc, check=False, timeout=10) if dc else None
+            s = live.run("crmadmin", "-q", "-S", dc, check=False, timeout=10) if dc else None
             if s is not None and "S_IDLE" in (s.stdout + s.stderr):
                 return
             if time.monotonic() > deadline:
@@ -450,13 +468,13 @@ system {{
         return next(n for n in self.nodes if n.name == name)
 
     def cib(self, *args: str, input: str | None = None, node: ClusterNode | None = None) -> str:
-        return (node or self.nodes[0]).run("cibadmin", *args, input=input).stdout
+        return (node or self.live()).run("cibadmin", *args, input=input).stdout
 
     def add_resource(self, xml: str) -> None:
         self.cib("--create", "-o", "resources", "--xml-pipe", input=xml)
 
     def crm(self, *args: str, node: ClusterNode | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return (node or self.nodes[0]).run(*args, check=check)
+        return (node or self.live()).run(*args, check=check)
 
     def locate(self, rsc: str) -> list[str]:
         """Nodes Pacemaker reports the resource active on."""
@@ -511,12 +529,79 @@ system {{
         r = node.qsup.cli("show", name, "--json", check=False, timeout=30)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
+    # --- fencing -----------------------------------------------------------------------------
+
+    def enable_fencing(self) -> None:
+        """A stonith resource (``fence_qsuptest``) whose "power switch" is a harness thread:
+        a fence request kills every process in the victim's namespaces (corosync, pacemaker,
+        qsup, its QEMUs); then ``stonith-enabled=true``."""
+        self.switch = self.workdir / "switch"
+        (self.switch / "requests").mkdir(parents=True, exist_ok=True)
+        (self.switch / "done").mkdir(exist_ok=True)
+        self.fenced: list[tuple[str, float]] = []
+        self._switch_stop = threading.Event()
+        self._switch = threading.Thread(target=self._power_switch, daemon=True)
+        self._switch.start()
+        names = " ".join(n.name for n in self.nodes)
+        self.cib("--create", "-o", "resources", "--xml-pipe", input=f"""<primitive id="fence-switch" class="stonith" type="fence_qsuptest">
+    <instance_attributes id="fence-switch-params">
+      <nvpair id="fence-switch-dir" name="switch_dir" value="{self.switch}"/>
+      <nvpair id="fence-switch-nodes" name="nodes" value="{names}"/>
+      <nvpair id="fence-switch-hosts" name="pcmk_host_list" value="{names}"/>
+      <nvpair id="fence-switch-check" name="pcmk_host_check" value="static-list"/>
+    </instance_attributes>
+    <operations>
+      <op id="fence-switch-monitor" name="monitor" interval="60s"/>
+    </operations>
+  </primitive>""")
+        self.crm("crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--update", "true")
+        self.wait_idle()
+
+    def _power_switch(self) -> None:
+        req, done = self.switch / "requests", self.switch / "done"
+        while not self._switch_stop.is_set():
+            for f in sorted(req.iterdir()):
+                if f.name.startswith("."):
+                    continue
+                target = f.name.split(".")[0]
+                ok = "ok"
+                try:
+                    self.power_off(self.node(target))
+                except Exception as e:  # noqa: BLE001 -- answered to the fence agent
+                    ok = f"error {e}"
+                self.fenced.append((target, time.time()))
+                tmp = done / ("." + f.name)
+                tmp.write_text(ok)
+                tmp.rename(done / f.name)
+                f.unlink()
+            self._switch_stop.wait(0.1)
+
+    def power_off(self, node: ClusterNode) -> None:
+        """What a power switch does: every process in the node's namespaces gets SIGKILL."""
+        deadline = time.monotonic() + 10
+        while True:
+            procs = node.processes()
+            if not procs:
+                return
+            for p in procs:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node.name}: processes survive SIGKILL: {procs}")
+            time.sleep(0.05)
+
     # --- teardown ----------------------------------------------------------------------------
 
     def close(self) -> list[str]:
         """Tear everything down in reverse order; return what was left (must be empty)."""
         left: list[str] = []
-        live = [n for n in self.nodes if n.pacemakerd and n.pacemakerd.alive()]
+        if getattr(self, "_switch", None):
+            self._switch_stop.set()
+            self._switch.join(timeout=5)
+        live = [n for n in self.nodes if n.pacemakerd and n.pacemakerd.alive()
+                and n.corosync and n.corosync.alive()]
         if live:  # no recovery, no migration while the cluster goes away
             live[0].run("crm_attribute", "--type", "crm_config", "--name", "maintenance-mode",
                         "--update", "true", check=False, timeout=20)

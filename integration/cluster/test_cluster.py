@@ -11,6 +11,8 @@ mount, no namespace, no QEMU.
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import time
 
@@ -102,6 +104,12 @@ def _assert_migrated_by_pacemaker(c: Cluster, name: str, src: str, dst: str) -> 
 def _last_seq(c: Cluster, node: str) -> int:
     ev = c.node(node).qsup.events()
     return ev[-1]["seq"] if ev else 0
+
+
+def test_agent_is_the_shipped_one():
+    assert AGENT.exists() and AGENT.stat().st_mode & 0o755 == 0o755
+    out = subprocess.run([str(AGENT), "meta-data"], capture_output=True, text=True, check=True).stdout
+    assert '<action name="migrate_to"' in out and '<action name="migrate_from"' in out
 
 
 def test_guest_placed_and_started(cluster, vm):
@@ -256,7 +264,61 @@ echo "$(awk "BEGIN{print $a/1000}") $(awk "BEGIN{print $c/1000}")"
 """
 
 
-def test_agent_is_the_shipped_one():
-    assert AGENT.exists() and AGENT.stat().st_mode & 0o755 == 0o755
-    out = subprocess.run([str(AGENT), "meta-data"], capture_output=True, text=True, check=True).stdout
-    assert '<action name="migrate_to"' in out and '<action name="migrate_from"' in out
+def _running_via_sockets(c: Cluster, name: str) -> list[str]:
+    """Nodes whose daemon says ``name`` runs, asked straight on the sockets (fast enough to
+    sample); a daemon that does not answer counts as not running it (it was powered off)."""
+    out = []
+    for n in c.nodes:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(2)
+                s.connect(str(n.socket))
+                s.sendall(f"GET /v1/instances/{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError:
+            continue
+        head, _, body = data.partition(b"\r\n\r\n")
+        if b" 200 " in head.split(b"\r\n")[0] + b" " and b'"state":"running"' in body.replace(b" ", b""):
+            out.append(n.name)
+    return out
+
+
+def test_fenced_node_guest_restarted_elsewhere_once(cluster):
+    """Corosync dies on the guest's node (qsup and the guest live on): the others must fence
+    it before starting the guest anywhere else, and then start it exactly once.  Runs last:
+    the fenced node stays off."""
+    cluster.enable_fencing()
+    name, ip, mac = "vm3", f"{GUEST_NET}.12", "52:54:00:c1:00:12"
+    spec = cluster.workdir / f"{name}.json"
+    spec.write_text(json.dumps(guest_spec(name, [{"mode": "routed", "mac": mac, "ip": ip}],
+                                          append=f"guest.ip0={ip}/32")))
+    cluster.add_resource(resource_xml(name, spec, peers=cluster.peer_map(), qsup=QSUP))
+    victim = cluster.node(_wait_started(cluster, name))
+    victim.qsup.wait_console(name)
+    survivors = [n.name for n in cluster.nodes if n is not victim]
+    t0 = time.time()
+    victim.corosync.signal(signal.SIGKILL)
+    max_running, samples, where = 0, 0, []
+    deadline = time.monotonic() + 150
+    while True:
+        running = _running_via_sockets(cluster, name)
+        max_running, samples = max(max_running, len(running)), samples + 1
+        if cluster.fenced and len(running) == 1 and running[0] in survivors:
+            where = cluster.locate(name)
+            if where == running:
+                break
+        assert time.monotonic() < deadline, (cluster.fenced, running, cluster.operations(name))
+        time.sleep(0.1)
+    cluster.wait_idle()
+    assert max_running == 1, f"two copies seen in {samples} samples"
+    assert [t for t, _ in cluster.fenced] == [victim.name]
+    fence_t = cluster.fenced[0][1]
+    assert not victim.processes()  # the switch left nothing of it: no qsup, no QEMU
+    starts = [(n, res) for _, n, op, res in cluster.operations(name) if op == "start" and n in survivors]
+    assert starts == [(where[0], "ok")], cluster.operations(name)
+    assert _running_via_sockets(cluster, name) == where
+    assert cluster.fabric.ping(ip)
+    print(f"fenced {victim.name} {fence_t - t0:.1f} s after its corosync died; {name} restarted on "
+          f"{where[0]} ({samples} samples, never two copies)")
