@@ -214,7 +214,7 @@ class Instance:
         write_json(self.ctx.layout.record_path(self.name), self.record())
 
     def _on_state(self, old: State, new: State, reason: str) -> None:
-        log.info("state", old=old.value, new=new.value, reason=reason)
+        log.info("state", instance=self.name, old=old.value, new=new.value, reason=reason)
         self.emit(f"instance.{new.value}", previous=old.value, reason=reason)
         # The record matters to a restarted daemon only for starting/migrating
         # (running vs paused comes from query-status), so pause/resume don't
@@ -285,7 +285,7 @@ class Instance:
             self.cause = cause
             if error:
                 self.error = error
-            log.info("exit", cause=cause.value, error=error)
+            log.info("exit", instance=self.name, cause=cause.value, error=error)
 
     async def run(self, launcher, *args, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The instance's one task: launch, supervise, tear down.
@@ -588,8 +588,10 @@ class Instance:
             elif name == "SHUTDOWN" and data.get("guest"):
                 self.exit(ExitCause.GUEST_SHUTDOWN, None)
         # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
-        # lingers with a dead monitor it cannot be controlled any more.
-        with trio.move_on_after(2):
+        # lingers with a dead monitor it cannot be controlled any more.  When
+        # an exit is already under way its own path escalates; this is the
+        # backstop.
+        with trio.move_on_after(2 if self.cause is None else 15):
             await self.proc.wait()
         if self.proc.alive:
             log.error("QMP lost but qemu still alive; killing it")

@@ -425,8 +425,8 @@ class OutgoingMigration:
                 await qmp.execute("migrate-start-postcopy")
             elif status == "pre-switchover":
                 t = time.perf_counter()
-                self.port.checkpoint(Checkpoint.RELEASE)
                 self.l3_released = True  # before: a release that fails half-way must be put back
+                self.port.checkpoint(Checkpoint.RELEASE)
                 await self.port.release_l3()
                 self.l3_gone = True
                 t_rel = time.perf_counter()

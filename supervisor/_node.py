@@ -24,6 +24,7 @@ import netconf
 import qmp_glue
 
 from ._config import Config
+from ._faults import NO_FAULTS
 from ._instance import Instance, NodeContext, StartError, check_host
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
@@ -54,8 +55,9 @@ class NotFound(KeyError):
 
 
 class Node:
-    def __init__(self, cfg: Config, events):
+    def __init__(self, cfg: Config, events, *, faults=NO_FAULTS):
         self.cfg = cfg
+        self.faults = faults  # supervisor._faults.Faults in fault-injection tests
         self.layout = Layout(cfg.state_dir, cfg.run_dir)
         self.events = events
         self.instances: dict[str, Instance] = {}
@@ -74,7 +76,7 @@ class Node:
         sys.setswitchinterval(0.0005)
         hooks = netconf.Hooks(self.cfg.hooks_dir, timeout=self.cfg.hook_timeout) if self.cfg.hooks_dir else None
         with qmp_glue.AsyncioThread() as aio, netconf.NetconfWorker() as worker:
-            self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks)
+            self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks, self.faults)
             if self.cfg.announce_interfaces:
                 # open the packet socket now: the first announce is on a migration's critical path
                 await worker.run(netconf.announce, [])

@@ -1,0 +1,241 @@
+"""A stand-in for qemu-system-x86_64, for unit tests of the instance core without root.
+
+Run with the argv the supervisor builds (``supervisor._qemu.build_argv``).  It
+serves both QMP monitors on their unix socket paths with the real wire
+protocol (:class:`qmp_peer.QMPPeer`), keeps a run state the way QEMU does
+(``prelaunch``/``inmigrate`` under ``-S``, ``running``, ``paused``,
+``postmigrate``, ``guest-panicked``), and migrates over a real TCP connection
+to another fake: MIGRATION ``setup``/``active``/``pre-switchover`` (with
+``pause-before-switchover``)/``device``/``completed`` on the source, and
+``active``/``completed`` -- or ``failed`` and exit, as QEMU 7.2 does -- on the
+destination.  Only QEMU is fake; the supervisor runs its real code.
+
+Behaviour knobs come as JSON in ``$FAKE_QEMU``:
+``fail`` (print it and exit 1 before the monitors exist), ``ignore_powerdown``,
+``ignore_quit``, ``migrate_seconds`` (how long RAM "moves").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from qmp_peer import PeerError, QMPPeer  # noqa: E402
+
+
+def _chardev_paths(argv: list[str]) -> dict[str, str]:
+    paths = {}
+    for i, a in enumerate(argv[:-1]):
+        if a == "-chardev" and argv[i + 1].startswith("socket,"):
+            opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",")[1:] if "=" in kv)
+            paths[opts["id"]] = opts["path"]
+    return paths
+
+
+class FakeQemu:
+    def __init__(self, argv: list[str], knobs: dict):
+        self.knobs = knobs
+        self.incoming = "-incoming" in argv
+        self.status = "inmigrate" if self.incoming else ("prelaunch" if "-S" in argv else "running")
+        self.caps: dict[str, bool] = {}
+        self.migration = "none"
+        self.vm_was_running = False
+        self.continue_switchover = trio.Event()
+        self.cancelled = False
+        self.peers = [QMPPeer(p) for p in _chardev_paths(argv).values()]
+        self._nursery: trio.Nursery | None = None
+        for peer in self.peers:
+            peer.close_on_quit = False
+            peer.handlers.update({
+                "query-status": self.query_status, "cont": self.cont, "stop": self.stop,
+                "system_powerdown": self.powerdown, "system_reset": self.reset,
+                "migrate-set-capabilities": self.set_caps, "migrate-set-parameters": lambda a: {},
+                "migrate": self.migrate, "migrate-incoming": self.migrate_incoming,
+                "migrate-continue": self.migrate_continue, "migrate_cancel": self.migrate_cancel,
+                "query-migrate": lambda a: {"status": self.migration}, "announce-self": lambda a: {},
+                "inject-nmi": self.panic,
+            })
+
+    # -- events and exit -----------------------------------------------------
+    async def emit(self, event: str, data: dict | None = None) -> None:
+        for peer in self.peers:
+            await peer.emit(event, data)
+
+    async def set_migration(self, status: str) -> None:
+        self.migration = status
+        if self.caps.get("events"):
+            await self.emit("MIGRATION", {"status": status})
+
+    def exit(self, code: int) -> None:
+        sys.stdout.flush()
+        os._exit(code)
+
+    # -- run state -----------------------------------------------------------
+    def query_status(self, args: dict) -> dict:
+        return {"status": self.status, "running": self.status == "running", "singlestep": False}
+
+    async def cont(self, args: dict) -> dict:
+        if self.status in ("inmigrate", "postmigrate"):
+            raise PeerError("GenericError", f"cannot cont in state {self.status}")
+        self.status = "running"
+        await self.emit("RESUME")
+        return {}
+
+    async def stop(self, args: dict) -> dict:
+        if self.status == "running":
+            self.status = "paused"
+            await self.emit("STOP")
+        return {}
+
+    async def powerdown(self, args: dict) -> dict:
+        if not self.knobs.get("ignore_powerdown") and self.status == "running":
+            self._nursery.start_soon(self._shutdown)
+        return {}
+
+    async def _shutdown(self) -> None:
+        await trio.sleep(0.05)
+        await self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        self.exit(0)
+
+    async def reset(self, args: dict) -> dict:
+        await self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        if self.status == "guest-panicked":
+            self.status = "paused"
+        return {}
+
+    async def panic(self, args: dict) -> dict:
+        """``inject-nmi`` stands for a guest kernel panic (pvpanic, ``-action panic=pause``)."""
+        self.status = "guest-panicked"
+        await self.emit("GUEST_PANICKED", {"action": "pause", "info": {"type": "fake", "message": "nmi"}})
+        await self.emit("STOP")
+        return {}
+
+    # -- migration -----------------------------------------------------------
+    def set_caps(self, args: dict) -> dict:
+        for c in args["capabilities"]:
+            self.caps[c["capability"]] = c["state"]
+        return {}
+
+    async def migrate(self, args: dict) -> dict:
+        host, port = args["uri"][4:].rsplit(":", 1)
+        self._nursery.start_soon(self._send, host.strip("[]"), int(port))
+        return {}
+
+    async def migrate_continue(self, args: dict) -> dict:
+        if self.migration != "pre-switchover":
+            raise PeerError("GenericError", f"migration not in pre-switchover state ({self.migration})")
+        self.continue_switchover.set()
+        return {}
+
+    async def migrate_cancel(self, args: dict) -> dict:
+        if self.migration in ("setup", "active", "pre-switchover"):
+            self.cancelled = True
+            self.continue_switchover.set()
+        return {}
+
+    async def _send(self, host: str, port: int) -> None:
+        self.vm_was_running = self.status == "running"
+        await self.set_migration("setup")
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            await self._failed("failed")
+            return
+        async with stream:
+            try:
+                await self.set_migration("active")
+                deadline = trio.current_time() + float(self.knobs.get("migrate_seconds", 0.2))
+                while trio.current_time() < deadline and not self.cancelled:
+                    await stream.send_all(b"RAM\n")
+                    await trio.sleep(0.02)
+                if not self.cancelled:
+                    if self.status == "running":
+                        self.status = "paused"  # finish-migrate
+                        await self.emit("STOP")
+                    if self.caps.get("pause-before-switchover"):
+                        await self.set_migration("pre-switchover")
+                        await self.continue_switchover.wait()
+                if self.cancelled:
+                    await self.set_migration("cancelling")
+                    await self._failed("cancelled")
+                    return
+                await self.set_migration("device")
+                await stream.send_all(b"DONE\n")
+                answer = await stream.receive_some(16) if self.caps.get("return-path") else b"OK\n"
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                answer = b""
+        if not answer.startswith(b"OK"):
+            await self._failed("failed")
+            return
+        self.status = "postmigrate"
+        await self.set_migration("completed")
+
+    async def _failed(self, status: str) -> None:
+        await self.set_migration(status)
+        if self.vm_was_running and self.status != "running":
+            self.status = "running"  # QEMU restarts a guest whose migration failed
+            await self.emit("RESUME")
+
+    async def migrate_incoming(self, args: dict) -> dict:
+        host, port = args["uri"][4:].rsplit(":", 1)
+        listeners = await trio.open_tcp_listeners(int(port), host=host.strip("[]"))
+        self._nursery.start_soon(self._receive, listeners[0])
+        return {}
+
+    async def _receive(self, listener) -> None:
+        async with listener:
+            stream = await listener.accept()
+        await self.set_migration("active")
+        buf = b""
+        async with stream:
+            try:
+                while b"DONE\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    buf = buf[-8:] + data
+            except (trio.BrokenResourceError, OSError):
+                pass
+            if b"DONE\n" not in buf:
+                await self.set_migration("failed")
+                print("qemu-system-x86_64: load of migration failed: Input/output error", flush=True)
+                self.exit(1)
+            self.status = "paused"
+            await self.set_migration("completed")
+            try:
+                await stream.send_all(b"OK\n")
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+    # -- main ------------------------------------------------------------------
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            for peer in self.peers:
+                if os.path.exists(peer.path):
+                    os.unlink(peer.path)
+                await n.start(peer.serve)
+            if self.knobs.get("ignore_quit"):
+                return
+            while True:  # quit: QMPPeer replies; the process then exits, like QEMU
+                await trio.sleep(0.01)
+                if any(cmd == "quit" for peer in self.peers for cmd, _ in peer.received):
+                    await trio.sleep(0.01)
+                    self.exit(0)
+
+
+def main() -> None:
+    knobs = json.loads(os.environ.get("FAKE_QEMU", "{}"))
+    if knobs.get("fail"):
+        print(f"qemu-system-x86_64: {knobs['fail']}", flush=True)
+        sys.exit(1)
+    trio.run(FakeQemu(sys.argv[1:], knobs).run)
+
+
+if __name__ == "__main__":
+    main()

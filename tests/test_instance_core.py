@@ -1,0 +1,387 @@
+"""The instance core against a fake QEMU: the defects of issue 8, and the invariant under faults.
+
+The invariant (supervisor/_state.py): every QEMU qsup started or adopted is
+supervised by exactly one task or dead, and every instance task ends in a
+final state with its error in an event.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+import trio
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import netconf
+from core_harness import Bench, fake_env, fakes_alive, pid_alive, spec, wait_for
+from supervisor._faults import Checkpoint, Faults
+from supervisor._instance import StartError, check_host
+from supervisor._migration import MigrateOptions
+from supervisor._spec import SpecError
+from supervisor._state import ExitCause, State
+
+
+@pytest.fixture(autouse=True)
+def _no_fakes_left(tmp_path):
+    yield
+    left = fakes_alive(tmp_path)
+    for pid in left:
+        import os
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"fake qemu processes left running: {left}"
+
+
+def run(fn):
+    return trio.run(fn)
+
+
+# -- item 1: a malformed prepare answer --------------------------------------------------------
+
+def _fake_destination(answer: dict, status: int = 201):
+    async def prepare(request):
+        return JSONResponse(answer, status)
+    return Starlette(routes=[Route("/v1/migrations/incoming", prepare, methods=["POST"]),
+                             Route("/v1/migrations/incoming/{name}/abort", prepare, methods=["POST"])])
+
+
+@pytest.mark.parametrize("answer", [{"name": "vm"}, {"name": "vm", "uri": "exec:touch /tmp/qsup-pwned"},
+                                    {"name": "other", "uri": "tcp:127.0.0.1:1"}, ["tcp:127.0.0.1:1"]])
+def test_bad_prepare_answer_fails_the_migration_and_keeps_the_guest_supervised(tmp_path, answer):
+    import functools
+
+    from hypercorn.config import Config as HyperConfig
+    from hypercorn.trio import serve
+
+    a = Bench(tmp_path, "a")
+
+    async def main():
+        async with a.running(), trio.open_nursery() as n:
+            hc = HyperConfig()
+            sock = tmp_path / "evil.sock"
+            hc.bind = [f"unix:{sock}"]
+            await n.start(functools.partial(serve, _fake_destination(answer), hc, shutdown_trigger=trio.sleep_forever))
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(sock)))
+            await wait_for(lambda: inst.state != State.MIGRATING)
+            assert inst.state == State.RUNNING and inst.proc.alive
+            failed = a.of("migration.failed")
+            assert failed and "destination sent an invalid" in failed[-1]["error"] or \
+                "prepared 'other'" in failed[-1]["error"]
+            pid = inst.proc.pid
+            await inst.stop(force=True)
+            assert inst.state == State.STOPPED and not pid_alive(pid)
+            n.cancel_scope.cancel()
+
+    run(main)
+    assert a.state_left() == []
+
+
+# -- item 2: undo failure at pre-switchover ----------------------------------------------------
+
+def test_l3_release_failing_at_pre_switchover_rolls_back_and_keeps_running(tmp_path):
+    faults = Faults(at=Checkpoint.RELEASE, exc=netconf.NetconfError("undo (migrate-out): 1 step(s) failed"))
+    a, b = Bench(tmp_path, "a", faults), Bench(tmp_path, "b")
+
+    async def main():
+        async with a.running(), b.running(api=True):
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            await wait_for(lambda: inst.state != State.MIGRATING)
+            assert inst.state == State.RUNNING and inst.runstate == "running" and inst.proc.alive
+            assert a.of("migration.failed")[-1]["l3_was_released"] is True
+            assert "migration.activated" not in b.types()
+            await wait_for(lambda: "vm" not in b.node.instances or b.node.instances["vm"].state.is_final)
+            await inst.stop()
+            assert inst.state == State.STOPPED
+
+    run(main)
+    assert a.state_left() == [] and b.state_left() == []
+
+
+# -- item 3: a failed reattach -----------------------------------------------------------------
+
+def test_failed_reattach_ends_failed_kills_qemu_and_stop_returns(tmp_path):
+    a = Bench(tmp_path, "a")
+    pid = []
+
+    async def first():
+        async with a.running():
+            inst = await a.node.start(spec(tmp_path))
+            pid.append(inst.proc.pid)
+        # the node left: the guest keeps running for the next daemon
+
+    async def second():
+        (a.dir / "run" / "vm" / "qmp.sock").unlink()  # its monitor can't be reached any more
+        async with a.running():
+            inst = a.node.instances["vm"]
+            with trio.fail_after(15):
+                await inst.done.wait()
+                await inst.stop()
+            assert inst.state == State.FAILED and inst.cause == ExitCause.START_FAILED
+            assert not pid_alive(pid[0])
+            assert any(e["instance"] == "vm" for e in a.of("instance.reattach_failed"))
+
+    run(first)
+    assert pid_alive(pid[0])
+    run(second)
+    assert a.state_left() == []
+
+
+# -- item 4: stop during a migration -----------------------------------------------------------
+
+def test_stop_during_outgoing_migration_cancels_it_then_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_QEMU", fake_env(migrate_seconds=3)["FAKE_QEMU"])
+    a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
+
+    async def main():
+        async with a.running(), b.running(api=True):
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            await wait_for(lambda: inst.migration.status == "active")
+            await inst.stop()
+            assert inst.state == State.STOPPED and inst.cause == ExitCause.REQUESTED_STOP
+            assert "instance.stop_deferred" in a.types("vm")
+            assert a.of("migration.failed")[-1]["result"] in ("cancelled", "failed")
+            await wait_for(lambda: "vm" not in b.node.instances or b.node.instances["vm"].state.is_final)
+            assert "migration.activated" not in b.types()
+
+    run(main)
+    assert a.state_left() == [] and b.state_left() == []
+
+
+def test_stop_on_the_destination_before_activation_never_activates(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_QEMU", fake_env(migrate_seconds=3)["FAKE_QEMU"])
+    a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
+
+    async def main():
+        async with a.running(), b.running(api=True):
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            await wait_for(lambda: getattr(getattr(b.node.instances.get("vm"), "migration", None), "status", "") == "active")
+            dest = b.node.instances["vm"]
+            await dest.stop()
+            assert dest.state == State.STOPPED and "migration.activated" not in b.types()
+            await wait_for(lambda: inst.state != State.MIGRATING)
+            assert inst.state == State.RUNNING and inst.proc.alive  # the source kept the guest
+            await inst.stop()
+
+    run(main)
+    assert a.state_left() == [] and b.state_left() == []
+
+
+def test_migration_completes_and_the_guest_moves(tmp_path):
+    a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
+
+    async def main():
+        async with a.running(), b.running(api=True):
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            with trio.fail_after(15):
+                await inst.done.wait()
+            assert inst.state == State.STOPPED and inst.cause == ExitCause.MIGRATED_OUT
+            dest = b.node.instances["vm"]
+            assert dest.state == State.RUNNING and dest.runstate == "running"
+            assert a.of("migration.completed")[-1]["activation"]["netconf_ms"] is not None
+            await dest.stop()
+
+    run(main)
+    assert a.state_left() == [] and b.state_left() == []
+
+
+# -- item 5: nothing blocking on the trio thread -----------------------------------------------
+
+def test_host_checks_run_off_the_trio_thread(tmp_path, monkeypatch):
+    def slow_check(nic, index=None, **kw):
+        time.sleep(0.5)  # ovs-vsctl can take up to 10 s
+
+    monkeypatch.setattr(netconf, "check_link", slow_check)
+    a = Bench(tmp_path, "a")
+
+    async def main():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await trio.sleep(0.01)
+
+        async with a.running(), trio.open_nursery() as n:
+            n.start_soon(ticker)
+            await trio.sleep(0.05)
+            nics = [{"mode": "routed", "ip": "10.9.0.2"}, {"mode": "routed", "ip": "10.9.0.3"}]
+            inst = await a.node._claim(spec(tmp_path, nics=nics))  # the checks every start/prepare runs
+            gaps = [y - x for x, y in zip(ticks, ticks[1:])]
+            assert len(ticks) > 20 and max(gaps) < 0.3, f"the trio thread stalled for {max(gaps):.2f}s"
+            a.node._drop(inst)
+            assert a.state_left() == [] and a.types() == []  # a claim writes nothing
+            n.cancel_scope.cancel()
+
+    run(main)
+
+
+# -- item 6: field names from check_link pass through ------------------------------------------
+
+def test_check_host_keeps_check_links_field(monkeypatch):
+    nics = [netconf.Nic(instance="vm", mac="52:54:00:00:00:01", mode="bridged", tap="t0", link="lo")]
+    with pytest.raises(SpecError) as e:
+        check_host(nics)
+    assert e.value.field == "nics[0].link" and "not a Linux bridge" in str(e.value)
+
+    def vlan_off(nic, index=None, **kw):
+        raise netconf.NetconfError(f"nics[{index}].vlan: bridge 'br0' has vlan_filtering off")
+
+    monkeypatch.setattr(netconf, "check_link", vlan_off)
+    with pytest.raises(SpecError) as e:
+        check_host(nics)
+    assert e.value.field == "nics[0].vlan" and str(e.value).startswith("nics[0].vlan: bridge")
+
+
+# -- item 7: a dead guest does not show as running ---------------------------------------------
+
+@pytest.mark.parametrize("policy, final", [("pause", State.STOPPED), ("stop", State.CRASHED),
+                                           ("restart", State.STOPPED)])
+def test_guest_panic_is_surfaced_and_handled_by_policy(tmp_path, policy, final):
+    a = Bench(tmp_path, "a", on_panic=policy, powerdown_timeout=30)
+
+    async def main():
+        async with a.running():
+            inst = await a.node.start(spec(tmp_path))
+            await inst.qmp.execute("inject-nmi")  # the fake's stand-in for a guest panic
+            await wait_for(lambda: "guest.panicked" in a.types("vm"))
+            ev = a.of("guest.panicked")[-1]
+            assert ev["policy"] == policy and ev["info"]["type"] == "fake"
+            if policy == "pause":
+                assert inst.state == State.PAUSED and inst.runstate == "guest-panicked"
+                assert inst.view()["runstate"] == "guest-panicked"
+                t = time.monotonic()
+                await inst.stop()  # a guest that cannot run: straight to quit, not 30 s of powerdown
+                assert time.monotonic() - t < 5
+                assert "instance.stop_escalated" in a.types("vm")
+            elif policy == "stop":
+                with trio.fail_after(10):
+                    await inst.done.wait()
+                assert inst.cause == ExitCause.GUEST_PANICKED
+            else:
+                await wait_for(lambda: "guest.restarted" in a.types("vm"))
+                await wait_for(lambda: inst.state == State.RUNNING)
+                await inst.stop()
+            assert inst.state == final
+
+    run(main)
+    assert a.state_left() == []
+
+
+# -- item 8: a failed start says what QEMU said, with the right field --------------------------
+
+def test_failed_start_reports_qemus_words_and_the_field(tmp_path, monkeypatch):
+    a = Bench(tmp_path, "a")
+    s = spec(tmp_path)
+    monkeypatch.setenv("FAKE_QEMU", fake_env(fail=f"could not load kernel '{s.kernel}': Permission denied")["FAKE_QEMU"])
+
+    async def main():
+        async with a.running():
+            with pytest.raises(StartError) as e:
+                await a.node.start(s)
+            assert e.value.field == "kernel"
+            assert "could not load kernel" in str(e.value) and "ExceptionGroup" not in str(e.value)
+            assert "vm" not in a.node.instances
+            failed = a.of("instance.failed")[-1]
+            assert "could not load kernel" in failed["reason"]
+
+    run(main)
+    assert a.state_left() == []
+
+
+# -- stop escalation ---------------------------------------------------------------------------
+
+def test_stop_escalates_powerdown_quit_kill(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_QEMU", fake_env(ignore_powerdown=True, ignore_quit=True)["FAKE_QEMU"])
+    a = Bench(tmp_path, "a", powerdown_timeout=1)
+
+    async def main():
+        async with a.running():
+            inst = await a.node.start(spec(tmp_path))
+            await inst.stop()
+            steps = [e["step"] for e in a.of("instance.stop_escalated")]
+            assert steps == ["quit", "kill"] and inst.state == State.STOPPED
+
+    run(main)
+
+
+# -- the fault matrix --------------------------------------------------------------------------
+
+async def _scenario_start_stop(a: Bench, b: Bench, tmp_path) -> None:
+    inst = await a.node.start(spec(tmp_path))
+    await inst.stop()
+
+
+async def _scenario_escalated_stop(a: Bench, b: Bench, tmp_path) -> None:
+    inst = await a.node.start(spec(tmp_path))
+    await inst.qmp.execute("stop")  # a paused guest: straight to quit
+    await wait_for(lambda: inst.runstate == "paused")
+    await inst.stop()
+
+
+async def _scenario_migrate(a: Bench, b: Bench, tmp_path) -> None:
+    inst = await a.node.start(spec(tmp_path))
+    await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+    with trio.fail_after(20):
+        await inst.done.wait()
+
+
+SCENARIOS = {"start-stop": _scenario_start_stop, "quit": _scenario_escalated_stop, "migrate": _scenario_migrate}
+
+
+def _matrix():
+    points = {
+        "start-stop": [Checkpoint.DIRS, Checkpoint.TAPS, Checkpoint.SPAWNED, Checkpoint.QMP, Checkpoint.ATTACHED,
+                       Checkpoint.ACTIVATED, Checkpoint.CONT, Checkpoint.POWERDOWN],
+        "quit": [Checkpoint.QUIT],
+        "migrate": [Checkpoint.PREPARE, Checkpoint.CAPABILITIES, Checkpoint.MIGRATE, Checkpoint.RELEASE,
+                    Checkpoint.CONTINUE, Checkpoint.STAGED, Checkpoint.LISTENING, Checkpoint.ACTIVATE,
+                    Checkpoint.RESUME, Checkpoint.QUIT],
+    }
+    return [(name, p) for name, ps in points.items() for p in ps]
+
+
+@pytest.mark.parametrize("scenario, point", _matrix(), ids=lambda v: getattr(v, "value", v))
+def test_invariant_holds_after_a_fault_at_every_checkpoint(tmp_path, scenario, point):
+    faults = Faults(at=point)
+    a, b = Bench(tmp_path, "a", faults), Bench(tmp_path, "b", faults)
+
+    async def main():
+        async with a.running(), b.running(api=True):
+            try:
+                with trio.fail_after(30):
+                    await SCENARIOS[scenario](a, b, tmp_path)
+            except (StartError, trio.TooSlowError):
+                pass
+            # settle: every instance is either final, or live with its QEMU alive
+            for bench in (a, b):
+                for inst in list(bench.node.instances.values()):
+                    if inst.state.is_final:
+                        assert inst.done.is_set() and (inst.proc is None or not pid_alive(inst.proc.pid))
+                    elif inst.state != State.MIGRATING:
+                        assert inst.proc.alive and pid_alive(inst.proc.pid), inst.view()
+                await bench.node.stop_all(timeout=1)
+                for inst in bench.node.instances.values():
+                    assert inst.state.is_final, inst.view()
+        assert faults.fired, f"{point.value} was never reached: {faults.reached}"
+        for bench in (a, b):
+            # every instance task ended in a final state, with its reason in the event
+            last = {}
+            for e in bench.events.since(0, 100000):
+                if e["type"].startswith("instance.") and e["type"][9:] in {s.value for s in State}:
+                    last[e["instance"]] = e
+            for name, e in last.items():
+                assert e["type"] in ("instance.stopped", "instance.crashed", "instance.failed"), e
+                assert e["reason"], e
+
+    run(main)
+    assert fakes_alive(tmp_path) == []
+    assert a.state_left() == [] and b.state_left() == []
