@@ -1,0 +1,235 @@
+"""The serial console, capped: a guest can no longer fill the disk through it.
+
+Before, QEMU wrote the console to a file chardev in ``state_dir``: a guest printing in a loop
+grew it by ~143 KB/s, without limit, on the disk that also holds records, journals and the
+event DB.  Now:
+
+* QEMU serves the console on a unix socket (:func:`console_chardev_args`: a ``socket``
+  chardev with ``server=on,wait=off``).  Unconnected, QEMU discards console output instead
+  of blocking the guest;
+* qsup connects and copies what arrives into a :class:`ConsoleLog`: the current file is
+  rotated to ``<log>.1`` when it reaches half of ``console_max_bytes``, so the two files
+  together never exceed ``console_max_bytes``;
+* it survives a daemon restart: QEMU outlives the daemon, the socket is a *path*, and the
+  restarted daemon's :func:`pump_console` connects again (QEMU accepts one client at a time
+  and listens again when it goes).  What the guest prints while no daemon runs is lost,
+  which is the point: nobody is there to bound it.  A pipe would die with the daemon.
+
+When qsup reads slower than the guest prints, QEMU's serial device waits for the socket to
+drain, so a flooding guest is slowed down, and never buffered without bound.
+
+The log is opened ``O_APPEND|O_NOFOLLOW``, mode 0600.  Writes are plain ``os.write`` calls
+from the trio thread: appends of at most 64 KiB to the page cache, no fsync.  A failed write
+(disk full) drops that chunk, logs once a minute and keeps reading, so the guest is never
+blocked by a full disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+import trio
+
+from ._qemuopt import qemu_opt_value
+
+log = structlog.get_logger("qsup.console")
+
+#: The chardev id; ``-serial chardev:ID``.
+CHARDEV_ID = "console"
+READ_SIZE = 65536
+_WARN_EVERY_S = 60.0
+
+
+def console_chardev_args(sock_path: str | os.PathLike, chardev_id: str = CHARDEV_ID) -> list[str]:
+    """The argv fragment for the serial console on a unix socket QEMU listens on.
+
+    Replaces ``-chardev file,id=console,path=... -serial chardev:console`` in _qemu.py.
+    """
+    return [
+        "-chardev",
+        f"socket,id={chardev_id},path={qemu_opt_value(sock_path)},server=on,wait=off",
+        "-serial", f"chardev:{chardev_id}",
+    ]
+
+
+def rotated_path(log_path: str | os.PathLike) -> Path:
+    p = Path(log_path)
+    return p.with_name(p.name + ".1")
+
+
+class ConsoleLog:
+    """An append-only log that keeps at most ``max_bytes`` on disk in two files.
+
+    ``path`` holds the newest output, at most ``max_bytes // 2`` bytes; when the next byte
+    would not fit, ``path`` is renamed over ``path.1`` and a new ``path`` is started.  A log
+    reopened after a restart continues where it was (appending, same cap).
+    """
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int, mode: int = 0o600):
+        if max_bytes < 2:
+            raise ValueError(f"console max_bytes must be at least 2, got {max_bytes}")
+        self.path = Path(path)
+        self.rotated = rotated_path(self.path)
+        self.max_bytes = max_bytes
+        self.file_cap = max_bytes // 2
+        self._mode = mode
+        self._fd: int | None = None
+        self._size = 0
+        self.written = 0  # bytes accepted since open (for tests and metrics)
+        self.dropped = 0  # bytes lost to write errors
+        self._warned_at = float("-inf")
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, self._mode)
+        self._fd, self._size = fd, os.fstat(fd).st_size
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self.path, self.rotated)
+        self._open()
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``, rotating as needed.  Never raises for I/O errors (drops instead)."""
+        view = memoryview(data)
+        try:
+            while view:
+                if self._fd is None:
+                    self._open()
+                room = self.file_cap - self._size
+                if room <= 0:
+                    self._rotate()
+                    continue
+                n = os.write(self._fd, view[:room])
+                self._size += n
+                self.written += n
+                view = view[n:]
+        except OSError as e:
+            self.dropped += len(view)
+            now = time.monotonic()
+            if now - self._warned_at >= _WARN_EVERY_S:
+                self._warned_at = now
+                log.warning("console.write_failed", path=str(self.path),
+                            error=errno.errorcode.get(e.errno, str(e)), dropped=self.dropped)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ConsoleLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike,
+                       max_bytes: int, *, retry_min: float = 0.05, retry_max: float = 1.0,
+                       connect_timeout: float = 5.0,
+                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Copy the console from QEMU's socket into a capped :class:`ConsoleLog`, until cancelled.
+
+    Connects to ``sock_path`` (retrying with backoff while QEMU is not listening yet),
+    copies until EOF (QEMU exited, or dropped the connection), then connects again: the
+    caller cancels it when the instance goes.  For ``nursery.start``: reports ``True`` once
+    connected the first time, or ``False`` if that took longer than ``connect_timeout`` (it
+    keeps trying either way).  Start it after QEMU is spawned and before ``cont`` so nothing
+    the guest prints at boot is lost.
+    """
+    console = ConsoleLog(log_path, max_bytes)
+    reported = False
+    deadline = trio.current_time() + connect_timeout
+    delay = retry_min
+    try:
+        while True:
+            try:
+                stream = await trio.open_unix_socket(os.fspath(sock_path))
+            except OSError:
+                if not reported and trio.current_time() >= deadline:
+                    reported = True
+                    task_status.started(False)
+                await trio.sleep(delay)
+                delay = min(retry_max, delay * 2)
+                continue
+            delay = retry_min
+            if not reported:
+                reported = True
+                task_status.started(True)
+            log.debug("console.connected", socket=os.fspath(sock_path))
+            async with stream:
+                while True:
+                    try:
+                        data = await stream.receive_some(READ_SIZE)
+                    except trio.BrokenResourceError:
+                        break
+                    if not data:
+                        break
+                    console.write(data)
+            log.debug("console.disconnected", socket=os.fspath(sock_path))
+    finally:
+        console.close()
+
+
+def read_console(log_path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The kept console output, oldest first (``.1`` then current); the last ``max_bytes``."""
+    out = b""
+    for p in (rotated_path(log_path), Path(log_path)):
+        try:
+            out += p.read_bytes()
+        except FileNotFoundError:
+            pass
+    return out if max_bytes is None else out[-max_bytes:]
+
+
+async def follow_console(log_path: str | os.PathLike, *, from_start: bool = False,
+                         poll: float = 0.2) -> AsyncIterator[bytes]:
+    """Yield console output as it is written (for ``qsup console NAME``), across rotations.
+
+    Starts at the end of the log (or with everything kept, ``from_start``).  On rotation it
+    finishes the renamed file through its open fd, then continues with the new one.
+    """
+    path = Path(log_path)
+    if from_start:
+        kept = read_console(path)
+        if kept:
+            yield kept
+    f = None
+    try:
+        while f is None:
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                await trio.sleep(poll)
+        if not from_start:
+            f.seek(0, os.SEEK_END)
+        else:
+            f.seek(os.fstat(f.fileno()).st_size)  # already yielded by read_console
+        while True:
+            chunk = f.read(READ_SIZE)
+            if chunk:
+                yield chunk
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_ino != os.fstat(f.fileno()).st_ino:
+                rest = f.read()  # rotated: the old file's tail, then the new file
+                if rest:
+                    yield rest
+                f.close()
+                f = open(path, "rb")
+                continue
+            await trio.sleep(poll)
+    finally:
+        if f is not None:
+            f.close()
