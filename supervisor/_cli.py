@@ -646,4 +646,4 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="qsup")

@@ -293,19 +293,39 @@ def test_sigint_exits_cleanly_like_sigterm(tmp_path):
     assert '"signal": "SIGINT"' in Path(d.log.name).read_text()
 
 
+class _Lines:
+    """``proc``'s stdout lines through a thread: ``next_json()`` fails after a timeout, never hangs."""
+
+    def __init__(self, proc):
+        import queue
+        import threading
+
+        self.q: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.q.put(l) for l in proc.stdout], daemon=True).start()
+
+    def next_json(self, timeout: float = 20) -> dict:
+        import queue
+
+        try:
+            return json.loads(self.q.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"no event within {timeout} s") from None
+
+
 def test_follow_reconnects_across_a_daemon_restart_without_gap(tmp_path):
     d = Daemon(tmp_path)
     tail = subprocess.Popen([*QSUP, "events", "--follow", "--json", "--socket", str(d.sock)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**_env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    lines = _Lines(tail)
     try:
-        first = json.loads(tail.stdout.readline())
+        first = lines.next_json()
         assert first["type"] == "daemon.ready"
         assert d.stop() == 0
         d = Daemon(tmp_path)  # same state dir and socket: a restart
         got = [first]
         while not (got[-1]["type"] == "daemon.ready" and got[-1]["seq"] > first["seq"]):
-            got.append(json.loads(tail.stdout.readline()))
+            got.append(lines.next_json())
         seqs = [e["seq"] for e in got]
         assert seqs == list(range(first["seq"], first["seq"] + len(seqs))), seqs  # no gap, no duplicate
         assert "daemon.stopping" in [e["type"] for e in got]
@@ -313,7 +333,7 @@ def test_follow_reconnects_across_a_daemon_restart_without_gap(tmp_path):
         p = tmp_path / "ok.json"
         p.write_text(json.dumps({"name": "after", "memory": 64, "kernel": "/k"}))
         assert d.cli("start", str(p)).returncode == 1
-        nxt = json.loads(tail.stdout.readline())
+        nxt = lines.next_json()
         assert (nxt["seq"], nxt["instance"]) == (seqs[-1] + 1, "after")
     finally:
         tail.kill()
