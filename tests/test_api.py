@@ -206,7 +206,7 @@ def test_health_metrics_openapi(tmp_path):
     assert {"/v1/instances", "/v1/instances/{name}", "/v1/instances/{name}/stop", "/v1/events",
             "/v1/health", "/metrics"} <= set(doc["paths"])
     assert "InstanceSpec" in doc["components"]["schemas"] and "NicSpec" in doc["components"]["schemas"]
-    assert doc["components"]["schemas"]["InstanceSpec"]["additionalProperties"] is False
+    assert doc["components"]["schemas"]["InstanceSpecFields"]["additionalProperties"] is False
 
 
 def test_events_ndjson_since(tmp_path):
