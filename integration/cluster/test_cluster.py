@@ -83,6 +83,8 @@ def _migrated(c: Cluster, name: str, src: str, dst: str, src_seq: int, dst_seq: 
     s_ev = [e for e in c.node(src).qsup.events(since=src_seq) if e.get("instance") == name]
     d_ev = [e for e in c.node(dst).qsup.events(since=dst_seq) if e.get("instance") == name]
     s_types, d_types = [e["type"] for e in s_ev], [e["type"] for e in d_ev]
+    print(f"events {src} (source): {[t for t in s_types if not t.startswith('qmp.')]}\n"
+          f"events {dst} (target): {[t for t in d_types if not t.startswith('qmp.')]}")
     assert "migration.completed" in s_types, s_types
     assert "migration.activated" in d_types, d_types
     # a restart would show a fresh start on the target and a powerdown on the source
@@ -96,7 +98,9 @@ def _assert_migrated_by_pacemaker(c: Cluster, name: str, src: str, dst: str) -> 
     """The last operations: migrate_to on src, migrate_from on dst, stop on src -- all ok,
     and no start anywhere after the migrate_to."""
     ops = c.operations(name)
-    i = max(k for k, o in enumerate(ops) if o[2] == "migrate_to")
+    migrations = [k for k, o in enumerate(ops) if o[2] == "migrate_to"]
+    assert migrations, f"no migrate_to: {ops}"
+    i = migrations[-1]
     tail = [(node, op, res) for _, node, op, res in ops[i:] if op != "monitor"]
     assert tail == [(src, "migrate_to", "ok"), (dst, "migrate_from", "ok"), (src, "stop", "ok")], ops
 
