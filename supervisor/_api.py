@@ -58,7 +58,6 @@ from starlette.responses import JSONResponse, Response
 from . import _migration_api
 from ._http import (
     ERROR_TABLE,
-    MAX_BODY,
     MAX_SEQ,
     NAME_PARAM,
     NDJSON,

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from ._instance import StartError
 from ._migration import MigrationError
 from ._node import Conflict, NotFound
-from ._spec import NAME_RE, SpecError, _loc, _message
+from ._spec import NAME_RE, SpecError, _loc, _message, valid_name
 
 MAX_BODY = 64 * 1024
 MAX_SEQ = 2**63 - 1
@@ -208,7 +208,7 @@ def node(request: Request):
 def instance(request: Request):
     """The instance named by the ``{name}`` path parameter; 404 if there is none."""
     name = request.path_params["name"]
-    if not NAME_RE.match(name) or name.strip(".") == "":
+    if not valid_name(name):
         raise HttpError(404, f"no instance named {name[:80]!r} (not a valid name)", "name")
     return node(request).get(name)  # NotFound -> 404 through the table
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from supervisor._api import MAX_BODY, create_app, openapi
+from supervisor._api import create_app, openapi
 from supervisor._config import load_config
 from supervisor._eventlog import EventLog
 from supervisor._node import Node

@@ -108,7 +108,7 @@ class FakeNode:
         return inst
 
     async def migrate(self, name: str, opts):
-        inst = self.get(name)
+        self.get(name)
         raise MigrationError(f"destination unreachable: {opts.to[:40]!r}", "to")
 
     async def cancel_migration(self, name: str):
