@@ -404,3 +404,39 @@ def test_name_completion_asks_the_daemon(daemon, monkeypatch):
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr == ""
     r = qsup(env={"_QSUP_COMPLETE": "bash_complete", "COMP_WORDS": "qsup sh", "COMP_CWORD": "1"})
     assert "plain,show" in r.stdout.split()
+
+
+def test_metrics_listener_needs_no_token_and_serves_only_metrics_and_health(tmp_path):
+    import httpx
+
+    token = tmp_path / "token"
+    token.write_text("tok-" + "y" * 28 + "\n")
+    api_port, metrics_port = _free_port(), _free_port()
+    d = Daemon(tmp_path, listen=f"127.0.0.1:{api_port}", token_file=str(token),
+               metrics_listen=f"127.0.0.1:{metrics_port}")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{metrics_port}", timeout=10) as c:
+            r = c.get("/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            assert "qsup_instances" in r.text
+            h = c.get("/v1/health")
+            assert h.status_code == 200 and h.json()["status"] == "ok"
+            # nothing else: no instances, no events, no changes, with or without a token
+            for method, path in (("GET", "/v1/instances"), ("GET", "/v1/events"), ("POST", "/v1/instances"),
+                                 ("DELETE", "/v1/instances/x")):
+                r = c.request(method, path, headers={"authorization": f"Bearer {token.read_text().strip()}"})
+                assert r.status_code in (404, 405), (method, path, r.status_code)
+        # the API listener still wants its token, also for /metrics
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as c:
+            assert c.get("/metrics").status_code == 401
+    finally:
+        assert d.stop() == 0
+
+
+def test_metrics_listen_bad_address_is_one_line(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/s"\nrun_dir = "{tmp_path}/r"\nsocket = "{tmp_path}/q.sock"\n'
+                   'metrics_listen = "nonsense"\n')
+    r = qsup("serve", "--config", str(cfg))
+    assert r.returncode == 1 and "metrics_listen: expected host:port" in r.stderr
+    assert "Traceback" not in r.stderr
