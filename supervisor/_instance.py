@@ -439,7 +439,7 @@ class Instance:
             return self
         self.checkpoint(Checkpoint.REATTACH)
         self._qmp = await qmp_glue.connect(
-            str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=10, name=self.name)
+            str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=5, name=self.name)
         self.checkpoint(Checkpoint.REATTACH_STATUS)
         status = await self.qmp.execute("query-status")
         self.runstate = status.get("status", "")
@@ -723,8 +723,8 @@ class Instance:
     async def _quit(self) -> None:
         """``quit``, then SIGKILL if QEMU is still there 5 s later."""
         self.checkpoint(Checkpoint.QUIT)
-        await self._try_qmp("quit")
         with trio.move_on_after(5):
+            await self._try_qmp("quit")
             await self.proc.wait()
         if self.proc.alive:
             self.emit("instance.stop_escalated", step="kill", reason="qemu did not quit within 5s")

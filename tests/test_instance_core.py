@@ -330,8 +330,7 @@ async def _scenario_escalated_stop(a: Bench, b: Bench, tmp_path) -> None:
 async def _scenario_migrate(a: Bench, b: Bench, tmp_path) -> None:
     inst = await a.node.start(spec(tmp_path))
     await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
-    with trio.fail_after(20):
-        await inst.done.wait()
+    await wait_for(lambda: inst.state != State.MIGRATING, timeout=20)
 
 
 SCENARIOS = {"start-stop": _scenario_start_stop, "quit": _scenario_escalated_stop, "migrate": _scenario_migrate}
@@ -385,3 +384,26 @@ def test_invariant_holds_after_a_fault_at_every_checkpoint(tmp_path, scenario, p
     run(main)
     assert fakes_alive(tmp_path) == []
     assert a.state_left() == [] and b.state_left() == []
+
+
+@pytest.mark.parametrize("point", [Checkpoint.REATTACH, Checkpoint.REATTACH_STATUS], ids=lambda p: p.value)
+def test_invariant_holds_after_a_fault_during_reattach(tmp_path, point):
+    a = Bench(tmp_path, "a")
+    pid = []
+
+    async def first():
+        async with a.running():
+            pid.append((await a.node.start(spec(tmp_path))).proc.pid)
+
+    async def second():
+        async with a.running():
+            inst = a.node.instances["vm"]
+            with trio.fail_after(15):
+                await inst.done.wait()
+            assert inst.state == State.FAILED and "injected" in inst.error
+            assert a.reattached == []
+
+    run(first)
+    a.faults = Faults(at=point)
+    run(second)
+    assert a.faults.fired and not pid_alive(pid[0]) and a.state_left() == []
