@@ -69,6 +69,7 @@ from ._http import (
     http_error,
     instance,
     json_body,
+    links_by_name,
     node,
     ok,
     query_bool,
@@ -487,6 +488,8 @@ def component_schemas() -> dict:
 
 _VIEW = ref("InstanceView")
 _LOCATION = {"Location": {"description": "the new instance's URL", "schema": {"type": "string"}}}
+_INSTANCE_LINKS = links_by_name("show_instance", "stop_instance", "delete_instance", "migrate_instance",
+                                "cancel_migration")
 
 ROUTES = [
     ApiRoute("/openapi.json", {"GET": Op(openapi_json, {
@@ -509,7 +512,8 @@ ROUTES = [
         "POST": Op(create_instance, {
             "operationId": "create_instance", "summary": "Create and start an instance; returns once it runs",
             "requestBody": json_body("InstanceSpec"),
-            "responses": {**ok("Running", _VIEW, 201, headers=_LOCATION), **errors(400, 409, 413, 422, 503)}}),
+            "responses": {**ok("Running", _VIEW, 201, headers=_LOCATION, links=_INSTANCE_LINKS),
+                          **errors(400, 409, 413, 422, 503)}}),
     }),
     ApiRoute("/v1/instances/{name}", {
         "GET": Op(show_instance, {

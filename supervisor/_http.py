@@ -263,11 +263,18 @@ def json_body(name: str, required: bool = True) -> dict:
 
 
 def ok(description: str, schema: dict, code: int = 200, media: str = "application/json",
-       headers: dict | None = None) -> dict:
+       headers: dict | None = None, links: dict | None = None) -> dict:
     out = {"description": description, "content": {media: {"schema": schema}}}
     if headers:
         out["headers"] = headers
+    if links:
+        out["links"] = links
     return {str(code): out}
+
+
+def links_by_name(*operation_ids: str) -> dict:
+    """OpenAPI links from an answer that names an instance to the operations on it."""
+    return {op: {"operationId": op, "parameters": {"name": "$response.body#/name"}} for op in operation_ids}
 
 
 _ERROR_TEXT = {

@@ -28,6 +28,7 @@ from ._http import (
     http_error,
     instance,
     json_body,
+    links_by_name,
     node,
     ok,
     read_json,
@@ -104,7 +105,8 @@ ROUTES = [
         "operationId": "prepare_incoming",
         "summary": "Destination: prepare an incoming migration (taps, L2, qemu -incoming defer -S)",
         "requestBody": json_body("PrepareBody"),
-        "responses": {**ok("Prepared: migrate to `uri`", ref("Prepared"), 201),
+        "responses": {**ok("Prepared: migrate to `uri`", ref("Prepared"), 201,
+                           links=links_by_name("show_instance", "abort_incoming", "delete_instance")),
                       **errors(400, 409, 413, 422, 503)}})}),
     ApiRoute("/v1/migrations/incoming/{name}/abort", {"POST": Op(abort_incoming, {
         "operationId": "abort_incoming",

@@ -17,6 +17,7 @@ than 64 queues over all NICs -- both in the schema's descriptions): such bodies 
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -243,3 +244,35 @@ def test_the_fuzzed_app_serves_the_fuzzed_document(unix_doc_server, tcp_doc_serv
     r = httpx.get(tcp_doc_server.url + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.json() == openapi(authenticated=True)
     assert requests.get(tcp_doc_server.url + "/v1/instances").status_code == 401
+
+
+def test_stateful_links_all_default_checks():
+    """Sequences that follow the documented links (create -> show/stop/delete/migrate...): the
+    checks that need a history (use_after_free, ensure_resource_availability) run here."""
+    server = Server()
+    try:
+        schema = schemathesis.openapi.from_dict(openapi())
+        Machine = schema.as_state_machine()
+
+        class Run(Machine):
+            def setup(self):
+                server.node.instances.clear()  # every run starts from an empty node (reproducible)
+
+            def before_call(self, case):
+                _prepare(case)
+
+            def call(self, case, **kwargs):
+                return case.call(base_url=server.url, timeout=30, **kwargs)
+
+            def validate_response(self, response, case, **kwargs):
+                if case.meta and case.meta.generation.mode.is_positive and _beyond_the_schema(case):
+                    return
+                super().validate_response(response, case, **kwargs)
+
+        Run.run(settings=settings(max_examples=40, deadline=None, derandomize=True,
+                                  suppress_health_check=list(HealthCheck), stateful_step_count=6))
+        seen = {json.loads(line)["type"] for line in httpx.get(server.url + "/v1/events").text.splitlines()}
+        # the links were followed: created instances were stopped and deleted by name
+        assert {"instance.running", "instance.stopped", "instance.deleted"} <= seen, seen
+    finally:
+        server.close()
