@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def test_generated_client_round_trip(live, generated):
     api = importlib.import_module(f"{PKG}.api.default")
     models = importlib.import_module(f"{PKG}.models")
     for op in ("create_instance", "show_instance", "list_instances", "stop_instance", "delete_instance",
-               "list_events", "get_health"):
+               "list_events", "get_health", "get_metrics"):
         importlib.import_module(f"{PKG}.api.default.{op}")
     client = generated.Client(base_url="http://qsup", timeout=httpx.Timeout(180),
                               httpx_args={"transport": httpx.HTTPTransport(uds=str(live.socket))})
@@ -132,3 +133,17 @@ def test_generated_client_round_trip(live, generated):
         assert mine.index("instance.running") < mine.index("instance.stopped")
         tail = api.list_events.sync(client=c, since=evs[-2].seq)
         assert [json.loads(line)["seq"] for line in tail.splitlines()] == [evs[-1].seq]
+
+        # the live daemon's metrics: what this run did is in them, and Prometheus' linter passes them
+        text = api.get_metrics.sync(client=c)
+        assert isinstance(text, str)
+    for series in ('qsup_qmp_call_seconds_count{command="cont"}', "qsup_instance_start_seconds_count",
+                   'qsup_http_request_duration_seconds_count{method="POST",route="/v1/instances"}',
+                   'qsup_http_requests_total{method="GET",route="/v1/instances/{name}",status="404"}',
+                   'qsup_events_emitted_total{family="instance.stopped"}'):
+        assert any(line.startswith(series + " ") and float(line.split()[-1]) >= 1 for line in text.splitlines()), \
+            series
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: apt-get install prometheus"
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
