@@ -35,7 +35,9 @@ from ._http import (
     ref,
     validate_body,
 )
+from ._instance import StartError
 from ._migration import MigrateOptions
+from ._node import Conflict
 from ._spec import SpecError, parse_spec
 
 
@@ -67,7 +69,7 @@ async def prepare_incoming(request: Request) -> Response:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
         uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy)
-    except SpecError as e:  # the spec is the body's "spec" field
+    except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
         raise http_error(e, field_prefix="spec") from None
     return JSONResponse({"name": spec.name, "uri": uri}, 201)
 

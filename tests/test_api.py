@@ -379,6 +379,14 @@ def test_prepare_names_the_spec_field_inside_the_body():
     assert r.json() == {"error": "spec.nics[0].link: bridge 'br9' does not exist", "field": "spec.nics[0].link",
                         "code": "invalid_spec"}
     assert _boom(RuntimeError("x"), "/v1/migrations/incoming", {"spec": spec()}).status_code == 500
+    from supervisor._instance import StartError
+    from supervisor._node import Conflict
+
+    taken = _boom(Conflict("instance 'vm1' already exists (running)"), "/v1/migrations/incoming", {"spec": spec()})
+    assert (taken.status_code, taken.json()["field"], taken.json()["code"]) == (409, "spec.name", "conflict")
+    failed = _boom(StartError("cannot open", "kernel"), "/v1/migrations/incoming", {"spec": spec()})
+    assert failed.status_code == 422 and failed.json() == {
+        "error": "start failed (rolled back): spec.kernel: cannot open", "field": "spec.kernel", "code": "start_failed"}
 
 
 def test_405_allows_every_method_of_the_path(tmp_path):
