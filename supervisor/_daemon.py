@@ -38,7 +38,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from ._api import create_app
+from ._api import create_app, create_metrics_app
 from ._config import Config
 from ._metrics import Metrics
 from ._records import Layout, ensure_dir
@@ -139,44 +139,6 @@ def bind_tcp(listen: str, key: str = "listen") -> socket.socket:
     return sock
 
 
-def metrics_app(node, events, metrics: Metrics, reattached: list[str]):
-    """The unauthenticated listener's app: ``GET /metrics`` and ``GET /v1/health``, nothing else.
-
-    The API module's :func:`create_metrics_app` is used when it exists (one definition of those
-    two routes); otherwise the same two routes are served here from the same Metrics object.
-    """
-    from . import _api
-
-    factory = getattr(_api, "create_metrics_app", None)
-    if factory is not None:
-        return factory(node, events, metrics)
-    return _minimal_metrics_app(node, events, metrics, reattached)
-
-
-def _minimal_metrics_app(node, events, metrics: Metrics, reattached: list[str]):
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    from ._metrics import CONTENT_TYPE
-
-    async def get_metrics(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    async def get_health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "node": node.cfg.node_name, "instances": len(node.list()),
-                             "last_seq": events.last_seq, "reattached": reattached})
-
-    async def not_here(request: Request) -> Response:
-        return JSONResponse({"error": "this listener serves only GET /metrics and GET /v1/health",
-                             "field": None, "code": "not_found"}, 404)
-
-    return Starlette(routes=[Route("/metrics", get_metrics, methods=["GET"]),
-                             Route("/v1/health", get_health, methods=["GET"]),
-                             Route("/{path:path}", not_here, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
-
-
 def read_token(path: Path) -> str:
     try:
         token = path.read_text().strip()
@@ -239,8 +201,8 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                         await http.start(_serve_http, create_app(node, events, metrics, token=token,
                                                                  reattached=reattached), tcp)
                     if metrics_sock is not None:
-                        await http.start(_serve_http, metrics_app(node, events, metrics, reattached),
-                                         metrics_sock)
+                        await http.start(_serve_http, create_metrics_app(node, events, metrics,
+                                                                         reattached=reattached), metrics_sock)
                     socks.clear()  # hypercorn owns them now
                     events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached,
                                 reattach_ms=reattach_ms)
