@@ -75,6 +75,7 @@ from ._http import (
     query_bool,
     query_int,
     read_json,
+    refuse_while_stopping,
     ref,
     validate_body,
 )
@@ -96,11 +97,6 @@ class StopOptions(BaseModel):
 
 
 # -- handlers ----------------------------------------------------------------------------------
-
-def _unavailable(request: Request) -> None:
-    if getattr(request.app.state, "stopping", False):
-        raise HttpError(503, "the daemon is shutting down", None, "unavailable")
-
 
 async def health(request: Request) -> Response:
     n = node(request)
@@ -134,7 +130,7 @@ async def create_instance(request: Request) -> Response:
     data = await read_json(request)
     if not isinstance(data, dict):
         raise HttpError(400, "the instance spec must be a JSON object")
-    _unavailable(request)
+    refuse_while_stopping(request)
     # SpecError, Conflict (name taken) and StartError (rolled back) are answered by the table;
     # the node checks the host facts (bridge, table) itself, off the trio thread.
     inst = await node(request).start(parse_spec(data))

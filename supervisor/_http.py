@@ -201,6 +201,12 @@ def validate_body(model: type[BaseModel], data: object, what: str = "the body"):
         raise HttpError(422, f"{_loc(err['loc'])}: {_message(err)}", _loc(err["loc"]), "invalid_spec") from None
 
 
+def refuse_while_stopping(request: Request) -> None:
+    """503 once the daemon has begun to shut down (``app.state.stopping``): start nothing new."""
+    if getattr(request.app.state, "stopping", False):
+        raise HttpError(503, "the daemon is shutting down", None, "unavailable")
+
+
 def node(request: Request):
     return request.app.state.node
 

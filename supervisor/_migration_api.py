@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from ._http import (
     NAME_PARAM,
     ApiRoute,
-    HttpError,
     Op,
     errors,
     http_error,
@@ -32,6 +31,7 @@ from ._http import (
     node,
     ok,
     read_json,
+    refuse_while_stopping,
     ref,
     validate_body,
 )
@@ -57,14 +57,9 @@ class MigrateBody(_Body):
     downtime_limit: int | None = Field(default=None, ge=1, le=2000000)
 
 
-def _unavailable(request: Request) -> None:
-    if getattr(request.app.state, "stopping", False):
-        raise HttpError(503, "the daemon is shutting down", None, "unavailable")
-
-
 async def prepare_incoming(request: Request) -> Response:
     body = validate_body(PrepareBody, await read_json(request))
-    _unavailable(request)
+    refuse_while_stopping(request)
     try:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
@@ -84,7 +79,7 @@ async def migrate(request: Request) -> Response:
     inst = instance(request)
     n = node(request)
     body = validate_body(MigrateBody, await read_json(request))
-    _unavailable(request)
+    refuse_while_stopping(request)
     token = None
     if body.to.startswith(("http://", "https://")) and n.cfg.token_file:
         token = n.cfg.token_file.read_text().strip()
