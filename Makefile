@@ -34,10 +34,11 @@ COMPLETIONDIR ?= /usr/share/bash-completion/completions
 CONFDIR ?= /etc/qsup
 
 include mk/guest.mk
+include mk/cluster.mk
 
 .PHONY: deps apt venv test unit integration demo bench clean install uninstall constraints
 
-deps: apt venv
+deps: apt venv cluster-deps
 
 apt: $(STAMP)/apt
 $(STAMP)/apt: Makefile

@@ -603,8 +603,9 @@ def console_cmd(name, lines, follow, as_json, socket_path, url, token_file) -> N
 def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
     """Last ``lines`` lines of ``path``, then (``follow``) new bytes as they come.
 
-    A file that shrinks (the instance was started again, its console recreated) is read again
-    from the start; one that is replaced (another inode) is reopened.
+    A file that shrinks (truncated, or the instance started again) is read again from the
+    start; one that is replaced (rotated: another inode at the path) is read to its end, then
+    the new one from its start.
     """
     import time
 
@@ -636,7 +637,10 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            if st.st_ino != os.fstat(f.fileno()).st_ino:
+            if st.st_ino != os.fstat(f.fileno()).st_ino:  # rotated: finish the old file first
+                while rest := f.read(65536):
+                    out.write(rest)
+                out.flush()
                 f.close()
                 f = open(path, "rb")
             elif st.st_size < f.tell():

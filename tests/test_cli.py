@@ -440,3 +440,41 @@ def test_metrics_listen_bad_address_is_one_line(tmp_path):
     r = qsup("serve", "--config", str(cfg))
     assert r.returncode == 1 and "metrics_listen: expected host:port" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_console_tail_follows_appends_rotation_and_truncation(tmp_path):
+    log = tmp_path / "vm.console"
+    log.write_bytes(b"one\ntwo\nthree\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from supervisor._cli import _tail; _tail(Path(sys.argv[1]), 2, True, poll=0.05)",
+                             str(log)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    lines = _Lines(proc)
+
+    def nxt() -> str:
+        import queue
+
+        try:
+            return lines.q.get(timeout=10).decode()
+        except queue.Empty:
+            raise AssertionError("no console output within 10 s") from None
+
+    try:
+        assert [nxt(), nxt()] == ["two\n", "three\n"]  # the last 2 lines first
+        with open(log, "ab") as f:
+            f.write(b"four\n")
+        assert nxt() == "four\n"
+        # rotation: the rest of the old file, then the new file from its start
+        with open(log, "ab") as f:
+            f.write(b"five\n")
+            log.rename(tmp_path / "vm.console.1")
+            f.write(b"six\n")
+        log.write_bytes(b"seven\n")
+        assert [nxt(), nxt(), nxt()] == ["five\n", "six\n", "seven\n"]
+        # truncation (a new start): read again from the beginning
+        log.write_bytes(b"")
+        time.sleep(0.3)
+        log.write_bytes(b"eight\n")
+        assert nxt() == "eight\n"
+    finally:
+        proc.kill()
+        proc.wait()
