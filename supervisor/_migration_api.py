@@ -19,22 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ._http import (
-    NAME_PARAM,
-    ApiRoute,
-    Op,
-    errors,
-    http_error,
-    instance,
-    json_body,
-    links_by_name,
-    node,
-    ok,
-    read_json,
-    refuse_while_stopping,
-    ref,
-    validate_body,
-)
+from . import _http as http
 from ._instance import StartError
 from ._migration import MigrateOptions
 from ._node import Conflict
@@ -58,28 +43,28 @@ class MigrateBody(_Body):
 
 
 async def prepare_incoming(request: Request) -> Response:
-    body = validate_body(PrepareBody, await read_json(request))
-    refuse_while_stopping(request)
+    body = http.validate_body(PrepareBody, await http.read_json(request))
+    http.refuse_while_stopping(request)
     try:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
-        uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy)
+        uri = await http.node(request).prepare_incoming(spec, postcopy=body.postcopy)
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
-        raise http_error(e, field_prefix="spec") from None
+        raise http.http_error(e, field_prefix="spec") from None
     return JSONResponse({"name": spec.name, "uri": uri}, 201)
 
 
 async def abort_incoming(request: Request) -> Response:
-    inst = instance(request)
-    await node(request).abort_incoming(inst.name)  # MigrationError -> 409 through the table
+    inst = http.instance(request)
+    await http.node(request).abort_incoming(inst.name)  # MigrationError -> 409 through the table
     return JSONResponse(inst.view())
 
 
 async def migrate(request: Request) -> Response:
-    inst = instance(request)
-    n = node(request)
-    body = validate_body(MigrateBody, await read_json(request))
-    refuse_while_stopping(request)
+    inst = http.instance(request)
+    n = http.node(request)
+    body = http.validate_body(MigrateBody, await http.read_json(request))
+    http.refuse_while_stopping(request)
     token = None
     if body.to.startswith(("http://", "https://")) and n.cfg.token_file:
         token = n.cfg.token_file.read_text().strip()
@@ -90,35 +75,35 @@ async def migrate(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    inst = instance(request)
-    await node(request).cancel_migration(inst.name)
+    inst = http.instance(request)
+    await http.node(request).cancel_migration(inst.name)
     return JSONResponse(inst.view())
 
 
-_VIEW = ref("InstanceView")
+_VIEW = http.ref("InstanceView")
 
 ROUTES = [
-    ApiRoute("/v1/migrations/incoming", {"POST": Op(prepare_incoming, {
+    http.ApiRoute("/v1/migrations/incoming", {"POST": http.Op(prepare_incoming, {
         "operationId": "prepare_incoming",
         "summary": "Destination: prepare an incoming migration (taps, L2, qemu -incoming defer -S)",
-        "requestBody": json_body("PrepareBody"),
-        "responses": {**ok("Prepared: migrate to `uri`", ref("Prepared"), 201,
-                           links=links_by_name("show_instance", "abort_incoming", "delete_instance")),
-                      **errors(400, 409, 413, 422, 503)}})}),
-    ApiRoute("/v1/migrations/incoming/{name}/abort", {"POST": Op(abort_incoming, {
+        "requestBody": http.json_body("PrepareBody"),
+        "responses": {**http.ok("Prepared: migrate to `uri`", http.ref("Prepared"), 201,
+                           links=http.links_by_name("show_instance", "abort_incoming", "delete_instance")),
+                      **http.errors(400, 409, 413, 422, 503)}})}),
+    http.ApiRoute("/v1/migrations/incoming/{name}/abort", {"POST": http.Op(abort_incoming, {
         "operationId": "abort_incoming",
         "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
-        "responses": {**ok("Final view", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
-    ApiRoute("/v1/instances/{name}/migrate", {"POST": Op(migrate, {
+        "responses": {**http.ok("Final view", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
+    http.ApiRoute("/v1/instances/{name}/migrate", {"POST": http.Op(migrate, {
         "operationId": "migrate_instance",
         "summary": "Source: start a live migration; follow it with GET /v1/instances/{name}",
-        "requestBody": json_body("MigrateBody"),
-        "responses": {**ok("Migrating", _VIEW, 202), **errors(400, 404, 409, 413, 422, 503)}})},
-        parameters=[NAME_PARAM]),
-    ApiRoute("/v1/instances/{name}/migrate/cancel", {"POST": Op(cancel, {
+        "requestBody": http.json_body("MigrateBody"),
+        "responses": {**http.ok("Migrating", _VIEW, 202), **http.errors(400, 404, 409, 413, 422, 503)}})},
+        parameters=[http.NAME_PARAM]),
+    http.ApiRoute("/v1/instances/{name}/migrate/cancel", {"POST": http.Op(cancel, {
         "operationId": "cancel_migration",
         "summary": "Source: cancel the migration in progress (the guest stays here)",
-        "responses": {**ok("View", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
+        "responses": {**http.ok("View", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
 ]
 
 
@@ -130,7 +115,7 @@ _INT_OR_NULL = {"type": ["integer", "null"]}
 SCHEMAS = {
     "PrepareBody": {
         "type": "object", "additionalProperties": False, "required": ["spec"],
-        "properties": {"spec": ref("InstanceSpec"),
+        "properties": {"spec": http.ref("InstanceSpec"),
                        "postcopy": {"type": "boolean", "default": False}}},
     "Prepared": {
         "type": "object", "required": ["name", "uri"],
@@ -172,7 +157,7 @@ SCHEMAS = {
             "downtime_ms": _INT_OR_NULL, "total_time_ms": _INT_OR_NULL, "total_ms": _NUM_OR_NULL,
             "switchover_ms": {**_NUM_OR_NULL,
                               "description": "source guest STOP to destination `completed`, QEMU's clocks"},
-            "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
+            "activation": {"anyOf": [http.ref("Activation"), {"type": "null"}]}}},
     "IncomingMigration": {
         "type": "object",
         "required": ["direction", "status", "uri", "postcopy", "activation"],
@@ -181,5 +166,5 @@ SCHEMAS = {
             "status": {"type": "string"},
             "uri": {"type": ["string", "null"]},
             "postcopy": {"type": "boolean"},
-            "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
+            "activation": {"anyOf": [http.ref("Activation"), {"type": "null"}]}}},
 }
