@@ -1,4 +1,5 @@
-"""N Pacemaker/Corosync nodes on one machine, each with its own qsup daemon.
+"""N Pacemaker/Corosync nodes (and M pacemaker-remoted nodes) on one machine, each with its
+own qsup daemon.
 
 ::
 
@@ -24,6 +25,10 @@ holder's mount namespace the harness mounts the node's private state over the ho
   OCF_RA_PATH: agents live under that one directory);
 * ``/run/qsup`` = the node's qsup socket directory, so the resource template uses the
   production default socket ``/run/qsup/qsup.sock`` on every node.
+
+A remote node (``Cluster(..., remote=M)``, named ``remoteN``, 192.168.100.3N) is the same
+namespaces running ``pacemaker-remoted`` (unpacked by mk/cluster.mk) instead of corosync and
+pacemakerd, joined by an ``ocf:pacemaker:remote`` resource; it shares ``/etc/pacemaker/authkey``.
 
 ``corosync -f`` and then ``pacemakerd`` run inside all three namespaces (``nsenter -t HOLDER
 -m -u -n -p``), as children of the harness's nsenter processes, which it waits on.  ``qsup
@@ -135,11 +140,13 @@ class NsProc:
 
 
 class ClusterNode:
-    def __init__(self, cluster: "Cluster", index: int):
+    def __init__(self, cluster: "Cluster", index: int, remote: bool = False):
         self.cluster = cluster
         self.index = index
-        self.name = f"node{index}"
-        self.addr = f"{FABRIC_NET}.{10 + index}"
+        #: a pacemaker-remoted node: no corosync, joined through an ocf:pacemaker:remote resource
+        self.remote = remote
+        self.name = f"remote{index}" if remote else f"node{index}"
+        self.addr = f"{FABRIC_NET}.{(30 if remote else 10) + index}"
         self.dir = cluster.workdir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.qsup_dir = self.dir / "qsup"  # /run/qsup inside the node: qsup.sock lives here
@@ -151,6 +158,7 @@ class ClusterNode:
         self.netns: str | None = None
         self.corosync: NsProc | None = None
         self.pacemakerd: NsProc | None = None
+        self.remoted: NsProc | None = None
         self.qsup: QsupDaemon | None = None
 
     # --- inside the node ---------------------------------------------------------------------
@@ -173,8 +181,9 @@ class ClusterNode:
     def make_network(self, fabric: Netns, prefix: str) -> None:
         self.ns = Netns(prefix)
         self.netns = f"net:[{os.stat(f'/run/netns/{self.ns.name}').st_ino}]"
-        veth(self.ns, "uplink", fabric, f"n{self.index}")
-        fabric.run("ip", "link", "set", f"n{self.index}", "master", "fab")
+        port = f"{'r' if self.remote else 'n'}{self.index}"
+        veth(self.ns, "uplink", fabric, port)
+        fabric.run("ip", "link", "set", port, "master", "fab")
         self.ns.run("ip", "addr", "add", f"{self.addr}/24", "dev", "uplink")
         self.ns.run("ip", "route", "add", "default", "via", f"{FABRIC_NET}.1")
         self.ns.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.uplink.proxy_arp=1")
@@ -262,6 +271,15 @@ class ClusterNode:
                                       **({"PYTHONPATH": os.environ["PYTHONPATH"]}
                                          if os.environ.get("PYTHONPATH") else {})})
 
+    def start_remoted(self) -> None:
+        if not REMOTED.exists():
+            raise RuntimeError(f"{REMOTED} missing: run `make deps` (mk/cluster.mk unpacks pacemaker-remote)")
+        self.remoted = NsProc(self, [str(REMOTED)], self.dir / "remoted.out",
+                              env={"PCMK_logfile": "/var/log/pacemaker/pacemaker.log",
+                                   "PCMK_logfacility": "none", "PCMK_debug": "no",
+                                   **({"PYTHONPATH": os.environ["PYTHONPATH"]}
+                                      if os.environ.get("PYTHONPATH") else {})})
+
     @property
     def socket(self) -> Path:
         return self.qsup_dir / "qsup.sock"
@@ -305,7 +323,7 @@ class Cluster:
     returns the leftovers (empty when clean)."""
 
     def __init__(self, workdir: Path, n: int = 3, prefix: str = "qst", dc_deadtime: str = "2s",
-                 properties: dict | None = None):
+                 properties: dict | None = None, remote: int = 0):
         self.workdir = workdir
         self.prefix = prefix
         self.nodes: list[ClusterNode] = []
@@ -314,7 +332,7 @@ class Cluster:
         self.extra_qemu_pids: set[int] = set()
         t0 = time.monotonic()
         try:
-            self._build(n, dc_deadtime, properties or {})
+            self._build(n, remote, dc_deadtime, properties or {})
         except BaseException:
             left = self.close()
             if left:
@@ -322,7 +340,15 @@ class Cluster:
             raise
         self.timings["total_s"] = round(time.monotonic() - t0, 2)
 
-    def _build(self, n: int, dc_deadtime: str, properties: dict) -> None:
+    @property
+    def full(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if not n.remote]
+
+    @property
+    def remotes(self) -> list[ClusterNode]:
+        return [n for n in self.nodes if n.remote]
+
+    def _build(self, n: int, remote: int, dc_deadtime: str, properties: dict) -> None:
         t0 = time.monotonic()
         self.fabric = Netns(self.prefix)
         f = self.fabric
@@ -334,7 +360,8 @@ class Cluster:
         subprocess.run(["corosync-keygen", "-k", str(keyfile)], check=True, capture_output=True, timeout=30)
         corosync_key = keyfile.read_bytes()
         pcmk_key = os.urandom(4096)
-        self.nodes = [ClusterNode(self, i) for i in range(1, n + 1)]
+        self.nodes = [ClusterNode(self, i) for i in range(1, n + 1)] + \
+            [ClusterNode(self, i, remote=True) for i in range(1, remote + 1)]
         conf = self.corosync_conf()
         cib = self.initial_cib(dc_deadtime, properties)
         for node in self.nodes:
@@ -342,23 +369,37 @@ class Cluster:
             node.make_dirs(conf, corosync_key, pcmk_key, cib)
             node.start_holder()
         self.timings["namespaces_s"] = round(time.monotonic() - t0, 2)
-        for node in self.nodes:
+        for node in self.full:
             node.start_corosync()
+        for node in self.remotes:
+            node.start_remoted()
         for node in self.nodes:
             node.start_qsup()
         self.wait_quorate()
         self.timings["quorate_s"] = round(time.monotonic() - t0, 2)
-        for node in self.nodes:
+        for node in self.full:
             node.start_pacemaker()
-        self.wait_online()
+        self.wait_online(self.full)
         self.timings["dc_s"] = round(time.monotonic() - t0, 2)
+        if self.remotes:
+            for node in self.remotes:
+                self.cib("--create", "-o", "resources", "--xml-pipe", input=f"""<primitive id="{node.name}" class="ocf" provider="pacemaker" type="remote">
+    <instance_attributes id="{node.name}-attrs">
+      <nvpair id="{node.name}-server" name="server" value="{node.addr}"/>
+    </instance_attributes>
+    <operations>
+      <op id="{node.name}-monitor" name="monitor" interval="5s" timeout="15s"/>
+    </operations>
+  </primitive>""")
+            self.wait_online(self.nodes)
+            self.timings["remotes_s"] = round(time.monotonic() - t0, 2)
 
     # --- configuration -----------------------------------------------------------------------
 
     def corosync_conf(self) -> str:
         nodes = "\n".join(
             f"    node {{\n        ring0_addr: {n.addr}\n        name: {n.name}\n        nodeid: {n.index}\n    }}"
-            for n in self.nodes)
+            for n in self.full)
         return f"""totem {{
     version: 2
     cluster_name: qsuptest
@@ -415,9 +456,9 @@ system {{
     def wait_quorate(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            outs = [n.run("corosync-quorumtool", "-s", check=False, timeout=10) for n in self.nodes]
+            outs = [n.run("corosync-quorumtool", "-s", check=False, timeout=10) for n in self.full]
             if all(r.returncode == 0 and "Quorate:          Yes" in r.stdout
-                   and f"Total votes:      {len(self.nodes)}" in r.stdout for r in outs):
+                   and f"Total votes:      {len(self.full)}" in r.stdout for r in outs):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"corosync not quorate in {timeout}s: {[r.stdout[-400:] for r in outs]}")
@@ -435,13 +476,14 @@ system {{
         r = (node or self.live()).run("crm_mon", "-1", "--output-as=xml", check=False, timeout=20)
         return ET.fromstring(r.stdout) if r.stdout.strip().startswith("<") else ET.Element("none")
 
-    def wait_online(self, timeout: float = 60) -> None:
+    def wait_online(self, nodes: list[ClusterNode], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
+        want = {n.name for n in nodes}
         while True:
             st = self.status()
             dc = st.find("./summary/current_dc")
-            online = [n.get("name") for n in st.findall("./nodes/node") if n.get("online") == "true"]
-            if dc is not None and dc.get("present") == "true" and len(online) == len(self.nodes):
+            online = {n.get("name") for n in st.findall("./nodes/node") if n.get("online") == "true"}
+            if dc is not None and dc.get("present") == "true" and want <= online:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no DC with all nodes online in {timeout}s: "
@@ -622,6 +664,9 @@ system {{
         for n in reversed(self.nodes):
             if n.pacemakerd:
                 n.pacemakerd.stop(timeout=30)
+        for n in reversed(self.nodes):
+            if n.remoted:
+                n.remoted.stop(timeout=15)
         for n in reversed(self.nodes):
             if n.corosync:
                 n.corosync.stop(timeout=15)

@@ -1,11 +1,13 @@
-"""A real 3-node Pacemaker/Corosync cluster driving qsup through contrib/ocf/qsup.
+"""A real Pacemaker/Corosync cluster driving qsup through contrib/ocf/qsup: three full nodes
+(corosync + pacemakerd) and one pacemaker-remoted node, each with its own qsup daemon.
 
-One cluster for the module (about 10 s to a DC); the guest resource is shared by the tests,
-which run in file order: placed and started -> moved with ``crm_resource --move`` (live
-migration, checked in both daemons' event logs) -> its node put on standby (evacuated by
-live migration) -> ``ocf-tester`` against a live node, with the monitor's cost measured.
-The fixture's teardown asserts that nothing is left: no process in any node namespace, no
-mount, no namespace, no QEMU.
+One cluster for the module (about 10 s to a DC); the tests run in file order and share it:
+a guest placed and started -> moved with ``crm_resource --move`` to another full node, then to
+the remote node (live migrations, checked in Pacemaker's operations and both daemons' event
+logs) -> the remote node put on standby (evacuated by live migration) -> a source daemon
+SIGKILLed mid-migration -> ``ocf-tester`` on a live node, with the monitor's cost measured ->
+a node fenced (last: it stays off).  The fixture's teardown asserts that nothing is left: no
+process in any node namespace, no mount, no namespace, no QEMU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def cluster(tmp_path_factory):
     missing = missing_binaries()
     if missing:
         pytest.fail(f"cluster packages missing ({', '.join(missing)}): run `make deps` (mk/cluster.mk)")
-    c = Cluster(tmp_path_factory.mktemp("cluster"), 3)
+    c = Cluster(tmp_path_factory.mktemp("cluster"), 3, remote=1)
     try:
         yield c
     finally:
@@ -126,10 +128,9 @@ def test_guest_placed_and_started(cluster, vm):
     assert cluster.failures() == []
 
 
-def test_move_live_migrates(cluster, vm):
-    name = vm[0]
+def _move(cluster: Cluster, name: str, dst: str) -> None:
+    """``crm_resource --move`` to dst, assert it was live-migrated, then ``--clear``."""
     src = cluster.locate(name)[0]
-    dst = next(n.name for n in cluster.nodes if n.name != src)
     seqs = _last_seq(cluster, src), _last_seq(cluster, dst)
     t0 = time.monotonic()
     cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
@@ -147,6 +148,19 @@ def test_move_live_migrates(cluster, vm):
         cluster.crm("crm_resource", "--clear", "--resource", name)
     cluster.wait_idle()
     assert cluster.locate(name) == [dst]  # stickiness: clearing the move does not move it back
+
+
+def test_move_live_migrates(cluster, vm):
+    src = cluster.locate(vm[0])[0]
+    _move(cluster, vm[0], next(n.name for n in cluster.full if n.name != src))
+
+
+def test_move_to_remote_node_live_migrates(cluster, vm):
+    """The agent runs under pacemaker-remoted there: how Pacemaker scales past Corosync."""
+    online = {n.get("name"): n.get("type") for n in cluster.status().findall("./nodes/node")
+              if n.get("online") == "true"}
+    assert online == {"node1": "member", "node2": "member", "node3": "member", "remote1": "remote"}
+    _move(cluster, vm[0], "remote1")
 
 
 def test_standby_evacuates_by_live_migration(cluster, vm):
@@ -232,12 +246,12 @@ def _remove_resource(c: Cluster, name: str) -> None:
 def test_ocf_tester_against_live_node(cluster):
     """ocf-tester runs the agent through its whole contract on node3's live qsup daemon
     (its own instance, outside Pacemaker), then one monitor call's cost is measured."""
-    node = cluster.nodes[-1]
+    node = cluster.full[-1]
     name = "ocft"
     spec = cluster.workdir / f"{name}.json"
     spec.write_text(json.dumps(guest_spec(name, [])))
     agent = "/usr/lib/ocf/resource.d/qsup/qsup"  # the agent as Pacemaker runs it in the node
-    r = node.run("ocf-tester", "-n", name, "-o", f"spec={spec}", "-o", f"qsup={QSUP}", agent,
+    r = node.run("ocf-tester", "-n", name, "-o", f"spec={spec}", "-o", f"qsup={QSUP}", "-o", "force_stop=true", agent,
                  check=False, timeout=240)
     assert r.returncode == 0 and "passed all tests" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     assert name not in [v["name"] for v in node.qsup.cli_json("ls")]  # the tester stopped it
@@ -257,13 +271,13 @@ def test_ocf_tester_against_live_node(cluster):
     assert node.run(agent, "monitor", env=env, check=False).returncode == 7
 
 
-# median wall time (ms) of 20 agent calls and 5 CLI calls, measured inside the node: the agent's monitor and
+# median wall time (ms) of 20 agent calls and 3 CLI calls, measured inside the node: the agent's monitor and
 # the CLI's show (what a Python agent would cost at least)
 _TIMING = r"""
 med() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 t() { s=$(date +%s%N); "$@" >/dev/null 2>&1; e=$(date +%s%N); echo $(( (e - s) / 1000 )); }
 a=$(for i in $(seq 20); do t /usr/lib/ocf/resource.d/qsup/qsup monitor; done | med)
-c=$(for i in $(seq 5); do t "$QSUP" show "$OCF_RESOURCE_INSTANCE" --json --socket /run/qsup/qsup.sock; done | med)
+c=$(for i in $(seq 3); do t "$QSUP" show "$OCF_RESOURCE_INSTANCE" --json --socket /run/qsup/qsup.sock; done | med)
 echo "$(awk "BEGIN{print $a/1000}") $(awk "BEGIN{print $c/1000}")"
 """
 
@@ -299,7 +313,13 @@ def test_fenced_node_guest_restarted_elsewhere_once(cluster):
     spec.write_text(json.dumps(guest_spec(name, [{"mode": "routed", "mac": mac, "ip": ip}],
                                           append=f"guest.ip0={ip}/32")))
     cluster.add_resource(resource_xml(name, spec, peers=cluster.peer_map(), qsup=QSUP))
+    # on a full node (its corosync is what dies here)
+    cluster.cib("--create", "-o", "constraints", "--xml-text",
+                f'<rsc_location id="{name}-prefers" rsc="{name}" node="{cluster.full[-1].name}" score="100"/>')
     victim = cluster.node(_wait_started(cluster, name))
+    if victim is not cluster.full[-1]:
+        cluster.wait_located(name, cluster.full[-1].name)
+        victim = cluster.full[-1]
     victim.qsup.wait_console(name)
     survivors = [n.name for n in cluster.nodes if n is not victim]
     t0 = time.time()
