@@ -58,7 +58,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integration/: topo, migtopo
 
-from topo import ROOT, VENV_BIN, Netns, QsupDaemon, pid_alive, veth  # noqa: E402
+from topo import ROOT, Netns, QsupDaemon, pid_alive, veth
 
 AGENT = ROOT / "contrib" / "ocf" / "qsup"
 REMOTED = ROOT / "build" / "cluster" / "pacemaker-remote" / "usr" / "sbin" / "pacemaker-remoted"
@@ -103,9 +103,9 @@ class NsProc:
     waits on both.  Signals go to the inner process by its (host) pid.
     """
 
-    def __init__(self, node: "ClusterNode", argv: list[str], log: Path, env: dict | None = None):
+    def __init__(self, node: ClusterNode, argv: list[str], log: Path, env: dict | None = None):
         self.argv = argv
-        self._log = open(log, "ab")
+        self._log = open(log, "ab")  # noqa: SIM115 -- the process's output, for its whole life
         self.popen = subprocess.Popen(node.nsenter_argv(pid_ns=True) + ["env", *[f"{k}={v}" for k, v in
                                                                           (env or {}).items()], *argv],
                                       stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -140,7 +140,7 @@ class NsProc:
 
 
 class ClusterNode:
-    def __init__(self, cluster: "Cluster", index: int, remote: bool = False):
+    def __init__(self, cluster: Cluster, index: int, remote: bool = False):
         self.cluster = cluster
         self.index = index
         #: a pacemaker-remoted node: no corosync, joined through an ocf:pacemaker:remote resource
@@ -170,7 +170,7 @@ class ClusterNode:
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run a command inside the node (mount, UTS, network and PID namespace)."""
         full = self.nsenter_argv() + (["env", *[f"{k}={v}" for k, v in env.items()]] if env else []) + list(argv)
-        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input)
+        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input, check=False)
         if check and r.returncode != 0:
             raise RuntimeError(f"{self.name}: {' '.join(argv)} failed ({r.returncode}): "
                                f"{r.stderr.strip()[-2000:]} {r.stdout.strip()[-1000:]}")
@@ -687,7 +687,7 @@ system {{
                 n.ns.close()
         if self.fabric:
             self.fabric.close()
-        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
         for ns in [n.ns for n in self.nodes if n.ns] + ([self.fabric] if self.fabric else []):
             if any(line.split()[0] == ns.name for line in names.splitlines() if line.strip()):
                 left.append(f"netns {ns.name}")

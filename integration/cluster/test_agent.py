@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import AGENT
 
 NAME = "g1"
@@ -113,7 +112,8 @@ exit ${{FAKE_RC:-0}}
 
 
 def agent(env: dict, action: str, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([str(AGENT), action], env={**env, **extra}, capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(AGENT), action], env={**env, **extra}, capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 @pytest.mark.parametrize("scripted, rc", [

@@ -19,7 +19,6 @@ import subprocess
 import time
 
 import pytest
-
 from harness import AGENT, GUEST_NET, Cluster, missing_binaries, resource_xml
 from topo import VENV_BIN, guest_spec
 
