@@ -19,6 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 QSUP = [sys.executable, "-m", "supervisor._cli"]
+#: an existing regular file: the daemon checks that a spec's kernel is one; "QEMU" (/bin/false)
+#: never reads it
+KERNEL = str(ROOT / "pyproject.toml")
 
 
 def qsup(*args, env=None, timeout=30, **kw) -> subprocess.CompletedProcess:
@@ -137,12 +140,12 @@ def test_stale_socket_is_replaced(tmp_path):
 
 def test_bad_spec_is_exit_2_one_line_naming_the_field(daemon, tmp_path):
     cases = [
-        ({"name": "../x", "memory": 64, "kernel": "/k"}, "name"),
-        ({"name": "a", "memory": 64, "kernel": "/k", "nics": [{"mode": "routed", "ip": "1.2.3.999"}]},
+        ({"name": "../x", "memory": 64, "kernel": KERNEL}, "name"),
+        ({"name": "a", "memory": 64, "kernel": KERNEL, "nics": [{"mode": "routed", "ip": "1.2.3.999"}]},
          "nics[0].ip"),
-        ({"name": "a", "memory": 64, "kernel": "/k", "nics": [{"mode": "bridged", "link": "qsupnobr9"}]},
+        ({"name": "a", "memory": 64, "kernel": KERNEL, "nics": [{"mode": "bridged", "link": "qsupnobr9"}]},
          "nics[0].link"),  # valid syntax: refused by the daemon's host check
-        ({"name": "a", "memory": 64, "kernel": "/k", "colour": 1}, "colour"),
+        ({"name": "a", "memory": 64, "kernel": KERNEL, "colour": 1}, "colour"),
     ]
     for i, (spec, field) in enumerate(cases):
         p = tmp_path / f"bad{i}.json"
@@ -151,7 +154,7 @@ def test_bad_spec_is_exit_2_one_line_naming_the_field(daemon, tmp_path):
         assert r.returncode == 2, (spec, r.stderr)
         assert one_error_line(r).startswith(f"qsup: error: {field}:"), r.stderr
     toml = tmp_path / "bad.toml"
-    toml.write_text('name = "ok"\nmemory = "lots"\nkernel = "/k"\n')
+    toml.write_text(f'name = "ok"\nmemory = "lots"\nkernel = "{KERNEL}"\n')
     r = daemon.cli("start", str(toml))
     assert r.returncode == 2 and one_error_line(r).startswith("qsup: error: memory:")
     r = daemon.cli("start", str(tmp_path / "missing.json"))
@@ -166,7 +169,7 @@ def test_operation_failures_are_exit_1(daemon, tmp_path):
         assert "no instance named 'nope'" in one_error_line(r)
     # a valid spec whose "QEMU" (/bin/false) exits at once: rolled back, exit 1
     p = tmp_path / "ok.json"
-    p.write_text(json.dumps({"name": "dies", "memory": 64, "kernel": "/k"}))
+    p.write_text(json.dumps({"name": "dies", "memory": 64, "kernel": KERNEL}))
     r = daemon.cli("start", str(p))
     assert r.returncode == 1
     assert "start failed (rolled back)" in one_error_line(r)
@@ -181,7 +184,7 @@ def test_follow_no_reconnect_says_where_to_resume(daemon, tmp_path):
         first = json.loads(tail.stdout.readline())
         assert first["type"] == "daemon.ready"
         p = tmp_path / "ok.json"
-        p.write_text(json.dumps({"name": "f1", "memory": 64, "kernel": "/k"}))
+        p.write_text(json.dumps({"name": "f1", "memory": 64, "kernel": KERNEL}))
         assert daemon.cli("start", str(p)).returncode == 1
         got = [json.loads(tail.stdout.readline())]
         while got[-1]["type"] != "instance.failed":
@@ -331,7 +334,7 @@ def test_follow_reconnects_across_a_daemon_restart_without_gap(tmp_path):
         assert "daemon.stopping" in [e["type"] for e in got]
         assert tail.poll() is None  # still following
         p = tmp_path / "ok.json"
-        p.write_text(json.dumps({"name": "after", "memory": 64, "kernel": "/k"}))
+        p.write_text(json.dumps({"name": "after", "memory": 64, "kernel": KERNEL}))
         assert d.cli("start", str(p)).returncode == 1
         nxt = lines.next_json()
         assert (nxt["seq"], nxt["instance"]) == (seqs[-1] + 1, "after")

@@ -27,6 +27,9 @@ from supervisor import _log
 
 ROOT = Path(__file__).resolve().parent.parent
 QSUP = [sys.executable, "-m", "supervisor._cli"]
+#: an existing regular file: the daemon checks that a spec's kernel is one; "QEMU" (/bin/false)
+#: never reads it
+KERNEL = str(ROOT / "pyproject.toml")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -174,7 +177,7 @@ def _serve(tmp: Path, env: dict, **cfg) -> tuple[subprocess.Popen, Path, Path]:
 
 def _start_failing_instance(tmp: Path, sock: Path) -> None:
     spec = tmp / "vm.json"
-    spec.write_text(json.dumps({"name": "vmx", "memory": 64, "kernel": "/k"}))
+    spec.write_text(json.dumps({"name": "vmx", "memory": 64, "kernel": KERNEL}))
     r = subprocess.run([*QSUP, "start", str(spec), "--socket", str(sock)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert r.returncode == 1, r.stderr
