@@ -42,6 +42,7 @@ import netconf
 import qmp_glue
 
 from ._config import Config
+from ._console import pump_console
 from ._errors import describe, only_cancelled, root_cause
 from ._faults import NO_FAULTS, Checkpoint
 from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
@@ -135,6 +136,8 @@ class Instance:
         self.proc: QemuProcess | None = None
         self._qmp: qmp_glue.QMPClient | None = None
         self._executor: netconf.Executor | None = None  # opened at launch: claiming a name writes nothing
+        #: kernel/initrd/disk as the node checked them (symlinks resolved): what QEMU is given
+        self.images: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.error: str | None = None
         self.created = time.time()
@@ -328,8 +331,16 @@ class Instance:
             raise StartError(self.error or describe(failure), field) from failure
 
     def _start_error_text(self, exc: BaseException) -> str:
+        """QEMU's or netconf's own words; a failing hook's output belongs in it too."""
         cause = root_cause(exc)
-        return str(cause).removeprefix(f"{cause.field}: ") if getattr(cause, "field", None) else describe(exc)
+        text = str(cause).removeprefix(f"{cause.field}: ") if getattr(cause, "field", None) else describe(exc)
+        failures = getattr(cause, "failures", None) or []
+        if failures:
+            self.emit("netconf.failed", error=str(cause), failures=failures)
+        outputs = [f["output"].strip() for f in failures if f.get("output", "").strip()]
+        if outputs:
+            text += " -- output: " + " | ".join(o.replace("\n", " / ")[-500:] for o in outputs)
+        return text
 
     async def _teardown(self) -> None:
         """The one teardown.  From the exit cause alone: what to undo and which final state follows.
@@ -442,6 +453,7 @@ class Instance:
             str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=5, name=self.name)
         self.checkpoint(Checkpoint.REATTACH_STATUS)
         status = await self.qmp.execute("query-status")
+        await self._follow_console()
         self.runstate = status.get("status", "")
         migration = rec.get("migration")
         if migration and migration.get("direction") == "in":
@@ -479,6 +491,7 @@ class Instance:
                 incoming=incoming,
                 # post-copy needs userfaultfd, which an unprivileged QEMU may not get
                 run_as=(ctx.cfg.qemu_user or None) if not self._needs_root() else None,
+                images=self.images,
             )
             log_fd = os.open(ctx.layout.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             try:
@@ -492,12 +505,23 @@ class Instance:
         self._save()
         log.info("spawned", pid=self.proc.pid)
         self.checkpoint(Checkpoint.SPAWNED)
+        await self._follow_console()
         self._qmp = await self._connect_qmp()
         t_qmp = time.perf_counter()
         self.checkpoint(Checkpoint.QMP)
         await ctx.worker.run(self._apply_phase, "attach", reason)
         self.checkpoint(Checkpoint.ATTACHED)
         return t_spawn, t_qmp
+
+    async def _follow_console(self) -> None:
+        """Copy the serial console into its capped log for as long as the instance lives.
+
+        Started before ``cont`` so nothing the guest prints at boot is lost;
+        it reconnects by itself, so a restarted daemon simply starts another.
+        """
+        layout = self.ctx.layout
+        await self._nursery.start(pump_console, layout.console_socket_path(self.name),
+                                  layout.console_path(self.name), self.ctx.cfg.console_max_bytes)
 
     def _apply_phase(self, phase: str, reason: str) -> float:
         """Every NIC's ``phase`` (sync: runs on the netconf thread); returns the ms spent inside."""

@@ -25,6 +25,7 @@ import qmp_glue
 
 from ._config import Config
 from ._faults import NO_FAULTS
+from ._limits import check_images, check_unique_addresses
 from ._instance import Instance, NodeContext, StartError, check_host
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
@@ -150,15 +151,21 @@ class Node:
         """
         name = spec.name
         self.check_free(name)
+        # before the first await, so the check and the reservation are one step
+        check_unique_addresses(spec, [i.spec for i in self.instances.values() if not i.state.is_final])
         inst = Instance(spec, self.ctx)
         self.instances[name] = inst
         try:
-            # sysfs, rt_tables and ovs-vsctl (up to 10 s): never on the trio thread
-            await trio.to_thread.run_sync(check_host, inst.nics)
+            # sysfs, rt_tables, ovs-vsctl (up to 10 s) and the image files: never on the trio thread
+            inst.images = await trio.to_thread.run_sync(self._check_host, spec, inst.nics)
         except BaseException:
             self._drop(inst)
             raise
         return inst
+
+    def _check_host(self, spec: InstanceSpec, nics) -> dict[str, str]:
+        check_host(nics)
+        return check_images(spec, self.cfg.image_dirs, self.cfg.allow_device_disks)
 
     def _drop(self, inst: Instance) -> None:
         if self.instances.get(inst.name) is inst:

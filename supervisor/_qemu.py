@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._config import Config
+from ._console import console_chardev_args
+from ._qemuopt import qemu_opt_value
 from ._records import Layout
 from ._spec import InstanceSpec
 
@@ -43,8 +45,12 @@ def build_argv(
     *,
     incoming: bool = False,
     run_as: str | None = None,
+    images: dict[str, str] | None = None,
 ) -> list[str]:
+    """``images``: the kernel/initrd/disk paths as checked (symlinks resolved), else the spec's."""
     name = spec.name
+    images = images or {}
+    kernel, initrd, disk = (images.get(k) or getattr(spec, k) for k in ("kernel", "initrd", "disk"))
     accel = spec.accel or cfg.accel
     argv = [
         cfg.qemu,
@@ -54,27 +60,27 @@ def build_argv(
         "-accel", accel,
         "-m", str(spec.memory),
         "-smp", str(spec.vcpus),
-        "-chardev", f"socket,id=qsup-qmp,path={layout.qmp_path(name)},server=on,wait=off",
+        "-chardev", f"socket,id=qsup-qmp,path={qemu_opt_value(layout.qmp_path(name))},server=on,wait=off",
         "-mon", "chardev=qsup-qmp,mode=control",
-        "-chardev", f"socket,id=op-qmp,path={layout.operator_qmp_path(name)},server=on,wait=off",
+        "-chardev", f"socket,id=op-qmp,path={qemu_opt_value(layout.operator_qmp_path(name))},server=on,wait=off",
         "-mon", "chardev=op-qmp,mode=control",
-        "-chardev", f"file,id=console,path={layout.console_path(name)}",
-        "-serial", "chardev:console",
+        # the console goes to qsup, which keeps a capped log (a guest can't fill the disk)
+        *console_chardev_args(layout.console_socket_path(name)),
         # a guest kernel panic reaches QMP as GUEST_PANICKED; QEMU pauses the
         # guest and qsup applies the instance's on_panic policy
         "-device", "pvpanic-pci",
         "-action", "panic=pause",
         "-S",
     ]
-    if spec.kernel:
-        argv += ["-kernel", spec.kernel]
-        if spec.initrd:
-            argv += ["-initrd", spec.initrd]
+    if kernel:
+        argv += ["-kernel", kernel]
+        if initrd:
+            argv += ["-initrd", initrd]
         if spec.append:
             argv += ["-append", spec.append]
     else:
-        fmt = "qcow2" if spec.disk.endswith(".qcow2") else "raw"
-        argv += ["-drive", f"file={spec.disk},if=virtio,format={fmt},cache=none,aio=threads"]
+        fmt = "qcow2" if disk.endswith(".qcow2") else "raw"
+        argv += ["-drive", f"file={qemu_opt_value(disk)},if=virtio,format={fmt},cache=none,aio=threads"]
     for i, nic in enumerate(nics):
         q = len(nic.fds)
         if q == 1:

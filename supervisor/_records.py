@@ -63,7 +63,7 @@ class Layout:
     ``<state_dir>/instances/<name>/record.json``  runtime record (pid, nics/taps)
     ``<state_dir>/instances/<name>/netconf.journal``  netconf journal
     ``<state_dir>/logs/<name>.log`` / ``.console``  qemu stderr / serial console
-    ``<run_dir>/<name>/qmp.sock``, ``qmp-operator.sock``  monitors
+    ``<run_dir>/<name>/qmp.sock``, ``qmp-operator.sock``  monitors; ``console.sock`` the serial console
     """
 
     def __init__(self, state_dir: str | Path, run_dir: str | Path):
@@ -93,6 +93,10 @@ class Layout:
 
     def operator_qmp_path(self, name: str) -> Path:
         return self.instance_run_dir(name) / "qmp-operator.sock"
+
+    def console_socket_path(self, name: str) -> Path:
+        """QEMU's serial console; whoever connects types on it, so only qsup may (run dir 0700)."""
+        return self.instance_run_dir(name) / "console.sock"
 
     def log_path(self, name: str) -> Path:
         return inside(self.state_dir / "logs", f"{name}.log")

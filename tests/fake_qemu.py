@@ -29,6 +29,7 @@ from qmp_peer import PeerError, QMPPeer  # noqa: E402
 
 
 def _chardev_paths(argv: list[str]) -> dict[str, str]:
+    """id -> path of every ``-chardev socket`` (the two monitors and the serial console)."""
     paths = {}
     for i, a in enumerate(argv[:-1]):
         if a == "-chardev" and argv[i + 1].startswith("socket,"):
@@ -47,7 +48,9 @@ class FakeQemu:
         self.vm_was_running = False
         self.continue_switchover = trio.Event()
         self.cancelled = False
-        self.peers = [QMPPeer(p) for p in _chardev_paths(argv).values()]
+        chardevs = _chardev_paths(argv)
+        self.console = chardevs.pop("console", None)
+        self.peers = [QMPPeer(p) for p in chardevs.values()]
         self._nursery: trio.Nursery | None = None
         for peer in self.peers:
             peer.close_on_quit = False
@@ -212,6 +215,17 @@ class FakeQemu:
             except (trio.BrokenResourceError, OSError):
                 pass
 
+    async def _serve_console(self) -> None:
+        """The serial console: accepts qsup's connection and prints one boot line."""
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(self.console)
+        sock.listen(2)
+        async with trio.SocketListener(sock) as listener:
+            while True:
+                stream = await listener.accept()
+                await stream.send_all(b"fake guest: booting\r\n")
+                self._nursery.start_soon(trio.sleep_forever)
+
     # -- main ------------------------------------------------------------------
     async def run(self) -> None:
         async with trio.open_nursery() as n:
@@ -220,6 +234,8 @@ class FakeQemu:
                 if os.path.exists(peer.path):
                     os.unlink(peer.path)
                 await n.start(peer.serve)
+            if self.console:
+                n.start_soon(self._serve_console)
             if self.knobs.get("ignore_quit"):
                 return
             while True:  # quit: QMPPeer replies; the process then exits, like QEMU

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import time
 
-import httpx
 import pytest
 import trio
 from starlette.applications import Starlette
