@@ -437,9 +437,6 @@ def test_kill_source_qemu_at_pre_switchover(topo, tmp_path):
     assert "migration.switchover" not in events_of(a, name)  # migrate-continue never succeeded
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 2: a NetconfError from the source's L3 release at "
-                                       "pre-switchover escapes OutgoingMigration.run; the guest is resumed "
-                                       "without its routes and the instance task dies")
 def test_route4_down_hook_failing_at_pre_switchover(topo, tmp_path):
     """The source's L3 release fails at ``pre-switchover``: the migration fails, the guest stays.
 

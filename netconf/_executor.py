@@ -155,7 +155,10 @@ class Executor:
         """(already applied for this tap?, stale entries for an older tap); staged entries are neither."""
         same = [e for e in self.journal.live(phases=(step.phase,), nic_id=step.nic_id)
                 if e["step"] == step.name and not self._is_staged(e, step, tap_index)]
-        ok = bool(same) and all(
+        # Done means the effect itself is there -- the step's entry, or the hook that replaces
+        # it -- not merely a before/after hook whose "down" failed after the effect was undone.
+        effect = any(e["kind"] == "step" or e.get("role") == "replace" for e in same)
+        ok = effect and all(
             e["status"] == "done" and e.get("ifindex") == tap_index
             and (e["kind"] == "hook" or e["args"] == step.args)
             for e in same)

@@ -38,4 +38,13 @@ def describe(exc: BaseException) -> str:
     """
     e = root_cause(exc)
     text = " | ".join(p.strip() for p in str(e).splitlines() if p.strip()) or type(e).__name__
-    return text if hasattr(e, "field") else f"{type(e).__name__}: {text}"
+    return (text if hasattr(e, "field") else f"{type(e).__name__}: {text}") + hook_output(e)
+
+
+def hook_output(exc: BaseException) -> str:
+    """A failing hook's own words (netconf failures carry them): they belong in the error."""
+    outputs = [f["output"].strip() for f in getattr(exc, "failures", None) or []
+               if isinstance(f.get("output"), str) and f["output"].strip()]
+    if not outputs:
+        return ""
+    return " -- output: " + " | ".join(o.replace("\n", " / ")[-500:] for o in outputs)

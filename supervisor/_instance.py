@@ -43,7 +43,7 @@ import qmp_glue
 
 from ._config import Config
 from ._console import pump_console
-from ._errors import describe, only_cancelled, root_cause
+from ._errors import describe, hook_output, only_cancelled, root_cause
 from ._faults import NO_FAULTS, Checkpoint
 from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
     free_port, qmp_timestamp, tcp_uri
@@ -248,8 +248,17 @@ class Instance:
         return self.spec.model_dump(mode="json")
 
     def spawn(self, fn, *args) -> None:
-        """Run ``fn(*args)`` as a task of this instance (it ends with the instance)."""
-        self._nursery.start_soon(fn, *args)
+        """Run ``fn(*args)`` as a task of this instance (it ends with the instance).
+
+        trio copies the context of the task that calls ``start_soon`` -- for a
+        migration that is an HTTP handler -- so the instance's log context is
+        bound again here.
+        """
+        async def bound():
+            with structlog.contextvars.bound_contextvars(instance=self.name):
+                await fn(*args)
+
+        self._nursery.start_soon(bound)
 
     async def apply_l3(self, reason: str, *, inline: bool = False) -> float:
         """L3 for every NIC; returns netconf's own ms.
@@ -333,14 +342,11 @@ class Instance:
     def _start_error_text(self, exc: BaseException) -> str:
         """QEMU's or netconf's own words; a failing hook's output belongs in it too."""
         cause = root_cause(exc)
-        text = str(cause).removeprefix(f"{cause.field}: ") if getattr(cause, "field", None) else describe(exc)
-        failures = getattr(cause, "failures", None) or []
-        if failures:
-            self.emit("netconf.failed", error=str(cause), failures=failures)
-        outputs = [f["output"].strip() for f in failures if f.get("output", "").strip()]
-        if outputs:
-            text += " -- output: " + " | ".join(o.replace("\n", " / ")[-500:] for o in outputs)
-        return text
+        if getattr(cause, "failures", None):
+            self.emit("netconf.failed", error=str(cause), failures=cause.failures)
+        if getattr(cause, "field", None):
+            return str(cause).removeprefix(f"{cause.field}: ") + hook_output(cause)
+        return describe(exc)
 
     async def _teardown(self) -> None:
         """The one teardown.  From the exit cause alone: what to undo and which final state follows.
