@@ -82,6 +82,7 @@ from ._http import (
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, parse_spec
+from ._state import ExitCause, State
 
 log = structlog.get_logger("qsup.api")
 
@@ -281,7 +282,7 @@ TEXT_PATTERN = f"^[^{_TEXT}]*$"
 PATH_PATTERN = f"^/[^,{_TEXT}]*$"
 LINK_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 ACCEL_PATTERN = "^[a-z][a-z0-9_-]{0,15}$"
-STATES = ["starting", "running", "paused", "migrating", "stopping", "stopped", "crashed", "failed"]
+STATES = [s.value for s in State]
 MODES = ["routed", "bridged", "openvswitch"]
 
 
@@ -397,13 +398,24 @@ TIMINGS = {
     "additionalProperties": {"type": "number"},
 }
 
+EXIT_CAUSES = [c.value for c in ExitCause]
+
 INSTANCE_VIEW = {
     "type": "object",
-    "required": ["name", "state", "pid", "memory", "vcpus", "tags", "nics", "qmp_operator", "console",
-                 "created", "timings_ms", "error", "migration"],
+    "required": ["name", "state", "runstate", "generation", "pid", "memory", "vcpus", "tags", "nics",
+                 "qmp_operator", "console", "created", "timings_ms", "error", "exit_cause", "panic", "migration"],
     "properties": {
         "name": {"type": "string"},
         "state": {"type": "string", "enum": STATES},
+        "runstate": {"type": "string", "description": "QEMU's own run state (query-status): running, paused, "
+                                                      "guest-panicked, internal-error, io-error, inmigrate, ..."},
+        "generation": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                       "description": "new at every start, kept across live migrations"},
+        "exit_cause": {"type": ["string", "null"], "enum": [*EXIT_CAUSES, None],
+                       "description": "why QEMU went (or is going) away"},
+        "panic": {"anyOf": [{"type": "object", "properties": {
+            "action": {"type": ["string", "null"]}, "info": {"type": ["object", "null"]}}}, {"type": "null"}],
+            "description": "QEMU's GUEST_PANICKED details, while the panic stands"},
         "pid": {"type": ["integer", "null"], "description": "QEMU's pid while it runs"},
         "memory": {"type": "integer"},
         "vcpus": {"type": "integer"},

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,9 @@ class Instance:
         self.timings: dict[str, float] = {}
         self.error: str | None = None
         self.created = time.time()
+        #: the guest's identity: new at every start, carried by a live migration, so
+        #: "same generation on the new node" proves it was migrated, not restarted
+        self.generation = uuid.uuid4().hex
         self.cause: ExitCause | None = None
         #: QEMU's run state as ``query-status`` names it (running, paused, guest-panicked, ...)
         self.runstate = "prelaunch"
@@ -172,6 +176,7 @@ class Instance:
             "name": self.name,
             "state": self.state.value,
             "runstate": self.runstate,
+            "generation": self.generation,
             "pid": self.proc.pid if self.proc and self.proc.alive else None,
             "memory": self.spec.memory,
             "vcpus": self.spec.vcpus,
@@ -210,6 +215,7 @@ class Instance:
             # The NIC<->tap association, keyed by the stable NIC id (the MAC).
             "nics": {n.nic_id: n.to_dict() for n in self.nics},
             "created": self.created,
+            "generation": self.generation,
             "migration": self._migration_record(),
         }
 
@@ -246,6 +252,9 @@ class Instance:
 
     def spec_json(self) -> dict:
         return self.spec.model_dump(mode="json")
+
+    def generation_id(self) -> str:
+        return self.generation
 
     def spawn(self, fn, *args) -> None:
         """Run ``fn(*args)`` as a task of this instance (it ends with the instance).

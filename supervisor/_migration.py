@@ -98,6 +98,8 @@ class InstancePort(Protocol):
 
     def spec_json(self) -> dict: ...
 
+    def generation_id(self) -> str: ...
+
     async def apply_l3(self, reason: str, *, inline: bool = False) -> float: ...
 
     async def release_l3(self) -> None: ...
@@ -233,8 +235,9 @@ class PeerClient:
             raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_)
         return body
 
-    async def prepare(self, name: str, spec: dict, postcopy: bool) -> PrepareAnswer:
-        body = await self._call("POST", "/v1/migrations/incoming", json={"spec": spec, "postcopy": postcopy})
+    async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str) -> PrepareAnswer:
+        body = await self._call("POST", "/v1/migrations/incoming",
+                                json={"spec": spec, "postcopy": postcopy, "generation": generation})
         answer = _peer_answer(PrepareAnswer, body, "prepare answer")
         if answer.name != name:
             raise MigrationError(f"destination prepared {answer.name[:80]!r}, not {name!r}", "to")
@@ -368,7 +371,8 @@ class OutgoingMigration:
             try:
                 self.port.emit("migration.started", to=self.opts.to, postcopy=self.opts.postcopy)
                 self.port.checkpoint(Checkpoint.PREPARE)
-                answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy)
+                answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
+                                            self.port.generation_id())
                 prepared = True
                 await self._start_qemu(answer.uri)
                 async with trio.open_nursery() as n:

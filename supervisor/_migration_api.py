@@ -33,6 +33,8 @@ class _Body(BaseModel):
 class PrepareBody(_Body):
     spec: dict
     postcopy: bool = False
+    #: the source's instance generation: the guest keeps its identity across the move
+    generation: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
 
 class MigrateBody(_Body):
@@ -48,7 +50,8 @@ async def prepare_incoming(request: Request) -> Response:
     try:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
-        uri = await http.node(request).prepare_incoming(spec, postcopy=body.postcopy)
+        uri = await http.node(request).prepare_incoming(spec, postcopy=body.postcopy,
+                                                              generation=body.generation)
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
         raise http.http_error(e, field_prefix="spec") from None
     return JSONResponse({"name": spec.name, "uri": uri}, 201)
@@ -116,7 +119,10 @@ SCHEMAS = {
     "PrepareBody": {
         "type": "object", "additionalProperties": False, "required": ["spec"],
         "properties": {"spec": http.ref("InstanceSpec"),
-                       "postcopy": {"type": "boolean", "default": False}}},
+                       "postcopy": {"type": "boolean", "default": False},
+                       "generation": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{32}$"}, {"type": "null"}],
+                                      "default": None,
+                                      "description": "the source's instance generation, kept across the move"}}},
     "Prepared": {
         "type": "object", "required": ["name", "uri"],
         "properties": {"name": {"type": "string"},

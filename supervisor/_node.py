@@ -107,6 +107,7 @@ class Node:
                 self.events.emit("instance.record_unreadable", instance=name, error=str(e))
                 continue
             inst = Instance(spec, self.ctx)
+            inst.generation = rec.get("generation") or inst.generation
             recorded = {k.lower(): netconf.Nic.from_dict(v) for k, v in rec.get("nics", {}).items()}
             inst.nics = [recorded.get(n.nic_id, n) for n in inst.nics]
             proc = None
@@ -183,9 +184,12 @@ class Node:
         inst = await self._claim(spec)
         return await self._run(inst, inst.launch_start)
 
-    async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False) -> str:
+    async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False,
+                               generation: str | None = None) -> str:
         """Be the destination of a live migration; returns the URI to migrate to."""
         inst = await self._claim(spec)
+        if generation:
+            inst.generation = generation
         return await self._run(inst, inst.launch_incoming, postcopy)
 
     async def abort_incoming(self, name: str) -> Instance:

@@ -322,7 +322,7 @@ class _Boom:
     async def start(self, spec):
         raise self.exc
 
-    async def prepare_incoming(self, spec, postcopy=False):
+    async def prepare_incoming(self, spec, postcopy=False, generation=None):
         raise self.exc
 
 

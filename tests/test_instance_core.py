@@ -185,6 +185,7 @@ def test_migration_completes_and_the_guest_moves(tmp_path):
             assert inst.state == State.STOPPED and inst.cause == ExitCause.MIGRATED_OUT
             dest = b.node.instances["vm"]
             assert dest.state == State.RUNNING and dest.runstate == "running"
+            assert dest.generation == inst.generation  # migrated, not restarted
             assert a.of("migration.completed")[-1]["activation"]["netconf_ms"] is not None
             await dest.stop()
 

@@ -52,6 +52,8 @@ class FakeInstance:
         live = not self.state.is_final
         return {
             "name": self.name, "state": self.state.value, "pid": 4242 if live else None,
+            "runstate": "running" if live else "shutdown", "generation": "0" * 32,
+            "exit_cause": None if live else "requested stop", "panic": None,
             "memory": self.spec.memory, "vcpus": self.spec.vcpus, "tags": list(self.spec.tags),
             "nics": [{"mac": n.mac, "mode": n.mode, "tap": f"qs{i}", "link": n.link, "ip": n.ip, "ip6": n.ip6,
                       "vlan": n.vlan if isinstance(n.vlan, int) else None,
@@ -96,7 +98,8 @@ class FakeNode:
         await trio.lowlevel.checkpoint()
         return self._claim(spec)
 
-    async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False) -> str:
+    async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False,
+                               generation: str | None = None) -> str:
         inst = self._claim(spec)
         inst.state, inst.incoming = State.MIGRATING, True
         return "tcp:127.0.0.1:49152"
