@@ -36,9 +36,26 @@ CONFDIR ?= /etc/qsup
 include mk/guest.mk
 include mk/cluster.mk
 
-.PHONY: deps apt venv test unit integration demo bench clean install uninstall constraints
+# promtool (the metrics tests run `promtool check metrics`) ships in Debian's `prometheus`
+# package.  Installing that package would add a system user, eleven libjs-* dependencies and,
+# on a systemd host, enable and start a Prometheus server on :9090.  So it is only downloaded
+# and promtool (a self-contained Go binary) alone is unpacked under build/prometheus: nothing runs,
+# nothing to uninstall.  The tests look in $PROMTOOL, then PATH, then PROMTOOL_BIN.
+PROMTOOL_DIR := build/prometheus
+PROMTOOL_BIN := $(PROMTOOL_DIR)/usr/bin/promtool
 
-deps: apt venv cluster-deps
+.PHONY: deps apt venv promtool test unit integration demo bench clean install uninstall constraints
+
+deps: apt venv cluster-deps promtool
+
+promtool: $(PROMTOOL_BIN)
+$(PROMTOOL_BIN): | $(STAMP)/apt
+	rm -rf $(PROMTOOL_DIR) && mkdir -p $(PROMTOOL_DIR)/deb
+	cd $(PROMTOOL_DIR)/deb && apt-get -o DPkg::Lock::Timeout=600 -o APT::Sandbox::User=root -qq download prometheus
+	dpkg-deb --fsys-tarfile $(PROMTOOL_DIR)/deb/prometheus_*.deb | tar -x -C $(PROMTOOL_DIR) ./usr/bin/promtool
+	rm -rf $(PROMTOOL_DIR)/deb
+	$@ --version >/dev/null
+	touch $@
 
 apt: $(STAMP)/apt
 $(STAMP)/apt: Makefile
