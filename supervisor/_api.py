@@ -5,6 +5,8 @@ Routes (all JSON unless noted; ``/openapi.json`` is generated from :data:`ROUTES
     GET    /v1/health                      200 {"status": "ok", ...}   (503 while the daemon stops)
     GET    /metrics                        200 Prometheus text
     POST   /v1/instances                   201 view   (body: an instance spec; waits until running)
+                                           200 view   (the same spec already runs here: create-or-start)
+    GET    /v1/capacity                    200 host memory/vcpus and what live instances commit
     GET    /v1/instances                   200 {"instances": [view, ...]}
     GET    /v1/instances/{name}            200 view
     POST   /v1/instances/{name}/stop       200 final view (body optional: {"force", "timeout"})
@@ -31,6 +33,19 @@ the spec is parsed here, and the node checks the host facts (bridge exists, tabl
 it claims the name.  Rejected requests are not events; they are logged and counted in
 ``qsup_http_requests_total``.
 
+``POST /v1/instances`` is create-or-start by name, so a retried or repeated create is safe
+(a cluster agent's ``start``, a client whose first request timed out):
+
+* nothing by that name, or an instance that ended (stopped, crashed, failed): a new instance
+  (new ``generation``); the ended entry is replaced, as a transient libvirt domain that shut
+  off is gone and Ganeti's ``gnt-instance startup`` of a down instance just starts it;
+* a live instance with an identical spec (compared after parsing, so key order and defaults do
+  not matter): 200 with its view, nothing changes -- once it is ``running`` or ``paused`` (a
+  create never resumes a pause: that is the operator's, or ``on_panic``'s, decision); while
+  its own start is still in progress the request waits for it and answers as above;
+* a live instance with a different spec, one that is migrating (either way) or stopping:
+  409 ``conflict`` naming ``name`` (the message lists the fields that differ).
+
 ``DELETE`` is "make it gone": a live instance is force-stopped (SIGTERM to QEMU, netconf undone)
 and then dropped from the table; an instance that already ended is just dropped.  ``stop`` of
 an instance that already ended answers 200 with its final view.
@@ -45,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import os
 import time
 
 import structlog
@@ -81,6 +97,7 @@ from ._http import (
 )
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
+from ._node import Conflict, NotFound
 from ._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, parse_spec
 from ._state import ExitCause, State
 
@@ -132,10 +149,79 @@ async def create_instance(request: Request) -> Response:
     if not isinstance(data, dict):
         raise HttpError(400, "the instance spec must be a JSON object")
     refuse_while_stopping(request)
+    spec = parse_spec(data)
+    n = node(request)
+    same = await _same_live_instance(n, spec)
+    if same is not None:  # create-or-start: it already runs here with this spec
+        return JSONResponse(same.view(), 200, headers={"location": f"/v1/instances/{same.name}"})
     # SpecError, Conflict (name taken) and StartError (rolled back) are answered by the table;
     # the node checks the host facts (bridge, table) itself, off the trio thread.
-    inst = await node(request).start(parse_spec(data))
+    inst = await n.start(spec)
     return JSONResponse(inst.view(), 201, headers={"location": f"/v1/instances/{inst.name}"})
+
+
+def _lookup(n, name: str):
+    try:
+        return n.get(name)
+    except NotFound:
+        return None
+
+
+def _spec_diff(a, b) -> list[str]:
+    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    return sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+
+
+async def _same_live_instance(n, spec):
+    """The live instance that already is ``spec`` (create-or-start answers it), None when
+    nothing live holds the name (a new start; an ended entry is replaced), or
+    :class:`Conflict`."""
+    while True:
+        old = _lookup(n, spec.name)
+        if old is None or old.state.is_final:
+            return None
+        diff = _spec_diff(old.spec, spec)
+        if diff:
+            raise Conflict(f"instance {spec.name!r} already exists ({old.state.value}) with a different "
+                           f"spec ({', '.join(diff)} differ)")
+        incoming = (old.view().get("migration") or {}).get("direction") == "in"
+        if old.state == State.STARTING and not incoming:
+            # its own start is in progress (a concurrent create): answer as it ends
+            while n.instances.get(spec.name) is old and old.state == State.STARTING:
+                await trio.sleep(0.02)
+            continue
+        if old.state in (State.RUNNING, State.PAUSED):
+            return old
+        what = "the destination of a migration" if incoming else old.state.value
+        raise Conflict(f"instance {spec.name!r} is {what}; ask again once it settles")
+
+
+async def capacity(request: Request) -> Response:
+    """What a node attribute or utilization script feeds to Pacemaker (see docs/CLUSTER.md)."""
+    n = node(request)
+    live = [i for i in n.list() if not i.state.is_final]
+    mem = await trio.to_thread.run_sync(_meminfo)
+    return JSONResponse({
+        "node": n.cfg.node_name,
+        "memory_total_mib": mem.get("MemTotal", 0) // 1024,
+        "memory_available_mib": mem.get("MemAvailable", 0) // 1024,
+        "vcpus": len(os.sched_getaffinity(0)),
+        "committed_memory_mib": sum(i.spec.memory for i in live),
+        "committed_vcpus": sum(i.spec.vcpus for i in live),
+        "instances": len(live),
+    })
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in KiB."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0])
+    return out
 
 
 async def stop_instance(request: Request) -> Response:
@@ -433,6 +519,23 @@ INSTANCE_VIEW = {
 INSTANCE_LIST = {"type": "object", "required": ["instances"],
                  "properties": {"instances": {"type": "array", "items": ref("InstanceView")}}}
 
+CAPACITY = {
+    "type": "object",
+    "description": "The host's capacity and what live instances (not stopped, crashed or failed) commit; "
+                   "memory in MiB. Feed it to Pacemaker as node utilization (docs/CLUSTER.md).",
+    "required": ["node", "memory_total_mib", "memory_available_mib", "vcpus", "committed_memory_mib",
+                 "committed_vcpus", "instances"],
+    "properties": {
+        "node": {"type": "string"},
+        "memory_total_mib": {"type": "integer", "minimum": 0, "description": "MemTotal"},
+        "memory_available_mib": {"type": "integer", "minimum": 0, "description": "MemAvailable"},
+        "vcpus": {"type": "integer", "minimum": 1, "description": "CPUs the daemon may run on (nproc)"},
+        "committed_memory_mib": {"type": "integer", "minimum": 0, "description": "sum of live instances' memory"},
+        "committed_vcpus": {"type": "integer", "minimum": 0, "description": "sum of live instances' vcpus"},
+        "instances": {"type": "integer", "minimum": 0, "description": "live instances"},
+    },
+}
+
 HEALTH = {
     "type": "object",
     "required": ["status", "node", "instances", "last_seq", "reattached"],
@@ -487,7 +590,7 @@ def component_schemas() -> dict:
         "InstanceSpec": INSTANCE_SPEC, "KernelBootSpec": KERNEL_BOOT_SPEC, "DiskBootSpec": DISK_BOOT_SPEC,
         "InstanceSpecFields": INSTANCE_SPEC_BASE, "NicSpec": NIC_SPEC,
         "InstanceView": INSTANCE_VIEW, "NicView": NIC_VIEW, "Timings": TIMINGS, "InstanceList": INSTANCE_LIST,
-        "StopOptions": STOP_OPTIONS, "Health": HEALTH, "Event": EVENT, "Error": ERROR,
+        "StopOptions": STOP_OPTIONS, "Health": HEALTH, "Capacity": CAPACITY, "Event": EVENT, "Error": ERROR,
         **_migration_api.SCHEMAS,
     }
 
@@ -513,14 +616,20 @@ ROUTES = [
                       "503": {"description": "The daemon is shutting down",
                               "content": {"application/json": {"schema": ref("Health")}}},
                       **errors()}})}),
+    ApiRoute("/v1/capacity", {"GET": Op(capacity, {
+        "operationId": "get_capacity", "summary": "Host memory and vcpus, and what live instances commit",
+        "responses": {**ok("Capacity", ref("Capacity")), **errors()}})}),
     ApiRoute("/v1/instances", {
         "GET": Op(list_instances, {
             "operationId": "list_instances", "summary": "List instances",
             "responses": {**ok("Instances, by name", ref("InstanceList")), **errors()}}),
         "POST": Op(create_instance, {
-            "operationId": "create_instance", "summary": "Create and start an instance; returns once it runs",
+            "operationId": "create_instance",
+            "summary": "Create and start an instance (create-or-start by name); returns once it runs",
             "requestBody": json_body("InstanceSpec"),
-            "responses": {**ok("Running", _VIEW, 201, headers=_LOCATION, links=_INSTANCE_LINKS),
+            "responses": {**ok("Already running (or paused) here with an identical spec: nothing changed",
+                               _VIEW, 200, headers=_LOCATION, links=_INSTANCE_LINKS),
+                          **ok("Running", _VIEW, 201, headers=_LOCATION, links=_INSTANCE_LINKS),
                           **errors(400, 409, 413, 422, 503)}}),
     }),
     ApiRoute("/v1/instances/{name}", {

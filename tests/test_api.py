@@ -205,7 +205,7 @@ def test_health_metrics_openapi(tmp_path):
     doc = schema.json()
     assert doc == json.loads(json.dumps(openapi()))
     assert {"/v1/instances", "/v1/instances/{name}", "/v1/instances/{name}/stop", "/v1/events",
-            "/v1/health", "/metrics"} <= set(doc["paths"])
+            "/v1/health", "/metrics", "/v1/capacity"} <= set(doc["paths"])
     assert "InstanceSpec" in doc["components"]["schemas"] and "NicSpec" in doc["components"]["schemas"]
     assert doc["components"]["schemas"]["InstanceSpecFields"]["additionalProperties"] is False
 
@@ -249,7 +249,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 def test_lifecycle_with_real_qemu(tmp_path):
-    """create -> 201 running; duplicate -> 409; bad stop options -> 422; stop -> stopped; delete."""
+    """create -> 201 running; the same create again -> 200 (create-or-start); bad stop options -> 422; stop -> stopped; delete."""
     disk = tmp_path / "empty.img"
     disk.write_bytes(b"\0" * 1024 * 1024)
     body = {"name": "real1", "memory": 32, "disk": str(disk), "tags": ["a b", "$(x)"]}
@@ -281,13 +281,15 @@ def test_lifecycle_with_real_qemu(tmp_path):
 
     doc = openapi()
     for schema, doc_ in (("InstanceView", view), ("InstanceView", shown.json()), ("InstanceView", stopped.json()),
-                         ("InstanceList", listed.json()), ("Error", dup.json()), ("Error", gone.json())):
+                         ("InstanceList", listed.json()), ("InstanceView", dup.json()), ("Error", gone.json())):
         v = jsonschema_rs.Draft202012Validator({"$ref": f"#/components/schemas/{schema}",
                                                 "components": doc["components"]})
         assert v.is_valid(doc_), (schema, doc_, [str(e) for e in v.iter_errors(doc_)][:3])
     assert view["state"] == "running" and view["pid"] > 0 and view["name"] == "real1"
     assert created.headers["location"] == "/v1/instances/real1"
-    assert dup.status_code == 409 and dup.json()["field"] == "name"
+    # create-or-start: the identical spec again is the same instance, unchanged
+    assert dup.status_code == 200 and dup.json()["generation"] == view["generation"], dup.text
+    assert dup.json()["pid"] == view["pid"]
     assert [v["name"] for v in listed.json()["instances"]] == ["real1"]
     assert shown.json()["tags"] == ["a b", "$(x)"] and shown.json()["nics"] == []
     assert [(r.status_code, r.json()["field"]) for r in bad_opts] == [(422, "force"), (422, "timeout"),
@@ -299,7 +301,65 @@ def test_lifecycle_with_real_qemu(tmp_path):
     assert deleted.status_code == 200
     assert gone.status_code == 404
     assert types.index("instance.running") < types.index("instance.stopping") < types.index("instance.stopped")
+    assert types.count("instance.starting") == 1  # the repeated create started nothing
     assert not os.path.exists(tmp_path / "state" / "instances" / "real1")
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+def test_create_or_start_by_name(tmp_path):
+    """Same spec -> 200, the same instance (also for two creates at once); a different spec ->
+    409 naming ``name`` and the fields; an ended instance of that name is replaced (201, new
+    generation); the capacity endpoint counts only live instances."""
+    disk = tmp_path / "empty.img"
+    disk.write_bytes(b"\0" * 1024 * 1024)
+    body = {"name": "cs1", "memory": 32, "disk": str(disk)}
+
+    async def go(client, node, events):
+        out = {"cap0": await client.get("/v1/capacity")}
+        results = []
+
+        async def create(b):
+            results.append(await client.post("/v1/instances", json=b))
+
+        async with trio.open_nursery() as n:  # two identical creates at once: one start
+            n.start_soon(create, body)
+            await trio.sleep(0.01)
+            n.start_soon(create, dict(reversed(list(body.items()))))  # key order does not matter
+        out["pair"] = results
+        out["cap1"] = await client.get("/v1/capacity")
+        out["other"] = await client.post("/v1/instances", json={**body, "memory": 48, "tags": ["x"]})
+        out["stop"] = await client.post("/v1/instances/cs1/stop", json={"force": True})
+        out["cap2"] = await client.get("/v1/capacity")
+        out["again"] = await client.post("/v1/instances", json=body)
+        out["starts"] = [e["type"] for e in events.since(0) if e["instance"] == "cs1"].count("instance.starting")
+        return out
+
+    o = with_api(tmp_path, go, qemu=QEMU)
+    codes = sorted(r.status_code for r in o["pair"])
+    assert codes == [200, 201], [r.text for r in o["pair"]]
+    first, second = o["pair"]
+    assert first.json()["generation"] == second.json()["generation"]
+    assert second.json()["state"] == "running"
+    other = o["other"].json()
+    assert o["other"].status_code == 409 and other["field"] == "name" and other["code"] == "conflict"
+    assert "memory" in other["error"] and "tags" in other["error"], other
+    assert o["stop"].json()["state"] == "stopped"
+    again = o["again"]
+    assert again.status_code == 201 and again.json()["state"] == "running", again.text
+    assert again.json()["generation"] != first.json()["generation"]  # a new start: a new guest identity
+    assert o["starts"] == 2
+    cap0, cap1, cap2 = (o[k].json() for k in ("cap0", "cap1", "cap2"))
+    import jsonschema_rs
+
+    v = jsonschema_rs.Draft202012Validator({"$ref": "#/components/schemas/Capacity",
+                                            "components": openapi()["components"]})
+    for c in (cap0, cap1, cap2):
+        assert v.is_valid(c), c
+    assert cap0["instances"] == 0 and cap0["committed_memory_mib"] == 0 and cap0["committed_vcpus"] == 0
+    assert cap1["instances"] == 1 and cap1["committed_memory_mib"] == 32 and cap1["committed_vcpus"] == 1
+    assert cap2["instances"] == 0 and cap2["committed_memory_mib"] == 0
+    assert cap0["vcpus"] == len(os.sched_getaffinity(0))
+    assert 0 < cap0["memory_available_mib"] <= cap0["memory_total_mib"]
 
 
 # -- errors: the one table -----------------------------------------------------------------------
