@@ -91,8 +91,8 @@ from ._http import (
     query_bool,
     query_int,
     read_json,
-    refuse_while_stopping,
     ref,
+    refuse_while_stopping,
     validate_body,
 )
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
