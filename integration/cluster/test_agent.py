@@ -54,6 +54,10 @@ class FakeDaemon:
                     if len(fake.views) > 1:
                         fake.views.pop(0)
                     return self._answer(200, {})
+                if self.path == "/v1/capacity":
+                    return self._answer(200, {"node": "n1", "memory_total_mib": 4000, "memory_available_mib": 3000,
+                                              "vcpus": 2, "committed_memory_mib": 256, "committed_vcpus": 1,
+                                              "instances": 1})
                 if self.command == "DELETE":
                     fake.views = [(404, {"error": "gone", "code": "not_found"})]
                     return self._answer(200, {})
@@ -235,6 +239,29 @@ def test_start_is_idempotent_and_bad_spec_is_a_config_error(env):
     assert not log.exists()  # already running: no start issued
     d.script(ABSENT)
     assert agent(e, "start", FAKE_RC="2").returncode == 6  # qsup refused the spec: OCF_ERR_CONFIGURED
+
+
+def test_start_publishes_node_utilization(env, tmp_path):
+    """utilization=true: after a successful start the node's utilization is set from
+    GET /v1/capacity (memory = available + committed), and only when it changed."""
+    d, e, _ = env
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "crm_attribute.log"
+    (bindir / "crm_attribute").write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+case "$*" in *--query*) case "$*" in *"--name cpu"*) echo 2 ;; *) echo 1 ;; esac ;; esac
+""")
+    (bindir / "crm_attribute").chmod(0o755)
+    e = {**e, "PATH": f"{bindir}:{e['PATH']}", "OCF_RESKEY_CRM_meta_on_node": "n1"}
+    d.script(ABSENT, view("running"))
+    assert agent(e, "start", OCF_RESKEY_utilization="true").returncode == 0
+    updates = [line for line in calls.read_text().splitlines() if "--update" in line]
+    assert updates == ["--node n1 --utilization --name memory --update 3256"], calls.read_text()
+    calls.unlink()
+    d.script(view("running"))
+    assert agent(e, "start").returncode == 0  # default: utilization=false, nothing published
+    assert not calls.exists()
 
 
 def test_validate_all(env, tmp_path):
