@@ -1,0 +1,380 @@
+"""Issue 9's model test: random sequences of lifecycle steps on two real nodes, checked against a model.
+
+Hypothesis (stateful testing, ``RuleBasedStateMachine``) draws sequences of:
+
+* ``start`` an instance on a node, ``stop`` it;
+* ``kill_qemu``: SIGKILL an instance's QEMU by pid (its daemon up or down);
+* ``kill_daemon``: SIGKILL a node's ``qsup serve``; ``restart_daemon``;
+* ``migrate`` an instance to the other node (it must complete);
+* ``migrate_cancel``: a throttled migration, cancelled while QEMU reports it ``active``
+  (the guest must stay where it was, the destination must be torn down).
+
+against two real daemons in namespaces (integration/modelnodes.py, built on
+migtopo.TwoNodes) with real QEMUs.  The guests are halted multiboot stubs in 32 MiB
+(see ``modelnodes.write_halt_kernel``), so a step costs QEMU almost nothing.
+
+After every step the model says what must be true on each node, and the system is
+observed (not asked) until it is so, or the step fails after ``SETTLE_S``:
+
+* QEMU processes in the node's namespace: exactly the model's pids, each with its ``-name``;
+* taps, routes (any table) and ``iif`` rules: exactly those of the model's instances
+  (a rule outlives its tap when QEMU died under a dead daemon; recovery removes it);
+* records under ``<state_dir>/instances``: exactly the model's instances;
+* the API's views (when the daemon is up): state and pid as in the model;
+* the event log (read from ``events.db``): seq strictly increasing, every
+  ``instance.<state>`` move legal per ``supervisor._state.TRANSITIONS``, and each
+  instance's last lifecycle event is the state the model expects on that node.
+
+How much runs: ``make test`` runs ``QSUP_MODEL_EXAMPLES`` sequences (default 3) of up to
+``QSUP_MODEL_STEPS`` steps (default 10), without shrinking, a few minutes in all.  More::
+
+    QSUP_MODEL_EXAMPLES=200 QSUP_MODEL_SHRINK=1 .venv/bin/pytest -q integration/test_model.py
+
+(``QSUP_MODEL_SHRINK=1`` turns on Hypothesis' shrinking of a failing sequence: slow with
+real daemons, but the sequence it prints is minimal.)  The per-test timeout grows with
+the number of examples.  A failing sequence is printed as Python steps; keep it as an
+explicit regression test below (``Machine`` can be driven by hand, see the tests at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from modelnodes import ModelNodes, Observed, write_halt_kernel
+from netconf._tap import tap_name_for
+from supervisor._state import TRANSITIONS, State
+
+EXAMPLES = int(os.environ.get("QSUP_MODEL_EXAMPLES", "3"))
+STEPS = int(os.environ.get("QSUP_MODEL_STEPS", "10"))
+SHRINK = os.environ.get("QSUP_MODEL_SHRINK", "") not in ("", "0")
+#: a step's effects must be observable within this (a crash is noticed at once; a
+#: migrated-out source quits and tears down right after ``completed``)
+SETTLE_S = 20.0
+#: the throttle of a migration that must still be running when it is cancelled
+SLOW_BANDWIDTH = 2000  # bytes/s
+
+NAMES = ("g0", "g1", "g2")
+NODES = ("a", "b")
+TABLE = "100"  # routed NICs name a table: route in it + an ``iif TAP lookup 100`` rule
+LIFECYCLE = {f"instance.{s.value}": s for s in State}
+
+
+def addr(name: str) -> str:
+    return f"10.99.0.{10 + NAMES.index(name)}"
+
+
+def mac(name: str) -> str:
+    return f"52:54:00:77:00:{10 + NAMES.index(name):02x}"
+
+
+def tap(name: str) -> str:
+    return tap_name_for(name, mac(name))
+
+
+def other(node: str) -> str:
+    return "b" if node == "a" else "a"
+
+
+@dataclass
+class Live:
+    node: str
+    pid: int
+    qemu_dead: bool = False  # SIGKILLed while its daemon was down: noticed at the restart
+
+
+class Machine(RuleBasedStateMachine):
+    """The model (``live``, ``last``, ``up``) and the real nodes, stepped together."""
+
+    workdir_base: Path | None = None
+    _count = 0
+
+    def __init__(self):
+        super().__init__()
+        Machine._count += 1
+        base = Machine.workdir_base
+        assert base is not None, "set Machine.workdir_base first"
+        self.kernel = write_halt_kernel(base / "halt.mb")
+        self.workdir = base / f"ex{Machine._count}"
+        self.workdir.mkdir()
+        self.nodes = ModelNodes(self.workdir)
+        #: instance name -> where it lives (at most one node: names are unique across the two)
+        self.live: dict[str, Live] = {}
+        #: node -> instance name -> the lifecycle state its last event on that node must name
+        self.last: dict[str, dict[str, str]] = {n: {} for n in NODES}
+        self.up = {n: True for n in NODES}
+        self.steps: list[str] = []
+
+    def teardown(self):
+        leaked = self.nodes.close()
+        assert not leaked, f"qemu pids that would not die: {leaked}"
+
+    # -- helpers -----------------------------------------------------------
+    def node(self, n: str):
+        return self.nodes.nodes[n]
+
+    def spec(self, name: str) -> dict:
+        return {"name": name, "memory": 32, "kernel": str(self.kernel), "append": "qsup-model",
+                "nics": [{"mode": "routed", "mac": mac(name), "ip": addr(name), "link": TABLE}]}
+
+    def log(self, step: str) -> None:
+        self.steps.append(step)
+        print(f"model step {len(self.steps)}: {step}", flush=True)
+
+    def live_on(self, n: str, *, daemon_up: bool | None = None) -> list[str]:
+        return sorted(k for k, v in self.live.items() if v.node == n and (daemon_up is None or self.up[n] == daemon_up))
+
+    def free_names(self) -> list[str]:
+        return [k for k in NAMES if k not in self.live]
+
+    def tail(self, *ns: str) -> str:
+        """The last daemon log lines of nodes ``ns``, for a failure message."""
+        return "\n".join(f"--- node-{n} log:\n{self.node(n).daemon.log()[-3000:]}" for n in ns)
+
+    def wait_view(self, n: str, name: str, cond, what: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        v = None
+        while time.monotonic() < deadline:
+            v = self.node(n).view(name)
+            if v is not None and cond(v):
+                return v
+            time.sleep(0.05)
+        raise AssertionError(f"node-{n}: {name} never {what}: {v}")
+
+    # -- the steps, callable by hand (regression tests) ----------------------
+    def do_start(self, n: str, name: str) -> None:
+        self.log(f"start {name} on {n}")
+        v = self.node(n).call("POST", "/v1/instances", json=self.spec(name), ok=(201,)).json()
+        assert v["state"] == "running" and v["pid"], v
+        self.live[name] = Live(n, v["pid"])
+        self.last[n][name] = "running"
+
+    def do_stop(self, name: str) -> None:
+        n = self.live[name].node
+        self.log(f"stop {name} on {n}")
+        v = self.node(n).call("POST", f"/v1/instances/{name}/stop", json={}).json()
+        assert v["state"] == "stopped", v
+        del self.live[name]
+        self.last[n][name] = "stopped"
+
+    def do_kill_qemu(self, name: str) -> None:
+        inst = self.live[name]
+        self.log(f"kill -9 qemu of {name} on {inst.node} (daemon {'up' if self.up[inst.node] else 'down'})")
+        os.kill(inst.pid, signal.SIGKILL)
+        if self.up[inst.node]:
+            del self.live[name]
+            self.last[inst.node][name] = "crashed"
+        else:
+            inst.qemu_dead = True
+
+    def do_kill_daemon(self, n: str) -> None:
+        self.log(f"kill -9 daemon {n}")
+        self.node(n).kill_daemon()
+        self.up[n] = False
+
+    def do_restart_daemon(self, n: str) -> None:
+        self.log(f"restart daemon {n}")
+        self.node(n).start_daemon()
+        self.up[n] = True
+        for name in self.live_on(n):
+            if self.live[name].qemu_dead:  # cleaned up from its journal, with an event
+                del self.live[name]
+                self.last[n][name] = "crashed"
+
+    def do_migrate(self, name: str) -> None:
+        src = self.live[name].node
+        dst = other(src)
+        self.log(f"migrate {name} {src} -> {dst}")
+        self.node(src).call("POST", f"/v1/instances/{name}/migrate",
+                            json={"to": self.nodes.migration_target(dst)}, ok=(202,))
+        v = self.wait_view(src, name, lambda v: v["state"] in ("stopped", "crashed", "failed") or
+                           (v.get("migration") or {}).get("result"), "finished migrating")
+        assert (v.get("migration") or {}).get("result") == "completed", (v.get("migration"), self.tail(src, dst))
+        vd = self.wait_view(dst, name, lambda v: v["state"] == "running", "running on the destination")
+        self.live[name] = Live(dst, vd["pid"])
+        self.last[src][name] = "stopped"
+        self.last[dst][name] = "running"
+
+    def do_migrate_cancel(self, name: str) -> None:
+        inst = self.live[name]
+        src, dst = inst.node, other(inst.node)
+        self.log(f"migrate {name} {src} -> {dst} throttled, cancel while active")
+        self.node(src).call("POST", f"/v1/instances/{name}/migrate",
+                            json={"to": self.nodes.migration_target(dst), "max_bandwidth": SLOW_BANDWIDTH},
+                            ok=(202,))
+        self.wait_view(src, name, lambda v: (v.get("migration") or {}).get("status") == "active",
+                       "active (throttled migration)")
+        self.node(src).call("POST", f"/v1/instances/{name}/migrate/cancel")
+        v = self.wait_view(src, name, lambda v: (v.get("migration") or {}).get("result") and
+                           v["state"] != "migrating", "done cancelling")
+        assert v["migration"]["result"] == "cancelled", v
+        assert v["state"] == "running" and v["pid"] == inst.pid, v
+        self.last[dst][name] = "failed"  # the prepared destination is torn down
+
+    # -- rules ---------------------------------------------------------------
+    @precondition(lambda self: any(self.up.values()) and self.free_names())
+    @rule(data=st.data())
+    def start(self, data):
+        n = data.draw(st.sampled_from([n for n in NODES if self.up[n]]), label="node")
+        self.do_start(n, data.draw(st.sampled_from(self.free_names()), label="name"))
+
+    @precondition(lambda self: any(self.live_on(n, daemon_up=True) for n in NODES))
+    @rule(data=st.data())
+    def stop(self, data):
+        self.do_stop(data.draw(st.sampled_from(self._with_daemon()), label="name"))
+
+    @precondition(lambda self: any(not v.qemu_dead for v in self.live.values()))
+    @rule(data=st.data())
+    def kill_qemu(self, data):
+        self.do_kill_qemu(data.draw(st.sampled_from(sorted(k for k, v in self.live.items() if not v.qemu_dead)),
+                                    label="name"))
+
+    @precondition(lambda self: any(self.up.values()))
+    @rule(data=st.data())
+    def kill_daemon(self, data):
+        self.do_kill_daemon(data.draw(st.sampled_from([n for n in NODES if self.up[n]]), label="node"))
+
+    @precondition(lambda self: not all(self.up.values()))
+    @rule(data=st.data())
+    def restart_daemon(self, data):
+        self.do_restart_daemon(data.draw(st.sampled_from([n for n in NODES if not self.up[n]]), label="node"))
+
+    @precondition(lambda self: all(self.up.values()) and self.live)
+    @rule(data=st.data())
+    def migrate(self, data):
+        self.do_migrate(data.draw(st.sampled_from(sorted(self.live)), label="name"))
+
+    @precondition(lambda self: all(self.up.values()) and self.live)
+    @rule(data=st.data())
+    def migrate_cancel(self, data):
+        self.do_migrate_cancel(data.draw(st.sampled_from(sorted(self.live)), label="name"))
+
+    def _with_daemon(self) -> list[str]:
+        return sorted(k for k, v in self.live.items() if self.up[v.node])
+
+    # -- the comparison --------------------------------------------------------
+    @invariant()
+    def observed_matches_model(self):
+        self.check(SETTLE_S)
+
+    def check(self, timeout: float = SETTLE_S) -> None:
+        """Poll until every node looks as the model says; fail with the differences."""
+        deadline = time.monotonic() + timeout
+        while True:
+            diffs = [d for n in NODES for d in self.mismatches(n)]
+            if not diffs:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"after {self.steps}:\n  " + "\n  ".join(diffs))
+            time.sleep(0.1)
+
+    def mismatches(self, n: str) -> list[str]:
+        node = self.node(n)
+        obs: Observed = node.observe({addr(k) for k in NAMES})
+        here = {k: v for k, v in self.live.items() if v.node == n}
+        running = {k: v for k, v in here.items() if not v.qemu_dead}
+        out = []
+
+        def diff(what, want, got):
+            if want != got:
+                out.append(f"node-{n} {what}: model {sorted(want)}, observed {sorted(got)}")
+
+        diff("qemu pids", {(v.pid, k) for k, v in running.items()},
+             {(q.pid, q.name) for q in obs.qemus.values()})
+        diff("taps", {tap(k) for k in running}, obs.taps)
+        diff("routes", {addr(k) for k in running}, obs.routes)
+        diff("rules", {tap(k) for k in here}, obs.rules)
+        diff("records", set(here), obs.records)
+        if self.up[n] and obs.views is not None:
+            live_views = {k for k, v in obs.views.items() if not State(v["state"]).is_final}
+            diff("live instances (API)", set(here), live_views)
+            for k, v in obs.views.items():
+                if k in here:
+                    if (v["state"], v["pid"]) != ("running", here[k].pid):
+                        out.append(f"node-{n} {k}: view says {v['state']} pid {v['pid']}, "
+                                   f"model running pid {here[k].pid}")
+                elif v["state"] != self.last[n].get(k):
+                    out.append(f"node-{n} {k}: view says {v['state']}, model {self.last[n].get(k)}")
+        out += self.event_mismatches(n, node.events())
+        return out
+
+    def event_mismatches(self, n: str, events: list[dict]) -> list[str]:
+        out = []
+        seqs = [e["seq"] for e in events]
+        if any(b <= a for a, b in zip(seqs, seqs[1:])):
+            out.append(f"node-{n}: event seqs not strictly increasing: {seqs}")
+        last: dict[str, State] = {}
+        for e in events:
+            new = LIFECYCLE.get(e["type"])
+            if new is None:
+                continue
+            prev = e.get("previous")
+            if prev is not None and new not in TRANSITIONS[State(prev)]:
+                out.append(f"node-{n}: illegal move in events: {e}")
+            last[e["instance"]] = new
+        want = self.last[n]
+        got = {k: v.value for k, v in last.items()}
+        if want != got:
+            out.append(f"node-{n} last lifecycle event per instance: model {want}, observed {got}")
+        return out
+
+
+def _settings(examples: int) -> settings:
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
+    return settings(max_examples=examples, stateful_step_count=STEPS, deadline=None, phases=phases,
+                    suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+@pytest.fixture
+def machine_dir(tmp_path):
+    Machine.workdir_base = tmp_path
+    yield tmp_path
+    Machine.workdir_base = None
+
+
+@pytest.mark.timeout(180 + 120 * EXAMPLES * max(1, STEPS // 10) * (3 if SHRINK else 1))
+def test_model(machine_dir):
+    run_state_machine_as_test(Machine, settings=_settings(EXAMPLES))
+
+
+# --- explicit sequences: each a step list the random test found or that matters on its own ---
+
+@pytest.fixture
+def machine(machine_dir):
+    m = Machine()
+    try:
+        yield m
+    finally:
+        m.teardown()
+
+
+def test_every_step_kind_once(machine):
+    """Every kind of step, in an order that reaches each interesting combination once."""
+    m = machine
+    m.do_start("a", "g0")
+    m.check()
+    m.do_start("b", "g1")
+    m.check()
+    m.do_migrate("g0")  # a -> b
+    m.check()
+    m.do_migrate_cancel("g1")  # stays on b
+    m.check()
+    m.do_kill_daemon("b")
+    m.check()
+    m.do_kill_qemu("g1")  # under a dead daemon: its rule stays until the restart
+    m.check()
+    m.do_restart_daemon("b")
+    m.check()
+    m.do_kill_qemu("g0")  # under a live daemon: crashed at once
+    m.check()
+    m.do_start("a", "g2")
+    m.do_stop("g2")
+    m.check()
