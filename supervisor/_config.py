@@ -6,16 +6,110 @@ name the key.  Every key has a default so ``qsup run`` works without a file.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket as _socket
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from ._spec import ACCEL_RE, SpecError, _loc, _message
 from ._limits import ImageDirs
+from ._spec import ACCEL_RE, SpecError, _loc, _message
+from ._tls import TlsFiles
 from ._uids import DEFAULT_QEMU_UIDS, QemuUids
+
+#: a node name as a ``[peers]`` key (also what its certificate must name)
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+_HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+
+
+def _host(value: str) -> str:
+    """An IP literal or a DNS host name, checked whole; ValueError otherwise."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not isinstance(value, str) or not _HOSTNAME_RE.match(value) or value.replace(".", "").isdigit():
+        raise ValueError(f"{value!r} is not an IP address or host name")
+    return value
+
+
+class Peer(BaseModel):
+    """A ``[peers]`` entry: ``"https://host:port"`` / ``"unix:/path"``, or a table with ``api`` and ``migration``.
+
+    ``migration``: the address the source's QEMU connects to for the migration stream (an IP
+    or host name; the port is the one the peer's prepare answer carries).  Default: the
+    ``https`` URL's host; ``127.0.0.1`` for a ``unix:`` peer (same host).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    api: str
+    migration: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _string_form(cls, v):
+        return {"api": v} if isinstance(v, str) else v
+
+    @field_validator("api")
+    @classmethod
+    def _api(cls, v: str) -> str:
+        if not v.isprintable():
+            raise ValueError("must be 'https://HOST:PORT' or 'unix:/ABSOLUTE/PATH'")
+        if v.startswith("unix:"):
+            path = v[5:]
+            if not path.startswith("/") or "\x00" in path or not path.isprintable():
+                raise ValueError(f"{v!r}: a unix: peer needs an absolute socket path")
+            return v
+        m = re.fullmatch(r"https://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]@?#]+):([0-9]{1,5})/?", v)
+        if not m:
+            raise ValueError(f"{v!r} must be 'https://HOST:PORT' or 'unix:/ABSOLUTE/PATH' (no http://)")
+        _host(m.group(1).strip("[]"))
+        if not 1 <= int(m.group(2)) <= 65535:
+            raise ValueError(f"{v!r}: port out of range")
+        return v
+
+    @field_validator("migration")
+    @classmethod
+    def _migration(cls, v: str | None) -> str | None:
+        return None if v is None else _host(v)
+
+    @property
+    def is_https(self) -> bool:
+        return self.api.startswith("https://")
+
+    @property
+    def target(self) -> str:
+        """What PeerClient calls: the https base URL, or the unix socket path."""
+        return self.api.rstrip("/") if self.is_https else self.api[5:]
+
+    @property
+    def migration_host(self) -> str:
+        if self.migration:
+            return self.migration
+        if self.is_https:
+            return self.api[8:].rstrip("/").rpartition(":")[0].strip("[]")
+        return "127.0.0.1"
+
+
+def _is_loopback_listen(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Config(BaseModel):
@@ -29,17 +123,30 @@ class Config(BaseModel):
     accel: str = "kvm"
     node_name: str = Field(default_factory=_socket.gethostname, min_length=1, max_length=63)
     migration_address: str = "127.0.0.1"
-    listen: str | None = None  # "host:port" for node-to-node calls (needs token_file)
+    #: "host:port" of the TCP API: HTTPS with tls_*; plain HTTP only on a loopback address
+    listen: str | None = None
     token_file: Path | None = None
+    #: PEM files: the CA every node's certificate is signed by, this node's certificate (it
+    #: must name node_name) and key.  With them ``listen`` serves HTTPS only (client cert or
+    #: token), node-to-node calls and the migration stream use mutual TLS.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: node name -> "https://host:port" | "unix:/path" | {api = ..., migration = "host"};
+    #: ``migrate --to`` names one of these, and credentials go to these only.
+    peers: dict[str, Peer] = {}
     on_shutdown: Literal["leave", "stop"] = "leave"
     #: lowest level logged (journald priorities: debug 7, info 6, warning 4, error 3, critical 2).
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     #: "host:port" of an unauthenticated listener serving only GET /metrics and /v1/health
     #: (for Prometheus and load-balancer checks); none by default.
     metrics_listen: str | None = None
-    #: QEMU drops to this user after opening its sockets and files (``-runas``);
-    #: empty string keeps it root (needed e.g. for post-copy's userfaultfd).
-    qemu_user: str = "nobody"
+    #: ``"per-instance"``: each QEMU runs as its own uid from ``qemu_uids``.
+    #: ``""`` keeps QEMU as the daemon's user (root): only for tests and debugging.
+    qemu_user: Literal["per-instance", ""] = "per-instance"
+    #: post-copy destinations need userfaultfd, which QEMU 7.2 gets unprivileged only
+    #: with vm.unprivileged_userfaultfd=1; true lets them run QEMU as root instead.
+    allow_root_postcopy: bool = False
     #: seconds a guest gets to honour system_powerdown before ``quit``.
     powerdown_timeout: float = Field(default=30.0, ge=0, le=3600)
     hook_timeout: float = Field(default=10.0, gt=0, le=3600)
@@ -72,12 +179,27 @@ class Config(BaseModel):
             raise ValueError(f"invalid accelerator {v!r}")
         return v
 
-    @field_validator("state_dir", "run_dir", "socket")
+    @field_validator("state_dir", "run_dir", "socket", "tls_ca", "tls_cert", "tls_key")
     @classmethod
-    def _abs(cls, v: Path) -> Path:
-        if not v.is_absolute():
+    def _abs(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
             raise ValueError(f"{str(v)!r} must be an absolute path")
         return v
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _peer_names(cls, v):
+        if isinstance(v, dict):
+            for k in v:
+                if not isinstance(k, str) or not NODE_NAME_RE.match(k):
+                    raise ValueError(f"invalid peer name {k!r} (a node name: [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")
+        return v
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        if self.tls_ca and self.tls_cert and self.tls_key:
+            return TlsFiles(self.tls_ca, self.tls_cert, self.tls_key)
+        return None
 
 
 def load_config(path: str | Path | None, **overrides) -> Config:
@@ -95,6 +217,23 @@ def load_config(path: str | Path | None, **overrides) -> Config:
     except ValidationError as e:
         err = e.errors()[0]
         raise SpecError(_loc(err["loc"]), _message(err)) from None
-    if cfg.listen and not cfg.token_file:
-        raise SpecError("token_file", "required when listen is set")
+    check_rules(cfg)
     return cfg
+
+
+def check_rules(cfg: Config) -> None:
+    """The rules between keys; SpecError naming the key."""
+    given = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(cfg, k) is not None]
+    if given and len(given) < 3:
+        missing = next(k for k in ("tls_ca", "tls_cert", "tls_key") if k not in given)
+        raise SpecError(missing, f"required with {given[0]} (tls_ca, tls_cert and tls_key go together)")
+    if cfg.listen:
+        if cfg.tls is None and not _is_loopback_listen(cfg.listen):
+            raise SpecError("listen", f"{cfg.listen!r}: plain HTTP only on a loopback address; "
+                                      "set tls_ca, tls_cert and tls_key to listen elsewhere")
+        if cfg.tls is None and not cfg.token_file:
+            raise SpecError("token_file", "required when listen is set without TLS")
+    for name, peer in cfg.peers.items():
+        if peer.is_https and cfg.tls is None:
+            raise SpecError(f"peers.{name}", "an https peer needs tls_ca, tls_cert and tls_key "
+                                             "(the peer's certificate is checked against tls_ca)")

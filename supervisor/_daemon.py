@@ -12,9 +12,12 @@ Start-up, in an order that matters:
    again, verified (pid + start time) and supervised; the ones that died meanwhile are cleaned up
    from their netconf journal.
 4. Bind the API socket (mode 0660: access to the API is access to the socket file), the
-   optional TCP listener (bearer token) and the optional ``metrics_listen`` listener (no
-   token: it serves only ``GET /metrics`` and ``GET /v1/health``, for Prometheus and load
-   balancers), and start hypercorn's trio worker on them.
+   optional TCP listener and the optional ``metrics_listen`` listener (no token: it serves
+   only ``GET /metrics`` and ``GET /v1/health``, for Prometheus and load balancers), and start
+   hypercorn's trio worker on them.  The TCP listener is HTTPS when ``tls_*`` is set
+   (supervisor/_tls.py): a caller presents a client certificate signed by ``tls_ca`` (it is
+   then the node its certificate names, ``scope["qsup.peer_node"]``) or the bearer token.
+   Without TLS it may bind a loopback address only (the config refuses anything else).
 5. Tell systemd ``READY=1`` (``Type=notify``).  Only now: a unit ordered after qsup can rely on
    every surviving instance being supervised again.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -42,6 +46,7 @@ from ._api import create_app, create_metrics_app
 from ._config import Config
 from ._metrics import Metrics
 from ._records import Layout, ensure_dir
+from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files
 
 log = structlog.get_logger("qsup.daemon")
 
@@ -149,12 +154,58 @@ def read_token(path: Path) -> str:
     return token
 
 
-async def _serve_http(app, sock: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """hypercorn's trio worker on a socket we bound ourselves (``fd://``: it takes the fd over)."""
+class PeerAuth:
+    """ASGI layer of the TLS listener: a verified client certificate stands for the bearer token.
+
+    The handshake already checked the certificate against ``tls_ca`` (an unknown one never
+    gets here); its node name goes into ``scope["qsup.peer_node"]`` and the request is passed
+    on as authorized.  Without a certificate the request goes on as it came: the inner app
+    asks for the token.  (The inner app checks ``Authorization: Bearer``; a certificate caller
+    gets the token put in by this layer, so one check serves both ways in.)
+    """
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.state = getattr(app, "state", None)
+        self._auth = (b"authorization", f"Bearer {token}".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            scope = dict(scope)
+            peer = PEER_NODE.get()
+            scope["qsup.peer_node"] = peer
+            if peer is not None:
+                scope["headers"] = [h for h in scope["headers"] if h[0] != b"authorization"] + [self._auth]
+        await self.app(scope, receive, send)
+
+
+def _hypercorn_config(tls: TlsFiles | None):
     from hypercorn.config import Config as HConfig
+
+    if tls is None:
+        return HConfig()
+
+    class TlsConfig(HConfig):
+        def create_ssl_context(self):
+            from ._tls import server_context
+
+            return server_context(tls)
+
+    hc = TlsConfig()
+    # what hypercorn itself would use; our create_ssl_context builds the same plus the peer hook
+    hc.certfile, hc.keyfile, hc.ca_certs = str(tls.cert), str(tls.key), str(tls.ca)
+    import ssl as _ssl
+
+    hc.verify_mode = _ssl.CERT_OPTIONAL
+    return hc
+
+
+async def _serve_http(app, sock: socket.socket, *, tls: TlsFiles | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's trio worker on a socket we bound ourselves (``fd://``: it takes the fd over)."""
     from hypercorn.trio import serve
 
-    hc = HConfig()
+    hc = _hypercorn_config(tls)
     hc.bind = [f"fd://{sock.detach()}"]
     hc.accesslog = None
     hc.errorlog = None  # our own middleware logs
@@ -175,7 +226,16 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     events = None
     bound = False
     try:
-        token = read_token(cfg.token_file) if cfg.listen else None
+        token = read_token(cfg.token_file) if cfg.listen and cfg.token_file else None
+        if cfg.tls is not None:
+            try:
+                check_node_files(cfg.tls, cfg.node_name)
+            except TlsError as e:
+                raise DaemonError(str(e)) from None
+            if cfg.listen and token is None:
+                import secrets
+
+                token = secrets.token_urlsafe(32)  # nobody knows it: certificates only
         socks.append(bind_unix(cfg.socket))
         bound = True
         tcp = bind_tcp(cfg.listen, "listen") if cfg.listen else None
@@ -198,8 +258,10 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 async with trio.open_nursery() as http:
                     await http.start(_serve_http, app, socks[0])
                     if tcp is not None:
-                        await http.start(_serve_http, create_app(node, events, metrics, token=token,
-                                                                 reattached=reattached), tcp)
+                        tcp_app = create_app(node, events, metrics, token=token, reattached=reattached)
+                        if cfg.tls is not None:
+                            tcp_app = PeerAuth(tcp_app, token)
+                        await http.start(functools.partial(_serve_http, tls=cfg.tls), tcp_app, tcp)
                     if metrics_sock is not None:
                         await http.start(_serve_http, create_metrics_app(node, events, metrics,
                                                                          reattached=reattached), metrics_sock)

@@ -41,18 +41,23 @@ import math
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import structlog
 import trio
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import Field as PydField
 
 import netconf
 import qmp_glue
 
 from ._errors import describe, only_cancelled
 from ._faults import Checkpoint
+
+if TYPE_CHECKING:
+    from ._tls import TlsFiles
 
 log = structlog.get_logger("qsup.migration")
 
@@ -110,14 +115,36 @@ class InstancePort(Protocol):
 
 
 @dataclass(frozen=True)
+class QemuTls:
+    """The source QEMU's side of a TLS migration stream (supervisor/_tls.py)."""
+
+    files: TlsFiles
+    creds_dir: Path  # written just before QEMU loads it, removed right after
+    gid: int | None  # QEMU's gid: the creds dir is readable by it (and root) only
+
+
+@dataclass(frozen=True)
 class MigrateOptions:
-    to: str  # the destination daemon: a unix socket path, or http(s)://host:port
+    to: str  # the destination daemon: a unix socket path, or https://host:port
     postcopy: bool = False
     max_bandwidth: int | None = None  # bytes/s
     downtime_limit: int | None = None  # ms
-    token: str | None = None  # bearer token for an http:// destination
+    token: str | None = None  # bearer token for an https:// destination (none when a client cert is used)
+    #: the declared peer's name (``[peers]`` key): what its certificates must name
+    peer: str | None = None
+    #: where the source's QEMU connects; the port comes from the peer's prepare answer.
+    #: The source builds the URI itself: a peer never supplies a scheme or an address.
+    migration_host: str = "127.0.0.1"
+    #: node-to-node HTTPS: our cert as client cert, the peer's checked against tls_ca and ``peer``
+    api_tls: TlsFiles | None = None
+    #: the migration stream over QEMU's TLS (the destination must answer ``tls: true``)
+    qemu_tls: QemuTls | None = None
     #: cancel when no RAM moved for this long (a dead link stalls TCP, it doesn't fail it)
     stall_timeout: float = 15.0
+
+    @property
+    def shown_to(self) -> str:
+        return self.peer or self.to
 
 
 def free_port(address: str) -> int:
@@ -157,17 +184,16 @@ def parse_tcp_uri(uri: str) -> tuple[str, int]:
 
 
 class PrepareAnswer(BaseModel):
-    """The destination's answer to ``POST /v1/migrations/incoming``."""
+    """The destination's answer to ``POST /v1/migrations/incoming``.
+
+    Only a port and whether the stream is TLS: the source builds the URI itself from the
+    declared peer's migration address (any ``uri`` in the answer is ignored).
+    """
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
     name: str
-    uri: str
-
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        parse_tcp_uri(v)
-        return v
+    port: int = PydField(ge=1, le=65535)
+    tls: bool = False
 
 
 class Activation(BaseModel):
@@ -208,12 +234,27 @@ def _peer_answer(model: type[BaseModel], body: object, what: str):
 
 
 class PeerClient:
-    """Async client for another node's API (the destination daemon)."""
+    """Async client for another node's API (the destination daemon).
 
-    def __init__(self, to: str, token: str | None = None, timeout: float = 60.0):
+    ``to``: a unix socket path, or an ``https://`` URL.  Over https the node's own certificate
+    is the client certificate (``tls``), and the peer's certificate must be signed by
+    ``tls_ca`` and name ``server_name`` -- the declared peer -- whatever the URL's host is.
+    """
+
+    def __init__(self, to: str, token: str | None = None, timeout: float = 60.0, *,
+                 tls: TlsFiles | None = None, server_name: str | None = None):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if to.startswith(("http://", "https://")):
-            self._client = httpx.AsyncClient(base_url=to.rstrip("/"), headers=headers, timeout=timeout)
+        self._extensions: dict = {}
+        if to.startswith("https://"):
+            from ._tls import peer_context
+
+            if tls is None or not server_name:
+                raise MigrationError("an https peer needs the node's TLS files and the peer's name", "to")
+            self._extensions = {"sni_hostname": server_name}
+            self._client = httpx.AsyncClient(base_url=to.rstrip("/"), headers=headers, timeout=timeout,
+                                             verify=peer_context(tls))
+        elif to.startswith(("http://", "unix:")) or not to.startswith("/"):
+            raise MigrationError(f"not a peer address: {to[:80]!r}", "to")
         else:
             self._client = httpx.AsyncClient(
                 transport=httpx.AsyncHTTPTransport(uds=to), base_url="http://qsup", headers=headers,
@@ -221,7 +262,7 @@ class PeerClient:
 
     async def _call(self, method: str, path: str, **kw) -> object:
         try:
-            r = await self._client.request(method, path, **kw)
+            r = await self._client.request(method, path, extensions=self._extensions, **kw)
         except httpx.HTTPError as e:
             raise MigrationError(f"destination unreachable: {e}", "to") from None
         try:
@@ -335,14 +376,14 @@ class OutgoingMigration:
     def view(self) -> dict:
         p = self.progress
         activation = self.activation.model_dump() if self.activation else None
-        return {"direction": "out", "to": self.opts.to, "status": self.status, "result": self.result,
+        return {"direction": "out", "to": self.opts.shown_to, "status": self.status, "result": self.result,
                 "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
                 "switchover_ms": self.switchover_ms(), "activation": activation}
 
     def record(self) -> dict:
-        return {"direction": "out", "postcopy": self.opts.postcopy, "to": self.opts.to,
+        return {"direction": "out", "postcopy": self.opts.postcopy, "to": self.opts.shown_to,
                 "was_running": self.was_running}
 
     def on_event(self, ev: dict) -> None:
@@ -365,16 +406,24 @@ class OutgoingMigration:
 
     # -- the run ---------------------------------------------------------
     async def run(self) -> Outcome:
-        peer = PeerClient(self.opts.to, self.opts.token)
+        peer: PeerClient | None = None
         prepared = False
         try:
             try:
-                self.port.emit("migration.started", to=self.opts.to, postcopy=self.opts.postcopy)
+                self.port.emit("migration.started", to=self.opts.shown_to, postcopy=self.opts.postcopy,
+                               tls=self.opts.qemu_tls is not None)
+                peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
+                                  server_name=self.opts.peer)
                 self.port.checkpoint(Checkpoint.PREPARE)
                 answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
                                             self.port.generation_id())
                 prepared = True
-                await self._start_qemu(answer.uri)
+                if answer.tls != (self.opts.qemu_tls is not None):
+                    raise MigrationError(
+                        "the destination's migration stream is " + ("TLS" if answer.tls else "plain") +
+                        ", this node's is " + ("TLS" if self.opts.qemu_tls else "plain") +
+                        " (set tls_ca/tls_cert/tls_key on both or neither)", "to")
+                await self._start_qemu(tcp_uri(self.opts.migration_host, answer.port))
                 async with trio.open_nursery() as n:
                     n.start_soon(self._poll_progress)
                     await self._follow()
@@ -388,7 +437,8 @@ class OutgoingMigration:
                 return await self._conclude(peer, prepared)
         finally:
             with trio.CancelScope(shield=True):
-                await peer.aclose()
+                if peer is not None:
+                    await peer.aclose()
             self.done.set()
 
     async def _start_qemu(self, uri: str) -> None:
@@ -410,6 +460,12 @@ class OutgoingMigration:
             params["downtime-limit"] = self.opts.downtime_limit
         if params:
             await qmp.execute("migrate-set-parameters", params)
+        tls = self.opts.qemu_tls
+        if tls is not None:
+            from ._tls import setup_qemu_tls
+
+            await setup_qemu_tls(qmp, tls.files, tls.creds_dir, endpoint="client", gid=tls.gid,
+                                 hostname=self.opts.peer)
         self.port.checkpoint(Checkpoint.MIGRATE)
         self.migrate_sent = True
         await qmp.execute("migrate", {"uri": uri})

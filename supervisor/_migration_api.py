@@ -3,14 +3,21 @@
 ::
 
     POST /v1/migrations/incoming              destination: prepare; body {"spec", "postcopy"};
-                                              201 {"uri", "name"} (taps + L2 + qemu -incoming defer -S)
+                                              201 {"name", "port", "tls", "uri"} (taps + L2 + qemu
+                                              -incoming defer -S); the source uses only the port
     POST /v1/migrations/incoming/{name}/abort destination: tear a pending incoming migration down
     POST /v1/instances/{name}/migrate         source: body {"to", "postcopy", "max_bandwidth",
-                                              "downtime_limit"}; 202 view (follow it with GET)
+                                              "downtime_limit"}; ``to`` names a ``[peers]`` entry;
+                                              202 view (follow it with GET)
     POST /v1/instances/{name}/migrate/cancel  source: migrate_cancel
 
-The destination's token for an ``http://`` peer is the source node's own
-``token_file`` (one cluster token), never part of a request.
+``to`` must be a key of the node config's ``[peers]``; anything else (a URL, a socket path, an
+unknown name) is refused with 422 naming ``to`` before anything is contacted.  Credentials go to
+declared peers only: to an ``https://`` peer the node's certificate (``tls_cert``; the peer's
+certificate must be signed by ``tls_ca`` and name the peer); to a ``unix:`` peer nothing (the
+socket's mode is its access control).  The bearer token never travels between nodes.
+The source builds the migration URI itself from the peer's declared migration address and the
+port in the prepare answer (supervisor/_migration.py, ``PrepareAnswer``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import _http as http
 from ._instance import StartError
-from ._migration import MigrateOptions
+from ._migration import MigrateOptions, QemuTls, parse_tcp_uri
 from ._node import Conflict
 from ._spec import SpecError, parse_spec
 
@@ -38,7 +45,7 @@ class PrepareBody(_Body):
 
 
 class MigrateBody(_Body):
-    to: str = Field(min_length=1, max_length=4096)
+    to: str = Field(min_length=1, max_length=63)  # a [peers] key
     postcopy: bool = False
     max_bandwidth: int | None = Field(default=None, ge=1)
     downtime_limit: int | None = Field(default=None, ge=1, le=2000000)
@@ -54,7 +61,9 @@ async def prepare_incoming(request: Request) -> Response:
                                                               generation=body.generation)
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
         raise http.http_error(e, field_prefix="spec") from None
-    return JSONResponse({"name": spec.name, "uri": uri}, 201)
+    _, port = parse_tcp_uri(uri)
+    return JSONResponse({"name": spec.name, "port": port, "tls": http.node(request).cfg.tls is not None,
+                         "uri": uri}, 201)
 
 
 async def abort_incoming(request: Request) -> Response:
@@ -66,15 +75,38 @@ async def abort_incoming(request: Request) -> Response:
 async def migrate(request: Request) -> Response:
     inst = http.instance(request)
     n = http.node(request)
-    body = http.validate_body(MigrateBody, await http.read_json(request))
+    data = await http.read_json(request)
+    if isinstance(data, dict) and isinstance(data.get("to"), str):
+        _declared_peer(n.cfg, data["to"])  # before anything else: the clearest error for a URL
+    body = http.validate_body(MigrateBody, data)
     http.refuse_while_stopping(request)
-    token = None
-    if body.to.startswith(("http://", "https://")) and n.cfg.token_file:
-        token = n.cfg.token_file.read_text().strip()
-    opts = MigrateOptions(to=body.to, postcopy=body.postcopy, max_bandwidth=body.max_bandwidth,
-                          downtime_limit=body.downtime_limit, token=token)
+    opts = migrate_options(n.cfg, body, qemu_pid=inst.proc.pid if getattr(inst, "proc", None) else None,
+                           name=inst.name)
     await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
+
+
+def _declared_peer(cfg, to: str):
+    peer = cfg.peers.get(to)
+    if peer is None:
+        declared = ", ".join(sorted(cfg.peers)) or "none"
+        raise http.HttpError(422, f"to: {to[:80]!r} is not a declared peer (the config's [peers]: {declared[:400]})",
+                             "to", "invalid_spec")
+    return peer
+
+
+def migrate_options(cfg, body: MigrateBody, *, qemu_pid: int | None, name: str) -> MigrateOptions:
+    """The options for a migration to the declared peer ``body.to`` (422 naming ``to`` if undeclared)."""
+    from ._tls import qemu_gid
+
+    peer = _declared_peer(cfg, body.to)
+    tls = cfg.tls
+    qemu_tls = None
+    if tls is not None:
+        qemu_tls = QemuTls(tls, cfg.run_dir / "tls" / f"{name}.client", qemu_gid(qemu_pid))
+    return MigrateOptions(to=peer.target, postcopy=body.postcopy, max_bandwidth=body.max_bandwidth,
+                          downtime_limit=body.downtime_limit, peer=body.to, migration_host=peer.migration_host,
+                          api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls)
 
 
 async def cancel(request: Request) -> Response:
@@ -124,14 +156,18 @@ SCHEMAS = {
                                       "default": None,
                                       "description": "the source's instance generation, kept across the move"}}},
     "Prepared": {
-        "type": "object", "required": ["name", "uri"],
+        "type": "object", "required": ["name", "port", "tls", "uri"],
         "properties": {"name": {"type": "string"},
-                       "uri": {"type": "string", "description": "where the source's QEMU migrates to"}}},
+                       "port": {"type": "integer", "minimum": 1, "maximum": 65535,
+                                "description": "the incoming port; the source connects to the peer's declared "
+                                               "migration address on it"},
+                       "tls": {"type": "boolean", "description": "the migration stream is QEMU TLS"},
+                       "uri": {"type": "string", "description": "informational: what the destination listens on"}}},
     "MigrateBody": {
         "type": "object", "additionalProperties": False, "required": ["to"],
         "properties": {
-            "to": {"type": "string", "minLength": 1, "maxLength": 4096,
-                   "description": "the destination daemon: a unix socket path or http(s)://host:port"},
+            "to": {"type": "string", "minLength": 1, "maxLength": 63,
+                   "description": "the destination node: a key of the node config's [peers]"},
             "postcopy": {"type": "boolean", "default": False},
             "max_bandwidth": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}], "default": None,
                               "description": "bytes/s"},

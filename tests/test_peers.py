@@ -11,10 +11,9 @@ import signal
 import httpx
 import pytest
 import trio
+from core_harness import Bench, fakes_alive, spec
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
-
-from core_harness import Bench, fakes_alive, spec
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -86,3 +85,135 @@ def test_migrate_to_an_undeclared_target_is_refused_and_no_token_leaves(tmp_path
     assert seen == [], f"the undeclared target was contacted: {seen}"
     assert out["status"] == 422 and out["body"]["field"] == "to", out
     assert out["state"] == "running"
+
+
+# -- config ------------------------------------------------------------------------------------
+
+from supervisor._config import load_config
+from supervisor._spec import SpecError
+
+TLS = {"tls_ca": "/etc/qsup/ca.pem", "tls_cert": "/etc/qsup/a.pem", "tls_key": "/etc/qsup/a-key.pem"}
+
+
+def test_peers_string_and_table_forms():
+    cfg = load_config(None, node_name="a", **TLS, peers={
+        "b": "https://10.0.0.2:8420", "c": "unix:/run/qsup-c/qsup.sock", "d.example": "https://[fd00::4]:8420/",
+        "e": {"api": "unix:/run/qsup-e/qsup.sock", "migration": "10.0.0.5"},
+        "f": {"api": "https://f.example:8420", "migration": "fd00::6"}})
+    p = cfg.peers
+    assert (p["b"].target, p["b"].migration_host, p["b"].is_https) == ("https://10.0.0.2:8420", "10.0.0.2", True)
+    assert (p["c"].target, p["c"].migration_host, p["c"].is_https) == ("/run/qsup-c/qsup.sock", "127.0.0.1", False)
+    assert (p["d.example"].target, p["d.example"].migration_host) == ("https://[fd00::4]:8420", "fd00::4")
+    assert (p["e"].target, p["e"].migration_host) == ("/run/qsup-e/qsup.sock", "10.0.0.5")
+    assert p["f"].migration_host == "fd00::6"
+
+
+@pytest.mark.parametrize("peers, field", [
+    ({"b": "http://10.0.0.2:8420"}, "peers.b.api"),
+    ({"b": "10.0.0.2:8420"}, "peers.b.api"),
+    ({"b": "/run/qsup-b/qsup.sock"}, "peers.b.api"),
+    ({"b": "unix:relative.sock"}, "peers.b.api"),
+    ({"b": "https://10.0.0.2"}, "peers.b.api"),
+    ({"b": "https://10.0.0.2:0"}, "peers.b.api"),
+    ({"b": "https://10.0.0.2:70000"}, "peers.b.api"),
+    ({"b": "https://user@10.0.0.2:8420"}, "peers.b.api"),
+    ({"b": "https://10.0.0.2:8420/x"}, "peers.b.api"),
+    ({"b": "https://10.0.0.2:8420\n"}, "peers.b.api"),
+    ({"b": "https://bad_host!:8420"}, "peers.b.api"),
+    ({"b": {"api": "unix:/x.sock", "migration": "exec:id"}}, "peers.b.migration"),
+    ({"b": {"api": "unix:/x.sock", "migration": "10.0.0.2:4444"}}, "peers.b.migration"),
+    ({"b": {"api": "unix:/x.sock", "uri": "tcp:1.2.3.4:5"}}, "peers.b.uri"),
+    ({"-b": "unix:/x.sock"}, "peers"),
+    ({"b\n": "unix:/x.sock"}, "peers"),
+    ({"a/b": "unix:/x.sock"}, "peers"),
+])
+def test_bad_peers_are_refused_naming_the_key(peers, field):
+    with pytest.raises(SpecError) as e:
+        load_config(None, **TLS, peers=peers)
+    assert e.value.field == field, str(e.value)
+
+
+def test_https_peers_need_tls():
+    with pytest.raises(SpecError) as e:
+        load_config(None, peers={"b": "https://10.0.0.2:8420"})
+    assert e.value.field == "peers.b"
+    load_config(None, peers={"b": "unix:/run/b.sock"})  # a unix peer needs no TLS
+
+
+def test_tls_files_go_together_and_are_absolute():
+    with pytest.raises(SpecError) as e:
+        load_config(None, tls_ca="/ca.pem", tls_cert="/a.pem")
+    assert e.value.field == "tls_key"
+    with pytest.raises(SpecError) as e:
+        load_config(None, **{**TLS, "tls_ca": "ca.pem"})
+    assert e.value.field == "tls_ca"
+
+
+@pytest.mark.parametrize("listen, ok", [("127.0.0.1:8420", True), ("[::1]:8420", True), ("localhost:8420", True),
+                                        ("127.0.0.2:8420", True), ("0.0.0.0:8420", False), (":8420", False),
+                                        ("10.0.0.1:8420", False), ("[::]:8420", False), ("nodea:8420", False)])
+def test_plain_listen_only_on_loopback(listen, ok):
+    kw = {"listen": listen, "token_file": "/etc/qsup/token"}
+    if ok:
+        load_config(None, **kw)
+    else:
+        with pytest.raises(SpecError) as e:
+            load_config(None, **kw)
+        assert e.value.field == "listen" and "loopback" in str(e.value)
+    load_config(None, **kw, **TLS)  # with TLS anywhere
+
+
+def test_listen_with_tls_needs_no_token_file():
+    assert load_config(None, listen="0.0.0.0:8420", **TLS).token_file is None
+    with pytest.raises(SpecError) as e:
+        load_config(None, listen="127.0.0.1:8420")
+    assert e.value.field == "token_file"
+
+
+# -- the source builds the URI -----------------------------------------------------------------
+
+def test_source_builds_the_uri_from_the_peer_address_and_the_answers_port(tmp_path):
+    """b answers a port (and a hostile uri, ignored); a connects to b's *declared* migration address."""
+    from supervisor._migration_api import MigrateBody, migrate_options
+
+    a = Bench(tmp_path, "a", peers={"b": {"api": f"unix:{tmp_path / 'b' / 'qsup.sock'}", "migration": "127.0.0.1"}})
+    b = Bench(tmp_path, "b")
+    out = {}
+
+    async def main():
+        async with a.running(), b.running(api=True):
+            inst = await a.node.start(spec(tmp_path))
+            opts = migrate_options(a.cfg, MigrateBody(to="b"), qemu_pid=inst.proc.pid, name="vm")
+            assert (opts.to, opts.peer, opts.migration_host, opts.qemu_tls, opts.api_tls, opts.token) == \
+                (str(b.socket), "b", "127.0.0.1", None, None, None)
+            await a.node.migrate("vm", opts)
+            with trio.fail_after(20):
+                while inst.state.value == "migrating":
+                    await trio.sleep(0.02)
+            out["uri"] = [e["uri"] for e in a.of("migration.uri")]
+            out["prepared"] = [e["uri"] for e in b.of("migration.prepared")]
+            out["view_to"] = inst.view()["migration"]["to"]
+            await b.node.instances["vm"].stop(force=True)
+
+    trio.run(main)
+    port = int(out["prepared"][0].rsplit(":", 1)[1])
+    assert out["uri"] == [f"tcp:127.0.0.1:{port}"]
+    assert out["view_to"] == "b"
+
+
+@pytest.mark.parametrize("body", [{"name": "vm"}, {"name": "vm", "port": "4444"}, {"name": "vm", "port": 0},
+                                  {"name": "vm", "port": 65536}, {"name": "vm", "port": True},
+                                  {"name": "vm", "port": 4444.0}, {"name": "vm", "uri": "tcp:10.0.0.2:4444"}])
+def test_a_prepare_answer_carries_a_port_in_range(body):
+    from supervisor._migration import MigrationError, PrepareAnswer, _peer_answer
+
+    with pytest.raises(MigrationError) as e:
+        _peer_answer(PrepareAnswer, body, "prepare answer")
+    assert e.value.field == "to" and "port" in str(e.value)
+
+
+def test_a_uri_in_the_prepare_answer_is_ignored():
+    from supervisor._migration import PrepareAnswer, _peer_answer
+
+    a = _peer_answer(PrepareAnswer, {"name": "vm", "port": 4444, "uri": "exec:touch /tmp/pwned"}, "prepare answer")
+    assert (a.port, a.tls) == (4444, False) and not hasattr(a, "uri")

@@ -1,0 +1,282 @@
+"""Mutual TLS (issue 9): the HTTPS listener, node-to-node name checks, QEMU's creds dir.
+
+Certificates are made at test time (contrib/make-test-ca, openssl) into tmp_path.  No root.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from core_harness import Bench, fakes_alive
+
+from supervisor._api import create_app
+from supervisor._daemon import PeerAuth, _serve_http
+from supervisor._migration import MigrationError, PeerClient
+from supervisor._tls import (
+    PEER_NODE,
+    QEMU_FILES,
+    TlsError,
+    TlsFiles,
+    cert_node_name,
+    check_node_files,
+    file_cert_names,
+    setup_qemu_tls,
+    write_qemu_creds,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_CA = ROOT / "contrib" / "make-test-ca"
+TOKEN = "t0ken-for-the-tls-tests-0123456789"
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+def make_ca(d: Path, *names: str) -> Path:
+    subprocess.run([str(MAKE_CA), str(d), *names], check=True)
+    return d
+
+
+def files(d: Path, name: str) -> TlsFiles:
+    return TlsFiles(d / "ca.pem", d / f"{name}.pem", d / f"{name}-key.pem")
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return make_ca(tmp_path / "pki", "a", "b=127.0.0.1", "admin")
+
+
+@pytest.fixture
+def rogue(tmp_path):
+    """Another CA, with certificates of the same names."""
+    return make_ca(tmp_path / "rogue", "a", "b=127.0.0.1")
+
+
+@pytest.fixture(autouse=True)
+def _no_fakes_left(tmp_path):
+    yield
+    left = fakes_alive(tmp_path)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"fake qemu processes left running: {left}"
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+def test_cert_names_cn_first_then_dns_sans(pki):
+    assert file_cert_names(pki / "b.pem") == ["b"]
+    assert cert_node_name({"subject": ((("commonName", "node-a"),),),
+                           "subjectAltName": (("DNS", "x"), ("IP Address", "1.2.3.4"))}) == "node-a"
+    assert cert_node_name({"subjectAltName": (("DNS", "x"),)}) == "x"
+    assert cert_node_name(None) is None and cert_node_name({}) is None
+
+
+def test_node_files_must_load_and_name_the_node(pki, rogue):
+    check_node_files(files(pki, "a"), "a")
+    with pytest.raises(TlsError) as e:
+        check_node_files(files(pki, "a"), "b")
+    assert e.value.field == "tls_cert" and "names ['a']" in str(e.value)
+    with pytest.raises(TlsError) as e:  # key of another certificate
+        check_node_files(TlsFiles(pki / "ca.pem", pki / "a.pem", rogue / "a-key.pem"), "a")
+    assert e.value.field == "tls_cert"
+    with pytest.raises(TlsError) as e:
+        check_node_files(TlsFiles(pki / "nope.pem", pki / "a.pem", pki / "a-key.pem"), "a")
+    assert e.value.field == "tls_ca"
+
+
+# -- the HTTPS listener and PeerClient -----------------------------------------------------------
+
+def _listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s, s.getsockname()[1]
+
+
+def _serve_b(tmp_path, pki, body):
+    """Node "b" (fake QEMU, real API) behind the TLS listener with the token ``TOKEN``; runs ``body(port, seen)``."""
+    b = Bench(tmp_path, "b")
+    seen: list = []
+
+    async def main():
+        async with b.running():
+            app = create_app(b.node, b.events, token=TOKEN)
+
+            async def spy(scope, receive, send):  # what the inner app is given
+                if scope["type"] == "http":
+                    seen.append(scope.get("qsup.peer_node"))
+                await app(scope, receive, send)
+
+            sock, port = _listener()
+            async with trio.open_nursery() as n:
+                await n.start(functools.partial(_serve_http, tls=files(pki, "b")), PeerAuth(spy, TOKEN), sock)
+                try:
+                    await body(port, seen)
+                finally:
+                    n.cancel_scope.cancel()
+
+    trio.run(main)
+    return seen
+
+
+def test_listener_accepts_a_ca_signed_client_cert_as_the_node_it_names(tmp_path, pki):
+    async def body(port, seen):
+        url = f"https://127.0.0.1:{port}"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(str(pki / "a.pem"), str(pki / "a-key.pem"))
+        async with httpx.AsyncClient(verify=ctx) as c:
+            r = await c.get(url + "/v1/instances")
+            assert r.status_code == 200, r.text
+            # a certificate caller's own Authorization header changes nothing
+            r = await c.get(url + "/v1/instances", headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 200
+        assert seen[-2:] == ["a", "a"]
+        plain = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        async with httpx.AsyncClient(verify=plain) as c:  # no certificate: the token, or 401
+            assert (await c.get(url + "/v1/instances")).status_code == 401
+            r = await c.get(url + "/v1/instances", headers={"authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200
+        assert seen[-1] is None
+        async with httpx.AsyncClient() as c:  # plain HTTP is not served
+            with pytest.raises(httpx.HTTPError):
+                await c.get(f"http://127.0.0.1:{port}/v1/instances")
+
+    _serve_b(tmp_path, pki, body)
+
+
+def test_listener_refuses_a_client_cert_of_another_ca(tmp_path, pki, rogue):
+    async def body(port, seen):
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(str(rogue / "a.pem"), str(rogue / "a-key.pem"))
+        async with httpx.AsyncClient(verify=ctx) as c:
+            with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+                r = await c.get(f"https://127.0.0.1:{port}/v1/instances",
+                                headers={"authorization": f"Bearer {TOKEN}"})
+                pytest.fail(f"answered {r.status_code}")
+        assert seen == []
+
+    _serve_b(tmp_path, pki, body)
+
+
+def test_peer_client_checks_the_peer_certificate_names_the_declared_peer(tmp_path, pki, rogue):
+    async def body(port, seen):
+        url = f"https://127.0.0.1:{port}"
+        good = PeerClient(url, tls=files(pki, "a"), server_name="b")
+        try:
+            with pytest.raises(MigrationError) as e:
+                await good.show("nothing")
+            assert "404" in str(e.value)  # it got an answer: TLS both ways, authenticated
+        finally:
+            await good.aclose()
+        assert seen[-1] == "a"
+        n = len(seen)
+        # the same server declared under another name: its certificate does not name "c"
+        wrong = PeerClient(url, tls=files(pki, "a"), server_name="c")
+        try:
+            with pytest.raises(MigrationError) as e:
+                await wrong.show("nothing")
+            assert "unreachable" in str(e.value) and e.value.field == "to"
+        finally:
+            await wrong.aclose()
+        # a node of another CA does not trust "b"
+        other = PeerClient(url, tls=files(rogue, "a"), server_name="b")
+        try:
+            with pytest.raises(MigrationError):
+                await other.show("nothing")
+        finally:
+            await other.aclose()
+        assert len(seen) == n
+
+    _serve_b(tmp_path, pki, body)
+
+
+def test_peer_client_refuses_plain_http_and_unix_prefixes():
+    for to in ("http://10.0.0.2:8420", "unix:/run/x.sock", "relative.sock"):
+        with pytest.raises(MigrationError) as e:
+            PeerClient(to)
+        assert e.value.field == "to"
+    with pytest.raises(MigrationError):
+        PeerClient("https://10.0.0.2:8420")  # no TLS files, no peer name
+
+
+def test_peer_node_is_recorded_by_the_handshake_in_the_connection_context(tmp_path, pki):
+    """The mechanism PeerAuth relies on: the handshake's task context carries the name."""
+    async def main():
+        from supervisor._tls import peer_context, server_context
+
+        s_ctx, c_ctx = server_context(files(pki, "b")), peer_context(files(pki, "a"))
+        left, right = trio.testing.memory_stream_pair()
+        server = trio.SSLStream(left, s_ctx, server_side=True)
+        client = trio.SSLStream(right, c_ctx, server_hostname="b")
+        names = []
+
+        async def serve():
+            await server.do_handshake()
+            names.append(PEER_NODE.get())
+
+        async with trio.open_nursery() as n:
+            n.start_soon(serve)
+            await client.do_handshake()
+        assert names == ["a"] and PEER_NODE.get() is None
+
+    trio.run(main)
+
+
+# -- QEMU's creds dir ----------------------------------------------------------------------------
+
+def test_qemu_creds_dir_has_qemus_names_and_is_private(tmp_path, pki):
+    d = write_qemu_creds(tmp_path / "run" / "tls" / "vm.client", files(pki, "a"), os.getgid())
+    assert sorted(os.listdir(d)) == sorted(QEMU_FILES)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    assert stat.S_IMODE(d.parent.stat().st_mode) == 0o711
+    for f in QEMU_FILES:
+        st = (d / f).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == os.getgid()
+    assert (d / "server-key.pem").read_bytes() == (pki / "a-key.pem").read_bytes()
+    assert (d / "ca-cert.pem").read_bytes() == (pki / "ca.pem").read_bytes()
+
+
+class _Qmp:
+    def __init__(self):
+        self.calls = []
+        self.dir_seen = None
+
+    async def execute(self, cmd, args=None, **kw):
+        import qmp_glue
+
+        self.calls.append((cmd, args))
+        if cmd == "object-del":
+            raise qmp_glue.QMPError("GenericError", "object not found", cmd)
+        if cmd == "object-add":
+            self.dir_seen = sorted(os.listdir(args["dir"]))
+        return {}
+
+
+def test_setup_qemu_tls_adds_the_object_sets_params_and_removes_the_files(tmp_path, pki):
+    q = _Qmp()
+    d = tmp_path / "run" / "tls" / "vm.server"
+    oid = trio.run(functools.partial(setup_qemu_tls, q, files(pki, "b"), d, endpoint="server", gid=None,
+                                     hostname=None))
+    cmds = [c for c, _ in q.calls]
+    assert cmds == ["object-del", "object-add", "migrate-set-parameters"]
+    add = q.calls[1][1]
+    assert add == {"qom-type": "tls-creds-x509", "id": oid, "dir": str(d), "endpoint": "server",
+                   "verify-peer": True}
+    assert q.dir_seen == sorted(QEMU_FILES) and not d.exists()
+    assert q.calls[2][1] == {"tls-creds": oid}
+    q = _Qmp()
+    trio.run(functools.partial(setup_qemu_tls, q, files(pki, "a"), tmp_path / "c", endpoint="client",
+                               gid=None, hostname="b"))
+    assert q.calls[1][1]["endpoint"] == "client"
+    assert q.calls[2][1] == {"tls-creds": "qsup-tls-client", "tls-hostname": "b"}
