@@ -48,8 +48,8 @@ from ._errors import describe, hook_output, only_cancelled, root_cause
 from ._faults import NO_FAULTS, Checkpoint
 from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
     free_port, qmp_timestamp, tcp_uri
-from ._process import QemuProcess
-from ._qemu import NicFds, build_argv
+from ._process import QemuProcess, listening_socket
+from ._qemu import HostFds, NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, State, StateMachine
@@ -68,6 +68,7 @@ class NodeContext:
     worker: netconf.NetconfWorker
     hooks: Any = None  # netconf.Hooks | None
     faults: Any = NO_FAULTS  # supervisor._faults.Faults in tests
+    uids: Any = None  # supervisor._uids.UidAllocator
 
 
 class StartError(RuntimeError):
@@ -139,12 +140,15 @@ class Instance:
         self._executor: netconf.Executor | None = None  # opened at launch: claiming a name writes nothing
         #: kernel/initrd/disk as the node checked them (symlinks resolved): what QEMU is given
         self.images: dict[str, str] = {}
+        self._fd_paths: dict[str, str] = {}  # "/proc/self/fd/N" QEMU was given -> the file's path
         self.timings: dict[str, float] = {}
         self.error: str | None = None
         self.created = time.time()
         #: the guest's identity: new at every start, carried by a live migration, so
         #: "same generation on the new node" proves it was migrated, not restarted
         self.generation = uuid.uuid4().hex
+        #: the uid this instance's QEMU runs as (its own, from ``qemu_uids``); None: the daemon's
+        self.uid: int | None = None
         self.cause: ExitCause | None = None
         #: QEMU's run state as ``query-status`` names it (running, paused, guest-panicked, ...)
         self.runstate = "prelaunch"
@@ -178,6 +182,7 @@ class Instance:
             "runstate": self.runstate,
             "generation": self.generation,
             "pid": self.proc.pid if self.proc and self.proc.alive else None,
+            "uid": self.uid,
             "memory": self.spec.memory,
             "vcpus": self.spec.vcpus,
             "tags": list(self.spec.tags),
@@ -216,6 +221,7 @@ class Instance:
             "nics": {n.nic_id: n.to_dict() for n in self.nics},
             "created": self.created,
             "generation": self.generation,
+            "uid": self.uid,
             "migration": self._migration_record(),
         }
 
@@ -373,6 +379,8 @@ class Instance:
             if self.proc is not None and self.proc.alive:
                 self.proc.signal(signal.SIGKILL)
                 await self.proc.wait()
+            if self.uid is not None:
+                self.ctx.uids.release(self.uid)  # its QEMU is gone: the uid owns nothing running
             await self._close_qmp()
             failures = await self._undo_netconf(exit_.undo_reason) if self._journal_exists() else []
             if not failures:
@@ -496,26 +504,29 @@ class Instance:
         self._save()
         self.executor  # open the journal now: the teardown undoes whatever it records
         self.checkpoint(Checkpoint.TAPS)
-        taps = []
+        opened: list = []  # taps, sockets and files QEMU gets as fds; ours are closed after the spawn
         try:
+            taps = []
             for nic in self.nics:
                 taps.append(netconf.open_tap(nic.tap, nic.queues, mac=netconf.fe_mac(nic.mac)))
+                opened.append(taps[-1])
+            host = self._host_fds(opened)
             argv = build_argv(
                 self.spec, ctx.cfg, ctx.layout,
                 [NicFds(n.mac, tuple(t.fds), t.vnet_hdr) for n, t in zip(self.nics, taps)],
-                incoming=incoming,
-                # post-copy needs userfaultfd, which an unprivileged QEMU may not get
-                run_as=(ctx.cfg.qemu_user or None) if not self._needs_root() else None,
-                images=self.images,
+                host=host, incoming=incoming, images=self.images,
             )
+            self.uid = self._qemu_uid()
             log_fd = os.open(ctx.layout.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             try:
-                self.proc = QemuProcess.popen(argv, pass_fds=[fd for t in taps for fd in t.fds], log_fd=log_fd)
+                self.proc = QemuProcess.popen(
+                    argv, pass_fds=[fd for t in taps for fd in t.fds] + host.all(), log_fd=log_fd,
+                    uid=self.uid, gid=self.uid)
             finally:
                 os.close(log_fd)
         finally:
-            for t in taps:  # QEMU holds its own copies now
-                t.close()
+            for thing in opened:  # QEMU holds its own copies now
+                thing.close()
         t_spawn = time.perf_counter()
         self._save()
         log.info("spawned", pid=self.proc.pid)
@@ -527,6 +538,36 @@ class Instance:
         await ctx.worker.run(self._apply_phase, "attach", reason)
         self.checkpoint(Checkpoint.ATTACHED)
         return t_spawn, t_qmp
+
+    def _host_fds(self, opened: list) -> HostFds:
+        """Bind the monitor and console sockets and open kernel/initrd, for QEMU to inherit."""
+        layout, name = self.ctx.layout, self.name
+        socks = [listening_socket(p) for p in (layout.qmp_path(name), layout.operator_qmp_path(name),
+                                               layout.console_socket_path(name))]
+        opened.extend(socks)
+        files = {}
+        for key in ("kernel", "initrd"):
+            path = self.images.get(key) or getattr(self.spec, key)
+            if path:
+                try:
+                    files[key] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with ``opened``
+                except OSError as e:
+                    raise SpecError(key, f"cannot open {path!r}: {e.strerror}") from None
+                opened.append(files[key])
+                self._fd_paths[f"/proc/self/fd/{files[key].fileno()}"] = path
+        return HostFds(*(s.fileno() for s in socks), **{k: f.fileno() for k, f in files.items()})
+
+    def _qemu_uid(self) -> int | None:
+        """The uid QEMU runs as: the instance's own, unless the config or post-copy says otherwise.
+
+        ``None`` keeps the daemon's own uid: an unprivileged qsup (tests),
+        ``qemu_user = ""``, or a post-copy destination where the config
+        allows root post-copy (QEMU 7.2 needs userfaultfd, see DESIGN.md).
+        """
+        cfg = self.ctx.cfg
+        if os.geteuid() != 0 or cfg.qemu_user == "" or self._needs_root():
+            return None
+        return self.ctx.uids.allocate()
 
     async def _follow_console(self) -> None:
         """Copy the serial console into its capped log for as long as the instance lives.
@@ -546,7 +587,9 @@ class Instance:
         return (time.perf_counter() - t) * 1000
 
     def _needs_root(self) -> bool:
-        return isinstance(self.migration, IncomingMigration) and self.migration.postcopy
+        """A post-copy destination with ``allow_root_postcopy``: userfaultfd needs root here."""
+        return isinstance(self.migration, IncomingMigration) and self.migration.postcopy and \
+            self.ctx.cfg.allow_root_postcopy
 
     async def _connect_qmp(self) -> qmp_glue.QMPClient:
         """Connect QMP, or fail fast with QEMU's own words if it exits first."""
@@ -563,6 +606,8 @@ class Instance:
             n.cancel_scope.cancel()
         if not result:
             said = self._log_tail()
+            for fd_path, path in self._fd_paths.items():  # QEMU names the file as it was given it
+                said = said.replace(fd_path, path)
             raise StartError(f"qemu exited with status {self.proc.returncode}: {said}", self._field_named_by(said))
         return result[0]
 
@@ -651,7 +696,8 @@ class Instance:
             m.on_stop(ts)
             self.runstate = "paused"
             return
-        self.runstate = "paused"
+        if self.runstate not in GUEST_FAULT_EVENTS:  # QEMU stops a panicked guest after saying so
+            self.runstate = "paused"
         if self.state == State.RUNNING:
             self.sm.move(State.PAUSED, "qmp STOP")
         if self.cause is None:

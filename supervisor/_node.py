@@ -14,6 +14,7 @@ they differ only in where requests come from.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,7 @@ import qmp_glue
 from ._config import Config
 from ._faults import NO_FAULTS
 from ._limits import check_images, check_unique_addresses
+from ._uids import UidAllocator
 from ._instance import Instance, NodeContext, StartError, check_host
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
@@ -77,7 +79,8 @@ class Node:
         sys.setswitchinterval(0.0005)
         hooks = netconf.Hooks(self.cfg.hooks_dir, timeout=self.cfg.hook_timeout) if self.cfg.hooks_dir else None
         with qmp_glue.AsyncioThread() as aio, netconf.NetconfWorker() as worker:
-            self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks, self.faults)
+            self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks, self.faults,
+                                   UidAllocator(self.cfg.qemu_uids))
             if self.cfg.announce_interfaces:
                 # open the packet socket now: the first announce is on a migration's critical path
                 await worker.run(netconf.announce, [])
@@ -108,6 +111,9 @@ class Node:
                 continue
             inst = Instance(spec, self.ctx)
             inst.generation = rec.get("generation") or inst.generation
+            if isinstance(rec.get("uid"), int) and rec["uid"] in self.ctx.uids:
+                inst.uid = rec["uid"]
+                self.ctx.uids.hold(inst.uid)
             recorded = {k.lower(): netconf.Nic.from_dict(v) for k, v in rec.get("nics", {}).items()}
             inst.nics = [recorded.get(n.nic_id, n) for n in inst.nics]
             proc = None
@@ -164,6 +170,24 @@ class Node:
             raise
         return inst
 
+    def _check_postcopy(self) -> None:
+        """Post-copy only where QEMU can run it: unprivileged with the host's consent, or root by config.
+
+        QEMU 7.2 calls userfaultfd(2) without UFFD_USER_MODE_ONLY: as its own
+        uid it needs vm.unprivileged_userfaultfd = 1, a host-wide choice qsup
+        does not make.  Otherwise only ``allow_root_postcopy`` lets it run, as root.
+        """
+        if os.geteuid() != 0 or self.cfg.qemu_user == "" or self.cfg.allow_root_postcopy:
+            return
+        try:
+            with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+                allowed = f.read().strip() == "1"
+        except OSError:
+            allowed = False
+        if not allowed:
+            raise SpecError("postcopy", "this node's QEMU runs unprivileged and vm.unprivileged_userfaultfd "
+                                        "is 0: set it to 1, or allow_root_postcopy = true in the config")
+
     def _check_host(self, spec: InstanceSpec, nics) -> dict[str, str]:
         check_host(nics)
         return check_images(spec, self.cfg.image_dirs, self.cfg.allow_device_disks)
@@ -187,6 +211,8 @@ class Node:
     async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False,
                                generation: str | None = None) -> str:
         """Be the destination of a live migration; returns the URI to migrate to."""
+        if postcopy:
+            self._check_postcopy()
         inst = await self._claim(spec)
         if generation:
             inst.generation = generation

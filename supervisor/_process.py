@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+from pathlib import Path
 
 import trio
 
@@ -40,6 +42,27 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+QEMU_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+def listening_socket(path: Path) -> socket.socket:
+    """A unix socket bound at ``path`` and listening, for QEMU to inherit (``chardev fd=``).
+
+    Bound by qsup, so QEMU needs no access to the directory; mode 0600, so
+    only root (qsup, an operator's ``qsup qmp``) can connect.
+    """
+    path.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(path))
+        os.chmod(path, 0o600)
+        s.listen(4)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 class QemuProcess:
     """A handle on a QEMU pid: ``await wait()``, ``signal()``, ``alive``."""
 
@@ -60,8 +83,16 @@ class QemuProcess:
                 self.returncode = -1
 
     @classmethod
-    def popen(cls, argv: list[str], *, pass_fds: list[int], log_fd: int) -> "QemuProcess":
-        """Start QEMU in its own session (a daemon's SIGINT must not reach it)."""
+    def popen(cls, argv: list[str], *, pass_fds: list[int], log_fd: int,
+              uid: int | None = None, gid: int | None = None) -> "QemuProcess":
+        """Start QEMU in its own session (a daemon's SIGINT must not reach it).
+
+        With ``uid``/``gid`` the child drops to them before exec, with no
+        supplementary groups (QEMU's ``-runas`` can't be combined with its
+        seccomp sandbox).  The environment is scrubbed: QEMU gets a PATH and
+        nothing of the daemon's.
+        """
+        creds = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
         popen = subprocess.Popen(
             argv,
             pass_fds=pass_fds,
@@ -70,6 +101,8 @@ class QemuProcess:
             stderr=log_fd,
             start_new_session=True,
             close_fds=True,
+            env=QEMU_ENV,
+            **creds,
         )
         return cls(popen.pid, child=True, popen=popen)
 

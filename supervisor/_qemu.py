@@ -9,8 +9,10 @@ Why these options:
   privilege to create one.  ``vhost=off``: these hosts have no vhost-net.
 * Two QMP monitors on unix socket *paths*: the supervisor's own (a path, so
   a restarted daemon can reconnect) and one for operators (``qsup qmp``).
-* ``-runas``: QEMU opens its sockets and files as root, then drops to an
-  unprivileged user before running the guest.
+* no ``-runas``: qsup starts QEMU as the instance's own uid (one per
+  instance, from ``qemu_uids``) under QEMU's seccomp sandbox; everything
+  QEMU needs from the host -- taps, monitors, console, kernel, initrd, its
+  log -- is opened by qsup and passed as an fd.
 * ``-device pvpanic-pci`` + ``-action panic=pause``: without it a panicked
   guest looks ``running`` forever.
 * ``-incoming defer`` for a migration destination (with ``-S``: see
@@ -22,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._config import Config
-from ._console import console_chardev_args
+from ._console import CHARDEV_ID as CONSOLE_ID
 from ._qemuopt import qemu_opt_value
 from ._records import Layout
 from ._spec import InstanceSpec
@@ -37,20 +39,45 @@ class NicFds:
     vnet_hdr: bool
 
 
+@dataclass(frozen=True)
+class HostFds:
+    """What qsup opens for QEMU and passes as fds, so QEMU needs no path on the host.
+
+    The monitors and the console are unix sockets qsup binds and QEMU listens
+    on (``-chardev socket,fd=N``): they outlive a daemon restart like a path
+    QEMU bound would, and an unprivileged QEMU needs no access to the run
+    dir.  Kernel and initrd are opened by qsup and named ``/proc/self/fd/N``.
+    """
+
+    qmp: int
+    operator_qmp: int
+    console: int
+    kernel: int | None = None
+    initrd: int | None = None
+
+    def all(self) -> list[int]:
+        return [fd for fd in (self.qmp, self.operator_qmp, self.console, self.kernel, self.initrd)
+                if fd is not None]
+
+
+#: QEMU's own seccomp filter.  Not combinable with ``-runas`` on 7.2 (SIGSYS at the
+#: uid switch), which is why qsup drops to the instance's uid before exec instead.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
 def build_argv(
     spec: InstanceSpec,
     cfg: Config,
     layout: Layout,
     nics: list[NicFds],
     *,
+    host: HostFds,
     incoming: bool = False,
-    run_as: str | None = None,
     images: dict[str, str] | None = None,
 ) -> list[str]:
-    """``images``: the kernel/initrd/disk paths as checked (symlinks resolved), else the spec's."""
+    """``images``: the disk path as checked (symlinks resolved), else the spec's."""
     name = spec.name
-    images = images or {}
-    kernel, initrd, disk = (images.get(k) or getattr(spec, k) for k in ("kernel", "initrd", "disk"))
+    disk = (images or {}).get("disk") or spec.disk
     accel = spec.accel or cfg.accel
     argv = [
         cfg.qemu,
@@ -60,22 +87,24 @@ def build_argv(
         "-accel", accel,
         "-m", str(spec.memory),
         "-smp", str(spec.vcpus),
-        "-chardev", f"socket,id=qsup-qmp,path={qemu_opt_value(layout.qmp_path(name))},server=on,wait=off",
+        "-sandbox", SANDBOX,
+        "-chardev", f"socket,id=qsup-qmp,fd={host.qmp},server=on,wait=off",
         "-mon", "chardev=qsup-qmp,mode=control",
-        "-chardev", f"socket,id=op-qmp,path={qemu_opt_value(layout.operator_qmp_path(name))},server=on,wait=off",
+        "-chardev", f"socket,id=op-qmp,fd={host.operator_qmp},server=on,wait=off",
         "-mon", "chardev=op-qmp,mode=control",
         # the console goes to qsup, which keeps a capped log (a guest can't fill the disk)
-        *console_chardev_args(layout.console_socket_path(name)),
+        "-chardev", f"socket,id={CONSOLE_ID},fd={host.console},server=on,wait=off",
+        "-serial", f"chardev:{CONSOLE_ID}",
         # a guest kernel panic reaches QMP as GUEST_PANICKED; QEMU pauses the
         # guest and qsup applies the instance's on_panic policy
         "-device", "pvpanic-pci",
         "-action", "panic=pause",
         "-S",
     ]
-    if kernel:
-        argv += ["-kernel", kernel]
-        if initrd:
-            argv += ["-initrd", initrd]
+    if host.kernel is not None:
+        argv += ["-kernel", f"/proc/self/fd/{host.kernel}"]
+        if host.initrd is not None:
+            argv += ["-initrd", f"/proc/self/fd/{host.initrd}"]
         if spec.append:
             argv += ["-append", spec.append]
     else:
@@ -95,6 +124,4 @@ def build_argv(
         argv += ["-netdev", netdev, "-device", dev]
     if incoming:
         argv += ["-incoming", "defer"]
-    if run_as:
-        argv += ["-runas", run_as]
     return argv

@@ -31,7 +31,9 @@ FAKE = Path(__file__).with_name("fake_qemu.py")
 def fake_qemu_exe(tmp_path: Path) -> Path:
     exe = tmp_path / "fake-qemu"
     if not exe.exists():
-        exe.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {str(FAKE)!r}\n"
+        knobs = str(tmp_path / "fake-qemu.json")
+        exe.write_text(f"#!{sys.executable}\nimport os, runpy, sys\nsys.argv[0] = {str(FAKE)!r}\n"
+                       f"os.environ['FAKE_QEMU_KNOBS'] = {knobs!r}\n"
                        f"runpy.run_path({str(FAKE)!r}, run_name='__main__')\n")
         exe.chmod(0o755)
     return exe
@@ -116,8 +118,9 @@ class Bench:
         return sorted(os.listdir(d)) if d.exists() else []
 
 
-def fake_env(**knobs) -> dict:
-    return {"FAKE_QEMU": json.dumps(knobs)}
+def fake_knobs(tmp_path: Path, **knobs) -> None:
+    """How the next fake QEMUs under ``tmp_path`` behave (see fake_qemu's docstring)."""
+    (tmp_path / "fake-qemu.json").write_text(json.dumps(knobs))
 
 
 async def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):

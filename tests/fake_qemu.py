@@ -10,7 +10,8 @@ to another fake: MIGRATION ``setup``/``active``/``pre-switchover`` (with
 ``active``/``completed`` -- or ``failed`` and exit, as QEMU 7.2 does -- on the
 destination.  Only QEMU is fake; the supervisor runs its real code.
 
-Behaviour knobs come as JSON in ``$FAKE_QEMU``:
+Behaviour knobs come as JSON in the file ``$FAKE_QEMU_KNOBS`` (the wrapper
+sets it: qsup gives QEMU a scrubbed environment):
 ``fail`` (print it and exit 1 before the monitors exist), ``ignore_powerdown``,
 ``ignore_quit``, ``migrate_seconds`` (how long RAM "moves").
 """
@@ -28,14 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_peer import PeerError, QMPPeer  # noqa: E402
 
 
-def _chardev_paths(argv: list[str]) -> dict[str, str]:
-    """id -> path of every ``-chardev socket`` (the two monitors and the serial console)."""
-    paths = {}
+def _chardevs(argv: list[str]) -> dict[str, dict]:
+    """id -> options of every ``-chardev socket`` (the two monitors and the serial console)."""
+    out = {}
     for i, a in enumerate(argv[:-1]):
         if a == "-chardev" and argv[i + 1].startswith("socket,"):
             opts = dict(kv.split("=", 1) for kv in argv[i + 1].split(",")[1:] if "=" in kv)
-            paths[opts["id"]] = opts["path"]
-    return paths
+            out[opts["id"]] = opts
+    return out
 
 
 class FakeQemu:
@@ -48,9 +49,9 @@ class FakeQemu:
         self.vm_was_running = False
         self.continue_switchover = trio.Event()
         self.cancelled = False
-        chardevs = _chardev_paths(argv)
+        chardevs = _chardevs(argv)
         self.console = chardevs.pop("console", None)
-        self.peers = [QMPPeer(p) for p in chardevs.values()]
+        self.peers = [QMPPeer(o.get("path"), fd=int(o["fd"]) if "fd" in o else None) for o in chardevs.values()]
         self._nursery: trio.Nursery | None = None
         for peer in self.peers:
             peer.close_on_quit = False
@@ -217,9 +218,12 @@ class FakeQemu:
 
     async def _serve_console(self) -> None:
         """The serial console: accepts qsup's connection and prints one boot line."""
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(self.console)
-        sock.listen(2)
+        if "fd" in self.console:
+            sock = trio.socket.fromfd(int(self.console["fd"]), trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        else:
+            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            await sock.bind(self.console["path"])
+            sock.listen(2)
         async with trio.SocketListener(sock) as listener:
             while True:
                 stream = await listener.accept()
@@ -231,7 +235,7 @@ class FakeQemu:
         async with trio.open_nursery() as n:
             self._nursery = n
             for peer in self.peers:
-                if os.path.exists(peer.path):
+                if peer.path and os.path.exists(peer.path):
                     os.unlink(peer.path)
                 await n.start(peer.serve)
             if self.console:
@@ -246,7 +250,8 @@ class FakeQemu:
 
 
 def main() -> None:
-    knobs = json.loads(os.environ.get("FAKE_QEMU", "{}"))
+    path = os.environ.get("FAKE_QEMU_KNOBS", "")
+    knobs = json.loads(open(path).read()) if path and os.path.exists(path) else {}
     if knobs.get("fail"):
         print(f"qemu-system-x86_64: {knobs['fail']}", flush=True)
         sys.exit(1)

@@ -39,8 +39,9 @@ class PeerError(Exception):
 
 
 class QMPPeer:
-    def __init__(self, path: str, *, concurrent: bool = False) -> None:
+    def __init__(self, path: str | None, *, concurrent: bool = False, fd: int | None = None) -> None:
         self.path = path
+        self.fd = fd  # an inherited listening socket (QEMU's ``-chardev socket,fd=N``) instead of a path
         self.concurrent = concurrent
         self.received: list[tuple[str, Any]] = []  # (command, arguments), in order
         self.events_on_negotiate: list[tuple[str, dict | None]] = []
@@ -59,9 +60,12 @@ class QMPPeer:
     # -- control from tests --------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(self.path)
-        sock.listen(4)
+        if self.fd is not None:
+            sock = trio.socket.fromfd(self.fd, socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await sock.bind(self.path)
+            sock.listen(4)
         self._listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:
@@ -72,7 +76,7 @@ class QMPPeer:
         finally:
             with trio.CancelScope(shield=True):
                 await self._listener.aclose()
-            if os.path.exists(self.path):
+            if self.path and os.path.exists(self.path):
                 os.unlink(self.path)
 
     async def emit(self, event: str, data: dict | None = None) -> None:

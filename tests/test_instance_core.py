@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import netconf
-from core_harness import Bench, fake_env, fakes_alive, pid_alive, spec, wait_for
+from core_harness import Bench, fake_knobs, fakes_alive, pid_alive, spec, wait_for
 from supervisor._faults import Checkpoint, Faults
 from supervisor._instance import StartError, check_host
 from supervisor._migration import MigrateOptions
@@ -134,7 +134,7 @@ def test_failed_reattach_ends_failed_kills_qemu_and_stop_returns(tmp_path):
 # -- item 4: stop during a migration -----------------------------------------------------------
 
 def test_stop_during_outgoing_migration_cancels_it_then_stops(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_QEMU", fake_env(migrate_seconds=3)["FAKE_QEMU"])
+    fake_knobs(tmp_path, migrate_seconds=3)
     a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
 
     async def main():
@@ -154,7 +154,7 @@ def test_stop_during_outgoing_migration_cancels_it_then_stops(tmp_path, monkeypa
 
 
 def test_stop_on_the_destination_before_activation_never_activates(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_QEMU", fake_env(migrate_seconds=3)["FAKE_QEMU"])
+    fake_knobs(tmp_path, migrate_seconds=3)
     a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
 
     async def main():
@@ -281,7 +281,7 @@ def test_guest_panic_is_surfaced_and_handled_by_policy(tmp_path, policy, final):
 def test_failed_start_reports_qemus_words_and_the_field(tmp_path, monkeypatch):
     a = Bench(tmp_path, "a")
     s = spec(tmp_path)
-    monkeypatch.setenv("FAKE_QEMU", fake_env(fail=f"could not load kernel '{s.kernel}': Permission denied")["FAKE_QEMU"])
+    fake_knobs(tmp_path, fail=f"could not load kernel '{s.kernel}': Permission denied")
 
     async def main():
         async with a.running():
@@ -300,7 +300,7 @@ def test_failed_start_reports_qemus_words_and_the_field(tmp_path, monkeypatch):
 # -- stop escalation ---------------------------------------------------------------------------
 
 def test_stop_escalates_powerdown_quit_kill(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_QEMU", fake_env(ignore_powerdown=True, ignore_quit=True)["FAKE_QEMU"])
+    fake_knobs(tmp_path, ignore_powerdown=True, ignore_quit=True)
     a = Bench(tmp_path, "a", powerdown_timeout=1)
 
     async def main():
