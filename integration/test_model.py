@@ -38,6 +38,7 @@ explicit regression test below (``Machine`` can be driven by hand, see the tests
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -47,9 +48,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
-
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from modelnodes import ModelNodes, Observed, write_halt_kernel
+from topo import qmp
+
 from netconf._tap import tap_name_for
 from supervisor._state import TRANSITIONS, State
 
@@ -60,7 +68,7 @@ SHRINK = os.environ.get("QSUP_MODEL_SHRINK", "") not in ("", "0")
 #: migrated-out source quits and tears down right after ``completed``)
 SETTLE_S = 20.0
 #: the throttle of a migration that must still be running when it is cancelled
-SLOW_BANDWIDTH = 2000  # bytes/s
+SLOW_BANDWIDTH = 100  # bytes/s: ~1 page per 100 ms slot, >10 min for 32 MiB of zero pages
 
 NAMES = ("g0", "g1", "g2")
 NODES = ("a", "b")
@@ -86,9 +94,22 @@ def other(node: str) -> str:
 
 @dataclass
 class Live:
+    """An instance that holds its guest on ``node`` (a migration source until it hands over)."""
+
     node: str
     pid: int
     qemu_dead: bool = False  # SIGKILLed while its daemon was down: noticed at the restart
+    mig: str | None = None  # an outgoing migration to this node is in flight (throttled)
+    mig_over: bool = False  # ... and ended in QEMU while this daemon was down: settled at its restart
+
+
+@dataclass
+class Incoming:
+    """A prepared migration destination: QEMU ``-incoming``, a tap, a record, no L3."""
+
+    node: str
+    pid: int
+    qemu_dead: bool = False
 
 
 class Machine(RuleBasedStateMachine):
@@ -108,6 +129,8 @@ class Machine(RuleBasedStateMachine):
         self.nodes = ModelNodes(self.workdir)
         #: instance name -> where it lives (at most one node: names are unique across the two)
         self.live: dict[str, Live] = {}
+        #: instance name -> its migration destination while a migration is in flight
+        self.incoming: dict[str, Incoming] = {}
         #: node -> instance name -> the lifecycle state its last event on that node must name
         self.last: dict[str, dict[str, str]] = {n: {} for n in NODES}
         self.up = {n: True for n in NODES}
@@ -133,7 +156,41 @@ class Machine(RuleBasedStateMachine):
         return sorted(k for k, v in self.live.items() if v.node == n and (daemon_up is None or self.up[n] == daemon_up))
 
     def free_names(self) -> list[str]:
-        return [k for k in NAMES if k not in self.live]
+        return [k for k in NAMES if k not in self.live and k not in self.incoming]
+
+    def movable(self) -> list[str]:
+        """Instances a migration can start from: alive, not migrating (both daemons must be up)."""
+        return sorted(k for k, v in self.live.items() if not v.qemu_dead and v.mig is None)
+
+    def in_flight(self, *, src_up: bool | None = None) -> list[str]:
+        return sorted(k for k, v in self.live.items() if v.mig is not None and not v.mig_over and not v.qemu_dead
+                      and k in self.incoming and (src_up is None or self.up[v.node] == src_up))
+
+    # -- how a migration's end shows on each side ------------------------------
+    def _end_incoming(self, name: str) -> None:
+        """The destination's QEMU exits (or is killed): a failed incoming migration, never a crash.
+
+        DESIGN.md: "A failed incoming migration makes the destination qemu exit, and that
+        must be handled as a failure, not a crash to retry" -- also when its daemon learns
+        it only at a restart.
+        """
+        inc = self.incoming.get(name)
+        if inc is None:
+            return
+        if self.up[inc.node]:
+            del self.incoming[name]
+            self.last[inc.node][name] = "failed"
+        else:
+            inc.qemu_dead = True
+
+    def _end_source_kept(self, name: str) -> None:
+        """The migration failed or was cancelled: the source keeps (and runs) the guest."""
+        live = self.live[name]
+        if self.up[live.node]:
+            live.mig, live.mig_over = None, False
+            self.last[live.node][name] = "running"
+        else:
+            live.mig_over = True
 
     def tail(self, *ns: str) -> str:
         """The last daemon log lines of nodes ``ns``, for a failure message."""
@@ -162,6 +219,8 @@ class Machine(RuleBasedStateMachine):
         self.log(f"stop {name} on {n}")
         v = self.node(n).call("POST", f"/v1/instances/{name}/stop", json={}).json()
         assert v["state"] == "stopped", v
+        if self.live[name].mig is not None:  # cancelled first: the destination is torn down
+            self._end_incoming(name)
         del self.live[name]
         self.last[n][name] = "stopped"
 
@@ -169,11 +228,20 @@ class Machine(RuleBasedStateMachine):
         inst = self.live[name]
         self.log(f"kill -9 qemu of {name} on {inst.node} (daemon {'up' if self.up[inst.node] else 'down'})")
         os.kill(inst.pid, signal.SIGKILL)
+        if inst.mig is not None:  # the stream breaks: the destination's QEMU exits
+            self._end_incoming(name)
         if self.up[inst.node]:
             del self.live[name]
             self.last[inst.node][name] = "crashed"
         else:
             inst.qemu_dead = True
+
+    def do_kill_incoming_qemu(self, name: str) -> None:
+        inc = self.incoming[name]
+        self.log(f"kill -9 incoming qemu of {name} on {inc.node} (daemon {'up' if self.up[inc.node] else 'down'})")
+        os.kill(inc.pid, signal.SIGKILL)
+        self._end_incoming(name)
+        self._end_source_kept(name)
 
     def do_kill_daemon(self, n: str) -> None:
         self.log(f"kill -9 daemon {n}")
@@ -185,9 +253,20 @@ class Machine(RuleBasedStateMachine):
         self.node(n).start_daemon()
         self.up[n] = True
         for name in self.live_on(n):
-            if self.live[name].qemu_dead:  # cleaned up from its journal, with an event
+            live = self.live[name]
+            if live.qemu_dead:  # cleaned up from its journal, with an event
                 del self.live[name]
                 self.last[n][name] = "crashed"
+            elif live.mig is not None:
+                # recovery: a migration still running in QEMU is cancelled, one that failed
+                # meanwhile is settled; either way the guest stays here, running
+                live.mig, live.mig_over = None, False
+                self.last[n][name] = "running"
+                self._end_incoming(name)
+        for name, inc in list(self.incoming.items()):
+            if inc.node == n and inc.qemu_dead:
+                del self.incoming[name]
+                self.last[n][name] = "failed"
 
     def do_migrate(self, name: str) -> None:
         src = self.live[name].node
@@ -203,21 +282,52 @@ class Machine(RuleBasedStateMachine):
         self.last[src][name] = "stopped"
         self.last[dst][name] = "running"
 
-    def do_migrate_cancel(self, name: str) -> None:
+    def do_migrate_slow(self, name: str) -> None:
+        """Start a migration throttled to ``SLOW_BANDWIDTH``: it stays ``active`` until finished or ended."""
         inst = self.live[name]
         src, dst = inst.node, other(inst.node)
-        self.log(f"migrate {name} {src} -> {dst} throttled, cancel while active")
+        self.log(f"migrate {name} {src} -> {dst} throttled (left in flight)")
         self.node(src).call("POST", f"/v1/instances/{name}/migrate",
                             json={"to": self.nodes.migration_target(dst), "max_bandwidth": SLOW_BANDWIDTH},
                             ok=(202,))
         self.wait_view(src, name, lambda v: (v.get("migration") or {}).get("status") == "active",
                        "active (throttled migration)")
-        self.node(src).call("POST", f"/v1/instances/{name}/migrate/cancel")
-        v = self.wait_view(src, name, lambda v: (v.get("migration") or {}).get("result") and
+        vd = self.wait_view(dst, name, lambda v: v["state"] == "migrating" and v["pid"], "prepared")
+        inst.mig = dst
+        self.incoming[name] = Incoming(dst, vd["pid"])
+        self.last[src][name] = "migrating"
+        self.last[dst][name] = "migrating"
+
+    def do_cancel(self, name: str) -> None:
+        inst = self.live[name]
+        self.log(f"cancel the migration of {name} on {inst.node}")
+        self.node(inst.node).call("POST", f"/v1/instances/{name}/migrate/cancel")
+        v = self.wait_view(inst.node, name, lambda v: (v.get("migration") or {}).get("result") and
                            v["state"] != "migrating", "done cancelling")
         assert v["migration"]["result"] == "cancelled", v
         assert v["state"] == "running" and v["pid"] == inst.pid, v
-        self.last[dst][name] = "failed"  # the prepared destination is torn down
+        self._end_incoming(name)
+        self._end_source_kept(name)
+
+    def do_finish(self, name: str) -> None:
+        """Lift the throttle on the source's operator monitor: the migration completes."""
+        inst = self.live[name]
+        src, dst = inst.node, inst.mig
+        self.log(f"finish the migration of {name} {src} -> {dst} (operator lifts the throttle)")
+        qmp(self.node(src).view(name)["qmp_operator"], "migrate-set-parameters", {"max-bandwidth": 1 << 30})
+        v = self.wait_view(src, name, lambda v: v["state"] in ("stopped", "crashed", "failed") or
+                           (v.get("migration") or {}).get("result"), "finished migrating")
+        assert (v.get("migration") or {}).get("result") == "completed", (v.get("migration"), self.tail(src, dst))
+        vd = self.wait_view(dst, name, lambda v: v["state"] == "running", "running on the destination")
+        assert vd["pid"] == self.incoming[name].pid, vd
+        del self.incoming[name]
+        self.live[name] = Live(dst, vd["pid"])
+        self.last[src][name] = "stopped"
+        self.last[dst][name] = "running"
+
+    def do_migrate_cancel(self, name: str) -> None:
+        self.do_migrate_slow(name)
+        self.do_cancel(name)
 
     # -- rules ---------------------------------------------------------------
     @precondition(lambda self: any(self.up.values()) and self.free_names())
@@ -247,15 +357,31 @@ class Machine(RuleBasedStateMachine):
     def restart_daemon(self, data):
         self.do_restart_daemon(data.draw(st.sampled_from([n for n in NODES if not self.up[n]]), label="node"))
 
-    @precondition(lambda self: all(self.up.values()) and self.live)
+    @precondition(lambda self: any(not v.qemu_dead for v in self.incoming.values()))
+    @rule(data=st.data())
+    def kill_incoming_qemu(self, data):
+        self.do_kill_incoming_qemu(data.draw(st.sampled_from(
+            sorted(k for k, v in self.incoming.items() if not v.qemu_dead)), label="name"))
+
+    @precondition(lambda self: all(self.up.values()) and self.movable())
     @rule(data=st.data())
     def migrate(self, data):
-        self.do_migrate(data.draw(st.sampled_from(sorted(self.live)), label="name"))
+        self.do_migrate(data.draw(st.sampled_from(self.movable()), label="name"))
 
-    @precondition(lambda self: all(self.up.values()) and self.live)
+    @precondition(lambda self: all(self.up.values()) and self.movable())
     @rule(data=st.data())
-    def migrate_cancel(self, data):
-        self.do_migrate_cancel(data.draw(st.sampled_from(sorted(self.live)), label="name"))
+    def migrate_slow(self, data):
+        self.do_migrate_slow(data.draw(st.sampled_from(self.movable()), label="name"))
+
+    @precondition(lambda self: self.in_flight(src_up=True))
+    @rule(data=st.data())
+    def cancel(self, data):
+        self.do_cancel(data.draw(st.sampled_from(self.in_flight(src_up=True)), label="name"))
+
+    @precondition(lambda self: all(self.up.values()) and self.in_flight())
+    @rule(data=st.data())
+    def finish(self, data):
+        self.do_finish(data.draw(st.sampled_from(self.in_flight()), label="name"))
 
     def _with_daemon(self) -> list[str]:
         return sorted(k for k, v in self.live.items() if self.up[v.node])
@@ -281,26 +407,29 @@ class Machine(RuleBasedStateMachine):
         obs: Observed = node.observe({addr(k) for k in NAMES})
         here = {k: v for k, v in self.live.items() if v.node == n}
         running = {k: v for k, v in here.items() if not v.qemu_dead}
+        inc = {k: v for k, v in self.incoming.items() if v.node == n}
+        inc_running = {k: v for k, v in inc.items() if not v.qemu_dead}
         out = []
 
         def diff(what, want, got):
             if want != got:
                 out.append(f"node-{n} {what}: model {sorted(want)}, observed {sorted(got)}")
 
-        diff("qemu pids", {(v.pid, k) for k, v in running.items()},
+        diff("qemu pids", {(v.pid, k) for k, v in (*running.items(), *inc_running.items())},
              {(q.pid, q.name) for q in obs.qemus.values()})
-        diff("taps", {tap(k) for k in running}, obs.taps)
-        diff("routes", {addr(k) for k in running}, obs.routes)
+        diff("taps", {tap(k) for k in (*running, *inc_running)}, obs.taps)
+        diff("routes", {addr(k) for k in running}, obs.routes)  # never on a destination before completed
         diff("rules", {tap(k) for k in here}, obs.rules)
-        diff("records", set(here), obs.records)
+        diff("records", {*here, *inc}, obs.records)
         if self.up[n] and obs.views is not None:
             live_views = {k for k, v in obs.views.items() if not State(v["state"]).is_final}
-            diff("live instances (API)", set(here), live_views)
+            diff("live instances (API)", {*here, *inc}, live_views)
             for k, v in obs.views.items():
-                if k in here:
-                    if (v["state"], v["pid"]) != ("running", here[k].pid):
-                        out.append(f"node-{n} {k}: view says {v['state']} pid {v['pid']}, "
-                                   f"model running pid {here[k].pid}")
+                if k in here or k in inc:
+                    want = ("migrating", inc[k].pid) if k in inc else \
+                        ("migrating" if here[k].mig else "running", here[k].pid)
+                    if (v["state"], v["pid"]) != want:
+                        out.append(f"node-{n} {k}: view says {v['state']} pid {v['pid']}, model {want}")
                 elif v["state"] != self.last[n].get(k):
                     out.append(f"node-{n} {k}: view says {v['state']}, model {self.last[n].get(k)}")
         out += self.event_mismatches(n, node.events())
@@ -309,7 +438,7 @@ class Machine(RuleBasedStateMachine):
     def event_mismatches(self, n: str, events: list[dict]) -> list[str]:
         out = []
         seqs = [e["seq"] for e in events]
-        if any(b <= a for a, b in zip(seqs, seqs[1:])):
+        if any(b <= a for a, b in itertools.pairwise(seqs)):
             out.append(f"node-{n}: event seqs not strictly increasing: {seqs}")
         last: dict[str, State] = {}
         for e in events:
@@ -377,4 +506,30 @@ def test_every_step_kind_once(machine):
     m.check()
     m.do_start("a", "g2")
     m.do_stop("g2")
+    m.check()
+
+
+def test_in_flight_migration_steps(machine):
+    """A throttled migration left in flight, ended every way: cancel, finish, daemon and QEMU kills."""
+    m = machine
+    m.do_start("a", "g0")
+    m.do_migrate_slow("g0")
+    m.check()
+    m.do_finish("g0")  # a -> b completes
+    m.check()
+    m.do_migrate_slow("g0")  # b -> a
+    m.check()
+    m.do_kill_daemon("b")  # the source's daemon dies mid-migration
+    m.check()
+    m.do_restart_daemon("b")  # recovery cancels; the guest stays on b
+    m.check()
+    m.do_migrate_slow("g0")
+    m.do_kill_incoming_qemu("g0")  # the destination dies: the source keeps the guest
+    m.check()
+    m.do_migrate_slow("g0")
+    m.do_kill_qemu("g0")  # the source dies: the destination is torn down
+    m.check()
+    m.do_start("a", "g1")
+    m.do_migrate_slow("g1")
+    m.do_stop("g1")  # a stop mid-migration cancels it first
     m.check()
