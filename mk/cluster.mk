@@ -14,7 +14,16 @@ CLUSTER_REMOTE := $(CLUSTER_BUILD)/pacemaker-remote
 # wait for another apt/dpkg (up to 10 min) instead of failing on its lock
 CLUSTER_APT := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -y -qq --no-install-recommends
 
-.PHONY: cluster-deps cluster-clean
+.PHONY: cluster-deps cluster-clean demo-cluster bench-evacuation
+
+# A 3-node evacuation under ping: crm_mon while it runs, then every node's qsup events
+# (integration/demo_cluster.py).  Exit status 0 only when every guest was live-migrated.
+demo-cluster: deps guest
+	$(BIN)/python integration/demo_cluster.py
+
+# integration/bench/evacuation.py: 8 nodes, 40 guests, migration-limit 1/2/4/8 (~15 min here)
+bench-evacuation: deps guest
+	$(BIN)/python integration/bench/evacuation.py
 
 cluster-deps: $(STAMP)/cluster
 

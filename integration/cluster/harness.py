@@ -288,8 +288,10 @@ class ClusterNode:
         extra = (f'node_name = "{self.name}"\nmigration_address = "{self.addr}"\n'
                  'announce_interfaces = ["uplink"]\n')
         if peers_declared():
-            extra += "[peers]\n" + "".join(f'{n.name} = "unix:{n.socket}"\n'
-                                           for n in self.cluster.nodes if n is not self)
+            # the table form: the API on the peer's socket, the migration stream to its uplink
+            # address (a bare "unix:" peer would mean 127.0.0.1: same host, not another node)
+            extra += "".join(f'[peers.{n.name}]\napi = "unix:{n.socket}"\nmigration = "{n.addr}"\n'
+                             for n in self.cluster.nodes if n is not self)
         self.qsup = QsupDaemon(self.ns, self.qsup_dir, extra_config=extra)
 
     # --- teardown ----------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 
 One cluster for the module (about 10 s to a DC); the tests run in file order and share it:
 a guest placed and started -> moved with ``crm_resource --move`` to another full node, then to
-the remote node (live migrations, checked in Pacemaker's operations and both daemons' event
-logs) -> the remote node put on standby (evacuated by live migration) -> a source daemon
+the remote node (live migrations, checked in Pacemaker's operations, both daemons' event
+logs and the guest's qsup ``generation``, which a live migration carries and a start renews) -> the remote node put on standby (evacuated by live migration) -> a source daemon
 SIGKILLed mid-migration -> ``ocf-tester`` on a live node, with the monitor's cost measured ->
 a node fenced (last: it stays off).  The fixture's teardown asserts that nothing is left: no
 process in any node namespace, no mount, no namespace, no QEMU.
@@ -79,7 +79,14 @@ def _running_on(c: Cluster, name: str) -> list[str]:
     return [n for n, s in _holders(c, name).items() if s == "running"]
 
 
-def _migrated(c: Cluster, name: str, src: str, dst: str, src_seq: int, dst_seq: int) -> None:
+def _consoles(c: Cluster, name: str) -> dict[str, int]:
+    """How much of each node's console log of ``name`` exists now (the log outlives an instance
+    on its node: a guest that comes back to a node appends to what it wrote there before)."""
+    return {n.name: len(n.qsup.console(name)) for n in c.nodes}
+
+
+def _migrated(c: Cluster, name: str, src: str, dst: str, src_seq: int, dst_seq: int,
+              consoles: dict[str, int]) -> None:
     """Assert from both event logs that ``name`` went src -> dst by live migration."""
     s_ev = [e for e in c.node(src).qsup.events(since=src_seq) if e.get("instance") == name]
     d_ev = [e for e in c.node(dst).qsup.events(since=dst_seq) if e.get("instance") == name]
@@ -92,7 +99,7 @@ def _migrated(c: Cluster, name: str, src: str, dst: str, src_seq: int, dst_seq: 
     assert "instance.started" not in d_types, d_types
     assert "instance.stopping" not in s_types, s_types
     # the guest did not boot again: nothing of a boot on the target's serial console
-    assert "GUEST-READY" not in c.node(dst).qsup.console(name)
+    assert "GUEST-READY" not in c.node(dst).qsup.console(name)[consoles.get(dst, 0):]
 
 
 def _assert_migrated_by_pacemaker(c: Cluster, name: str, src: str, dst: str) -> None:
@@ -104,6 +111,13 @@ def _assert_migrated_by_pacemaker(c: Cluster, name: str, src: str, dst: str) -> 
     i = migrations[-1]
     tail = [(node, op, res) for _, node, op, res in ops[i:] if op != "monitor"]
     assert tail == [(src, "migrate_to", "ok"), (dst, "migrate_from", "ok"), (src, "stop", "ok")], ops
+
+
+def _generation(c: Cluster, node: str, name: str) -> str:
+    """The instance's generation on ``node`` (new at every start, carried by live migration)."""
+    v = c.view(c.node(node), name)
+    assert v and len(v.get("generation") or "") == 32, v
+    return v["generation"]
 
 
 def _last_seq(c: Cluster, node: str) -> int:
@@ -131,6 +145,8 @@ def _move(cluster: Cluster, name: str, dst: str) -> None:
     """``crm_resource --move`` to dst, assert it was live-migrated, then ``--clear``."""
     src = cluster.locate(name)[0]
     seqs = _last_seq(cluster, src), _last_seq(cluster, dst)
+    gen = _generation(cluster, src, name)
+    consoles = _consoles(cluster, name)
     t0 = time.monotonic()
     cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
     try:
@@ -138,8 +154,9 @@ def _move(cluster: Cluster, name: str, dst: str) -> None:
         cluster.wait_idle()
         moved_s = time.monotonic() - t0
         _assert_migrated_by_pacemaker(cluster, name, src, dst)
-        _migrated(cluster, name, src, dst, *seqs)
+        _migrated(cluster, name, src, dst, *seqs, consoles)
         assert _holders(cluster, name) == {dst: "running"}  # the source's stop forgot its entry
+        assert _generation(cluster, dst, name) == gen, "the guest's generation changed: restarted, not migrated"
         assert cluster.fabric.ping(VM_IP)
         assert cluster.failures() == []
         print(f"move {src} -> {dst}: {moved_s:.1f} s from crm_resource --move to idle")
@@ -166,6 +183,8 @@ def test_standby_evacuates_by_live_migration(cluster, vm):
     name = vm[0]
     src = cluster.locate(name)[0]
     seqs = {n.name: _last_seq(cluster, n.name) for n in cluster.nodes}
+    gen = _generation(cluster, src, name)
+    consoles = _consoles(cluster, name)
     cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "on")
     try:
         deadline = time.monotonic() + 120
@@ -179,8 +198,9 @@ def test_standby_evacuates_by_live_migration(cluster, vm):
         cluster.wait_located(name, dst[0])
         cluster.wait_idle()
         _assert_migrated_by_pacemaker(cluster, name, src, dst[0])
-        _migrated(cluster, name, src, dst[0], seqs[src], seqs[dst[0]])
+        _migrated(cluster, name, src, dst[0], seqs[src], seqs[dst[0]], consoles)
         assert _holders(cluster, name) == {dst[0]: "running"}
+        assert _generation(cluster, dst[0], name) == gen, "standby restarted the guest instead of migrating it"
         assert cluster.fabric.ping(VM_IP)
     finally:
         cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "off")
@@ -320,6 +340,7 @@ def test_fenced_node_guest_restarted_elsewhere_once(cluster):
         cluster.wait_located(name, cluster.full[-1].name)
         victim = cluster.full[-1]
     victim.qsup.wait_console(name)
+    gen = _generation(cluster, victim.name, name)
     survivors = [n.name for n in cluster.nodes if n is not victim]
     t0 = time.time()
     victim.corosync.signal(signal.SIGKILL)
@@ -342,6 +363,8 @@ def test_fenced_node_guest_restarted_elsewhere_once(cluster):
     starts = [(n, res) for _, n, op, res in cluster.operations(name) if op == "start" and n in survivors]
     assert starts == [(where[0], "ok")], cluster.operations(name)
     assert _running_via_sockets(cluster, name) == where
+    # restarted, not migrated: a new generation (the fenced copy's died with its node)
+    assert _generation(cluster, where[0], name) != gen
     assert cluster.fabric.ping(ip)
     print(f"fenced {victim.name} {fence_t - t0:.1f} s after its corosync died; {name} restarted on "
           f"{where[0]} ({samples} samples, never two copies)")
