@@ -282,7 +282,7 @@ def series_stats(rows: list[dict], node: str, key: str, scale: float = 1.0, nd: 
 def svg(rows: list[dict], path: Path, title: str) -> None:
     """Three stacked panels (fds, RSS MB, event DB KB), node A and node B, against migration number."""
     W, PH, L, R, T, GAP = 720, 150, 62, 16, 34, 34
-    panels = [("fds", "open fds", 1.0), ("rss_kb", "RSS (MB)", 1024.0), ("db_bytes", "events.db + -wal (KB)", 1024.0)]
+    panels = [("fds", "open fds (dashed: other than sockets)", 1.0), ("rss_kb", "RSS (MB)", 1024.0), ("db_bytes", "events.db + -wal (KB)", 1024.0)]
     H = T + len(panels) * (PH + GAP) + 10
     xs = [r["i"] for r in rows]
     xmax = max(xs) or 1
@@ -317,6 +317,10 @@ def svg(rows: list[dict], path: Path, title: str) -> None:
         for n in ("a", "b"):
             pts = " ".join(f"{sx(r['i']):.1f},{sy(r[n][key] / scale):.1f}" for r in rows)
             out.append(f'<polyline points="{pts}" fill="none" stroke="{colors[n]}" stroke-width="1.2"/>')
+            if key == "fds" and all("fds_nonsock" in r[n] for r in rows):  # dashed: fds other than sockets
+                pts = " ".join(f"{sx(r['i']):.1f},{sy(r[n]['fds_nonsock']):.1f}" for r in rows)
+                out.append(f'<polyline points="{pts}" fill="none" stroke="{colors[n]}" stroke-width="1"'
+                           f' stroke-dasharray="4 3"/>')
     out.append(f'<text x="{(L + W - R) / 2}" y="{H - 4}" text-anchor="middle">migration number</text>')
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
@@ -374,7 +378,13 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="seconds of ping after each migration")
     ap.add_argument("--idle-wait", type=float, default=80.0,
                     help="seconds idle after the guest is removed before the final fd sample")
+    ap.add_argument("--from-samples", type=Path, metavar="JSONL",
+                    help="run nothing: draw --svg from a --samples file of an earlier run")
     args = ap.parse_args()
+    if args.from_samples:
+        rows = [json.loads(line) for line in args.from_samples.read_text().splitlines() if line.strip()]
+        svg(rows, args.svg, f"qsup soak: {len(rows) - 1} live migrations A\u2194B, event_retention={RETENTION}")
+        return 0
 
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="qsup-soak-"))
