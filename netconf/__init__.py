@@ -14,11 +14,11 @@ from ._hooks import HookError, HookResult, Hooks, StepHooks, hook_env
 from ._journal import Journal
 from ._plan import STEP_NAMES, Plan, Step, fe_mac, plan
 from ._tap import TapHandle, open_tap, tap_name_for
-from ._types import NetconfError, Nic, Phase, Reason
+from ._types import NetconfError, Nic, PlanPhase, Reason
 from ._worker import NetconfWorker
 
 __all__ = [
-    "Nic", "NetconfError", "Phase", "Reason", "open_tap", "TapHandle", "tap_name_for",
+    "Nic", "NetconfError", "PlanPhase", "Reason", "open_tap", "TapHandle", "tap_name_for",
     "plan", "Plan", "Step", "STEP_NAMES", "Journal", "Executor", "NetconfWorker",
     "check_link", "resolve_table",
     "Hooks", "HookError", "HookResult", "StepHooks", "hook_env", "announce", "fe_mac",

@@ -66,7 +66,7 @@ def _bridge_of(nic: Nic) -> str | None:
     return nic.link if nic.mode in ("bridged", "openvswitch") else None
 
 
-def _failure(exc: BaseException, step: str, **extra) -> dict:
+def _step_failure(exc: BaseException, step: str, **extra) -> dict:
     """One failure dict; a HookError's own (path, exit_code, output) wins."""
     out = {"step": step, "error": str(exc).splitlines()[0] if str(exc) else repr(exc), **extra}
     for f in getattr(exc, "failures", None) or []:
@@ -190,7 +190,7 @@ class Executor:
                 self._apply_hooked(step, hooks, nic, tap_index, reason, applied, timings)
             self._apply_group(group, nic, tap_index, applied, timings)
         except Exception as exc:
-            failures = [_failure(exc, getattr(exc, "step", "?"))]
+            failures = [_step_failure(exc, getattr(exc, "step", "?"))]
             self._undo_entries(list(reversed(applied)), "rollback", failures)
             raise NetconfError(
                 f"{nic.nic_id}: {plan[0].phase if plan else '?'} failed at "
@@ -287,7 +287,7 @@ class Executor:
                 self._undo_one(entry, reason)
             except Exception as e:
                 extra = {"path": entry["path"]} if entry["kind"] == "hook" else {}
-                failures.append(_failure(e, entry["step"], nic_id=entry["nic_id"], **extra))
+                failures.append(_step_failure(e, entry["step"], nic_id=entry["nic_id"], **extra))
                 continue
             self.journal.set(entry, "undone")
 

@@ -218,7 +218,7 @@ class Hooks:
             summary = f"hook {path} for step {step} ({action}) refused: {e}"
             log.warning("hook.untrusted", hook=str(path), step=step, action=action,
                         offending=str(e.path), error=str(e))
-            raise HookError(summary, [_failure(step, path, None, "", summary, False)]) from None
+            raise HookError(summary, [_hook_failure(step, path, None, "", summary, False)]) from None
         argv = [str(path), step, action]
         log.debug("hook.start", hook=str(path), step=step, action=action)
         started = time.monotonic()
@@ -231,7 +231,7 @@ class Hooks:
         except OSError as e:
             summary = f"hook {path} for step {step} ({action}) could not be executed: {e}"
             log.warning("hook.exec_failed", hook=str(path), step=step, action=action, error=str(e))
-            raise HookError(summary, [_failure(step, path, None, "", summary, False)]) from e
+            raise HookError(summary, [_hook_failure(step, path, None, "", summary, False)]) from e
 
         with proc:
             raw, timed_out = _collect(proc, self.timeout)
@@ -571,7 +571,7 @@ def _tags_json(tags: tuple[str, ...]) -> str:
     return text
 
 
-def _failure(step: str, path: Path, exit_code: int | None, output: str, error: str,
+def _hook_failure(step: str, path: Path, exit_code: int | None, output: str, error: str,
              timed_out: bool) -> dict:
     return {"step": step, "path": str(path), "exit_code": exit_code, "output": output,
             "error": error, "timed_out": timed_out}
@@ -589,7 +589,7 @@ def _hook_error(result: HookResult, step: str, action: str, timeout: float) -> H
     output = _tail(result.output, MESSAGE_OUTPUT_CAP)
     if output:
         message += "\n" + output
-    failure = _failure(step, result.path, result.exit_code, result.output, summary,
+    failure = _hook_failure(step, result.path, result.exit_code, result.output, summary,
                        result.timed_out)
     return HookError(message, [failure], result)
 

@@ -30,7 +30,7 @@ on the tap, so ``rule4`` applies) yields a unicast route through a
 (or namespace) without any route covering 169.254.0.1 gives the guest no
 gateway.  For IPv6 we simply put ``fe80::1/64`` on the tap (no DAD), so the
 guest's neighbour solicitation is answered directly; ``proxy_ndp`` and
-per-tap ``forwarding`` are set as DESIGN.md requires (forwarding IPv6 also
+per-tap ``forwarding`` are set as docs/ARCHITECTURE.md says a routed tap needs (forwarding IPv6 also
 needs the host-wide ``net.ipv6.conf.all.forwarding=1``, which is host
 policy and not touched here).  The way back is the ``/32`` (``/128``)
 route to the tap, in table ``LINK`` when the NIC names one, together with

@@ -15,7 +15,7 @@ Mode = Literal["routed", "bridged", "openvswitch"]
 
 #: The phases of a NIC's configuration.  ``attach``/``activate`` go up,
 #: ``deactivate``/``detach`` are their exact reverses (undo from the journal).
-Phase = Literal["attach", "activate", "deactivate", "detach"]
+PlanPhase = Literal["attach", "activate", "deactivate", "detach"]
 
 #: Why netconf is running; exported to hooks as ``PHASE``.
 Reason = Literal["start", "stop", "crash", "migrate-in", "migrate-out", "rollback"]

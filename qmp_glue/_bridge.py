@@ -6,7 +6,7 @@ make them meet were considered:
 * **trio-asyncio** runs an asyncio loop *inside* trio. It works, but it
   patches asyncio process-wide (every other asyncio user in the process,
   e.g. pyroute2's AsyncIPRoute, runs on the patched loop), it is measurably
-  slower for QMP (659 us vs 548 us per ``query-status`` in DESIGN.md) and it
+  slower for QMP (measured: see BENCHMARKS.md) and it
   does not import on Python 3.14. A supervisor that must outlive a Python
   upgrade cannot depend on it.
 * **A dedicated asyncio thread** (this module) leaves asyncio untouched: one

@@ -176,7 +176,7 @@ class Instance:
         return self._executor
 
     def view(self) -> dict:
-        """What ``show``/``ls`` print; ``state`` is one of the DESIGN.md states."""
+        """What ``show``/``ls`` print; ``state`` is one of :class:`~supervisor._state.State`."""
         return {
             "name": self.name,
             "state": self.state.value,
@@ -566,7 +566,7 @@ class Instance:
 
         ``None`` keeps the daemon's own uid: an unprivileged qsup (tests),
         ``qemu_user = ""``, or a post-copy destination where the config
-        allows root post-copy (QEMU 7.2 needs userfaultfd, see DESIGN.md).
+        allows root post-copy (QEMU 7.2 needs userfaultfd, see docs/ARCHITECTURE.md).
         """
         cfg = self.ctx.cfg
         if os.geteuid() != 0 or cfg.qemu_user == "" or self._needs_root():

@@ -16,7 +16,7 @@ Why these options:
 * ``-device pvpanic-pci`` + ``-action panic=pause``: without it a panicked
   guest looks ``running`` forever.
 * ``-incoming defer`` for a migration destination (with ``-S``: see
-  DESIGN.md, the destination must not run before ``completed``).
+  docs/ARCHITECTURE.md, the destination must not run before ``completed``).
 """
 
 from __future__ import annotations

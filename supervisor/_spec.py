@@ -1,6 +1,6 @@
 """The instance spec: what a user asks for, validated before anything runs.
 
-The spec is a public contract (DESIGN.md).  It arrives as JSON or TOML from
+The spec is a public contract (README.md, "Instance spec").  It arrives as JSON or TOML from
 the CLI, the HTTP API or a migration peer, and everything downstream trusts
 it, so validation is strict:
 

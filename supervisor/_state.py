@@ -88,7 +88,7 @@ class ExitCause(str, enum.Enum):
 class Exit(NamedTuple):
     """What the teardown does for a cause: the final state and the netconf undo reason.
 
-    The undo reason is the hook environment's ``PHASE`` (DESIGN.md).
+    The undo reason is the hook environment's ``PHASE`` (docs/ARCHITECTURE.md).
     """
 
     final: State
