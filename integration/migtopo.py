@@ -83,7 +83,10 @@ class TwoNodes:
             d.mkdir(exist_ok=True)
             dm = QsupDaemon(node, d, hooks_dir=hooks.get(letter), start=False,
                             extra_config=f'node_name = "node-{letter}"\nmigration_address = "{addr}"\n'
-                                         f'announce_interfaces = ["uplink"]\n' + extra_config)
+                                         f'announce_interfaces = ["uplink"]\n'
+                                         # the post-copy tests: QEMU 7.2 needs userfaultfd, which
+                                         # an unprivileged QEMU only gets host-wide (see README)
+                                         'allow_root_postcopy = true\n' + extra_config)
             self.daemons.append(dm)
             made.append(dm)
         for dm in made:
