@@ -407,3 +407,33 @@ def test_invariant_holds_after_a_fault_during_reattach(tmp_path, point):
     a.faults = Faults(at=point)
     run(second)
     assert a.faults.fired and not pid_alive(pid[0]) and a.state_left() == []
+
+
+def test_postcopy_is_refused_naming_postcopy_where_qemu_cannot_run_it(tmp_path, monkeypatch):
+    """QEMU runs as its own uid; without vm.unprivileged_userfaultfd a post-copy destination can't work."""
+    monkeypatch.setattr("supervisor._node.os.geteuid", lambda: 0)
+    monkeypatch.setattr("builtins.open", _fake_sysctl(open, "0"))
+    b = Bench(tmp_path, "b", qemu_user="per-instance")
+
+    async def main():
+        async with b.running():
+            with pytest.raises(SpecError) as e:
+                await b.node.prepare_incoming(spec(tmp_path), postcopy=True)
+            assert e.value.field == "postcopy" and "unprivileged_userfaultfd" in str(e.value)
+            assert b.types() == [] and b.state_left() == []  # refused before anything
+
+    run(main)
+    allowed = Bench(tmp_path, "c", qemu_user="per-instance", allow_root_postcopy=True)
+    allowed.node = None
+    from supervisor._node import Node
+    Node(allowed.cfg, allowed.events)._check_postcopy()  # no error: the config allows root post-copy
+
+
+def _fake_sysctl(real_open, value: str):
+    import io
+
+    def fake(path, *a, **kw):
+        if str(path) == "/proc/sys/vm/unprivileged_userfaultfd":
+            return io.StringIO(value + "\n")
+        return real_open(path, *a, **kw)
+    return fake
