@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -426,11 +427,10 @@ def simulate_scaled(c: Cluster, outdir: Path, total: int) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"crm_simulate failed ({r.returncode}): {r.stderr[-1500:]}")
     graph = ET.parse(outdir / "graph.xml").getroot()
-    ops = [o.get("operation") for o in graph.iter("rsc_op")]
-    return {"resources": n_rsc, "plan_s": round(plan_s, 2), "actions": len(ops),
-            "starts": ops.count("start"), "probes": sum(1 for o in graph.iter("rsc_op")
-                                                          if o.get("operation") == "monitor"
-                                                          and o.get("operation_key", "").endswith("_0"))}
+    keys = {o.get("operation_key", "") + "@" + o.get("on_node", "") for o in graph.iter("rsc_op")}
+    return {"resources": n_rsc, "plan_s": round(plan_s, 2), "actions": len(keys),
+            "starts": sum(1 for k in keys if "_start_0@" in k),
+            "probes": sum(1 for k in keys if "_monitor_0@" in k)}
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -514,6 +514,8 @@ def main() -> None:
                                     "settled_s")}
         print(f"detail limit {k}: {json.dumps(detail)}")
     out["teardown_left"] = len(left)
+    if not left and out and not os.environ.get("QSUP_KEEP"):
+        shutil.rmtree(work, ignore_errors=True)  # logs and the scaled CIB: kept when something failed
     print(json.dumps(out))
 
 
