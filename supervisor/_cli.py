@@ -190,10 +190,16 @@ def _client_options(f=None, *, remote: bool = True, json_output: bool = True):
     """
     def deco(f):
         if remote:
+            for opt, env, what in (("--key", "QSUP_KEY", "client key for --cert (PEM)"),
+                                   ("--cert", "QSUP_CERT", "client certificate for an https --url (PEM)"),
+                                   ("--cacert", "QSUP_CACERT", "CA that signed the daemon's certificate (PEM)")):
+                f = click.option(opt, envvar=env, type=click.Path(dir_okay=False), expose_value=False,
+                                 callback=_store_tls_option, help=f"{what} [${env}]")(f)
             f = click.option("--token-file", envvar="QSUP_TOKEN_FILE", type=click.Path(dir_okay=False),
                              help="bearer token for --url [$QSUP_TOKEN_FILE]")(f)
             f = click.option("--url", envvar="QSUP_URL",
-                             help="daemon TCP URL instead of the socket [$QSUP_URL]")(f)
+                             help="daemon TCP URL instead of the socket: https://HOST:PORT, or "
+                                  "http:// to a loopback address [$QSUP_URL]")(f)
         else:
             f = click.option("--token-file", hidden=True)(f)
             f = click.option("--url", hidden=True)(f)
@@ -206,8 +212,14 @@ def _client_options(f=None, *, remote: bool = True, json_output: bool = True):
     return deco(f) if f is not None else deco
 
 
+def _store_tls_option(ctx: click.Context, param: click.Parameter, value):
+    if value is not None:
+        ctx.meta.setdefault("qsup_tls", {})[param.name] = value
+    return value
+
+
 def _connect(socket_path, url, token_file):
-    from ._client import Client
+    from ._client import Client, ClientTlsError
 
     token = None
     if url and token_file:
@@ -215,7 +227,15 @@ def _connect(socket_path, url, token_file):
             token = Path(token_file).read_text().strip()
         except OSError as e:
             fail(f"token file {token_file}: {e.strerror}", EXIT_USAGE)
-    return Client(socket_path, url=url, token=token)
+    ctx = click.get_current_context(silent=True)
+    tls = dict(ctx.meta.get("qsup_tls", {})) if ctx is not None else {}
+    if tls and not url:
+        fail(f"{next(iter(tls))}: only with an https --url", EXIT_USAGE)
+    try:
+        return Client(socket_path, url=url, token=token, cacert=tls.get("cacert"), cert=tls.get("cert"),
+                      key=tls.get("key"))
+    except ClientTlsError as e:
+        fail(str(e), EXIT_USAGE)
 
 
 class _Calls:
@@ -405,7 +425,7 @@ def events_cmd(follow, since, reconnect, as_json, socket_path, url, token_file) 
 
 @main.command("migrate")
 @_name_argument
-@click.option("--to", "to", metavar="NODE", help="destination daemon: its socket path or http://host:port")
+@click.option("--to", "to", metavar="NODE", help="destination node: a key of the node config's [peers]")
 @click.option("--postcopy", is_flag=True, help="switch to post-copy after the first pass")
 @click.option("--max-bandwidth", type=click.IntRange(1), metavar="BYTES/S")
 @click.option("--downtime-limit", type=click.IntRange(1), metavar="MS")
@@ -427,6 +447,11 @@ def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detac
         return
     if not to:
         fail("to: --to NODE is required", EXIT_USAGE)
+    from ._config import NODE_NAME_RE
+
+    if not NODE_NAME_RE.match(to):  # a URL or a socket path: refused before anything is contacted
+        fail(f"to: {to[:80]!r} is not a node name; --to names a peer declared in the node config's [peers]",
+             EXIT_USAGE)
     with _Calls(socket_path, url, token_file) as c:
         c.migrate(name, to, postcopy=postcopy, max_bandwidth=max_bandwidth, downtime_limit=downtime_limit)
         if detach:

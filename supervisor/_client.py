@@ -1,7 +1,7 @@
 """A small synchronous client for the node API (what the CLI uses).
 
 It speaks HTTP over the daemon's unix socket (``httpx.HTTPTransport(uds=...)``) or, for another
-node, over TCP with a bearer token.  It turns the API's answers into two exceptions a caller can
+node, over HTTPS with a client certificate and/or a bearer token.  It turns the API's answers into two exceptions a caller can
 act on without parsing HTTP: :class:`RequestFailed` (the daemon answered with an error document),
 :class:`Unreachable` (nobody answered) and its subclass :class:`StreamLost` (a followed event
 stream ended because the daemon went away; it carries the last seq received, to resume from).
@@ -61,14 +61,55 @@ def default_socket() -> Path:
     return DEFAULT_SOCKET
 
 
+class ClientTlsError(ValueError):
+    """--url/--cacert/--cert/--key cannot be used (one line, names the option)."""
+
+
+def _is_loopback_url(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Client:
-    """``Client(socket=PATH)`` or ``Client(url="http://node:8420", token="...")``."""
+    """``Client(socket=PATH)``, or ``Client(url="https://node:8420", cacert=, cert=, key=)`` and/or ``token=``.
+
+    Over ``https://`` the daemon's certificate is verified against ``cacert`` (the URL's host
+    must be in it); ``cert``/``key`` is the client certificate (signed by the daemon's
+    ``tls_ca``), which stands for the token.  ``http://`` only to a loopback address: a
+    token never crosses a network in clear.
+    """
 
     def __init__(self, socket: str | os.PathLike | None = None, *, url: str | None = None,
-                 token: str | None = None, timeout: float = 10.0):
+                 token: str | None = None, timeout: float = 10.0, cacert: str | os.PathLike | None = None,
+                 cert: str | os.PathLike | None = None, key: str | os.PathLike | None = None):
         headers = {"authorization": f"Bearer {token}"} if token else {}
         if url:
-            transport, base = httpx.HTTPTransport(retries=0), url.rstrip("/")
+            if url.startswith("https://"):
+                import ssl
+
+                from ._tls import client_context
+
+                try:
+                    verify = client_context(cacert, cert, key)
+                except (OSError, ssl.SSLError) as e:
+                    which = "--cacert" if cacert and not cert else "--cert/--key"
+                    raise ClientTlsError(f"{which}: {getattr(e, 'strerror', None) or e}") from None
+                transport = httpx.HTTPTransport(retries=0, verify=verify)
+            elif url.startswith("http://") and _is_loopback_url(url):
+                if cacert or cert or key:
+                    raise ClientTlsError("url: --cacert/--cert/--key need an https:// URL")
+                transport = httpx.HTTPTransport(retries=0)
+            else:
+                raise ClientTlsError(f"url: {url[:80]!r}: https://HOST:PORT, or http:// to a loopback address")
+            base = url.rstrip("/")
             self.where = base
         else:
             path = str(socket or default_socket())
@@ -90,8 +131,8 @@ class Client:
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         try:
             r = self._http.request(method, path, **kw)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, FileNotFoundError,
-                ConnectionRefusedError, PermissionError) as e:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+                FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
             raise Unreachable(f"cannot reach the qsup daemon at {self.where}: {_reason(e)}") from None
         if r.status_code >= 400:
             raise _api_error(r)

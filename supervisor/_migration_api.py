@@ -62,7 +62,8 @@ async def prepare_incoming(request: Request) -> Response:
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
         raise http.http_error(e, field_prefix="spec") from None
     _, port = parse_tcp_uri(uri)
-    return JSONResponse({"name": spec.name, "port": port, "tls": http.node(request).cfg.tls is not None,
+    tls = getattr(http.node(request).cfg, "tls", None) is not None
+    return JSONResponse({"name": spec.name, "port": port, "tls": tls,
                          "uri": uri}, 201)
 
 
@@ -73,11 +74,11 @@ async def abort_incoming(request: Request) -> Response:
 
 
 async def migrate(request: Request) -> Response:
-    inst = http.instance(request)
     n = http.node(request)
     data = await http.read_json(request)
     if isinstance(data, dict) and isinstance(data.get("to"), str):
         _declared_peer(n.cfg, data["to"])  # before anything else: the clearest error for a URL
+    inst = http.instance(request)
     body = http.validate_body(MigrateBody, data)
     http.refuse_while_stopping(request)
     opts = migrate_options(n.cfg, body, qemu_pid=inst.proc.pid if getattr(inst, "proc", None) else None,
@@ -87,9 +88,10 @@ async def migrate(request: Request) -> Response:
 
 
 def _declared_peer(cfg, to: str):
-    peer = cfg.peers.get(to)
+    peers = getattr(cfg, "peers", None) or {}
+    peer = peers.get(to)
     if peer is None:
-        declared = ", ".join(sorted(cfg.peers)) or "none"
+        declared = ", ".join(sorted(peers)) or "none"
         raise http.HttpError(422, f"to: {to[:80]!r} is not a declared peer (the config's [peers]: {declared[:400]})",
                              "to", "invalid_spec")
     return peer

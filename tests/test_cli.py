@@ -481,3 +481,67 @@ def test_console_tail_follows_appends_rotation_and_truncation(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- peers and TLS (issue 9) -------------------------------------------------------------------
+
+MAKE_CA = ROOT / "contrib" / "make-test-ca"
+
+
+def _pem_config(pki: Path, name: str) -> dict:
+    return {"node_name": name, "tls_ca": str(pki / "ca.pem"), "tls_cert": str(pki / f"{name}.pem"),
+            "tls_key": str(pki / f"{name}-key.pem")}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs openssl")
+def test_https_listener_with_client_certificates(tmp_path):
+    pki, rogue = tmp_path / "pki", tmp_path / "rogue"
+    subprocess.run([str(MAKE_CA), str(pki), "a=127.0.0.1", "admin"], check=True)
+    subprocess.run([str(MAKE_CA), str(rogue), "admin"], check=True)
+    port = _free_port()
+    d = Daemon(tmp_path, listen=f"127.0.0.1:{port}", **_pem_config(pki, "a"))
+    url = f"https://127.0.0.1:{port}"
+    ca = ["--cacert", str(pki / "ca.pem")]
+    try:
+        r = qsup("ls", "--json", "--url", url, *ca, "--cert", str(pki / "admin.pem"), "--key", str(pki / "admin-key.pem"))
+        assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+        r = qsup("ls", "--url", url, *ca)  # no certificate and no token (the node has no token_file)
+        assert r.returncode == 1 and "bearer token" in one_error_line(r)
+        r = qsup("ls", "--url", url, *ca, "--cert", str(rogue / "admin.pem"), "--key", str(rogue / "admin-key.pem"))
+        assert r.returncode == 3, r.stderr
+        one_error_line(r)
+        r = qsup("ls", "--url", url, "--cert", str(pki / "admin.pem"), "--key", str(pki / "admin-key.pem"))
+        assert r.returncode == 3, r.stderr  # the daemon's certificate is not trusted without --cacert
+        r = qsup("ls", "--url", f"http://127.0.0.1:{port}", *ca)
+        assert r.returncode == 2 and "https" in one_error_line(r)
+        r = qsup("ls", "--url", f"http://127.0.0.1:{port}")
+        assert r.returncode == 3  # plain HTTP is not served on a TLS listener
+        r = qsup("ls", "--url", "http://10.1.2.3:8420")
+        assert r.returncode == 2 and one_error_line(r).startswith("qsup: error: url:")
+        r = d.cli("ls", *ca)
+        assert r.returncode == 2 and "--url" in one_error_line(r)
+    finally:
+        assert d.stop() == 0
+
+
+def test_plain_listen_on_a_non_loopback_address_is_refused(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok-" + "x" * 28 + "\n")
+    cfg = tmp_path / "qsup.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\nsocket = "{tmp_path}/s.sock"\n'
+                   f'listen = "0.0.0.0:{_free_port()}"\ntoken_file = "{token}"\n')
+    r = qsup("serve", "--config", str(cfg), timeout=20)
+    assert r.returncode == 2 and one_error_line(r).startswith("qsup: error: config: listen:")
+    assert "loopback" in r.stderr and not (tmp_path / "s.sock").exists()
+
+
+def test_migrate_to_must_name_a_declared_peer(tmp_path):
+    d = Daemon(tmp_path, node_name="a")
+    try:
+        for to in ("http://10.0.0.2:8420", "https://b:8420", "/run/qsup-b/qsup.sock", "b\n"):
+            r = d.cli("migrate", "vm", "--to", to)
+            assert r.returncode == 2 and one_error_line(r).startswith("qsup: error: to:"), (to, r.stderr)
+        r = d.cli("migrate", "vm", "--to", "b")  # a node name, but not declared: the daemon says so
+        assert r.returncode == 2 and "to: 'b' is not a declared peer" in one_error_line(r)
+    finally:
+        assert d.stop() == 0
