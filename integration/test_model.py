@@ -70,6 +70,22 @@ SETTLE_S = 20.0
 #: the throttle of a migration that must still be running when it is cancelled
 SLOW_BANDWIDTH = 100  # bytes/s: ~1 page per 100 ms slot, >10 min for 32 MiB of zero pages
 
+#: KNOWN DEFECT (found by this test; the fix belongs in supervisor/_instance.py launch_adopt):
+#: a prepared migration destination whose QEMU exited while its daemon was down (the source
+#: cancelled, or the QEMU was killed) ends ``crashed`` ("qemu died while qsup was down") at
+#: the daemon's restart; with the daemon up the same exit ends ``failed`` (incoming aborted),
+#: which is what DESIGN.md requires.  The random test accepts "crashed" there for now;
+#: test_destination_daemon_down_mid_migration (strict, xfail) shows the defect.  Once fixed,
+#: that test XPASSes (strict) and this becomes "failed".
+INCOMING_DIED_UNWATCHED = "crashed"
+#: KNOWN DEFECT (found by this test; the fix belongs in supervisor/_migration.py, where
+#: ``migrate-set-parameters`` is sent only for the options given): QEMU keeps migration
+#: parameters for its whole life, so a migration requested without ``max_bandwidth`` after
+#: one with it (cancelled, failed) runs at the old limit -- here 100 B/s, i.e. never ends.
+#: The random test passes an explicit bandwidth for such a QEMU for now;
+#: test_unthrottled_migration_after_a_throttled_one (xfail, strict) shows the defect.
+THROTTLE_STICKS = True
+
 NAMES = ("g0", "g1", "g2")
 NODES = ("a", "b")
 TABLE = "100"  # routed NICs name a table: route in it + an ``iif TAP lookup 100`` rule
@@ -101,6 +117,7 @@ class Live:
     qemu_dead: bool = False  # SIGKILLed while its daemon was down: noticed at the restart
     mig: str | None = None  # an outgoing migration to this node is in flight (throttled)
     mig_over: bool = False  # ... and ended in QEMU while this daemon was down: settled at its restart
+    throttled: bool = False  # this QEMU ran a throttled migration (see THROTTLE_STICKS)
 
 
 @dataclass
@@ -117,6 +134,9 @@ class Machine(RuleBasedStateMachine):
 
     workdir_base: Path | None = None
     _count = 0
+    #: False: the model tolerates the known defects (``INCOMING_DIED_UNWATCHED``) so that the
+    #: random test keeps finding new ones; their regression tests run strict
+    strict = False
 
     def __init__(self):
         super().__init__()
@@ -266,16 +286,18 @@ class Machine(RuleBasedStateMachine):
         for name, inc in list(self.incoming.items()):
             if inc.node == n and inc.qemu_dead:
                 del self.incoming[name]
-                self.last[n][name] = "failed"
+                self.last[n][name] = "failed" if self.strict else INCOMING_DIED_UNWATCHED
 
     def do_migrate(self, name: str) -> None:
         src = self.live[name].node
         dst = other(src)
-        self.log(f"migrate {name} {src} -> {dst}")
-        self.node(src).call("POST", f"/v1/instances/{name}/migrate",
-                            json={"to": self.nodes.migration_target(dst)}, ok=(202,))
+        body = {"to": self.nodes.migration_target(dst)}
+        if self.live[name].throttled and THROTTLE_STICKS and not self.strict:
+            body["max_bandwidth"] = 1 << 30  # work around the known defect (THROTTLE_STICKS)
+        self.log(f"migrate {name} {src} -> {dst}" + (" (explicit max_bandwidth)" if "max_bandwidth" in body else ""))
+        self.node(src).call("POST", f"/v1/instances/{name}/migrate", json=body, ok=(202,))
         v = self.wait_view(src, name, lambda v: v["state"] in ("stopped", "crashed", "failed") or
-                           (v.get("migration") or {}).get("result"), "finished migrating")
+                           (v.get("migration") or {}).get("result"), "finished migrating", timeout=30)
         assert (v.get("migration") or {}).get("result") == "completed", (v.get("migration"), self.tail(src, dst))
         vd = self.wait_view(dst, name, lambda v: v["state"] == "running", "running on the destination")
         self.live[name] = Live(dst, vd["pid"])
@@ -294,6 +316,7 @@ class Machine(RuleBasedStateMachine):
                        "active (throttled migration)")
         vd = self.wait_view(dst, name, lambda v: v["state"] == "migrating" and v["pid"], "prepared")
         inst.mig = dst
+        inst.throttled = True
         self.incoming[name] = Incoming(dst, vd["pid"])
         self.last[src][name] = "migrating"
         self.last[dst][name] = "migrating"
@@ -316,7 +339,7 @@ class Machine(RuleBasedStateMachine):
         self.log(f"finish the migration of {name} {src} -> {dst} (operator lifts the throttle)")
         qmp(self.node(src).view(name)["qmp_operator"], "migrate-set-parameters", {"max-bandwidth": 1 << 30})
         v = self.wait_view(src, name, lambda v: v["state"] in ("stopped", "crashed", "failed") or
-                           (v.get("migration") or {}).get("result"), "finished migrating")
+                           (v.get("migration") or {}).get("result"), "finished migrating", timeout=30)
         assert (v.get("migration") or {}).get("result") == "completed", (v.get("migration"), self.tail(src, dst))
         vd = self.wait_view(dst, name, lambda v: v["state"] == "running", "running on the destination")
         assert vd["pid"] == self.incoming[name].pid, vd
@@ -532,4 +555,48 @@ def test_in_flight_migration_steps(machine):
     m.do_start("a", "g1")
     m.do_migrate_slow("g1")
     m.do_stop("g1")  # a stop mid-migration cancels it first
+    m.check()
+
+
+@pytest.mark.parametrize("strict", [
+    pytest.param(True, marks=pytest.mark.xfail(
+        strict=True, reason="known defect: an incoming instance whose QEMU died while its daemon was down "
+                            "ends 'crashed' at the restart, not 'failed' (see INCOMING_DIED_UNWATCHED)")),
+    pytest.param(False, id="tolerating-the-known-defect"),
+])
+def test_destination_daemon_down_mid_migration(machine, strict):
+    """The destination's daemon is dead while the migration ends (cancelled, then the
+    destination's QEMU killed); at its restart the incoming instances end ``failed``.
+
+    Strict, it fails today (xfail) at the restart; tolerating the known defect, the rest
+    must hold: nothing left on b, and b takes a migration again.
+    """
+    m = machine
+    m.strict = strict
+    m.do_start("a", "g0")
+    m.do_start("a", "g1")
+    m.do_migrate_slow("g0")
+    m.do_migrate_slow("g1")
+    m.do_kill_daemon("b")
+    m.check()
+    m.do_cancel("g0")  # b can't be told; its QEMU exits when the stream ends
+    m.check()
+    m.do_kill_incoming_qemu("g1")  # under b's dead daemon; a keeps g1
+    m.check()
+    m.do_restart_daemon("b")
+    m.check()
+    m.do_migrate("g0")  # b works again
+    m.check()
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: QEMU keeps max-bandwidth from the cancelled throttled "
+                                       "migration; qsup doesn't reset it (see THROTTLE_STICKS)")
+def test_unthrottled_migration_after_a_throttled_one(machine):
+    """A migration without ``max_bandwidth`` must not inherit the previous migration's limit."""
+    m = machine
+    m.strict = True
+    m.do_start("a", "g0")
+    m.do_migrate_cancel("g0")
+    m.check()
+    m.do_migrate("g0")  # today: still at 100 B/s after 60 s
     m.check()
