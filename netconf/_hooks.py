@@ -168,10 +168,6 @@ class Hooks:
     def __repr__(self) -> str:
         return f"Hooks({str(self.hooks_dir) if self.hooks_dir else None!r}, timeout={self.timeout})"
 
-    @property
-    def enabled(self) -> bool:
-        return self.hooks_dir is not None
-
     def find(self, step: str) -> StepHooks:
         """Return the hooks installed for ``step`` (empty if none).
 

@@ -78,6 +78,9 @@ class Node:
         # GIL; 0.5 ms keeps a migration's activation in the low milliseconds.
         sys.setswitchinterval(0.0005)
         hooks = netconf.Hooks(self.cfg.hooks_dir, timeout=self.cfg.hook_timeout) if self.cfg.hooks_dir else None
+        for typo in hooks.unknown_steps() if hooks else []:  # a hook that would silently never run
+            log.warning("hook directory names no step", directory=typo)
+            self.events.emit("hooks.unknown_step", directory=typo)
         with qmp_glue.AsyncioThread() as aio, netconf.NetconfWorker() as worker:
             self.ctx = NodeContext(self.cfg, self.layout, self.events, aio, worker, hooks, self.faults,
                                    UidAllocator(self.cfg.qemu_uids))

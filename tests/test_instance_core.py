@@ -437,3 +437,16 @@ def _fake_sysctl(real_open, value: str):
             return io.StringIO(value + "\n")
         return real_open(path, *a, **kw)
     return fake
+
+
+def test_a_hook_directory_that_names_no_step_is_reported_at_start(tmp_path):
+    hooks = tmp_path / "hooks"
+    (hooks / "rout4").mkdir(parents=True)  # a typo of route4: its hooks would never run
+    a = Bench(tmp_path, "a", hooks_dir=str(hooks))
+
+    async def main():
+        async with a.running():
+            pass
+
+    run(main)
+    assert [e["directory"] for e in a.of("hooks.unknown_step")] == ["rout4"]
