@@ -270,8 +270,20 @@ class Machine(RuleBasedStateMachine):
 
     def do_restart_daemon(self, n: str) -> None:
         self.log(f"restart daemon {n}")
+        before = max((e["seq"] for e in self.node(n).events()), default=0)
         self.node(n).start_daemon()
         self.up[n] = True
+        # every guest whose QEMU survived is taken over again, same pid, with an event
+        want = {(k, v.pid) for k, v in self.live.items() if v.node == n and not v.qemu_dead} | \
+            {(k, v.pid) for k, v in self.incoming.items() if v.node == n and not v.qemu_dead}
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            got = {(e["instance"], e.get("pid")) for e in self.node(n).events()
+                   if e["seq"] > before and e["type"] == "instance.reattached"}
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert got == want, f"node-{n} reattached {sorted(got)}, model {sorted(want)}\n{self.tail(n)}"
         for name in self.live_on(n):
             live = self.live[name]
             if live.qemu_dead:  # cleaned up from its journal, with an event
