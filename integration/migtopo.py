@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ from pathlib import Path
 from topo import VENV_BIN, Netns, QsupDaemon, veth
 
 HERE = Path(__file__).resolve().parent
+MAKE_CA = HERE.parent / "contrib" / "make-test-ca"
+API_PORT = 8420  # each node's TLS API listener, on its end of the migration link
 
 
 class TwoNodes:
@@ -70,23 +74,53 @@ class TwoNodes:
         self.made.append(ns)
         return ns
 
-    def start_daemons(self, extra_config: str = "", hooks: dict | None = None) -> tuple[QsupDaemon, QsupDaemon]:
+    def start_daemons(self, extra_config: str = "", hooks: dict | None = None, *,
+                      tls: bool = False) -> tuple[QsupDaemon, QsupDaemon]:
         """One ``qsup serve`` per node; ``hooks`` maps "a"/"b" to a node's hooks_dir.
+
+        Each node declares the other in ``[peers]`` (so ``qsup migrate NAME --to
+        node-b``): a ``unix:`` API with the peer's migration address ``10.200.0.x``, or,
+        with ``tls``, ``https://10.200.0.x:8420`` -- both APIs listen on the migration link,
+        certificates from ``contrib/make-test-ca`` (made here, in the work dir), and the
+        migration stream is QEMU TLS.  ``daemon.node_name`` is what ``--to`` takes.
 
         Each daemon is registered for ``close()`` *before* it is waited for, so one
         that never gets ready is still killed by the teardown.
         """
         hooks = hooks or {}
         made = []
-        for node, letter, addr in ((self.a, "a", "10.200.0.1"), (self.b, "b", "10.200.0.2")):
+        nodes = ((self.a, "a", "10.200.0.1"), (self.b, "b", "10.200.0.2"))
+        pki = self.workdir / "pki"
+        if tls and not (pki / "ca.pem").exists():
+            subprocess.run([str(MAKE_CA), str(pki), *(f"node-{x}={addr}" for _, x, addr in nodes)], check=True)
+        for node, letter, addr in nodes:
             d = self.workdir / f"node-{letter}"
             d.mkdir(exist_ok=True)
-            dm = QsupDaemon(node, d, hooks_dir=hooks.get(letter), start=False,
+            other, other_addr = next((x, a) for _, x, a in nodes if x != letter)
+            if tls:
+                own = (f'tls_ca = "{pki}/ca.pem"\ntls_cert = "{pki}/node-{letter}.pem"\n'
+                       f'tls_key = "{pki}/node-{letter}-key.pem"\nlisten = "{addr}:{API_PORT}"\n')
+                peer = f'"node-{other}" = "https://{other_addr}:{API_PORT}"\n'
+            else:
+                own = ""
+                peer = (f'"node-{other}" = {{ api = "unix:{self.workdir}/node-{other}/qsup.sock", '
+                        f'migration = "{other_addr}" }}\n')
+            run_dir = None
+            if tls:
+                # QEMU (its own uid) reads its TLS creds from <run_dir>/tls/ when the migration
+                # starts: every directory above must be searchable by it -- /run/qsup is, but
+                # pytest's tmp dirs are 0700.  So these run dirs live in a 0711 dir of /tmp.
+                self._shared = getattr(self, "_shared", None) or Path(tempfile.mkdtemp(prefix="qsup-tls-"))
+                self._shared.chmod(0o711)
+                run_dir = self._shared / f"run-{letter}"
+            dm = QsupDaemon(node, d, hooks_dir=hooks.get(letter), start=False, run_dir=run_dir,
                             extra_config=f'node_name = "node-{letter}"\nmigration_address = "{addr}"\n'
                                          f'announce_interfaces = ["uplink"]\n'
                                          # the post-copy tests: QEMU 7.2 needs userfaultfd, which
                                          # an unprivileged QEMU only gets host-wide (see README)
-                                         'allow_root_postcopy = true\n' + extra_config)
+                                         'allow_root_postcopy = true\n' + own + extra_config
+                                         + "\n[peers]\n" + peer)
+            dm.node_name = f"node-{letter}"
             self.daemons.append(dm)
             made.append(dm)
         for dm in made:
@@ -99,6 +133,8 @@ class TwoNodes:
             leaked += d.close()
         for ns in reversed(self.made):
             ns.close()
+        if getattr(self, "_shared", None) is not None:
+            shutil.rmtree(self._shared, ignore_errors=True)
         return leaked
 
 

@@ -57,7 +57,7 @@ def wait_state(daemon, name, states, timeout=120):
 
 
 def migrate(src, dst, name, *extra, check=True):
-    return src.cli("migrate", name, "--to", str(dst.socket), "--json", *extra, timeout=300, check=check)
+    return src.cli("migrate", name, "--to", dst.node_name, "--json", *extra, timeout=300, check=check)
 
 
 def leftovers(node) -> list[str]:
@@ -204,7 +204,7 @@ def test_cancel_keeps_guest_on_source(nodes, tmp_path):
         sampler = RouteSampler(t.b, IP, tmp_path / "route-b.txt")
         cleanup.callback(sampler.kill)
         # a slow migration we can cancel (~90 MB at 1 MB/s)
-        a.cli("migrate", "c1", "--to", str(b.socket), "--max-bandwidth", "1000000", "--json", "--detach")
+        a.cli("migrate", "c1", "--to", b.node_name, "--max-bandwidth", "1000000", "--json", "--detach")
         tail_a.wait_for("qmp.MIGRATION", "c1", status="active")
         a.cli("migrate", "--cancel", "c1")
         failed = tail_a.wait_for("migration.failed", "c1")
@@ -223,7 +223,7 @@ def test_cancel_keeps_guest_on_source(nodes, tmp_path):
 def test_kill_destination_qemu(nodes, when):
     t, a, b = _fault_setup(nodes, "k" + when[0])
     name = "k" + when[0]
-    a.cli("migrate", name, "--to", str(b.socket), "--max-bandwidth", "2000000", "--json", "--detach")
+    a.cli("migrate", name, "--to", b.node_name, "--max-bandwidth", "2000000", "--json", "--detach")
     v = wait_state(b, name, {"migrating"})
     if when == "active":
         wait_migrate_status(a, name, "active")
@@ -233,7 +233,7 @@ def test_kill_destination_qemu(nodes, when):
 
 def test_veth_down_between_nodes(nodes):
     t, a, b = _fault_setup(nodes, "v1")
-    a.cli("migrate", "v1", "--to", str(b.socket), "--max-bandwidth", "2000000", "--json", "--detach")
+    a.cli("migrate", "v1", "--to", b.node_name, "--max-bandwidth", "2000000", "--json", "--detach")
     wait_state(b, "v1", {"migrating"})
     wait_migrate_status(a, "v1", "active")
     t.a.run("ip", "link", "set", "mig", "down")

@@ -275,12 +275,16 @@ class QsupDaemon(_Console):
     started -- found in its own event log, by pid -- so a failed test leaves nothing running.
     """
 
+    #: the config's node_name when a topology set one (what `migrate --to` takes)
+    node_name: str | None = None
+
     def __init__(self, ns: Netns, workdir: Path, *, powerdown_timeout: float = 3.0, extra_config: str = "",
-                 hooks_dir: Path | None = None, env: dict | None = None, start: bool = True):
+                 hooks_dir: Path | None = None, env: dict | None = None, start: bool = True,
+                 run_dir: Path | None = None):
         self.ns = ns
         self.workdir = workdir
         self.state_dir = workdir / "state"
-        self.run_dir = workdir / "run"
+        self.run_dir = run_dir or workdir / "run"
         self.socket = workdir / "qsup.sock"
         self.config = workdir / "qsup.toml"
         self.write_config(powerdown_timeout=powerdown_timeout, extra_config=extra_config, hooks_dir=hooks_dir)

@@ -64,6 +64,9 @@ log = structlog.get_logger("qsup.migration")
 #: QMP announce-self parameters (ms): five RARPs, 50..550 ms apart.
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 PROGRESS_HZ = 4
+#: QEMU's own defaults for ``max-bandwidth`` (bytes/s) and ``downtime-limit`` (ms)
+QEMU_MAX_BANDWIDTH = 128 * 1024 * 1024
+QEMU_DOWNTIME_LIMIT = 300
 #: ``query-migrate`` statuses of a migration that has not ended (post-copy ones aside)
 RUNNING_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
 #: MIGRATION event statuses that end a migration on the source
@@ -264,7 +267,7 @@ class PeerClient:
         try:
             r = await self._client.request(method, path, extensions=self._extensions, **kw)
         except httpx.HTTPError as e:
-            raise MigrationError(f"destination unreachable: {e}", "to") from None
+            raise MigrationError(f"destination unreachable: {_why(e)}", "to") from None
         try:
             body = r.json()
         except ValueError:
@@ -298,6 +301,17 @@ class PeerClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _why(e: BaseException) -> str:
+    """The first non-empty message down the cause chain (httpx wraps e.g. an SSL error silently)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if str(e):
+            return f"{type(e).__name__}: {str(e)[:300]}" if seen else str(e)[:300]
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return "connection failed"
 
 
 def qmp_timestamp(ev: dict) -> float:
@@ -453,13 +467,11 @@ class OutgoingMigration:
                 {"capability": "postcopy-ram", "state": self.opts.postcopy}]
         self.port.checkpoint(Checkpoint.CAPABILITIES)
         await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        params = {}
-        if self.opts.max_bandwidth:
-            params["max-bandwidth"] = self.opts.max_bandwidth
-        if self.opts.downtime_limit:
-            params["downtime-limit"] = self.opts.downtime_limit
-        if params:
-            await qmp.execute("migrate-set-parameters", params)
+        # Always both: QEMU keeps migration parameters for its whole life, so a migration
+        # asked for without a limit must not run at the limit of an earlier one.
+        params = {"max-bandwidth": self.opts.max_bandwidth or QEMU_MAX_BANDWIDTH,
+                  "downtime-limit": self.opts.downtime_limit or QEMU_DOWNTIME_LIMIT}
+        await qmp.execute("migrate-set-parameters", params)
         tls = self.opts.qemu_tls
         if tls is not None:
             from ._tls import setup_qemu_tls
