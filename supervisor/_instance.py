@@ -469,8 +469,12 @@ class Instance:
         restart, gets its exit cause here and goes straight to the teardown.
         """
         self.proc = proc
+        migration = rec.get("migration")
         if proc is None:
-            self.exit(ExitCause.QEMU_DIED, "qemu died while qsup was down")
+            if migration and migration.get("direction") == "in":  # never activated: an aborted incoming
+                self.exit(ExitCause.INCOMING_ABORTED, "incoming migration ended while qsup was down")
+            else:
+                self.exit(ExitCause.QEMU_DIED, "qemu died while qsup was down")
             return self
         if rec.get("state") == State.STARTING.value:
             self.exit(ExitCause.START_FAILED, "start interrupted by a daemon restart")
@@ -482,7 +486,6 @@ class Instance:
         status = await self.qmp.execute("query-status")
         await self._follow_console()
         self.runstate = status.get("status", "")
-        migration = rec.get("migration")
         if migration and migration.get("direction") == "in":
             self.migration = IncomingMigration(self, bool(migration.get("postcopy")))
             self._recovery = self._recover_incoming

@@ -450,3 +450,38 @@ def test_a_hook_directory_that_names_no_step_is_reported_at_start(tmp_path):
 
     run(main)
     assert [e["directory"] for e in a.of("hooks.unknown_step")] == ["rout4"]
+
+
+def test_an_incoming_whose_qemu_died_while_the_daemon_was_down_ends_failed(tmp_path, monkeypatch):
+    """Found by the model test: it ended ``crashed``; an incoming that never activated is aborted."""
+    fake_knobs(tmp_path, migrate_seconds=30)
+    a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
+    pids = {}
+
+    async def first():
+        async with a.running(), b.running(api=True):
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            await wait_for(lambda: getattr(getattr(b.node.instances.get("vm"), "migration", None),
+                                           "status", "") == "active")
+            pids["dest"] = b.node.instances["vm"].proc.pid
+            pids["src"] = inst.proc.pid
+        # both daemons left; kill the destination's QEMU while nobody watches it
+        os.kill(pids["dest"], signal.SIGKILL)
+
+    async def second():
+        async with b.running():
+            inst = b.node.instances["vm"]
+            with trio.fail_after(10):
+                await inst.done.wait()
+            assert inst.state == State.FAILED and inst.cause == ExitCause.INCOMING_ABORTED
+        async with a.running():  # the source: the stream broke, the migration failed, guest kept
+            src = a.node.instances["vm"]
+            await wait_for(lambda: src.state != State.MIGRATING, timeout=20)
+            assert src.state == State.RUNNING
+            await src.stop()
+
+    import os
+    run(first)
+    run(second)
+    assert a.state_left() == [] and b.state_left() == []
