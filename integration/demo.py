@@ -5,7 +5,7 @@ The topology is migtopo.TwoNodes: a client namespace and two node namespaces
 boots on A; the client pings it every 10 ms through whichever node answers
 proxy ARP for it, and a sampler on each node reads the routing table every
 millisecond.  `qsup events --follow` tails both daemons.  Then the real CLI
-runs `qsup migrate NAME --to <B's socket>` with this terminal as its stdout,
+runs `qsup migrate NAME --to node-b` (B is a declared peer of A) with this terminal as its stdout,
 so its progress bar and summary show as an operator would see them.
 
 Afterwards: the ping result, the route overlap/gap the samplers measured
@@ -50,8 +50,8 @@ def boot(t: TwoNodes, a) -> None:
 
 def migrate(a, b) -> int:
     """`qsup migrate` through the real CLI, stdout inherited (progress bar + human summary)."""
-    argv = [str(VENV_BIN / "qsup"), "migrate", NAME, "--to", str(b.socket), "--socket", str(a.socket)]
-    print("$ qsup migrate demo --to " + str(b.socket), flush=True)
+    argv = [str(VENV_BIN / "qsup"), "migrate", NAME, "--to", b.node_name, "--socket", str(a.socket)]
+    print("$ qsup migrate demo --to " + b.node_name, flush=True)
     return subprocess.run(argv, timeout=120).returncode
 
 
