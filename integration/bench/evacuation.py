@@ -74,6 +74,13 @@ from topo import VENV_BIN, guest_spec
 
 QSUP = str(VENV_BIN / "qsup")
 OPTIONS = {"node-action-limit": "16", "load-threshold": "2000%"}
+#: Works around a qsup bug this benchmark found (see BENCHMARKS.md): the destination's
+#: incoming_timeout watchdog keeps running after the migration activated; if it fires while
+#: the same guest is in the "setup" phase of its next, outgoing, migration, it reads
+#: ``OutgoingMigration.activated`` and the instance ends with an internal error (the guest is
+#: killed).  Guests here leave a node within the default 120 s of arriving, so the timeout is
+#: raised past the benchmark's length.
+QSUP_CONFIG = "incoming_timeout = 3600\n"
 
 #: runs in a node's network namespace: guest /32s of the main table, transitions "t ip 1|0"
 SAMPLER = r"""
@@ -458,7 +465,7 @@ def main() -> None:
     left: list[str] = []
     try:
         t = time.monotonic()
-        c = Cluster(work, args.nodes, prefix="qev", properties=OPTIONS)
+        c = Cluster(work, args.nodes, prefix="qev", properties=OPTIONS, qsup_config=QSUP_CONFIG)
         print(f"cluster: {args.nodes} full nodes, DC after {c.timings['dc_s']} s", flush=True)
         gs = guests(work, args.tiny, args.real)
         names = [n for n, _, _ in gs]

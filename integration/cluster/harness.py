@@ -286,7 +286,7 @@ class ClusterNode:
 
     def start_qsup(self) -> None:
         extra = (f'node_name = "{self.name}"\nmigration_address = "{self.addr}"\n'
-                 'announce_interfaces = ["uplink"]\n')
+                 'announce_interfaces = ["uplink"]\n' + self.cluster.qsup_config)
         if peers_declared():
             # the table form: the API on the peer's socket, the migration stream to its uplink
             # address (a bare "unix:" peer would mean 127.0.0.1: same host, not another node)
@@ -325,8 +325,10 @@ class Cluster:
     returns the leftovers (empty when clean)."""
 
     def __init__(self, workdir: Path, n: int = 3, prefix: str = "qst", dc_deadtime: str = "2s",
-                 properties: dict | None = None, remote: int = 0):
+                 properties: dict | None = None, remote: int = 0, qsup_config: str = ""):
         self.workdir = workdir
+        #: extra top-level keys for every node's qsup.toml (TOML lines)
+        self.qsup_config = qsup_config
         self.prefix = prefix
         self.nodes: list[ClusterNode] = []
         self.fabric: Netns | None = None
