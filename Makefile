@@ -122,8 +122,17 @@ unit: venv
 integration: deps guest
 	$(BIN)/pytest -q integration -m integration
 
+# tests/ and integration/ run as two pytest sessions: pytest imports test modules by their
+# basename (no packages, "prepend" import mode) and the two trees share basenames
+# (test_console.py), which one session refuses to collect.  Both sessions always run; the
+# target fails if either does (pytest exits 5 when it collected nothing, which fails too).
+# JUNIT_DIR (.ci/run sets it): each session also writes its JUnit report there.
+junit = $(if $(JUNIT_DIR),--junitxml=$(JUNIT_DIR)/$(1).xml)
 test: deps guest
-	$(BIN)/pytest -q tests integration
+	@rc=0; \
+	echo "== pytest tests"; $(BIN)/pytest -q tests $(call junit,tests) || rc=$$?; \
+	echo "== pytest integration"; $(BIN)/pytest -q integration $(call junit,integration) || rc=$$?; \
+	exit $$rc
 
 demo: deps guest
 	$(BIN)/python integration/demo.py
