@@ -25,7 +25,7 @@ observed (not asked) until it is so, or the step fails after ``SETTLE_S``:
   ``instance.<state>`` move legal per ``supervisor._state.TRANSITIONS``, and each
   instance's last lifecycle event is the state the model expects on that node.
 
-How much runs: ``make test`` runs ``QSUP_MODEL_EXAMPLES`` sequences (default 3) of up to
+How much runs: ``make test`` runs ``QSUP_MODEL_EXAMPLES`` sequences (default 5) of up to
 ``QSUP_MODEL_STEPS`` steps (default 10), without shrinking, a few minutes in all.  More::
 
     QSUP_MODEL_EXAMPLES=200 QSUP_MODEL_SHRINK=1 .venv/bin/pytest -q integration/test_model.py
@@ -61,7 +61,7 @@ from topo import qmp
 from netconf._tap import tap_name_for
 from supervisor._state import TRANSITIONS, State
 
-EXAMPLES = int(os.environ.get("QSUP_MODEL_EXAMPLES", "3"))
+EXAMPLES = int(os.environ.get("QSUP_MODEL_EXAMPLES", "5"))
 STEPS = int(os.environ.get("QSUP_MODEL_STEPS", "10"))
 SHRINK = os.environ.get("QSUP_MODEL_SHRINK", "") not in ("", "0")
 #: a step's effects must be observable within this (a crash is noticed at once; a
