@@ -151,6 +151,22 @@ def qemu_pids(work: Path) -> list[int]:
     return res
 
 
+def zombies(parents: set[int]) -> int:
+    """Children of ``parents`` that exited and were not reaped (yet)."""
+    n = 0
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z" and int(fields[1]) in parents:
+            n += 1
+    return n
+
+
 class PeakSampler:
     """Samples both daemons every ``period`` s in a thread; keeps the maxima."""
 
@@ -328,6 +344,24 @@ def svg(rows: list[dict], path: Path, title: str) -> None:
 
 # --- the run ---------------------------------------------------------------------------------
 
+def last_seq(d) -> int:
+    with Client(d.socket) as c:
+        return c.health()["last_seq"]
+
+
+def evidence(w: dict, daemons: dict, seq0: dict, src: str) -> dict:
+    """Route transitions (both samplers, CLOCK_REALTIME) and both nodes' migration/netconf events
+    of this migration, so an overlap or a long gap can be told from a late sampler afterwards."""
+    evs = {}
+    for n, d in daemons.items():
+        with Client(d.socket) as c:
+            evs[n] = [{k: e.get(k) for k in ("seq", "ts", "type", "status", "step", "result", "error")
+                       if e.get(k) is not None}
+                      for e in c.events(since=seq0[n]) if e.get("instance") == NAME
+                      and not e["type"].startswith(("qmp.MIGRATION_PASS", "qmp.RTC"))]
+    return {"src": src, "src_routes": w["src_routes"], "dst_routes": w["dst_routes"], "events": evs}
+
+
 def start_daemons(t: TwoNodes) -> tuple[QsupDaemon, QsupDaemon, bool]:
     """migtopo's two daemons, each also declaring the other as a ``[peers]`` entry when the
     config knows peers (then ``qsup migrate --to`` takes the node name).  Registered in
@@ -418,6 +452,7 @@ def main() -> int:
             other = "b" if holder == "a" else "a"
             src, dst = daemons[holder], daemons[other]
             tw = time.monotonic()
+            seq0 = {n: last_seq(d) for n, d in daemons.items()}
             watch = MigrationWatch(t, nss[holder], nss[other], IP, work, tag=str(i % 2))
             try:
                 watch.ping.wait_replies(20)  # replies before the migration, so loss is counted between replies
@@ -438,7 +473,10 @@ def main() -> int:
                    "lost": w["ping"]["lost"], "sent": w["ping"]["sent"], "budget": loss_budget(down),
                    "overlap_ms": w["overlap_ms"], "gap_ms": w["gap_ms"],
                    "strays": strays(t, daemons, holder, work), "qemus": len(qemu_pids(work)),
+                   "zombies": zombies({a.pid, b.pid}),
                    "a": node_sample(a), "b": node_sample(b), "wall_s": round(time.monotonic() - tw, 2)}
+            if row["overlap_ms"] or row["gap_ms"] > down + 20:  # keep what explains it (files are reused)
+                row["evidence"] = evidence(w, daemons, seq0, holder if ok else other)
             rows.append(row)
             print(f"#{i:<3} {'A->B' if other == 'b' else 'B->A'} {'ok' if ok else 'FAILED'} total {row['total_ms']} "
                   f"ms down {row['downtime_ms']} ms | lost {row['lost']}/{row['sent']} overlap {row['overlap_ms']} | "
@@ -502,6 +540,9 @@ def main() -> int:
             }
         res["peak_samples"] = peak.n
         res["strays"] = sum(bool(r.get("strays")) for r in mig)
+        res["zombies_max"] = max(r["zombies"] for r in mig)  # unreaped QEMUs, 1 s after each migration
+        res["overlaps"] = [{"i": r["i"], "overlap_ms": r["overlap_ms"], "to": r["holder"]} for r in mig
+                           if r["overlap_ms"]]
         for n in daemons:  # an fd the daemon still holds with no guest, past the keep-alive timeout
             extra = idle[n]["fds"] - start[n]["fds"]
             if extra > 0:
