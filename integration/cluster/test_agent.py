@@ -3,8 +3,9 @@
 The real cluster tests (test_cluster.py) show the agent working; these show what it answers
 in the cases a healthy cluster never produces on its own: a rolled-back or unknown migration,
 an unreachable daemon, a panicked guest.  The "daemon" is a tiny HTTP server on a unix socket
-that serves scripted views of GET /v1/instances/NAME; the "qsup" CLI is a script that records
-its argv, advances the daemon to its next view and exits with a chosen code.
+that serves scripted views of GET /v1/instances/NAME (a migrate request advances it to the
+next view); the "qsup" CLI (start only) is a script that records its argv, advances the daemon
+to its next view and exits with a chosen code.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class FakeDaemon:
         self.path = path
         self.views: list[tuple[int, dict]] = [(404, {"error": "no instance", "code": "not_found"})]
         self.requests: list[tuple[str, str, str]] = []
+        self.migrate_answer = 202
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -65,6 +67,12 @@ class FakeDaemon:
                 if self.command == "POST" and self.path.endswith("/stop"):
                     fake.views = [(200, {**view, "state": "stopped"})]
                     return self._answer(200, fake.views[0][1])
+                if self.command == "POST" and self.path.endswith("/migrate"):
+                    # the daemon took the migration: what it shows next is the next scripted view
+                    if len(fake.views) > 1:
+                        fake.views.pop(0)
+                    return self._answer(fake.migrate_answer, {} if fake.migrate_answer == 202 else
+                                        {"error": "to: not a declared peer", "field": "to", "code": "invalid"})
                 if self.command == "POST":
                     return self._answer(202, {})
                 self._answer(code, view)
@@ -156,20 +164,34 @@ def test_migrate_to_success_only_when_completed(env):
     out = {"direction": "out", "to": "x", "status": "completed", "result": "completed"}
     d.script(view("running"), view("stopped", migration=out))
     r = agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2",
-              OCF_RESKEY_peers="node2=unix:/run/peer2.sock node3=n3")
+              OCF_RESKEY_peers="node2=qsup-b node3=n3")
     assert r.returncode == 0, r.stderr
-    assert log.read_text().split()[:4] == ["migrate", NAME, "--to", "unix:/run/peer2.sock"]
+    assert migrations(d) == [{"to": "qsup-b"}]
+    assert not log.exists()  # one HTTP request, no CLI
     # and again (idempotent): already migrated away is success, without a second migration
     assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2").returncode == 0
-    assert len(log.read_text().splitlines()) == 1
+    assert len(migrations(d)) == 1
 
 
 def test_migrate_to_maps_unlisted_node_to_its_own_name(env):
-    d, e, log = env
+    d, e, _ = env
     d.script(view("running"), view("stopped", migration={"direction": "out", "result": "completed"}))
     assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node3",
                  OCF_RESKEY_peers="node2=p2").returncode == 0
-    assert log.read_text().split()[:4] == ["migrate", NAME, "--to", "node3"]
+    assert migrations(d) == [{"to": "node3"}]
+
+
+def migrations(d: FakeDaemon) -> list[dict]:
+    return [json.loads(b) for m, p, b in d.requests if m == "POST" and p == f"/v1/instances/{NAME}/migrate"]
+
+
+def test_migrate_to_refused_request_is_a_failure_and_the_guest_stays(env):
+    d, e, _ = env
+    d.migrate_answer = 422
+    d.script(view("running"))
+    r = agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2")
+    assert r.returncode == 1 and "runs here" in r.stderr and "422" in r.stderr, r.stderr
+    assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="bad/peer").returncode == 1
 
 
 def test_migrate_to_fails_when_rolled_back(env):
@@ -275,29 +297,21 @@ def test_validate_all(env, tmp_path):
     assert agent(e, "bogus").returncode == 3
 
 
-def test_migrate_to_source_lost_it_target_decides(env, tmp_path):
-    """The source daemon no longer knows the guest (it restarted and finished the migration):
-    a target reachable on a local socket that runs the guest makes it a success; one that
-    does not leaves the outcome unknown (failure)."""
+def test_migrate_to_source_lost_it_outcome_unknown(env):
+    """The source daemon no longer knows the guest (it restarted and finished or lost the
+    migration): the target is a declared peer the agent cannot ask (the daemon holds the
+    credentials), so the outcome is unknown: failure, never success -- Pacemaker then stops
+    the guest on both nodes before it starts it anywhere."""
     d, e, _ = env
-    target = FakeDaemon(tmp_path / "target.sock")
-    try:
-        e = {**e, "OCF_RESKEY_peers": f"node2=unix:{target.path}"}
-        d.script(view("running"), ABSENT)
-        target.script(view("running"))
-        assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2", FAKE_RC="3").returncode == 0
-        d.script(view("running"), ABSENT)
-        target.script(ABSENT)
-        r = agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2", FAKE_RC="3")
-        assert r.returncode == 1 and "outcome unknown" in r.stderr, r.stderr
-    finally:
-        target.close()
+    d.script(view("running"), ABSENT)
+    r = agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="node2", OCF_RESKEY_peers="node2=qsup-b")
+    assert r.returncode == 1 and "outcome unknown" in r.stderr, r.stderr
 
 
-def test_migrate_options_reach_the_cli_and_are_checked(env):
-    d, e, log = env
+def test_migrate_options_reach_the_request_and_are_checked(env):
+    d, e, _ = env
     d.script(view("running"), view("stopped", migration={"direction": "out", "result": "completed"}))
     assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="n2",
-                 OCF_RESKEY_migrate_options="--max-bandwidth 5000000").returncode == 0
-    assert "--max-bandwidth 5000000" in log.read_text()
+                 OCF_RESKEY_migrate_options="--max-bandwidth 5000000 --postcopy --downtime-limit 300").returncode == 0
+    assert migrations(d) == [{"to": "n2", "max_bandwidth": 5000000, "postcopy": True, "downtime_limit": 300}]
     assert agent(e, "validate-all", OCF_RESKEY_migrate_options="--to evil").returncode == 6
