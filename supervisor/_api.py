@@ -58,6 +58,7 @@ of; the route is also registered with Starlette so the routing table stays compl
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import hmac
 import json
 import os
@@ -680,14 +681,26 @@ async def _internal(request: Request, exc: Exception) -> Response:
 _KNOWN_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """Per listener: requests served at once, and live event followers (the config's ``http_max_*``)."""
+
+    max_requests: int = 256
+    max_followers: int = 64
+
+
 class _Outer:
     """Outermost ASGI layer: bearer auth (TCP only), access log + metrics, and a last-resort 500."""
 
-    def __init__(self, app, metrics: Metrics, token: str | None, *, events: bool = True):
+    def __init__(self, app, metrics: Metrics, token: str | None, *, events: bool = True,
+                 limits: HttpLimits | None = None):
         self.app = app
         self.metrics = metrics
         self.token = token.encode() if token else None
         self.events = events  # serve GET /v1/events (the fast path)
+        self.limits = limits or HttpLimits()
+        self.active = 0  # requests being served now
+        self.followers = 0  # of which live event streams
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -701,8 +714,12 @@ class _Outer:
                 status[1] = time.perf_counter() - t0
             await send(message)
 
+        self.active += 1
         try:
-            if self.token is not None and not self._authorized(scope):
+            if self.active > self.limits.max_requests:
+                await error_response(503, f"over {self.limits.max_requests} requests at once; retry", None,
+                                     "busy", {"retry-after": "1"})(scope, receive, send_)
+            elif self.token is not None and not self._authorized(scope):
                 await error_response(401, "missing or wrong bearer token", None, "unauthorized",
                                      {"www-authenticate": "Bearer"})(scope, receive, send_)
             elif self.events and scope.get("path") == "/v1/events" and scope.get("method") == "GET":
@@ -716,6 +733,7 @@ class _Outer:
                 await error_response(500, f"internal error: {type(e).__name__}", None, "internal")(
                     scope, receive, send_)
         finally:
+            self.active -= 1
             method = scope.get("method", "")
             method = method if method in _KNOWN_METHODS else "other"
             route = scope.get("route")
@@ -740,9 +758,17 @@ class _Outer:
         except HttpError as e:
             await e.response()(scope, receive, send_)
             return
+        if follow and self.followers >= self.limits.max_followers:
+            await error_response(503, f"over {self.limits.max_followers} event followers; retry", None,
+                                 "busy", {"retry-after": "5"})(scope, receive, send_)
+            return
         status[0] = 200
         status[1] = time.perf_counter() - t0  # a followed stream lasts: its latency is to the headers
-        await EventStream(self.app.state, since, follow)(scope, receive, send)
+        self.followers += follow
+        try:
+            await EventStream(self.app.state, since, follow)(scope, receive, send)
+        finally:
+            self.followers -= follow
 
     def _authorized(self, scope) -> bool:
         for k, v in scope.get("headers", []):
@@ -774,7 +800,7 @@ def _default_metrics(node, events) -> Metrics:
 
 
 def create_app(node, events, metrics: Metrics | None = None, *, token: str | None = None,
-               reattached: list[str] | None = None):
+               reattached: list[str] | None = None, limits: HttpLimits | None = None):
     """The ASGI app for ``node``.  ``token`` set: every request needs ``Authorization: Bearer``.
 
     Set ``app.state.stopping = True`` when the daemon begins to shut down: health answers 503
@@ -782,7 +808,7 @@ def create_app(node, events, metrics: Metrics | None = None, *, token: str | Non
     """
     metrics = metrics or _default_metrics(node, events)
     app = _starlette(ROUTES, node, events, metrics, reattached, openapi(authenticated=token is not None))
-    outer = _Outer(app, metrics, token)
+    outer = _Outer(app, metrics, token, limits=limits)
     outer.state = app.state  # so callers can update e.g. reattached, stopping
     return outer
 

@@ -149,6 +149,13 @@ class Config(BaseModel):
     allow_root_postcopy: bool = False
     #: seconds a guest gets to honour system_powerdown before ``quit``.
     powerdown_timeout: float = Field(default=30.0, ge=0, le=3600)
+    #: HTTP: seconds a client has to send a request's complete header (and to sit idle between
+    #: requests); a slow body gets 408 after the same time
+    http_header_timeout: float = Field(default=30.0, gt=0, le=3600)
+    #: HTTP: requests served at once per listener (event followers included); more get 503
+    http_max_requests: int = Field(default=256, ge=1, le=100_000)
+    #: HTTP: live ``events --follow`` streams per listener; more get 503
+    http_max_followers: int = Field(default=64, ge=1, le=10_000)
     hook_timeout: float = Field(default=10.0, gt=0, le=3600)
     event_retention: int = Field(default=100_000, ge=100)
     #: seconds a prepared migration destination waits for the source to connect.

@@ -29,6 +29,7 @@ the API stops first, so no request starts something during shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -42,7 +43,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from ._api import create_app, create_metrics_app
+from ._api import HttpLimits, create_app, create_metrics_app
 from ._config import Config
 from ._metrics import Metrics
 from ._records import Layout, ensure_dir
@@ -200,7 +201,7 @@ def _hypercorn_config(tls: TlsFiles | None):
     return hc
 
 
-async def _serve_http(app, sock: socket.socket, *, tls: TlsFiles | None = None,
+async def _serve_http(app, sock: socket.socket, header_timeout: float, *, tls: TlsFiles | None = None,
                       task_status=trio.TASK_STATUS_IGNORED) -> None:
     """hypercorn's trio worker on a socket we bound ourselves (``fd://``: it takes the fd over)."""
     from hypercorn.trio import serve
@@ -210,7 +211,10 @@ async def _serve_http(app, sock: socket.socket, *, tls: TlsFiles | None = None,
     hc.accesslog = None
     hc.errorlog = None  # our own middleware logs
     hc.graceful_timeout = 1.0
-    hc.keep_alive_timeout = 75
+    # hypercorn's idle timer runs until a request's header is complete: a client that
+    # trickles its header (slowloris) is cut off after it.  (Not ``read_timeout``: that also
+    # cuts an ``events --follow`` client, which rightly sends nothing for hours.)
+    hc.keep_alive_timeout = header_timeout
     await serve(app, hc, task_status=task_status, mode="asgi")
 
 
@@ -250,32 +254,39 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with node.running():
                 t0 = time.perf_counter()
-                reattach = getattr(node, "reattach", None)
-                reattached = list(await reattach()) if reattach is not None else []
+                reattached = await node.reattach()
                 reattach_ms = round((time.perf_counter() - t0) * 1000, 1)
                 log.info("reattached", instances=reattached, ms=reattach_ms)
-                app = create_app(node, events, metrics, reattached=reattached)
+                limits = HttpLimits(cfg.http_max_requests, cfg.http_max_followers)
+                app = create_app(node, events, metrics, reattached=reattached, limits=limits)
                 async with trio.open_nursery() as http:
-                    await http.start(_serve_http, app, socks[0])
+                    apps = [app]
+                    await http.start(_serve_http, app, socks[0], cfg.http_header_timeout)
                     if tcp is not None:
-                        tcp_app = create_app(node, events, metrics, token=token, reattached=reattached)
+                        tcp_app = create_app(node, events, metrics, token=token, reattached=reattached,
+                                             limits=limits)
                         if cfg.tls is not None:
                             tcp_app = PeerAuth(tcp_app, token)
-                        await http.start(functools.partial(_serve_http, tls=cfg.tls), tcp_app, tcp)
+                        apps.append(tcp_app)
+                        await http.start(functools.partial(_serve_http, tls=cfg.tls), tcp_app, tcp,
+                                         cfg.http_header_timeout)
                     if metrics_sock is not None:
-                        await http.start(_serve_http, create_metrics_app(node, events, metrics,
-                                                                         reattached=reattached), metrics_sock)
+                        metrics_app = create_metrics_app(node, events, metrics, reattached=reattached)
+                        apps.append(metrics_app)
+                        await http.start(_serve_http, metrics_app, metrics_sock, cfg.http_header_timeout)
                     socks.clear()  # hypercorn owns them now
                     events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached,
                                 reattach_ms=reattach_ms)
                     sd_notify("READY=1\nSTATUS=serving")
-                    log.info("ready", socket=str(cfg.socket), listen=cfg.listen,
-                             metrics_listen=cfg.metrics_listen)
+                    log.info("ready", socket=str(cfg.socket), listen=cfg.listen, tls=cfg.tls is not None,
+                             peers=sorted(cfg.peers), metrics_listen=cfg.metrics_listen)
                     task_status.started()
                     async for sig in signals:
                         log.info("signal", signal=signal.Signals(sig).name, on_shutdown=cfg.on_shutdown)
                         break
                     sd_notify("STOPPING=1")
+                    for a in apps:  # until the listeners close: health 503, nothing new started
+                        a.state.stopping = True
                     events.emit("daemon.stopping", on_shutdown=cfg.on_shutdown)
                     http.cancel_scope.cancel()  # no new requests (and end every event stream)
                 if cfg.on_shutdown == "stop":
@@ -287,19 +298,11 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         for s in socks:
             s.close()
         if bound:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(cfg.socket)
         if events is not None:
             events.close()
         os.close(lock_fd)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def main(cfg: Config) -> int:

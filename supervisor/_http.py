@@ -20,6 +20,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import trio
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -30,13 +31,15 @@ from ._migration import MigrationError
 from ._node import Conflict, NotFound
 from ._spec import NAME_RE, SpecError, _loc, _message, valid_name
 
+#: seconds a client has to send a body (at most MAX_BODY bytes): a trickled body can't hold a handler
+BODY_TIMEOUT = 30.0
 MAX_BODY = 64 * 1024
 MAX_SEQ = 2**63 - 1
 NDJSON = "application/x-ndjson"
 
 #: the ``code`` of an error answer when the raiser gave none
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                409: "conflict", 413: "too_large", 422: "invalid_spec", 500: "internal",
+                408: "timeout", 409: "conflict", 413: "too_large", 422: "invalid_spec", 500: "internal",
                 503: "unavailable"}
 
 
@@ -146,12 +149,15 @@ async def read_json(request: Request, *, required: bool = True) -> object | None
             raise HttpError(413, f"request body over {MAX_BODY} bytes")
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise HttpError(413, f"request body over {MAX_BODY} bytes")
+        with trio.fail_after(BODY_TIMEOUT):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise HttpError(413, f"request body over {MAX_BODY} bytes")
     except ClientDisconnect:
         raise HttpError(400, "client disconnected while sending the body") from None
+    except trio.TooSlowError:
+        raise HttpError(408, f"request body not received within {BODY_TIMEOUT:g}s") from None
     if not body:
         if required:
             raise HttpError(400, "a JSON request body is required")
@@ -290,7 +296,8 @@ _ERROR_TEXT = {
     409: "Conflict: the name is taken, or the migration was refused",
     413: "Request body over 64 KiB",
     422: "Invalid (the field is named), or the start failed and was rolled back (code start_failed)",
-    503: "The daemon is shutting down",
+    503: "The daemon is shutting down (code unavailable), or over http_max_requests / http_max_followers "
+         "(code busy, with Retry-After)",
 }
 
 
