@@ -150,7 +150,7 @@ class Config(BaseModel):
     #: seconds a guest gets to honour system_powerdown before ``quit``.
     powerdown_timeout: float = Field(default=30.0, ge=0, le=3600)
     #: HTTP: seconds a client has to send a request's complete header (and to sit idle between
-    #: requests); a slow body gets 408 after the same time
+    #: requests); a body must arrive within 30 s (408)
     http_header_timeout: float = Field(default=30.0, gt=0, le=3600)
     #: HTTP: requests served at once per listener (event followers included); more get 503
     http_max_requests: int = Field(default=256, ge=1, le=100_000)
