@@ -6,6 +6,7 @@ Certificates are made at test time (contrib/make-test-ca, openssl) into tmp_path
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 import signal
@@ -97,6 +98,10 @@ def test_node_files_must_load_and_name_the_node(pki, rogue):
 
 # -- the HTTPS listener and PeerClient -----------------------------------------------------------
 
+#: _serve_http's other knobs (header_timeout, from the HTTP limits work) when it has them
+_SERVE_KW = {"header_timeout": 30.0} if "header_timeout" in inspect.signature(_serve_http).parameters else {}
+
+
 def _listener():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -120,7 +125,8 @@ def _serve_b(tmp_path, pki, body):
 
             sock, port = _listener()
             async with trio.open_nursery() as n:
-                await n.start(functools.partial(_serve_http, tls=files(pki, "b")), PeerAuth(spy, TOKEN), sock)
+                await n.start(functools.partial(_serve_http, tls=files(pki, "b"), **_SERVE_KW), PeerAuth(spy, TOKEN),
+                              sock)
                 try:
                     await body(port, seen)
                 finally:
