@@ -642,7 +642,7 @@ class Instance:
         nursery.start_soon(self._forward_events)
         nursery.start_soon(self._serve_stop)
         if isinstance(self.migration, IncomingMigration) and not self.migration.activated:
-            nursery.start_soon(self._incoming_watchdog)
+            nursery.start_soon(self._incoming_watchdog, self.migration)
         if self._recovery is not None:  # adopted mid-migration
             nursery.start_soon(self._recovery, self.migration)
         await self.proc.wait()
@@ -753,7 +753,7 @@ class Instance:
         self.panic = None
         self.emit("guest.restarted", reason="panic")
 
-    async def _incoming_watchdog(self) -> None:
+    async def _incoming_watchdog(self, m: IncomingMigration) -> None:
         """Tear down a prepared destination that nobody ever migrates to.
 
         If the source (or its daemon) goes away between ``prepare`` and
@@ -762,8 +762,8 @@ class Instance:
         """
         timeout = self.ctx.cfg.incoming_timeout
         await trio.sleep(timeout)
-        m = self.migration
-        if m.status == "setup" and not m.activated:
+        # ``m``, not ``self.migration``: by now the guest may be on its next migration, outgoing
+        if self.migration is m and m.status == "setup" and not m.activated:
             self.emit("migration.incoming_timeout", after_s=timeout)
             self.exit(ExitCause.INCOMING_ABORTED, f"no source connected within {timeout:g}s")
             self.proc.signal(signal.SIGKILL)

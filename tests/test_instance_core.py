@@ -485,3 +485,33 @@ def test_an_incoming_whose_qemu_died_while_the_daemon_was_down_ends_failed(tmp_p
     run(first)
     run(second)
     assert a.state_left() == [] and b.state_left() == []
+
+
+def test_the_incoming_watchdog_never_touches_the_next_migration(tmp_path):
+    """Found by the evacuation bench: the watchdog outlived the activation and, firing while the
+    guest's next (outgoing) migration was still in ``setup``, read it as an incoming one:
+    internal error, guest killed."""
+    fake_knobs(tmp_path, migrate_seconds=0.5)
+    a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b", incoming_timeout=4)
+
+    async def main():
+        async with a.running(), b.running(api=True), trio.open_nursery() as n:
+            hang = trio.socket.socket(trio.socket.AF_UNIX)
+            await hang.bind(str(tmp_path / "hang.sock"))
+            hang.listen(4)  # a destination that accepts and never answers: the next migration stays in setup
+            inst = await a.node.start(spec(tmp_path))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            with trio.fail_after(20):
+                await inst.done.wait()
+            moved = b.node.instances["vm"]
+            assert moved.state == State.RUNNING
+            await b.node.migrate("vm", MigrateOptions(to=str(tmp_path / "hang.sock")))
+            await trio.sleep(5)  # past the watchdog's 4 s, with the outgoing migration in setup
+            assert moved.migration.status == "setup" and moved.state == State.MIGRATING
+            assert "instance.internal_error" not in b.types() and moved.proc.alive
+            await moved.stop(force=True)
+            hang.close()
+            n.cancel_scope.cancel()
+
+    run(main)
+    assert a.state_left() == [] and b.state_left() == []
