@@ -251,6 +251,10 @@ def test_qemu_creds_dir_has_qemus_names_and_is_private(tmp_path, pki):
         assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == os.getgid()
     assert (d / "server-key.pem").read_bytes() == (pki / "a-key.pem").read_bytes()
     assert (d / "ca-cert.pem").read_bytes() == (pki / "ca.pem").read_bytes()
+    # fixed DH parameters: without them QEMU generates 2048-bit ones at object-add (seconds)
+    dh = subprocess.run(["openssl", "dhparam", "-in", str(d / "dh-params.pem"), "-noout", "-text"],
+                        capture_output=True, text=True, check=True).stdout
+    assert "ffdhe2048" in dh
 
 
 class _Qmp:
