@@ -82,39 +82,51 @@ OPTIONS = {"node-action-limit": "16", "load-threshold": "2000%"}
 #: raised past the benchmark's length.
 QSUP_CONFIG = "incoming_timeout = 3600\n"
 
-#: runs in a node's network namespace: guest /32s of the main table, transitions "t ip 1|0"
+#: runs in a node's network namespace: guest /32s of the main table.  Each read of
+#: /proc/net/route is one snapshot taken inside [ta, tb] (clock read before and after it); a
+#: transition seen in read k happened after the previous snapshot, so inside (ta of read
+#: k-1, tb of read k]: lines "ta_prev tb ip 1|0".  Both bounds are kept, so a descheduled
+#: sampler widens the uncertainty instead of inventing (or hiding) an overlap.
 SAMPLER = r"""
-import signal, sys, time
+import os, signal, sys, time
 out, prefix = sys.argv[1], sys.argv[2]
 run = [True]
 signal.signal(signal.SIGTERM, lambda *_: run.__setitem__(0, False))
+fd = os.open("/proc/net/route", os.O_RDONLY)
 def ips():
+    os.lseek(fd, 0, 0)
+    data = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
     s = set()
-    with open("/proc/net/route") as f:
-        next(f)
-        for line in f:
-            p = line.split()
-            if p[7] == "FFFFFFFF":
-                h = p[1]
-                ip = ".".join(str(int(h[i:i + 2], 16)) for i in (6, 4, 2, 0))
-                if ip.startswith(prefix):
-                    s.add(ip)
+    for line in data.decode().splitlines()[1:]:
+        p = line.split()
+        if p[7] == "FFFFFFFF":
+            h = p[1]
+            ip = ".".join(str(int(h[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            if ip.startswith(prefix):
+                s.add(ip)
     return s
-last, n = set(), 0
+last, n, ta_prev = set(), 0, time.time()
 with open(out, "w") as f:
     print("ready", flush=True)
     while run[0]:
-        now, cur = time.time(), ips()
+        ta = time.time()
+        cur = ips()
+        tb = time.time()
         n += 1
         for ip in cur - last:
-            f.write(f"{now:.6f} {ip} 1\n")
+            f.write(f"{ta_prev:.6f} {tb:.6f} {ip} 1\n")
         for ip in last - cur:
-            f.write(f"{now:.6f} {ip} 0\n")
+            f.write(f"{ta_prev:.6f} {tb:.6f} {ip} 0\n")
         if cur != last:
             f.flush()
-        last = cur
+        last, ta_prev = cur, ta
         time.sleep(0.002)
-    f.write(f"{time.time():.6f} end {n}\n")
+    f.write(f"{time.time():.6f} {time.time():.6f} end {n}\n")
 """
 
 
@@ -191,19 +203,23 @@ class Samplers:
             p.stdout.close()
             rows = []
             for line in out.read_text().splitlines() if out.exists() else []:
-                t, ip, v = line.split()
+                lo, hi, ip, v = line.split()
                 if ip != "end":
-                    rows.append((float(t), ip, int(v)))
+                    rows.append((float(lo), float(hi), ip, int(v)))
             res[name] = rows
         return res
 
 
-def overlap_max_ms(samples: dict[str, list[tuple[float, str, int]]], t_end: float) -> tuple[float, int]:
-    """The longest continuous time any /32 was present on two or more nodes; and how many
-    /32s were ever on two nodes at once."""
+def overlap_max_ms(samples: dict[str, list[tuple[float, float, str, int]]], t_end: float,
+                   certain: bool = True) -> tuple[float, int]:
+    """The longest continuous time any /32 was present on two or more nodes, and how many
+    /32s were.  ``certain``: each node's presence taken as short as the sampling allows
+    (acquired at the latest bound, released at the earliest): an overlap found is real.
+    Otherwise as long as it allows: the most overlap the samples cannot exclude."""
     by_ip: dict[str, list[tuple[float, int]]] = {}
     for rows in samples.values():
-        for t, ip, v in rows:
+        for lo, hi, ip, v in rows:
+            t = (hi if v else lo) if certain else (lo if v else hi)
             by_ip.setdefault(ip, []).append((t, 1 if v else -1))
     worst, ips = 0.0, 0
     for changes in by_ip.values():
@@ -374,6 +390,18 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
         if counts["lost"] > budget:
             over.append(name)
     ov_ms, ov_ips = overlap_max_ms(samples, t_settled)
+    ov_possible_ms, _ = overlap_max_ms(samples, t_settled, certain=False)
+    uncertainty = sorted((hi - lo) * 1000 for rows in samples.values() for lo, hi, _, _ in rows)
+    # the same from both daemons' events (one host clock): the destination's L3 went in at its
+    # completed event's QEMU time + event_to_l3_ms; the source's release is no later than its
+    # migration.switchover event.  Positive = the most the two could have overlapped.
+    ev_overlap = []
+    sw = {e["instance"]: e["ts"] for e in ev_src if e["type"] == "migration.switchover"}
+    for n in c.nodes[1:]:
+        for e in events(n, seqs[n.name]):
+            if e.get("type") == "migration.activated" and e.get("instance") in sw and e.get("qmp_ts"):
+                l3 = e["qmp_ts"] + (e.get("event_to_l3_ms") or 0) / 1000
+                ev_overlap.append((sw[e["instance"]] - l3) * 1000)
     lk = leaks(src)
     n_samples = sum(len(v) for v in samples.values())
     wall = (max(deleted) - t0) if len(deleted) == len(names) else (t_settled - t0)
@@ -382,6 +410,11 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
         "migrated": len(migrated), "restarted": len(restarted),
         "not_migrated": sorted(set(names) - set(migrated)),
         "overlap_max_ms": round(ov_ms, 3), "overlap_ips": ov_ips, "route_transitions": n_samples,
+        "overlap_possible_max_ms": round(ov_possible_ms, 3),
+        "sample_uncertainty_p50_ms": _r(percentile(uncertainty, 50)),
+        "sample_uncertainty_max_ms": _r(max(uncertainty) if uncertainty else None),
+        "overlap_by_events_max_ms": round(max(0.0, max(ev_overlap)), 3) if ev_overlap else None,
+        "release_before_l3_min_ms": round(-max(ev_overlap), 3) if ev_overlap else None,
         "ping_over_budget": len(over), "ping": ping_out,
         "leaks": sum(len(v) for v in lk.values()), "leaks_detail": lk,
         "migration_p50_ms": _r(percentile(mig_ms, 50)), "migration_p99_ms": _r(percentile(mig_ms, 99)),
@@ -495,7 +528,9 @@ def main() -> None:
         out = {
             "bench": "evacuation", "nodes": args.nodes, "remote_nodes": 0, "guests": len(gs),
             "tiny_guests": args.tiny, "real_guests": args.real, "migration_limit": args.limit,
-            **{k: head[k] for k in ("migrated", "restarted", "overlap_max_ms", "ping_over_budget", "leaks",
+            **{k: head[k] for k in ("migrated", "restarted", "overlap_max_ms", "overlap_possible_max_ms",
+                                    "overlap_by_events_max_ms", "release_before_l3_min_ms",
+                                    "sample_uncertainty_p50_ms", "ping_over_budget", "leaks",
                                     "wall_s", "migration_p50_ms", "migration_p99_ms", "cycle_p50_ms",
                                     "cycle_p99_ms", "max_in_flight")},
             "single_cycle_p50_ms": single,
@@ -507,6 +542,9 @@ def main() -> None:
             "all_runs_migrated": {str(k): v["migrated"] for k, v in runs.items()},
             "all_runs_restarted": {str(k): v["restarted"] for k, v in runs.items()},
             "all_runs_overlap_max_ms": {str(k): v["overlap_max_ms"] for k, v in runs.items()},
+            "all_runs_overlap_possible_max_ms": {str(k): v["overlap_possible_max_ms"] for k, v in runs.items()},
+            "all_runs_overlap_by_events_max_ms": {str(k): v["overlap_by_events_max_ms"] for k, v in runs.items()},
+            "all_runs_sample_uncertainty_max_ms": {str(k): v["sample_uncertainty_max_ms"] for k, v in runs.items()},
             "all_runs_ping_over_budget": {str(k): v["ping_over_budget"] for k, v in runs.items()},
             "all_runs_leaks": {str(k): v["leaks"] for k, v in runs.items()},
             "crm_simulate": sim,
