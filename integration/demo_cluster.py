@@ -16,6 +16,7 @@ every guest was live-migrated, overlap is 0, ping loss within budget and node1 l
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import threading
@@ -93,6 +94,8 @@ def main() -> int:
             left = c.close()
             print("clean" if not left else f"LEFT: {left}")
             ok = ok and not left
+            if not left:
+                shutil.rmtree(work, ignore_errors=True)
     print("\nOK" if ok else "\nFAILED")
     return 0 if ok else 1
 
