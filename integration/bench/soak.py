@@ -351,7 +351,11 @@ def last_seq(d) -> int:
 
 def evidence(w: dict, daemons: dict, seq0: dict, src: str) -> dict:
     """Route transitions (both samplers, CLOCK_REALTIME) and both nodes' migration/netconf events
-    of this migration, so an overlap or a long gap can be told from a late sampler afterwards."""
+    of this migration, so an overlap or a long gap can be told from a late sampler afterwards.
+
+    ``src`` is the node the migration left; ``src_routes`` its sampler, ``dst_routes`` the other's.
+    The source emits ``migration.switchover`` after its L3 release returned (``_migration.py``),
+    so a source sampler that reports the release after that event's ``ts`` was late."""
     evs = {}
     for n, d in daemons.items():
         with Client(d.socket) as c:
@@ -450,6 +454,7 @@ def main() -> int:
         print(f"soak: {args.migrations} migrations, event_retention={RETENTION}, work dir {work}", flush=True)
         for i in range(1, args.migrations + 1):
             other = "b" if holder == "a" else "a"
+            src_node = holder
             src, dst = daemons[holder], daemons[other]
             tw = time.monotonic()
             seq0 = {n: last_seq(d) for n, d in daemons.items()}
@@ -476,7 +481,7 @@ def main() -> int:
                    "zombies": zombies({a.pid, b.pid}),
                    "a": node_sample(a), "b": node_sample(b), "wall_s": round(time.monotonic() - tw, 2)}
             if row["overlap_ms"] or row["gap_ms"] > down + 20:  # keep what explains it (files are reused)
-                row["evidence"] = evidence(w, daemons, seq0, holder if ok else other)
+                row["evidence"] = evidence(w, daemons, seq0, src_node)
             rows.append(row)
             print(f"#{i:<3} {'A->B' if other == 'b' else 'B->A'} {'ok' if ok else 'FAILED'} total {row['total_ms']} "
                   f"ms down {row['downtime_ms']} ms | lost {row['lost']}/{row['sent']} overlap {row['overlap_ms']} | "
