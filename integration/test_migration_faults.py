@@ -169,7 +169,7 @@ def assert_only_on(t, here: QsupDaemon, here_ns, there: QsupDaemon, there_ns, na
 
 
 def migrate_detached(src: QsupDaemon, dst: QsupDaemon, name: str, *extra: str) -> None:
-    src.cli("migrate", name, "--to", str(dst.socket), "--json", "--detach", *extra)
+    src.cli("migrate", name, "--to", dst.node_name, "--json", "--detach", *extra)
 
 
 def incoming_pid(dst: QsupDaemon, name: str, seen: set[int], states=("migrating",)) -> int:

@@ -69,12 +69,14 @@ def test_tcp_uris_parse():
 
 
 @pytest.mark.parametrize("body, what", [
-    ({"name": "vm"}, "uri"),
-    ({"name": "vm", "uri": "exec:sh -c id"}, "uri"),
-    ({"name": "vm", "uri": 4444}, "uri"),
+    ({"name": "vm"}, "port"),
+    ({"name": "vm", "port": "4444"}, "port"),
+    ({"name": "vm", "port": 0}, "port"),
+    ({"name": "vm", "port": 70000}, "port"),
+    ({"name": "vm", "port": True}, "port"),
     ([], "body"),
     (None, "body"),
-    ({"uri": "tcp:10.0.0.2:4444"}, "name"),
+    ({"port": 4444}, "name"),
 ])
 def test_invalid_prepare_answers_are_a_migration_error_naming_the_part(body, what):
     with pytest.raises(MigrationError) as e:
@@ -89,3 +91,9 @@ def test_peer_view_ignores_extra_fields_but_checks_types():
     with pytest.raises(MigrationError):
         _peer_answer(PeerView, {"name": "vm", "state": "running",
                                 "migration": {"activation": {"qmp_ts": "soon"}}}, "view")
+
+
+def test_a_peer_cannot_supply_a_uri_scheme():
+    """An ``exec:`` (or any) ``uri`` in the answer is ignored: the source builds tcp:ADDR:PORT itself."""
+    a = _peer_answer(PrepareAnswer, {"name": "vm", "port": 4444, "uri": "exec:touch /tmp/pwned"}, "answer")
+    assert a.port == 4444 and not hasattr(a, "uri")

@@ -30,9 +30,3 @@ def test_argv_shape(tmp_path):
     assert argv[argv.index("-initrd") + 1] == "/proc/self/fd/14"
     assert argv[argv.index("-sandbox") + 1] == SANDBOX and "-runas" not in argv
     assert "pvpanic-pci" in argv and argv[argv.index("-action") + 1] == "panic=pause"
-
-
-def test_disk_path_commas_are_escaped(tmp_path):
-    argv = _argv(tmp_path, disk="/srv/a,b.qcow2")
-    drive = argv[argv.index("-drive") + 1]
-    assert drive.startswith("file=/srv/a,,b.qcow2,if=virtio,format=qcow2")
