@@ -383,11 +383,22 @@ def live_qemu_pids(daemons: list[QsupDaemon]) -> set[int]:
     return pids
 
 
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, a process's identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
 def close_nodes(t: TwoNodes, pids: set[int] = frozenset()) -> list[int]:
     """TwoNodes.close(), then SIGKILL (by pid) the QEMUs in ``pids`` + those the daemons report.
 
-    A pid is killed only while its command line still names this topology's work dir
-    (a recorded pid may have been reused).  Returns the pids that would not die.
+    A pid is killed only while it is still the same process: a QEMU (``guest=`` in its
+    command line) with the start time it had when it was collected (a recorded pid may have
+    been reused; QEMU's command line no longer names the work dir: it gets fds, not paths).
+    Returns the pids that would not die.
     """
     import os
     import signal
@@ -395,12 +406,15 @@ def close_nodes(t: TwoNodes, pids: set[int] = frozenset()) -> list[int]:
     from topo import pid_alive
 
     pids = set(pids) | live_qemu_pids(t.daemons)
+    starts = {p: _start_time(p) for p in pids}
     leaked = set(t.close())
+    starts.update({p: _start_time(p) for p in leaked if p not in starts})
+    mine = lambda p: pid_alive(p) and b"guest=" in _cmdline(p) and \
+        starts.get(p) is not None and _start_time(p) == starts[p]  # noqa: E731
     for pid in pids:
-        if str(t.workdir).encode() in _cmdline(pid) and pid_alive(pid):
+        if mine(pid):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    mine = lambda p: pid_alive(p) and str(t.workdir).encode() in _cmdline(p)  # noqa: E731
     while any(mine(p) for p in pids | leaked) and time.monotonic() < deadline:
         time.sleep(0.05)
     left = sorted(p for p in pids | leaked if mine(p))
