@@ -17,8 +17,10 @@ migration-limit in LIMITS: ``crm_attribute --node node1 --name standby --update 
   every 2 ms and records each guest /32's transitions, so the time any /32 sat on two nodes at
   once is measured (``overlap_max_ms``);
 * the client pings the real guests every 10 ms (``ping_over_budget``: guests whose loss
-  exceeded the migration benchmark's budget, ``ceil((downtime + 20) / 10)`` pings, with the
-  downtime of that guest's own migration);
+  around their own migration -- 0.5 s before ``migration.started`` to 1 s after
+  ``migration.completed`` -- exceeded the migration benchmark's budget,
+  ``ceil((max(downtime, switchover) + 20) / 10)`` pings; ``ping_over_budget_whole_run``: the
+  same budget against every ping lost during the whole evacuation);
 
 and when node1 is empty: ``migrated`` = guests now running elsewhere with the same qsup
 ``generation`` (a start makes a new one; a live migration carries it) and a
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import math
 import os
@@ -352,9 +355,10 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
         c.wait_idle(timeout=300)
         t_settled = time.time()
     finally:
-        ping = {}
+        ping, replies = {}, {}
         for name, p in pingers.items():
             ping[name] = p.stop()
+            replies[name] = [(int(m.group(2)), float(m.group(1))) for m in _REPLY_TS.finditer("".join(p._lines))]
         samples = samplers.stop()
     ev_src = [e for e in events(src, seqs[src.name]) if e.get("instance") in names]
     after = placement(c)
@@ -382,13 +386,20 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
     migrated = [n for n in names if n in after and after[n][0] != src.name
                 and after[n][1]["generation"] == before.get(n) and n in completed]
     restarted = [n for n in names if n in after and after[n][1]["generation"] != before.get(n)]
-    over, ping_out = [], {}
+    over, over_whole, ping_out = [], [], {}
     for name, counts in ping.items():
         e = completed.get(name, {})
         budget = loss_budget(max(e.get("downtime_ms") or 0, e.get("switchover_ms") or 0))
-        ping_out[name] = {"lost": counts["lost"], "budget": budget, "sent": counts["sent"]}
-        if counts["lost"] > budget:
+        # as in the migration benchmark: the pings lost around this guest's own migration
+        # (from 0.5 s before migration.started to 1 s after migration.completed on node1)
+        s0, s1 = first.get((name, "migration.started")), first.get((name, "migration.completed"))
+        lost_win = _lost_in(replies[name], s0 - 0.5, s1 + 1.0) if s0 and s1 else counts["lost"]
+        ping_out[name] = {"lost": lost_win, "lost_whole_run": counts["lost"], "budget": budget,
+                          "sent": counts["sent"]}
+        if lost_win > budget:
             over.append(name)
+        if counts["lost"] > budget:
+            over_whole.append(name)
     ov_ms, ov_ips = overlap_max_ms(samples, t_settled)
     ov_possible_ms, _ = overlap_max_ms(samples, t_settled, certain=False)
     uncertainty = sorted((hi - lo) * 1000 for rows in samples.values() for lo, hi, _, _ in rows)
@@ -415,13 +426,29 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
         "sample_uncertainty_max_ms": _r(max(uncertainty) if uncertainty else None),
         "overlap_by_events_max_ms": round(max(0.0, max(ev_overlap)), 3) if ev_overlap else None,
         "release_before_l3_min_ms": round(-max(ev_overlap), 3) if ev_overlap else None,
-        "ping_over_budget": len(over), "ping": ping_out,
+        "ping_over_budget": len(over), "ping_over_budget_whole_run": len(over_whole), "ping": ping_out,
         "leaks": sum(len(v) for v in lk.values()), "leaks_detail": lk,
         "migration_p50_ms": _r(percentile(mig_ms, 50)), "migration_p99_ms": _r(percentile(mig_ms, 99)),
         "cycle_p50_ms": _r(percentile(cycle_ms, 50)), "cycle_p99_ms": _r(percentile(cycle_ms, 99)),
         "max_in_flight": max_in_flight,
         "spread": {n.name: sum(1 for v in after.values() if v[0] == n.name) for n in c.nodes},
     }
+
+
+_REPLY_TS = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from \S+: icmp_seq=(\d+) ", re.MULTILINE)
+
+
+def _lost_in(replies: list[tuple[int, float]], t0: float, t1: float) -> int:
+    """Requests without a reply whose send time (interpolated between the replies around
+    them: ping -D stamps replies only) falls inside [t0, t1]."""
+    got = sorted(set(replies))
+    lost = 0
+    for (sa, ta), (sb, tb) in itertools.pairwise(got):
+        for seq in range(sa + 1, sb):
+            t = ta + (tb - ta) * (seq - sa) / (sb - sa)
+            if t0 <= t <= t1:
+                lost += 1
+    return lost
 
 
 def bring_back(c: Cluster, gs: list, timeout: float = 900) -> float:
@@ -530,7 +557,8 @@ def main() -> None:
             "tiny_guests": args.tiny, "real_guests": args.real, "migration_limit": args.limit,
             **{k: head[k] for k in ("migrated", "restarted", "overlap_max_ms", "overlap_possible_max_ms",
                                     "overlap_by_events_max_ms", "release_before_l3_min_ms",
-                                    "sample_uncertainty_p50_ms", "ping_over_budget", "leaks",
+                                    "sample_uncertainty_p50_ms", "ping_over_budget", "ping_over_budget_whole_run",
+                                    "leaks",
                                     "wall_s", "migration_p50_ms", "migration_p99_ms", "cycle_p50_ms",
                                     "cycle_p99_ms", "max_in_flight")},
             "single_cycle_p50_ms": single,
@@ -546,6 +574,7 @@ def main() -> None:
             "all_runs_overlap_by_events_max_ms": {str(k): v["overlap_by_events_max_ms"] for k, v in runs.items()},
             "all_runs_sample_uncertainty_max_ms": {str(k): v["sample_uncertainty_max_ms"] for k, v in runs.items()},
             "all_runs_ping_over_budget": {str(k): v["ping_over_budget"] for k, v in runs.items()},
+            "all_runs_ping_over_budget_whole_run": {str(k): v["ping_over_budget_whole_run"] for k, v in runs.items()},
             "all_runs_leaks": {str(k): v["leaks"] for k, v in runs.items()},
             "crm_simulate": sim,
             "setup": c.timings,
