@@ -66,16 +66,11 @@ class ClientTlsError(ValueError):
 
 
 def _is_loopback_url(url: str) -> bool:
-    import ipaddress
     from urllib.parse import urlsplit
 
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from ._addr import is_loopback_host
+
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 class Client:

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._addr import is_loopback_host
 from ._limits import ImageDirs
 from ._spec import ACCEL_RE, SpecError, _loc, _message
 from ._tls import TlsFiles
@@ -103,13 +104,7 @@ class Peer(BaseModel):
 
 
 def _is_loopback_listen(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(listen.rpartition(":")[0])
 
 
 class Config(BaseModel):
