@@ -70,21 +70,11 @@ SETTLE_S = 20.0
 #: the throttle of a migration that must still be running when it is cancelled
 SLOW_BANDWIDTH = 100  # bytes/s: ~1 page per 100 ms slot, >10 min for 32 MiB of zero pages
 
-#: KNOWN DEFECT (found by this test; the fix belongs in supervisor/_instance.py launch_adopt):
-#: a prepared migration destination whose QEMU exited while its daemon was down (the source
-#: cancelled, or the QEMU was killed) ends ``crashed`` ("qemu died while qsup was down") at
-#: the daemon's restart; with the daemon up the same exit ends ``failed`` (incoming aborted),
-#: which is what DESIGN.md requires.  The random test accepts "crashed" there for now;
-#: test_destination_daemon_down_mid_migration (strict, xfail) shows the defect.  Once fixed,
-#: that test XPASSes (strict) and this becomes "failed".
-INCOMING_DIED_UNWATCHED = "crashed"
-#: KNOWN DEFECT (found by this test; the fix belongs in supervisor/_migration.py, where
-#: ``migrate-set-parameters`` is sent only for the options given): QEMU keeps migration
-#: parameters for its whole life, so a migration requested without ``max_bandwidth`` after
-#: one with it (cancelled, failed) runs at the old limit -- here 100 B/s, i.e. never ends.
-#: The random test passes an explicit bandwidth for such a QEMU for now;
-#: test_unthrottled_migration_after_a_throttled_one (xfail, strict) shows the defect.
-THROTTLE_STICKS = True
+#: Defects this test found, fixed in dbb5ffa; each keeps its explicit regression test below:
+#: * a prepared destination whose QEMU exited while its daemon was down ended ``crashed`` at
+#:   the restart instead of ``failed`` (test_destination_daemon_down_mid_migration);
+#: * a migration without ``max_bandwidth`` ran at a cancelled one's throttle, which QEMU
+#:   keeps for its whole life (test_unthrottled_migration_after_a_throttled_one).
 
 NAMES = ("g0", "g1", "g2")
 NODES = ("a", "b")
@@ -117,7 +107,7 @@ class Live:
     qemu_dead: bool = False  # SIGKILLed while its daemon was down: noticed at the restart
     mig: str | None = None  # an outgoing migration to this node is in flight (throttled)
     mig_over: bool = False  # ... and ended in QEMU while this daemon was down: settled at its restart
-    throttled: bool = False  # this QEMU ran a throttled migration (see THROTTLE_STICKS)
+    throttled: bool = False  # this QEMU ran a throttled migration (a later one must not inherit it)
 
 
 @dataclass
@@ -134,9 +124,6 @@ class Machine(RuleBasedStateMachine):
 
     workdir_base: Path | None = None
     _count = 0
-    #: False: the model tolerates the known defects (``INCOMING_DIED_UNWATCHED``) so that the
-    #: random test keeps finding new ones; their regression tests run strict
-    strict = False
 
     def __init__(self):
         super().__init__()
@@ -298,15 +285,13 @@ class Machine(RuleBasedStateMachine):
         for name, inc in list(self.incoming.items()):
             if inc.node == n and inc.qemu_dead:
                 del self.incoming[name]
-                self.last[n][name] = "failed" if self.strict else INCOMING_DIED_UNWATCHED
+                self.last[n][name] = "failed"
 
     def do_migrate(self, name: str) -> None:
         src = self.live[name].node
         dst = other(src)
-        body = {"to": self.nodes.migration_target(dst)}
-        if self.live[name].throttled and THROTTLE_STICKS and not self.strict:
-            body["max_bandwidth"] = 1 << 30  # work around the known defect (THROTTLE_STICKS)
-        self.log(f"migrate {name} {src} -> {dst}" + (" (explicit max_bandwidth)" if "max_bandwidth" in body else ""))
+        body = {"to": self.nodes.migration_target(dst)}  # no max_bandwidth: QEMU's default, whatever ran before
+        self.log(f"migrate {name} {src} -> {dst}" + (" (after a throttled one)" if self.live[name].throttled else ""))
         self.node(src).call("POST", f"/v1/instances/{name}/migrate", json=body, ok=(202,))
         v = self.wait_view(src, name, lambda v: v["state"] in ("stopped", "crashed", "failed") or
                            (v.get("migration") or {}).get("result"), "finished migrating", timeout=30)
@@ -570,21 +555,14 @@ def test_in_flight_migration_steps(machine):
     m.check()
 
 
-@pytest.mark.parametrize("strict", [
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="known defect: an incoming instance whose QEMU died while its daemon was down "
-                            "ends 'crashed' at the restart, not 'failed' (see INCOMING_DIED_UNWATCHED)")),
-    pytest.param(False, id="tolerating-the-known-defect"),
-])
-def test_destination_daemon_down_mid_migration(machine, strict):
+def test_destination_daemon_down_mid_migration(machine):
     """The destination's daemon is dead while the migration ends (cancelled, then the
-    destination's QEMU killed); at its restart the incoming instances end ``failed``.
+    destination's QEMU killed); at its restart the incoming instances end ``failed``
+    (incoming aborted), not ``crashed``, nothing is left on b, and b takes a migration again.
 
-    Strict, it fails today (xfail) at the restart; tolerating the known defect, the rest
-    must hold: nothing left on b, and b takes a migration again.
+    Found by the random test: both ended ``crashed`` before dbb5ffa.
     """
     m = machine
-    m.strict = strict
     m.do_start("a", "g0")
     m.do_start("a", "g1")
     m.do_migrate_slow("g0")
@@ -601,14 +579,15 @@ def test_destination_daemon_down_mid_migration(machine, strict):
     m.check()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: QEMU keeps max-bandwidth from the cancelled throttled "
-                                       "migration; qsup doesn't reset it (see THROTTLE_STICKS)")
 def test_unthrottled_migration_after_a_throttled_one(machine):
-    """A migration without ``max_bandwidth`` must not inherit the previous migration's limit."""
+    """A migration without ``max_bandwidth`` must not inherit the previous migration's limit.
+
+    Found by the random test: QEMU keeps migration parameters for its life, and before
+    dbb5ffa qsup set ``max-bandwidth`` only when given, so this migration ran at 100 B/s.
+    """
     m = machine
-    m.strict = True
     m.do_start("a", "g0")
     m.do_migrate_cancel("g0")
     m.check()
-    m.do_migrate("g0")  # today: still at 100 B/s after 60 s
+    m.do_migrate("g0")  # must complete at full speed
     m.check()
