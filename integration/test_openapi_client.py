@@ -106,8 +106,12 @@ def test_generated_client_round_trip(live, generated):
         assert isinstance(listed, models.InstanceList)
         assert [(i.name, i.state) for i in listed.instances] == [("gen1", models.InstanceViewState.RUNNING)]
 
-        # errors parse too: a duplicate is a 409 Error naming the field; an unknown name a 404
-        dup = api.create_instance.sync_detailed(client=c, body=models.KernelBootSpec.from_dict(spec))
+        # create-or-start: the same spec again is the running instance (200), not a second one
+        same = api.create_instance.sync_detailed(client=c, body=models.KernelBootSpec.from_dict(spec))
+        assert same.status_code == 200 and same.parsed.generation == created.parsed.generation
+        # errors parse too: the name with another spec is a 409 Error naming the field; an unknown name a 404
+        dup = api.create_instance.sync_detailed(
+            client=c, body=models.KernelBootSpec.from_dict({**spec, "memory": spec["memory"] + 16}))
         assert dup.status_code == 409 and isinstance(dup.parsed, models.Error)
         assert dup.parsed.field == "name" and dup.parsed.code == models.ErrorCode.CONFLICT
         missing = api.show_instance.sync_detailed("nope", client=c)

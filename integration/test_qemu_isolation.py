@@ -3,6 +3,8 @@ environment, and needs no path on the host (taps, monitors, console, kernel, ini
 
 from __future__ import annotations
 
+import time
+
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
 
 DAEMON_ONLY_VAR = "QSUP_TEST_SECRET"
@@ -37,6 +39,10 @@ def test_every_qemu_has_its_own_uid_and_the_sandbox(node, daemon_factory, monkey
         uids.append(real)
     assert len(set(uids)) == 2, uids
     # the console log still fills, via qsup (QEMU can't reach the state dir)
-    assert "GUEST-READY" in dm.cli("console", "iso0", "--no-follow", "--lines", "200").stdout
+    deadline = time.monotonic() + 30  # the guest prints it a moment after the start returned
+    while "GUEST-READY" not in (out := dm.cli("console", "iso0", "--no-follow", "--lines", "200").stdout) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "GUEST-READY" in out
     for v in views:
         assert dm.cli_json("stop", v["name"], "--timeout", "10")["state"] == "stopped"

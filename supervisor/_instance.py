@@ -765,7 +765,7 @@ class Instance:
         # ``m``, not ``self.migration``: by now the guest may be on its next migration, outgoing
         if self.migration is m and m.status == "setup" and not m.activated:
             self.emit("migration.incoming_timeout", after_s=timeout)
-            self.exit(ExitCause.INCOMING_ABORTED, f"no source connected within {timeout:g}s")
+            self.exit(ExitCause.INCOMING_ABORTED, f"incoming migration aborted: no source connected within {timeout:g}s")
             self.proc.signal(signal.SIGKILL)
 
     # -- stop ------------------------------------------------------------
