@@ -489,3 +489,27 @@ def test_invalid_arguments():
         EventLog(None, retention=0)
     with pytest.raises(ValueError):
         EventLog(None, live_buffer=0)
+
+
+def test_memory_levels_off_once_the_live_ring_and_line_cache_are_full():
+    """The soak saw RSS grow for 200 migrations: the live ring (4096 events) and the API's
+    encoded-line cache (8192 lines) filling.  Past both, memory must stay flat."""
+    import tracemalloc
+
+    from supervisor._api import _LineCache
+
+    log, cache = EventLog(None), _LineCache()
+    sample = {"data": {"status": "active"}, "qmp_ts": 1795989425.048116, "reason": "migration activated"}
+    tracemalloc.start()
+    try:
+        def emit(n):
+            for _ in range(n):
+                cache.line(log.emit("qmp.MIGRATION", instance="soak-1", **sample))
+            return tracemalloc.get_traced_memory()[0]
+
+        full = emit(15000)  # both caches full (the line cache then evicts a quarter at a time)
+        later = max(emit(5000) for _ in range(3))
+    finally:
+        tracemalloc.stop()
+        log.close()
+    assert later < 1.1 * full, (full, later)
