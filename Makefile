@@ -22,6 +22,7 @@ APT_PACKAGES := \
 	procps \
 	kmod \
 	python3-venv \
+	openssl \
 	systemd
 STAMP := build/.stamp
 PIP_INSTALL := pip install -q --disable-pip-version-check -c $(CONSTRAINTS)

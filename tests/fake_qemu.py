@@ -227,8 +227,18 @@ class FakeQemu:
         async with trio.SocketListener(sock) as listener:
             while True:
                 stream = await listener.accept()
+                self._nursery.start_soon(self._console_client, stream)
+
+    @staticmethod
+    async def _console_client(stream) -> None:
+        """Print one boot line, then hold the connection until qsup closes it (as QEMU does)."""
+        async with stream:
+            try:
                 await stream.send_all(b"fake guest: booting\r\n")
-                self._nursery.start_soon(trio.sleep_forever)
+                while await stream.receive_some(4096):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     # -- main ------------------------------------------------------------------
     async def run(self) -> None:

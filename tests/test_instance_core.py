@@ -25,14 +25,7 @@ from supervisor._spec import SpecError
 from supervisor._state import ExitCause, State
 
 
-@pytest.fixture(autouse=True)
-def _no_fakes_left(tmp_path):
-    yield
-    left = fakes_alive(tmp_path)
-    for pid in left:
-        import os
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"fake qemu processes left running: {left}"
+pytestmark = pytest.mark.usefixtures("no_fakes_left")
 
 
 def run(fn):
@@ -133,15 +126,22 @@ def test_failed_reattach_ends_failed_kills_qemu_and_stop_returns(tmp_path):
 
 # -- item 4: stop during a migration -----------------------------------------------------------
 
+async def _migrating(a: Bench, b: Bench, tmp_path):
+    """Start ``vm`` on a and migrate it to b; return (source, destination) once both see it active."""
+    inst = await a.node.start(spec(tmp_path))
+    await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+    await wait_for(lambda: getattr(getattr(b.node.instances.get("vm"), "migration", None), "status", "") == "active"
+                   and inst.migration.status == "active")
+    return inst, b.node.instances["vm"]
+
+
 def test_stop_during_outgoing_migration_cancels_it_then_stops(tmp_path, monkeypatch):
     fake_knobs(tmp_path, migrate_seconds=3)
     a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
 
     async def main():
         async with a.running(), b.running(api=True):
-            inst = await a.node.start(spec(tmp_path))
-            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
-            await wait_for(lambda: inst.migration.status == "active")
+            inst, _dest = await _migrating(a, b, tmp_path)
             await inst.stop()
             assert inst.state == State.STOPPED and inst.cause == ExitCause.REQUESTED_STOP
             assert "instance.stop_deferred" in a.types("vm")
@@ -159,10 +159,7 @@ def test_stop_on_the_destination_before_activation_never_activates(tmp_path, mon
 
     async def main():
         async with a.running(), b.running(api=True):
-            inst = await a.node.start(spec(tmp_path))
-            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
-            await wait_for(lambda: getattr(getattr(b.node.instances.get("vm"), "migration", None), "status", "") == "active")
-            dest = b.node.instances["vm"]
+            inst, dest = await _migrating(a, b, tmp_path)
             await dest.stop()
             assert dest.state == State.STOPPED and "migration.activated" not in b.types()
             await wait_for(lambda: inst.state != State.MIGRATING)

@@ -6,26 +6,18 @@ Runs a node in-process against the fake QEMU (tests/core_harness.py); no root.
 from __future__ import annotations
 
 import functools
-import signal
 
 import httpx
 import pytest
 import trio
-from core_harness import Bench, fakes_alive, spec
+from core_harness import Bench, spec
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def _no_fakes_left(tmp_path):
-    yield
-    left = fakes_alive(tmp_path)
-    for pid in left:
-        import os
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"fake qemu processes left running: {left}"
+pytestmark = pytest.mark.usefixtures("no_fakes_left")
 
 
 def _collector(seen: list):

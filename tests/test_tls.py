@@ -9,7 +9,6 @@ import functools
 import inspect
 import os
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from core_harness import Bench, fakes_alive
+from core_harness import Bench
 
 from supervisor._api import create_app
 from supervisor._daemon import PeerAuth, _serve_http
@@ -41,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MAKE_CA = ROOT / "contrib" / "make-test-ca"
 TOKEN = "t0ken-for-the-tls-tests-0123456789"
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
+              pytest.mark.usefixtures("no_fakes_left")]
 
 
 def make_ca(d: Path, *names: str) -> Path:
@@ -64,13 +64,6 @@ def rogue(tmp_path):
     return make_ca(tmp_path / "rogue", "a", "b=127.0.0.1")
 
 
-@pytest.fixture(autouse=True)
-def _no_fakes_left(tmp_path):
-    yield
-    left = fakes_alive(tmp_path)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"fake qemu processes left running: {left}"
 
 
 # -- names ---------------------------------------------------------------------------------------
