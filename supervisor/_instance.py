@@ -260,9 +260,6 @@ class Instance:
     def spec_json(self) -> dict:
         return self.spec.model_dump(mode="json")
 
-    def generation_id(self) -> str:
-        return self.generation
-
     def spawn(self, fn, *args) -> None:
         """Run ``fn(*args)`` as a task of this instance (it ends with the instance).
 

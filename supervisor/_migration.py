@@ -93,6 +93,7 @@ class InstancePort(Protocol):
     """What a migration may ask of its instance, and nothing more."""
 
     name: str
+    generation: str
 
     @property
     def qmp(self) -> qmp_glue.QMPClient: ...
@@ -106,7 +107,6 @@ class InstancePort(Protocol):
 
     def spec_json(self) -> dict: ...
 
-    def generation_id(self) -> str: ...
 
     async def apply_l3(self, reason: str, *, inline: bool = False) -> float: ...
 
@@ -430,7 +430,7 @@ class OutgoingMigration:
                                   server_name=self.opts.peer)
                 self.port.checkpoint(Checkpoint.PREPARE)
                 answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
-                                            self.port.generation_id())
+                                            self.port.generation)
                 prepared = True
                 if answer.tls != (self.opts.qemu_tls is not None):
                     raise MigrationError(

@@ -167,7 +167,7 @@ class Node:
         self.instances[name] = inst
         try:
             # sysfs, rt_tables, ovs-vsctl (up to 10 s) and the image files: never on the trio thread
-            inst.images = await trio.to_thread.run_sync(self._check_host, spec, inst.nics)
+            inst.images = await trio.to_thread.run_sync(self._host_and_image_checks, spec, inst.nics)
         except BaseException:
             self._drop(inst)
             raise
@@ -191,7 +191,7 @@ class Node:
             raise SpecError("postcopy", "this node's QEMU runs unprivileged and vm.unprivileged_userfaultfd "
                                         "is 0: set it to 1, or allow_root_postcopy = true in the config")
 
-    def _check_host(self, spec: InstanceSpec, nics) -> dict[str, str]:
+    def _host_and_image_checks(self, spec: InstanceSpec, nics) -> dict[str, str]:
         check_host(nics)
         return check_images(spec, self.cfg.image_dirs, self.cfg.allow_device_disks)
 
