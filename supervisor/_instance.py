@@ -335,7 +335,10 @@ class Instance:
             except BaseException as exc:
                 failure = exc
                 if not started:
-                    self.exit(ExitCause.START_FAILED, self._start_error_text(exc))
+                    cause = root_cause(exc)
+                    if getattr(cause, "failures", None):  # netconf's per-step details, as an event
+                        self.emit("netconf.failed", error=str(cause), failures=cause.failures)
+                    self.exit(ExitCause.START_FAILED, self._start_error_text(cause))
                 elif not only_cancelled(exc):
                     log.error("instance task failed", error=describe(exc), exc_info=root_cause(exc))
                     self.emit("instance.internal_error", error=describe(exc))
@@ -352,14 +355,13 @@ class Instance:
             field = getattr(cause, "field", None)
             raise StartError(self.error or describe(failure), field) from failure
 
-    def _start_error_text(self, exc: BaseException) -> str:
-        """QEMU's or netconf's own words; a failing hook's output belongs in it too."""
-        cause = root_cause(exc)
-        if getattr(cause, "failures", None):
-            self.emit("netconf.failed", error=str(cause), failures=cause.failures)
+    @staticmethod
+    def _start_error_text(cause: BaseException) -> str:
+        """QEMU's or netconf's own words (without the field, which is reported apart); a failing
+        hook's output belongs in it too."""
         if getattr(cause, "field", None):
             return str(cause).removeprefix(f"{cause.field}: ") + hook_output(cause)
-        return describe(exc)
+        return describe(cause)
 
     async def _teardown(self) -> None:
         """The one teardown.  From the exit cause alone: what to undo and which final state follows.
