@@ -602,8 +602,17 @@ class Instance:
         result: list = []
 
         async def connect(cancel):
-            result.append(await qmp_glue.connect(
-                str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=30, name=self.name))
+            try:
+                result.append(await qmp_glue.connect(
+                    str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=30, name=self.name))
+            except qmp_glue.QMPConnectionLost:
+                # qsup binds the monitor socket itself, so a connect can succeed and then see
+                # EOF when QEMU dies at start: let QEMU's exit (and its words) answer instead
+                with trio.move_on_after(5):
+                    await self.proc.wait()
+                if self.proc.alive:
+                    raise
+                return
             cancel.cancel()
 
         async with trio.open_nursery() as n:
