@@ -541,7 +541,7 @@ system {{
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{rsc} not started on {node} in {timeout}s: "
                                    f"{[ET.tostring(r, encoding='unicode') for r in res]}"
-                                   f" failures: {self.failures()}")
+                                   f"\n{self.diagnose(rsc)}")
             time.sleep(0.5)
 
     def failures(self) -> list[dict]:
@@ -560,6 +560,26 @@ system {{
                 if m and m.group(3) == rsc:
                     out.append((m.group(1), m.group(4), m.group(2), m.group(5)))
         return sorted(out)
+
+    def diagnose(self, rsc: str) -> str:
+        """What a failed cluster test prints: Pacemaker's operations and failures for ``rsc``,
+        each daemon's view of it (state, migration) and the nodes' log lines that name it
+        (the agent's own messages included), newest last."""
+        out = [f"operations: {[(n, op, res) for _, n, op, res in self.operations(rsc) if op != 'monitor']}",
+               f"failures: {self.failures()}"]
+        for n in self.nodes:
+            try:
+                v = self.view(n, rsc)
+            except Exception as e:  # noqa: BLE001 -- a diagnostic, never the failure itself
+                v = {"error": repr(e)}
+            if v:
+                out.append(f"{n.name}: state={v.get('state')} migration={v.get('migration')}")
+        for n in self.nodes:
+            log = n.dir / "var-log-pacemaker" / "pacemaker.log"
+            lines = [ln for ln in (log.read_text(errors="replace").splitlines() if log.exists() else [])
+                     if rsc in ln and "monitor" not in ln]
+            out += [f"{n.name} log: {ln}" for ln in lines[-25:]]
+        return "\n".join(out)
 
     def peer_map(self) -> str:
         """The agent's ``peers`` parameter: empty with declared peers (node names are peer

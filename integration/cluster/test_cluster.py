@@ -61,7 +61,7 @@ def _wait_started(c: Cluster, rsc: str, timeout: float = 90) -> str:
             if v and v["state"] == "running":
                 return where[0]
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{rsc} not started in {timeout}s: at {where}, failures {c.failures()}")
+            raise TimeoutError(f"{rsc} not started in {timeout}s: at {where}\n{c.diagnose(rsc)}")
         time.sleep(0.5)
 
 
@@ -194,7 +194,7 @@ def test_standby_evacuates_by_live_migration(cluster, vm):
                 break
             time.sleep(0.5)
         dst = cluster.locate(name)
-        assert len(dst) == 1 and dst[0] != src, dst
+        assert len(dst) == 1 and dst[0] != src, f"{dst}\n{cluster.diagnose(name)}"
         cluster.wait_located(name, dst[0])
         cluster.wait_idle()
         _assert_migrated_by_pacemaker(cluster, name, src, dst[0])
