@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -139,6 +140,10 @@ class Config(BaseModel):
     #: ``"per-instance"``: each QEMU runs as its own uid from ``qemu_uids``.
     #: ``""`` keeps QEMU as the daemon's user (root): only for tests and debugging.
     qemu_user: Literal["per-instance", ""] = "per-instance"
+    #: each QEMU starts in a mount namespace of its own, in a read-only jail under
+    #: ``<state_dir>/jail/<name>`` holding only /usr, the loader's files, a few device nodes,
+    #: its own /proc, its disk and the TLS creds dir (supervisor/_jail.py); needs root.
+    qemu_chroot: StrictBool = False
     #: post-copy destinations need userfaultfd, which QEMU 7.2 gets unprivileged only
     #: with vm.unprivileged_userfaultfd=1; true lets them run QEMU as root instead.
     allow_root_postcopy: bool = False

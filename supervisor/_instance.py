@@ -46,9 +46,10 @@ from ._config import Config
 from ._console import pump_console
 from ._errors import describe, hook_output, only_cancelled, root_cause
 from ._faults import NO_FAULTS, Checkpoint
+from ._jail import MARK as JAIL_MARK, jail_dir, plan_for, remove_dir
 from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
     free_port, qmp_timestamp, tcp_uri
-from ._process import QemuProcess, listening_socket
+from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
@@ -381,6 +382,9 @@ class Instance:
                 await self.proc.wait()
             if self.uid is not None:
                 self.ctx.uids.release(self.uid)  # its QEMU is gone: the uid owns nothing running
+            jail = jail_dir(self.ctx.cfg.state_dir, self.name)  # qemu_chroot's mount point: empty, QEMU is dead
+            if not remove_dir(jail):
+                log.warning("jail directory not empty: left as it is", path=str(jail))
             await self._close_qmp()
             failures = await self._undo_netconf(exit_.undo_reason) if self._journal_exists() else []
             if not failures:
@@ -523,11 +527,12 @@ class Instance:
                 host=host, incoming=incoming, images=self.images,
             )
             self.uid = self._qemu_uid()
+            jail = plan_for(self.spec, ctx.cfg, self.images, QEMU_ENV) if ctx.cfg.qemu_chroot else None
             log_fd = os.open(ctx.layout.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             try:
                 self.proc = QemuProcess.popen(
                     argv, pass_fds=[fd for t in taps for fd in t.fds] + host.all(), log_fd=log_fd,
-                    uid=self.uid, gid=self.uid)
+                    uid=self.uid, gid=self.uid, jail=jail)
             finally:
                 os.close(log_fd)
         finally:
@@ -628,6 +633,8 @@ class Instance:
 
     def _field_named_by(self, qemu_said: str) -> str | None:
         """The spec field QEMU's error is about: the one whose path it quotes, else its keyword."""
+        if JAIL_MARK in qemu_said:  # the jail helper failed before QEMU ran (supervisor/_jail.py)
+            return "qemu_chroot"
         for key in ("kernel", "initrd", "disk"):
             path = getattr(self.spec, key)
             if path and path in qemu_said:

@@ -84,15 +84,22 @@ class QemuProcess:
 
     @classmethod
     def popen(cls, argv: list[str], *, pass_fds: list[int], log_fd: int,
-              uid: int | None = None, gid: int | None = None) -> "QemuProcess":
+              uid: int | None = None, gid: int | None = None, jail=None) -> "QemuProcess":
         """Start QEMU in its own session (a daemon's SIGINT must not reach it).
 
         With ``uid``/``gid`` the child drops to them before exec, with no
         supplementary groups (QEMU's ``-runas`` can't be combined with its
         seccomp sandbox).  The environment is scrubbed: QEMU gets a PATH and
         nothing of the daemon's.
+
+        With ``jail`` (a :class:`supervisor._jail.JailPlan`) the jail helper is spawned
+        instead, as root: it builds the jail, drops to ``uid``/``gid`` itself and
+        execs QEMU in the same process, with the same fds (so the pid is QEMU's).
         """
-        creds = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
+        if jail is not None:
+            argv, creds = jail.command(argv, uid=uid, gid=gid), {}
+        else:
+            creds = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
         popen = subprocess.Popen(
             argv,
             pass_fds=pass_fds,

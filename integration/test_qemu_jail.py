@@ -1,0 +1,281 @@
+"""``qemu_chroot = true``: each QEMU in its own mount namespace, in a jail of its own.
+
+Real QEMU (TCG), the real guest, ``qsup serve`` in a network namespace (test_daemon's fixtures).
+What is checked, from the host:
+
+* QEMU's root is the jail: its root mount is the read-only tmpfs mounted on
+  ``<state_dir>/jail/<name>`` (the mount's source names that directory), listing
+  ``/proc/PID/root`` shows only the jail's entries, and every mount in QEMU's namespace is
+  one the jail made (nothing of the host's ``/run``, ``/tmp``, state dir...).  QEMU's
+  ``readlink /proc/PID/root`` is ``/``: the jail is *its* root mount (``pivot_root``, see
+  supervisor/_jail.py), which is why the root mount's source is what names the jail dir;
+* its mount namespace differs from the daemon's; it runs as the instance's uid, no groups,
+  no capabilities, ``no_new_privs``, ``Seccomp: 2``, with the scrubbed environment;
+* the guest boots (console) and answers ping; a disk in a 0700 directory (unreachable to
+  QEMU's uid on the host) works with its qcow2 backing file bound read-only;
+* stop: the jail dir is gone and nothing is mounted under the node's dirs, in the test's
+  nor in the daemon's mount namespace; a daemon restart reattaches a jailed QEMU, and cleans
+  up the jail of one that died meanwhile; a jail that can't be built fails the start naming
+  ``qemu_chroot`` with the helper's words and leaves nothing;
+* a live migration (TLS streams) between two jailed nodes: both QEMUs read their creds
+  through the jail's read-only ``<run_dir>/tls``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from migtopo import TwoNodes
+from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
+from topo import guest_spec, pid_alive, qmp
+
+JAIL = "qemu_chroot = true\n"
+DAEMON_ONLY_VAR = "QSUP_TEST_SECRET"
+#: what a jail may mount besides the host's real top-level lib/bin directories
+JAIL_MOUNTS = {"/", "/usr", "/etc/ld.so.cache", "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/proc"}
+ROOT_ENTRIES = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def _mountinfo(pid: int | str) -> list[dict]:
+    """``/proc/PID/mountinfo`` as dicts: point, fstype, source, opts (per-mount options)."""
+    out = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.rstrip("\n").partition(" - ")
+            fields, post = pre.split(), post.split()
+            dec = lambda s: s.encode().decode("unicode_escape")  # noqa: E731 - \040 etc.
+            out.append({"point": dec(fields[4]), "opts": fields[5].split(","), "fstype": post[0],
+                        "source": dec(post[1])})
+    return out
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(e.decode().split("=", 1) for e in f.read().split(b"\0") if b"=" in e)
+
+
+def _host_root_entries() -> set[str]:
+    return {p for p in ROOT_ENTRIES if os.path.islink(p) or os.path.isdir(p)}
+
+
+def _mounted_under(pid: int | str, *dirs: Path) -> list[str]:
+    return [m["point"] for m in _mountinfo(pid)
+            if any(m["point"] == str(d) or m["point"].startswith(f"{d}/") for d in dirs)]
+
+
+def assert_jailed(dm, name: str, pid: int, *, extra: set[str] = frozenset()) -> None:
+    jail = dm.state_dir / "jail" / name
+    st = os.lstat(jail)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
+    assert os.listdir(jail) == [], "the jail dir on the host is only a mount point"
+    mounts = _mountinfo(pid)
+    roots = [m for m in mounts if m["point"] == "/"]
+    assert len(roots) == 1, roots
+    assert roots[0]["fstype"] == "tmpfs" and roots[0]["source"] == str(jail), roots[0]
+    assert "ro" in roots[0]["opts"] and "nosuid" in roots[0]["opts"]
+    points = {m["point"] for m in mounts}
+    real_dirs = {p for p in ROOT_ENTRIES if os.path.isdir(p) and not os.path.islink(p)}
+    assert points <= JAIL_MOUNTS | real_dirs | set(extra), points - JAIL_MOUNTS - real_dirs
+    by_point = {m["point"]: m for m in mounts}
+    assert "ro" in by_point["/usr"]["opts"] and "nosuid" in by_point["/usr"]["opts"]
+    assert by_point["/proc"]["fstype"] == "proc"
+    # its root, seen from the host, holds the jail's entries and nothing else
+    listing = {"/" + e for e in os.listdir(f"/proc/{pid}/root")}
+    assert listing == {"/usr", "/etc", "/dev", "/proc"} | _host_root_entries() | \
+        {"/" + Path(p).parts[1] for p in extra}, listing
+    assert os.listdir(f"/proc/{pid}/root/etc") == ["ld.so.cache"]
+    assert not os.path.exists(f"/proc/{pid}/root{dm.state_dir}")
+    assert os.readlink(f"/proc/{pid}/root") == "/"  # the jail is the root mount of its namespace
+    # a mount namespace of its own
+    own = os.readlink(f"/proc/{pid}/ns/mnt")
+    assert own != os.readlink(f"/proc/{dm.pid}/ns/mnt") and own != os.readlink("/proc/self/ns/mnt")
+    # and everything the isolation promise says still holds
+    s = _status(pid)
+    real, eff, saved, fs = (int(x) for x in s["Uid"].split())
+    assert real == eff == saved == fs and 60000 <= real <= 60999, s["Uid"]
+    assert s["Groups"].strip() == "" and s["CapEff"] == "0000000000000000"
+    assert s["Seccomp"] == "2" and s["NoNewPrivs"] == "1", (s["Seccomp"], s["NoNewPrivs"])
+    env = _environ(pid)
+    assert DAEMON_ONLY_VAR not in env and set(env) <= {"PATH", "LC_ALL"}, env
+
+
+def assert_gone(dm, name: str) -> None:
+    assert not (dm.state_dir / "jail" / name).exists()
+    left = _mounted_under("self", dm.workdir) + _mounted_under(dm.pid, dm.workdir)
+    assert not left, f"mounted under the node's dirs: {left}"
+
+
+def test_jailed_qemu_runs_in_its_own_root_and_namespace_and_leaves_nothing(node, daemon_factory,  # noqa: F811
+                                                                             monkeypatch):
+    ns, client = node
+    monkeypatch.setenv(DAEMON_ONLY_VAR, "must-not-reach-qemu")
+    dm = daemon_factory(ns, extra_config=JAIL)
+    v = dm.start_instance(routed("j1", "10.99.8.2", "52:54:00:88:00:01"))
+    assert v["state"] == "running"
+    assert_jailed(dm, "j1", v["pid"])
+    assert v["uid"] == int(_status(v["pid"])["Uid"].split()[0])
+    dm.wait_console("j1")
+    assert client.ping("10.99.8.2")
+    assert dm.cli_json("stop", "j1", "--timeout", "10")["state"] == "stopped"
+    assert not pid_alive(v["pid"])
+    assert_gone(dm, "j1")
+    assert os.listdir(dm.state_dir / "jail") == []
+
+
+def _qcow2_overlay(path: Path, backing: str, size: int = 1 << 20) -> None:
+    """A minimal qcow2 (v2, 64 KiB clusters, nothing allocated) over ``backing``.
+
+    Cluster 0: header + backing name; 1: refcount table; 2: refcount block; 3: L1 table.
+    (Written by hand: the machines have no qemu-img.)
+    """
+    c = 1 << 16
+    name = backing.encode()
+    header = struct.pack(">IIQIIQIIQQIIQ", 0x514649FB, 2, 72, len(name), 16, size, 0, 1, 3 * c, c, 1, 0, 0)
+    buf = bytearray(4 * c)
+    buf[:72] = header
+    buf[72:72 + len(name)] = name
+    buf[c:c + 8] = struct.pack(">Q", 2 * c)
+    buf[2 * c:2 * c + 8] = struct.pack(">HHHH", 1, 1, 1, 1)
+    path.write_bytes(bytes(buf))
+
+
+def test_disk_in_a_private_dir_and_its_backing_file_are_bound(node, daemon_factory, tmp_path):  # noqa: F811
+    """QEMU opens its disk by path: the jail binds it (rw) and the qcow2 backing file (ro).
+
+    The images sit in pytest's 0700 tmp dirs, which QEMU's uid can't traverse on the host:
+    without the jail this QEMU would fail with "Permission denied".
+    """
+    ns, _client = node
+    dm = daemon_factory(ns, extra_config=JAIL)
+    images = tmp_path / "images"
+    images.mkdir(mode=0o700)
+    base = images / "base.raw"
+    base.write_bytes(b"\0" * (1 << 20))
+    base.chmod(0o644)
+    overlay = images / "disk.qcow2"
+    _qcow2_overlay(overlay, "base.raw")  # relative: to the overlay's directory, as QEMU reads it
+    overlay.chmod(0o666)
+    v = dm.start_instance({"name": "d1", "memory": 64, "disk": str(overlay), "nics": []})
+    assert v["state"] == "running"
+    assert_jailed(dm, "d1", v["pid"], extra={str(overlay), str(base)})
+    by_point = {m["point"]: m for m in _mountinfo(v["pid"])}
+    assert "rw" in by_point[str(overlay)]["opts"] and "ro" in by_point[str(base)]["opts"]
+    blocks = qmp(v["qmp_operator"], "query-block")
+    img = next(b for b in blocks if b.get("inserted"))["inserted"]
+    assert img["file"] == str(overlay) and not img["ro"], img
+    assert img["image"]["backing-image"]["filename"] == str(base), img["image"]
+    assert dm.cli_json("stop", "d1", "--force")["state"] == "stopped"
+    assert_gone(dm, "d1")
+
+
+def test_daemon_restart_reattaches_a_jailed_qemu_and_cleans_up_a_dead_ones_jail(node, daemon_factory):  # noqa: F811
+    ns, client = node
+    dm = daemon_factory(ns, extra_config=JAIL)
+    keep = dm.start_instance(routed("r1", "10.99.8.11", "52:54:00:88:00:11"))
+    dead = dm.start_instance(routed("r2", "10.99.8.12", "52:54:00:88:00:12"))
+    dm.wait_console("r1")
+    dm.kill()
+    os.kill(dead["pid"], signal.SIGKILL)  # a QEMU this test's daemon started, by pid
+    deadline = time.monotonic() + 10
+    while pid_alive(dead["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (dm.state_dir / "jail" / "r2").exists()  # nobody was there to remove it
+    dm.start()
+    views = {v["name"]: v for v in dm.cli_json("ls")}
+    assert views["r1"]["state"] == "running" and views["r1"]["pid"] == keep["pid"]
+    assert views["r2"]["state"] == "crashed"
+    assert not (dm.state_dir / "jail" / "r2").exists(), "the dead QEMU's jail dir outlived its teardown"
+    assert_jailed(dm, "r1", keep["pid"])  # dm.pid is the new daemon: still another namespace
+    assert client.ping("10.99.8.11", timeout=10)
+    assert dm.cli_json("stop", "r1", "--timeout", "10")["state"] == "stopped"
+    assert_gone(dm, "r1")
+    assert os.listdir(dm.state_dir / "jail") == []
+
+
+def test_a_jail_that_cannot_be_built_fails_the_start_naming_qemu_chroot(node, daemon_factory, tmp_path):  # noqa: F811
+    """The helper's own words, field ``qemu_chroot``, and nothing left: no process, no jail dir,
+    no record, no tap, no route.  Here QEMU is a wrapper whose interpreter the jail doesn't have
+    (it is outside /usr; only the wrapper itself is bound)."""
+    ns, _client = node
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "sh").symlink_to("/bin/sh")
+    wrapper = tools / "qemu-wrapper"
+    wrapper.write_text(f"#!{tools}/sh\nexec qemu-system-x86_64 \"$@\"\n")
+    wrapper.chmod(0o755)
+    dm = daemon_factory(ns, extra_config=JAIL + f'qemu = "{wrapper}"\n')
+    spec = routed("f1", "10.99.8.21", "52:54:00:88:00:21")
+    p = dm.workdir / "spec-f1.json"
+    p.write_text(json.dumps(spec))
+    r = dm.cli("start", str(p), check=False)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert "qemu_chroot:" in err and "qsup jail (qemu_chroot): exec" in err, err
+    assert "No such file or directory" in err, err
+    assert not (dm.state_dir / "jail" / "f1").exists()
+    assert not (dm.state_dir / "instances" / "f1").exists()
+    assert ns.run("ip", "route", "show", "10.99.8.21") == ""
+    assert not [t for t in ns.links() if t.startswith("qs")], ns.links()
+    assert not _mounted_under(dm.pid, dm.workdir)
+
+    # a leftover that is not an empty directory is refused before anything runs, and left alone
+    dm.write_config(extra_config=JAIL)
+    dm.kill()
+    dm.start()
+    left = dm.state_dir / "jail" / "f2"
+    left.mkdir(parents=True)
+    (left / "something").write_text("not ours")
+    spec = routed("f2", "10.99.8.22", "52:54:00:88:00:22")
+    p = dm.workdir / "spec-f2.json"
+    p.write_text(json.dumps(spec))
+    r = dm.cli("start", str(p), check=False)
+    assert r.returncode == 1 and "qemu_chroot:" in r.stderr and "not an empty directory" in r.stderr, r.stderr
+    assert (left / "something").read_text() == "not ours"
+    assert not (dm.state_dir / "instances" / "f2").exists()
+
+
+@pytest.fixture
+def jailed_tls_nodes(tmp_path):
+    t = TwoNodes(tmp_path, prefix="qjl")
+    try:
+        a, b = t.start_daemons(JAIL, tls=True)
+        yield t, a, b
+    finally:
+        leaked = t.close()
+        assert not leaked, f"qemu pids left: {leaked}"
+
+
+def test_live_migration_between_jailed_nodes_over_tls(jailed_tls_nodes):
+    ip, mac = "10.99.0.2", "52:54:00:99:00:02"
+    t, a, b = jailed_tls_nodes
+    src = a.start_instance(guest_spec("m1", [{"mode": "routed", "mac": mac, "ip": ip}], append=f"guest.ip0={ip}/32"))
+    tls = {str(a.run_dir / "tls")}
+    assert_jailed(a, "m1", src["pid"], extra=tls)
+    a.wait_console("m1")
+    assert t.client.ping(ip)
+    r = a.cli("migrate", "m1", "--to", b.node_name, "--json", timeout=300, check=False)
+    summary = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else None
+    assert summary and summary["result"] == "completed", (summary, r.stderr)
+    dst = b.cli_json("show", "m1")
+    assert dst["state"] == "running"
+    assert_jailed(b, "m1", dst["pid"], extra={str(b.run_dir / "tls")})
+    # both QEMUs loaded their creds through the jail (the object exists and the stream used it)
+    assert qmp(dst["qmp_operator"], "query-migrate-parameters")["tls-creds"] == "qsup-tls-server"
+    assert not pid_alive(src["pid"])
+    assert_gone(a, "m1")
+    assert t.client.ping(ip)
+    assert b.cli_json("stop", "m1", "--timeout", "10")["state"] == "stopped"
+    assert_gone(b, "m1")
