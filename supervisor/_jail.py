@@ -22,19 +22,20 @@ Nothing else of the host is reachable: not the state dir, not ``/run``, ``/home`
 or ``/etc``.  Taps, monitors, console and log are file descriptors already.
 
 How it is built: :meth:`JailPlan.command` runs ``python -I -m supervisor._jail PLAN -- QEMU
-ARGV...`` instead of QEMU.  That helper is a fresh single-threaded process (the daemon is
-multi-threaded, so no ``preexec_fn``; QEMU 7.2's own ``-chroot`` can't be combined with its
-seccomp sandbox, like ``-runas``).  It opens every bind source first (``O_PATH|O_NOFOLLOW``;
-a disk must still be the inode the daemon checked), then ``unshare(CLONE_NEWNS)``, makes
-``/`` rprivate (nothing it mounts can reach the host), mounts the tmpfs on the instance's
-jail directory ``<state_dir>/jail/<name>``, binds, mounts ``/proc``, remounts the tmpfs
-read-only, ``pivot_root``\\ s into it and detaches the old root -- so QEMU's namespace holds
-only the jail's mounts and pins no other host filesystem -- then ``setgroups([])``,
-``setresgid``, ``setresuid`` (checked, and a way back to root must fail), sets
-``no_new_privs`` and ``execve``\\ s QEMU with the scrubbed environment.  The file
-descriptors QEMU is to inherit stay open across both execs.  Any failure: one line
-``qsup jail (qemu_chroot): STEP: ...`` on stderr (QEMU's log) and exit status
-:data:`EXIT_STATUS`, before QEMU ever runs; the start then fails naming ``qemu_chroot``.
+ARGV...`` instead of QEMU.  That helper is a fresh single-threaded process: the daemon is
+multi-threaded, so no ``preexec_fn``; QEMU 7.2's own ``-chroot`` would need QEMU to start as
+root and drop with ``-runas``, which its seccomp sandbox kills (docs/ARCHITECTURE.md).  The
+helper calls ``unshare(CLONE_NEWNS)``, makes ``/`` rprivate (nothing it mounts can reach the
+host), opens every bind source (``O_PATH|O_NOFOLLOW``; a disk must still be the inode the
+daemon saw), mounts the tmpfs on the instance's jail directory ``<state_dir>/jail/<name>``,
+binds, mounts ``/proc``, remounts the tmpfs read-only, moves its root into it
+(``pivot_root``) and detaches the old root -- so QEMU's namespace holds only the jail's mounts
+and pins no other host filesystem -- then ``setgroups([])``, ``setresgid``, ``setresuid``
+(checked, and a way back to root must fail), sets ``no_new_privs`` and executes QEMU
+(``execve``) with the scrubbed environment.  The file descriptors QEMU is to inherit stay
+open across both execs, and the pid stays QEMU's.  Any failure: one line ``qsup jail
+(qemu_chroot): STEP: ...`` on stderr (QEMU's log) and exit status :data:`EXIT_STATUS`,
+before QEMU ever runs; the start then fails naming ``qemu_chroot``.
 
 The mounts live in QEMU's private namespace and vanish with its last process: nothing to
 unmount on the host.  What is left there is the empty mount-point directory
@@ -123,7 +124,7 @@ def _under(path: str, dirs) -> bool:
 
 
 def resolve_exe(qemu: str, path_env: str) -> str:
-    """The QEMU binary as an absolute, resolved path (the helper ``execve``\\ s exactly this)."""
+    """The QEMU binary as an absolute, resolved path (the helper executes exactly this)."""
     found = qemu if "/" in qemu else shutil.which(qemu, path=path_env)
     if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
         raise JailError(f"QEMU binary {qemu!r} not found (PATH={path_env})")
