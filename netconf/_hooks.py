@@ -72,6 +72,7 @@ from pathlib import Path
 
 import structlog
 
+from ._plan import STEP_NAMES
 from ._types import NetconfError, Nic
 
 log = structlog.get_logger("qsup.netconf.hooks")
@@ -89,8 +90,8 @@ MESSAGE_OUTPUT_CAP = 4 * 1024
 
 #: Step names a user may hook.  ``find`` accepts any name matching STEP_RE; this tuple is the
 #: public contract and lets tooling warn about misspelt step directories.
-ATTACH_STEPS = ("tap-up", "bridge-port", "bridge-vlan", "ovs-port")
-ACTIVATE_STEPS = ("sysctl-ipv4", "route4", "rule4", "sysctl-ipv6", "gw6", "route6", "rule6")
+ATTACH_STEPS = STEP_NAMES["attach"]
+ACTIVATE_STEPS = STEP_NAMES["activate"]
 KNOWN_STEPS = ATTACH_STEPS + ACTIVATE_STEPS + ("announce",)
 
 #: A step name is one path component: lower-case letters, digits and dashes, not starting with

@@ -45,10 +45,12 @@ from pyroute2.netlink.rtnl import (
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_DELLINK,
+    RTM_DELNEIGH,
     RTM_GETLINK,
     RTM_GETROUTE,
     RTM_GETRULE,
     RTM_NEWADDR,
+    RTM_NEWNEIGH,
     RTM_NEWROUTE,
     RTM_NEWRULE,
     RTM_SETLINK,
@@ -81,6 +83,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg and fib_rule_hdr share this layout
 _IFADDR = struct.Struct("=BBBBI")
 _IFINFO = struct.Struct("=BxHiII")
 _NLA = struct.Struct("=HH")
+_NDMSG = struct.Struct("=BxxxiHBB")  # ndmsg: family, ifindex, state, flags, type
 
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 FRA_IIFNAME, FRA_PRIORITY, FRA_TABLE, FRA_PROTOCOL = 3, 6, 15, 21
@@ -88,6 +91,8 @@ IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS, IFA_PROTO = 1, 2, 8, 11
 IFLA_ADDRESS, IFLA_MTU, IFLA_MASTER, IFLA_AF_SPEC, IFLA_EXT_MASK = 1, 4, 10, 26, 29
 IFLA_BRIDGE_VLAN_INFO = 2
 RT_SCOPE_NOWHERE = 255
+NDA_DST, NDA_LLADDR, NDA_PROTOCOL = 1, 2, 12
+NUD_PERMANENT = 0x80
 
 
 def nla(kind: int, payload: bytes) -> bytes:
@@ -277,6 +282,22 @@ class Netlink:
 
     def addr_del(self, family, index, address, plen):
         self.request(RTM_DELADDR, self._addr_body(family, index, address, plen))
+
+    # -- neighbours --------------------------------------------------------
+
+    @staticmethod
+    def _neigh_body(family, index, address, mac=None):
+        body = _NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + nla(NDA_DST, _ip(family, address))
+        if mac is not None:
+            body += nla(NDA_LLADDR, _mac(mac)) + nla(NDA_PROTOCOL, bytes([RTPROT_QSUP]))
+        return body
+
+    def neigh_add(self, family, index, address, mac):
+        """``ip neigh replace ADDRESS lladdr MAC dev INDEX nud permanent proto qsup``."""
+        self.request(RTM_NEWNEIGH, self._neigh_body(family, index, address, mac), NLM_F_CREATE | NLM_F_REPLACE)
+
+    def neigh_del(self, family, index, address):
+        self.request(RTM_DELNEIGH, self._neigh_body(family, index, address))
 
     # -- links -------------------------------------------------------------
 

@@ -271,6 +271,29 @@ class AddrOp(Op):
         _ignore_gone(self.nl.addr_del, _FAM[args["family"]], prior["ifindex"], args["address"], args["plen"])
 
 
+class NeighOp(Op):
+    """``neigh4``/``neigh6``: the guest's address -> its MAC on the tap, permanent, proto qsup.
+
+    Why: without it the host resolves the guest by ARP/ND the first time it forwards to it.
+    After a live migration that first request reaches the tap while the guest is still
+    paused (L3 is applied before ``cont``); it can go unanswered, and the next one comes
+    ``retrans_time`` (1 s) later: measured here, 1 in 14 migrations lost ~190 pings that
+    way although the route moved in 9 ms.  The MAC is the spec's, so nothing needs asking.
+    The tap is qsup's own, so any entry on it is replaced; undo deletes it (it also goes
+    with the tap).
+    """
+
+    def observe(self, args):
+        return {"ifindex": ifindex(args["ifname"])}
+
+    def apply(self, args, prior, note):
+        self.nl.neigh_add(_FAM[args["family"]], prior["ifindex"], args["address"], args["mac"])
+        return {"owned": True}
+
+    def undo(self, args, prior, result):
+        _ignore_gone(self.nl.neigh_del, _FAM[args["family"]], prior["ifindex"], args["address"])
+
+
 OPS: dict[str, type[Op]] = {
     "link": LinkOp,
     "bridge_port": BridgePortOp,
@@ -280,4 +303,5 @@ OPS: dict[str, type[Op]] = {
     "route": RouteOp,
     "rule": RuleOp,
     "addr": AddrOp,
+    "neigh": NeighOp,
 }

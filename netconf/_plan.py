@@ -54,7 +54,7 @@ from ._types import Nic
 #: The step names of each up phase, in order.  Public contract.
 STEP_NAMES: dict[str, tuple[str, ...]] = {
     "attach": ("tap-up", "bridge-port", "bridge-vlan", "ovs-port"),
-    "activate": ("sysctl-ipv4", "route4", "rule4", "sysctl-ipv6", "gw6", "route6", "rule6"),
+    "activate": ("sysctl-ipv4", "neigh4", "route4", "rule4", "sysctl-ipv6", "gw6", "neigh6", "route6", "rule6"),
 }
 
 GATEWAY4 = "169.254.0.1"
@@ -135,6 +135,7 @@ def _activate(nic: Nic) -> list[Step]:
         steps.append(mk(f"sysctl-{sysname}", "sysctl", keys=[[conf + proxy, "1"], [conf + "forwarding", "1"]]))
         if fam == 6:
             steps.append(mk("gw6", "addr", family=6, ifname=nic.tap, address=GATEWAY6, plen=64))
+        steps.append(mk(f"neigh{fam}", "neigh", family=fam, ifname=nic.tap, address=ip, mac=nic.mac))
         steps.append(mk(f"route{fam}", "route", family=fam, dst=ip, plen=plen, ifname=nic.tap, table=table))
         if nic.link:
             steps.append(mk(f"rule{fam}", "rule", family=fam, iifname=nic.tap, table=table))

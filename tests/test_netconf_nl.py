@@ -87,3 +87,20 @@ def test_bridge_vlan(sent):
 def test_parse_nlas_pads_and_masks_flags():
     blob = struct.pack("=HH", 5, 3) + b"x\0\0\0" + struct.pack("=HH", 8, 0x8000 | 15) + struct.pack("=I", 7)
     assert parse_nlas(blob, 0, len(blob)) == {3: b"x", 15: struct.pack("=I", 7)}
+
+
+def test_neigh_add_and_del(sent):
+    from pyroute2.netlink.rtnl import RTM_DELNEIGH, RTM_NEWNEIGH
+
+    nl, out = sent
+    nl.neigh_add(socket.AF_INET, 7, "10.0.0.5", "52:54:00:aa:bb:cc")
+    nl.neigh_del(socket.AF_INET6, 7, "2001:db8::5")
+    mtype, body, flags = out[0]
+    m = decode(mtype, body)
+    assert mtype == RTM_NEWNEIGH and flags & 0x400 and flags & 0x100  # NLM_F_CREATE | NLM_F_REPLACE
+    assert (m["family"], m["ifindex"], m["state"]) == (2, 7, 0x80)  # NUD_PERMANENT
+    assert m.get_attr("NDA_DST") == "10.0.0.5" and m.get_attr("NDA_LLADDR") == "52:54:00:aa:bb:cc"
+    assert m.get_attr("NDA_PROTOCOL") == RTPROT_QSUP
+    d = decode(*out[1][:2])
+    assert out[1][0] == RTM_DELNEIGH and (d["family"], d["ifindex"]) == (10, 7)
+    assert d.get_attr("NDA_DST") == "2001:db8::5"

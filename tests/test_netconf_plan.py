@@ -28,8 +28,10 @@ def test_step_names_match_the_hooks_contract():
 
 def test_routed_v4_main_table():
     p = plan(nic(ip="10.0.0.5"), "activate")
-    assert names(p) == ["sysctl-ipv4", "route4"]
-    sysctl, route = p
+    assert names(p) == ["sysctl-ipv4", "neigh4", "route4"]
+    sysctl, neigh, route = p
+    # the guest's address resolves without ARP: its MAC is the spec's (see NeighOp)
+    assert neigh.args == {"family": 4, "ifname": "qsabc", "address": "10.0.0.5", "mac": MAC}
     assert sysctl.args["keys"] == [["net/ipv4/conf/qsabc/proxy_arp", "1"], ["net/ipv4/conf/qsabc/forwarding", "1"]]
     assert route.args == {"family": 4, "dst": "10.0.0.5", "plen": 32, "ifname": "qsabc", "table": "main"}
     assert all(s.phase == "activate" and s.nic_id == MAC.lower() for s in p)
@@ -37,7 +39,8 @@ def test_routed_v4_main_table():
 
 def test_routed_v4_v6_with_table_link():
     p = plan(nic(ip="10.0.0.5", ip6="2001:db8::5", link="guests"), "activate")
-    assert names(p) == ["sysctl-ipv4", "route4", "rule4", "sysctl-ipv6", "gw6", "route6", "rule6"]
+    assert names(p) == ["sysctl-ipv4", "neigh4", "route4", "rule4", "sysctl-ipv6", "gw6", "neigh6", "route6",
+                        "rule6"]
     by = {s.name: s for s in p}
     assert by["rule4"].args == {"family": 4, "iifname": "qsabc", "table": "guests"}
     assert by["rule6"].args["family"] == 6
@@ -48,7 +51,7 @@ def test_routed_v4_v6_with_table_link():
 
 
 def test_routed_v6_only():
-    assert names(plan(nic(ip6="2001:db8::5"), "activate")) == ["sysctl-ipv6", "gw6", "route6"]
+    assert names(plan(nic(ip6="2001:db8::5"), "activate")) == ["sysctl-ipv6", "gw6", "neigh6", "route6"]
 
 
 def test_routed_attach_is_tap_up_only_with_mtu():

@@ -49,6 +49,7 @@ def snapshot(ns: Netns) -> dict:
         "links": [{k: l.get(k) for k in _LINK_KEYS} for l in ns.json("link", "show")],
         "addrs": [{"ifname": a["ifname"], "addr": sorted((i["local"], i["prefixlen"]) for i in a.get("addr_info", []))}
                   for a in ns.json("addr", "show")],
+        "neigh": sorted((n["dst"], n["dev"], n.get("lladdr")) for n in ns.json("neigh", "show", "nud", "permanent")),
     }
     out = ns.run("sh", "-c", "grep -H . /proc/sys/net/ipv4/conf/*/proxy_arp /proc/sys/net/ipv4/conf/*/forwarding "
                  "/proc/sys/net/ipv6/conf/*/proxy_ndp /proc/sys/net/ipv6/conf/*/forwarding", check=False)

@@ -77,10 +77,14 @@ def test_routed_main_table_v4_only_makes_no_rules(ns, agent, tmp_path):
     agent.call("open_tap", name=TAP)
     before = snapshot(ns)
     t = up(agent, j, nic(ip6=None, mtu=1400))
-    assert [x["step"] for x in t if x["kind"] == "step"] == ["sysctl-ipv4", "route4"]
+    assert [x["step"] for x in t if x["kind"] == "step"] == ["sysctl-ipv4", "neigh4", "route4"]
     assert [r["dst"] for r in routes(ns, "-4", "main")] == ["10.0.0.5"]
     assert rules(ns, "-4") == []
     assert ns.json("link", "show", TAP)[0]["mtu"] == 1400
+    # the guest resolves without ARP: a permanent entry with the spec's MAC, tagged proto qsup
+    (n,) = ns.json("neigh", "show", "dev", TAP)
+    assert (n["dst"], n["lladdr"], n["state"]) == ("10.0.0.5", nic()["mac"].lower(), ["PERMANENT"]), n
+    assert n.get("protocol") in ("152", 152), n
     agent.call("undo", journal=j, reason="stop")
     assert snapshot(ns) == before
 
@@ -183,7 +187,7 @@ def test_sigkill_mid_apply_then_recover_restores_host_exactly(ns, agents, tmp_pa
 
     rescuer = agents()
     pending = [e["step"] for e in rescuer.call("journal", journal=j) if e["status"] == "pending"]
-    assert pending == ["route4", "rule4", "sysctl-ipv6", "gw6", "route6", "rule6"]
+    assert pending == ["route4", "rule4", "sysctl-ipv6", "gw6", "neigh6", "route6", "rule6"]
     rescuer.call("recover", journal=j, reason="crash")
     assert snapshot(ns) == before
     assert open(j).read() == ""
