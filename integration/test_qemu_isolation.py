@@ -6,18 +6,9 @@ from __future__ import annotations
 import time
 
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
+from topo import proc_environ, proc_status
 
 DAEMON_ONLY_VAR = "QSUP_TEST_SECRET"
-
-
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def _environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return dict(e.decode().split("=", 1) for e in f.read().split(b"\0") if b"=" in e)
 
 
 def test_every_qemu_has_its_own_uid_and_the_sandbox(node, daemon_factory, monkeypatch):  # noqa: F811
@@ -27,14 +18,14 @@ def test_every_qemu_has_its_own_uid_and_the_sandbox(node, daemon_factory, monkey
     views = [dm.start_instance(routed(f"iso{i}", f"10.99.7.{i + 2}", f"52:54:00:77:00:0{i}")) for i in range(2)]
     uids = []
     for v in views:
-        st = _status(v["pid"])
+        st = proc_status(v["pid"])
         real, effective, saved, fs = (int(x) for x in st["Uid"].split())
         assert real == effective == saved == fs, st["Uid"]
         assert 60000 <= real <= 60999 and v["uid"] == real
         assert st["Groups"].strip() == ""  # no supplementary groups
         assert st["Seccomp"] == "2", st["Seccomp"]  # QEMU's -sandbox filter is on
         assert st["CapEff"] == "0000000000000000"
-        env = _environ(v["pid"])
+        env = proc_environ(v["pid"])
         assert DAEMON_ONLY_VAR not in env and set(env) <= {"PATH", "LC_ALL"}, env
         uids.append(real)
     assert len(set(uids)) == 2, uids

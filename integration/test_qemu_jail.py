@@ -35,7 +35,7 @@ import pytest
 
 from migtopo import TwoNodes
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
-from topo import guest_spec, pid_alive, qmp
+from topo import guest_spec, pid_alive, proc_environ, proc_status, qmp
 
 JAIL = "qemu_chroot = true\n"
 DAEMON_ONLY_VAR = "QSUP_TEST_SECRET"
@@ -55,16 +55,6 @@ def _mountinfo(pid: int | str) -> list[dict]:
             out.append({"point": dec(fields[4]), "opts": fields[5].split(","), "fstype": post[0],
                         "source": dec(post[1])})
     return out
-
-
-def _status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def _environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return dict(e.decode().split("=", 1) for e in f.read().split(b"\0") if b"=" in e)
 
 
 def _host_root_entries() -> set[str]:
@@ -103,12 +93,12 @@ def assert_jailed(dm, name: str, pid: int, *, extra: set[str] = frozenset()) -> 
     own = os.readlink(f"/proc/{pid}/ns/mnt")
     assert own != os.readlink(f"/proc/{dm.pid}/ns/mnt") and own != os.readlink("/proc/self/ns/mnt")
     # and everything the isolation promise says still holds
-    s = _status(pid)
+    s = proc_status(pid)
     real, eff, saved, fs = (int(x) for x in s["Uid"].split())
     assert real == eff == saved == fs and 60000 <= real <= 60999, s["Uid"]
     assert s["Groups"].strip() == "" and s["CapEff"] == "0000000000000000"
     assert s["Seccomp"] == "2" and s["NoNewPrivs"] == "1", (s["Seccomp"], s["NoNewPrivs"])
-    env = _environ(pid)
+    env = proc_environ(pid)
     assert DAEMON_ONLY_VAR not in env and set(env) <= {"PATH", "LC_ALL"}, env
 
 
@@ -126,7 +116,7 @@ def test_jailed_qemu_runs_in_its_own_root_and_namespace_and_leaves_nothing(node,
     v = dm.start_instance(routed("j1", "10.99.8.2", "52:54:00:88:00:01"))
     assert v["state"] == "running"
     assert_jailed(dm, "j1", v["pid"])
-    assert v["uid"] == int(_status(v["pid"])["Uid"].split()[0])
+    assert v["uid"] == int(proc_status(v["pid"])["Uid"].split()[0])
     dm.wait_console("j1")
     assert client.ping("10.99.8.2")
     assert dm.cli_json("stop", "j1", "--timeout", "10")["state"] == "stopped"

@@ -116,6 +116,17 @@ def qemu_pids_of(events: list[dict]) -> set[int]:
     return {e["pid"] for e in events if e.get("type") in PID_EVENTS and e.get("pid")}
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict ("Uid" -> "60001\t60001\t60001\t60001", "Seccomp" -> "2", ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(e.decode().split("=", 1) for e in f.read().split(b"\0") if b"=" in e)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
