@@ -101,9 +101,6 @@ def test_routed_migration_under_ping_zero_overlap(nodes, tmp_path):
     summary, w = watched_migration(t, a, b, t.a, t.b, "m1", IP, tmp_path)
     print(json.dumps({k: v for k, v in w.items() if k not in ("src_routes", "dst_routes")}), summary)
     assert summary["result"] == "completed"
-    # an idle guest converges at the downtime ramp's first step (20 ms), or one more on a
-    # loaded machine: QEMU did not switch over with a first pass's worth of dirt still to send
-    assert summary["downtime_limit_ms"] <= 40, summary
     assert w["overlap_ms"] == 0.0, f"both nodes held the route for {w['overlap_ms']} ms"
     downtime = max(summary["downtime_ms"], summary["switchover_ms"] or 0)
     assert w["gap_ms"] <= downtime + 20, (w["gap_ms"], downtime)
@@ -165,43 +162,6 @@ def test_back_and_forth_ten_times_no_leaks(nodes):
     assert leftovers(t.b) == []
     assert len([l for l in t.a.links() if l.startswith("qs")]) == 1
     assert t.a.run("ip", "rule", "show").count("proto 152") == 0
-
-
-def test_dirtying_guest_converges_as_the_downtime_limit_rises(nodes):
-    """A guest that rewrites 4 MiB over and over, migrated at 20 MB/s: at the ramp's first
-    step (20 ms, i.e. ~400 KB left) QEMU could never switch over.  qsup raises QEMU's
-    ``downtime-limit`` pass by pass (read back from QEMU itself during the migration) until it
-    converges, never above the operator's ``--downtime-limit``."""
-    t, a, b = nodes
-    a.start_instance(guest_spec("dt1", [{"mode": "routed", "mac": MAC, "ip": IP}],
-                                append=f"guest.ip0={IP}/32 guest.dirty=4"))
-    a.wait_console("dt1", "dirtying 4 MiB")
-    operator = a.cli_json("show", "dt1")["qmp_operator"]
-    a.cli("migrate", "dt1", "--to", b.node_name, "--max-bandwidth", "20000000", "--downtime-limit", "1000",
-          "--json", "--detach")
-    seen: list[int] = []
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            limit = qmp(operator, "query-migrate-parameters")["downtime-limit"]
-        except OSError:
-            break  # the source QEMU is gone: the migration completed
-        if not seen or seen[-1] != limit:
-            seen.append(limit)
-        v = a.cli_json("show", "dt1")
-        if v["state"] != "migrating":
-            break
-        assert time.monotonic() < deadline, (seen, v["migration"])
-        time.sleep(0.05)
-    vb = wait_state(b, "dt1", {"running"})
-    m = a.cli_json("show", "dt1")["migration"]
-    assert m["result"] == "completed", m
-    assert 20 in seen, seen  # (before qsup's migrate-set-parameters QEMU shows its default, 300)
-    ramp = seen[seen.index(20):]
-    assert ramp == sorted(ramp) and len(ramp) >= 2, seen
-    assert 20 < m["downtime_limit_ms"] <= 1000 and m["downtime_limit_ms"] >= ramp[-1], (m, seen)
-    assert m["dirty_syncs"] >= 3, m
-    assert vb["state"] == "running" and t.client.ping(IP)
 
 
 def wait_migrate_status(d, name, status, timeout=60):

@@ -461,7 +461,7 @@ def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detac
         m = _follow_migration(c, name, quiet=as_json)
     summary = {"name": name, "to": to, "result": m.get("result") or "failed", "error": m.get("error"),
                "total_ms": m.get("total_ms"), "downtime_ms": m.get("downtime_ms"),
-               "downtime_limit_ms": m.get("downtime_limit_ms"), "switchover_ms": m.get("switchover_ms"),
+               "switchover_ms": m.get("switchover_ms"),
                "activation": m.get("activation")}
     if as_json:
         _echo_json(summary)

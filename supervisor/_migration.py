@@ -67,27 +67,6 @@ PROGRESS_HZ = 4
 #: QEMU's own defaults for ``max-bandwidth`` (bytes/s) and ``downtime-limit`` (ms)
 QEMU_MAX_BANDWIDTH = 128 * 1024 * 1024
 QEMU_DOWNTIME_LIMIT = 300
-#: The downtime ramp's first step (ms).  QEMU switches over as soon as what is left fits in
-#: ``downtime-limit`` at the measured bandwidth; at its default 300 ms that is after the first
-#: pass, with everything the guest dirtied meanwhile still to send while it is stopped.  A
-#: small first limit makes QEMU iterate until the dirty set is small: measured on QEMU 7.2
-#: (TCG, idle 192 MiB guest) 2 ms instead of 25-107 ms downtime, TLS 5 ms instead of 10-105 ms,
-#: at the same total time.  A guest that dirties faster than that converges as the ramp rises.
-DOWNTIME_FIRST_MS = 20
-
-
-def downtime_limit_at(ceiling: int, dirty_syncs: int) -> int:
-    """The ``downtime-limit`` for a migration after ``dirty_syncs`` dirty-bitmap syncs.
-
-    The ceiling is the operator's ``downtime_limit`` (else QEMU's 300 ms): the most downtime
-    they accept.  The ramp starts at :data:`DOWNTIME_FIRST_MS` for the first pass and the
-    first re-send of what that pass saw dirtied (syncs 1 and 2), then doubles with each further
-    pass that did not converge, until it reaches the ceiling: like OpenStack Nova's
-    ``live_migration_downtime_steps``, but stepped by QEMU's own progress rather than time, so
-    a fast-converging guest never pays more than the first step.
-    """
-    first = min(DOWNTIME_FIRST_MS, ceiling)
-    return min(ceiling, first << min(max(0, dirty_syncs - 2), 32))
 #: ``query-migrate`` statuses of a migration that has not ended (post-copy ones aside)
 RUNNING_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
 #: MIGRATION event statuses that end a migration on the source
@@ -349,7 +328,6 @@ class Progress:
     mbps: float = 0.0
     downtime_ms: int | None = None
     total_time_ms: int | None = None
-    dirty_syncs: int = 0  # QEMU's dirty-bitmap syncs: 1 at the start, +1 per pass
     updated: float = field(default_factory=time.time)
 
     def update(self, info: dict) -> None:
@@ -361,7 +339,6 @@ class Progress:
         self.mbps = ram.get("mbps", self.mbps)
         self.downtime_ms = info.get("downtime", self.downtime_ms)
         self.total_time_ms = info.get("total-time", self.total_time_ms)
-        self.dirty_syncs = ram.get("dirty-sync-count", self.dirty_syncs)
         self.updated = time.time()
 
 
@@ -403,18 +380,12 @@ class OutgoingMigration:
         self.total_ms: float | None = None
         self.stop_ts: float | None = None  # QMP timestamp of the source guest's STOP
         self.reached_postcopy = False
-        #: the downtime-limit QEMU has now (the ramp's current step, see downtime_limit_at)
-        self.downtime_limit = downtime_limit_at(self.downtime_ceiling, 1)
         self.done = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
 
     @property
     def postcopy(self) -> bool:
         return self.opts.postcopy
-
-    @property
-    def downtime_ceiling(self) -> int:
-        return self.opts.downtime_limit or QEMU_DOWNTIME_LIMIT
 
     def view(self) -> dict:
         p = self.progress
@@ -423,7 +394,6 @@ class OutgoingMigration:
                 "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
-                "downtime_limit_ms": self.downtime_limit, "dirty_syncs": p.dirty_syncs,
                 "switchover_ms": self.switchover_ms(), "activation": activation}
 
     def record(self) -> dict:
@@ -498,10 +468,9 @@ class OutgoingMigration:
         self.port.checkpoint(Checkpoint.CAPABILITIES)
         await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         # Always both: QEMU keeps migration parameters for its whole life, so a migration
-        # asked for without a limit must not run at the limit of an earlier one.  The
-        # downtime limit starts at the ramp's first step (_poll_progress raises it).
+        # asked for without a limit must not run at the limit of an earlier one.
         params = {"max-bandwidth": self.opts.max_bandwidth or QEMU_MAX_BANDWIDTH,
-                  "downtime-limit": self.downtime_limit}
+                  "downtime-limit": self.opts.downtime_limit or QEMU_DOWNTIME_LIMIT}
         await qmp.execute("migrate-set-parameters", params)
         tls = self.opts.qemu_tls
         if tls is not None:
@@ -556,8 +525,6 @@ class OutgoingMigration:
                 self.progress.update(await self.port.qmp.execute("query-migrate", timeout=5))
             except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
                 return
-            if self.status == "active" and not self.reached_postcopy:
-                await self._step_downtime()
             now = time.monotonic()
             if self.progress.transferred != last or self.status in ("pre-switchover", "device"):
                 last, since = self.progress.transferred, now
@@ -567,16 +534,6 @@ class OutgoingMigration:
                 await self.cancel()
                 return
             await trio.sleep(1 / PROGRESS_HZ)
-
-    async def _step_downtime(self) -> None:
-        """Raise QEMU's downtime-limit to the ramp's step for the passes made so far."""
-        step = downtime_limit_at(self.downtime_ceiling, self.progress.dirty_syncs)
-        if step <= self.downtime_limit:
-            return
-        await self.port.qmp.execute("migrate-set-parameters", {"downtime-limit": step}, timeout=5)
-        self.downtime_limit = step
-        log.info("migration downtime limit raised", instance=self.port.name, downtime_limit_ms=step,
-                 dirty_syncs=self.progress.dirty_syncs)
 
     async def _end_in_qemu(self) -> None:
         """Our side failed while QEMU may still migrate: make QEMU's migration end, and learn how.

@@ -97,22 +97,3 @@ def test_a_peer_cannot_supply_a_uri_scheme():
     """An ``exec:`` (or any) ``uri`` in the answer is ignored: the source builds tcp:ADDR:PORT itself."""
     a = _peer_answer(PrepareAnswer, {"name": "vm", "port": 4444, "uri": "exec:touch /tmp/pwned"}, "answer")
     assert a.port == 4444 and not hasattr(a, "uri")
-
-
-# -- the downtime ramp ---------------------------------------------------------------------------
-
-def test_downtime_ramp_starts_small_and_doubles_per_unconverged_pass_up_to_the_ceiling():
-    from supervisor._migration import DOWNTIME_FIRST_MS, QEMU_DOWNTIME_LIMIT, downtime_limit_at
-
-    steps = [downtime_limit_at(QEMU_DOWNTIME_LIMIT, k) for k in range(0, 9)]
-    # syncs 0-2: the first pass and the first re-send run at the first step
-    assert steps[:3] == [DOWNTIME_FIRST_MS] * 3 == [20, 20, 20]
-    assert steps[3:] == [40, 80, 160, 300, 300, 300]
-
-
-def test_downtime_ramp_never_exceeds_the_operators_limit():
-    from supervisor._migration import downtime_limit_at
-
-    assert [downtime_limit_at(5, k) for k in (1, 2, 3, 50)] == [5, 5, 5, 5]  # below the first step: fixed
-    assert [downtime_limit_at(1000, k) for k in (2, 3, 4, 5, 6, 7, 8)] == [20, 40, 80, 160, 320, 640, 1000]
-    assert downtime_limit_at(2_000_000, 10_000) == 2_000_000  # no overflow past the ceiling
