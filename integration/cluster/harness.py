@@ -450,6 +450,11 @@ system {{
         <nvpair id="rsc-options-resource-stickiness" name="resource-stickiness" value="100"/>
       </meta_attributes>
     </rsc_defaults>
+    <op_defaults>
+      <meta_attributes id="op-options">
+        <nvpair id="op-options-record-pending" name="record-pending" value="false"/>
+      </meta_attributes>
+    </op_defaults>
   </configuration>
   <status/>
 </cib>
@@ -566,7 +571,9 @@ system {{
         each daemon's view of it (state, migration) and the nodes' log lines that name it
         (the agent's own messages included), newest last."""
         out = [f"operations: {[(n, op, res) for _, n, op, res in self.operations(rsc) if op != 'monitor']}",
-               f"failures: {self.failures()}"]
+               f"failures: {self.failures()}",
+               f"crm_mon: {[ET.tostring(r, encoding='unicode').strip() for r in self.status().iter('resource') if r.get('id') == rsc]}",
+               f"crm_resource --locate: {self.crm('crm_resource', '--locate', '--resource', rsc, check=False).stdout.strip()!r}"]
         for n in self.nodes:
             try:
                 v = self.view(n, rsc)
