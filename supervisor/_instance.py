@@ -54,7 +54,7 @@ from ._qemu import HostFds, NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, State, StateMachine
-from ._tls import qemu_gid, setup_qemu_tls
+from ._tls import qemu_creds_dir, qemu_gid, setup_qemu_tls
 
 log = structlog.get_logger("qsup.instance")
 
@@ -452,7 +452,7 @@ class Instance:
                 {"capability": "postcopy-ram", "state": postcopy}]
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         if ctx.cfg.tls is not None:  # the source must present a cert signed by tls_ca (supervisor/_tls.py)
-            await setup_qemu_tls(self.qmp, ctx.cfg.tls, ctx.cfg.run_dir / "tls" / f"{self.name}.server",
+            await setup_qemu_tls(self.qmp, ctx.cfg.tls, qemu_creds_dir(ctx.cfg.run_dir, self.name, "server"),
                                  endpoint="server", gid=qemu_gid(self.proc.pid), hostname=None)
         addr = ctx.cfg.migration_address
         uri = tcp_uri(addr, free_port(addr))

@@ -227,9 +227,10 @@ def plan_for(spec, cfg, images: dict[str, str], env: dict) -> JailPlan:
         disks = disk_chain(disk, qcow2=disk.endswith(".qcow2")) if disk else []
         tls_dir = None
         if cfg.tls is not None:  # QEMU's creds dirs appear in it at migration time (supervisor/_tls.py)
-            tls_dir = cfg.run_dir / "tls"
-            tls_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-            os.chmod(tls_dir, 0o711)
+            from ._tls import make_qemu_creds_root, qemu_creds_root  # not at import: the helper needs neither
+
+            tls_dir = qemu_creds_root(cfg.run_dir)
+            make_qemu_creds_root(tls_dir)
         accel = spec.accel or cfg.accel
         plan = build_plan(jail_dir(cfg.state_dir, spec.name), exe=exe, disks=disks, tls_dir=tls_dir,
                           kvm=accel == "kvm", env=env)

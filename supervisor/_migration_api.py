@@ -99,13 +99,13 @@ def _declared_peer(cfg, to: str):
 
 def migrate_options(cfg, body: MigrateBody, *, qemu_pid: int | None, name: str) -> MigrateOptions:
     """The options for a migration to the declared peer ``body.to`` (422 naming ``to`` if undeclared)."""
-    from ._tls import qemu_gid
+    from ._tls import qemu_creds_dir, qemu_gid
 
     peer = _declared_peer(cfg, body.to)
     tls = cfg.tls
     qemu_tls = None
     if tls is not None:
-        qemu_tls = QemuTls(tls, cfg.run_dir / "tls" / f"{name}.client", qemu_gid(qemu_pid))
+        qemu_tls = QemuTls(tls, qemu_creds_dir(cfg.run_dir, name, "client"), qemu_gid(qemu_pid))
     return MigrateOptions(to=peer.target, postcopy=body.postcopy, max_bandwidth=body.max_bandwidth,
                           downtime_limit=body.downtime_limit, peer=body.to, migration_host=peer.migration_host,
                           api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls)

@@ -176,11 +176,27 @@ def qemu_gid(pid: int | None) -> int | None:
     return None
 
 
+def qemu_creds_root(run_dir: Path) -> Path:
+    """``<run_dir>/tls``: where every instance's QEMU creds dir is made at migration time (a
+    jailed QEMU gets it bound, supervisor/_jail.py)."""
+    return run_dir / "tls"
+
+
+def qemu_creds_dir(run_dir: Path, name: str, endpoint: str) -> Path:
+    """Instance ``name``'s creds dir as a migration ``endpoint`` (``server``/``client``)."""
+    return qemu_creds_root(run_dir) / f"{name}.{endpoint}"
+
+
+def make_qemu_creds_root(root: Path) -> None:
+    """The creds root, 0711 root: traversable, not listable."""
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(root, 0o711)
+
+
 def write_qemu_creds(path: Path, tls: TlsFiles, gid: int | None) -> Path:
     """``path`` as QEMU's creds dir: 0750 root:``gid``, files 0640 (the node cert is both ends)."""
     shutil.rmtree(path, ignore_errors=True)
-    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o711)  # traversable, not listable
+    make_qemu_creds_root(path.parent)
     path.mkdir(mode=0o700)
     try:
         srcs = {"ca-cert.pem": tls.ca, "server-cert.pem": tls.cert, "server-key.pem": tls.key,
