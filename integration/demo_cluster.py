@@ -58,7 +58,7 @@ def main() -> int:
         c.wait_idle(timeout=120)
         c.nodes[0].qsup.wait_console("real0", timeout=180)
         print(crm_mon(c))
-        seqs = {n.name: ev.last_seq(n) for n in c.nodes}
+        seqs = {n.name: n.qsup.last_seq() for n in c.nodes}
 
         stop = threading.Event()
 

@@ -378,6 +378,14 @@ class QsupDaemon(_Console):
         out = self.cli("events", "--json", "--since", str(since)).stdout
         return [json.loads(l) for l in out.splitlines() if l.strip()]
 
+    def last_seq(self) -> int:
+        """The newest event's seq, from ``/v1/health``: the ``since`` for "events from now on"
+        (exact even when retention pruned every event the log ever had)."""
+        from supervisor._client import Client
+
+        with Client(self.socket) as c:
+            return c.health()["last_seq"]
+
     def tail(self, since: int | None = None) -> "EventTail":
         return EventTail(self, since)
 

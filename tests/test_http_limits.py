@@ -40,10 +40,20 @@ def _serve(tmp_path, limits: HttpLimits, header_timeout: float, body):
     return trio.run(main)
 
 
+def _client(path) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path), base_url="http://qsup", timeout=10)
+
+
+async def _until_zero(count) -> None:
+    """Until ``count()`` (one of the app's request counters) is back to 0."""
+    with trio.fail_after(5):
+        while count():
+            await trio.sleep(0.01)
+
+
 def test_followers_over_the_cap_get_503_and_a_slot_frees_when_one_leaves(tmp_path):
     async def body(path, app):
-        transport = httpx.AsyncHTTPTransport(uds=path)
-        async with httpx.AsyncClient(transport=transport, base_url="http://qsup", timeout=10) as c:
+        async with _client(path) as c:
             async with c.stream("GET", "/v1/events?follow=true") as first:
                 assert first.status_code == 200
                 async with c.stream("GET", "/v1/events?follow=true") as second:
@@ -52,9 +62,7 @@ def test_followers_over_the_cap_get_503_and_a_slot_frees_when_one_leaves(tmp_pat
                     assert third.status_code == 503 and third.json()["code"] == "busy"
                     assert third.headers["retry-after"]
                     assert (await c.get("/v1/events")).status_code == 200  # a backlog read is no follower
-            with trio.fail_after(5):
-                while app.followers:
-                    await trio.sleep(0.01)
+            await _until_zero(lambda: app.followers)
             async with c.stream("GET", "/v1/events?follow=true") as again:
                 assert again.status_code == 200
 
@@ -63,15 +71,12 @@ def test_followers_over_the_cap_get_503_and_a_slot_frees_when_one_leaves(tmp_pat
 
 def test_requests_over_the_cap_get_503(tmp_path):
     async def body(path, app):
-        transport = httpx.AsyncHTTPTransport(uds=path)
-        async with httpx.AsyncClient(transport=transport, base_url="http://qsup", timeout=10) as c:
+        async with _client(path) as c:
             async with c.stream("GET", "/v1/events?follow=true") as held:  # occupies the one slot
                 assert held.status_code == 200
                 r = await c.get("/v1/health")
                 assert r.status_code == 503 and "requests at once" in r.json()["error"]
-            with trio.fail_after(5):
-                while app.active:
-                    await trio.sleep(0.01)
+            await _until_zero(lambda: app.active)
             assert (await c.get("/v1/health")).status_code == 200
 
     _serve(tmp_path, HttpLimits(max_requests=1, max_followers=5), 30, body)
@@ -96,8 +101,7 @@ def test_a_client_that_stops_sending_headers_is_cut_off(tmp_path):
 
 def test_a_follower_is_not_cut_off_by_the_header_timeout(tmp_path):
     async def body(path, app):
-        transport = httpx.AsyncHTTPTransport(uds=path)
-        async with httpx.AsyncClient(transport=transport, base_url="http://qsup", timeout=10) as c:
+        async with _client(path) as c:
             async with c.stream("GET", "/v1/events?follow=true") as f:
                 assert f.status_code == 200
                 await trio.sleep(2.5)  # well past the header timeout, sending nothing

@@ -169,11 +169,6 @@ def events(node: ClusterNode, since: int = 0) -> list[dict]:
     return [json.loads(x) for x in body.splitlines() if x.strip()] if code == 200 else []
 
 
-def last_seq(node: ClusterNode) -> int:
-    ev = events(node)
-    return ev[-1]["seq"] if ev else 0
-
-
 def placement(c: Cluster) -> dict[str, tuple[str, dict]]:
     """guest -> (node, view) for every running instance on every node."""
     out = {}
@@ -339,7 +334,7 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
     set_prop(c, "migration-limit", str(limit))
     c.wait_idle(timeout=120)
     before = {name: v["generation"] for name, v in views(src).items()}
-    seqs = {n.name: last_seq(n) for n in c.nodes}
+    seqs = {n.name: n.qsup.last_seq() for n in c.nodes}
     samplers = Samplers(c, outdir)
     pingers = {}
     try:

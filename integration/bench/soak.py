@@ -344,11 +344,6 @@ def svg(rows: list[dict], path: Path, title: str) -> None:
 
 # --- the run ---------------------------------------------------------------------------------
 
-def last_seq(d) -> int:
-    with Client(d.socket) as c:
-        return c.health()["last_seq"]
-
-
 def evidence(w: dict, daemons: dict, seq0: dict, src: str) -> dict:
     """Route transitions (both samplers, CLOCK_REALTIME) and both nodes' migration/netconf events
     of this migration, so an overlap or a long gap can be told from a late sampler afterwards.
@@ -457,7 +452,7 @@ def main() -> int:
             src_node = holder
             src, dst = daemons[holder], daemons[other]
             tw = time.monotonic()
-            seq0 = {n: last_seq(d) for n, d in daemons.items()}
+            seq0 = {n: d.last_seq() for n, d in daemons.items()}
             watch = MigrationWatch(t, nss[holder], nss[other], IP, work, tag=str(i % 2))
             try:
                 watch.ping.wait_replies(20)  # replies before the migration, so loss is counted between replies

@@ -120,11 +120,6 @@ def _generation(c: Cluster, node: str, name: str) -> str:
     return v["generation"]
 
 
-def _last_seq(c: Cluster, node: str) -> int:
-    ev = c.node(node).qsup.events()
-    return ev[-1]["seq"] if ev else 0
-
-
 def test_agent_is_the_shipped_one():
     assert AGENT.exists() and AGENT.stat().st_mode & 0o755 == 0o755
     out = subprocess.run([str(AGENT), "meta-data"], capture_output=True, text=True, check=True).stdout
@@ -144,7 +139,7 @@ def test_guest_placed_and_started(cluster, vm):
 def _move(cluster: Cluster, name: str, dst: str) -> None:
     """``crm_resource --move`` to dst, assert it was live-migrated, then ``--clear``."""
     src = cluster.locate(name)[0]
-    seqs = _last_seq(cluster, src), _last_seq(cluster, dst)
+    seqs = cluster.node(src).qsup.last_seq(), cluster.node(dst).qsup.last_seq()
     gen = _generation(cluster, src, name)
     consoles = _consoles(cluster, name)
     t0 = time.monotonic()
@@ -182,7 +177,7 @@ def test_move_to_remote_node_live_migrates(cluster, vm):
 def test_standby_evacuates_by_live_migration(cluster, vm):
     name = vm[0]
     src = cluster.locate(name)[0]
-    seqs = {n.name: _last_seq(cluster, n.name) for n in cluster.nodes}
+    seqs = {n.name: n.qsup.last_seq() for n in cluster.nodes}
     gen = _generation(cluster, src, name)
     consoles = _consoles(cluster, name)
     cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "on")
