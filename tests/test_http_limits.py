@@ -5,6 +5,7 @@ A real hypercorn (the daemon's own ``_serve_http``) on a unix socket, a real Nod
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -82,21 +83,36 @@ def test_requests_over_the_cap_get_503(tmp_path):
     _serve(tmp_path, HttpLimits(max_requests=1, max_followers=5), 30, body)
 
 
+#: the header timeout these tests configure: clearly apart from hypercorn's own default
+#: (``keep_alive_timeout``, 5 s), so a server that ignored the setting would be caught
+HEADER_TIMEOUT = 1.5
+
+
+def test_hypercorns_own_default_is_not_the_configured_timeout():
+    from hypercorn.config import Config
+
+    assert abs(Config().keep_alive_timeout - HEADER_TIMEOUT) >= 2, Config().keep_alive_timeout
+
+
 def test_a_client_that_stops_sending_headers_is_cut_off(tmp_path):
     async def body(path, app):
         s = trio.socket.socket(socket.AF_UNIX)
         await s.connect(path)
         await s.send(b"GET /v1/health HTTP/1.1\r\nHost: qsup\r\n")  # ... and never the blank line
         t = time.monotonic()
+        got = b""
         with trio.fail_after(10):
             data = await s.recv(4096)
             while data:
+                got += data
                 data = await s.recv(4096)
         s.close()
-        return time.monotonic() - t
+        return time.monotonic() - t, got
 
-    took = _serve(tmp_path, HttpLimits(), 1.0, body)
-    assert took < 5, took
+    took, got = _serve(tmp_path, HttpLimits(), HEADER_TIMEOUT, body)
+    assert got == b"", got  # no answer: the request never completed
+    # cut off by *our* timeout: not before it, and well before hypercorn's default (5 s)
+    assert HEADER_TIMEOUT - 0.2 <= took <= HEADER_TIMEOUT + 1.5, took
 
 
 def test_a_follower_is_not_cut_off_by_the_header_timeout(tmp_path):
@@ -104,11 +120,24 @@ def test_a_follower_is_not_cut_off_by_the_header_timeout(tmp_path):
         async with _client(path) as c:
             async with c.stream("GET", "/v1/events?follow=true") as f:
                 assert f.status_code == 200
-                await trio.sleep(2.5)  # well past the header timeout, sending nothing
-                app.state.events.emit("test.ping")
-                with trio.fail_after(5):
-                    async for line in f.aiter_lines():
-                        assert "test.ping" in line
-                        return
+                lines = f.aiter_lines()
 
-    _serve(tmp_path, HttpLimits(), 1.0, body)
+                async def next_event(want: str) -> None:
+                    """The next event on the stream must be ``want``; the stream must not end."""
+                    with trio.fail_after(5):
+                        async for line in lines:
+                            if line.strip():
+                                assert json.loads(line)["type"] == want, line
+                                return
+                    raise AssertionError(f"the follower's stream ended before {want}")
+
+                await trio.sleep(2 * HEADER_TIMEOUT)  # well past the header timeout, sending nothing
+                app.state.events.emit("test.ping")
+                await next_event("test.ping")
+                await trio.sleep(2 * HEADER_TIMEOUT)  # and again: still open, still delivering
+                app.state.events.emit("test.pong")
+                await next_event("test.pong")
+                assert app.followers == 1
+        return True
+
+    assert _serve(tmp_path, HttpLimits(), HEADER_TIMEOUT, body) is True
