@@ -122,6 +122,26 @@ def proc_status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
+def seccomp_filters(pid: int) -> int:
+    """How many seccomp filters process ``pid`` runs under (``Seccomp_filters`` in /proc/PID/status)."""
+    return int(proc_status(pid)["Seccomp_filters"])
+
+
+def assert_own_seccomp_filter(qemu_pid: int, daemon_pid: int) -> None:
+    """QEMU installed a seccomp filter of its own (``-sandbox``): it runs under more filters
+    than the daemon that spawned it.
+
+    ``Seccomp: 2`` alone would also hold for a filter QEMU merely inherited (a daemon under
+    systemd's ``SystemCallFilter=``), and ``NoNewPrivs`` is set by the jail helper itself,
+    so neither says QEMU's own sandbox is on.
+    """
+    q, d = proc_status(qemu_pid), proc_status(daemon_pid)
+    assert q["Seccomp"] == "2", f"qemu {qemu_pid}: Seccomp {q['Seccomp']} (2: filter mode)"
+    assert int(q["Seccomp_filters"]) > int(d["Seccomp_filters"]), (
+        f"qemu {qemu_pid} runs under {q['Seccomp_filters']} seccomp filter(s), its daemon {daemon_pid} under "
+        f"{d['Seccomp_filters']}: QEMU's own -sandbox filter is not there")
+
+
 def proc_environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         return dict(e.decode().split("=", 1) for e in f.read().split(b"\0") if b"=" in e)
