@@ -21,6 +21,8 @@ APT_PACKAGES := \
 	openvswitch-switch \
 	procps \
 	kmod \
+	gcc \
+	libc6-dev \
 	python3-venv \
 	openssl \
 	systemd

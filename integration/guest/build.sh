@@ -3,15 +3,21 @@
 #
 # Outputs (relative to the repo root, never committed):
 #   build/guest/vmlinuz      the kernel of the current Debian 12 linux-image-*-cloud-amd64
-#   build/guest/initrd.img   gzip'd newc cpio: busybox-static, virtio-net modules, /init
+#   build/guest/initrd.img   gzip'd newc cpio: busybox-static, the modules below, /init and
+#                            /bin/memcheck (integration/guest/memcheck.c, gcc -static)
 #
 # Why this shape: the integration tests need a guest that boots in seconds under TCG and has a
 # real network stack. The cloud kernel is small and has virtio-net as modules, so the initramfs
 # carries just those modules (resolved from modules.dep, loaded in dependency order with insmod),
-# and busybox provides every userland tool /init needs.
+# and busybox provides every userland tool /init needs. memcheck is the one program of our own:
+# a memory workload that verifies its own patterns (guest.dirty=RATE), statically linked so the
+# initramfs needs no libc.
+#
+# Fails loudly: a wanted module that is not in modules.dep, or memcheck not compiling, ends the
+# build with an error (and leaves the previous outputs in place).
 #
 # Idempotent: if both outputs exist and are newer than this script, the /init and busybox,
-# nothing is done (no apt query either). GUEST_REBUILD=1 forces a rebuild, which also picks up
+# nothing is done (no apt query either); memcheck.c counts as an input too. GUEST_REBUILD=1 forces a rebuild, which also picks up
 # a newer kernel package.
 set -euo pipefail
 
@@ -20,9 +26,12 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="$ROOT/build/guest"
 WORK="$OUT/work"
 INIT_SRC="$HERE/init"
+MEMCHECK_SRC="$HERE/memcheck.c"
 BUSYBOX=/bin/busybox
 
-# Modules wanted in the guest; their dependencies are added from modules.dep.
+# Modules wanted in the guest; their dependencies are added from modules.dep. A name matches
+# its module file with '-' and '_' taken as equal (the kernel does the same): pvpanic_pci is
+# pvpanic-pci.ko.
 #   virtio_pci + virtio_net: the NICs; button + evdev: the ACPI power button as an input
 #   device, so the guest powers off on QMP system_powerdown; pvpanic_pci: a guest kernel panic
 #   reaches QEMU (and qsup) as GUEST_PANICKED.
@@ -34,7 +43,7 @@ up_to_date() {
     local out input
     for out in "$OUT/vmlinuz" "$OUT/initrd.img"; do
         [[ -s "$out" ]] || return 1
-        for input in "${BASH_SOURCE[0]}" "$INIT_SRC" "$BUSYBOX"; do
+        for input in "${BASH_SOURCE[0]}" "$INIT_SRC" "$MEMCHECK_SRC" "$BUSYBOX"; do
             [[ "$out" -nt "$input" ]] || return 1
         done
     done
@@ -46,6 +55,9 @@ ensure_tools() {
         && file_is_static "$BUSYBOX" || missing+=(busybox-static)
     command -v cpio >/dev/null || missing+=(cpio)
     command -v depmod >/dev/null || missing+=(kmod)
+    command -v gcc >/dev/null || missing+=(gcc)
+    # gcc -static needs libc.a (libc6-dev); without it gcc prints the bare name back.
+    [[ -f "$(gcc -print-file-name=libc.a 2>/dev/null)" ]] || missing+=(libc6-dev)
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
         apt-get update -qq
@@ -90,6 +102,8 @@ fetch_kernel() {
 
 # Print the modules (paths relative to /lib/modules/KVER) in load order: every module after
 # all of its dependencies. modules.dep lists a module's deps so that the LAST must load first.
+# Exits non-zero when a wanted module is not found. It runs in a subshell (command
+# substitution), so its caller must check its status: see build_initrd.
 module_order() {
     local kdir="$1" seen="" m
     declare -A dep
@@ -107,16 +121,17 @@ module_order() {
         seen+=" $path"
         printf '%s\n' "$path"
     }
+    local path pattern
     for m in "${WANT_MODULES[@]}"; do
-        local path
-        path="$(grep -E "(^|/)${m}\.ko(\.[a-z]+)?:" "$kdir/modules.dep" | head -n1 | cut -d: -f1)"
-        [[ -n "$path" ]] || { log "module $m not found in modules.dep"; exit 1; }
+        pattern="${m//[-_]/[-_]}"  # pvpanic_pci -> pvpanic[-_]pci
+        path="$(grep -E "(^|/)${pattern}\.ko(\.[a-z]+)?:" "$kdir/modules.dep" | head -n1 | cut -d: -f1 || true)"
+        [[ -n "$path" ]] || { log "module $m not found in $kdir/modules.dep"; exit 1; }
         visit "$path"
     done
 }
 
 build_initrd() {
-    local kver kdir rootfs order rel
+    local kver kdir rootfs order rel modules
     kver="$(ls "$WORK/kernel/lib/modules")"
     kdir="$WORK/kernel/lib/modules/$kver"
     depmod -b "$WORK/kernel" "$kver"
@@ -132,13 +147,21 @@ build_initrd() {
         ln -sf /bin/busybox "$rootfs/$applet"
     done
 
+    # The order first, its status checked: a failure inside `done < <(module_order ...)` would
+    # be lost (a process substitution's exit status is never looked at).
+    modules="$(module_order "$kdir")" || { log "cannot resolve the wanted modules: giving up"; exit 1; }
+    [[ -n "$modules" ]] || { log "no modules resolved: giving up"; exit 1; }
     order="$rootfs/lib/modules/load-order"
     : >"$order"
     while IFS= read -r rel; do
         cp "$kdir/$rel" "$rootfs/lib/modules/"
         basename "$rel" >>"$order"
-    done < <(module_order "$kdir")
+    done <<<"$modules"
     log "modules: $(tr '\n' ' ' <"$order")"
+
+    gcc -static -O2 -s -Wall -Wextra -o "$WORK/memcheck" "$MEMCHECK_SRC" \
+        || { log "gcc failed on $MEMCHECK_SRC: giving up"; exit 1; }
+    install -m 0755 "$WORK/memcheck" "$rootfs/bin/memcheck"
 
     install -m 0755 "$INIT_SRC" "$rootfs/init"
     # Console device node, for the rare case devtmpfs is mounted late.

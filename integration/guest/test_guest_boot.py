@@ -13,6 +13,11 @@ netconf must replicate the host side exactly:
   Forwarding IPv6 between interfaces needs ``net.ipv6.conf.all.forwarding=1``.
 * bridged: tap and uplink on one bridge, nothing else.
 
+The guest's other promises are pinned here too: the initramfs holds pvpanic, a QMP ``inject-nmi``
+with ``guest.nmi_panic=1`` reaches QEMU as ``GUEST_PANICKED``, and the memory workload
+(``guest.dirty=RATE``) runs, verifies itself, and reports a corrupted word -- the signals
+integration/guestcheck.py reads for every migration test.
+
 Everything runs inside network namespaces made here. qemu is started inside them with
 ``ip netns exec`` (which execs, so the Popen pid *is* qemu's pid), killed by that pid, and the
 namespaces are deleted in ``finally`` even when a test fails.
@@ -23,15 +28,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
+from guestcheck import check_guest, console_problems, memcheck_progress, netns_ping
 
 pytestmark = pytest.mark.integration
 
@@ -81,16 +89,26 @@ def netns() -> Iterator[callable]:
 class Guest:
     """One qemu process running the test guest inside a namespace."""
 
-    def __init__(self, ns: str, workdir: Path, append: str, taps: list[tuple[str, str]]):
+    def __init__(
+        self,
+        ns: str,
+        workdir: Path,
+        append: str,
+        taps: list[tuple[str, str]],
+        extra: Sequence[str] = (),
+        quiet: bool = True,
+    ):
         self.console = workdir / "console.log"
         self.qmp_path = workdir / "qmp.sock"
+        quiet_arg = "quiet " if quiet else ""
         args = [
             "ip", "netns", "exec", ns, QEMU,
             "-accel", "tcg", "-m", "256", "-display", "none", "-no-reboot",
             "-monitor", "none", "-serial", f"file:{self.console}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(KERNEL), "-initrd", str(INITRD),
-            "-append", f"console=ttyS0 quiet panic=-1 {append}",
+            "-append", f"console=ttyS0 {quiet_arg}panic=-1 {append}",
+            *extra,
         ]  # fmt: skip
         for i, (tap, mac) in enumerate(taps):
             args += [
@@ -143,8 +161,8 @@ class Guest:
 
 
 @contextlib.contextmanager
-def guest(ns: str, workdir: Path, append: str, taps: list[tuple[str, str]]) -> Iterator[Guest]:
-    g = Guest(ns, workdir, append, taps)
+def guest(ns: str, workdir: Path, append: str, taps: list[tuple[str, str]], **kw) -> Iterator[Guest]:
+    g = Guest(ns, workdir, append, taps, **kw)
     try:
         yield g
     finally:
@@ -311,3 +329,182 @@ def test_bridged_two_nics_mtu_and_powerdown(netns, tmp_path):
         g.proc.wait(timeout=30)
         assert g.proc.returncode == 0
         assert "power button pressed: powering off" in g.text()
+
+
+# --- pvpanic, NMI panic, the memory workload ------------------------------------------------
+
+
+class QmpSession:
+    """One QMP connection kept open, so that events after a command's return are seen too."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.events: list[dict] = []
+        self._read(10.0)  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self, timeout: float) -> dict | None:
+        """The next message, or None after ``timeout`` seconds without one."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            if not chunk:
+                raise AssertionError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name: str, args: dict | None = None) -> dict:
+        msg = {"execute": name, **({"arguments": args} if args else {})}
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read(10.0)
+            if reply is None:
+                raise AssertionError(f"no answer to {name} in 10s")
+            if "event" in reply:
+                self.events.append(reply)
+            elif "return" in reply or "error" in reply:
+                return reply
+
+    def wait_event(self, name: str, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events:
+                if ev["event"] == name:
+                    return ev
+            msg = self._read(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return None
+            if "event" in msg:
+                self.events.append(msg)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_console(g: Guest, pattern: str, timeout: float = 20.0) -> re.Match:
+    """The first match of ``pattern`` on the console, waited for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, g.text())
+        if m:
+            return m
+        if g.proc.poll() is not None:
+            raise AssertionError(f"qemu exited {g.proc.returncode} before {pattern!r}:\n{g.text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern!r} on the console in {timeout}s:\n{g.text()}")
+
+
+def next_progress(g: Guest, after: int | None, timeout: float = 10.0) -> tuple[int, float]:
+    """The first MEMCHECK-OK generation newer than ``after``, and when it was seen (50 ms polls)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gen = memcheck_progress(g.text())
+        if gen is not None and (after is None or gen > after):
+            return gen, time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"memcheck made no progress after gen {after} in {timeout}s:\n{g.text()[-2000:]}")
+
+
+def test_initrd_holds_pvpanic_and_memcheck():
+    """pvpanic-pci.ko (the build asks for pvpanic_pci) and its dependency, in load order; memcheck."""
+    listing = subprocess.run(
+        f"gzip -dc {INITRD} | cpio -t --quiet", shell=True, check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert "bin/memcheck" in listing
+    assert "lib/modules/pvpanic-pci.ko" in listing and "lib/modules/pvpanic.ko" in listing
+    order = subprocess.run(
+        f"gzip -dc {INITRD} | cpio -i --quiet --to-stdout lib/modules/load-order",
+        shell=True, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert order.index("pvpanic.ko") < order.index("pvpanic-pci.ko")
+    assert order.index("virtio_ring.ko") < order.index("virtio_net.ko")
+
+
+def test_busy_guest_memcheck_runs_and_guest_check_passes(netns, tmp_path, record_property):
+    """guest.dirty=50: memcheck starts, sweeps at about 50 MiB/s and reports progress; a full
+    (not quiet) boot with a NIC, pvpanic and memcheck shows no console problem; check_guest passes."""
+    node, client = netns(), netns()
+    setup_routed_node(node, client)
+    append = "guest.ip0=10.99.0.2/32 guest.dirty=50 guest.dirty_mb=24 guest.nmi_panic=1"
+    with guest(node, tmp_path, append, [("tap0", "52:54:00:12:34:56")],
+               extra=["-device", "pvpanic-pci"], quiet=False) as g:  # fmt: skip
+        wait_tap(node, "tap0")
+        setup_routed_tap(node, "tap0", "10.99.0.2", "2001:db8:99::2")
+        g.wait_ready()
+        wait_console(g, r"MEMCHECK-START size_mb=24 rate_mbps=50 pages=6144 locked=1\n")
+        wait_console(g, r"MEMCHECK-OK gen=1 pages=6144 errors=0\n")
+        check_guest(g.text, netns_ping(node, "10.99.0.2"), busy=True, timeout=15)
+        # 24 MiB at 50 MiB/s: ~2.1 sweeps a second; the token bucket must not let it run faster.
+        # Timed between two progress lines (one every 2 s at most), each seen within 50 ms.
+        gen0, t0 = next_progress(g, memcheck_progress(g.text()))
+        gen1, t1 = next_progress(g, gen0)
+        rate = (gen1 - gen0) * 24 / (t1 - t0)
+        record_property("memcheck_mib_per_s", round(rate, 1))
+        assert rate < 50 * 1.3, f"memcheck dirtied {rate:.0f} MiB/s, asked for 50"
+        text = g.text()
+        assert "MEMCHECK-MISMATCH" not in text
+        assert console_problems(text) == [], console_problems(text)
+        assert "Linux version" in text  # not quiet: every boot line was there to be misjudged
+
+
+def test_memcheck_selftest_reports_mismatch_and_nmi_without_knob(netns, tmp_path):
+    """guest.memcheck_selftest=1: the flipped word is reported exactly, check_guest fails on it,
+    and memcheck goes on. Without guest.nmi_panic, inject-nmi does not panic the guest."""
+    node = netns()
+    append = "guest.dirty=50 guest.dirty_mb=8 guest.memcheck_selftest=1"
+    with guest(node, tmp_path, append, [], extra=["-device", "pvpanic-pci", "-action", "panic=pause"]) as g:
+        g.wait_ready()
+        flipped = wait_console(g, r"MEMCHECK-SELFTEST page=(\d+) word=(\d+)\n")
+        page, word = flipped.groups()
+        assert page == "1024"  # the middle of 8 MiB of pages
+        bad = wait_console(
+            g, rf"MEMCHECK-MISMATCH page={page} gen=1 word={word} want=([0-9a-f]{{16}}) got=([0-9a-f]{{16}})\n"
+        )
+        want, got = (int(x, 16) for x in bad.groups())
+        assert want ^ got == 1 << 42  # the one bit it flipped
+        wait_console(g, r"MEMCHECK-OK gen=\d+ pages=2048 errors=1\n")  # healed and going on
+        assert [line for line in console_problems(g.text()) if "MEMCHECK-MISMATCH" in line] == [bad.group(0).strip()]
+        with pytest.raises(AssertionError, match=r"(?s)console problem.*MEMCHECK-MISMATCH page=1024"):
+            check_guest(g.text, lambda: True, busy=True, timeout=5)
+
+        qmp = QmpSession(g.qmp_path)
+        try:
+            assert qmp.cmd("inject-nmi") == {"return": {}}
+            wait_console(g, r"NMI received for unknown reason", timeout=10)
+            assert qmp.wait_event("GUEST_PANICKED", timeout=1) is None
+            assert qmp.cmd("query-status")["return"]["status"] == "running"
+        finally:
+            qmp.close()
+        next_progress(g, memcheck_progress(g.text()))  # the NMI did not stop it
+
+
+def test_nmi_panic_reaches_qemu_as_guest_panicked(netns, tmp_path):
+    """guest.nmi_panic=1 + pvpanic-pci + -action panic=pause: inject-nmi -> GUEST_PANICKED, paused;
+    the panic message (deferred: raised in NMI context) reaches the console after `cont`."""
+    node = netns()
+    append = "guest.nmi_panic=1"
+    with guest(node, tmp_path, append, [], extra=["-device", "pvpanic-pci", "-action", "panic=pause"]) as g:
+        g.wait_ready()
+        qmp = QmpSession(g.qmp_path)
+        try:
+            assert qmp.cmd("inject-nmi") == {"return": {}}
+            ev = qmp.wait_event("GUEST_PANICKED", timeout=10)
+            assert ev is not None, f"no GUEST_PANICKED; events {qmp.events}\n{g.text()}"
+            assert ev["data"]["action"] == "pause"
+            assert qmp.cmd("query-status")["return"]["status"] == "guest-panicked"
+            qmp.cmd("cont")  # the guest finishes its panic: prints it, reboots (panic=-1): qemu exits
+        finally:
+            qmp.close()
+        assert g.proc.wait(timeout=15) == 0
+        problems = console_problems(g.text())
+        assert any("Kernel panic - not syncing: NMI" in line for line in problems), g.text()[-2000:]
