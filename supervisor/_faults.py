@@ -28,6 +28,7 @@ class Checkpoint(str, enum.Enum):
     # incoming migration (destination)
     STAGED = "incoming.staged"
     LISTENING = "incoming.listening"
+    AWAIT_RELEASE = "incoming.await_release"
     ACTIVATE = "incoming.activate"
     RESUME = "incoming.resume"
     # stop
@@ -42,6 +43,7 @@ class Checkpoint(str, enum.Enum):
     MIGRATE = "outgoing.migrate"
     RELEASE = "outgoing.release"
     CONTINUE = "outgoing.continue"
+    CONFIRM = "outgoing.confirm"
     HANDED_OVER = "outgoing.handed_over"
 
 

@@ -48,6 +48,7 @@ from ._errors import describe, hook_output, only_cancelled, root_cause
 from ._faults import NO_FAULTS, Checkpoint
 from ._jail import MARK as JAIL_MARK, jail_dir, plan_for, remove_dir
 from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
+    recovery_options, \
     free_port, qmp_timestamp, tcp_uri
 from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
@@ -291,6 +292,10 @@ class Instance:
         """Undo exactly the journal's activate entries (routes, rules, sysctls)."""
         await self.ctx.worker.run(self.executor.undo, reason="migrate-out", phases={"activate"})
 
+    def persist(self) -> None:
+        """Write the record now (a migration's progress a restarted daemon must know)."""
+        self._save()
+
     async def announce(self) -> None:
         """Gratuitous ARP / unsolicited NA for routed guests on the node's uplinks."""
         ifaces = self.ctx.cfg.announce_interfaces
@@ -441,7 +446,7 @@ class Instance:
     async def launch_incoming(self, postcopy: bool) -> str:
         """Destination of a live migration: L2 now, L3 staged, applied only at ``completed``."""
         ctx = self.ctx
-        self.migration = IncomingMigration(self, postcopy)
+        self.migration = IncomingMigration(self, postcopy, release_wait=ctx.cfg.incoming_timeout)
         t0 = time.perf_counter()
         self.emit("instance.starting", spec=self.spec_json(), incoming=True)
         await self._launch(incoming=True, reason="migrate-in")
@@ -490,10 +495,13 @@ class Instance:
         await self._follow_console()
         self.runstate = status.get("status", "")
         if migration and migration.get("direction") == "in":
-            self.migration = IncomingMigration(self, bool(migration.get("postcopy")))
+            self.migration = IncomingMigration(self, bool(migration.get("postcopy")),
+                                               release_wait=self.ctx.cfg.incoming_timeout,
+                                               source_released=migration.get("source_released") is True)
             self._recovery = self._recover_incoming
         elif migration:
-            opts = MigrateOptions(to=str(migration.get("to", "")), postcopy=bool(migration.get("postcopy")))
+            opts = recovery_options(self.ctx.cfg, str(migration.get("to", "")), bool(migration.get("postcopy")),
+                                    migration.get("switchover"))
             self.migration = OutgoingMigration(self, opts, was_running=bool(migration.get("was_running", True)))
             self._migration_settled = trio.Event()
             self._recovery = self._recover_outgoing
@@ -707,10 +715,21 @@ class Instance:
     async def _on_migration_event(self, ev: dict) -> None:
         m = self.migration
         if isinstance(m, IncomingMigration):
-            if await m.on_event(ev) is Outcome.ACTIVATED:
-                self._activated()
+            self._on_incoming_outcome(await m.on_event(ev))
         elif not m.done.is_set():
             m.on_event(ev)
+
+    def _on_incoming_outcome(self, outcome: Outcome) -> None:
+        if outcome is Outcome.ACTIVATED:
+            self._activated()
+        elif outcome is Outcome.SOURCE_SILENT and self.cause is None:
+            # QEMU here holds a complete guest, but the source may still hold its L3 (or even
+            # resume): never activate without its word.  The source rolls back when it sees us gone.
+            self.emit("migration.source_silent", after_s=self.ctx.cfg.incoming_timeout)
+            self.exit(ExitCause.INCOMING_ABORTED,
+                      f"incoming migration aborted: the source never confirmed its L3 release within "
+                      f"{self.ctx.cfg.incoming_timeout:g}s")
+            self.proc.signal(signal.SIGKILL)
 
     def _on_qemu_stop(self, ts: float) -> None:
         m = self.migration
@@ -862,8 +881,7 @@ class Instance:
             self._migration_settled.set()
 
     async def _recover_incoming(self, m: IncomingMigration) -> None:
-        if await m.recover(self.runstate) is Outcome.ACTIVATED:
-            self._activated()
+        self._on_incoming_outcome(await m.recover(self.runstate))
 
     def _activated(self) -> None:
         self.runstate = "running"
@@ -874,13 +892,14 @@ class Instance:
         """Act on how an outgoing migration ended."""
         m = self.migration
         if outcome is Outcome.HANDED_OVER:
+            self.checkpoint(Checkpoint.HANDED_OVER)
             self.exit(ExitCause.MIGRATED_OUT)
             await self._quit()
         elif self.cause is not None or not self.proc.alive:
             return  # an exit is under way (a forced stop, QEMU died): it decides the end
-        elif outcome is Outcome.POSTCOPY_LOST:
+        elif outcome in (Outcome.POSTCOPY_LOST, Outcome.UNCONFIRMED):
             self.runstate = "postmigrate"
-            self.sm.move(State.PAUSED, "post-copy lost: stale copy kept paused")
+            self.sm.move(State.PAUSED, f"{outcome.value}: copy kept paused for an operator")
         else:
             resumed = m.was_running
             self.sm.move(State.RUNNING if resumed else State.PAUSED, "migration failed; guest kept here")
@@ -902,6 +921,13 @@ class Instance:
         if not isinstance(m, OutgoingMigration) or m.done.is_set():
             raise MigrationError(f"instance {self.name!r} has no outgoing migration in progress", "name")
         await m.cancel()
+
+    def confirm_release(self) -> None:
+        """The source confirms its L3 release: this destination may activate at ``completed``."""
+        m = self.migration
+        if not isinstance(m, IncomingMigration) or self.cause is not None:
+            raise MigrationError("not an incoming migration that is still pending", "name")
+        m.confirm_release()
 
     async def abort_incoming(self) -> None:
         """The source gave up: tear the destination down (no L3 was applied)."""

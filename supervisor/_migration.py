@@ -3,22 +3,28 @@
 The rule this module exists for: **a guest's L3 (routes, rules, proxy
 ARP/NDP) is never on two nodes at once**, and the hand-over costs no more
 than QEMU's own downtime plus two netlink batches.  It holds by causality,
-not timing:
+not timing (docs/ARCHITECTURE.md, "Switchover"):
 
 Source (:class:`OutgoingMigration`)
-    capabilities ``events`` + ``pause-before-switchover`` + ``return-path``
-    (+ ``postcopy-ram``), then ``migrate``.  At MIGRATION ``pre-switchover``
-    the source guest is already stopped and its final device state not yet
-    sent: the source releases its L3 (undo of the journal's activate
-    entries), *then* ``migrate-continue``.  The destination cannot reach
-    ``completed`` before that.
+    capabilities ``events`` + ``return-path`` (+ ``postcopy-ram``), then
+    ``migrate``.  With the default :attr:`Switchover.STOP` the source
+    releases its L3 when QEMU stops the guest for the switchover (the STOP
+    event), QEMU never waits for it, and then the source *confirms* the
+    release to the destination over the peer API.  With
+    :attr:`Switchover.PAUSE` (``pause-before-switchover``; refused where it
+    corrupts guests, see :func:`switchover_refusal`) the release happens
+    while QEMU waits at ``pre-switchover``, then ``migrate-continue``, then
+    the same confirmation.
 
 Destination (:class:`IncomingMigration`)
     taps and L2 when QEMU starts (its self-announce is lost if the tap is
     not on its bridge yet), ``-incoming defer -S``, the ``events``
-    capability.  On ``completed`` (``postcopy-active`` for post-copy): L3,
-    ``cont``, then announcements.  QEMU 7.2 exits by itself when an
-    incoming migration fails: that is an aborted incoming, not a crash.
+    capability.  On ``completed`` (``postcopy-active`` for post-copy) it
+    waits for the source's confirmed release (usually there already: the
+    source released at STOP, before the final RAM and device state were
+    even sent), then L3, ``cont``, announcements.  QEMU 7.2 exits by itself
+    when an incoming migration fails: that is an aborted incoming, not a
+    crash.
 
 How a migration talks to its instance: through :class:`InstancePort`, a
 narrow typed interface (emit an event, apply/release L3, announce, spawn a
@@ -74,9 +80,11 @@ FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
 class MigrationError(RuntimeError):
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, status: int | None = None):
         super().__init__(message)
         self.field = field
+        #: the HTTP status a peer answered with, when it answered
+        self.status = status
 
 
 class Outcome(str, enum.Enum):
@@ -85,8 +93,38 @@ class Outcome(str, enum.Enum):
     HANDED_OVER = "handed over"  # source: the destination runs the guest; quit here
     ROLLED_BACK = "rolled back"  # source: the guest stays here, L3 back, running as before
     POSTCOPY_LOST = "post-copy lost"  # source: the destination ran the guest; stale copy kept paused
+    UNCONFIRMED = "unconfirmed"  # source: QEMU completed, the destination never took the release; kept paused
     ACTIVATED = "activated"  # destination: L3 applied, guest resumed
     PENDING = "pending"  # destination: nothing to do yet
+    SOURCE_SILENT = "source silent"  # destination: completed, but the source never confirmed its release
+
+
+class Switchover(str, enum.Enum):
+    """Where the source lets go of the guest's L3 (docs/ARCHITECTURE.md, "Switchover").
+
+    Either way the destination applies L3 only after the source confirmed the release.
+    """
+
+    #: at the source guest's STOP; QEMU never waits for qsup
+    STOP = "stop"
+    #: inside QEMU's ``pause-before-switchover``: corrupts busy guests on QEMU 7.2 (BENCHMARKS.md)
+    PAUSE = "pause"
+
+
+#: the first QEMU version on which each switchover mode was measured clean by
+#: integration/bench/migration_integrity.py (BENCHMARKS.md); older ones are refused
+SWITCHOVER_MIN_QEMU = {Switchover.STOP: (7, 2), Switchover.PAUSE: (10, 0)}
+
+
+def switchover_refusal(mode: Switchover, qemu_version: tuple[int, int] | None) -> str | None:
+    """Why ``mode`` is refused on a QEMU of ``qemu_version`` (major, minor), or None."""
+    need = SWITCHOVER_MIN_QEMU[mode]
+    if qemu_version is None or qemu_version >= need:
+        return None
+    have = ".".join(map(str, qemu_version))
+    return (f"switchover {mode.value!r} needs QEMU >= {need[0]}.{need[1]} (this guest runs QEMU {have}): "
+            "QEMU 7.2's pause-before-switchover corrupted busy guests' memory in "
+            "integration/bench/migration_integrity.py (BENCHMARKS.md); use 'stop'")
 
 
 class InstancePort(Protocol):
@@ -112,6 +150,8 @@ class InstancePort(Protocol):
 
     async def release_l3(self) -> None: ...
 
+    def persist(self) -> None: ...
+
     async def announce(self) -> None: ...
 
     def spawn(self, fn, *args) -> None: ...
@@ -132,6 +172,7 @@ class MigrateOptions:
     postcopy: bool = False
     max_bandwidth: int | None = None  # bytes/s
     downtime_limit: int | None = None  # ms
+    switchover: Switchover = Switchover.STOP
     token: str | None = None  # bearer token for an https:// destination (none when a client cert is used)
     #: the declared peer's name (``[peers]`` key): what its certificates must name
     peer: str | None = None
@@ -144,10 +185,53 @@ class MigrateOptions:
     qemu_tls: QemuTls | None = None
     #: cancel when no RAM moved for this long (a dead link stalls TCP, it doesn't fail it)
     stall_timeout: float = 15.0
+    #: how long the source keeps trying to confirm its L3 release to the destination
+    confirm_timeout: float = 30.0
 
     @property
     def shown_to(self) -> str:
         return self.peer or self.to
+
+
+async def qemu_version(qmp: qmp_glue.QMPClient) -> tuple[int, int] | None:
+    """(major, minor) of the QEMU behind ``qmp`` (``query-version``), None if it won't say."""
+    try:
+        q = (await qmp.execute("query-version", timeout=5)).get("qemu", {})
+        return int(q["major"]), int(q["minor"])
+    except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError, KeyError, TypeError, ValueError):
+        return None
+
+
+def peer_options(cfg, peer_name: str, *, name: str, qemu_pid: int | None, **kw) -> MigrateOptions:
+    """The options for migrating ``name`` to the declared peer ``peer_name`` (KeyError if undeclared).
+
+    Credentials go to declared peers only: to an ``https://`` peer the node's certificate, to a
+    ``unix:`` peer nothing.
+    """
+    from ._tls import qemu_creds_dir, qemu_gid
+
+    peer = cfg.peers[peer_name]
+    tls = cfg.tls
+    qemu_tls = None
+    if tls is not None:
+        qemu_tls = QemuTls(tls, qemu_creds_dir(cfg.run_dir, name, "client"), qemu_gid(qemu_pid))
+    return MigrateOptions(to=peer.target, peer=peer_name, migration_host=peer.migration_host,
+                          api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls, **kw)
+
+
+def recovery_options(cfg, to: str, postcopy: bool, switchover: object) -> MigrateOptions:
+    """What a restarted daemon knows of an outgoing migration from its record.
+
+    ``to`` is the declared peer's name when it still is one (then the release can be confirmed
+    to it); a record written before switchover modes existed used the pause.
+    """
+    mode = Switchover(switchover) if switchover in {m.value for m in Switchover} else Switchover.PAUSE
+    peers = getattr(cfg, "peers", None) or {}
+    if to in peers:
+        peer = peers[to]
+        return MigrateOptions(to=peer.target, peer=to, migration_host=peer.migration_host, postcopy=postcopy,
+                              switchover=mode, api_tls=cfg.tls if peer.is_https else None)
+    return MigrateOptions(to=to, postcopy=postcopy, switchover=mode)
 
 
 def free_port(address: str) -> int:
@@ -204,6 +288,7 @@ class Activation(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
     qmp_ts: float | None = None
+    release_waited_ms: float | None = None
     event_to_l3_ms: float | None = None
     event_to_cont_ms: float | None = None
     received_to_l3_ms: float | None = None
@@ -276,7 +361,7 @@ class PeerClient:
             err = body if isinstance(body, dict) else {}
             message = err.get("error") if isinstance(err.get("error"), str) else r.text[:200]
             field_ = err.get("field") if isinstance(err.get("field"), str) else None
-            raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_)
+            raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_, r.status_code)
         return body
 
     async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str) -> PrepareAnswer:
@@ -287,11 +372,23 @@ class PeerClient:
             raise MigrationError(f"destination prepared {answer.name[:80]!r}, not {name!r}", "to")
         return answer
 
-    async def abort(self, name: str) -> None:
+    async def abort(self, name: str) -> bool:
+        """Tear the destination's pending incoming down.
+
+        False only when it refused with 409: it is no longer a pending
+        incoming (it activated, or is ending): the caller must look before
+        resuming its own copy.
+        """
         try:
             await self._call("POST", f"/v1/migrations/incoming/{name}/abort")
         except MigrationError as e:
             log.info("destination abort", result=str(e))
+            return e.status != 409
+        return True
+
+    async def confirm_release(self, name: str) -> None:
+        """Tell the destination that this node no longer holds the guest's L3 (it may activate)."""
+        await self._call("POST", f"/v1/migrations/incoming/{name}/released")
 
     async def show(self, name: str) -> PeerView:
         view = _peer_answer(PeerView, await self._call("GET", f"/v1/instances/{name}"), "instance view")
@@ -374,7 +471,10 @@ class OutgoingMigration:
         self.l3_released = False
         #: ... and finished: nothing of the guest's L3 is left here
         self.l3_gone = False
+        #: the destination acknowledged the release (it activates only after this)
+        self.release_confirmed = False
         self.migrate_sent = False
+        self._peer: PeerClient | None = None
         self.t0 = time.time()
         self.activation: Activation | None = None
         self.total_ms: float | None = None
@@ -392,20 +492,24 @@ class OutgoingMigration:
         activation = self.activation.model_dump() if self.activation else None
         return {"direction": "out", "to": self.opts.shown_to, "status": self.status, "result": self.result,
                 "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
+                "switchover": self.opts.switchover.value, "release_confirmed": self.release_confirmed,
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
                 "switchover_ms": self.switchover_ms(), "activation": activation}
 
     def record(self) -> dict:
         return {"direction": "out", "postcopy": self.opts.postcopy, "to": self.opts.shown_to,
-                "was_running": self.was_running}
+                "was_running": self.was_running, "switchover": self.opts.switchover.value}
 
     def on_event(self, ev: dict) -> None:
         """The instance's event task hands every MIGRATION event over, in order."""
         self._events_send.send_nowait(ev)
 
     def on_stop(self, qmp_ts: float) -> None:
+        """The instance's event task hands the source guest's STOP over, in order with MIGRATION events."""
         self.stop_ts = self.stop_ts or qmp_ts
+        self._events_send.send_nowait({"event": "STOP", "timestamp": {"seconds": int(qmp_ts),
+                                       "microseconds": int(qmp_ts % 1 * 1e6)}})
 
     def switchover_ms(self) -> float | None:
         """QEMU's own clocks: source guest STOP -> destination ``completed``.
@@ -426,8 +530,8 @@ class OutgoingMigration:
             try:
                 self.port.emit("migration.started", to=self.opts.shown_to, postcopy=self.opts.postcopy,
                                tls=self.opts.qemu_tls is not None)
-                peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
-                                  server_name=self.opts.peer)
+                peer = self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
+                                               server_name=self.opts.peer)
                 self.port.checkpoint(Checkpoint.PREPARE)
                 answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
                                             self.port.generation)
@@ -462,7 +566,7 @@ class OutgoingMigration:
         # would quit the only copy of the guest.  With it, ``completed`` waits for the
         # destination's "loaded" reply, and a dead destination is ``failed``.
         caps = [{"capability": "events", "state": True},
-                {"capability": "pause-before-switchover", "state": True},
+                {"capability": "pause-before-switchover", "state": self.opts.switchover is Switchover.PAUSE},
                 {"capability": "return-path", "state": True},
                 {"capability": "postcopy-ram", "state": self.opts.postcopy}]
         self.port.checkpoint(Checkpoint.CAPABILITIES)
@@ -484,10 +588,18 @@ class OutgoingMigration:
         self.port.emit("migration.uri", uri=uri)
 
     async def _follow(self) -> None:
-        """React to MIGRATION events until a final one; the events alone decide state."""
+        """React to MIGRATION events (and the guest's STOP) until a final one; the events alone decide state."""
         qmp = self.port.qmp
         postcopy_started = False
         async for ev in self._events_recv:
+            if ev.get("event") == "STOP":
+                # QEMU stopped the guest to switch over (or for post-copy): from here on it runs
+                # nowhere until the destination's ``cont``.  Under PAUSE the release waits for
+                # ``pre-switchover`` instead.
+                if self.opts.switchover is Switchover.STOP and self.migrate_sent and not self.l3_released:
+                    await self._release(qmp_timestamp(ev))
+                    await self._confirm_release()
+                continue
             status = ev["data"]["status"]
             self.status = status
             if status.startswith("postcopy-"):
@@ -496,19 +608,50 @@ class OutgoingMigration:
                 postcopy_started = True
                 await qmp.execute("migrate-start-postcopy")
             elif status == "pre-switchover":
-                t = time.perf_counter()
-                self.l3_released = True  # before: a release that fails half-way must be put back
-                self.port.checkpoint(Checkpoint.RELEASE)
-                await self.port.release_l3()
-                self.l3_gone = True
-                t_rel = time.perf_counter()
+                if not self.l3_released:
+                    await self._release(qmp_timestamp(ev))
                 self.port.checkpoint(Checkpoint.CONTINUE)
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                self.port.emit("migration.switchover", l3_released_ms=round((t_rel - t) * 1000, 3),
-                               qmp_ts=qmp_timestamp(ev))
+                await self._confirm_release()
             elif status in FINAL_STATUSES or status == "postcopy-paused":
                 self.result = status
                 return
+
+    async def _release(self, qmp_ts: float) -> None:
+        t = time.perf_counter()
+        self.l3_released = True  # before: a release that fails half-way must be put back
+        self.port.checkpoint(Checkpoint.RELEASE)
+        await self.port.release_l3()
+        self.l3_gone = True
+        self.port.emit("migration.switchover", mode=self.opts.switchover.value,
+                       l3_released_ms=round((time.perf_counter() - t) * 1000, 3), qmp_ts=qmp_ts)
+
+    async def _confirm_release(self, within: float | None = None) -> bool:
+        """Tell the destination our L3 is gone, retrying until it answers or ``within`` s pass.
+
+        The destination activates only after this: it waits at ``completed``
+        for it.  A refusal (4xx) is final: that destination will not take
+        the guest this time.
+        """
+        if self.release_confirmed or not self.l3_gone or self._peer is None:
+            return self.release_confirmed
+        self.port.checkpoint(Checkpoint.CONFIRM)
+        t = time.perf_counter()
+        with trio.move_on_after(self.opts.confirm_timeout if within is None else within):
+            while True:
+                try:
+                    await self._peer.confirm_release(self.port.name)
+                    self.release_confirmed = True
+                    break
+                except MigrationError as e:
+                    if e.status is not None and e.status < 500:
+                        self.error = self.error or f"the destination refused the release: {e}"
+                        break
+                    log.info("release confirmation", error=str(e))
+                await trio.sleep(0.2)
+        self.port.emit("migration.release_confirmed", ok=self.release_confirmed,
+                       ms=round((time.perf_counter() - t) * 1000, 3))
+        return self.release_confirmed
 
     async def _poll_progress(self) -> None:
         """``query-migrate`` at <= 4 Hz for the progress view, and stall detection.
@@ -563,27 +706,66 @@ class OutgoingMigration:
         self.total_ms = round((time.time() - self.t0) * 1000, 1)
         if self.result is None and self.migrate_sent:
             await self._end_in_qemu()
-        if self.result == "completed":
-            await self._summarise(peer)
-            if not self.l3_gone:  # completed without our pre-switchover step (recovery, races)
+        if self.result == "completed" or self.reached_postcopy:
+            if not self.l3_gone:  # completed without our switchover step (a paused guest, recovery, races)
                 await self._release_after_completion()
+            confirmed = await self._confirm_release()
+            if not confirmed and self.result == "completed" and peer is not None \
+                    and await self._destination_gone(peer):
+                # It waited for a confirmation that never came and gave up: it never ran the
+                # guest, so this (postmigrate) copy is the only current one.  ``cont`` works there.
+                self.error = self.error or "the destination gave up before the release was confirmed"
+                self.result = "failed"
+                return await self._rolled_back()
+        if self.result == "completed":
+            if not self.release_confirmed and peer is not None:
+                self.error = self.error or "the destination never acknowledged the L3 release"
+                port.emit("migration.unconfirmed", error=self.error)
+                return Outcome.UNCONFIRMED
+            if not await self._destination_took_it(peer):
+                self.error = self.error or "the destination ended before it ran the guest"
+                self.result = "failed"
+                return await self._rolled_back()
+            await self._summarise()
             return Outcome.HANDED_OVER
         if self.reached_postcopy:
             # The destination has been running the guest: this copy is stale.
             # Resuming it would put the guest on two nodes; keep it paused for
             # an operator (QEMU can still serve pages / be recovered).
             self.error = self.error or f"post-copy ended {self.status}"
-            await self._release_after_completion()
             port.emit("migration.postcopy_lost", status=self.status, error=self.error)
             return Outcome.POSTCOPY_LOST
         self.result = self.result or "failed"
         if prepared and peer is not None:
             with trio.move_on_after(15):
-                await peer.abort(port.name)
+                if not await peer.abort(port.name) and await self._destination_runs(peer):
+                    # It took the guest (QEMU here said failed, e.g. the return path broke
+                    # after the destination loaded everything): never resume a second copy.
+                    port.emit("migration.handed_over_after_failure", result=self.result, error=self.error)
+                    self.result = "completed"
+                    return Outcome.HANDED_OVER
+        return await self._rolled_back()
+
+    async def _rolled_back(self) -> Outcome:
         await self._roll_back()
-        port.emit("migration.failed", result=self.result, error=self.error,
-                  l3_was_released=self.l3_released)
+        self.port.emit("migration.failed", result=self.result, error=self.error,
+                       l3_was_released=self.l3_released)
         return Outcome.ROLLED_BACK
+
+    async def _destination_gone(self, peer: PeerClient) -> bool:
+        """The destination says it has no live copy of the guest (404, or a final state)."""
+        try:
+            view = await peer.show(self.port.name)
+        except MigrationError as e:
+            return e.status == 404
+        return view.state in ("stopped", "failed", "crashed")
+
+    async def _destination_runs(self, peer: PeerClient) -> bool:
+        try:
+            view = await peer.show(self.port.name)
+        except MigrationError:
+            return False
+        return view.state in ("running", "paused")
 
     async def _release_after_completion(self) -> None:
         self.l3_released = True
@@ -608,26 +790,39 @@ class OutgoingMigration:
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
             log.error("could not resume after failed migration", error=str(e))
 
-    async def _summarise(self, peer: PeerClient | None) -> None:
+    async def _destination_took_it(self, peer: PeerClient | None) -> bool:
+        """After ``completed``: wait (briefly) for the destination's activation; False if it ended without.
+
+        The destination activates on its own ``completed`` event, at about the same moment as
+        ours.  If it ends instead (its QEMU died, a stop, a fault) before ``cont``, it never ran
+        the guest and this postmigrate copy is the only current one.  Unreachable: assume it
+        took it, as QEMU says (it cannot resume a second copy without our word either).
+        """
+        if peer is None:
+            return True
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    view = await peer.show(self.port.name)
+                except MigrationError as e:
+                    log.info("destination view", error=str(e))
+                    return e.status != 404
+                self.activation = view.migration.activation if view.migration else None
+                if self.activation:
+                    return True
+                if view.state in ("stopped", "failed", "crashed"):
+                    return False
+                if view.state != "migrating":
+                    return True
+                await trio.sleep(0.02)
+        return True
+
+    async def _summarise(self) -> None:
         port = self.port
         try:
             self.progress.update(await port.qmp.execute("query-migrate", timeout=5))
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
             pass  # the summary is best effort
-        # the destination activates on its own ``completed`` event, at about the
-        # same moment as ours: wait (briefly) for its activation figures
-        if peer is not None:
-            with trio.move_on_after(10):
-                while True:
-                    try:
-                        view = await peer.show(port.name)
-                    except MigrationError as e:
-                        log.info("destination view", error=str(e))
-                        break
-                    self.activation = view.migration.activation if view.migration else None
-                    if self.activation or view.state != "migrating":
-                        break
-                    await trio.sleep(0.02)
         port.emit("migration.completed", total_ms=self.total_ms, downtime_ms=self.progress.downtime_ms,
                   switchover_ms=self.switchover_ms(),
                   activation=self.activation.model_dump() if self.activation else None)
@@ -647,6 +842,9 @@ class OutgoingMigration:
         (a cancel in ``device`` can lose to ``completed``), keep the guest.
         """
         try:
+            if self.opts.peer:  # to confirm the release (the destination waits for it) or abort
+                self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
+                                        server_name=self.opts.peer)
             info = await self.port.qmp.execute("query-migrate")
             self.status = info.get("status", "none")
             self.port.emit("migration.recovering", direction="out", migrate_status=self.status)
@@ -659,7 +857,7 @@ class OutgoingMigration:
                 self.migrate_sent = True  # _conclude cancels it
             else:
                 self.result = "failed"
-            # a daemon killed after pre-switchover may have released some L3: put it all back
+            # a daemon killed after the switchover step may have released some L3: put it all back
             self.l3_released = True
         except BaseException as e:
             if only_cancelled(e):
@@ -667,30 +865,47 @@ class OutgoingMigration:
             self.error = describe(e)
         with trio.CancelScope(shield=True):
             try:
-                return await self._conclude(None, False)
+                return await self._conclude(self._peer, self._peer is not None)
             finally:
+                if self._peer is not None:
+                    await self._peer.aclose()
                 self.done.set()
 
 
 class IncomingMigration:
-    """The destination side: waits for ``completed`` and activates."""
+    """The destination side: waits for ``completed`` and the source's confirmed release, then activates."""
 
     direction = "in"
 
-    def __init__(self, port: InstancePort, postcopy: bool):
+    def __init__(self, port: InstancePort, postcopy: bool, *, release_wait: float = 120.0,
+                 source_released: bool = False):
         self.port = port
         self.postcopy = postcopy
         self.status = "setup"
         self.uri: str | None = None
         self.activation: dict | None = None
         self.activated = False
+        #: how long to wait at ``completed`` for the source's confirmation
+        self.release_wait = release_wait
+        #: the source confirmed its L3 is gone (persisted: a restarted daemon must not wait again)
+        self.source_released = trio.Event()
+        self.release_waited_ms = 0.0
+        if source_released:
+            self.source_released.set()
 
     def view(self) -> dict:
         return {"direction": "in", "status": self.status, "uri": self.uri, "postcopy": self.postcopy,
-                "activation": self.activation}
+                "source_released": self.source_released.is_set(), "activation": self.activation}
 
     def record(self) -> dict:
-        return {"direction": "in", "postcopy": self.postcopy}
+        return {"direction": "in", "postcopy": self.postcopy, "source_released": self.source_released.is_set()}
+
+    def confirm_release(self) -> None:
+        """The source says its L3 is gone: recorded before the answer, so a restart keeps it."""
+        if not self.source_released.is_set():
+            self.source_released.set()
+            self.port.persist()
+            self.port.emit("migration.source_released", status=self.status)
 
     async def on_event(self, ev: dict) -> Outcome:
         """Called by the instance's event task the moment a MIGRATION event arrives.
@@ -703,8 +918,21 @@ class IncomingMigration:
         self.status = status
         trigger = "postcopy-active" if self.postcopy else "completed"
         if status == trigger and not self.activated and not self.port.stop_requested:
+            if not await self._source_released():
+                return Outcome.SOURCE_SILENT
             return await self.activate(qmp_timestamp(ev), t_rx)
         return Outcome.PENDING
+
+    async def _source_released(self) -> bool:
+        """Wait (bounded) for the source's confirmation; usually it came before ``completed``."""
+        self.port.checkpoint(Checkpoint.AWAIT_RELEASE)
+        if self.source_released.is_set():
+            return True
+        t = time.perf_counter()
+        with trio.move_on_after(self.release_wait):
+            await self.source_released.wait()
+        self.release_waited_ms = round((time.perf_counter() - t) * 1000, 3)
+        return self.source_released.is_set()
 
     async def activate(self, qmp_ts: float, t_rx: float | None = None) -> Outcome:
         """L3, then ``cont``; then announce (in the background); timed from QEMU's event timestamp.
@@ -729,6 +957,7 @@ class IncomingMigration:
         t_cont = time.time()
         self.activation = {
             "qmp_ts": qmp_ts,
+            "release_waited_ms": self.release_waited_ms,
             "event_to_l3_ms": round((t_l3 - qmp_ts) * 1000, 3),
             "event_to_cont_ms": round((t_cont - qmp_ts) * 1000, 3),
             "received_to_l3_ms": round((t_l3 - t_rx) * 1000, 3),
@@ -760,4 +989,6 @@ class IncomingMigration:
         self.status = mstatus
         if (qemu_status == "inmigrate" and mstatus != "completed") or self.activated:
             return Outcome.PENDING  # the MIGRATION event comes to our new monitor connection
+        if not await self._source_released():
+            return Outcome.SOURCE_SILENT
         return await self.activate(time.time())

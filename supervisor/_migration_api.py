@@ -6,8 +6,10 @@
                                               201 {"name", "port", "tls", "uri"} (taps + L2 + qemu
                                               -incoming defer -S); the source uses only the port
     POST /v1/migrations/incoming/{name}/abort destination: tear a pending incoming migration down
+    POST /v1/migrations/incoming/{name}/released  destination: the source's L3 is gone (activation
+                                              at ``completed`` waits for this)
     POST /v1/instances/{name}/migrate         source: body {"to", "postcopy", "max_bandwidth",
-                                              "downtime_limit"}; ``to`` names a ``[peers]`` entry;
+                                              "downtime_limit", "switchover"}; ``to`` names a ``[peers]`` entry;
                                               202 view (follow it with GET)
     POST /v1/instances/{name}/migrate/cancel  source: migrate_cancel
 
@@ -22,13 +24,15 @@ port in the prepare answer (supervisor/_migration.py, ``PrepareAnswer``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import _http as http
 from ._instance import StartError
-from ._migration import MigrateOptions, QemuTls, parse_tcp_uri
+from ._migration import MigrateOptions, Switchover, parse_tcp_uri, peer_options, qemu_version, switchover_refusal
 from ._node import Conflict
 from ._spec import SpecError, parse_spec
 
@@ -49,6 +53,7 @@ class MigrateBody(_Body):
     postcopy: bool = False
     max_bandwidth: int | None = Field(default=None, ge=1)
     downtime_limit: int | None = Field(default=None, ge=1, le=2000000)
+    switchover: Literal["stop", "pause"] = "stop"
 
 
 async def prepare_incoming(request: Request) -> Response:
@@ -67,6 +72,12 @@ async def prepare_incoming(request: Request) -> Response:
                          "uri": uri}, 201)
 
 
+async def confirm_release(request: Request) -> Response:
+    inst = http.instance(request)
+    http.node(request).confirm_release(inst.name)  # MigrationError -> 409 through the table
+    return JSONResponse(inst.view())
+
+
 async def abort_incoming(request: Request) -> Response:
     inst = http.instance(request)
     await http.node(request).abort_incoming(inst.name)  # MigrationError -> 409 through the table
@@ -83,6 +94,10 @@ async def migrate(request: Request) -> Response:
     http.refuse_while_stopping(request)
     opts = migrate_options(n.cfg, body, qemu_pid=inst.proc.pid if getattr(inst, "proc", None) else None,
                            name=inst.name)
+    if opts.switchover is not Switchover.STOP and inst.state.value in ("running", "paused"):
+        why = switchover_refusal(opts.switchover, await qemu_version(inst.qmp))
+        if why:
+            raise http.HttpError(422, why, "switchover", "invalid_spec")
     await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
 
@@ -99,16 +114,10 @@ def _declared_peer(cfg, to: str):
 
 def migrate_options(cfg, body: MigrateBody, *, qemu_pid: int | None, name: str) -> MigrateOptions:
     """The options for a migration to the declared peer ``body.to`` (422 naming ``to`` if undeclared)."""
-    from ._tls import qemu_creds_dir, qemu_gid
-
-    peer = _declared_peer(cfg, body.to)
-    tls = cfg.tls
-    qemu_tls = None
-    if tls is not None:
-        qemu_tls = QemuTls(tls, qemu_creds_dir(cfg.run_dir, name, "client"), qemu_gid(qemu_pid))
-    return MigrateOptions(to=peer.target, postcopy=body.postcopy, max_bandwidth=body.max_bandwidth,
-                          downtime_limit=body.downtime_limit, peer=body.to, migration_host=peer.migration_host,
-                          api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls)
+    _declared_peer(cfg, body.to)
+    return peer_options(cfg, body.to, name=name, qemu_pid=qemu_pid, postcopy=body.postcopy,
+                        max_bandwidth=body.max_bandwidth, downtime_limit=body.downtime_limit,
+                        switchover=Switchover(body.switchover))
 
 
 async def cancel(request: Request) -> Response:
@@ -131,6 +140,11 @@ ROUTES = [
         "operationId": "abort_incoming",
         "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
         "responses": {**http.ok("Final view", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
+    http.ApiRoute("/v1/migrations/incoming/{name}/released", {"POST": http.Op(confirm_release, {
+        "operationId": "confirm_release",
+        "summary": "Destination: the source confirms it released the guest's L3; activation may proceed "
+                   "at `completed`",
+        "responses": {**http.ok("View", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
     http.ApiRoute("/v1/instances/{name}/migrate", {"POST": http.Op(migrate, {
         "operationId": "migrate_instance",
         "summary": "Source: start a live migration; follow it with GET /v1/instances/{name}",
@@ -174,14 +188,18 @@ SCHEMAS = {
             "max_bandwidth": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}], "default": None,
                               "description": "bytes/s"},
             "downtime_limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 2000000}, {"type": "null"}],
-                               "default": None, "description": "ms"}}},
+                               "default": None, "description": "ms"},
+            "switchover": {"type": "string", "enum": ["stop", "pause"], "default": "stop",
+                           "description": "where the source releases the guest's L3: at the guest's STOP "
+                                          "(default), or inside QEMU's pause-before-switchover (refused on "
+                                          "QEMU older than 10.0: it corrupted busy guests on 7.2)"}}},
     "Activation": {
         "type": "object",
         "description": "Destination: from QEMU's `completed` (its own timestamp, `qmp_ts`) to L3 applied and "
                        "to `cont` returned, in ms",
         "required": ["qmp_ts", "event_to_l3_ms", "event_to_cont_ms"],
         "properties": {
-            "qmp_ts": _NUM, "event_to_l3_ms": _NUM, "event_to_cont_ms": _NUM,
+            "qmp_ts": _NUM, "release_waited_ms": _NUM_OR_NULL, "event_to_l3_ms": _NUM, "event_to_cont_ms": _NUM,
             "received_to_l3_ms": _NUM, "received_to_cont_ms": _NUM, "netconf_ms": _NUM, "cont_ms": _NUM,
             "event_to_resumed_ms": _NUM}},
     "OutgoingMigration": {
@@ -196,6 +214,9 @@ SCHEMAS = {
             "error": {"type": ["string", "null"]},
             "postcopy": {"type": "boolean"},
             "l3_released": {"type": "boolean"},
+            "switchover": {"type": "string", "enum": ["stop", "pause"]},
+            "release_confirmed": {"type": "boolean",
+                                  "description": "the destination acknowledged the L3 release"},
             "transferred": {"type": "integer"}, "remaining": {"type": "integer"}, "total": {"type": "integer"},
             "mbps": _NUM,
             "downtime_ms": _INT_OR_NULL, "total_time_ms": _INT_OR_NULL, "total_ms": _NUM_OR_NULL,
@@ -210,5 +231,6 @@ SCHEMAS = {
             "status": {"type": "string"},
             "uri": {"type": ["string", "null"]},
             "postcopy": {"type": "boolean"},
+            "source_released": {"type": "boolean", "description": "the source confirmed its L3 release"},
             "activation": {"anyOf": [http.ref("Activation"), {"type": "null"}]}}},
 }

@@ -226,6 +226,11 @@ class Node:
         await inst.abort_incoming()
         return inst
 
+    def confirm_release(self, name: str) -> Instance:
+        inst = self.get(name)
+        inst.confirm_release()
+        return inst
+
     async def migrate(self, name: str, opts) -> Instance:
         inst = self.get(name)
         await inst.migrate(opts)

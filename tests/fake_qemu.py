@@ -13,7 +13,8 @@ destination.  Only QEMU is fake; the supervisor runs its real code.
 Behaviour knobs come as JSON in the file ``$FAKE_QEMU_KNOBS`` (the wrapper
 sets it: qsup gives QEMU a scrubbed environment):
 ``fail`` (print it and exit 1 before the monitors exist), ``ignore_powerdown``,
-``ignore_quit``, ``migrate_seconds`` (how long RAM "moves").
+``ignore_quit``, ``migrate_seconds`` (how long RAM "moves"), ``switchover_seconds`` (STOP to
+``device`` without the pause: the final RAM and device state; a cancel in it wins).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class FakeQemu:
         return {}
 
     async def migrate_cancel(self, args: dict) -> dict:
-        if self.migration in ("setup", "active", "pre-switchover"):
+        if self.migration in ("setup", "active", "pre-switchover") and not self.cancelled:
             self.cancelled = True
             self.continue_switchover.set()
         return {}
@@ -164,6 +165,10 @@ class FakeQemu:
                     if self.caps.get("pause-before-switchover"):
                         await self.set_migration("pre-switchover")
                         await self.continue_switchover.wait()
+                    else:
+                        # the final RAM and device state take a while; a cancel then still wins
+                        with trio.move_on_after(float(self.knobs.get("switchover_seconds", 0.1))):
+                            await self.continue_switchover.wait()
                 if self.cancelled:
                     await self.set_migration("cancelling")
                     await self._failed("cancelled")
