@@ -47,9 +47,36 @@ include mk/cluster.mk
 PROMTOOL_DIR := build/prometheus
 PROMTOOL_BIN := $(PROMTOOL_DIR)/usr/bin/promtool
 
-.PHONY: deps apt venv promtool test unit integration demo bench clean install uninstall constraints
+# QEMU 10.0.2 from Debian's bookworm-backports (Debian 13 ships 10.0 itself), beside Debian 12's 7.2:
+# QEMU 7.2's TCG loses guest writes between migration dirty-bitmap syncs (fixed upstream in 9.0,
+# docs/ARCHITECTURE.md "Guest integrity"), so live migration under TCG needs it.  Only the three
+# packages are downloaded and unpacked (apt-get install from backports would also upgrade mesa and
+# libdrm): under /usr/local, so the qemu_chroot jail (which binds /usr) holds it too.  It reads its
+# firmware from /usr/share/qemu, i.e. 7.2's package data: the same ROMs on both, which keeps guests
+# migratable between the two.  QEMU10 is what the integration tests run (QSUP_TEST_QEMU overrides).
+QEMU10_DIR := /usr/local/lib/qsup-qemu-10.0
+QEMU10 := $(QEMU10_DIR)/usr/bin/qemu-system-x86_64
+QEMU10_VERSION := 1:10.0.2+ds-2+deb13u1~bpo12+1
+BACKPORTS_LIST := /etc/apt/sources.list.d/qsup-bookworm-backports.sources
 
-deps: apt venv cluster-deps promtool
+.PHONY: deps apt venv promtool qemu10 lint test unit integration demo bench clean install uninstall constraints
+
+deps: apt venv cluster-deps promtool qemu10
+
+qemu10: $(QEMU10)
+$(QEMU10): | $(STAMP)/apt
+	test -e $(BACKPORTS_LIST) || printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+		'Suites: bookworm-backports' 'Components: main' \
+		'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > $(BACKPORTS_LIST)
+	apt-get update -qq
+	rm -rf build/qemu10-deb && mkdir -p build/qemu10-deb
+	cd build/qemu10-deb && apt-get -o APT::Sandbox::User=root -qq download \
+		'qemu-system-x86=$(QEMU10_VERSION)' 'qemu-system-common=$(QEMU10_VERSION)' 'qemu-system-data=$(QEMU10_VERSION)'
+	rm -rf $(QEMU10_DIR).tmp && mkdir -p $(QEMU10_DIR).tmp
+	for d in build/qemu10-deb/*.deb; do dpkg-deb -x $$d $(QEMU10_DIR).tmp || exit 1; done
+	rm -rf $(QEMU10_DIR) && mv $(QEMU10_DIR).tmp $(QEMU10_DIR) && rm -rf build/qemu10-deb
+	$@ --version | grep -q 'version 10\.0\.2' || { echo "qemu10: $@ does not run" >&2; exit 1; }
+	touch $@
 
 promtool: $(PROMTOOL_BIN)
 $(PROMTOOL_BIN): | $(STAMP)/apt

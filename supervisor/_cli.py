@@ -429,11 +429,14 @@ def events_cmd(follow, since, reconnect, as_json, socket_path, url, token_file) 
 @click.option("--postcopy", is_flag=True, help="switch to post-copy after the first pass")
 @click.option("--max-bandwidth", type=click.IntRange(1), metavar="BYTES/S")
 @click.option("--downtime-limit", type=click.IntRange(1), metavar="MS")
+@click.option("--switchover", type=click.Choice(["stop", "pause"]), default="stop", show_default=True,
+              help="where the source releases the guest's L3: at the guest's STOP, or inside QEMU's "
+                   "pause-before-switchover (refused where it was measured to corrupt guests)")
 @click.option("--cancel", is_flag=True, help="cancel NAME's migration in progress")
 @click.option("--detach", is_flag=True, help="start it and return without following")
 @_client_options
-def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detach, as_json, socket_path,
-                url, token_file) -> None:
+def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, switchover, cancel, detach, as_json,
+                socket_path, url, token_file) -> None:
     """Live-migrate NAME to NODE, showing progress; ends with a summary.
 
     The progress bar is fed by query-migrate (<= 4 Hz); QEMU's MIGRATION
@@ -453,7 +456,8 @@ def migrate_cmd(name, to, postcopy, max_bandwidth, downtime_limit, cancel, detac
         fail(f"to: {to[:80]!r} is not a node name; --to names a peer declared in the node config's [peers]",
              EXIT_USAGE)
     with _Calls(socket_path, url, token_file) as c:
-        c.migrate(name, to, postcopy=postcopy, max_bandwidth=max_bandwidth, downtime_limit=downtime_limit)
+        c.migrate(name, to, postcopy=postcopy, max_bandwidth=max_bandwidth, downtime_limit=downtime_limit,
+                  switchover=switchover)
         if detach:
             _echo_json({"name": name, "to": to, "status": "started"}) if as_json else \
                 click.echo(f"{name}: migration to {to} started")

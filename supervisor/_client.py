@@ -156,8 +156,10 @@ class Client:
         return self._request("DELETE", f"/v1/instances/{_seg(name)}").json()
 
     def migrate(self, name: str, to: str, *, postcopy: bool = False, max_bandwidth: int | None = None,
-                downtime_limit: int | None = None) -> dict:
+                downtime_limit: int | None = None, switchover: str | None = None) -> dict:
         body: dict = {"to": to, "postcopy": postcopy}
+        if switchover:
+            body["switchover"] = switchover
         if max_bandwidth:
             body["max_bandwidth"] = max_bandwidth
         if downtime_limit:
