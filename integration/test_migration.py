@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from migtopo import MigrationWatch, RouteSampler, TwoNodes, loss_budget
+from migtopo import BUSY, MigrationWatch, RouteSampler, TwoNodes, assert_guest_whole, loss_budget
 from topo import guest_spec, pid_alive, qmp
 
 IP = "10.99.0.2"
@@ -34,8 +34,10 @@ def nodes(tmp_path):
         assert not leaked, f"qemu pids left: {leaked}"
 
 
-def routed_spec(name="m1"):
-    return guest_spec(name, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32")
+def routed_spec(name="m1", busy=True):
+    """A routed guest, by default busy (BUSY): migrations take several passes, and pages lost show."""
+    return guest_spec(name, [{"mode": "routed", "mac": MAC, "ip": IP}],
+                      append=f"guest.ip0={IP}/32" + (f" {BUSY}" if busy else ""))
 
 
 def has_route(node, addr=IP) -> bool:
@@ -71,11 +73,12 @@ def leftovers(node) -> list[str]:
     return out
 
 
-def watched_migration(t, src, dst, src_ns, dst_ns, name, addr, outdir) -> tuple[dict, dict]:
+def watched_migration(t, src, dst, src_ns, dst_ns, name, addr, outdir, *, busy=True) -> tuple[dict, dict]:
     """Migrate under the client's 10 ms ping with both nodes' routes sampled.
 
     Ping must be answered before the migration (20 replies) and again after it
-    (50 replies: the guest answers from the destination) -- conditions, not sleeps.
+    (50 replies: the guest answers from the destination) -- conditions, not sleeps --
+    and the guest must be whole on the destination (migtopo.assert_guest_whole).
     Returns (the CLI's summary, MigrationWatch.result()).  Nothing keeps running
     if anything fails.
     """
@@ -83,7 +86,9 @@ def watched_migration(t, src, dst, src_ns, dst_ns, name, addr, outdir) -> tuple[
         watch.ping.wait_replies(20)
         summary = json.loads(migrate(src, dst, name).stdout.strip().splitlines()[-1])
         watch.ping.wait_replies(50, timeout=10)
-        return summary, watch.result()
+        result = watch.result()
+    assert_guest_whole(t, dst, name, addr, busy=busy)
+    return summary, result
 
 
 def switchover_budget(summary: dict) -> int:
@@ -119,7 +124,7 @@ def test_routed_migration_under_ping_zero_overlap(nodes, tmp_path):
 def test_bridged_migration_under_ping(nodes, tmp_path):
     t, a, b = nodes
     t.client.run("ip", "addr", "add", "10.98.0.1/24", "dev", "lan")
-    spec = guest_spec("m2", [{"mode": "bridged", "mac": MAC, "link": "br0"}], append="guest.ip0=10.98.0.2/24")
+    spec = guest_spec("m2", [{"mode": "bridged", "mac": MAC, "link": "br0"}], append=f"guest.ip0=10.98.0.2/24 {BUSY}")
     a.start_instance(spec)
     a.wait_console("m2")
     assert t.client.ping("10.98.0.2")
@@ -143,7 +148,7 @@ def test_postcopy_migration(nodes):
     summary = json.loads(migrate(a, b, "pc1", "--postcopy").stdout.strip().splitlines()[-1])
     assert summary["result"] == "completed"
     assert b.cli_json("show", "pc1")["state"] == "running"
-    assert t.client.ping(IP)
+    assert_guest_whole(t, b, "pc1", IP, busy=True)
     assert has_route(t.b) and not has_route(t.a)
 
 
@@ -155,6 +160,7 @@ def test_back_and_forth_ten_times_no_leaks(nodes):
     for i in range(10):
         summary = json.loads(migrate(src, dst, "bf").stdout.strip().splitlines()[-1])
         assert summary["result"] == "completed", (i, summary)
+        assert_guest_whole(t, dst, "bf", IP, busy=True)
         src, dst = dst, src
     # after an even number of hops the guest is back on A
     assert a.cli_json("show", "bf")["state"] == "running"
@@ -186,7 +192,7 @@ def _assert_on_a_only(t, a, b, name):
     assert v["state"] == "running"
     assert has_route(t.a) and not has_route(t.b)
     assert leftovers(t.b) == []
-    assert t.client.ping(IP)
+    assert_guest_whole(t, a, name, IP, busy=True)
 
 
 def test_cancel_keeps_guest_on_source(nodes, tmp_path):

@@ -20,6 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
+#: The QEMU the daemons under test run: the supported 10.0.2 (`make qemu10`; QEMU 7.2's TCG corrupts
+#: migrating guests, docs/ARCHITECTURE.md "Guest integrity").  QSUP_TEST_QEMU overrides it;
+#: QEMU_DEBIAN is Debian 12's 7.2, for the tests that cover it.
+QEMU = os.environ.get("QSUP_TEST_QEMU") or "/usr/local/lib/qsup-qemu-10.0/usr/bin/qemu-system-x86_64"
+QEMU_DEBIAN = "/usr/bin/qemu-system-x86_64"
 GUEST = ROOT / "build" / "guest"
 _counter = itertools.count()
 
@@ -219,7 +224,7 @@ class QsupRun(_Console):
         cfg = workdir / "qsup.toml"
         cfg.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\n'
-            f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\n'
+            f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\nqemu = "{QEMU}"\n'
             f'powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
@@ -330,7 +335,7 @@ class QsupDaemon(_Console):
                      hooks_dir: Path | None = None) -> None:
         self.config.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\nsocket = "{self.socket}"\n'
-            f'accel = "tcg"\npowerdown_timeout = {powerdown_timeout}\n'
+            f'accel = "tcg"\nqemu = "{QEMU}"\npowerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
         )

@@ -10,9 +10,9 @@ Source (:class:`OutgoingMigration`)
     ``migrate``.  With the default :attr:`Switchover.STOP` the source
     releases its L3 when QEMU stops the guest for the switchover (the STOP
     event), QEMU never waits for it, and then the source *confirms* the
-    release to the destination over the peer API.  With
-    :attr:`Switchover.PAUSE` (``pause-before-switchover``; refused where it
-    corrupts guests, see :func:`switchover_refusal`) the release happens
+    release to the destination over the peer API.  (A QEMU whose migration
+    corrupts guests is refused before anything starts: :func:`migration_refusal`.)  With
+    :attr:`Switchover.PAUSE` (``pause-before-switchover``) the release happens
     while QEMU waits at ``pre-switchover``, then ``migrate-continue``, then
     the same confirmation.
 
@@ -107,24 +107,31 @@ class Switchover(str, enum.Enum):
 
     #: at the source guest's STOP; QEMU never waits for qsup
     STOP = "stop"
-    #: inside QEMU's ``pause-before-switchover``: corrupts busy guests on QEMU 7.2 (BENCHMARKS.md)
+    #: inside QEMU's ``pause-before-switchover``
     PAUSE = "pause"
 
 
-#: the first QEMU version on which each switchover mode was measured clean by
-#: integration/bench/migration_integrity.py (BENCHMARKS.md); older ones are refused
-SWITCHOVER_MIN_QEMU = {Switchover.STOP: (7, 2), Switchover.PAUSE: (10, 0)}
+#: The oldest QEMU a live migration may run from, per (accelerator, switchover mode).  QEMU
+#: 7.2's TCG loses guest stores between the migration's dirty-bitmap syncs (fixed upstream by
+#: 03bfc2188f in 9.0; docs/ARCHITECTURE.md, "Guest integrity"), which corrupts busy guests
+#: whatever the switchover mode: integration/bench/migration_integrity.py measured it
+#: (BENCHMARKS.md).  KVM keeps its own dirty log and is not affected.
+MIGRATION_MIN_QEMU: dict[tuple[str, Switchover], tuple[int, int]] = {
+    ("tcg", Switchover.STOP): (9, 0),
+    ("tcg", Switchover.PAUSE): (9, 0),
+}
 
 
-def switchover_refusal(mode: Switchover, qemu_version: tuple[int, int] | None) -> str | None:
-    """Why ``mode`` is refused on a QEMU of ``qemu_version`` (major, minor), or None."""
-    need = SWITCHOVER_MIN_QEMU[mode]
-    if qemu_version is None or qemu_version >= need:
+def migration_refusal(mode: Switchover, accel: str, qemu_version: tuple[int, int] | None) -> str | None:
+    """Why a migration from a QEMU of ``qemu_version`` under ``accel`` is refused, or None."""
+    need = MIGRATION_MIN_QEMU.get((accel, mode))
+    if need is None or qemu_version is None or qemu_version >= need:
         return None
     have = ".".join(map(str, qemu_version))
-    return (f"switchover {mode.value!r} needs QEMU >= {need[0]}.{need[1]} (this guest runs QEMU {have}): "
-            "QEMU 7.2's pause-before-switchover corrupted busy guests' memory in "
-            "integration/bench/migration_integrity.py (BENCHMARKS.md); use 'stop'")
+    return (f"live migration of a {accel} guest needs QEMU >= {need[0]}.{need[1]} (it runs QEMU {have}, "
+            f"switchover {mode.value!r}): QEMU {have}'s TCG loses guest writes between dirty-bitmap syncs "
+            "and corrupted busy guests in integration/bench/migration_integrity.py (BENCHMARKS.md); "
+            "restart it on a newer QEMU (the node config's qemu)")
 
 
 class InstancePort(Protocol):

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import _http as http
 from ._instance import StartError
-from ._migration import MigrateOptions, Switchover, parse_tcp_uri, peer_options, qemu_version, switchover_refusal
+from ._migration import MigrateOptions, Switchover, parse_tcp_uri, peer_options, migration_refusal, qemu_version
 from ._node import Conflict
 from ._spec import SpecError, parse_spec
 
@@ -94,10 +94,11 @@ async def migrate(request: Request) -> Response:
     http.refuse_while_stopping(request)
     opts = migrate_options(n.cfg, body, qemu_pid=inst.proc.pid if getattr(inst, "proc", None) else None,
                            name=inst.name)
-    if opts.switchover is not Switchover.STOP and inst.state.value in ("running", "paused"):
-        why = switchover_refusal(opts.switchover, await qemu_version(inst.qmp))
+    if inst.state.value in ("running", "paused"):
+        accel = (inst.spec.accel or n.cfg.accel).split(",")[0]
+        why = migration_refusal(opts.switchover, accel, await qemu_version(inst.qmp))
         if why:
-            raise http.HttpError(422, why, "switchover", "invalid_spec")
+            raise http.HttpError(422, why, "accel", "invalid_spec")
     await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
 
@@ -191,8 +192,7 @@ SCHEMAS = {
                                "default": None, "description": "ms"},
             "switchover": {"type": "string", "enum": ["stop", "pause"], "default": "stop",
                            "description": "where the source releases the guest's L3: at the guest's STOP "
-                                          "(default), or inside QEMU's pause-before-switchover (refused on "
-                                          "QEMU older than 10.0: it corrupted busy guests on 7.2)"}}},
+                                          "(default), or inside QEMU's pause-before-switchover"}}},
     "Activation": {
         "type": "object",
         "description": "Destination: from QEMU's `completed` (its own timestamp, `qmp_ts`) to L3 applied and "
