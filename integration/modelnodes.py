@@ -22,16 +22,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sqlite3
 import struct
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from migtopo import TwoNodes
-from topo import Netns, QsupDaemon, pid_alive
+from topo import LeftQemu, Netns, QsupDaemon, kill_qemus, pid_alive
 
 from supervisor._config import Config
 
@@ -221,24 +219,30 @@ class ModelNodes:
         return f"node-{letter}" if PEERS else str(self.nodes[letter].daemon.socket)
 
     def close(self) -> list[int]:
-        """Kill both daemons and every QEMU in either node namespace (by pid), then the namespaces.
+        """The leak check, then remove everything; returns the QEMUs that are a leak (empty: clean).
 
-        Returns the QEMU pids that would not die.
+        Both daemons' instance lists are read, then both are SIGKILLed (a live daemon would
+        start or adopt more), then each daemon's leak check runs (``QsupDaemon.close``: a live
+        QEMU started under its state dir that is in neither its instance list nor its records
+        is reported, and all are killed by pid).  A QEMU still in a node namespace after that
+        was not started under its daemon's state dir: reported too, then killed by pid.
         """
         for n in self.nodes.values():
             n.close_http()
-            n.daemon.kill()  # first: a live daemon would start or adopt more
-        qemus = set()
+        listed = {k: n.daemon.instance_pids() for k, n in self.nodes.items()}
+        for n in self.nodes.values():
+            n.daemon.kill()
+        left: list[int] = []
+        for k, n in self.nodes.items():
+            left += n.daemon.close(instances=listed[k])
+        strays: set[int] = set()
         for ns in self.topo.made[1:]:  # the node namespaces (made[0] is the client)
             try:
-                qemus |= set(qemus_in(ns))
+                found = set(qemus_in(ns))
             except OSError:
-                pass
-        for pid in qemus:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while any(pid_alive(p) for p in qemus) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        leaked = set(self.topo.close())  # the QEMUs the daemons' logs name, then the namespaces
-        return sorted(p for p in qemus | leaked if pid_alive(p))
+                continue
+            strays |= found
+            left += [LeftQemu(p, f"in {ns.name}, not started under its daemon's state dir") for p in sorted(found)]
+        left += kill_qemus(strays)
+        left += self.topo.close()  # the namespaces (the daemons' checks again: nothing left to find)
+        return left

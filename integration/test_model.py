@@ -144,8 +144,8 @@ class Machine(RuleBasedStateMachine):
         self.steps: list[str] = []
 
     def teardown(self):
-        leaked = self.nodes.close()
-        assert not leaked, f"qemu pids that would not die: {leaked}"
+        leaked = self.nodes.close()  # the leak check: QEMUs a daemon started and does not own, or unkillable
+        assert not leaked, f"qemu leaks: {leaked}"
 
     # -- helpers -----------------------------------------------------------
     def node(self, n: str):

@@ -164,6 +164,111 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, a process's identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+class LeftQemu(int):
+    """A QEMU pid a teardown reports, with why; its repr says both, so an assert message does."""
+
+    why: str
+
+    def __new__(cls, pid: int, why: str) -> LeftQemu:  # noqa: PYI034 - an int subclass
+        obj = super().__new__(cls, pid)
+        obj.why = why
+        return obj
+
+    def __repr__(self) -> str:
+        return f"<qemu {int(self)}: {self.why}>"
+
+
+def qemus_under(state_dir: Path) -> set[int]:
+    """Every live process qsup started under ``state_dir``: its stdout or stderr is a log file
+    in ``<state_dir>/logs/`` (how qsup starts QEMU: ``<name>.log`` is its output; jailed or not).
+
+    Found by what the process holds open, not by its name: nobody else's QEMU writes there.
+    """
+    logs = f"{Path(state_dir).resolve()}/logs/"
+    me = os.getpid()
+    out = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        for fd in (1, 2):
+            try:
+                target = os.readlink(f"/proc/{d}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(logs):
+                if pid_alive(int(d)):
+                    out.add(int(d))
+                break
+    return out
+
+
+def recorded_qemu_pids(state_dir: Path) -> set[int]:
+    """The QEMUs the records under ``<state_dir>/instances`` hold (pid and start time match):
+    what a restarted daemon would take over."""
+    out = set()
+    for rec in (Path(state_dir) / "instances").glob("*/record.json"):
+        try:
+            r = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = r.get("pid")
+        if pid and (r.get("pid_start_time") is None or proc_start_time(pid) == r["pid_start_time"]):
+            out.add(pid)
+    return out
+
+
+def unowned_qemus(state_dir: Path, owned: set[int], *, grace: float = 1.0) -> list[LeftQemu]:
+    """The live QEMUs started under ``state_dir`` that are not in ``owned`` (what their daemon
+    lists and records): each one a QEMU qsup leaked.  One already on its way out (quit, killed
+    by the daemon's own teardown) gets ``grace`` seconds to go."""
+    suspects = qemus_under(state_dir) - set(owned)
+    deadline = time.monotonic() + grace
+    while any(pid_alive(p) for p in suspects) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [LeftQemu(p, f"started under {state_dir}, alive, and not in its daemon's instances or records")
+            for p in sorted(suspects) if pid_alive(p)]
+
+
+def qemu_leak_check(state_dir: Path, listed: set[int] = frozenset()) -> list[LeftQemu]:
+    """The leak check of one qsup (its process already dead), then its QEMUs killed by pid.
+
+    Reported, before anything is killed: a live QEMU started under ``state_dir`` that qsup
+    does not own -- not in ``listed`` (its instance list while it ran) nor in a record (what
+    the next daemon would take over): a QEMU qsup leaked; and one qsup owns that the search
+    under ``state_dir`` did not find (this check would be blind to it).  Then every one of
+    them is SIGKILLed by pid; one that survives SIGKILL is reported too.
+    """
+    owned = {p for p in set(listed) | recorded_qemu_pids(state_dir) if pid_alive(p)}
+    left = unowned_qemus(state_dir, owned)
+    found = qemus_under(state_dir)
+    left += [LeftQemu(p, f"owned by its daemon but not found under {state_dir}: the leak check is blind to it")
+             for p in sorted(owned - found) if pid_alive(p) and p not in qemus_under(state_dir)]
+    return left + kill_qemus(found | owned)
+
+
+def kill_qemus(pids: set[int], timeout: float = 5) -> list[LeftQemu]:
+    """SIGKILL each pid (never by name), wait; returns those that survive."""
+    pids = {p for p in pids if pid_alive(p)}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [LeftQemu(p, "survived SIGKILL") for p in sorted(pids) if pid_alive(p)]
+
+
 def _env(extra: dict | None) -> dict | None:
     """The environment for a process we start: ours plus ``extra`` (None: inherit as is)."""
     return None if not extra else {**os.environ, **extra}
@@ -292,23 +397,25 @@ class QsupRun(_Console):
         finally:
             self._reader.join(timeout=5)
 
-    def close(self) -> None:
-        """Last-resort cleanup: kill qsup and the qemus *it* started, by pid."""
+    def close(self) -> list[int]:
+        """Last-resort cleanup, and the leak check (:func:`qemu_leak_check`): returns the QEMUs
+        that are a leak -- started under its state dir and held by no record -- or that
+        survived SIGKILL; empty when clean."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        for pid in self.qemu_pids():
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        left = qemu_leak_check(self.state_dir)
         self._stderr.close()
+        return left
 
 
 class QsupDaemon(_Console):
     """`qsup serve` in a namespace, driven through the real CLI on its unix socket.
 
     The daemon can be SIGKILLed and started again on the same config (``kill()``/``start()``),
-    which is how reattach is tested.  ``close()`` kills the daemon and every QEMU it ever
-    started -- found in its own event log, by pid -- so a failed test leaves nothing running.
+    which is how reattach is tested.  ``close()`` is the leak check (a QEMU the daemon started
+    and does not own fails it) and kills the daemon and every QEMU it started -- found by
+    their logs under its state dir, killed by pid -- so a failed test leaves nothing running.
     """
 
     #: the config's node_name when a topology set one (what `migrate --to` takes)
@@ -445,16 +552,31 @@ class QsupDaemon(_Console):
             con.close()
         return qemu_pids_of([json.loads(b) for (b,) in rows])
 
-    def close(self) -> list[int]:
-        """Kill the daemon and its QEMUs by pid; returns the QEMU pids that would not die."""
+    def instance_pids(self) -> set[int]:
+        """The QEMU pids of the instances the running daemon lists as live (``qsup ls``, final
+        states left out); empty when it is down or does not answer."""
+        if self.proc is None or self.proc.poll() is not None:
+            return set()
+        try:
+            r = self.cli("ls", "--json", check=False, timeout=10)
+            views = json.loads(r.stdout) if r.returncode == 0 else []
+        except (ValueError, subprocess.TimeoutExpired):
+            return set()
+        return {v["pid"] for v in views if v.get("pid") and v.get("state") not in ("stopped", "crashed", "failed")}
+
+    def close(self, instances: set[int] | None = None) -> list[int]:
+        """The leak check and the teardown; returns the QEMUs that are a leak (empty when clean).
+
+        The daemon's instance list is read (``instances``: what it listed before someone
+        killed it), the daemon SIGKILLed, then :func:`qemu_leak_check`: every live QEMU
+        started under its state dir that it does not own -- in neither that list nor a
+        record -- is reported *before* anything is killed; then all are SIGKILLed by pid and
+        any that survives SIGKILL is reported too.
+        """
+        if instances is None:
+            instances = self.instance_pids()
         self.kill()
-        alive = [p for p in self.qemu_pids() if pid_alive(p)]
-        for pid in alive:
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while any(pid_alive(p) for p in alive) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return [p for p in alive if pid_alive(p)]
+        return qemu_leak_check(self.state_dir, instances)
 
 
 class Ovs:

@@ -678,16 +678,20 @@ system {{
         if live:  # no recovery, no migration while the cluster goes away
             live[0].run("crm_attribute", "--type", "crm_config", "--name", "maintenance-mode",
                         "--update", "true", check=False, timeout=20)
-        # qsup daemons and every QEMU they report (migration destinations have no start event)
+        # qsup daemons and their QEMUs: each daemon's leak check (QsupDaemon.close) reports a
+        # live QEMU started under its state dir that it neither lists nor records -- before it
+        # kills them all by pid -- and any that survives SIGKILL
         from migtopo import live_qemu_pids
 
         qemus = live_qemu_pids(self.daemons()) | self.extra_qemu_pids
         for n in reversed(self.nodes):
             if n.qsup:
                 qemus |= n.qsup.qemu_pids()
-                left += [f"{n.name}: qemu {p} would not die" for p in n.qsup.close()]
+                left += [f"{n.name}: {p!r}" for p in n.qsup.close()]
+        # a QEMU a daemon listed or logged that is still alive was not under its state dir
         for pid in qemus:
             if pid_alive(pid) and str(self.workdir).encode() in _cmdline(pid):
+                left.append(f"qemu {pid} alive after its daemon's teardown, not under its state dir (killed)")
                 os.kill(pid, signal.SIGKILL)
         for n in reversed(self.nodes):
             if n.pacemakerd:
