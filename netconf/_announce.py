@@ -84,7 +84,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ._types import NetconfError
+from ._types import Failure, JSONObject, NetconfError
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
@@ -145,7 +145,7 @@ def checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of ``data``."""
     if len(data) % 2:
         data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
@@ -285,7 +285,7 @@ def _parse(addr: str | None, family: int, what: str) -> bytes | None:
 
 
 def announce(interfaces: Sequence[str], *, ip: str | None = None, ip6: str | None = None,
-             count: int = 1) -> list[dict]:
+             count: int = 1) -> list[JSONObject]:
     """Tell the neighbours on each of ``interfaces`` that ``ip``/``ip6`` are at that interface's MAC.
 
     Sends ``count`` rounds back to back (no sleeping: this is the critical
@@ -316,8 +316,8 @@ def announce(interfaces: Sequence[str], *, ip: str | None = None, ip6: str | Non
         raise NetconfError(f"announce: count must be >= 1, not {count}")
     v4 = _parse(ip, socket.AF_INET, "ip")
     v6 = _parse(ip6, socket.AF_INET6, "ip6")
-    results: list[dict] = []
-    failures: list[dict] = []
+    results: list[JSONObject] = []
+    failures: list[Failure] = []
     if6_lines: list[list[str]] = []  # /proc/net/if_inet6, read once, by the first inet6 announce
     s = _packet_socket()
     if not interfaces:
@@ -329,14 +329,14 @@ def announce(interfaces: Sequence[str], *, ip: str | None = None, ip6: str | Non
         except NetconfError as e:
             failures.append({"step": "announce", "interface": ifname, "error": str(e)})
             continue
-        base = {"interface": ifname, "ifindex": ifindex, "mac": mac.hex(":"),
+        base: JSONObject = {"interface": ifname, "ifindex": ifindex, "mac": mac.hex(":"),
                 "resolve_us": round((time.perf_counter() - t0) * 1e6, 1)}
         if v4 is not None:
             results.append(_announce_v4(s, ifname, mac, v4, ip, count, base))
         if v6 is not None:
             results.append(_announce_v6(s, ifname, mac, v6, ip6, count, base, if6_lines))
     if failures:
-        err = NetconfError("announce: " + "; ".join(f["error"].removeprefix("announce: ") for f in failures),
+        err = NetconfError("announce: " + "; ".join(str(f["error"]).removeprefix("announce: ") for f in failures),
                            failures)
         err.results = results
         raise err
@@ -356,9 +356,10 @@ def _warm_up(s: socket.socket) -> None:
     socket.inet_ntop(socket.AF_INET6, src)
 
 
-def _announce_v4(s, ifname, mac, v4, ip, count, base) -> dict:
+def _announce_v4(s: socket.socket, ifname: str, mac: bytes, v4: bytes, ip: str | None, count: int,
+                 base: JSONObject) -> JSONObject:
     t0 = time.perf_counter()
-    r = dict(base, family="inet", ip=ip, frames=0, error=None)
+    r: JSONObject = dict(base, family="inet", ip=ip, frames=0, error=None)
     try:
         r["frames"] = _send(s, ifname, ETH_P_ARP, (garp_request(mac, v4), garp_reply(mac, v4)), count)
     except OSError as e:
@@ -367,9 +368,10 @@ def _announce_v4(s, ifname, mac, v4, ip, count, base) -> dict:
     return r
 
 
-def _announce_v6(s, ifname, mac, v6, ip6, count, base, if6_lines) -> dict:
+def _announce_v6(s: socket.socket, ifname: str, mac: bytes, v6: bytes, ip6: str | None, count: int,
+                 base: JSONObject, if6_lines: list[list[str]]) -> JSONObject:
     t0 = time.perf_counter()
-    r = dict(base, family="inet6", ip=ip6, src=None, frames=0, error=None)
+    r: JSONObject = dict(base, family="inet6", ip=ip6, src=None, frames=0, error=None)
     if not if6_lines:
         if6_lines.append(_read_if_inet6())
     src = pick_source(if6_lines[0], ifname)

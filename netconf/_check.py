@@ -59,10 +59,10 @@ def resolve_table(table: str | int, files: Sequence[str] | None = None) -> int:
             return num
         raise ValueError(f"routing table {table} is out of range 1..{MAX_TABLE}")
     builtin = {"main": 254, "local": 255, "default": 253}
-    num = table_names(files).get(str(table), builtin.get(str(table)))
-    if num is None or num == 0:
+    named = table_names(files).get(str(table), builtin.get(str(table)))
+    if named is None or named == 0:
         raise ValueError(f"routing table {table!r} is not a number and not named in /etc/iproute2/rt_tables")
-    return num
+    return named
 
 
 def ovs_vsctl_argv(db: str | None) -> list[str]:

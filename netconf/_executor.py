@@ -41,13 +41,16 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ._journal import Journal
+from ._journal import Entry, Journal
 from ._nl import netlink
-from ._ops import OPS, ifindex
+from ._ops import OPS, Note, Op, ifindex
 from ._plan import Plan, Step
-from ._types import NetconfError, Nic
+from ._types import Failure, JSONObject, NetconfError, Nic
 
+if TYPE_CHECKING:
+    from ._hooks import Hooks, StepHooks
 
 #: Test hook for crash tests: stop for ever right after applying this step,
 #: before marking it done (so the journal says "pending" while the effect is
@@ -66,13 +69,18 @@ def _bridge_of(nic: Nic) -> str | None:
     return nic.link if nic.mode in ("bridged", "openvswitch") else None
 
 
-def _step_failure(exc: BaseException, step: str, **extra) -> dict:
+def _step_failure(exc: BaseException, step: str, **extra: Any) -> Failure:
     """One failure dict; a HookError's own (path, exit_code, output) wins."""
     out = {"step": step, "error": str(exc).splitlines()[0] if str(exc) else repr(exc), **extra}
     for f in getattr(exc, "failures", None) or []:
         out.update({k: v for k, v in f.items() if k != "step"})
         break
     return out
+
+
+def _at_step(exc: Exception, step: str) -> None:
+    """Tag ``exc`` with the step it came from (``apply`` names it in its failure)."""
+    exc.step = step  # type: ignore[attr-defined]
 
 
 def _current_ifindex(tap: str) -> int | None:
@@ -85,17 +93,17 @@ def _current_ifindex(tap: str) -> int | None:
 class Executor:
     """Applies plans and undoes them from ``journal``."""
 
-    def __init__(self, journal: Journal, *, hooks=None, ovs_db: str | None = None) -> None:
+    def __init__(self, journal: Journal, *, hooks: Hooks | None = None, ovs_db: str | None = None) -> None:
         self.journal = journal
         self.hooks = hooks
         self.ovs_db = ovs_db
 
     # -- helpers -----------------------------------------------------------
 
-    def _op(self, name: str):
+    def _op(self, name: str) -> Op:
         return OPS[name](netlink(), self.ovs_db)
 
-    def _hooks_for(self, step: Step):
+    def _hooks_for(self, step: Step) -> StepHooks | None:
         if self.hooks is None:
             return None
         found = self.hooks.find(step.name)
@@ -103,14 +111,14 @@ class Executor:
             return None
         return found
 
-    def _hook_runner(self):
+    def _hook_runner(self) -> Hooks:
         if self.hooks is not None:
             return self.hooks
         from . import _hooks  # undo of a hook journaled by an earlier executor
 
         return _hooks.Hooks(None)
 
-    def _run_hook(self, entry: dict, action: str, reason: str) -> None:
+    def _run_hook(self, entry: Entry, action: str, reason: str) -> None:
         from ._hooks import hook_env
 
         nic = Nic.from_dict(entry["nic"])
@@ -131,7 +139,7 @@ class Executor:
         """
         nic: Nic = plan.nic
         tap_index = _current_ifindex(nic.tap)
-        records = []
+        records: list[Entry] = []
         for step in plan:
             done, stale = self._find_done(step, tap_index)
             if done or stale or self._hooks_for(step) is not None:
@@ -147,11 +155,11 @@ class Executor:
         return any(self._hooks_for(step) is not None for step in plan)
 
     @staticmethod
-    def _is_staged(entry: dict, step: Step, tap_index: int | None) -> bool:
-        return (entry.get("staged") and entry["status"] == "pending" and entry["kind"] == "step"
+    def _is_staged(entry: Entry, step: Step, tap_index: int | None) -> bool:
+        return bool(entry.get("staged") and entry["status"] == "pending" and entry["kind"] == "step"
                 and entry["args"] == step.args and entry.get("ifindex") == tap_index)
 
-    def _find_done(self, step: Step, tap_index: int | None) -> tuple[bool, list[dict]]:
+    def _find_done(self, step: Step, tap_index: int | None) -> tuple[bool, list[Entry]]:
         """(already applied for this tap?, stale entries for an older tap); staged entries are neither."""
         same = [e for e in self.journal.live(phases=(step.phase,), nic_id=step.nic_id)
                 if e["step"] == step.name and not self._is_staged(e, step, tap_index)]
@@ -166,12 +174,12 @@ class Executor:
 
     # -- apply -------------------------------------------------------------
 
-    def apply(self, plan: Plan, *, reason: str) -> list[dict]:
+    def apply(self, plan: Plan, *, reason: str) -> list[JSONObject]:
         """Apply ``plan`` in order; on failure undo this call's effects and raise."""
         nic: Nic = plan.nic
         tap_index = _current_ifindex(nic.tap)
-        timings: list[dict] = []
-        applied: list[dict] = []
+        timings: list[JSONObject] = []
+        applied: list[Entry] = []
         group: list[Step] = []
         try:
             for step in plan:
@@ -200,11 +208,13 @@ class Executor:
             ) from exc
         return timings
 
-    def _apply_group(self, group: list[Step], nic: Nic, tap_index, applied, timings) -> None:
+    def _apply_group(self, group: list[Step], nic: Nic, tap_index: int | None, applied: list[Entry],
+                     timings: list[JSONObject]) -> None:
         if not group:
             return
         t0 = time.perf_counter()
-        records, slots = [], []
+        records: list[Entry] = []
+        slots: list[Entry | None] = []
         staged = {e["step"]: e for e in self.journal.live(phases=(group[0].phase,), nic_id=group[0].nic_id)
                   if e.get("staged")}
         for step in group:
@@ -215,7 +225,7 @@ class Executor:
             try:
                 prior = self._op(step.op).observe(step.args)
             except Exception as e:
-                e.step = step.name
+                _at_step(e, step.name)
                 raise
             records.append({"kind": "step", "step": step.name, "phase": step.phase, "nic_id": step.nic_id,
                             "op": step.op, "args": step.args, "prior": prior, "ifindex": tap_index})
@@ -232,7 +242,7 @@ class Executor:
                 applied.append(entry)  # pending: undo is safe whether or not it took effect
                 for rest in entries[i + 1:]:
                     self.journal.set(rest, "void")
-                e.step = entry["step"]
+                _at_step(e, entry["step"])
                 raise
             if _PAUSE_AFTER == entry["step"]:
                 _test_pause()
@@ -240,12 +250,13 @@ class Executor:
             applied.append(entry)
             timings.append({"step": entry["step"], "kind": "step", "ms": (time.perf_counter() - t1) * 1e3})
 
-    def _noter(self, entry: dict):
-        def note(**fields) -> None:
+    def _noter(self, entry: Entry) -> Note:
+        def note(**fields: Any) -> None:
             self.journal.set(entry, "pending", sync=True, prior=dict(entry["prior"], **fields))
         return note
 
-    def _apply_hooked(self, step: Step, hooks, nic: Nic, tap_index, reason, applied, timings) -> None:
+    def _apply_hooked(self, step: Step, hooks: StepHooks, nic: Nic, tap_index: int | None, reason: str,
+                      applied: list[Entry], timings: list[JSONObject]) -> None:
         for path in hooks.before:
             self._hook(step, "before", path, nic, tap_index, reason, applied, timings)
         if hooks.replace is not None:
@@ -255,7 +266,8 @@ class Executor:
         for path in hooks.after:
             self._hook(step, "after", path, nic, tap_index, reason, applied, timings)
 
-    def _hook(self, step, role, path, nic, tap_index, reason, applied, timings) -> None:
+    def _hook(self, step: Step, role: str, path: Path, nic: Nic, tap_index: int | None, reason: str,
+              applied: list[Entry], timings: list[JSONObject]) -> None:
         (entry,) = self.journal.add([{
             "kind": "hook", "role": role, "path": str(path), "step": step.name, "phase": step.phase,
             "nic_id": step.nic_id, "nic": nic.to_dict(), "ifindex": tap_index,
@@ -265,7 +277,7 @@ class Executor:
             self._run_hook(entry, "up", reason)
         except Exception as e:
             self.journal.set(entry, "failed", error=str(e))
-            e.step = step.name
+            _at_step(e, step.name)
             raise
         self.journal.set(entry, "done")
         applied.append(entry)
@@ -274,18 +286,18 @@ class Executor:
 
     # -- undo --------------------------------------------------------------
 
-    def _undo_one(self, entry: dict, reason: str) -> None:
+    def _undo_one(self, entry: Entry, reason: str) -> None:
         if entry["kind"] == "hook":
             self._run_hook(entry, "down", reason)
             return
         result = entry.get("result") if entry["status"] == "done" else None
         self._op(entry["op"]).undo(entry["args"], entry["prior"], result)
 
-    def _undo_entries(self, entries: Iterable[dict], reason: str, failures: list[dict]) -> None:
+    def _undo_entries(self, entries: Iterable[Entry], reason: str, failures: list[Failure]) -> None:
         for entry in entries:
             try:
                 self._undo_one(entry, reason)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - recorded as a failure; the other undos go on
                 extra = {"path": entry["path"]} if entry["kind"] == "hook" else {}
                 failures.append(_step_failure(e, entry["step"], nic_id=entry["nic_id"], **extra))
                 continue
@@ -297,7 +309,7 @@ class Executor:
         Keeps going past failures; failed entries stay in the journal (a
         later undo retries them) and one :class:`NetconfError` lists all.
         """
-        failures: list[dict] = []
+        failures: list[Failure] = []
         self._undo_entries(reversed(self.journal.live(phases=phases, nic_id=nic_id)), reason, failures)
         self.journal.maybe_compact()
         if failures:

@@ -73,7 +73,7 @@ from pathlib import Path
 import structlog
 
 from ._plan import STEP_NAMES
-from ._types import NetconfError, Nic
+from ._types import Failure, NetconfError, Nic
 
 log = structlog.get_logger("qsup.netconf.hooks")
 
@@ -148,7 +148,7 @@ class HookError(NetconfError):
     ``result`` is the :class:`HookResult` when the hook did run.
     """
 
-    def __init__(self, message: str, failures: list[dict] | None = None,
+    def __init__(self, message: str, failures: list[Failure] | None = None,
                  result: HookResult | None = None):
         super().__init__(message, failures)
         self.result = result
@@ -436,7 +436,7 @@ def _scan(directory: Path) -> tuple[Path, ...]:
 # --- running -------------------------------------------------------------------------------
 
 
-def _collect(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bool]:
+def _collect(proc: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bool]:
     """Read the hook's output until it exits or times out; reap it.  Returns (output, timed_out).
 
     We wait for the *process*, not for EOF: a background child the hook leaves behind may keep
@@ -488,7 +488,7 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     # start_new_session made the hook a session and group leader: pgid == pid.  The leader is
     # not reaped yet (at worst a zombie), so this pgid still names the hook's group.
     try:
@@ -569,7 +569,7 @@ def _tags_json(tags: tuple[str, ...]) -> str:
 
 
 def _hook_failure(step: str, path: Path, exit_code: int | None, output: str, error: str,
-             timed_out: bool) -> dict:
+             timed_out: bool) -> Failure:
     return {"step": step, "path": str(path), "exit_code": exit_code, "output": output,
             "error": error, "timed_out": timed_out}
 

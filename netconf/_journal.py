@@ -33,6 +33,11 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+#: One journal entry: a JSON object (``id``, ``status``, ``kind``, ``step``, ``phase``, ``nic_id``,
+#: then the step's ``op``/``args``/``prior``/``result`` or the hook's ``role``/``path``/``nic``).
+Entry = dict[str, Any]
 
 LIVE = ("pending", "done")
 _dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=False).encode
@@ -44,11 +49,11 @@ COMPACT_AFTER = 512
 class Journal:
     """An open journal file.  Not thread-safe: one executor owns it."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)
-        self.entries: dict[int, dict] = {}
+        self.entries: dict[int, Entry] = {}
         self._next_id = 1
         self._dead = 0
         self._load()
@@ -70,7 +75,7 @@ class Journal:
             self._fold(rec)
         self._dead = sum(1 for e in self.entries.values() if e["status"] not in LIVE)
 
-    def _fold(self, rec: dict) -> None:
+    def _fold(self, rec: Entry) -> None:
         kind = rec.pop("t", None)
         if kind == "add":
             self.entries[rec["id"]] = rec
@@ -90,7 +95,7 @@ class Journal:
             # the mtime-only metadata flush a full fsync adds.
             os.fdatasync(self._fd)
 
-    def add(self, entries: Iterable[dict], *, sync: bool = True) -> list[dict]:
+    def add(self, entries: Iterable[Entry], *, sync: bool = True) -> list[Entry]:
         """Record new ``pending`` entries (one write, one fsync); returns them with ids."""
         out, lines = [], []
         for e in entries:
@@ -104,7 +109,7 @@ class Journal:
                 self.entries[e["id"]] = e
         return out
 
-    def set(self, entry: dict, status: str, *, sync: bool = False, **fields) -> None:
+    def set(self, entry: Entry, status: str, *, sync: bool = False, **fields: Any) -> None:
         """Change an entry's status (and merge ``fields``).  Not fsync'd by default."""
         rec = dict(fields, t="set", id=entry["id"], status=status)
         self._write([_dumps(rec)], sync)
@@ -117,7 +122,7 @@ class Journal:
 
     # -- queries -----------------------------------------------------------
 
-    def live(self, *, phases: Iterable[str] | None = None, nic_id: str | None = None) -> list[dict]:
+    def live(self, *, phases: Iterable[str] | None = None, nic_id: str | None = None) -> list[Entry]:
         """Entries still owning an effect (pending or done), oldest first."""
         ph = set(phases) if phases is not None else None
         return [
@@ -127,7 +132,7 @@ class Journal:
             and (nic_id is None or e["nic_id"] == nic_id)
         ]
 
-    def pending(self) -> list[dict]:
+    def pending(self) -> list[Entry]:
         return [e for e in self.entries.values() if e["status"] == "pending"]
 
     # -- compaction --------------------------------------------------------
@@ -171,5 +176,5 @@ class Journal:
     def __enter__(self) -> "Journal":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -31,6 +31,7 @@ import os
 import socket
 import struct
 import threading
+from typing import Any, TypedDict
 
 from pyroute2.netlink import (
     NLM_F_ACK,
@@ -42,10 +43,10 @@ from pyroute2.netlink import (
 )
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
-    RTM_DELROUTE,
-    RTM_DELRULE,
     RTM_DELLINK,
     RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_DELRULE,
     RTM_GETLINK,
     RTM_GETROUTE,
     RTM_GETRULE,
@@ -95,6 +96,30 @@ NDA_DST, NDA_LLADDR, NDA_PROTOCOL = 1, 2, 12
 NUD_PERMANENT = 0x80
 
 
+class Route(TypedDict):
+    """A route as :meth:`Netlink.routes` reports it and :meth:`Netlink.route_restore` puts it back."""
+
+    family: int
+    dst: str
+    dst_len: int
+    table: int
+    oif: int | None
+    gateway: str | None
+    proto: int
+    scope: int
+    type: int
+
+
+class Rule(TypedDict):
+    """A rule as :meth:`Netlink.rules` reports it."""
+
+    iifname: str | None
+    table: int
+    priority: int
+    proto: int
+    action: int
+
+
 def nla(kind: int, payload: bytes) -> bytes:
     """One netlink attribute (type-length-value, padded to 4 bytes)."""
     n = 4 + len(payload)
@@ -115,7 +140,7 @@ def _mac(mac: str) -> bytes:
 
 def parse_nlas(data: bytes, off: int, end: int) -> dict[int, bytes]:
     """type -> payload for the flat attributes in ``data[off:end]``."""
-    out = {}
+    out: dict[int, bytes] = {}
     while off + 4 <= end:
         n, kind = _NLA.unpack_from(data, off)
         if n < 4:
@@ -163,7 +188,7 @@ class Netlink:
     def dump_raw(self, mtype: int, body: bytes) -> list[tuple[int, bytes, int, int]]:
         """Dump request; returns ``(type, buffer, offset, length)`` per reply message."""
         seq = self._send(mtype, NLM_F_REQUEST | NLM_F_DUMP, body)
-        out = []
+        out: list[tuple[int, bytes, int, int]] = []
         while True:
             data = self.sock.recv(1 << 20)
             off = 0
@@ -182,9 +207,9 @@ class Netlink:
                         out.append((typ, data, off, length))
                 off += (length + 3) & ~3
 
-    def dump(self, mtype: int, body: bytes) -> list:
+    def dump(self, mtype: int, body: bytes) -> list[Any]:
         """Dump request decoded by pyroute2 (cold paths only: full attribute decoding)."""
-        msgs = []
+        msgs: list[Any] = []  # pyroute2's message objects (untyped)
         for _typ, data, off, length in self.dump_raw(mtype, body):
             msgs.extend(self._marshal.parse(data[off:off + length]))
         return msgs
@@ -192,7 +217,8 @@ class Netlink:
     # -- routes ------------------------------------------------------------
 
     @staticmethod
-    def _route_body(family, dst, plen, table, oif, proto, scope=None, rtype=RTN_UNICAST, gateway=None):
+    def _route_body(family: int, dst: str, plen: int, table: int, oif: int | None, proto: int,
+                    scope: int | None = None, rtype: int = RTN_UNICAST, gateway: str | None = None) -> bytes:
         if scope is None:
             scope = RT_SCOPE_LINK if family == socket.AF_INET else RT_SCOPE_UNIVERSE
         body = _RTMSG.pack(family, plen, 0, 0, table if table < 256 else 252, proto, scope, rtype, 0)
@@ -203,24 +229,24 @@ class Netlink:
             body += nla(RTA_GATEWAY, _ip(family, gateway))
         return body
 
-    def route_add(self, family, dst, plen, table, oif, *, replace=False):
+    def route_add(self, family: int, dst: str, plen: int, table: int, oif: int, *, replace: bool = False) -> None:
         """Add (exclusively) or replace a device route tagged ``RTPROT_QSUP``."""
         flags = NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
         self.request(RTM_NEWROUTE, self._route_body(family, dst, plen, table, oif, RTPROT_QSUP), flags)
 
-    def route_restore(self, r: dict) -> None:
+    def route_restore(self, r: Route) -> None:
         """Put back a route captured by :meth:`routes` (replace semantics)."""
         body = self._route_body(r["family"], r["dst"], r["dst_len"], r["table"], r.get("oif"), r["proto"],
                                 r["scope"], r["type"], r.get("gateway"))
         self.request(RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_REPLACE)
 
-    def route_del(self, family, dst, plen, table, oif, *, proto=RTPROT_QSUP):
+    def route_del(self, family: int, dst: str, plen: int, table: int, oif: int, *, proto: int = RTPROT_QSUP) -> None:
         """Delete the route only if dst/table/oif/proto all match (the kernel checks)."""
         self.request(RTM_DELROUTE, self._route_body(family, dst, plen, table, oif, proto, RT_SCOPE_NOWHERE, 0))
 
-    def routes(self, family: int, table: int, dst: str, plen: int) -> list[dict]:
+    def routes(self, family: int, table: int, dst: str, plen: int) -> list[Route]:
         """The routes to exactly ``dst/plen`` in ``table`` (simple dicts)."""
-        out = []
+        out: list[Route] = []
         for r in self.dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
             rt_table = r.get_attr("RTA_TABLE") or r["table"]
             if rt_table != table or r["dst_len"] != plen or r.get_attr("RTA_DST") != dst:
@@ -235,16 +261,16 @@ class Netlink:
     # -- rules -------------------------------------------------------------
 
     @staticmethod
-    def _rule_body(family, iifname, table, proto):
+    def _rule_body(family: int, iifname: str, table: int, proto: int | None) -> bytes:
         body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 252, 0, 0, FR_ACT_TO_TBL, 0)
         body += _u32(FRA_TABLE, table) + nla(FRA_IIFNAME, iifname.encode() + b"\0")
         if proto is not None:
             body += nla(FRA_PROTOCOL, bytes([proto]))
         return body
 
-    def rules(self, family: int) -> list[dict]:
+    def rules(self, family: int) -> list[Rule]:
         """All rules of ``family`` as dicts (iifname, table, priority, proto, action)."""
-        out = []
+        out: list[Rule] = []
         for _typ, data, off, length in self.dump_raw(RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
             hdr = _RTMSG.unpack_from(data, off + 16)
             a = parse_nlas(data, off + 28, off + length)
@@ -258,45 +284,45 @@ class Netlink:
             })
         return out
 
-    def rule_add(self, family, iifname, table):
+    def rule_add(self, family: int, iifname: str, table: int) -> None:
         self.request(RTM_NEWRULE, self._rule_body(family, iifname, table, RTPROT_QSUP), NLM_F_CREATE)
 
-    def rule_del(self, family, iifname, table):
+    def rule_del(self, family: int, iifname: str, table: int) -> None:
         """Delete one ``iif X lookup T proto qsup`` rule; foreign rules never match."""
         self.request(RTM_DELRULE, self._rule_body(family, iifname, table, RTPROT_QSUP))
 
     # -- addresses ---------------------------------------------------------
 
     @staticmethod
-    def _addr_body(family, index, address, plen, flags=0):
+    def _addr_body(family: int, index: int, address: str, plen: int, flags: int = 0) -> bytes:
         scope = RT_SCOPE_LINK if address.lower().startswith("fe80") else RT_SCOPE_UNIVERSE
         body = _IFADDR.pack(family, plen, flags, scope, index)
         body += nla(IFA_LOCAL if family == socket.AF_INET else IFA_ADDRESS, _ip(family, address))
         return body
 
-    def addr_add(self, family, index, address, plen):
+    def addr_add(self, family: int, index: int, address: str, plen: int) -> None:
         """Add an address exclusively, without DAD, tagged ``RTPROT_QSUP``."""
         body = self._addr_body(family, index, address, plen, IFA_F_NODAD)
         body += _u32(IFA_FLAGS, IFA_F_NODAD) + nla(IFA_PROTO, bytes([RTPROT_QSUP]))
         self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
 
-    def addr_del(self, family, index, address, plen):
+    def addr_del(self, family: int, index: int, address: str, plen: int) -> None:
         self.request(RTM_DELADDR, self._addr_body(family, index, address, plen))
 
     # -- neighbours --------------------------------------------------------
 
     @staticmethod
-    def _neigh_body(family, index, address, mac=None):
+    def _neigh_body(family: int, index: int, address: str, mac: str | None = None) -> bytes:
         body = _NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + nla(NDA_DST, _ip(family, address))
         if mac is not None:
             body += nla(NDA_LLADDR, _mac(mac)) + nla(NDA_PROTOCOL, bytes([RTPROT_QSUP]))
         return body
 
-    def neigh_add(self, family, index, address, mac):
+    def neigh_add(self, family: int, index: int, address: str, mac: str) -> None:
         """``ip neigh replace ADDRESS lladdr MAC dev INDEX nud permanent proto qsup``."""
         self.request(RTM_NEWNEIGH, self._neigh_body(family, index, address, mac), NLM_F_CREATE | NLM_F_REPLACE)
 
-    def neigh_del(self, family, index, address):
+    def neigh_del(self, family: int, index: int, address: str) -> None:
         self.request(RTM_DELNEIGH, self._neigh_body(family, index, address))
 
     # -- links -------------------------------------------------------------
@@ -317,7 +343,7 @@ class Netlink:
     def bridge_vlans(self, index: int) -> list[tuple[int, int]]:
         """``[(vid, flags)]`` configured on bridge port ``index``."""
         body = _IFINFO.pack(AF_BRIDGE, 0, 0, 0, 0) + _u32(IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN)
-        out = []
+        out: list[tuple[int, int]] = []
         for link in self.dump(RTM_GETLINK, body):
             if link["index"] != index:
                 continue
@@ -341,7 +367,7 @@ _local = threading.local()
 
 def netlink() -> Netlink:
     """The calling thread's netlink client (created on first use)."""
-    nl = getattr(_local, "nl", None)
+    nl: Netlink | None = getattr(_local, "nl", None)
     if nl is None:
         nl = _local.nl = Netlink()
     return nl

@@ -43,11 +43,17 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable
+from typing import Any
 
 from ._check import ovs_vsctl_argv, resolve_table
 from ._nl import BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED, Netlink, gone
 
 _FAM = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+#: An op's ``args`` (the step's), ``prior`` and ``result``: JSON objects, journaled verbatim,
+#: each read back only by the op that defined its keys.
+Data = dict[str, Any]
+#: ``note(**fields)``: merge late-discovered prior state into the journaled ``prior`` (durably).
 Note = Callable[..., None]
 
 
@@ -70,7 +76,7 @@ def _master(ifname: str) -> int | None:
         return None
 
 
-def _ignore_gone(fn, *a, **kw) -> None:
+def _ignore_gone(fn: Callable[..., object], *a: Any, **kw: Any) -> None:
     try:
         fn(*a, **kw)
     except OSError as e:
@@ -83,22 +89,28 @@ class Op:
         self.nl = nl
         self.ovs_db = ovs_db
 
-    def observe(self, args: dict) -> dict:
+    def observe(self, args: Data) -> Data:
         return {}
+
+    def apply(self, args: Data, prior: Data, note: Note) -> Data | None:
+        raise NotImplementedError
+
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
+        raise NotImplementedError
 
 
 class LinkOp(Op):
     """``tap-up``: set the tap up (and its MTU when the NIC has one)."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         name = args["ifname"]
         idx = ifindex(name)
         return {"ifindex": idx, "up": bool(int(_sys(name, "flags"), 16) & 1), "mtu": int(_sys(name, "mtu"))}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> None:
         self.nl.link_set(prior["ifindex"], up=True, mtu=args.get("mtu"))
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         _ignore_gone(self.nl.link_set, prior["ifindex"], up=prior["up"],
                      mtu=prior["mtu"] if args.get("mtu") else None)
 
@@ -106,12 +118,12 @@ class LinkOp(Op):
 class BridgePortOp(Op):
     """``bridge-port``: fe: MAC, the bridge's MTU, then master=bridge."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         name = args["ifname"]
         return {"ifindex": ifindex(name), "mac": _sys(name, "address"),
                 "mtu": int(_sys(name, "mtu")), "master": _master(name)}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> Data | None:
         br = ifindex(args["bridge"])
         mtu = int(_sys(args["bridge"], "mtu"))
         # MAC and MTU before enslaving: the bridge never sees a lower MAC.
@@ -119,7 +131,7 @@ class BridgePortOp(Op):
         self.nl.link_set(prior["ifindex"], master=br)
         return {"bridge_ifindex": br, "mtu": mtu}
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         idx = prior["ifindex"]
         _ignore_gone(self.nl.link_set, idx, master=prior["master"] or 0)
         _ignore_gone(self.nl.link_set, idx, address=prior["mac"], mtu=prior["mtu"])
@@ -128,10 +140,10 @@ class BridgePortOp(Op):
 class BridgeVlanOp(Op):
     """``bridge-vlan``: access VLAN as pvid untagged, trunks tagged, drop vid 1."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         return {"ifindex": ifindex(args["ifname"])}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> None:
         idx = prior["ifindex"]
         before = {vid for vid, _ in self.nl.bridge_vlans(idx)}
         note(vlans_before=sorted(before))
@@ -142,7 +154,7 @@ class BridgeVlanOp(Op):
         if args.get("drop_default") and 1 in before:
             self.nl.bridge_vlan(False, idx, 1)
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         idx = prior["ifindex"]
         before = set(prior.get("vlans_before", [1]))
         for vid in [args.get("pvid")] + list(args.get("tagged", [])):
@@ -160,7 +172,7 @@ class OvsPortOp(Op):
         if r.returncode != 0:
             raise OSError(errno.EIO, f"ovs-vsctl {' '.join(argv)}: {r.stderr.strip()}")
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> None:
         cols = []
         if args.get("tag") is not None:
             cols.append(f"tag={int(args['tag'])}")
@@ -169,26 +181,26 @@ class OvsPortOp(Op):
         self._vsctl("--", "--if-exists", "del-port", args["port"],
                     "--", "add-port", args["bridge"], args["port"], *cols)
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         self._vsctl("--if-exists", "del-port", args["port"])
 
 
 class SysctlOp(Op):
     """``sysctl-ipv4``/``sysctl-ipv6``: per-tap values; undo restores the old ones."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         old = {}
         for key, _ in args["keys"]:
             with open("/proc/sys/" + key) as fh:
                 old[key] = fh.read().strip()
         return {"old": old}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> None:
         for key, value in args["keys"]:
             with open("/proc/sys/" + key, "w") as fh:
                 fh.write(value)
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         for key, _ in reversed(args["keys"]):
             try:
                 with open("/proc/sys/" + key, "w") as fh:
@@ -200,10 +212,10 @@ class SysctlOp(Op):
 class RouteOp(Op):
     """``route4``/``route6``: IP/32 (/128) dev TAP [table LINK], proto qsup."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         return {"ifindex": ifindex(args["ifname"]), "table": resolve_table(args["table"])}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> Data | None:
         fam, idx, table = _FAM[args["family"]], prior["ifindex"], prior["table"]
         try:
             self.nl.route_add(fam, args["dst"], args["plen"], table, idx)
@@ -219,7 +231,7 @@ class RouteOp(Op):
         self.nl.route_add(fam, args["dst"], args["plen"], table, idx, replace=True)
         return {"owned": True}
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         if result is not None and not result.get("owned"):
             return
         fam = _FAM[args["family"]]
@@ -232,19 +244,19 @@ class RouteOp(Op):
 class RuleOp(Op):
     """``rule4``/``rule6``: ``iif TAP lookup LINK`` once, proto qsup."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         table = resolve_table(args["table"])
         fam = _FAM[args["family"]]
         existed = any(r["iifname"] == args["iifname"] and r["table"] == table for r in self.nl.rules(fam))
         return {"table": table, "existed": existed}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> Data | None:
         if prior["existed"]:
             return {"owned": False}
         self.nl.rule_add(_FAM[args["family"]], args["iifname"], prior["table"])
         return {"owned": True}
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         if prior["existed"] or (result is not None and not result.get("owned")):
             return
         _ignore_gone(self.nl.rule_del, _FAM[args["family"]], args["iifname"], prior["table"])
@@ -253,10 +265,10 @@ class RuleOp(Op):
 class AddrOp(Op):
     """``gw6``: fe80::1/64 on the tap, no DAD, so ``default via fe80::1`` resolves."""
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         return {"ifindex": ifindex(args["ifname"])}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> Data | None:
         try:
             self.nl.addr_add(_FAM[args["family"]], prior["ifindex"], args["address"], args["plen"])
         except OSError as e:
@@ -265,7 +277,7 @@ class AddrOp(Op):
             return {"owned": False}
         return {"owned": True}
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         if result is not None and not result.get("owned"):
             return
         _ignore_gone(self.nl.addr_del, _FAM[args["family"]], prior["ifindex"], args["address"], args["plen"])
@@ -283,14 +295,14 @@ class NeighOp(Op):
     with the tap).
     """
 
-    def observe(self, args):
+    def observe(self, args: Data) -> Data:
         return {"ifindex": ifindex(args["ifname"])}
 
-    def apply(self, args, prior, note):
+    def apply(self, args: Data, prior: Data, note: Note) -> Data | None:
         self.nl.neigh_add(_FAM[args["family"]], prior["ifindex"], args["address"], args["mac"])
         return {"owned": True}
 
-    def undo(self, args, prior, result):
+    def undo(self, args: Data, prior: Data, result: Data | None) -> None:
         _ignore_gone(self.nl.neigh_del, _FAM[args["family"]], prior["ifindex"], args["address"])
 
 

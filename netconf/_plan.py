@@ -47,9 +47,10 @@ traffic through that table (e.g. ``ip rule add iif UPLINK lookup LINK``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from ._types import Nic
+from ._types import JSONObject, Nic
 
 #: The step names of each up phase, in order.  Public contract.
 STEP_NAMES: dict[str, tuple[str, ...]] = {
@@ -69,17 +70,17 @@ class Step:
     phase: str
     nic_id: str
     op: str
-    args: dict[str, Any] = dataclasses.field(hash=False)
+    args: JSONObject = dataclasses.field(hash=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> JSONObject:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Step":
+    def from_dict(cls, d: Mapping[str, Any]) -> "Step":
         return cls(d["name"], d["phase"], d["nic_id"], d["op"], dict(d["args"]))
 
 
-class Plan(tuple):
+class Plan(tuple[Step, ...]):
     """A tuple of :class:`Step` that also remembers its :class:`Nic`.
 
     The executor needs the NIC for hook environments; the steps alone stay
@@ -88,7 +89,7 @@ class Plan(tuple):
 
     nic: Nic
 
-    def __new__(cls, steps, nic: Nic) -> "Plan":
+    def __new__(cls, steps: Iterable[Step], nic: Nic) -> "Plan":
         self = super().__new__(cls, steps)
         self.nic = nic
         return self
@@ -106,7 +107,9 @@ def fe_mac(mac: str) -> str:
 
 
 def _attach(nic: Nic) -> list[Step]:
-    mk = lambda name, op, **args: Step(name, "attach", nic.nic_id, op, args)  # noqa: E731
+    def mk(name: str, op: str, **args: Any) -> Step:
+        return Step(name, "attach", nic.nic_id, op, args)
+
     steps = [mk("tap-up", "link", ifname=nic.tap, mtu=nic.mtu)]
     if nic.mode == "bridged":
         steps.append(mk("bridge-port", "bridge_port", ifname=nic.tap, bridge=nic.link, mac=fe_mac(nic.mac)))
@@ -124,7 +127,9 @@ def _attach(nic: Nic) -> list[Step]:
 def _activate(nic: Nic) -> list[Step]:
     if nic.mode != "routed":
         return []
-    mk = lambda name, op, **args: Step(name, "activate", nic.nic_id, op, args)  # noqa: E731
+    def mk(name: str, op: str, **args: Any) -> Step:
+        return Step(name, "activate", nic.nic_id, op, args)
+
     table = nic.link or "main"
     steps: list[Step] = []
     for fam, ip, plen, sysname in ((4, nic.ip, 32, "ipv4"), (6, nic.ip6, 128, "ipv6")):

@@ -47,13 +47,14 @@ class TapHandle:
     def __enter__(self) -> "TapHandle":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 def _features(fd: int) -> int:
     buf = fcntl.ioctl(fd, TUNGETFEATURES, b"\0" * 4)
-    return struct.unpack("I", buf)[0]
+    features: int = struct.unpack("I", buf)[0]
+    return features
 
 
 SIOCSIFHWADDR = 0x8924

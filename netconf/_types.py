@@ -9,7 +9,8 @@ instance record and handed to hooks.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, TypeAlias
 
 Mode = Literal["routed", "bridged", "openvswitch"]
 
@@ -19,6 +20,13 @@ PlanPhase = Literal["attach", "activate", "deactivate", "detach"]
 
 #: Why netconf is running; exported to hooks as ``PHASE``.
 Reason = Literal["start", "stop", "crash", "migrate-in", "migrate-out", "rollback"]
+
+#: JSON data: what a step's args are, and what the journal and the failure lists hold.
+JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | float | bool | None"
+JSONObject: TypeAlias = "dict[str, JSONValue]"
+
+#: One failed step, as :attr:`NetconfError.failures` lists it (``step``, ``error``, ...).
+Failure: TypeAlias = JSONObject
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +54,14 @@ class Nic:
     def nic_id(self) -> str:
         return self.mac.lower()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> JSONObject:
         d = dataclasses.asdict(self)
         d["trunks"] = list(self.trunks)
         d["tags"] = list(self.tags)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Nic":
+    def from_dict(cls, d: Mapping[str, Any]) -> "Nic":
         d = dict(d)
         d["trunks"] = tuple(d.get("trunks") or ())
         d["tags"] = tuple(d.get("tags") or ())
@@ -68,6 +76,9 @@ class NetconfError(Exception):
     hook also ``path``, ``exit_code`` and ``output``.
     """
 
-    def __init__(self, message: str, failures: list[dict] | None = None):
+    #: set by :func:`netconf.announce` when some interfaces failed: what the others did
+    results: list[JSONObject]
+
+    def __init__(self, message: str, failures: list[Failure] | None = None) -> None:
         super().__init__(message)
         self.failures = failures or []

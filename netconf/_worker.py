@@ -24,17 +24,25 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
 from ._nl import close_thread_netlink
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: ``done(ok, value)``: the call's result (``ok``) or the exception it raised
+_Done = Callable[[bool, Any], None]
+#: a queued call: ``(fn, args, kwargs, done)``; ``None`` stops the thread
+_Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], _Done]
+
 
 class NetconfWorker:
     def __init__(self, name: str = "netconf") -> None:
         self._name = name
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "NetconfWorker":
@@ -53,13 +61,13 @@ class NetconfWorker:
     def __enter__(self) -> "NetconfWorker":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     async def __aenter__(self) -> "NetconfWorker":
         return self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await trio.to_thread.run_sync(self.close)
 
     def _main(self) -> None:
@@ -71,37 +79,38 @@ class NetconfWorker:
                 fn, args, kw, done = job
                 try:
                     done(True, fn(*args, **kw))
-                except BaseException as e:  # delivered to the awaiting task
+                except BaseException as e:  # noqa: BLE001 - delivered to the awaiting task
                     done(False, e)
         finally:
             close_thread_netlink()
 
-    def call(self, fn: Callable[..., Any], *args, **kw) -> Any:
+    def call(self, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
         """Blocking variant for non-trio callers (tests, CLI tools)."""
         if self._thread is None:
             raise RuntimeError("NetconfWorker is not started")
-        box: dict = {}
+        box: dict[str, Any] = {}
         ev = threading.Event()
 
-        def done(ok, value):
+        def done(ok: bool, value: Any) -> None:
             box["ok"], box["value"] = ok, value
             ev.set()
 
         self._q.put((fn, args, kw, done))
         ev.wait()
         if box["ok"]:
-            return box["value"]
+            value: T = box["value"]
+            return value
         raise box["value"]
 
-    async def run(self, fn: Callable[..., Any], *args, **kw) -> Any:
+    async def run(self, fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> T:
         """Run ``fn(*args, **kw)`` on the worker thread and return its result."""
         if self._thread is None:
             raise RuntimeError("NetconfWorker is not started")
         token = trio.lowlevel.current_trio_token()
         event = trio.Event()
-        box: dict = {}
+        box: dict[str, Any] = {}
 
-        def done(ok, value):
+        def done(ok: bool, value: Any) -> None:
             box["ok"], box["value"] = ok, value
             try:
                 token.run_sync_soon(event.set)
@@ -112,5 +121,6 @@ class NetconfWorker:
         with trio.CancelScope(shield=True):
             await event.wait()
         if box["ok"]:
-            return box["value"]
+            value: T = box["value"]
+            return value
         raise box["value"]

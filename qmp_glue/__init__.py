@@ -14,18 +14,24 @@ Layout, like qemu.qmp's own split between transport and protocol:
 ``_bridge.py`` (the trio<->asyncio call bridge, knows nothing of QMP),
 ``_session.py`` (the asyncio half: qemu.qmp with small adaptations),
 ``_client.py`` (the trio half: ``connect``/``QMPClient``),
-``_errors.py`` (the only exceptions callers see).
+``_errors.py`` (the only exceptions callers see), ``_types.py`` (the JSON
+types of commands, replies and events).
 """
 
 from ._bridge import AsyncioThread
 from ._client import QMPClient, connect
 from ._errors import QMPConnectionLost, QMPError, QMPTimeout
+from ._types import JSONArg, JSONObject, JSONValue, QMPEvent
 
 __all__ = [
     "AsyncioThread",
+    "JSONArg",
+    "JSONObject",
+    "JSONValue",
     "QMPClient",
     "QMPConnectionLost",
     "QMPError",
+    "QMPEvent",
     "QMPTimeout",
     "connect",
 ]

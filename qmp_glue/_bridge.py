@@ -63,12 +63,14 @@ import contextvars
 import selectors
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, TypeVarTuple
 
 import outcome
 import trio
 
 T = TypeVar("T")
+A = TypeVar("A")
+Ts = TypeVarTuple("Ts")
 
 _CANCELLED = object()  # sentinel outcome: the asyncio task was cancelled
 
@@ -145,8 +147,7 @@ class AsyncioThread:
             raise RuntimeError("AsyncioThread is not running")
         return self._loop
 
-    def to_trio(self, token: trio.lowlevel.TrioToken, fn: Callable[[Any], None],
-                arg: Any) -> None:
+    def to_trio(self, token: trio.lowlevel.TrioToken, fn: Callable[[A], None], arg: A) -> None:
         """From any thread: run ``fn(arg)`` in that trio run soon (``run_sync_soon``).
 
         From the loop thread the wake-up is sent when the loop is about to
@@ -162,19 +163,23 @@ class AsyncioThread:
 
     # -- the bridge -------------------------------------------------------
 
-    async def run(self, coro_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def run(self, coro_fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
         """From trio: run ``coro_fn(*args)`` on the asyncio loop and return its result.
 
         The coroutine sees the caller's contextvars. Cancelling the trio
         caller cancels the asyncio task and waits until it has finished.
         """
         loop = self.loop
+        selector = self._selector
+        if selector is None:  # set before the loop, never cleared: not reached
+            raise RuntimeError("AsyncioThread is not running")
         await trio.lowlevel.checkpoint_if_cancelled()
-        call = _Call(loop, self._selector, coro_fn, args)
+        call = _Call(loop, selector, coro_fn, args)
         loop.call_soon_threadsafe(call.start)
-        return await trio.lowlevel.wait_task_rescheduled(call.abort)
+        result: T = await trio.lowlevel.wait_task_rescheduled(call.abort)  # the coroutine's outcome
+        return result
 
-    def completion(self) -> Completion:
+    def completion(self) -> Completion[Any]:
         """From trio: a one-shot wake-up for the current task, completable from any thread.
 
         For work the trio task starts itself and that finishes on the loop
@@ -197,7 +202,7 @@ class AsyncioThread:
         """
         loop = self.loop
         await trio.lowlevel.checkpoint_if_cancelled()
-        done = self.completion()
+        done: Completion[Any] = self.completion()
         loop.call_soon_threadsafe(done.start_on_loop, start, args,
                                   context=contextvars.copy_context())
 
@@ -218,7 +223,7 @@ class _Call:
                  "atask", "raise_cancel")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, selector: _FlushingSelector,
-                 coro_fn: Callable[..., Awaitable[Any]], args: tuple) -> None:
+                 coro_fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         self.loop = loop
         self.selector = selector
         self.coro_fn = coro_fn
@@ -227,7 +232,7 @@ class _Call:
         self.token = trio.lowlevel.current_trio_token()
         self.trio_task = trio.lowlevel.current_task()
         # Strong reference: asyncio only keeps weak references to tasks.
-        self.atask: asyncio.Task | None = None
+        self.atask: asyncio.Task[None] | None = None
         self.raise_cancel: Callable[[], Any] | None = None
 
     # asyncio thread
@@ -274,7 +279,7 @@ class _Call:
         trio.lowlevel.reschedule(self.trio_task, result)
 
 
-class _FlushingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _FlushingSelector(selectors.DefaultSelector):
     """The loop's selector, which wakes trio only when the loop is about to sleep.
 
     Waking a trio task from the loop thread while this thread still has
@@ -292,7 +297,7 @@ class _FlushingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-t
         self._pending: list[tuple[trio.lowlevel.TrioToken, Callable[..., None], Any]] = []
         self._thread_id: int | None = None
 
-    def to_trio(self, token: trio.lowlevel.TrioToken, fn: Callable[..., None], arg: Any) -> None:
+    def to_trio(self, token: trio.lowlevel.TrioToken, fn: Callable[[A], None], arg: A) -> None:
         """Run ``fn(arg)`` on trio soon; from the loop thread, at its next select()."""
         if threading.get_ident() == self._thread_id:
             self._pending.append((token, fn, arg))
@@ -306,21 +311,21 @@ class _FlushingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-t
             for token, fn, arg in pending:
                 _run_sync_soon(token, fn, arg)
 
-    def select(self, timeout: float | None = None) -> list:
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if self._thread_id is None:
             self._thread_id = threading.get_ident()
         self.flush()
         return super().select(timeout)
 
 
-def _run_sync_soon(token: trio.lowlevel.TrioToken, fn: Callable[..., None], arg: Any) -> None:
+def _run_sync_soon(token: trio.lowlevel.TrioToken, fn: Callable[[A], None], arg: A) -> None:
     try:
         token.run_sync_soon(fn, arg)
     except trio.RunFinishedError:
         pass  # that trio run is over: nobody is waiting any more
 
 
-class Completion:
+class Completion(Generic[T]):
     """A one-shot wake-up of one trio task, fired from any thread.
 
     Created by (and for) the current trio task; ``complete(outcome)`` may be
@@ -340,9 +345,9 @@ class Completion:
         # Trio-thread-only state:
         self.finished = False  # completed, failed or cancelled: ignore what comes next
         self.waiting = False   # the task sleeps in wait()
-        self.early: outcome.Outcome | None = None  # completed before wait()
+        self.early: outcome.Outcome[T] | None = None  # completed before wait()
 
-    async def wait(self, on_cancel: Callable[[], None] | None = None) -> Any:
+    async def wait(self, on_cancel: Callable[[], None] | None = None) -> T:
         """Trio: sleep until ``complete``. Cancellation is immediate: the task
         gets ``trio.Cancelled`` at once, ``on_cancel()`` runs (on the trio
         thread) and a later ``complete`` is ignored. A completion that came
@@ -358,14 +363,15 @@ class Completion:
                 on_cancel()
             return trio.lowlevel.Abort.SUCCEEDED
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)  # what complete() was given
+        return result
 
     # any thread
-    def complete(self, result: outcome.Outcome) -> None:
+    def complete(self, result: outcome.Outcome[T]) -> None:
         self.selector.to_trio(self.token, self._wake, result)
 
     # asyncio thread, for run_callback
-    def start_on_loop(self, start: Callable[..., None], args: tuple) -> None:
+    def start_on_loop(self, start: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
             start(*args, self.complete)
         except BaseException as exc:  # noqa: BLE001 - handed to the trio caller
@@ -377,7 +383,7 @@ class Completion:
         self._wake(outcome.Error(exc))
 
     # trio thread (run_sync_soon: must never raise)
-    def _wake(self, result: outcome.Outcome) -> None:
+    def _wake(self, result: outcome.Outcome[T]) -> None:
         if self.finished:  # cancelled, timed out or already completed
             return
         self.finished = True

@@ -28,8 +28,8 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TypedDict, TypeVar, cast
 
 import structlog
 import trio
@@ -39,7 +39,13 @@ from ._bridge import AsyncioThread, Completion
 from ._deadlines import Deadlines
 from ._errors import QMPConnectionLost, QMPError, QMPTimeout
 from ._session import ID_PREFIX, Session
+from ._types import JSONArg, JSONValue, QMPEvent
 from ._wire import CommandWriter
+
+A = TypeVar("A")
+
+#: ``method(command, seconds, outcome)``, see :func:`observe_calls`
+CallObserver = Callable[[str, float, "str | None"], None]
 
 log = structlog.get_logger("qmp_glue")
 
@@ -48,10 +54,10 @@ _RETRY_MAX = 0.1       # ... doubling up to this
 _CLOSE_TIMEOUT = 5.0   # aclose() never waits longer than this for qemu.qmp
 
 
-_observers: list[weakref.WeakMethod] = []
+_observers: list[weakref.WeakMethod[CallObserver]] = []
 
 
-def observe_calls(method: Any) -> None:
+def observe_calls(method: CallObserver) -> None:
     """Call ``method(command, seconds, outcome)`` after every ``execute()``, on the trio thread.
 
     ``outcome`` is None on success, else ``"qmp_error"``, ``"timeout"``, ``"connection_lost"``
@@ -79,7 +85,7 @@ class QMPClient:
         self.name = name
         self.path = path
         self._token = trio.lowlevel.current_trio_token()
-        self._ev_send, self._ev_recv = trio.open_memory_channel(math.inf)
+        self._ev_send, self._ev_recv = trio.open_memory_channel[QMPEvent](math.inf)
         self._session = Session(name, self._event_from_aio, self._down_from_aio)
         self._writer: CommandWriter | None = None  # set once connected
         self._deadlines = Deadlines()  # execute() timeouts, see _deadlines.py
@@ -98,8 +104,8 @@ class QMPClient:
     def is_connected(self) -> bool:
         return not self._closed and self._down_reason is None
 
-    async def execute(self, cmd: str, args: Mapping[str, Any] | None = None, *,
-                      timeout: float | None = 30.0) -> object:
+    async def execute(self, cmd: str, args: Mapping[str, JSONArg] | None = None, *,
+                      timeout: float | None = 30.0) -> JSONValue:
         """Run a QMP command and return its ``return`` value.
 
         Raises ``QMPError`` if QEMU refuses it, ``QMPConnectionLost`` if the
@@ -107,7 +113,8 @@ class QMPClient:
         (``None``: wait forever). A reply that arrives after a timeout or
         cancellation is dropped; it never answers a later call.
         """
-        t0, outcome = time.perf_counter(), "cancelled"
+        t0 = time.perf_counter()
+        outcome: str | None = "cancelled"
         try:
             self._check_usable(cmd)
             reply = await self._send(cmd, args, timeout)
@@ -122,11 +129,11 @@ class QMPClient:
             if _observers:
                 _notify(cmd, t0, outcome)
         if "error" in reply:
-            err = reply["error"]
+            err = cast(_ErrorBody, reply["error"])  # QMP: {"class": ..., "desc": ...}
             raise QMPError(err.get("class", "GenericError"), err.get("desc", str(err)), cmd)
-        return reply.get("return")
+        return cast(JSONValue, reply.get("return"))  # parsed JSON
 
-    def events(self) -> AsyncIterator[dict]:
+    def events(self) -> AsyncIterator[QMPEvent]:
         """The stream of QMP events, ``{"event", "data", "timestamp"}`` dicts.
 
         Every event is delivered once, in order, including those that arrived
@@ -183,20 +190,23 @@ class QMPClient:
 
     # -- internals ------------------------------------------------------------
 
-    async def _send(self, cmd: str, args: Mapping[str, Any] | None,
-                    timeout: float | None) -> Mapping[str, Any]:
+    async def _send(self, cmd: str, args: Mapping[str, JSONArg] | None,
+                    timeout: float | None) -> Message:
         """Write the command from this (trio) thread, wait for qemu.qmp's reader
         to route the reply back (see ``_wire.py`` for why)."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        writer = self._writer
+        if writer is None:  # set by connect() before it returns the client: not reached
+            raise QMPConnectionLost(f"QMP {self.name}: cannot send {cmd!r}, not connected")
         msg_id = f"{ID_PREFIX}{next(self._ids)}"
-        body: dict[str, Any] = {"execute": cmd, "id": msg_id}
+        body: dict[str, JSONArg] = {"execute": cmd, "id": msg_id}
         if args is not None:
             body["arguments"] = args
         data = self._session.outbound(Message(body))  # bad arguments raise here
-        done = self._aio.completion()
+        done: Completion[Message] = self._aio.completion()
         self._session.register(msg_id, cmd, done.complete)
         try:
-            await self._writer.write(data)
+            await writer.write(data)
         except (OSError, trio.ClosedResourceError) as exc:
             self._session.forget(msg_id)
             raise QMPConnectionLost(
@@ -215,7 +225,7 @@ class QMPClient:
             if timer is not None:
                 timer.cancel()
 
-    def _expire(self, done: Completion, msg_id: str, cmd: str, timeout: float) -> None:
+    def _expire(self, done: Completion[Message], msg_id: str, cmd: str, timeout: float) -> None:
         """Trio thread, from the deadline task: give up on ``msg_id``."""
         self._session.forget(msg_id)
         done.fail(QMPTimeout(f"QMP {self.name}: {cmd!r} got no reply within {timeout}s"))
@@ -239,7 +249,7 @@ class QMPClient:
         if self._writer is not None:
             self._writer.close()
 
-    def _push_event(self, event: dict) -> None:
+    def _push_event(self, event: QMPEvent) -> None:
         """Trio thread (via run_sync_soon: must never raise)."""
         try:
             self._ev_send.send_nowait(event)
@@ -248,26 +258,29 @@ class QMPClient:
 
     # The two callbacks below are called on the asyncio thread.
 
-    def _event_from_aio(self, event: dict) -> None:
+    def _event_from_aio(self, event: QMPEvent) -> None:
         self._to_trio(self._push_event, event)
 
     def _down_from_aio(self, reason: str) -> None:
         self._to_trio(self._mark_down, reason)
 
-    def _to_trio(self, fn: Any, arg: Any) -> None:
+    def _to_trio(self, fn: Callable[[A], None], arg: A) -> None:
         self._aio.to_trio(self._token, fn, arg)
+
+
+_ErrorBody = TypedDict("_ErrorBody", {"class": str, "desc": str}, total=False)
 
 
 class _EventIterator:
     """Async iterator over the event channel that ends cleanly at EOF."""
 
-    def __init__(self, recv: trio.MemoryReceiveChannel[dict]) -> None:
+    def __init__(self, recv: trio.MemoryReceiveChannel[QMPEvent]) -> None:
         self._recv = recv
 
     def __aiter__(self) -> _EventIterator:
         return self
 
-    async def __anext__(self) -> dict:
+    async def __anext__(self) -> QMPEvent:
         try:
             return await self._recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):

@@ -48,12 +48,17 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from typing import cast
 
 import outcome
 from qemu.qmp import ConnectError, Message, Runstate
 from qemu.qmp import QMPClient as _QemuQMPClient
 
 from ._errors import QMPConnectionLost
+from ._types import QMPEvent
+
+#: where a command's reply goes: ``complete(Value(reply))`` or ``complete(Error(exc))``
+Complete = Callable[[outcome.Outcome[Message]], None]
 
 # Prefix of the ids we give commands; qemu.qmp's own are "__qmp#NNNNN".
 ID_PREFIX = "qg#"
@@ -62,11 +67,11 @@ ID_PREFIX = "qg#"
 class _GlueQMP(_QemuQMPClient):
     """qemu.qmp's client with events forwarded, our replies routed, lazy logging."""
 
-    def __init__(self, name: str, on_event: Callable[[dict], None]) -> None:
+    def __init__(self, name: str, on_event: Callable[[QMPEvent], None]) -> None:
         super().__init__(name)
         self._forward_event = on_event
         #: id -> (command, complete) for commands registered by Session.register
-        self.replies: dict[str, tuple[str, Callable[[outcome.Outcome], None]]] = {}
+        self.replies: dict[str, tuple[str, Complete]] = {}
 
     async def _on_message(self, msg: Message) -> None:
         if "event" in msg:
@@ -105,16 +110,17 @@ def _shrink_read_size(qmp: _QemuQMPClient) -> None:
     writer = qmp._writer  # noqa: SLF001 - qemu.qmp's stream, set once connected
     transport = writer.transport if writer is not None else None
     if transport is not None and getattr(transport, "max_size", 0) > _READ_SIZE:
-        transport.max_size = _READ_SIZE  # an asyncio detail; harmless if it goes away
+        # an asyncio detail (not in WriteTransport's type); harmless if it goes away
+        transport.max_size = _READ_SIZE  # type: ignore[attr-defined]
 
 
-def _event_dict(msg: Message) -> dict:
+def _event_dict(msg: Message) -> QMPEvent:
     """A QMP event as a plain dict with the three documented keys always present."""
-    return {
+    return cast(QMPEvent, {  # parsed JSON, as QMP documents it
         "event": msg["event"],
         "data": msg.get("data", {}),
         "timestamp": msg.get("timestamp", {}),
-    }
+    })
 
 
 class Session:
@@ -122,13 +128,13 @@ class Session:
     used only on the loop thread (qemu.qmp objects create asyncio primitives
     lazily, so constructing it elsewhere is fine)."""
 
-    def __init__(self, name: str, on_event: Callable[[dict], None],
+    def __init__(self, name: str, on_event: Callable[[QMPEvent], None],
                  on_down: Callable[[str], None]) -> None:
         self.name = name
         self.qmp = _GlueQMP(name, on_event)
         self._on_down = on_down
-        self._watcher: asyncio.Task | None = None
-        self._close_task: asyncio.Task | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
         # Guards registering a reply route against failing them all at once;
         # the trio thread registers, the loop thread fails (see register()).
         self._lock = threading.Lock()
@@ -144,8 +150,7 @@ class Session:
         _shrink_read_size(self.qmp)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    def register(self, msg_id: str, cmd: str,
-                 complete: Callable[[outcome.Outcome], None]) -> None:
+    def register(self, msg_id: str, cmd: str, complete: Complete) -> None:
         """Any thread: route the reply to ``msg_id`` to ``complete(Value(msg))``.
 
         Called by the trio side *before* it writes the command, so the reply

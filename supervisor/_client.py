@@ -1,10 +1,11 @@
 """A small synchronous client for the node API (what the CLI uses).
 
 It speaks HTTP over the daemon's unix socket (``httpx.HTTPTransport(uds=...)``) or, for another
-node, over HTTPS with a client certificate and/or a bearer token.  It turns the API's answers into two exceptions a caller can
-act on without parsing HTTP: :class:`RequestFailed` (the daemon answered with an error document),
-:class:`Unreachable` (nobody answered) and its subclass :class:`StreamLost` (a followed event
-stream ended because the daemon went away; it carries the last seq received, to resume from).
+node, over HTTPS with a client certificate and/or a bearer token.  It turns the API's answers into
+two exceptions a caller can act on without parsing HTTP: :class:`RequestFailed` (the daemon
+answered with an error document), :class:`Unreachable` (nobody answered) and its subclass
+:class:`StreamLost` (a followed event stream ended because the daemon went away; it carries the
+last seq received, to resume from).
 (The server has its own ``ApiError``; the client's name differs so a traceback or an import
 never leaves a doubt about which side raised it.)
 
@@ -19,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -119,11 +121,11 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self._http.request(method, path, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,

@@ -85,10 +85,11 @@ class ConsoleLog:
         self._warned_at = float("-inf")
         self._open()
 
-    def _open(self) -> None:
+    def _open(self) -> int:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                      | os.O_NOFOLLOW, self._mode)
         self._fd, self._size = fd, os.fstat(fd).st_size
+        return fd
 
     def _rotate(self) -> None:
         assert self._fd is not None
@@ -102,13 +103,12 @@ class ConsoleLog:
         view = memoryview(data)
         try:
             while view:
-                if self._fd is None:
-                    self._open()
+                fd = self._fd if self._fd is not None else self._open()
                 room = self.file_cap - self._size
                 if room <= 0:
                     self._rotate()
                     continue
-                n = os.write(self._fd, view[:room])
+                n = os.write(fd, view[:room])
                 self._size += n
                 self.written += n
                 view = view[n:]
@@ -118,7 +118,8 @@ class ConsoleLog:
             if now - self._warned_at >= _WARN_EVERY_S:
                 self._warned_at = now
                 log.warning("console.write_failed", path=str(self.path),
-                            error=errno.errorcode.get(e.errno, str(e)), dropped=self.dropped)
+                            error=errno.errorcode.get(e.errno, str(e)) if e.errno is not None else str(e),
+                            dropped=self.dropped)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -128,14 +129,14 @@ class ConsoleLog:
     def __enter__(self) -> ConsoleLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike,
                        max_bytes: int, *, retry_min: float = 0.05, retry_max: float = 1.0,
                        connect_timeout: float = 5.0,
-                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+                       task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED) -> None:
     """Copy the console from QEMU's socket into a capped :class:`ConsoleLog`, until cancelled.
 
     Connects to ``sock_path`` (retrying with backoff while QEMU is not listening yet),
@@ -206,7 +207,7 @@ async def follow_console(log_path: str | os.PathLike, *, from_start: bool = Fals
     try:
         while f is None:
             try:
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
             except FileNotFoundError:
                 await trio.sleep(poll)
         if not from_start:
@@ -227,7 +228,7 @@ async def follow_console(log_path: str | os.PathLike, *, from_start: bool = Fals
                 if rest:
                     yield rest
                 f.close()
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 - closed in the finally below
                 continue
             await trio.sleep(poll)
     finally:

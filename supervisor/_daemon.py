@@ -185,12 +185,13 @@ def _hypercorn_config(tls: TlsFiles | None):
 
     if tls is None:
         return HConfig()
+    files = tls
 
     class TlsConfig(HConfig):
         def create_ssl_context(self):
             from ._tls import server_context
 
-            return server_context(tls)
+            return server_context(files)
 
     hc = TlsConfig()
     # what hypercorn itself would use; our create_ssl_context builds the same plus the peer hook
@@ -266,6 +267,7 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                         tcp_app = create_app(node, events, metrics, token=token, reattached=reattached,
                                              limits=limits)
                         if cfg.tls is not None:
+                            assert token is not None  # a TLS listener always has one (made up above)
                             tcp_app = PeerAuth(tcp_app, token)
                         apps.append(tcp_app)
                         await http.start(functools.partial(_serve_http, tls=cfg.tls), tcp_app, tcp,

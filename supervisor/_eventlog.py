@@ -339,7 +339,7 @@ class EventLog:
     def _call_sink(sink: Callable[[dict], None], event: dict) -> None:
         try:
             sink(dict(event))
-        except Exception:  # a broken observer must not break the stream or its caller
+        except Exception:  # noqa: BLE001 - a broken observer must not break the stream or its caller
             _log.exception("event sink %r failed", sink)
 
     def subscribe_sink(self, fn: Callable[[dict], None]) -> None:

@@ -17,7 +17,7 @@ is generated from the route list and cannot drift from it.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -51,7 +51,7 @@ class HttpError(Exception):
     """
 
     def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+                 headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = one_line(message)
@@ -70,7 +70,7 @@ def one_line(text: str, limit: int = 1000) -> str:
 
 
 def error_response(status: int, message: str, field: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     return HttpError(status, message, field, code, headers).response()
 
 
@@ -112,6 +112,7 @@ def http_error(exc: BaseException, *, field_prefix: str = "") -> HttpError:
     m = mapping_for(exc)
     if m is None:
         return HttpError(500, f"internal error: {type(exc).__name__}", None, "internal")
+    field: str | None
     if isinstance(exc, NotFound):
         field, message = "name", str(exc)
     else:

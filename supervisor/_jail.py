@@ -51,6 +51,7 @@ import shutil
 import stat
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def _ino(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def build_plan(root: str | os.PathLike, *, exe: str, disks: list[tuple[str, bool]] = (),
+def build_plan(root: str | os.PathLike, *, exe: str, disks: Sequence[tuple[str, bool]] = (),
                tls_dir: str | os.PathLike | None = None, kvm: bool = False, env: dict | None = None,
                host: str = "/") -> JailPlan:
     """What the jail of one QEMU holds.  ``host``: where to look at the host's ``/`` (tests)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -35,7 +35,7 @@ def _table(link: str | None) -> str:
     return "main" if link in _MAIN_TABLE else str(link)
 
 
-def _routed_addresses(spec: InstanceSpec):
+def _routed_addresses(spec: InstanceSpec) -> Iterator[tuple[str, str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
     """(field, table, address) for every routed address of ``spec``, in NIC order."""
     for i, nic in enumerate(spec.nics):
         if nic.mode != "routed":
@@ -65,10 +65,10 @@ def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec]) -
         return
     for other in others:
         for ofield, table, addr in _routed_addresses(other):
-            field = mine.get((table, addr))
-            if field is not None:
+            clash = mine.get((table, addr))
+            if clash is not None:
                 where = "" if table == "main" else f" in table {table}"
-                raise SpecError(field, f"{addr} is already routed to instance "
+                raise SpecError(clash, f"{addr} is already routed to instance "
                                        f"{other.name!r} ({ofield}){where}")
 
 

@@ -177,7 +177,7 @@ class _StdlibBridge(logging.Handler):
             level = {"warn": "warning", "fatal": "critical"}.get(level, level)
             if level not in LEVELS:
                 level = "info"
-            kw = {"logger": record.name}
+            kw: dict[str, object] = {"logger": record.name}
             if record.exc_info:
                 kw["exc_info"] = record.exc_info
             getattr(structlog.get_logger(record.name), level)(record.getMessage(), **kw)
@@ -205,6 +205,7 @@ def configure(level: str = "info", stream=None, *, journal: bool | None = None,
         journal = stream_is_journal(stream)
     if journal_socket is None:
         journal_socket = os.environ.get(JOURNAL_SOCKET_ENV, JOURNAL_SOCKET)
+    out: _StreamOut | _JournalOut
     if journal:
         out = _StreamOut(stream, prefix=True)
         if journal_socket:

@@ -21,7 +21,9 @@ dashboard reads them.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from importlib import metadata
+from typing import ClassVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -81,8 +83,8 @@ class _NodeCollector:
                              str(len(spec.nics))], {})
             for s in State:
                 state.add_metric([inst.name, s.value], 1 if s.value == cur else 0)
-        for s, n in counts.items():
-            by_state.add_metric([s], n)
+        for value, n in counts.items():
+            by_state.add_metric([value], n)
         yield by_state
         yield info
         yield state
@@ -179,7 +181,7 @@ class Metrics:
         # QEMU's to invent, so they are folded to keep the label set bounded.
         family = "qmp" if type_.startswith("qmp.") else type_
         self.events.labels(family).inc()
-        handler = _EVENT_HANDLERS.get(type_)
+        handler = self._EVENT_HANDLERS.get(type_)
         if handler is not None:
             handler(self, ev)
 
@@ -227,6 +229,20 @@ class Metrics:
     def _incoming_timeout(self, ev: dict) -> None:
         self.migrations.labels("in", "timeout").inc()
 
+    #: event type -> its handler (plain functions: ``on_event`` passes the instance)
+    _EVENT_HANDLERS: ClassVar[dict[str, Callable[[Metrics, dict], None]]] = {
+        "instance.started": _started,
+        "netconf.applied": _netconf_applied,
+        "netconf.failed": _netconf_failed,
+        "netconf.undo_failed": _undo_failed,
+        "migration.completed": _migration_completed,
+        "migration.failed": _migration_failed,
+        "migration.postcopy_lost": _postcopy_lost,
+        "migration.activated": _migration_activated,
+        "migration.activation_failed": _activation_failed,
+        "migration.incoming_timeout": _incoming_timeout,
+    }
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -235,20 +251,6 @@ def _observe(histogram, ms) -> None:
     s = _seconds(ms)
     if s is not None:
         histogram.observe(s)
-
-
-_EVENT_HANDLERS = {
-    "instance.started": Metrics._started,
-    "netconf.applied": Metrics._netconf_applied,
-    "netconf.failed": Metrics._netconf_failed,
-    "netconf.undo_failed": Metrics._undo_failed,
-    "migration.completed": Metrics._migration_completed,
-    "migration.failed": Metrics._migration_failed,
-    "migration.postcopy_lost": Metrics._postcopy_lost,
-    "migration.activated": Metrics._migration_activated,
-    "migration.activation_failed": Metrics._activation_failed,
-    "migration.incoming_timeout": Metrics._incoming_timeout,
-}
 
 
 class _Static:

@@ -14,6 +14,7 @@ they differ only in where requests come from.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from contextlib import asynccontextmanager
@@ -26,12 +27,12 @@ import qmp_glue
 
 from ._config import Config
 from ._faults import NO_FAULTS
-from ._limits import check_images, check_unique_addresses
-from ._uids import UidAllocator
 from ._instance import Instance, NodeContext, StartError, check_host
+from ._limits import check_images, check_unique_addresses
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
 from ._spec import InstanceSpec, SpecError, parse_spec
+from ._uids import UidAllocator
 
 log = structlog.get_logger("qsup.node")
 
@@ -66,6 +67,12 @@ class Node:
         self.instances: dict[str, Instance] = {}
         self._nursery: trio.Nursery | None = None
         self.ctx: NodeContext | None = None
+
+    def _running(self) -> tuple[NodeContext, trio.Nursery]:
+        """The context and nursery :meth:`running` opened."""
+        if self.ctx is None or self._nursery is None:
+            raise RuntimeError("the node is not running (async with node.running())")
+        return self.ctx, self._nursery
 
     @asynccontextmanager
     async def running(self):
@@ -103,20 +110,23 @@ class Node:
         short, its instance task tears it down (journal undone, record
         dropped) with an event.  Returns the names that were reattached.
         """
+        ctx, nursery = self._running()
         names = []
         for name in self.layout.recorded_instances():
             try:
                 rec = read_json(self.layout.record_path(name))
+                if not isinstance(rec, dict):
+                    raise TypeError(f"the record is a JSON {type(rec).__name__}, not an object")
                 spec = parse_spec(rec["spec"])
             except (OSError, ValueError, KeyError, TypeError, SpecError) as e:
                 log.error("unreadable record, skipped", instance=name, error=str(e))
                 self.events.emit("instance.record_unreadable", instance=name, error=str(e))
                 continue
-            inst = Instance(spec, self.ctx)
+            inst = Instance(spec, ctx)
             inst.generation = rec.get("generation") or inst.generation
-            if isinstance(rec.get("uid"), int) and rec["uid"] in self.ctx.uids:
+            if isinstance(rec.get("uid"), int) and rec["uid"] in ctx.uids:
                 inst.uid = rec["uid"]
-                self.ctx.uids.hold(inst.uid)
+                ctx.uids.hold(inst.uid)
             recorded = {k.lower(): netconf.Nic.from_dict(v) for k, v in rec.get("nics", {}).items()}
             inst.nics = [recorded.get(n.nic_id, n) for n in inst.nics]
             proc = None
@@ -126,7 +136,7 @@ class Node:
                     proc = None  # pid reused by something else
             self.instances[name] = inst
             try:
-                await self._nursery.start(inst.run, inst.launch_adopt, proc, rec)
+                await nursery.start(inst.run, inst.launch_adopt, proc, rec)
             except StartError as e:  # the instance ended failed (QEMU killed, journal undone)
                 log.error("reattach failed", instance=name, error=str(e))
                 self.events.emit("instance.reattach_failed", instance=name, error=str(e))
@@ -163,7 +173,8 @@ class Node:
         self.check_free(name)
         # before the first await, so the check and the reservation are one step
         check_unique_addresses(spec, [i.spec for i in self.instances.values() if not i.state.is_final])
-        inst = Instance(spec, self.ctx)
+        ctx, _ = self._running()
+        inst = Instance(spec, ctx)
         self.instances[name] = inst
         try:
             # sysfs, rt_tables, ovs-vsctl (up to 10 s) and the image files: never on the trio thread
@@ -201,7 +212,7 @@ class Node:
 
     async def _run(self, inst: Instance, launcher, *args):
         try:
-            return await self._nursery.start(inst.run, launcher, *args)
+            return await self._running()[1].start(inst.run, launcher, *args)
         except BaseException:
             self._drop(inst)
             raise
@@ -250,7 +261,7 @@ class Node:
         async with trio.open_nursery() as n:
             for inst in self.list():
                 if not inst.state.is_final:
-                    n.start_soon(lambda i=inst: i.stop(timeout=timeout))
+                    n.start_soon(functools.partial(inst.stop, timeout=timeout))
 
     def forget(self, name: str) -> None:
         """Drop a final-state instance from the table."""

@@ -18,8 +18,12 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from ._jail import JailPlan
 
 
 def start_time(pid: int) -> int | None:
@@ -84,7 +88,7 @@ class QemuProcess:
 
     @classmethod
     def popen(cls, argv: list[str], *, pass_fds: list[int], log_fd: int,
-              uid: int | None = None, gid: int | None = None, jail=None) -> "QemuProcess":
+              uid: int | None = None, gid: int | None = None, jail: JailPlan | None = None) -> "QemuProcess":
         """Start QEMU in its own session (a daemon's SIGINT must not reach it).
 
         With ``uid``/``gid`` the child drops to them before exec, with no
@@ -96,6 +100,7 @@ class QemuProcess:
         instead, as root: it builds the jail, drops to ``uid``/``gid`` itself and
         execs QEMU in the same process, with the same fds (so the pid is QEMU's).
         """
+        creds: dict[str, Any]
         if jail is not None:
             argv, creds = jail.command(argv, uid=uid, gid=gid), {}
         else:
@@ -175,7 +180,7 @@ class QemuProcess:
         if self._pidfd is not None:
             try:
                 trio.lowlevel.notify_closing(self._pidfd)
-            except Exception:
+            except Exception:  # noqa: BLE001 - e.g. not in a trio run: nobody to wake, close anyway
                 pass
             os.close(self._pidfd)
             self._pidfd = None

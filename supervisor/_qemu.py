@@ -108,6 +108,7 @@ def build_argv(
         if spec.append:
             argv += ["-append", spec.append]
     else:
+        assert disk is not None, "a spec has exactly one of kernel and disk"
         fmt = "qcow2" if disk.endswith(".qcow2") else "raw"
         argv += ["-drive", f"file={qemu_opt_value(disk)},if=virtio,format={fmt},cache=none,aio=threads"]
     for i, nic in enumerate(nics):

@@ -32,8 +32,8 @@ import ipaddress
 import json
 import re
 import tomllib
-from pathlib import Path
 from functools import cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -45,6 +45,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 # NAME_RE's pattern is also the OpenAPI schema's (ECMA-262, where ``$`` is the end of input), so
 # it keeps ``$``; in Python match it only with ``fullmatch`` (or :func:`valid_name`).  The
@@ -216,7 +217,7 @@ def _host_address(v: str, version: int) -> str:
         why = "link-local"
     elif version == 4 and a.is_reserved:
         why = "reserved (240.0.0.0/4)"
-    elif version == 6 and a.ipv4_mapped is not None:
+    elif isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
         why = "an IPv4-mapped address"
     else:
         return str(a)
@@ -300,7 +301,8 @@ class InstanceSpec(_Strict):
         the instance name and its position, so it is stable across restarts
         and migrations of the same spec.
         """
-        out, seen = [], {}
+        out: list[NicSpec] = []
+        seen: dict[str, int] = {}
         for i, nic in enumerate(self.nics):
             mac = nic.mac or generated_mac(self.name, i)
             if mac in seen:
@@ -327,7 +329,7 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _message(err: dict) -> str:
+def _message(err: ErrorDetails) -> str:
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):

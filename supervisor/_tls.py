@@ -35,6 +35,10 @@ import shutil
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qmp_glue import QMPClient  # imported lazily at run time: `qsup ls` does without it
 
 #: the verified client certificate's node name on this connection (None: no certificate)
 PEER_NODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("qsup_peer_node", default=None)
@@ -93,7 +97,7 @@ def cert_node_name(peercert: dict | None) -> str | None:
 def file_cert_names(path: str | os.PathLike) -> list[str]:
     """The names in a PEM certificate file (CPython's own decoder; [] if it can't be read)."""
     try:
-        return cert_names(ssl._ssl._test_decode_cert(os.fspath(path)))  # type: ignore[attr-defined]
+        return cert_names(ssl._ssl._test_decode_cert(os.fspath(path)))  # type: ignore[attr-defined]  # noqa: SLF001
     except (AttributeError, OSError, ssl.SSLError, ValueError):
         return []
 
@@ -223,14 +227,14 @@ def qemu_object_id(endpoint: str) -> str:
     return f"qsup-tls-{endpoint}"
 
 
-async def setup_qemu_tls(qmp, tls: TlsFiles, creds_dir: Path, *, endpoint: str, gid: int | None,
+async def setup_qemu_tls(qmp: QMPClient, tls: TlsFiles, creds_dir: Path, *, endpoint: str, gid: int | None,
                          hostname: str | None) -> str:
     """Give a running QEMU a ``tls-creds-x509`` object and make its migration use it.
 
     ``endpoint="server"`` (destination: the source must present a certificate signed by
     ``tls_ca``) or ``"client"`` (source: the destination's certificate must be signed by
-    ``tls_ca`` and carry ``hostname`` -- the peer's name -- in its SAN); ``verify-peer=on`` both.  The files exist only while QEMU loads them.
-    Returns the object id.
+    ``tls_ca`` and carry ``hostname`` -- the peer's name -- in its SAN); ``verify-peer=on`` both.
+    The files exist only while QEMU loads them.  Returns the object id.
     """
     import qmp_glue
 
@@ -245,7 +249,7 @@ async def setup_qemu_tls(qmp, tls: TlsFiles, creds_dir: Path, *, endpoint: str, 
                                          "endpoint": endpoint, "verify-peer": True})
     finally:
         shutil.rmtree(creds_dir, ignore_errors=True)
-    params: dict = {"tls-creds": oid}
+    params: dict[str, str] = {"tls-creds": oid}
     if hostname:
         params["tls-hostname"] = hostname
     await qmp.execute("migrate-set-parameters", params)

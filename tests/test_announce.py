@@ -15,8 +15,16 @@ import pytest
 
 from netconf import NetconfError
 from netconf._announce import (
-    announce, arp_packet, checksum, garp_reply, garp_request, icmpv6_checksum, mac_bytes, na_message,
-    pick_source, unsolicited_na,
+    announce,
+    arp_packet,
+    checksum,
+    garp_reply,
+    garp_request,
+    icmpv6_checksum,
+    mac_bytes,
+    na_message,
+    pick_source,
+    unsolicited_na,
 )
 
 MAC = bytes.fromhex("021122334455")

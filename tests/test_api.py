@@ -249,7 +249,8 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 def test_lifecycle_with_real_qemu(tmp_path):
-    """create -> 201 running; the same create again -> 200 (create-or-start); bad stop options -> 422; stop -> stopped; delete."""
+    """create -> 201 running; the same create again -> 200 (create-or-start); bad stop options -> 422;
+    stop -> stopped; delete."""
     disk = tmp_path / "empty.img"
     disk.write_bytes(b"\0" * 1024 * 1024)
     body = {"name": "real1", "memory": 32, "disk": str(disk), "tags": ["a b", "$(x)"]}

@@ -41,7 +41,7 @@ class Daemon:
         lines = {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "socket": str(self.sock),
                  "hooks_dir": str(tmp / "no-hooks"), "qemu": "/bin/false", "qemu_user": "", "accel": "tcg", **cfg}
         self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items()))
-        self.log = open(tmp / "daemon.log", "w+")
+        self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen([*QSUP, "serve", "--config", str(self.config)], stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**_env(), "PYTHONPATH": str(ROOT), **(env or {})},
                                      cwd=ROOT)
@@ -503,7 +503,8 @@ def test_https_listener_with_client_certificates(tmp_path):
     url = f"https://127.0.0.1:{port}"
     ca = ["--cacert", str(pki / "ca.pem")]
     try:
-        r = qsup("ls", "--json", "--url", url, *ca, "--cert", str(pki / "admin.pem"), "--key", str(pki / "admin-key.pem"))
+        cert = ["--cert", str(pki / "admin.pem"), "--key", str(pki / "admin-key.pem")]
+        r = qsup("ls", "--json", "--url", url, *ca, *cert)
         assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
         r = qsup("ls", "--url", url, *ca)  # no certificate and no token (the node has no token_file)
         assert r.returncode == 1 and "bearer token" in one_error_line(r)

@@ -10,8 +10,8 @@ import json
 import math
 import os
 import pathlib
-import sqlite3
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys

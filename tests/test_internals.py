@@ -127,8 +127,18 @@ def test_pyroute2_marshal_and_constants():
     try:
         from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST  # noqa: F401
         from pyroute2.netlink.rtnl import (  # noqa: F401
-            RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_DELRULE, RTM_GETLINK, RTM_GETROUTE, RTM_GETRULE,
-            RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWRULE, RTM_SETLINK)
+            RTM_DELADDR,
+            RTM_DELLINK,
+            RTM_DELROUTE,
+            RTM_DELRULE,
+            RTM_GETLINK,
+            RTM_GETROUTE,
+            RTM_GETRULE,
+            RTM_NEWADDR,
+            RTM_NEWROUTE,
+            RTM_NEWRULE,
+            RTM_SETLINK,
+        )
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
     except ImportError as e:
         pytest.fail(_broken("pyroute2", f"import failed: {e}"))

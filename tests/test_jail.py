@@ -27,8 +27,8 @@ from supervisor._jail import (
     MAX_BACKING_DEPTH,
     Bind,
     JailError,
-    _open_sources,
     _Fail,
+    _open_sources,
     build_plan,
     disk_chain,
     jail_dir,
@@ -256,7 +256,8 @@ def test_a_start_whose_jail_fails_names_qemu_chroot_and_leaves_nothing(tmp_path)
             assert e.value.field == "qemu_chroot", str(e.value)
             assert MARK in str(e.value)
             assert "vm" not in a.node.instances
-            assert "qemu_chroot" in a.of("instance.failed")[-1]["reason"] or MARK in a.of("instance.failed")[-1]["reason"]
+            reason = a.of("instance.failed")[-1]["reason"]
+            assert "qemu_chroot" in reason or MARK in reason
 
     trio.run(main)
     assert a.state_left() == []

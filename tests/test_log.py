@@ -96,16 +96,13 @@ def test_plain_json_lines_when_not_the_journal(monkeypatch):
 
 
 def test_journal_stream_detection(tmp_path, monkeypatch):
-    f = open(tmp_path / "stream", "w")
-    st = os.fstat(f.fileno())
-    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    assert _log.stream_is_journal(f)
-    other = open(tmp_path / "other", "w")
-    assert not _log.stream_is_journal(other)
-    monkeypatch.setenv("JOURNAL_STREAM", "garbage")
-    assert not _log.stream_is_journal(f)
-    f.close()
-    other.close()
+    with open(tmp_path / "stream", "w") as f, open(tmp_path / "other", "w") as other:
+        st = os.fstat(f.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        assert _log.stream_is_journal(f)
+        assert not _log.stream_is_journal(other)
+        monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+        assert not _log.stream_is_journal(f)
 
 
 def test_native_journal_fields(tmp_path):
@@ -160,13 +157,12 @@ def _serve(tmp: Path, env: dict, **cfg) -> tuple[subprocess.Popen, Path, Path]:
     config = tmp / "qsup.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
     logf = tmp / "stdout"
-    out = open(logf, "w")
-    st = os.fstat(out.fileno())
     base = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "QSUP_SOCKET")}
-    proc = subprocess.Popen([*QSUP, "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
-                            env={**base, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
-                                 **env}, cwd=ROOT)
-    out.close()
+    with open(logf, "w") as out:
+        st = os.fstat(out.fileno())
+        proc = subprocess.Popen([*QSUP, "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**base, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+                                     **env}, cwd=ROOT)
     deadline = time.monotonic() + 20
     while not sock.exists() or subprocess.run([*QSUP, "ls", "--socket", str(sock)], capture_output=True,
                                               env={**base, "PYTHONPATH": str(ROOT)}, cwd=ROOT).returncode:

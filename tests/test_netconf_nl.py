@@ -9,10 +9,10 @@ import socket
 import struct
 
 import pytest
-
-from netconf._nl import RTPROT_QSUP, Netlink, parse_nlas
 from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWRULE, RTM_SETLINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from netconf._nl import RTPROT_QSUP, Netlink, parse_nlas
 
 
 @pytest.fixture

@@ -10,9 +10,12 @@ import functools
 import httpx
 import pytest
 import trio
-from core_harness import Bench, spec
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
+
+from core_harness import Bench, spec
+from supervisor._config import load_config
+from supervisor._spec import SpecError
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -80,9 +83,6 @@ def test_migrate_to_an_undeclared_target_is_refused_and_no_token_leaves(tmp_path
 
 
 # -- config ------------------------------------------------------------------------------------
-
-from supervisor._config import load_config
-from supervisor._spec import SpecError
 
 TLS = {"tls_ca": "/etc/qsup/ca.pem", "tls_cert": "/etc/qsup/a.pem", "tls_key": "/etc/qsup/a-key.pem"}
 

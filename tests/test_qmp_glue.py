@@ -25,7 +25,6 @@ from qmp_glue import (
     QMPTimeout,
     connect,
 )
-
 from qmp_peer import PeerError, QMPPeer
 
 pytestmark = pytest.mark.timeout(30)

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from supervisor._records import Layout, inside, write_json, read_json
+from supervisor._records import Layout, inside, read_json, write_json
 
 
 def test_inside_refuses_escapes(tmp_path):

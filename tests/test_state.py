@@ -5,7 +5,6 @@ import typing
 import pytest
 
 import netconf
-
 from supervisor import TRANSITIONS, IllegalTransition, State, StateMachine
 
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from core_harness import Bench
 
+from core_harness import Bench
 from supervisor._api import create_app
 from supervisor._daemon import PeerAuth, _serve_http
 from supervisor._migration import MigrationError, PeerClient
