@@ -34,10 +34,13 @@ def nodes(tmp_path):
         assert not leaked, f"qemu pids left: {leaked}"
 
 
-def routed_spec(name="m1", busy=True):
-    """A routed guest, by default busy (BUSY): migrations take several passes, and pages lost show."""
-    return guest_spec(name, [{"mode": "routed", "mac": MAC, "ip": IP}],
-                      append=f"guest.ip0={IP}/32" + (f" {BUSY}" if busy else ""))
+def routed_spec(name="m1", dirty: int = 100):
+    """A routed guest, by default busy (BUSY): migrations take several passes, and pages lost show.
+
+    ``dirty`` (MiB/s) lower for migrations under a ``--max-bandwidth`` that must still converge.
+    """
+    busy = BUSY.replace("guest.dirty=100", f"guest.dirty={dirty}")
+    return guest_spec(name, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32 {busy}")
 
 
 def has_route(node, addr=IP) -> bool:

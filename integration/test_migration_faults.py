@@ -8,7 +8,8 @@ rule, record or QEMU process that belongs to nobody.
 
 The cases the older ``test_migration.py`` does not cover:
 
-* the destination QEMU dies at ``pre-switchover``, i.e. *after* the source
+* the destination QEMU dies at the switchover (the guest's STOP, or
+  ``pre-switchover`` with ``--switchover pause``), i.e. *after* the source
   released the guest's L3.  The moment is hit exactly, not by sleeping: a
   netconf hook on the source's ``route4`` step (``after.d``, run first on
   undo) kills the destination QEMU when ``PHASE=migrate-out ACTION=down``;
@@ -16,7 +17,7 @@ The cases the older ``test_migration.py`` does not cover:
 * the destination daemon is SIGKILLed mid-migration and restarted (QEMU
   finishes the migration without it; the restarted daemon must activate);
 * the source daemon is SIGKILLed mid-migration and restarted, both while
-  the stream is ``active`` and while QEMU waits at ``pre-switchover``
+  the stream is ``active`` and while QEMU waits at ``pre-switchover`` (pause)
   with nobody to continue it (the restarted daemon must cancel and resume).
 
 Slow migrations use ``--max-bandwidth`` so the windows are seconds wide
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from migtopo import RouteSampler, TwoNodes
+from migtopo import RouteSampler, TwoNodes, assert_guest_whole
 from test_migration import IP, has_route, routed_spec, wait_migrate_status, wait_state
 from topo import QsupDaemon, pid_alive, qmp
 
@@ -165,7 +166,7 @@ def assert_only_on(t, here: QsupDaemon, here_ns, there: QsupDaemon, there_ns, na
     # the node that runs it has exactly its own tap, and one /32
     assert len([l for l in here_ns.links() if l.startswith("qs")]) == 1
     assert here_ns.run("ip", "route", "show", "table", "all").count(IP) == 1
-    assert t.client.ping(IP), "guest unreachable from the client"
+    assert_guest_whole(t, here, name, IP, busy=True)
 
 
 def migrate_detached(src: QsupDaemon, dst: QsupDaemon, name: str, *extra: str) -> None:
@@ -193,7 +194,8 @@ def wait_ram_moves(operator: str, timeout: float = 30) -> None:
 
 
 def started_guest(t, a: QsupDaemon, name: str, seen: set[int]) -> int:
-    a.start_instance(routed_spec(name))
+    # busy, but slowly enough (2 MiB/s) that a migration at MEDIUM bandwidth converges
+    a.start_instance(routed_spec(name, dirty=2))
     a.wait_console(name)
     pid = a.cli_json("show", name)["pid"]
     seen.add(pid)
@@ -223,7 +225,9 @@ exit 0
 """
 
 
-def test_kill_destination_qemu_at_pre_switchover(topo, tmp_path):
+@pytest.mark.parametrize("switchover", ["stop", "pause"])
+def test_kill_destination_qemu_at_the_switchover(topo, tmp_path, switchover):
+    """The destination QEMU dies while the source releases its L3 (at STOP, or in the pause)."""
     t, seen = topo
     hooks = tmp_path / "hooks-a"
     pidfile = tmp_path / "dst-qemu.pid"
@@ -232,17 +236,17 @@ def test_kill_destination_qemu_at_pre_switchover(topo, tmp_path):
     hook.write_text(KILL_HOOK.format(pidfile=pidfile))
     hook.chmod(0o755)
     a, b = start_daemons(t, {"a": hooks})
-    name = "fps"
+    name = "fps" + switchover[0]
     src_pid = started_guest(t, a, name, seen)
 
-    migrate_detached(a, b, name)
+    migrate_detached(a, b, name, "--switchover", switchover)
     dst_pid = incoming_pid(b, name, seen)
     tmp = pidfile.with_suffix(".tmp")
     tmp.write_text(str(dst_pid))
     tmp.rename(pidfile)  # the hook waits for it (at most 8 s) if pre-switchover comes first
 
     assert_only_on(t, a, t.a, b, t.b, name)
-    assert (tmp_path / "dst-qemu.pid.used").exists(), "the hook never ran: pre-switchover not reached?"
+    assert (tmp_path / "dst-qemu.pid.used").exists(), "the hook never ran: the switchover not reached?"
     assert not pid_alive(dst_pid)
     assert a.cli_json("show", name)["pid"] == src_pid
     ev = [e for e in a.events() if e.get("instance") == name]
@@ -289,13 +293,15 @@ def test_kill_destination_daemon(topo, restart):
     wait_migrate_status(a, name, "active")
     b.kill()
     if restart == "after-completion":
-        # the source continues at pre-switchover and quits after `completed` on its own side
-        va = gone_or_final(a, name, timeout=90)
-        assert va is None or va["state"] == "stopped", va
-        assert not pid_alive(src_pid)
+        # QEMU completes on both sides; the destination daemon is down, so nobody applies L3
+        # there, and the source keeps its (postmigrate) copy until the destination -- restarted,
+        # waiting at `completed` -- takes its confirmation of the L3 release
+        wait_migrate_status(a, name, "completed", timeout=90)
         assert not has_route(t.a)
         assert not has_route(t.b), "L3 applied on the destination while no daemon ran there"
+        assert wait_state(a, name, {"migrating"})["pid"] == src_pid
         b.start()
+        gone_or_final(a, name, timeout=90)
     else:
         b.start()
         assert wait_state(b, name, {"migrating", "running"})["pid"] == dst_pid
@@ -313,13 +319,18 @@ def test_kill_destination_daemon(topo, restart):
 
 @pytest.mark.parametrize("when", ["active", "pre-switchover"])
 def test_kill_source_daemon(topo, when):
-    """The restarted source daemon cancels the orphaned migration and resumes the guest here."""
+    """The restarted source daemon cancels the orphaned migration and resumes the guest here.
+
+    ``pre-switchover``: with ``--switchover pause`` QEMU waits there for ever with nobody to
+    continue it.
+    """
     t, seen = topo
     a, b = start_daemons(t)
     name = "ksd" + when[0]
     src_pid = started_guest(t, a, name, seen)
     operator = a.cli_json("show", name)["qmp_operator"]
-    migrate_detached(a, b, name, "--max-bandwidth", SLOW)
+    mode = "pause" if when == "pre-switchover" else "stop"
+    migrate_detached(a, b, name, "--max-bandwidth", SLOW, "--switchover", mode)
     dst_pid = incoming_pid(b, name, seen)
     wait_migrate_status(a, name, "active")
     a.kill()
@@ -404,41 +415,56 @@ def wait_dead(pid: int, timeout: float = 10) -> None:
     assert not pid_alive(pid), f"pid {pid} outlived {timeout}s"
 
 
-def test_kill_source_qemu_at_pre_switchover(topo, tmp_path):
-    """The source QEMU dies at ``pre-switchover``: its L3 is released, the final state never sent.
+@pytest.mark.parametrize("switchover", ["stop", "pause"])
+def test_kill_source_qemu_at_the_switchover(topo, tmp_path, switchover):
+    """The source QEMU dies at the switchover, while the source releases its L3.
 
-    The only copy of the guest is gone.  The destination never got the device state, so
-    it must never activate (no L3, no ``cont``); both nodes end with nothing.  The moment is
-    hit exactly: the source's own ``route4`` undo hook (migrate-out, down) kills it.
+    ``pause``: the final state was never sent, the only copy of the guest is gone: the
+    destination must never activate (no L3, no ``cont``); both nodes end with nothing.
+    ``stop``: QEMU does not wait for the release, so the final state may have gone out before
+    the kill: then the destination, told that the source's L3 is gone, runs the guest -- on B
+    alone; otherwise both nodes end with nothing.  Never two copies, never a route on both.
+    The moment is hit exactly: the source's own ``route4`` undo hook (migrate-out, down) kills it.
     """
     t, seen = topo
     hooks = tmp_path / "hooks-a"
     pidfile = tmp_path / "src-qemu.pid"
     write_hook(hooks, "route4", "50-kill-source", KILL_HOOK.format(pidfile=pidfile))
     a, b = start_daemons(t, {"a": hooks})
-    name = "kps"
+    name = "kps" + switchover[0]
     src_pid = started_guest(t, a, name, seen)
     pidfile.write_text(str(src_pid))
-    migrate_detached(a, b, name)
+    migrate_detached(a, b, name, "--switchover", switchover)
 
     va = gone_or_final(a, name)
     assert va is not None and va["state"] == "crashed", va
-    assert (tmp_path / "src-qemu.pid.used").exists(), "the hook never ran: pre-switchover not reached?"
+    assert (tmp_path / "src-qemu.pid.used").exists(), "the hook never ran: the switchover not reached?"
     dst_pid = prepared_pid(b, name)
     seen.add(dst_pid)
-    vb = gone_or_final(b, name)
+    assert not pid_alive(src_pid)
+    vb = wait_state(b, name, {"running", "failed", "stopped", "crashed"}, timeout=60)
+    if switchover == "stop" and vb is not None and vb["state"] == "running":
+        assert vb["pid"] == dst_pid
+        assert_only_on(t, b, t.b, a, t.a, name)
+        return
     assert vb is None or vb["state"] == "failed", vb
     wait_dead(dst_pid)
-    assert not pid_alive(src_pid)
     for d, ns in ((a, t.a), (b, t.b)):
         assert leaks(ns) == [], (d.workdir.name, leaks(ns))
         assert records(d) == [], (d.workdir.name, records(d))
     assert "migration.activated" not in events_of(b, name)
-    assert "migration.switchover" not in events_of(a, name)  # migrate-continue never succeeded
+    if switchover == "pause":
+        # migrate-continue never succeeded, so the release was never confirmed
+        assert "migration.release_confirmed" not in events_of(a, name)
 
 
-def test_route4_down_hook_failing_at_pre_switchover(topo, tmp_path):
-    """The source's L3 release fails at ``pre-switchover``: the migration fails, the guest stays.
+@pytest.mark.parametrize("switchover", ["stop", "pause"])
+def test_route4_down_hook_failing_at_the_switchover(topo, tmp_path, switchover):
+    """The source's L3 release fails at the switchover: the migration fails, the guest stays.
+
+    Under ``stop`` QEMU does not wait for the release: if it completes meanwhile, the
+    destination still never activates (it waits for the confirmation that never comes); the
+    source calls it off and resumes its own copy.
 
     It must keep running on the source, supervised, with its route intact (re-applied
     if part of it went), the destination torn down with no L3 ever applied there.
@@ -447,11 +473,11 @@ def test_route4_down_hook_failing_at_pre_switchover(topo, tmp_path):
     hooks = tmp_path / "hooks-a"
     write_hook(hooks, "route4", "50-fail-release", FAIL_HOOK)
     a, b = start_daemons(t, {"a": hooks})
-    name = "fhs"
+    name = "fhs" + switchover[0]
     src_pid = started_guest(t, a, name, seen)
     tail = a.tail(since=a.events()[-1]["seq"])
     try:
-        migrate_detached(a, b, name)
+        migrate_detached(a, b, name, "--switchover", switchover)
         failed = tail.wait_for("migration.failed", name)
     finally:
         tail.close()

@@ -192,8 +192,9 @@ class MigrateOptions:
     qemu_tls: QemuTls | None = None
     #: cancel when no RAM moved for this long (a dead link stalls TCP, it doesn't fail it)
     stall_timeout: float = 15.0
-    #: how long the source keeps trying to confirm its L3 release to the destination
-    confirm_timeout: float = 30.0
+    #: how long the source keeps trying to confirm its L3 release to the destination (whose
+    #: daemon may be restarting): the default ``incoming_timeout``, how long it waits for it
+    confirm_timeout: float = 120.0
 
     @property
     def shown_to(self) -> str:
@@ -379,19 +380,16 @@ class PeerClient:
             raise MigrationError(f"destination prepared {answer.name[:80]!r}, not {name!r}", "to")
         return answer
 
-    async def abort(self, name: str) -> bool:
-        """Tear the destination's pending incoming down.
-
-        False only when it refused with 409: it is no longer a pending
-        incoming (it activated, or is ending): the caller must look before
-        resuming its own copy.
-        """
+    async def abort(self, name: str) -> str:
+        """Tear the destination's pending incoming down: ``aborted``, ``gone`` (404),
+        ``refused`` (409: no longer a pending incoming -- it activated, or is ending; look
+        before resuming a copy here) or ``unreachable``."""
         try:
             await self._call("POST", f"/v1/migrations/incoming/{name}/abort")
         except MigrationError as e:
             log.info("destination abort", result=str(e))
-            return e.status != 409
-        return True
+            return {404: "gone", 409: "refused"}.get(e.status or 0, "unreachable")
+        return "aborted"
 
     async def confirm_release(self, name: str) -> None:
         """Tell the destination that this node no longer holds the guest's L3 (it may activate)."""
@@ -555,7 +553,12 @@ class OutgoingMigration:
                     n.cancel_scope.cancel()
             except BaseException as e:
                 if only_cancelled(e):
-                    raise  # the daemon is leaving: a restarted one recovers from the record
+                    if prepared and peer is not None and self.port.stop_requested:
+                        # The instance is ending under us (its QEMU died, a forced stop): the
+                        # destination must not wait for a confirmation that will never come.
+                        with trio.CancelScope(shield=True), trio.move_on_after(5):
+                            await peer.abort(self.port.name)
+                    raise  # else the daemon is leaving: a restarted one recovers from the record
                 self.error = self.error or describe(e)
                 log.warning("migration failed", error=self.error)
             with trio.CancelScope(shield=True):
@@ -605,7 +608,7 @@ class OutgoingMigration:
                 # ``pre-switchover`` instead.
                 if self.opts.switchover is Switchover.STOP and self.migrate_sent and not self.l3_released:
                     await self._release(qmp_timestamp(ev))
-                    await self._confirm_release()
+                    await self._confirm_release(within=2)  # the rest of the window after the end
                 continue
             status = ev["data"]["status"]
             self.status = status
@@ -619,7 +622,7 @@ class OutgoingMigration:
                     await self._release(qmp_timestamp(ev))
                 self.port.checkpoint(Checkpoint.CONTINUE)
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                await self._confirm_release()
+                await self._confirm_release(within=2)
             elif status in FINAL_STATUSES or status == "postcopy-paused":
                 self.result = status
                 return
@@ -651,7 +654,9 @@ class OutgoingMigration:
                     self.release_confirmed = True
                     break
                 except MigrationError as e:
-                    if e.status is not None and e.status < 500:
+                    # 409: it is no longer a pending incoming (it gave up, or is ending): final.
+                    # Anything else (unreachable, 404 while a restarting daemon reattaches): retry.
+                    if e.status == 409:
                         self.error = self.error or f"the destination refused the release: {e}"
                         break
                     log.info("release confirmation", error=str(e))
@@ -714,21 +719,21 @@ class OutgoingMigration:
         if self.result is None and self.migrate_sent:
             await self._end_in_qemu()
         if self.result == "completed" or self.reached_postcopy:
-            if not self.l3_gone:  # completed without our switchover step (a paused guest, recovery, races)
+            if not self.l3_gone:  # no switchover step (a paused guest, recovery), or it failed: (re)try
                 await self._release_after_completion()
-            confirmed = await self._confirm_release()
-            if not confirmed and self.result == "completed" and peer is not None \
-                    and await self._destination_gone(peer):
-                # It waited for a confirmation that never came and gave up: it never ran the
-                # guest, so this (postmigrate) copy is the only current one.  ``cont`` works there.
-                self.error = self.error or "the destination gave up before the release was confirmed"
+            await self._confirm_release()
+        if self.result == "completed" and not self.release_confirmed and peer is not None:
+            # The destination never activates without our word (the release failed, or it could
+            # not be told): call it off and keep the guest here, where QEMU can resume it.
+            called_off = await peer.abort(port.name) if prepared else "unreachable"
+            if called_off in ("aborted", "gone") or await self._destination_gone(peer):
+                self.error = self.error or "the L3 release was never confirmed to the destination"
                 self.result = "failed"
                 return await self._rolled_back()
+            self.error = self.error or "the destination never acknowledged the L3 release"
+            port.emit("migration.unconfirmed", error=self.error)
+            return Outcome.UNCONFIRMED
         if self.result == "completed":
-            if not self.release_confirmed and peer is not None:
-                self.error = self.error or "the destination never acknowledged the L3 release"
-                port.emit("migration.unconfirmed", error=self.error)
-                return Outcome.UNCONFIRMED
             if not await self._destination_took_it(peer):
                 self.error = self.error or "the destination ended before it ran the guest"
                 self.result = "failed"
@@ -745,7 +750,7 @@ class OutgoingMigration:
         self.result = self.result or "failed"
         if prepared and peer is not None:
             with trio.move_on_after(15):
-                if not await peer.abort(port.name) and await self._destination_runs(peer):
+                if await peer.abort(port.name) == "refused" and await self._destination_runs(peer):
                     # It took the guest (QEMU here said failed, e.g. the return path broke
                     # after the destination loaded everything): never resume a second copy.
                     port.emit("migration.handed_over_after_failure", result=self.result, error=self.error)

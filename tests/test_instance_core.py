@@ -73,16 +73,17 @@ def test_bad_prepare_answer_fails_the_migration_and_keeps_the_guest_supervised(t
     assert a.state_left() == []
 
 
-# -- item 2: undo failure at pre-switchover ----------------------------------------------------
+# -- item 2: undo failure at the switchover ----------------------------------------------------
 
-def test_l3_release_failing_at_pre_switchover_rolls_back_and_keeps_running(tmp_path):
+@pytest.mark.parametrize("switchover", list(Switchover), ids=lambda m: m.value)
+def test_l3_release_failing_at_the_switchover_rolls_back_and_keeps_running(tmp_path, switchover):
     faults = Faults(at=Checkpoint.RELEASE, exc=netconf.NetconfError("undo (migrate-out): 1 step(s) failed"))
     a, b = Bench(tmp_path, "a", faults), Bench(tmp_path, "b")
 
     async def main():
         async with a.running(), b.running(api=True):
             inst = await a.node.start(spec(tmp_path))
-            await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+            await a.node.migrate("vm", MigrateOptions(to=str(b.socket), switchover=switchover))
             await wait_for(lambda: inst.state != State.MIGRATING)
             assert inst.state == State.RUNNING and inst.runstate == "running" and inst.proc.alive
             assert a.of("migration.failed")[-1]["l3_was_released"] is True
