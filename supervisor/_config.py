@@ -160,6 +160,9 @@ class Config(BaseModel):
     event_retention: int = Field(default=100_000, ge=100)
     #: seconds a prepared migration destination waits for the source to connect.
     incoming_timeout: float = Field(default=120.0, gt=0, le=86400)
+    #: seconds a post-copy migration whose stream broke (``postcopy-paused``) keeps trying to
+    #: resume it (``migrate-recover`` on the destination, ``migrate resume`` here); 0: never
+    postcopy_recover_timeout: float = Field(default=120.0, ge=0, le=86400)
     #: uplinks on which a migration destination announces routed guests.
     announce_interfaces: list[str] = []
     #: what a guest kernel panic does unless its spec says: keep it paused for

@@ -922,6 +922,13 @@ class Instance:
             raise MigrationError(f"instance {self.name!r} has no outgoing migration in progress", "name")
         await m.cancel()
 
+    async def recover_postcopy(self) -> int:
+        """Destination: listen again for a broken post-copy stream; the new port."""
+        m = self.migration
+        if not isinstance(m, IncomingMigration) or self.cause is not None:
+            raise MigrationError("not an incoming migration", "name")
+        return await m.recover_postcopy(self.ctx.cfg.migration_address)
+
     def confirm_release(self) -> None:
         """The source confirms its L3 release: this destination may activate at ``completed``."""
         m = self.migration

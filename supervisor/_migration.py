@@ -192,6 +192,8 @@ class MigrateOptions:
     qemu_tls: QemuTls | None = None
     #: cancel when no RAM moved for this long (a dead link stalls TCP, it doesn't fail it)
     stall_timeout: float = 15.0
+    #: how long a broken post-copy stream (``postcopy-paused``) is retried before giving up
+    postcopy_recover_timeout: float = 120.0
     #: how long the source keeps trying to confirm its L3 release to the destination (whose
     #: daemon may be restarting): the default ``incoming_timeout``, how long it waits for it
     confirm_timeout: float = 120.0
@@ -390,6 +392,14 @@ class PeerClient:
             log.info("destination abort", result=str(e))
             return {404: "gone", 409: "refused"}.get(e.status or 0, "unreachable")
         return "aborted"
+
+    async def recover_postcopy(self, name: str) -> int:
+        """Ask the destination to listen again for a broken post-copy stream; the port it listens on."""
+        body = await self._call("POST", f"/v1/migrations/incoming/{name}/recover")
+        answer = _peer_answer(PrepareAnswer, body, "recover answer")
+        if answer.name != name:
+            raise MigrationError(f"destination recovered {answer.name[:80]!r}, not {name!r}", "to")
+        return answer.port
 
     async def confirm_release(self, name: str) -> None:
         """Tell the destination that this node no longer holds the guest's L3 (it may activate)."""
@@ -623,9 +633,40 @@ class OutgoingMigration:
                 self.port.checkpoint(Checkpoint.CONTINUE)
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
                 await self._confirm_release(within=2)
+            elif status == "postcopy-paused" and await self._recover_postcopy():
+                continue  # QEMU's next events: postcopy-recover, postcopy-active, completed
             elif status in FINAL_STATUSES or status == "postcopy-paused":
                 self.result = status
                 return
+
+    async def _recover_postcopy(self) -> bool:
+        """The post-copy stream broke: the guest runs on the destination, which needs pages
+        only this node has.  Resume the stream (``migrate-recover`` there, ``migrate resume``
+        here) until it is back or ``postcopy_recover_timeout`` passes; never resume the guest
+        here.  False: give up (the outcome is then ``post-copy lost``)."""
+        budget = self.opts.postcopy_recover_timeout
+        if self._peer is None or budget <= 0:
+            return False
+        qmp = self.port.qmp
+        self.port.emit("migration.postcopy_recovering", within_s=budget)
+        attempts = 0
+        with trio.move_on_after(budget):
+            while True:
+                attempts += 1
+                try:
+                    port = await self._peer.recover_postcopy(self.port.name)
+                    await qmp.execute("migrate", {"uri": tcp_uri(self.opts.migration_host, port), "resume": True})
+                    with trio.move_on_after(5):
+                        while (await qmp.execute("query-migrate", timeout=5)).get("status") == "postcopy-paused":
+                            await trio.sleep(0.05)
+                        self.port.emit("migration.postcopy_recovered", attempts=attempts)
+                        return True
+                except (MigrationError, qmp_glue.QMPError, trio.TooSlowError) as e:
+                    log.info("post-copy recovery attempt", attempt=attempts, error=describe(e))
+                await trio.sleep(1)
+        self.error = f"post-copy stream broke and could not be resumed within {budget:g}s ({attempts} attempts)"
+        self.port.emit("migration.postcopy_recovery_failed", attempts=attempts, error=self.error)
+        return False
 
     async def _release(self, qmp_ts: float) -> None:
         t = time.perf_counter()
@@ -911,6 +952,18 @@ class IncomingMigration:
 
     def record(self) -> dict:
         return {"direction": "in", "postcopy": self.postcopy, "source_released": self.source_released.is_set()}
+
+    async def recover_postcopy(self, address: str) -> int:
+        """The post-copy stream broke (``postcopy-paused``): listen again on a new port."""
+        qmp = self.port.qmp
+        status = (await qmp.execute("query-migrate", timeout=5)).get("status")
+        if not self.postcopy or status != "postcopy-paused":
+            raise MigrationError(f"not a paused post-copy migration (qemu status {status})", "name")
+        uri = tcp_uri(address, free_port(address))
+        await qmp.execute("migrate-recover", {"uri": uri}, timeout=5)
+        self.uri = uri
+        self.port.emit("migration.postcopy_listening", uri=uri)
+        return int(uri.rsplit(":", 1)[1])
 
     def confirm_release(self) -> None:
         """The source says its L3 is gone: recorded before the answer, so a restart keeps it."""

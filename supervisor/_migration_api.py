@@ -6,6 +6,8 @@
                                               201 {"name", "port", "tls", "uri"} (taps + L2 + qemu
                                               -incoming defer -S); the source uses only the port
     POST /v1/migrations/incoming/{name}/abort destination: tear a pending incoming migration down
+    POST /v1/migrations/incoming/{name}/recover   destination: listen again for a broken post-copy
+                                              stream (``migrate-recover``); {"name", "port", ...}
     POST /v1/migrations/incoming/{name}/released  destination: the source's L3 is gone (activation
                                               at ``completed`` waits for this)
     POST /v1/instances/{name}/migrate         source: body {"to", "postcopy", "max_bandwidth",
@@ -72,6 +74,13 @@ async def prepare_incoming(request: Request) -> Response:
                          "uri": uri}, 201)
 
 
+async def recover_postcopy(request: Request) -> Response:
+    inst = http.instance(request)
+    port = await http.node(request).recover_postcopy(inst.name)  # MigrationError -> 409
+    return JSONResponse({"name": inst.name, "port": port, "tls": getattr(http.node(request).cfg, "tls", None)
+                         is not None, "uri": inst.migration.uri if inst.migration else None})
+
+
 async def confirm_release(request: Request) -> Response:
     inst = http.instance(request)
     http.node(request).confirm_release(inst.name)  # MigrationError -> 409 through the table
@@ -117,6 +126,7 @@ def migrate_options(cfg, body: MigrateBody, *, qemu_pid: int | None, name: str) 
     """The options for a migration to the declared peer ``body.to`` (422 naming ``to`` if undeclared)."""
     _declared_peer(cfg, body.to)
     return peer_options(cfg, body.to, name=name, qemu_pid=qemu_pid, postcopy=body.postcopy,
+                        postcopy_recover_timeout=cfg.postcopy_recover_timeout,
                         max_bandwidth=body.max_bandwidth, downtime_limit=body.downtime_limit,
                         switchover=Switchover(body.switchover))
 
@@ -141,6 +151,12 @@ ROUTES = [
         "operationId": "abort_incoming",
         "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
         "responses": {**http.ok("Final view", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
+    http.ApiRoute("/v1/migrations/incoming/{name}/recover", {"POST": http.Op(recover_postcopy, {
+        "operationId": "recover_postcopy",
+        "summary": "Destination: the post-copy stream broke (postcopy-paused); listen again (migrate-recover) "
+                   "on a new port for the source's `migrate resume`",
+        "responses": {**http.ok("Listening", http.ref("Prepared")), **http.errors(404, 409)}})},
+        parameters=[http.NAME_PARAM]),
     http.ApiRoute("/v1/migrations/incoming/{name}/released", {"POST": http.Op(confirm_release, {
         "operationId": "confirm_release",
         "summary": "Destination: the source confirms it released the guest's L3; activation may proceed "

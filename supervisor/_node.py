@@ -237,6 +237,9 @@ class Node:
         await inst.abort_incoming()
         return inst
 
+    async def recover_postcopy(self, name: str) -> int:
+        return await self.get(name).recover_postcopy()
+
     def confirm_release(self, name: str) -> Instance:
         inst = self.get(name)
         inst.confirm_release()

@@ -104,6 +104,12 @@ class FakeNode:
         inst.state, inst.incoming = State.MIGRATING, True
         return "tcp:127.0.0.1:49152"
 
+    async def recover_postcopy(self, name: str) -> int:
+        inst = self.get(name)
+        if not inst.incoming or inst.state.is_final:
+            raise MigrationError(f"instance {name!r} has no paused post-copy migration", "name")
+        return 49153
+
     def confirm_release(self, name: str):
         inst = self.get(name)
         if not inst.incoming or inst.state.is_final:
