@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from migtopo import API_PORT, MAKE_CA, MigrationWatch, TwoNodes
+from migtopo import API_PORT, BUSY, MAKE_CA, MigrationWatch, TwoNodes, assert_guest_whole
 from topo import VENV_BIN, guest_spec, qmp
 
 IP = "10.99.0.2"
@@ -37,12 +37,16 @@ def tls_nodes(tmp_path):
 
 
 def _spec(name):
-    return guest_spec(name, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32")
+    return guest_spec(name, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32 {BUSY}")
 
 
 def _migrate(src, dst, name, *extra, check=True):
     r = src.cli("migrate", name, "--to", dst.node_name, "--json", *extra, timeout=300, check=check)
     return r, (json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else None)
+
+
+def has_route_on(ns) -> bool:
+    return IP in ns.run("ip", "route", "show", IP)
 
 
 def _tls_params(d, name) -> dict:
@@ -61,7 +65,11 @@ def test_tls_migration_there_and_back_under_ping(tls_nodes, tmp_path):
         watch.ping.wait_replies(50, timeout=10)
         w = watch.result()
     assert summary["result"] == "completed", (summary, r.stderr)
+    # the route really moved (sampled on both nodes), and was never on both
+    assert w["src_routes"] and w["src_routes"][0][1] and not w["src_has_route"], w["src_routes"]
+    assert w["dst_has_route"] and not w["dst_routes"][0][1], w["dst_routes"]
     assert w["overlap_ms"] == 0.0, w["overlap_ms"]
+    assert_guest_whole(t, b, "t1", IP, busy=True)
     # the destination QEMU received over TLS (its creds object is still set on it)
     assert _tls_params(b, "t1") == {"tls-creds": "qsup-tls-server", "tls-hostname": ""}
     started = [e for e in a.events() if e["type"] == "migration.started" and e.get("instance") == "t1"]
@@ -74,7 +82,8 @@ def test_tls_migration_there_and_back_under_ping(tls_nodes, tmp_path):
     r, summary = _migrate(b, a, "t1")
     assert summary["result"] == "completed", (summary, r.stderr)
     assert _tls_params(a, "t1")["tls-creds"] == "qsup-tls-server"
-    assert t.client.ping(IP)
+    assert_guest_whole(t, a, "t1", IP, busy=True)
+    assert has_route_on(t.a) and not has_route_on(t.b)
 
 
 def _curl(ns, *args) -> subprocess.CompletedProcess:
@@ -119,4 +128,5 @@ def test_a_peer_whose_certificate_names_another_node_is_refused(tls_nodes):
     failed = [e for e in a.events() if e["type"] == "migration.failed"]
     assert failed and "unreachable" in failed[-1]["error"] and "certificate" in failed[-1]["error"].lower(), failed
     assert a.cli_json("show", "t3")["state"] == "running"
+    assert_guest_whole(t, a, "t3", IP, busy=True)
     assert not [e for e in b.events() if e["type"] == "migration.prepared"]  # B was never asked
