@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from migtopo import TwoNodes
+from migtopo import BUSY, TwoNodes, assert_guest_whole
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
 from topo import assert_own_seccomp_filter, guest_spec, pid_alive, proc_environ, proc_status, qmp
 
@@ -253,7 +253,8 @@ def jailed_tls_nodes(tmp_path):
 def test_live_migration_between_jailed_nodes_over_tls(jailed_tls_nodes):
     ip, mac = "10.99.0.2", "52:54:00:99:00:02"
     t, a, b = jailed_tls_nodes
-    src = a.start_instance(guest_spec("m1", [{"mode": "routed", "mac": mac, "ip": ip}], append=f"guest.ip0={ip}/32"))
+    src = a.start_instance(guest_spec("m1", [{"mode": "routed", "mac": mac, "ip": ip}],
+                                      append=f"guest.ip0={ip}/32 {BUSY}"))
     tls = {str(a.run_dir / "tls")}
     assert_jailed(a, "m1", src["pid"], extra=tls)
     a.wait_console("m1")
@@ -268,6 +269,6 @@ def test_live_migration_between_jailed_nodes_over_tls(jailed_tls_nodes):
     assert qmp(dst["qmp_operator"], "query-migrate-parameters")["tls-creds"] == "qsup-tls-server"
     assert not pid_alive(src["pid"])
     assert_gone(a, "m1")
-    assert t.client.ping(ip)
+    assert_guest_whole(t, b, "m1", ip, busy=True)
     assert b.cli_json("stop", "m1", "--timeout", "10")["state"] == "stopped"
     assert_gone(b, "m1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import queue
 import signal
 import socket
@@ -25,6 +26,11 @@ VENV_BIN = ROOT / ".venv" / "bin"
 #: QEMU_DEBIAN is Debian 12's 7.2, for the tests that cover it.
 QEMU = os.environ.get("QSUP_TEST_QEMU") or "/usr/local/lib/qsup-qemu-10.0/usr/bin/qemu-system-x86_64"
 QEMU_DEBIAN = "/usr/bin/qemu-system-x86_64"
+
+
+def qemu_line(extra_config: str) -> str:
+    """The config's ``qemu`` key: QEMU, unless the test's own config names one."""
+    return "" if re.search(r"(?m)^qemu\s*=", extra_config) else f'qemu = "{QEMU}"\n'
 GUEST = ROOT / "build" / "guest"
 _counter = itertools.count()
 
@@ -329,7 +335,7 @@ class QsupRun(_Console):
         cfg = workdir / "qsup.toml"
         cfg.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\n'
-            f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\nqemu = "{QEMU}"\n'
+            f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\n{qemu_line(extra_config)}'
             f'powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
@@ -442,7 +448,7 @@ class QsupDaemon(_Console):
                      hooks_dir: Path | None = None) -> None:
         self.config.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\nsocket = "{self.socket}"\n'
-            f'accel = "tcg"\nqemu = "{QEMU}"\npowerdown_timeout = {powerdown_timeout}\n'
+            f'accel = "tcg"\n{qemu_line(extra_config)}powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
         )
