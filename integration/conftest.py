@@ -14,7 +14,6 @@ import pytest
 from topo import Netns, QsupRun
 
 
-
 def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):

@@ -26,9 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE / "bench"), str(HERE / "cluster"), str(HERE)]
 
-import evacuation as ev
-from harness import Cluster, missing_binaries
-from migtopo import event_line
+import evacuation as ev  # noqa: E402 -- importable once sys.path above is set
+from harness import Cluster, missing_binaries  # noqa: E402 -- importable once sys.path above is set
+from migtopo import event_line  # noqa: E402 -- importable once sys.path above is set
 
 
 def step(msg: str) -> None:

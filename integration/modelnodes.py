@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from migtopo import TwoNodes
-from topo import LeftQemu, Netns, QsupDaemon, kill_qemus, pid_alive
 
+from migtopo import TwoNodes
 from supervisor._config import Config
+from topo import LeftQemu, Netns, QsupDaemon, kill_qemus, pid_alive
 
 QEMU_EXE = "qemu-system-x86_64"
 #: the node config declares peers (issue 9): ``migrate`` then names a peer, not a socket

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from supervisor._console import console_chardev_args, pump_console, read_console, rotated_path
-from topo import guest_paths, guest_spec, pid_alive
+from topo import guest_paths, guest_spec
 
 FLOOD = "console=ttyS0 quiet panic=-1 rdinit=/bin/busybox -- seq 999999999"
 CAP = 64 * 1024

@@ -55,11 +55,11 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from modelnodes import ModelNodes, Observed, write_halt_kernel
-from topo import qmp
 
+from modelnodes import ModelNodes, Observed, write_halt_kernel
 from netconf._tap import tap_name_for
 from supervisor._state import TRANSITIONS, State
+from topo import qmp
 
 EXAMPLES = int(os.environ.get("QSUP_MODEL_EXAMPLES", "5"))
 STEPS = int(os.environ.get("QSUP_MODEL_STEPS", "10"))

@@ -348,7 +348,7 @@ class QsupRun(_Console):
         self.events: list[dict] = []
         self._q: queue.Queue = queue.Queue()
         self.stderr_path = workdir / "qsup.stderr"
-        self._stderr = open(self.stderr_path, "wb")
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 -- `qsup run`'s stderr for its whole life, closed by close()
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns.name, str(VENV_BIN / "qsup"), "run", "--json",
              "--config", str(cfg), *paths],
@@ -460,7 +460,7 @@ class QsupDaemon(_Console):
         error is raised: the caller has no handle on it yet if this ran from ``__init__``.
         """
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the daemon's output, closed by kill()/terminate()
         mark = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns.name, str(VENV_BIN / "qsup"), "serve", "--config", str(self.config)],

@@ -58,16 +58,17 @@ of; the route is also registered with Starlette so the routing table stays compl
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 import hmac
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
+from starlette.datastructures import State as AppState
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -272,8 +273,11 @@ class _LineCache:
         return b
 
 
-class EventStream:
+class EventStream(Response):
     """``GET /v1/events`` as a raw ASGI response: NDJSON, batched, ends when the client leaves.
+
+    A :class:`Response` so that it is what a route handler returns; Starlette only calls it (as
+    an ASGI app), and :meth:`__call__` does all of it: ``Response.__init__`` is not run.
 
     Why not Starlette's StreamingResponse: every ``send`` through the server costs ~60-90 us, and
     one event goes to every follower, so the number of sends per event is what fan-out latency is
@@ -668,7 +672,9 @@ async def _known_error(request: Request, exc: Exception) -> Response:
     return http_error(exc).response()
 
 
-async def _http_exception(request: Request, exc: HTTPException) -> Response:
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only
+        return await _internal(request, exc)
     msg = {404: f"no route {request.url.path[:200]}", 405: f"method {request.method[:20]} not allowed here"}
     return error_response(exc.status_code, msg.get(exc.status_code, exc.detail), None, None, exc.headers)
 
@@ -689,8 +695,18 @@ class HttpLimits:
     max_followers: int = 64
 
 
+@dataclass
+class _Started:
+    """A response's status and seconds to its start (0 and 0.0 until it starts)."""
+
+    status: int = 0
+    seconds: float = 0.0
+
+
 class _Outer:
     """Outermost ASGI layer: bearer auth (TCP only), access log + metrics, and a last-resort 500."""
+
+    state: AppState  # the inner app's, set by create_app / create_metrics_app
 
     def __init__(self, app, metrics: Metrics, token: str | None, *, events: bool = True,
                  limits: HttpLimits | None = None):
@@ -706,12 +722,12 @@ class _Outer:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = [0, 0.0]  # status, seconds to the response's start
+        started = _Started()
 
         async def send_(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                status[1] = time.perf_counter() - t0
+                started.status = message["status"]
+                started.seconds = time.perf_counter() - t0
             await send(message)
 
         self.active += 1
@@ -723,13 +739,13 @@ class _Outer:
                 await error_response(401, "missing or wrong bearer token", None, "unauthorized",
                                      {"www-authenticate": "Bearer"})(scope, receive, send_)
             elif self.events and scope.get("path") == "/v1/events" and scope.get("method") == "GET":
-                await self._events(scope, receive, send, send_, status, t0)
+                await self._events(scope, receive, send, send_, started, t0)
             else:
                 await self.app(scope, receive, send_)
         except Exception as e:  # noqa: BLE001 -- logged; the client got (or gets) a JSON 500
             log.error("request failed", method=scope.get("method", "")[:20], path=scope.get("path", "")[:200],
                       error=repr(e), exc_info=True)
-            if status[0] == 0:
+            if started.status == 0:
                 await error_response(500, f"internal error: {type(e).__name__}", None, "internal")(
                     scope, receive, send_)
         finally:
@@ -739,12 +755,12 @@ class _Outer:
             route = scope.get("route")
             path = getattr(route, "path", None) or ("/v1/events" if self.events and scope.get("path") == "/v1/events"
                                                    else "unmatched")
-            self.metrics.observe_request(method, path, status[0], status[1] or time.perf_counter() - t0)
-            if status[0] >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
-                log.info("request", method=method, path=scope.get("path", "")[:200], status=status[0],
+            self.metrics.observe_request(method, path, started.status, started.seconds or time.perf_counter() - t0)
+            if started.status >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
+                log.info("request", method=method, path=scope.get("path", "")[:200], status=started.status,
                          ms=round((time.perf_counter() - t0) * 1000, 2))
 
-    async def _events(self, scope, receive, send, send_, status, t0: float) -> None:
+    async def _events(self, scope, receive, send, send_, started: _Started, t0: float) -> None:
         """``GET /v1/events`` straight to the stream, past Starlette's middleware.
 
         Each of the three middleware layers wraps ``send`` in another coroutine; one event goes
@@ -762,8 +778,8 @@ class _Outer:
             await error_response(503, f"over {self.limits.max_followers} event followers; retry", None,
                                  "busy", {"retry-after": "5"})(scope, receive, send_)
             return
-        status[0] = 200
-        status[1] = time.perf_counter() - t0  # a followed stream lasts: its latency is to the headers
+        started.status = 200
+        started.seconds = time.perf_counter() - t0  # a followed stream lasts: its latency is to the headers
         self.followers += follow
         try:
             await EventStream(self.app.state, since, follow)(scope, receive, send)

@@ -124,7 +124,12 @@ async def _run_foreground(cfg: Config, specs, as_json: bool) -> int:
     from ._state import State
 
     events = open_event_log(cfg)
-    events.subscribe_sink(lambda ev: (_print_event(ev, as_json), sys.stdout.flush()))
+
+    def print_event(ev: dict) -> None:
+        _print_event(ev, as_json)
+        sys.stdout.flush()
+
+    events.subscribe_sink(print_event)
     node = Node(cfg, events)
     code = 0
     try:
@@ -290,7 +295,8 @@ def serve_cmd(config_path, socket_path, as_json) -> None:
     says on_shutdown = "stop".
     """
     from ._client import DEFAULT_CONFIG
-    from ._daemon import DaemonError, main as daemon_main
+    from ._daemon import DaemonError
+    from ._daemon import main as daemon_main
 
     if config_path is None and DEFAULT_CONFIG.exists():
         config_path = str(DEFAULT_CONFIG)
@@ -578,7 +584,8 @@ def qmp_cmd(name, command, arguments, timeout, as_json, socket_path, url, token_
         return
     if as_json:
         _echo_json({"error": value})
-    fail(f"qmp {command}: {value.get('class', 'Error')}: {value.get('desc', '')}", EXIT_FAILED)
+    err = value if isinstance(value, dict) else {}  # _qmp_once's error object
+    fail(f"qmp {command}: {err.get('class', 'Error')}: {err.get('desc', '')}", EXIT_FAILED)
 
 
 async def _qmp_once(path: str, command: str, args: dict | None, timeout: float) -> tuple[bool, object]:
@@ -639,7 +646,7 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
     import time
 
     out = sys.stdout.buffer
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115 -- reopened when rotated; closed in the finally below
     try:
         size = os.fstat(f.fileno()).st_size
         back = min(size, 64 * 1024 + lines * 256)
@@ -671,7 +678,7 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
                     out.write(rest)
                 out.flush()
                 f.close()
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 -- closed in the finally below
             elif st.st_size < f.tell():
                 f.seek(0)
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import trio
 
@@ -266,7 +267,7 @@ class FakeQemu:
 
 def main() -> None:
     path = os.environ.get("FAKE_QEMU_KNOBS", "")
-    knobs = json.loads(open(path).read()) if path and os.path.exists(path) else {}
+    knobs = json.loads(Path(path).read_text()) if path and os.path.exists(path) else {}
     if knobs.get("fail"):
         print(f"qemu-system-x86_64: {knobs['fail']}", flush=True)
         sys.exit(1)

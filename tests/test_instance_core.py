@@ -24,7 +24,6 @@ from supervisor._migration import MigrateOptions, Switchover
 from supervisor._spec import SpecError
 from supervisor._state import ExitCause, State
 
-
 pytestmark = pytest.mark.usefixtures("no_fakes_left")
 
 

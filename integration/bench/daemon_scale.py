@@ -34,7 +34,6 @@ import json
 import os
 import re
 import resource
-import signal
 import struct
 import sys
 import tempfile

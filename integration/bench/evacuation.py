@@ -70,10 +70,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "integration" / "cluster"), str(ROOT / "integration"), str(ROOT / "integration" / "bench")]
 
-from daemon_scale import halt_kernel
-from harness import GUEST_NET, Cluster, ClusterNode, missing_binaries, resource_xml
-from migtopo import Pinger, loss_budget, percentile
-from topo import VENV_BIN, guest_spec
+from daemon_scale import halt_kernel  # noqa: E402 -- importable once sys.path above is set
+from harness import GUEST_NET, Cluster, ClusterNode, missing_binaries, resource_xml  # noqa: E402 -- importable once sys.path above is set
+from migtopo import Pinger, loss_budget, percentile  # noqa: E402 -- importable once sys.path above is set
+from topo import VENV_BIN, guest_spec  # noqa: E402 -- importable once sys.path above is set
 
 QSUP = str(VENV_BIN / "qsup")
 OPTIONS = {"node-action-limit": "16", "load-threshold": "2000%"}

@@ -247,7 +247,8 @@ class Mode:
         src, dst, src_ns, dst_ns, runner = self.hops[i % 2]
         r = migrate_once(i, self.t, src, dst, src_ns, dst_ns, runner, self.sub)
         self.rows.append(r)
-        print(f"{'tls  ' if self.tls else 'plain'} #{i:<2} {'A->B' if i % 2 == 0 else 'B->A'} total {r['total_ms']} ms, "
+        print(f"{'tls  ' if self.tls else 'plain'} #{i:<2} {'A->B' if i % 2 == 0 else 'B->A'} "
+              f"total {r['total_ms']} ms, "
               f"downtime {r['downtime_ms']} ms, switchover {r['switchover_ms']} ms | event->L3 "
               f"{r['event_to_l3_ms']} ms, ->cont {r['event_to_cont_ms']} ms, received->L3 "
               f"{r['received_to_l3_ms']} ms | script L3 {r['script_l3_ms']:.2f} ms | overlap {r['overlap_ms']} "
@@ -262,9 +263,9 @@ class Mode:
 def compare(plain: dict, tls: dict) -> dict:
     """Issue 9's goals: TLS total <= 1.3x plain, TLS downtime <= plain + 5 ms (p50s, same run)."""
     out: dict = {}
-    for k in ("migration_total_p50_ms", "prepare_p50_ms", "stream_p50_ms", "downtime_p50_ms", "downtime_max_ms", "switchover_p50_ms", "gap_p50_ms",
-              "gap_max_ms", "overlap_max_ms", "ping_lost_p50", "activation_event_to_l3_p50_ms",
-              "activation_event_to_cont_p50_ms"):
+    for k in ("migration_total_p50_ms", "prepare_p50_ms", "stream_p50_ms", "downtime_p50_ms", "downtime_max_ms",
+              "switchover_p50_ms", "gap_p50_ms", "gap_max_ms", "overlap_max_ms", "ping_lost_p50",
+              "activation_event_to_l3_p50_ms", "activation_event_to_cont_p50_ms"):
         out[f"tls_{k}"] = tls.get(k)
     pt, tt = plain.get("migration_total_p50_ms"), tls.get("migration_total_p50_ms")
     pd, td = plain.get("downtime_p50_ms"), tls.get("downtime_p50_ms")

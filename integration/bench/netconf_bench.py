@@ -106,7 +106,7 @@ def inside(cycles: int) -> dict:
         ex.undo(reason="stop")
 
         env = dict(os.environ, TAP=TAP, IP=IP, IP6=IP6, TABLE=TABLE, BRIDGE="benchbr",
-                   OLDMAC=open(f"/sys/class/net/{TAP}/address").read().strip())
+                   OLDMAC=Path(f"/sys/class/net/{TAP}/address").read_text().strip())
         os.system(f"ip link set {TAP} up")
         script_cyc = []
         for _ in range(max(10, cycles // 4)):

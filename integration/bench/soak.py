@@ -59,11 +59,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "integration"))
 sys.path.insert(0, str(ROOT))
 
-from migtopo import MigrationWatch, TwoNodes, close_nodes, loss_budget, percentile
-from topo import QsupDaemon, guest_spec, pid_alive
-
-from supervisor._client import Client
-from supervisor._config import Config
+from migtopo import MigrationWatch, TwoNodes, close_nodes, loss_budget, percentile  # noqa: E402 -- importable once sys.path above is set
+from supervisor._client import Client  # noqa: E402 -- importable once sys.path above is set
+from supervisor._config import Config  # noqa: E402 -- importable once sys.path above is set
+from topo import QsupDaemon, guest_spec, pid_alive  # noqa: E402 -- importable once sys.path above is set
 
 IP, MAC = "10.99.0.2", "52:54:00:99:00:57"
 NAME = f"soak-{os.getpid()}"  # unique: QEMU's command line names its guest (its paths are all fds)
@@ -97,7 +96,10 @@ def proc_stats(pid: int) -> dict:
 
 def db_stats(state_dir: Path, rows: bool = True) -> dict:
     db, wal = state_dir / "events.db", state_dir / "events.db-wal"
-    size = lambda p: p.stat().st_size if p.exists() else 0
+
+    def size(p: Path) -> int:
+        return p.stat().st_size if p.exists() else 0
+
     res = {"db_bytes": size(db) + size(wal), "wal_bytes": size(wal)}
     if rows and db.exists():
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -287,7 +289,10 @@ def series_stats(rows: list[dict], node: str, key: str, scale: float = 1.0, nd: 
     xs = [r["i"] for r in rows]
     ys = [r[node][key] / scale for r in rows]
     half = len(rows) // 2
-    r = lambda v: None if v is None else round(v, nd)
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, nd)
+
     return {"first": r(ys[0]), "last": r(ys[-1]), "min": r(min(ys)), "max": r(max(ys)),
             "slope_per100": r(slope_per100(xs, ys)),
             "slope_late_per100": r(slope_per100(xs[half:], ys[half:]))}
@@ -298,7 +303,8 @@ def series_stats(rows: list[dict], node: str, key: str, scale: float = 1.0, nd: 
 def svg(rows: list[dict], path: Path, title: str) -> None:
     """Three stacked panels (fds, RSS MB, event DB KB), node A and node B, against migration number."""
     W, PH, L, R, T, GAP = 720, 150, 62, 16, 34, 34
-    panels = [("fds", "open fds (dashed: other than sockets)", 1.0), ("rss_kb", "RSS (MB)", 1024.0), ("db_bytes", "events.db + -wal (KB)", 1024.0)]
+    panels = [("fds", "open fds (dashed: other than sockets)", 1.0), ("rss_kb", "RSS (MB)", 1024.0),
+              ("db_bytes", "events.db + -wal (KB)", 1024.0)]
     H = T + len(panels) * (PH + GAP) + 10
     xs = [r["i"] for r in rows]
     xmax = max(xs) or 1
@@ -534,9 +540,10 @@ def main() -> int:
                              "rss_mb": round(end[n]["rss_kb"] / 1024, 1)},
                 "after_idle": {"fds": idle[n]["fds"], "sockets": idle[n]["sockets"],
                                "rss_mb": round(idle[n]["rss_kb"] / 1024, 1),
-                               "fd_kinds_vs_before": {k: idle[n]["fd_kinds"].get(k, 0) - start[n]["fd_kinds"].get(k, 0)
-                                                      for k in set(idle[n]["fd_kinds"]) | set(start[n]["fd_kinds"])
-                                                      if idle[n]["fd_kinds"].get(k, 0) != start[n]["fd_kinds"].get(k, 0)}},
+                               "fd_kinds_vs_before": {
+                                   k: idle[n]["fd_kinds"].get(k, 0) - start[n]["fd_kinds"].get(k, 0)
+                                   for k in set(idle[n]["fd_kinds"]) | set(start[n]["fd_kinds"])
+                                   if idle[n]["fd_kinds"].get(k, 0) != start[n]["fd_kinds"].get(k, 0)}},
             }
         res["peak_samples"] = peak.n
         res["strays"] = sum(bool(r.get("strays")) for r in mig)

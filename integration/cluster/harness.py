@@ -58,7 +58,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integration/: topo, migtopo
 
-from topo import ROOT, Netns, QsupDaemon, pid_alive, veth
+from topo import ROOT, Netns, QsupDaemon, pid_alive, veth  # noqa: E402 -- importable once sys.path above is set
 
 AGENT = ROOT / "contrib" / "ocf" / "qsup"
 REMOTED = ROOT / "build" / "cluster" / "pacemaker-remote" / "usr" / "sbin" / "pacemaker-remoted"
@@ -387,7 +387,8 @@ class Cluster:
         self.timings["dc_s"] = round(time.monotonic() - t0, 2)
         if self.remotes:
             for node in self.remotes:
-                self.cib("--create", "-o", "resources", "--xml-pipe", input=f"""<primitive id="{node.name}" class="ocf" provider="pacemaker" type="remote">
+                self.cib("--create", "-o", "resources", "--xml-pipe",
+                         input=f"""<primitive id="{node.name}" class="ocf" provider="pacemaker" type="remote">
     <instance_attributes id="{node.name}-attrs">
       <nvpair id="{node.name}-server" name="server" value="{node.addr}"/>
     </instance_attributes>
@@ -572,8 +573,10 @@ system {{
         (the agent's own messages included), newest last."""
         out = [f"operations: {[(n, op, res) for _, n, op, res in self.operations(rsc) if op != 'monitor']}",
                f"failures: {self.failures()}",
-               f"crm_mon: {[ET.tostring(r, encoding='unicode').strip() for r in self.status().iter('resource') if r.get('id') == rsc]}",
-               f"crm_resource --locate: {self.crm('crm_resource', '--locate', '--resource', rsc, check=False).stdout.strip()!r}"]
+               "crm_mon: " + str([ET.tostring(r, encoding="unicode").strip() for r in self.status().iter("resource")
+                                  if r.get("id") == rsc]),
+               "crm_resource --locate: "
+               f"{self.crm('crm_resource', '--locate', '--resource', rsc, check=False).stdout.strip()!r}"]
         for n in self.nodes:
             try:
                 v = self.view(n, rsc)
@@ -616,7 +619,8 @@ system {{
         self._switch = threading.Thread(target=self._power_switch, daemon=True)
         self._switch.start()
         names = " ".join(n.name for n in self.nodes)
-        self.cib("--create", "-o", "resources", "--xml-pipe", input=f"""<primitive id="fence-switch" class="stonith" type="fence_qsuptest">
+        self.cib("--create", "-o", "resources", "--xml-pipe",
+                 input=f"""<primitive id="fence-switch" class="stonith" type="fence_qsuptest">
     <instance_attributes id="fence-switch-params">
       <nvpair id="fence-switch-dir" name="switch_dir" value="{self.switch}"/>
       <nvpair id="fence-switch-nodes" name="nodes" value="{names}"/>

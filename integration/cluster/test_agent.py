@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from harness import AGENT
 
 NAME = "g1"

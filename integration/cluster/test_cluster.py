@@ -4,8 +4,9 @@
 One cluster for the module (about 10 s to a DC); the tests run in file order and share it:
 a guest placed and started -> moved with ``crm_resource --move`` to another full node, then to
 the remote node (live migrations, checked in Pacemaker's operations, both daemons' event
-logs and the guest's qsup ``generation``, which a live migration carries and a start renews) -> the remote node put on standby (evacuated by live migration) -> a source daemon
-SIGKILLed mid-migration -> ``ocf-tester`` on a live node, with the monitor's cost measured ->
+logs and the guest's qsup ``generation``, which a live migration carries and a start renews) ->
+the remote node put on standby (evacuated by live migration) -> a source daemon SIGKILLed
+mid-migration -> ``ocf-tester`` on a live node, with the monitor's cost measured ->
 a node fenced (last: it stays off).  The fixture's teardown asserts that nothing is left: no
 process in any node namespace, no mount, no namespace, no QEMU.
 """
@@ -19,6 +20,7 @@ import subprocess
 import time
 
 import pytest
+
 from harness import AGENT, GUEST_NET, Cluster, missing_binaries, resource_xml
 from topo import VENV_BIN, guest_spec
 

@@ -189,10 +189,9 @@ def agent_main() -> None:
             # e.g. qemu with the tap's fds; the test kills it by the returned pid
             fds = taps[req["tap"]].fds if req.get("tap") else []
             argv = [a.replace("{fd}", str(fds[0]) if fds else "") for a in req["argv"]]
-            log = open(req["log"], "wb")
-            p = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
+            with open(req["log"], "wb") as log:
+                p = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
             return p.pid
         raise ValueError(f"unknown op {op}")
 
@@ -200,7 +199,7 @@ def agent_main() -> None:
         req = json.loads(line)
         try:
             reply = {"ok": True, "result": handle(req)}
-        except Exception as e:  # reported to the test, which decides
+        except Exception as e:  # noqa: BLE001 -- reported to the test, which decides
             reply = {"ok": False, "error": str(e), "type": type(e).__name__,
                      "failures": getattr(e, "failures", [])}
         replies.write(json.dumps(reply, default=str) + "\n")

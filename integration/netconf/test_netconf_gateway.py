@@ -90,7 +90,8 @@ def _wait_for(path: Path, text: str, timeout: float) -> None:
         if path.exists() and text in path.read_text(errors="replace"):
             return
         time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in {path}:\n{path.read_text(errors='replace')[-2000:] if path.exists() else ''}")
+    tail = path.read_text(errors="replace")[-2000:] if path.exists() else ""
+    raise AssertionError(f"{text!r} not in {path}:\n{tail}")
 
 
 def _ping(ns: Netns, addr: str, v6: bool = False) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -161,10 +162,10 @@ def test_undo_keeps_going_past_failures_and_reports_all(ns, agent, tmp_path):
 
 def _wait_file(path, timeout=20):
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path) or not open(path).read().strip():
+    while not os.path.exists(path) or not Path(path).read_text().strip():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
-    return open(path).read().strip()
+    return Path(path).read_text().strip()
 
 
 def test_sigkill_mid_apply_then_recover_restores_host_exactly(ns, agents, tmp_path):
@@ -190,7 +191,7 @@ def test_sigkill_mid_apply_then_recover_restores_host_exactly(ns, agents, tmp_pa
     assert pending == ["route4", "rule4", "sysctl-ipv6", "gw6", "neigh6", "route6", "rule6"]
     rescuer.call("recover", journal=j, reason="crash")
     assert snapshot(ns) == before
-    assert open(j).read() == ""
+    assert Path(j).read_text() == ""
 
 
 def test_sigkill_inside_a_hook_then_recover(ns, agents, tmp_path):

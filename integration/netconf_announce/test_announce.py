@@ -55,8 +55,9 @@ try:
             "garp_request": lambda: (A.ETH_P_ARP, A.garp_request(mac, v4)),
             "garp_reply": lambda: (A.ETH_P_ARP, A.garp_reply(mac, v4)),
             # an ordinary (non-gratuitous) unicast reply, as if answering nbr's request
-            "plain_reply": lambda: (A.ETH_P_ARP, A.ethernet(A.mac_bytes(req["peer_mac"]), mac, A.ETH_P_ARP, A.arp_packet(
-                A.ARPOP_REPLY, mac, v4, A.mac_bytes(req["peer_mac"]), socket.inet_aton(req["peer_ip"])))),
+            "plain_reply": lambda: (A.ETH_P_ARP, A.ethernet(
+                A.mac_bytes(req["peer_mac"]), mac, A.ETH_P_ARP,
+                A.arp_packet(A.ARPOP_REPLY, mac, v4, A.mac_bytes(req["peer_mac"]), socket.inet_aton(req["peer_ip"])))),
             "na_override": lambda: (A.ETH_P_IPV6, A.unsolicited_na(mac, src, v6)),
             "na_no_override": lambda: (A.ETH_P_IPV6, A.ethernet(A.ALL_NODES_MAC, mac, A.ETH_P_IPV6, A.ipv6_packet(
                 src, A.ALL_NODES, socket.IPPROTO_ICMPV6, A.na_message(src, A.ALL_NODES, v6, mac, flags=0)))),
