@@ -29,12 +29,16 @@ The instance serves its migrations through :class:`supervisor._migration.Instanc
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, TypeVarTuple
 
 import structlog
 import trio
@@ -45,19 +49,46 @@ import qmp_glue
 from ._config import Config
 from ._console import pump_console
 from ._errors import describe, hook_output, only_cancelled, root_cause
+from ._eventlog import EventLog
 from ._faults import NO_FAULTS, Checkpoint
-from ._jail import MARK as JAIL_MARK, jail_dir, plan_for, remove_dir
-from ._migration import IncomingMigration, MigrateOptions, MigrationError, OutgoingMigration, Outcome, \
-    recovery_options, \
-    free_port, qmp_timestamp, tcp_uri
+from ._jail import MARK as JAIL_MARK
+from ._jail import jail_dir, plan_for, remove_dir
+from ._migration import (
+    IncomingMigration,
+    MigrateOptions,
+    MigrationError,
+    Outcome,
+    OutgoingMigration,
+    free_port,
+    qmp_timestamp,
+    recovery_options,
+    tcp_uri,
+)
 from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, State, StateMachine
 from ._tls import qemu_creds_dir, qemu_gid, setup_qemu_tls
+from ._uids import UidAllocator
+
+if TYPE_CHECKING:
+    from ._migration import InstancePort
 
 log = structlog.get_logger("qsup.instance")
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+
+class FaultPoints(Protocol):
+    """Where fault injection hooks in: :data:`~supervisor._faults.NO_FAULTS`, or a ``Faults`` in tests."""
+
+    def reach(self, point: Checkpoint) -> None: ...
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -66,12 +97,12 @@ class NodeContext:
 
     cfg: Config
     layout: Layout
-    events: Any  # supervisor._eventlog.EventLog
+    events: EventLog
     aio: qmp_glue.AsyncioThread
     worker: netconf.NetconfWorker
-    hooks: Any = None  # netconf.Hooks | None
-    faults: Any = NO_FAULTS  # supervisor._faults.Faults in tests
-    uids: Any = None  # supervisor._uids.UidAllocator
+    hooks: netconf.Hooks | None = None
+    faults: FaultPoints = NO_FAULTS  # a supervisor._faults.Faults in tests
+    uids: UidAllocator = dataclasses.field(default_factory=UidAllocator)  # the node passes one built from qemu_uids
 
 
 class StartError(RuntimeError):
@@ -86,6 +117,8 @@ def build_nics(spec: InstanceSpec) -> list[netconf.Nic]:
     """The netconf view of the spec's NICs (taps named from instance + MAC)."""
     out = []
     for n in spec.resolved_nics():
+        if n.mac is None:  # resolved_nics() fills every MAC in
+            raise RuntimeError(f"instance {spec.name!r}: a resolved NIC has no MAC")
         vlan, trunks = (n.vlan, ()) if isinstance(n.vlan, int) else (None, tuple(n.vlan or ()))
         out.append(
             netconf.Nic(
@@ -123,6 +156,15 @@ def _ms(a: float, b: float) -> float:
     return round((b - a) * 1000, 3)
 
 
+def _run_status(answer: qmp_glue.JSONValue) -> tuple[str, bool]:
+    """``query-status``'s answer: QEMU's run state (``running``, ``paused``, ...) and its ``running`` flag."""
+    if isinstance(answer, dict):
+        status = answer.get("status", "")
+        if isinstance(status, str):
+            return status, bool(answer.get("running"))
+    raise TypeError(f"query-status answered {answer!r}, not an object with a status")
+
+
 @dataclass
 class _StopRequest:
     force: bool = False
@@ -155,13 +197,14 @@ class Instance:
         self.cause: ExitCause | None = None
         #: QEMU's run state as ``query-status`` names it (running, paused, guest-panicked, ...)
         self.runstate = "prelaunch"
-        self.panic: dict | None = None
+        self.panic: qmp_glue.JSONObject | None = None
         self.migration: IncomingMigration | OutgoingMigration | None = None
         self._stop_request: _StopRequest | None = None
         self._stop_wanted = trio.Event()
         self._migration_settled = trio.Event()
         self._migration_settled.set()
-        self._recovery = None  # finishes a migration a killed daemon left behind (adopt only)
+        #: finishes a migration a killed daemon left behind (adopt only)
+        self._recovery: Callable[[], Awaitable[None]] | None = None
         self._nursery: trio.Nursery | None = None
         self.done = trio.Event()
 
@@ -177,7 +220,7 @@ class Instance:
                 netconf.Journal(self.ctx.layout.journal_path(self.name)), hooks=self.ctx.hooks)
         return self._executor
 
-    def view(self) -> dict:
+    def view(self) -> dict[str, Any]:
         """What ``show``/``ls`` print; ``state`` is one of :class:`~supervisor._state.State`."""
         return {
             "name": self.name,
@@ -204,14 +247,14 @@ class Instance:
             "migration": self.migration.view() if self.migration else None,
         }
 
-    def _migration_record(self) -> dict | None:
+    def _migration_record(self) -> dict[str, Any] | None:
         m = self.migration
         if m is None or (isinstance(m, IncomingMigration) and m.activated) or \
                 (isinstance(m, OutgoingMigration) and m.done.is_set()):
             return None
         return m.record()
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {
             "version": 1,
             "name": self.name,
@@ -245,7 +288,9 @@ class Instance:
     # -- the port a migration uses (supervisor._migration.InstancePort) --
     @property
     def qmp(self) -> qmp_glue.QMPClient:
-        assert self._qmp is not None, "QMP is connected before anything can use it"
+        """QEMU's monitor: connected by the launcher, before anything can use it."""
+        if self._qmp is None:
+            raise RuntimeError(f"instance {self.name!r}: QMP is not connected yet")
         return self._qmp
 
     @property
@@ -253,27 +298,42 @@ class Instance:
         """An exit is under way: a migration destination must not activate any more."""
         return self.cause is not None
 
-    def emit(self, type: str, **data) -> dict:
+    def emit(self, type: str, **data: Any) -> dict[str, Any]:
         return self.ctx.events.emit(type, instance=self.name, **data)
 
     def checkpoint(self, point: Checkpoint) -> None:
         self.ctx.faults.reach(point)
 
-    def spec_json(self) -> dict:
+    def spec_json(self) -> dict[str, Any]:
         return self.spec.model_dump(mode="json")
 
-    def spawn(self, fn, *args) -> None:
+    def spawn(self, fn: Callable[[*_Ts], Awaitable[object]], *args: *_Ts) -> None:
         """Run ``fn(*args)`` as a task of this instance (it ends with the instance).
 
         trio copies the context of the task that calls ``start_soon`` -- for a
         migration that is an HTTP handler -- so the instance's log context is
         bound again here.
         """
-        async def bound():
+        async def bound() -> None:
             with structlog.contextvars.bound_contextvars(instance=self.name):
                 await fn(*args)
 
-        self._nursery.start_soon(bound)
+        self._tasks.start_soon(bound)
+
+    # -- what exists once launched -----------------------------------
+    @property
+    def _qemu(self) -> QemuProcess:
+        """QEMU's process: set by the launcher (spawned or adopted) before anything supervises it."""
+        if self.proc is None:
+            raise RuntimeError(f"instance {self.name!r} has no QEMU process yet")
+        return self.proc
+
+    @property
+    def _tasks(self) -> trio.Nursery:
+        """The instance's nursery: open for as long as :meth:`run` runs."""
+        if self._nursery is None:
+            raise RuntimeError(f"instance {self.name!r} is not running")
+        return self._nursery
 
     async def apply_l3(self, reason: str, *, inline: bool = False) -> float:
         """L3 for every NIC; returns netconf's own ms.
@@ -318,7 +378,8 @@ class Instance:
                 self.error = error
             log.info("exit", instance=self.name, cause=cause.value, error=error)
 
-    async def run(self, launcher, *args, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, launcher: Callable[[*_Ts], Awaitable[_T]], *args: *_Ts,
+                  task_status: trio.TaskStatus[_T] = trio.TASK_STATUS_IGNORED) -> None:
         """The instance's one task: launch, supervise, tear down.
 
         Before ``started`` a failure is the launch's: it is rolled back and
@@ -342,8 +403,9 @@ class Instance:
                 failure = exc
                 if not started:
                     cause = root_cause(exc)
-                    if getattr(cause, "failures", None):  # netconf's per-step details, as an event
-                        self.emit("netconf.failed", error=str(cause), failures=cause.failures)
+                    failures = getattr(cause, "failures", None)
+                    if failures:  # netconf's per-step details, as an event
+                        self.emit("netconf.failed", error=str(cause), failures=failures)
                     self.exit(ExitCause.START_FAILED, self._start_error_text(cause))
                 elif not only_cancelled(exc):
                     log.error("instance task failed", error=describe(exc), exc_info=root_cause(exc))
@@ -365,8 +427,9 @@ class Instance:
     def _start_error_text(cause: BaseException) -> str:
         """QEMU's or netconf's own words (without the field, which is reported apart); a failing
         hook's output belongs in it too."""
-        if getattr(cause, "field", None):
-            return str(cause).removeprefix(f"{cause.field}: ") + hook_output(cause)
+        field = getattr(cause, "field", None)
+        if field:
+            return str(cause).removeprefix(f"{field}: ") + hook_output(cause)
         return describe(cause)
 
     async def _teardown(self) -> None:
@@ -411,7 +474,7 @@ class Instance:
         if self._qmp is not None:
             await self._qmp.aclose()
 
-    async def _undo_netconf(self, reason: str) -> list[dict]:
+    async def _undo_netconf(self, reason: str) -> list[dict[str, Any]]:
         t = time.perf_counter()
         try:
             await self.ctx.worker.run(self.executor.undo, reason=reason)
@@ -440,38 +503,40 @@ class Instance:
             "netconf": _ms(t_qmp, t_net), "cont": _ms(t_net, t_run), "total": _ms(t0, t_run),
         }
         self.sm.move(State.RUNNING, "started")
-        self.emit("instance.started", timings_ms=self.timings, pid=self.proc.pid)
+        self.emit("instance.started", timings_ms=self.timings, pid=self._qemu.pid)
         return self
 
     async def launch_incoming(self, postcopy: bool) -> str:
         """Destination of a live migration: L2 now, L3 staged, applied only at ``completed``."""
         ctx = self.ctx
-        self.migration = IncomingMigration(self, postcopy, release_wait=ctx.cfg.incoming_timeout)
+        m = self.migration = IncomingMigration(self, postcopy, release_wait=ctx.cfg.incoming_timeout)
         t0 = time.perf_counter()
         self.emit("instance.starting", spec=self.spec_json(), incoming=True)
         await self._launch(incoming=True, reason="migrate-in")
         for nic in self.nics:  # journal L3 now: at ``completed`` only netlink work remains
             await ctx.worker.run(self.executor.stage, netconf.plan(nic, "activate"))
         self.checkpoint(Checkpoint.STAGED)
-        caps = [{"capability": "events", "state": True},
-                {"capability": "postcopy-ram", "state": postcopy}]
+        caps: list[dict[str, str | bool]] = [{"capability": "events", "state": True},
+                                              {"capability": "postcopy-ram", "state": postcopy}]
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         if ctx.cfg.tls is not None:  # the source must present a cert signed by tls_ca (supervisor/_tls.py)
             await setup_qemu_tls(self.qmp, ctx.cfg.tls, qemu_creds_dir(ctx.cfg.run_dir, self.name, "server"),
-                                 endpoint="server", gid=qemu_gid(self.proc.pid), hostname=None)
+                                 endpoint="server", gid=qemu_gid(self._qemu.pid), hostname=None)
         addr = ctx.cfg.migration_address
         uri = tcp_uri(addr, free_port(addr))
         self.checkpoint(Checkpoint.LISTENING)
         await self.qmp.execute("migrate-incoming", {"uri": uri})
-        self.migration.uri = uri
+        m.uri = uri
         self.runstate = "inmigrate"
         self.sm.move(State.MIGRATING, "incoming")
         self.timings = {"prepare": _ms(t0, time.perf_counter())}
-        self.emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings, pid=self.proc.pid)
+        self.emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings, pid=self._qemu.pid)
         return uri
 
-    async def launch_adopt(self, proc: QemuProcess | None, rec: dict) -> "Instance":
+    async def launch_adopt(self, proc: QemuProcess | None, rec: dict[str, Any]) -> "Instance":
         """Take over a QEMU that a previous daemon started; never stops or pauses a live guest.
+
+        ``rec`` is the instance's record as :meth:`record` wrote it (read back from JSON).
 
         A QEMU that died meanwhile, or whose start was cut short by the
         restart, gets its exit cause here and goes straight to the teardown.
@@ -491,24 +556,26 @@ class Instance:
         self._qmp = await qmp_glue.connect(
             str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=5, name=self.name)
         self.checkpoint(Checkpoint.REATTACH_STATUS)
-        status = await self.qmp.execute("query-status")
+        answer = await self.qmp.execute("query-status")
         await self._follow_console()
-        self.runstate = status.get("status", "")
+        self.runstate, running = _run_status(answer)
         if migration and migration.get("direction") == "in":
-            self.migration = IncomingMigration(self, bool(migration.get("postcopy")),
-                                               release_wait=self.ctx.cfg.incoming_timeout,
-                                               source_released=migration.get("source_released") is True)
-            self._recovery = self._recover_incoming
+            incoming = IncomingMigration(self, bool(migration.get("postcopy")),
+                                         release_wait=self.ctx.cfg.incoming_timeout,
+                                         source_released=migration.get("source_released") is True)
+            self.migration = incoming
+            self._recovery = partial(self._recover_incoming, incoming)
         elif migration:
             opts = recovery_options(self.ctx.cfg, str(migration.get("to", "")), bool(migration.get("postcopy")),
                                     migration.get("switchover"))
-            self.migration = OutgoingMigration(self, opts, was_running=bool(migration.get("was_running", True)))
+            outgoing = OutgoingMigration(self, opts, was_running=bool(migration.get("was_running", True)))
+            self.migration = outgoing
             self._migration_settled = trio.Event()
-            self._recovery = self._recover_outgoing
+            self._recovery = partial(self._recover_outgoing, outgoing)
         if migration:
             self.sm.move(State.MIGRATING, f"reattached mid-migration (qemu status {self.runstate})")
         else:
-            new = State.RUNNING if status.get("running") else State.PAUSED
+            new = State.RUNNING if running else State.PAUSED
             self.sm.move(new, f"reattached (qemu status {self.runstate})")
         self.emit("instance.reattached", pid=proc.pid, qemu_status=self.runstate, migration=migration)
         return self
@@ -522,9 +589,9 @@ class Instance:
         self._save()
         self.executor  # open the journal now: the teardown undoes whatever it records
         self.checkpoint(Checkpoint.TAPS)
-        opened: list = []  # taps, sockets and files QEMU gets as fds; ours are closed after the spawn
+        opened: list[_Closeable] = []  # taps, sockets and files QEMU gets as fds; ours are closed after the spawn
         try:
-            taps = []
+            taps: list[netconf.TapHandle] = []
             for nic in self.nics:
                 taps.append(netconf.open_tap(nic.tap, nic.queues, mac=netconf.fe_mac(nic.mac)))
                 opened.append(taps[-1])
@@ -558,13 +625,13 @@ class Instance:
         self.checkpoint(Checkpoint.ATTACHED)
         return t_spawn, t_qmp
 
-    def _host_fds(self, opened: list) -> HostFds:
+    def _host_fds(self, opened: list[_Closeable]) -> HostFds:
         """Bind the monitor and console sockets and open kernel/initrd, for QEMU to inherit."""
         layout, name = self.ctx.layout, self.name
         socks = [listening_socket(p) for p in (layout.qmp_path(name), layout.operator_qmp_path(name),
                                                layout.console_socket_path(name))]
         opened.extend(socks)
-        files = {}
+        files: dict[str, io.FileIO] = {}
         for key in ("kernel", "initrd"):
             path = self.images.get(key) or getattr(self.spec, key)
             if path:
@@ -595,10 +662,10 @@ class Instance:
         it reconnects by itself, so a restarted daemon simply starts another.
         """
         layout = self.ctx.layout
-        await self._nursery.start(pump_console, layout.console_socket_path(self.name),
-                                  layout.console_path(self.name), self.ctx.cfg.console_max_bytes)
+        await self._tasks.start(pump_console, layout.console_socket_path(self.name),
+                                layout.console_path(self.name), self.ctx.cfg.console_max_bytes)
 
-    def _apply_phase(self, phase: str, reason: str) -> float:
+    def _apply_phase(self, phase: Literal["attach", "activate"], reason: str) -> float:
         """Every NIC's ``phase`` (sync: runs on the netconf thread); returns the ms spent inside."""
         t = time.perf_counter()
         for nic in self.nics:
@@ -612,9 +679,10 @@ class Instance:
 
     async def _connect_qmp(self) -> qmp_glue.QMPClient:
         """Connect QMP, or fail fast with QEMU's own words if it exits first."""
-        result: list = []
+        result: list[qmp_glue.QMPClient] = []
+        proc = self._qemu
 
-        async def connect(cancel):
+        async def connect(cancel: trio.CancelScope) -> None:
             try:
                 result.append(await qmp_glue.connect(
                     str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=30, name=self.name))
@@ -622,21 +690,21 @@ class Instance:
                 # qsup binds the monitor socket itself, so a connect can succeed and then see
                 # EOF when QEMU dies at start: let QEMU's exit (and its words) answer instead
                 with trio.move_on_after(5):
-                    await self.proc.wait()
-                if self.proc.alive:
+                    await proc.wait()
+                if proc.alive:
                     raise
                 return
             cancel.cancel()
 
         async with trio.open_nursery() as n:
             n.start_soon(connect, n.cancel_scope)
-            await self.proc.wait()
+            await proc.wait()
             n.cancel_scope.cancel()
         if not result:
             said = self._log_tail()
             for fd_path, path in self._fd_paths.items():  # QEMU names the file as it was given it
                 said = said.replace(fd_path, path)
-            raise StartError(f"qemu exited with status {self.proc.returncode}: {said}", self._field_named_by(said))
+            raise StartError(f"qemu exited with status {proc.returncode}: {said}", self._field_named_by(said))
         return result[0]
 
     def _field_named_by(self, qemu_said: str) -> str | None:
@@ -667,15 +735,15 @@ class Instance:
         if isinstance(self.migration, IncomingMigration) and not self.migration.activated:
             nursery.start_soon(self._incoming_watchdog, self.migration)
         if self._recovery is not None:  # adopted mid-migration
-            nursery.start_soon(self._recovery, self.migration)
-        await self.proc.wait()
+            nursery.start_soon(self._recovery)
+        await self._qemu.wait()
         if self.cause is None:
             self.exit(*self._unannounced_exit())
         nursery.cancel_scope.cancel()
 
     def _unannounced_exit(self) -> tuple[ExitCause, str]:
         """QEMU exited and nobody said why: an incoming migration that failed, or a crash."""
-        rc = self.proc.returncode
+        rc = self._qemu.returncode
         m = self.migration
         if isinstance(m, IncomingMigration) and not m.activated:
             # QEMU 7.2 exits by itself when an incoming migration fails: a
@@ -705,18 +773,19 @@ class Instance:
         # lingers with a dead monitor it cannot be controlled any more.  When
         # an exit is already under way its own path escalates; this is the
         # backstop.
+        proc = self._qemu
         with trio.move_on_after(2 if self.cause is None else 15):
-            await self.proc.wait()
-        if self.proc.alive:
+            await proc.wait()
+        if proc.alive:
             log.error("QMP lost but qemu still alive; killing it")
             self.exit(ExitCause.QEMU_DIED, "the monitor closed while qemu still ran; killed")
-            self.proc.signal(signal.SIGKILL)
+            proc.signal(signal.SIGKILL)
 
-    async def _on_migration_event(self, ev: dict) -> None:
+    async def _on_migration_event(self, ev: qmp_glue.QMPEvent) -> None:
         m = self.migration
         if isinstance(m, IncomingMigration):
             self._on_incoming_outcome(await m.on_event(ev))
-        elif not m.done.is_set():
+        elif m is not None and not m.done.is_set():
             m.on_event(ev)
 
     def _on_incoming_outcome(self, outcome: Outcome) -> None:
@@ -729,7 +798,7 @@ class Instance:
             self.exit(ExitCause.INCOMING_ABORTED,
                       f"incoming migration aborted: the source never confirmed its L3 release within "
                       f"{self.ctx.cfg.incoming_timeout:g}s")
-            self.proc.signal(signal.SIGKILL)
+            self._qemu.signal(signal.SIGKILL)
 
     def _on_qemu_stop(self, ts: float) -> None:
         m = self.migration
@@ -754,7 +823,7 @@ class Instance:
     async def _learn_why_stopped(self) -> None:
         """A STOP nobody asked for may be a fault (internal-error, io-error): QEMU's status says."""
         try:
-            status = (await self.qmp.execute("query-status", timeout=5)).get("status", "")
+            status, _ = _run_status(await self.qmp.execute("query-status", timeout=5))
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
             return
         if status and self.runstate != "running":
@@ -763,7 +832,7 @@ class Instance:
         if event and event != "guest.panicked":  # a panic has its own QMP event
             self.emit(event, qemu_status=status)
 
-    def _on_guest_panicked(self, data: dict) -> None:
+    def _on_guest_panicked(self, data: qmp_glue.JSONObject) -> None:
         """pvpanic: QEMU paused the guest (``-action panic=pause``); the policy says what next."""
         self.runstate = "guest-panicked"
         self.panic = {"action": data.get("action"), "info": data.get("info")}
@@ -799,13 +868,17 @@ class Instance:
         # ``m``, not ``self.migration``: by now the guest may be on its next migration, outgoing
         if self.migration is m and m.status == "setup" and not m.activated:
             self.emit("migration.incoming_timeout", after_s=timeout)
-            self.exit(ExitCause.INCOMING_ABORTED, f"incoming migration aborted: no source connected within {timeout:g}s")
-            self.proc.signal(signal.SIGKILL)
+            self.exit(ExitCause.INCOMING_ABORTED,
+                      f"incoming migration aborted: no source connected within {timeout:g}s")
+            self._qemu.signal(signal.SIGKILL)
 
     # -- stop ------------------------------------------------------------
     async def _serve_stop(self) -> None:
         await self._stop_wanted.wait()
         req = self._stop_request
+        if req is None:  # stop() sets the request before it sets _stop_wanted
+            raise RuntimeError(f"instance {self.name!r}: a stop was wanted with no request")
+        proc = self._qemu
         m = self.migration
         if isinstance(m, OutgoingMigration) and not self._migration_settled.is_set() and not req.force:
             # A stop during an outgoing migration: end the migration first, then stop
@@ -821,40 +894,42 @@ class Instance:
         self.exit(ExitCause.REQUESTED_STOP)
         self.sm.move(State.STOPPING, "force" if req.force else "requested")
         if isinstance(m, IncomingMigration) and not m.activated:
-            self.proc.signal(signal.SIGKILL)  # nothing ran here yet: nothing to shut down
+            proc.signal(signal.SIGKILL)  # nothing ran here yet: nothing to shut down
         elif req.force:
-            self.proc.signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             with trio.move_on_after(5):
-                await self.proc.wait()
+                await proc.wait()
         elif self.runstate in GUEST_STUCK or self.runstate != "running":
             self.emit("instance.stop_escalated", step="quit", reason=f"guest is {self.runstate}")
             await self._quit()
         else:
             await self._powerdown(self.ctx.cfg.powerdown_timeout if req.timeout is None else req.timeout)
-        self.proc.signal(signal.SIGKILL)  # no-op if it already exited
+        proc.signal(signal.SIGKILL)  # no-op if it already exited
 
     async def _powerdown(self, timeout: float) -> None:
+        proc = self._qemu
         with trio.move_on_after(timeout):
             # Repeat the ACPI press once a second: a guest that has not yet
             # started listening for it (early boot) drops the first one.
-            while self.proc.alive:
+            while proc.alive:
                 self.checkpoint(Checkpoint.POWERDOWN)
                 await self._try_qmp("system_powerdown")
                 with trio.move_on_after(1):
-                    await self.proc.wait()
-        if self.proc.alive:
+                    await proc.wait()
+        if proc.alive:
             self.emit("instance.stop_escalated", step="quit", reason=f"no powerdown within {timeout:g}s")
             await self._quit()
 
     async def _quit(self) -> None:
         """``quit``, then SIGKILL if QEMU is still there 5 s later."""
+        proc = self._qemu
         self.checkpoint(Checkpoint.QUIT)
         with trio.move_on_after(5):
             await self._try_qmp("quit")
-            await self.proc.wait()
-        if self.proc.alive:
+            await proc.wait()
+        if proc.alive:
             self.emit("instance.stop_escalated", step="kill", reason="qemu did not quit within 5s")
-            self.proc.signal(signal.SIGKILL)
+            proc.signal(signal.SIGKILL)
 
     async def _try_qmp(self, cmd: str) -> None:
         try:
@@ -870,13 +945,13 @@ class Instance:
     async def _migrate_out(self, m: OutgoingMigration) -> None:
         try:
             outcome = await m.run()
-            await self._settle(outcome)
+            await self._settle(m, outcome)
         finally:
             self._migration_settled.set()
 
     async def _recover_outgoing(self, m: OutgoingMigration) -> None:
         try:
-            await self._settle(await m.recover())
+            await self._settle(m, await m.recover())
         finally:
             self._migration_settled.set()
 
@@ -888,14 +963,13 @@ class Instance:
         if self.state == State.MIGRATING:  # a stop may have begun during the activation
             self.sm.move(State.RUNNING, "migration activated")
 
-    async def _settle(self, outcome: Outcome) -> None:
-        """Act on how an outgoing migration ended."""
-        m = self.migration
+    async def _settle(self, m: OutgoingMigration, outcome: Outcome) -> None:
+        """Act on how the outgoing migration ``m`` ended."""
         if outcome is Outcome.HANDED_OVER:
             self.checkpoint(Checkpoint.HANDED_OVER)
             self.exit(ExitCause.MIGRATED_OUT)
             await self._quit()
-        elif self.cause is not None or not self.proc.alive:
+        elif self.cause is not None or not self._qemu.alive:
             return  # an exit is under way (a forced stop, QEMU died): it decides the end
         elif outcome in (Outcome.POSTCOPY_LOST, Outcome.UNCONFIRMED):
             self.runstate = "postmigrate"
@@ -942,7 +1016,7 @@ class Instance:
         if not isinstance(m, IncomingMigration) or m.activated or self.cause is not None:
             raise MigrationError("not an incoming migration that is still pending", "name")
         self.exit(ExitCause.INCOMING_ABORTED, "incoming migration aborted by the source")
-        self.proc.signal(signal.SIGKILL)
+        self._qemu.signal(signal.SIGKILL)
         await self.done.wait()
 
     async def stop(self, *, force: bool = False, timeout: float | None = None) -> None:
@@ -956,3 +1030,9 @@ class Instance:
                 self.proc.signal(signal.SIGKILL)
             self._stop_wanted.set()
         await self.done.wait()
+
+
+if TYPE_CHECKING:
+    def _as_port(instance: Instance) -> InstancePort:
+        """Never called: mypy checks here that an Instance is the port its migrations use."""
+        return instance
