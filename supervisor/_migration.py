@@ -58,9 +58,18 @@ from pydantic import Field as PydField
 
 import netconf
 import qmp_glue
+from qmp_glue import JSONObject, QMPEvent
 
 from ._errors import describe, only_cancelled
 from ._faults import Checkpoint
+from ._migration_phases import (
+    DestinationL3,
+    SourceL3,
+    Stream,
+    destination_l3_phases,
+    source_l3_phases,
+    stream_phases,
+)
 
 if TYPE_CHECKING:
     from ._tls import TlsFiles
@@ -206,10 +215,12 @@ class MigrateOptions:
 async def qemu_version(qmp: qmp_glue.QMPClient) -> tuple[int, int] | None:
     """(major, minor) of the QEMU behind ``qmp`` (``query-version``), None if it won't say."""
     try:
-        q = (await qmp.execute("query-version", timeout=5)).get("qemu", {})
-        return int(q["major"]), int(q["minor"])
-    except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError, KeyError, TypeError, ValueError):
+        q = (await query(qmp, "query-version")).get("qemu")
+    except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
         return None
+    if not isinstance(q, dict) or not isinstance(q.get("major"), int) or not isinstance(q.get("minor"), int):
+        return None
+    return _number(q, "major", 0), _number(q, "minor", 0)
 
 
 def peer_options(cfg, peer_name: str, *, name: str, qemu_pid: int | None, **kw) -> MigrateOptions:
@@ -369,8 +380,9 @@ class PeerClient:
             body = None
         if r.status_code >= 400:
             err = body if isinstance(body, dict) else {}
-            message = err.get("error") if isinstance(err.get("error"), str) else r.text[:200]
-            field_ = err.get("field") if isinstance(err.get("field"), str) else None
+            said, named = err.get("error"), err.get("field")
+            message = said if isinstance(said, str) else r.text[:200]
+            field_ = named if isinstance(named, str) else None
             raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_, r.status_code)
         return body
 
@@ -415,9 +427,10 @@ class PeerClient:
         await self._client.aclose()
 
 
-def _why(e: BaseException) -> str:
+def _why(first: BaseException) -> str:
     """The first non-empty message down the cause chain (httpx wraps e.g. an SSL error silently)."""
     seen = 0
+    e: BaseException | None = first
     while e is not None and seen < 8:
         if str(e):
             return f"{type(e).__name__}: {str(e)[:300]}" if seen else str(e)[:300]
@@ -426,9 +439,24 @@ def _why(e: BaseException) -> str:
     return "connection failed"
 
 
-def qmp_timestamp(ev: dict) -> float:
-    ts = ev.get("timestamp", {})
-    return ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+def qmp_timestamp(ev: QMPEvent) -> float:
+    ts = ev["timestamp"]
+    seconds, micros = ts.get("seconds", 0), ts.get("microseconds", 0)
+    return (seconds if isinstance(seconds, int | float) else 0) + \
+        (micros if isinstance(micros, int | float) else 0) / 1e6
+
+
+async def query(qmp: qmp_glue.QMPClient, cmd: str, timeout: float = 5) -> JSONObject:
+    """A QMP query whose answer is a JSON object (``query-migrate``, ``query-status``)."""
+    answer = await qmp.execute(cmd, timeout=timeout)
+    if not isinstance(answer, dict):
+        raise qmp_glue.QMPError("GenericError", f"answered {type(answer).__name__}, not an object", cmd)
+    return answer
+
+
+def _number(obj: JSONObject, key: str, default: int) -> int:
+    v = obj.get(key)
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else default
 
 
 @dataclass
@@ -442,15 +470,20 @@ class Progress:
     total_time_ms: int | None = None
     updated: float = field(default_factory=time.time)
 
-    def update(self, info: dict) -> None:
-        ram = info.get("ram", {})
-        self.status = info.get("status", self.status)
-        self.transferred = ram.get("transferred", self.transferred)
-        self.remaining = ram.get("remaining", self.remaining)
-        self.total = ram.get("total", self.total)
-        self.mbps = ram.get("mbps", self.mbps)
-        self.downtime_ms = info.get("downtime", self.downtime_ms)
-        self.total_time_ms = info.get("total-time", self.total_time_ms)
+    def update(self, info: JSONObject) -> None:
+        ram = info.get("ram")
+        ram = ram if isinstance(ram, dict) else {}
+        status = info.get("status")
+        self.status = status if isinstance(status, str) else self.status
+        self.transferred = _number(ram, "transferred", self.transferred)
+        self.remaining = _number(ram, "remaining", self.remaining)
+        self.total = _number(ram, "total", self.total)
+        mbps = ram.get("mbps")
+        self.mbps = float(mbps) if isinstance(mbps, int | float) else self.mbps
+        if isinstance(info.get("downtime"), int):
+            self.downtime_ms = _number(info, "downtime", 0)
+        if isinstance(info.get("total-time"), int):
+            self.total_time_ms = _number(info, "total-time", 0)
         self.updated = time.time()
 
 
@@ -461,7 +494,7 @@ async def wait_qemu_migration_end(qmp: qmp_glue.QMPClient, interval: float) -> s
     """
     while True:
         try:
-            status = (await qmp.execute("query-migrate", timeout=5)).get("status", "none")
+            status = str((await query(qmp, "query-migrate")).get("status", "none"))
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
             return "lost"
         if status not in RUNNING_STATUSES and not status.startswith("postcopy-"):
@@ -470,7 +503,11 @@ async def wait_qemu_migration_end(qmp: qmp_glue.QMPClient, interval: float) -> s
 
 
 class OutgoingMigration:
-    """The source side.  :meth:`run` (or :meth:`recover`) returns its :class:`Outcome`."""
+    """The source side.  :meth:`run` (or :meth:`recover`) returns its :class:`Outcome`.
+
+    Its progress is two phase machines (supervisor/_migration_phases.py): ``stream`` (how far
+    QEMU's stream got) and ``l3`` (the guest's L3 here: held, releasing, gone, confirmed).
+    """
 
     direction = "out"
 
@@ -479,52 +516,52 @@ class OutgoingMigration:
         self.opts = opts
         self.was_running = was_running
         self.progress = Progress()
-        self.status = "setup"
-        self.result: str | None = None  # completed | failed | cancelled
+        self.status = "setup"  # QEMU's own word for its migration (query-migrate / MIGRATION)
+        self.result: str | None = None  # completed | failed | cancelled | postcopy-paused
         self.error: str | None = None
-        #: L3 release was started (so a rollback must put L3 back, even if the release failed half-way)
-        self.l3_released = False
-        #: ... and finished: nothing of the guest's L3 is left here
-        self.l3_gone = False
-        #: the destination acknowledged the release (it activates only after this)
-        self.release_confirmed = False
-        self.migrate_sent = False
+        self.stream = stream_phases()
+        self.l3 = source_l3_phases()
         self._peer: PeerClient | None = None
         self.t0 = time.time()
         self.activation: Activation | None = None
         self.total_ms: float | None = None
         self.stop_ts: float | None = None  # QMP timestamp of the source guest's STOP
-        self.reached_postcopy = False
         self.done = trio.Event()
-        self._events_send, self._events_recv = trio.open_memory_channel(math.inf)
+        self._events_send, self._events_recv = trio.open_memory_channel[QMPEvent](math.inf)
 
     @property
     def postcopy(self) -> bool:
         return self.opts.postcopy
 
-    def view(self) -> dict:
+    @property
+    def reached_postcopy(self) -> bool:
+        """The destination has run the guest: this copy may be stale; never resume it."""
+        return self.stream.is_(Stream.POSTCOPY, Stream.RECOVERING)
+
+    def view(self) -> dict[str, object]:
         p = self.progress
         activation = self.activation.model_dump() if self.activation else None
         return {"direction": "out", "to": self.opts.shown_to, "status": self.status, "result": self.result,
-                "error": self.error, "postcopy": self.opts.postcopy, "l3_released": self.l3_released,
-                "switchover": self.opts.switchover.value, "release_confirmed": self.release_confirmed,
+                "error": self.error, "postcopy": self.opts.postcopy, "l3_released": not self.l3.is_(SourceL3.HELD),
+                "l3": self.l3.now.value, "stream": self.stream.now.value,
+                "switchover": self.opts.switchover.value, "release_confirmed": self.l3.is_(SourceL3.CONFIRMED),
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
                 "switchover_ms": self.switchover_ms(), "activation": activation}
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, object]:
         return {"direction": "out", "postcopy": self.opts.postcopy, "to": self.opts.shown_to,
                 "was_running": self.was_running, "switchover": self.opts.switchover.value}
 
-    def on_event(self, ev: dict) -> None:
+    def on_event(self, ev: QMPEvent) -> None:
         """The instance's event task hands every MIGRATION event over, in order."""
         self._events_send.send_nowait(ev)
 
     def on_stop(self, qmp_ts: float) -> None:
         """The instance's event task hands the source guest's STOP over, in order with MIGRATION events."""
         self.stop_ts = self.stop_ts or qmp_ts
-        self._events_send.send_nowait({"event": "STOP", "timestamp": {"seconds": int(qmp_ts),
-                                       "microseconds": int(qmp_ts % 1 * 1e6)}})
+        self._events_send.send_nowait({"event": "STOP", "data": {}, "timestamp": {
+            "seconds": int(qmp_ts), "microseconds": int(qmp_ts % 1 * 1e6)}})
 
     def switchover_ms(self) -> float | None:
         """QEMU's own clocks: source guest STOP -> destination ``completed``.
@@ -540,17 +577,16 @@ class OutgoingMigration:
     # -- the run ---------------------------------------------------------
     async def run(self) -> Outcome:
         peer: PeerClient | None = None
-        prepared = False
         try:
             try:
                 self.port.emit("migration.started", to=self.opts.shown_to, postcopy=self.opts.postcopy,
-                               tls=self.opts.qemu_tls is not None)
+                               tls=self.opts.qemu_tls is not None, switchover=self.opts.switchover.value)
                 peer = self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
                                                server_name=self.opts.peer)
                 self.port.checkpoint(Checkpoint.PREPARE)
                 answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
                                             self.port.generation)
-                prepared = True
+                self.stream.move(Stream.PREPARED)
                 if answer.tls != (self.opts.qemu_tls is not None):
                     raise MigrationError(
                         "the destination's migration stream is " + ("TLS" if answer.tls else "plain") +
@@ -563,7 +599,7 @@ class OutgoingMigration:
                     n.cancel_scope.cancel()
             except BaseException as e:
                 if only_cancelled(e):
-                    if prepared and peer is not None and self.port.stop_requested:
+                    if not self.stream.is_(Stream.NEW) and peer is not None and self.port.stop_requested:
                         # The instance is ending under us (its QEMU died, a forced stop): the
                         # destination must not wait for a confirmation that will never come.
                         with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -572,7 +608,8 @@ class OutgoingMigration:
                 self.error = self.error or describe(e)
                 log.warning("migration failed", error=self.error)
             with trio.CancelScope(shield=True):
-                return await self._conclude(peer, prepared)
+                outcome = await self._conclude(peer, prepared=not self.stream.is_(Stream.NEW))
+            return outcome
         finally:
             with trio.CancelScope(shield=True):
                 if peer is not None:
@@ -585,7 +622,8 @@ class OutgoingMigration:
         # bytes are in its socket buffer -- even when the destination just died -- and
         # would quit the only copy of the guest.  With it, ``completed`` waits for the
         # destination's "loaded" reply, and a dead destination is ``failed``.
-        caps = [{"capability": "events", "state": True},
+        caps: list[dict[str, str | bool]] = [
+                {"capability": "events", "state": True},
                 {"capability": "pause-before-switchover", "state": self.opts.switchover is Switchover.PAUSE},
                 {"capability": "return-path", "state": True},
                 {"capability": "postcopy-ram", "state": self.opts.postcopy}]
@@ -603,32 +641,31 @@ class OutgoingMigration:
             await setup_qemu_tls(qmp, tls.files, tls.creds_dir, endpoint="client", gid=tls.gid,
                                  hostname=self.opts.peer)
         self.port.checkpoint(Checkpoint.MIGRATE)
-        self.migrate_sent = True
+        self.stream.move(Stream.SENT)
         await qmp.execute("migrate", {"uri": uri})
         self.port.emit("migration.uri", uri=uri)
 
     async def _follow(self) -> None:
         """React to MIGRATION events (and the guest's STOP) until a final one; the events alone decide state."""
         qmp = self.port.qmp
-        postcopy_started = False
         async for ev in self._events_recv:
-            if ev.get("event") == "STOP":
+            if ev["event"] == "STOP":
                 # QEMU stopped the guest to switch over (or for post-copy): from here on it runs
                 # nowhere until the destination's ``cont``.  Under PAUSE the release waits for
                 # ``pre-switchover`` instead.
-                if self.opts.switchover is Switchover.STOP and self.migrate_sent and not self.l3_released:
+                if self.opts.switchover is Switchover.STOP and self.stream.is_(Stream.SENT) \
+                        and self.l3.is_(SourceL3.HELD):
                     await self._release(qmp_timestamp(ev))
                     await self._confirm_release(within=2)  # the rest of the window after the end
                 continue
-            status = ev["data"]["status"]
+            status = str(ev["data"].get("status", ""))
             self.status = status
-            if status.startswith("postcopy-"):
-                self.reached_postcopy = True
-            if status == "active" and self.opts.postcopy and not postcopy_started:
-                postcopy_started = True
-                await qmp.execute("migrate-start-postcopy")
+            if status == "postcopy-active" and self.stream.is_(Stream.SENT, Stream.RECOVERING):
+                self.stream.move(Stream.POSTCOPY)
+            if status == "active" and self.opts.postcopy and self.stream.is_(Stream.SENT):
+                await qmp.execute("migrate-start-postcopy")  # QEMU says ``active`` once per migration
             elif status == "pre-switchover":
-                if not self.l3_released:
+                if self.l3.is_(SourceL3.HELD):
                     await self._release(qmp_timestamp(ev))
                 self.port.checkpoint(Checkpoint.CONTINUE)
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
@@ -636,6 +673,8 @@ class OutgoingMigration:
             elif status == "postcopy-paused" and await self._recover_postcopy():
                 continue  # QEMU's next events: postcopy-recover, postcopy-active, completed
             elif status in FINAL_STATUSES or status == "postcopy-paused":
+                if status.startswith("postcopy-") and self.stream.is_(Stream.SENT):
+                    self.stream.move(Stream.POSTCOPY)
                 self.result = status
                 return
 
@@ -645,8 +684,9 @@ class OutgoingMigration:
         here) until it is back or ``postcopy_recover_timeout`` passes; never resume the guest
         here.  False: give up (the outcome is then ``post-copy lost``)."""
         budget = self.opts.postcopy_recover_timeout
-        if self._peer is None or budget <= 0:
+        if self._peer is None or budget <= 0 or not self.stream.is_(Stream.POSTCOPY):
             return False
+        self.stream.move(Stream.RECOVERING)
         qmp = self.port.qmp
         self.port.emit("migration.postcopy_recovering", within_s=budget)
         attempts = 0
@@ -657,8 +697,9 @@ class OutgoingMigration:
                     port = await self._peer.recover_postcopy(self.port.name)
                     await qmp.execute("migrate", {"uri": tcp_uri(self.opts.migration_host, port), "resume": True})
                     with trio.move_on_after(5):
-                        while (await qmp.execute("query-migrate", timeout=5)).get("status") == "postcopy-paused":
+                        while (await query(qmp, "query-migrate")).get("status") == "postcopy-paused":
                             await trio.sleep(0.05)
+                        self.stream.move(Stream.POSTCOPY)
                         self.port.emit("migration.postcopy_recovered", attempts=attempts)
                         return True
                 except (MigrationError, qmp_glue.QMPError, trio.TooSlowError) as e:
@@ -668,12 +709,13 @@ class OutgoingMigration:
         self.port.emit("migration.postcopy_recovery_failed", attempts=attempts, error=self.error)
         return False
 
-    async def _release(self, qmp_ts: float) -> None:
+    async def _release(self, qmp_ts: float | None) -> None:
+        """Undo the journal's activate entries; RELEASING first: a half-done release is put back."""
         t = time.perf_counter()
-        self.l3_released = True  # before: a release that fails half-way must be put back
+        self.l3.move(SourceL3.RELEASING)
         self.port.checkpoint(Checkpoint.RELEASE)
         await self.port.release_l3()
-        self.l3_gone = True
+        self.l3.move(SourceL3.GONE)
         self.port.emit("migration.switchover", mode=self.opts.switchover.value,
                        l3_released_ms=round((time.perf_counter() - t) * 1000, 3), qmp_ts=qmp_ts)
 
@@ -681,18 +723,17 @@ class OutgoingMigration:
         """Tell the destination our L3 is gone, retrying until it answers or ``within`` s pass.
 
         The destination activates only after this: it waits at ``completed``
-        for it.  A refusal (4xx) is final: that destination will not take
-        the guest this time.
+        for it.  A 409 is final: that destination will not take the guest.
         """
-        if self.release_confirmed or not self.l3_gone or self._peer is None:
-            return self.release_confirmed
+        if not self.l3.is_(SourceL3.GONE) or self._peer is None:
+            return self.l3.is_(SourceL3.CONFIRMED)
         self.port.checkpoint(Checkpoint.CONFIRM)
         t = time.perf_counter()
         with trio.move_on_after(self.opts.confirm_timeout if within is None else within):
             while True:
                 try:
                     await self._peer.confirm_release(self.port.name)
-                    self.release_confirmed = True
+                    self.l3.move(SourceL3.CONFIRMED)
                     break
                 except MigrationError as e:
                     # 409: it is no longer a pending incoming (it gave up, or is ending): final.
@@ -702,9 +743,9 @@ class OutgoingMigration:
                         break
                     log.info("release confirmation", error=str(e))
                 await trio.sleep(0.2)
-        self.port.emit("migration.release_confirmed", ok=self.release_confirmed,
-                       ms=round((time.perf_counter() - t) * 1000, 3))
-        return self.release_confirmed
+        confirmed = self.l3.is_(SourceL3.CONFIRMED)
+        self.port.emit("migration.release_confirmed", ok=confirmed, ms=round((time.perf_counter() - t) * 1000, 3))
+        return confirmed
 
     async def _poll_progress(self) -> None:
         """``query-migrate`` at <= 4 Hz for the progress view, and stall detection.
@@ -718,7 +759,7 @@ class OutgoingMigration:
         last, since = -1, time.monotonic()
         while True:
             try:
-                self.progress.update(await self.port.qmp.execute("query-migrate", timeout=5))
+                self.progress.update(await query(self.port.qmp, "query-migrate"))
             except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
                 return
             now = time.monotonic()
@@ -740,9 +781,10 @@ class OutgoingMigration:
         """
         qmp = self.port.qmp
         try:
-            status = (await qmp.execute("query-migrate", timeout=5)).get("status", "none")
+            status = str((await query(qmp, "query-migrate")).get("status", "none"))
             if status.startswith("postcopy-"):
-                self.reached_postcopy = True
+                if self.stream.is_(Stream.SENT):
+                    self.stream.move(Stream.POSTCOPY)
                 self.result = await wait_qemu_migration_end(qmp, 0.2)
                 return
             if status in RUNNING_STATUSES:
@@ -754,16 +796,24 @@ class OutgoingMigration:
             self.error = self.error or describe(e)
             self.result = "failed"
 
-    async def _conclude(self, peer: PeerClient | None, prepared: bool) -> Outcome:
+    async def _conclude(self, peer: PeerClient | None, *, prepared: bool) -> Outcome:
+        """QEMU's migration is over (or ours failed): decide the one outcome, and leave the
+        destination told.  Every path ends the stream phase."""
+        try:
+            return await self._decide(peer, prepared)
+        finally:
+            self.stream.move(Stream.ENDED)
+
+    async def _decide(self, peer: PeerClient | None, prepared: bool) -> Outcome:
         port = self.port
         self.total_ms = round((time.time() - self.t0) * 1000, 1)
-        if self.result is None and self.migrate_sent:
+        if self.result is None and self.stream.is_(Stream.SENT, Stream.POSTCOPY, Stream.RECOVERING):
             await self._end_in_qemu()
         if self.result == "completed" or self.reached_postcopy:
-            if not self.l3_gone:  # no switchover step (a paused guest, recovery), or it failed: (re)try
+            if self.l3.is_(SourceL3.HELD, SourceL3.RELEASING):  # no switchover step, or it failed: (re)try
                 await self._release_after_completion()
             await self._confirm_release()
-        if self.result == "completed" and not self.release_confirmed and peer is not None:
+        if self.result == "completed" and not self.l3.is_(SourceL3.CONFIRMED) and peer is not None:
             # The destination never activates without our word (the release failed, or it could
             # not be told): call it off and keep the guest here, where QEMU can resume it.
             called_off = await peer.abort(port.name) if prepared else "unreachable"
@@ -800,9 +850,9 @@ class OutgoingMigration:
         return await self._rolled_back()
 
     async def _rolled_back(self) -> Outcome:
+        released = not self.l3.is_(SourceL3.HELD)
         await self._roll_back()
-        self.port.emit("migration.failed", result=self.result, error=self.error,
-                       l3_was_released=self.l3_released)
+        self.port.emit("migration.failed", result=self.result, error=self.error, l3_was_released=released)
         return Outcome.ROLLED_BACK
 
     async def _destination_gone(self, peer: PeerClient) -> bool:
@@ -821,23 +871,24 @@ class OutgoingMigration:
         return view.state in ("running", "paused")
 
     async def _release_after_completion(self) -> None:
-        self.l3_released = True
+        self.l3.move(SourceL3.RELEASING)  # from HELD, or again: a retry of a release that failed half-way
         try:
             await self.port.release_l3()
-            self.l3_gone = True
+            self.l3.move(SourceL3.GONE)
         except netconf.NetconfError as e:
             self.port.emit("netconf.undo_failed", reason="migrate-out", error=str(e), failures=e.failures)
 
     async def _roll_back(self) -> None:
         """The guest stays here: L3 back (all of it, if the release failed half-way), running as before."""
         port = self.port
-        if self.l3_released:
+        if not self.l3.is_(SourceL3.HELD):
             try:
                 await port.apply_l3("rollback")
+                self.l3.move(SourceL3.HELD)
             except netconf.NetconfError as e:
                 port.emit("netconf.failed", reason="rollback", error=str(e), failures=e.failures)
         try:
-            status = await port.qmp.execute("query-status", timeout=5)
+            status = await query(port.qmp, "query-status")
             if self.was_running and not status.get("running"):
                 await port.qmp.execute("cont", timeout=5)
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
@@ -873,7 +924,7 @@ class OutgoingMigration:
     async def _summarise(self) -> None:
         port = self.port
         try:
-            self.progress.update(await port.qmp.execute("query-migrate", timeout=5))
+            self.progress.update(await query(port.qmp, "query-migrate"))
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
             pass  # the summary is best effort
         port.emit("migration.completed", total_ms=self.total_ms, downtime_ms=self.progress.downtime_ms,
@@ -889,7 +940,7 @@ class OutgoingMigration:
     async def recover(self) -> Outcome:
         """A daemon died mid-migration (source side); finish it from what QEMU says now.
 
-        ``completed``: release L3, hand over.  ``postcopy-*``: the guest
+        ``completed``: release L3, confirm, hand over.  ``postcopy-*``: the guest
         runs on the destination already -- wait for the end, never cancel.
         Anything else still running: cancel, wait until QEMU says it is over
         (a cancel in ``device`` can lose to ``completed``), keep the guest.
@@ -898,35 +949,41 @@ class OutgoingMigration:
             if self.opts.peer:  # to confirm the release (the destination waits for it) or abort
                 self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
                                         server_name=self.opts.peer)
-            info = await self.port.qmp.execute("query-migrate")
-            self.status = info.get("status", "none")
+            info = await query(self.port.qmp, "query-migrate")
+            self.status = str(info.get("status", "none"))
             self.port.emit("migration.recovering", direction="out", migrate_status=self.status)
+            # a daemon killed after the switchover step may have released some L3: put it all back
+            self.l3.move(SourceL3.RELEASING)
             if self.status == "completed":
+                self.stream.move(Stream.SENT)
                 self.result = "completed"
             elif self.status.startswith("postcopy-"):
-                self.reached_postcopy = True
+                self.stream.move(Stream.POSTCOPY)
                 self.result = await wait_qemu_migration_end(self.port.qmp, 0.2)
             elif self.status in RUNNING_STATUSES:
-                self.migrate_sent = True  # _conclude cancels it
+                self.stream.move(Stream.SENT)  # _conclude cancels it
             else:
                 self.result = "failed"
-            # a daemon killed after the switchover step may have released some L3: put it all back
-            self.l3_released = True
         except BaseException as e:
             if only_cancelled(e):
                 raise
             self.error = describe(e)
         with trio.CancelScope(shield=True):
             try:
-                return await self._conclude(self._peer, self._peer is not None)
+                outcome = await self._conclude(self._peer, prepared=self._peer is not None)
             finally:
                 if self._peer is not None:
                     await self._peer.aclose()
                 self.done.set()
+        return outcome
 
 
 class IncomingMigration:
-    """The destination side: waits for ``completed`` and the source's confirmed release, then activates."""
+    """The destination side: waits for ``completed`` and the source's confirmed release, then activates.
+
+    Its L3 is a phase machine (supervisor/_migration_phases.py): staged, cleared by the source's
+    confirmation, activated -- and only from cleared.
+    """
 
     direction = "in"
 
@@ -934,52 +991,61 @@ class IncomingMigration:
                  source_released: bool = False):
         self.port = port
         self.postcopy = postcopy
-        self.status = "setup"
+        self.status = "setup"  # QEMU's own word for its migration
         self.uri: str | None = None
-        self.activation: dict | None = None
-        self.activated = False
+        self.activation: dict[str, float] | None = None
         #: how long to wait at ``completed`` for the source's confirmation
         self.release_wait = release_wait
         #: the source confirmed its L3 is gone (persisted: a restarted daemon must not wait again)
-        self.source_released = trio.Event()
-        self.release_waited_ms = 0.0
+        self.l3 = destination_l3_phases(cleared=source_released)
+        self._cleared = trio.Event()
         if source_released:
-            self.source_released.set()
+            self._cleared.set()
+        self.release_waited_ms = 0.0
 
-    def view(self) -> dict:
+    @property
+    def activated(self) -> bool:
+        """Activation began (L3, ``cont``): it never runs twice."""
+        return self.l3.is_(DestinationL3.ACTIVATED)
+
+    def view(self) -> dict[str, object]:
         return {"direction": "in", "status": self.status, "uri": self.uri, "postcopy": self.postcopy,
-                "source_released": self.source_released.is_set(), "activation": self.activation}
+                "l3": self.l3.now.value, "source_released": not self.l3.is_(DestinationL3.STAGED),
+                "activation": self.activation}
 
-    def record(self) -> dict:
-        return {"direction": "in", "postcopy": self.postcopy, "source_released": self.source_released.is_set()}
+    def record(self) -> dict[str, object]:
+        return {"direction": "in", "postcopy": self.postcopy,
+                "source_released": not self.l3.is_(DestinationL3.STAGED)}
 
     async def recover_postcopy(self, address: str) -> int:
         """The post-copy stream broke (``postcopy-paused``): listen again on a new port."""
         qmp = self.port.qmp
-        status = (await qmp.execute("query-migrate", timeout=5)).get("status")
+        status = (await query(qmp, "query-migrate")).get("status")
         if not self.postcopy or status != "postcopy-paused":
             raise MigrationError(f"not a paused post-copy migration (qemu status {status})", "name")
-        uri = tcp_uri(address, free_port(address))
+        port = free_port(address)
+        uri = tcp_uri(address, port)
         await qmp.execute("migrate-recover", {"uri": uri}, timeout=5)
         self.uri = uri
         self.port.emit("migration.postcopy_listening", uri=uri)
-        return int(uri.rsplit(":", 1)[1])
+        return port
 
     def confirm_release(self) -> None:
         """The source says its L3 is gone: recorded before the answer, so a restart keeps it."""
-        if not self.source_released.is_set():
-            self.source_released.set()
+        if self.l3.is_(DestinationL3.STAGED):
+            self.l3.move(DestinationL3.CLEARED)
+            self._cleared.set()
             self.port.persist()
             self.port.emit("migration.source_released", status=self.status)
 
-    async def on_event(self, ev: dict) -> Outcome:
+    async def on_event(self, ev: QMPEvent) -> Outcome:
         """Called by the instance's event task the moment a MIGRATION event arrives.
 
         Activation runs right here, before the event is even logged: it is
         the critical path (the guest is paused until ``cont``).
         """
         t_rx = time.time()
-        status = ev["data"]["status"]
+        status = str(ev["data"].get("status", ""))
         self.status = status
         trigger = "postcopy-active" if self.postcopy else "completed"
         if status == trigger and not self.activated and not self.port.stop_requested:
@@ -991,24 +1057,24 @@ class IncomingMigration:
     async def _source_released(self) -> bool:
         """Wait (bounded) for the source's confirmation; usually it came before ``completed``."""
         self.port.checkpoint(Checkpoint.AWAIT_RELEASE)
-        if self.source_released.is_set():
+        if self._cleared.is_set():
             return True
         t = time.perf_counter()
         with trio.move_on_after(self.release_wait):
-            await self.source_released.wait()
+            await self._cleared.wait()
         self.release_waited_ms = round((time.perf_counter() - t) * 1000, 3)
-        return self.source_released.is_set()
+        return self._cleared.is_set()
 
     async def activate(self, qmp_ts: float, t_rx: float | None = None) -> Outcome:
         """L3, then ``cont``; then announce (in the background); timed from QEMU's event timestamp.
 
-        ``t_rx`` is when qsup received the event.  If L3 fails the guest is
-        still resumed -- the source has already handed it over, so running
-        here without routes beats not running at all -- and the failure is
-        reported as ``migration.activation_failed``.
+        Only from ``CLEARED`` (the phase table refuses anything else).  ``t_rx`` is when qsup
+        received the event.  If L3 fails the guest is still resumed -- the source has already
+        handed it over, so running here without routes beats not running at all -- and the
+        failure is reported as ``migration.activation_failed``.
         """
         port = self.port
-        self.activated = True
+        self.l3.move(DestinationL3.ACTIVATED)
         t_rx = t_rx or time.time()
         netconf_ms = 0.0
         port.checkpoint(Checkpoint.ACTIVATE)
@@ -1048,8 +1114,8 @@ class IncomingMigration:
 
     async def recover(self, qemu_status: str) -> Outcome:
         """A daemon died mid-migration (destination side); activate if QEMU completed meanwhile."""
-        info = await self.port.qmp.execute("query-migrate")
-        mstatus = info.get("status", "none")
+        info = await query(self.port.qmp, "query-migrate")
+        mstatus = str(info.get("status", "none"))
         self.port.emit("migration.recovering", direction="in", qemu_status=qemu_status, migrate_status=mstatus)
         self.status = mstatus
         if (qemu_status == "inmigrate" and mstatus != "completed") or self.activated:

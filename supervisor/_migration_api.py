@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import _http as http
 from ._instance import StartError
-from ._migration import MigrateOptions, Switchover, parse_tcp_uri, peer_options, migration_refusal, qemu_version
+from ._migration import MigrateOptions, Switchover, migration_refusal, parse_tcp_uri, peer_options, qemu_version
 from ._node import Conflict
 from ._spec import SpecError, parse_spec
 
