@@ -68,7 +68,7 @@ from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
-from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, State, StateMachine
+from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, RunState, State, StateMachine, require
 from ._tls import qemu_creds_dir, qemu_gid, setup_qemu_tls
 from ._uids import UidAllocator
 
@@ -156,12 +156,12 @@ def _ms(a: float, b: float) -> float:
     return round((b - a) * 1000, 3)
 
 
-def _run_status(answer: qmp_glue.JSONValue) -> tuple[str, bool]:
+def _run_status(answer: qmp_glue.JSONValue) -> tuple[RunState, bool]:
     """``query-status``'s answer: QEMU's run state (``running``, ``paused``, ...) and its ``running`` flag."""
     if isinstance(answer, dict):
         status = answer.get("status", "")
         if isinstance(status, str):
-            return status, bool(answer.get("running"))
+            return RunState.of(status), bool(answer.get("running"))
     raise TypeError(f"query-status answered {answer!r}, not an object with a status")
 
 
@@ -196,7 +196,7 @@ class Instance:
         self.uid: int | None = None
         self.cause: ExitCause | None = None
         #: QEMU's run state as ``query-status`` names it (running, paused, guest-panicked, ...)
-        self.runstate = "prelaunch"
+        self.runstate = RunState.PRELAUNCH
         self.panic: qmp_glue.JSONObject | None = None
         self.migration: IncomingMigration | OutgoingMigration | None = None
         self._stop_request: _StopRequest | None = None
@@ -496,7 +496,7 @@ class Instance:
         self.emit("netconf.applied", phases=["attach", "activate"], ms=_ms(t_qmp, t_net))
         self.checkpoint(Checkpoint.CONT)
         await self.qmp.execute("cont")
-        self.runstate = "running"
+        self.runstate = RunState.RUNNING
         t_run = time.perf_counter()
         self.timings = {
             "spawn": _ms(t0, t_spawn), "qmp_ready": _ms(t_spawn, t_qmp),
@@ -527,7 +527,7 @@ class Instance:
         self.checkpoint(Checkpoint.LISTENING)
         await self.qmp.execute("migrate-incoming", {"uri": uri})
         m.uri = uri
-        self.runstate = "inmigrate"
+        self.runstate = RunState.INMIGRATE
         self.sm.move(State.MIGRATING, "incoming")
         self.timings = {"prepare": _ms(t0, time.perf_counter())}
         self.emit("migration.prepared", uri=uri, postcopy=postcopy, timings_ms=self.timings, pid=self._qemu.pid)
@@ -804,17 +804,17 @@ class Instance:
         m = self.migration
         if isinstance(m, OutgoingMigration) and not m.done.is_set():
             m.on_stop(ts)
-            self.runstate = "paused"
+            self.runstate = RunState.PAUSED
             return
         if self.runstate not in GUEST_FAULT_EVENTS:  # QEMU stops a panicked guest after saying so
-            self.runstate = "paused"
+            self.runstate = RunState.PAUSED
         if self.state == State.RUNNING:
             self.sm.move(State.PAUSED, "qmp STOP")
         if self.cause is None:
             self.spawn(self._learn_why_stopped)
 
     def _on_qemu_resume(self, ts: float) -> None:
-        self.runstate = "running"
+        self.runstate = RunState.RUNNING
         if isinstance(self.migration, IncomingMigration):
             self.migration.on_resume(ts)
         if self.state == State.PAUSED:
@@ -826,7 +826,7 @@ class Instance:
             status, _ = _run_status(await self.qmp.execute("query-status", timeout=5))
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
             return
-        if status and self.runstate != "running":
+        if self.runstate is not RunState.RUNNING:
             self.runstate = status
         event = GUEST_FAULT_EVENTS.get(status)
         if event and event != "guest.panicked":  # a panic has its own QMP event
@@ -834,7 +834,7 @@ class Instance:
 
     def _on_guest_panicked(self, data: qmp_glue.JSONObject) -> None:
         """pvpanic: QEMU paused the guest (``-action panic=pause``); the policy says what next."""
-        self.runstate = "guest-panicked"
+        self.runstate = RunState.GUEST_PANICKED
         self.panic = {"action": data.get("action"), "info": data.get("info")}
         policy = self.spec.on_panic or self.ctx.cfg.on_panic
         self.emit("guest.panicked", policy=policy, **self.panic)
@@ -899,7 +899,7 @@ class Instance:
             proc.signal(signal.SIGTERM)
             with trio.move_on_after(5):
                 await proc.wait()
-        elif self.runstate in GUEST_STUCK or self.runstate != "running":
+        elif self.runstate in GUEST_STUCK or self.runstate is not RunState.RUNNING:
             self.emit("instance.stop_escalated", step="quit", reason=f"guest is {self.runstate}")
             await self._quit()
         else:
@@ -959,7 +959,7 @@ class Instance:
         self._on_incoming_outcome(await m.recover(self.runstate))
 
     def _activated(self) -> None:
-        self.runstate = "running"
+        self.runstate = RunState.RUNNING
         if self.state == State.MIGRATING:  # a stop may have begun during the activation
             self.sm.move(State.RUNNING, "migration activated")
 
@@ -972,16 +972,17 @@ class Instance:
         elif self.cause is not None or not self._qemu.alive:
             return  # an exit is under way (a forced stop, QEMU died): it decides the end
         elif outcome in (Outcome.POSTCOPY_LOST, Outcome.UNCONFIRMED):
-            self.runstate = "postmigrate"
+            self.runstate = RunState.POSTMIGRATE
             self.sm.move(State.PAUSED, f"{outcome.value}: copy kept paused for an operator")
         else:
             resumed = m.was_running
             self.sm.move(State.RUNNING if resumed else State.PAUSED, "migration failed; guest kept here")
 
     # -- requests --------------------------------------------------------
+    @require("migrate", MigrationError)
     async def migrate(self, opts: MigrateOptions) -> OutgoingMigration:
         """Start an outgoing migration; returns at once (follow it with the view/events)."""
-        if self.state not in (State.RUNNING, State.PAUSED) or self.cause is not None:
+        if self.cause is not None:
             raise MigrationError(f"instance is {self.state.value}, not running or paused", "name")
         m = OutgoingMigration(self, opts, was_running=self.state == State.RUNNING)
         self.migration = m
@@ -990,12 +991,14 @@ class Instance:
         self.spawn(self._migrate_out, m)
         return m
 
+    @require("cancel_migration", MigrationError)
     async def cancel_migration(self) -> None:
         m = self.migration
         if not isinstance(m, OutgoingMigration) or m.done.is_set():
             raise MigrationError(f"instance {self.name!r} has no outgoing migration in progress", "name")
         await m.cancel()
 
+    @require("recover_postcopy", MigrationError)
     async def recover_postcopy(self) -> int:
         """Destination: listen again for a broken post-copy stream; the new port."""
         m = self.migration
@@ -1003,6 +1006,7 @@ class Instance:
             raise MigrationError("not an incoming migration", "name")
         return await m.recover_postcopy(self.ctx.cfg.migration_address)
 
+    @require("confirm_release", MigrationError)
     def confirm_release(self) -> None:
         """The source confirms its L3 release: this destination may activate at ``completed``."""
         m = self.migration
@@ -1010,6 +1014,7 @@ class Instance:
             raise MigrationError("not an incoming migration that is still pending", "name")
         m.confirm_release()
 
+    @require("abort_incoming", MigrationError)
     async def abort_incoming(self) -> None:
         """The source gave up: tear the destination down (no L3 was applied)."""
         m = self.migration

@@ -38,8 +38,10 @@ result that gives -- so there is never a ``stopping -> running`` move.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 
 class State(str, enum.Enum):
@@ -106,20 +108,106 @@ EXITS: dict[ExitCause, Exit] = {
     ExitCause.INTERNAL_ERROR: Exit(State.FAILED, "crash"),
 }
 
-#: QEMU run states (``query-status``) in which the guest cannot run until
-#: something outside it acts: ``stop`` skips the ACPI powerdown for them.
-GUEST_STUCK = frozenset({"guest-panicked", "internal-error", "io-error", "shutdown", "postmigrate"})
+class RunState(str, enum.Enum):
+    """QEMU's own run state (``query-status``), as qsup last learnt it (shown as ``runstate``).
+
+    QEMU's vocabulary, not ours: the instance's :class:`State` is what qsup decides; this is
+    what QEMU says (a ``running`` instance's guest may be ``guest-panicked``).
+    """
+
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INMIGRATE = "inmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    POSTMIGRATE = "postmigrate"
+    GUEST_PANICKED = "guest-panicked"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    SAVE_VM = "save-vm"
+    RESTORE_VM = "restore-vm"
+    DEBUG = "debug"
+    COLO = "colo"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def of(cls, qemu_says: object) -> RunState:
+        """QEMU's word as a RunState; one this QEMU made up is shown as ``paused`` (not running)."""
+        try:
+            return cls(qemu_says)
+        except ValueError:
+            return cls.PAUSED
+
+
+#: QEMU run states in which the guest cannot run until something outside it
+#: acts: ``stop`` skips the ACPI powerdown for them.
+GUEST_STUCK = frozenset({RunState.GUEST_PANICKED, RunState.INTERNAL_ERROR, RunState.IO_ERROR,
+                         RunState.SHUTDOWN, RunState.POSTMIGRATE})
 
 #: QEMU run states that are a fault of the guest or its host, and their event.
-GUEST_FAULT_EVENTS = {
-    "guest-panicked": "guest.panicked",
-    "internal-error": "guest.internal_error",
-    "io-error": "guest.io_error",
+GUEST_FAULT_EVENTS: dict[RunState, str] = {
+    RunState.GUEST_PANICKED: "guest.panicked",
+    RunState.INTERNAL_ERROR: "guest.internal_error",
+    RunState.IO_ERROR: "guest.io_error",
+}
+
+#: What each request needs of the instance's state, next to the table that moves it
+#: (checked by :func:`require`, in the manner of qemu.qmp's ``@require(Runstate...)``).
+REQUIRES: dict[str, frozenset[State]] = {
+    "migrate": frozenset({State.RUNNING, State.PAUSED}),
+    "cancel_migration": frozenset({State.MIGRATING}),
+    "abort_incoming": frozenset({State.MIGRATING}),
+    # also after the activation: a source retrying a confirmation whose answer it lost
+    "confirm_release": frozenset({State.MIGRATING, State.RUNNING, State.PAUSED}),
+    # the destination of a post-copy runs the guest from postcopy-active on
+    "recover_postcopy": frozenset({State.RUNNING, State.PAUSED}),
 }
 
 
 class IllegalTransition(RuntimeError):
     pass
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+class _HasState(Protocol):
+    name: str
+
+    @property
+    def state(self) -> State: ...
+
+
+def require(request: str, error: Callable[[str, str], Exception]) -> Callable[[_Fn], _Fn]:
+    """Refuse ``request`` (a :data:`REQUIRES` key) with ``error(message, "name")`` unless the
+    instance is in one of the states the table allows for it -- before the method runs."""
+    allowed = REQUIRES[request]
+
+    def check(inst: _HasState) -> None:
+        if inst.state not in allowed:
+            wanted = " or ".join(sorted(s.value for s in allowed))
+            raise error(f"instance {inst.name!r} is {inst.state.value}; {request} needs it {wanted}", "name")
+
+    def deco(fn: _Fn) -> _Fn:
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def guarded_async(self: _HasState, *args: Any, **kw: Any) -> Any:
+                check(self)
+                return await fn(self, *args, **kw)
+            return cast(_Fn, guarded_async)
+
+        @functools.wraps(fn)
+        def guarded(self: _HasState, *args: Any, **kw: Any) -> Any:
+            check(self)
+            return fn(self, *args, **kw)
+        return cast(_Fn, guarded)
+
+    return deco
 
 
 class StateMachine:

@@ -59,3 +59,56 @@ def test_every_exit_cause_has_one_final_state_reachable_from_every_live_state():
 
 def test_no_move_leaves_stopping_except_to_a_final_state():
     assert all(s.is_final for s in TRANSITIONS[State.STOPPING])
+
+
+# -- request guards (REQUIRES, require) ------------------------------------------------------
+
+
+def test_every_guarded_request_is_an_instance_method_that_uses_its_guard():
+    import inspect as _inspect
+
+    from supervisor._instance import Instance
+    from supervisor._state import REQUIRES
+
+    for request in REQUIRES:
+        method = getattr(Instance, request)
+        assert f'@require("{request}"' in _inspect.getsource(method), request
+
+
+def test_require_refuses_before_the_method_runs_naming_the_states():
+    import pytest as _pytest
+    import trio as _trio
+
+    from supervisor._state import State, require
+
+    class Refused(Exception):
+        def __init__(self, message, field):
+            super().__init__(message)
+            self.field = field
+
+    class Inst:
+        name = "vm"
+        ran = 0
+
+        def __init__(self, state):
+            self.state = state
+
+        @require("migrate", Refused)
+        async def migrate(self):
+            self.ran += 1
+
+        @require("confirm_release", Refused)
+        def confirm_release(self):
+            self.ran += 1
+
+    stopped = Inst(State.STOPPED)
+    with _pytest.raises(Refused) as e:
+        _trio.run(stopped.migrate)
+    assert e.value.field == "name" and "is stopped" in str(e.value) and "paused or running" in str(e.value)
+    with _pytest.raises(Refused):
+        stopped.confirm_release()
+    assert stopped.ran == 0
+    live = Inst(State.RUNNING)
+    _trio.run(live.migrate)
+    live.confirm_release()
+    assert live.ran == 2
