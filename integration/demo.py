@@ -9,8 +9,9 @@ runs `qsup migrate NAME --to node-b` (B is a declared peer of A) with this termi
 so its progress bar and summary show as an operator would see them.
 
 Afterwards: the ping result, the route overlap/gap the samplers measured
-(overlap must be 0: the source releases the guest's /32 at QEMU's
-`pre-switchover`, the destination installs it only at `completed`), and
+(overlap must be 0: the source releases the guest's /32 when QEMU stops the
+guest for the switchover and confirms that to B; B installs it only at
+`completed` and after that confirmation), the guest's integrity check, and
 both nodes' event streams, one line per event.  Everything is torn down.
 Exit status: 0 when the migration completed with zero overlap, the guest
 answers on B and ping loss stays within ceil((downtime + 20 ms) / 10 ms);
@@ -27,7 +28,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from migtopo import MigrationWatch, TwoNodes, close_nodes, event_line, loss_budget  # noqa: E402
+from migtopo import (  # noqa: E402
+    BUSY,
+    MigrationWatch,
+    TwoNodes,
+    assert_guest_whole,
+    close_nodes,
+    event_line,
+    loss_budget,
+)
 from topo import VENV_BIN, guest_spec  # noqa: E402
 
 NAME, IP, MAC = "demo", "10.99.0.2", "52:54:00:de:00:01"
@@ -38,7 +47,8 @@ def step(msg: str) -> None:
 
 
 def boot(t: TwoNodes, a) -> None:
-    spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32")
+    # busy: a memory workload that verifies its own pages, so a migration that loses any shows
+    spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32 {BUSY}")
     v = a.start_instance(spec)
     print(f"{NAME} started on node A, qemu pid {v.get('pid')}; waiting for the guest to boot (TCG)...", flush=True)
     t0 = time.monotonic()
@@ -55,9 +65,9 @@ def migrate(a, b) -> int:
     return subprocess.run(argv, timeout=120).returncode
 
 
-def verdict(rc: int, w: dict, summary: dict | None) -> list[str]:
+def verdict(rc: int, w: dict, summary: dict | None, whole: str | None) -> list[str]:
     """Why the demo failed (empty when it did not)."""
-    problems = []
+    problems = [f"the guest is not whole on node B: {whole}"] if whole else []
     if rc != 0 or not summary:
         problems.append(f"qsup migrate exited {rc}")
     if w["overlap_ms"] > 0:
@@ -119,7 +129,15 @@ def main() -> int:
         for label, tail in (("node-a", tails[0]), ("node-b", tails[1])):
             for ev in tail.events:
                 print(event_line(label, ev))
-        problems = verdict(rc, w, summary)
+        step("guest integrity on node B: it answers, a clean console, its memory workload verified a sweep")
+        whole = None
+        try:
+            assert_guest_whole(t, b, NAME, IP, busy=True)
+            print("guest whole")
+        except AssertionError as e:
+            whole = str(e).splitlines()[0]
+            print(e)
+        problems = verdict(rc, w, summary, whole)
         step("demo " + ("OK" if not problems else "FAILED: " + "; ".join(problems)))
         return 0 if not problems else 1
     finally:
