@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import require
+
 ROOT = Path(__file__).resolve().parent.parent
 QSUP = [sys.executable, "-m", "supervisor._cli"]
 #: an existing regular file: the daemon checks that a spec's kernel is one; "QEMU" (/bin/false)
@@ -493,8 +495,8 @@ def _pem_config(pki: Path, name: str) -> dict:
             "tls_key": str(pki / f"{name}-key.pem")}
 
 
-@pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs openssl")
 def test_https_listener_with_client_certificates(tmp_path):
+    require(Path("/usr/bin/openssl").exists(), "needs openssl")
     pki, rogue = tmp_path / "pki", tmp_path / "rogue"
     subprocess.run([str(MAKE_CA), str(pki), "a=127.0.0.1", "admin"], check=True)
     subprocess.run([str(MAKE_CA), str(rogue), "admin"], check=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from nsutil import ROOT, Netns, sh
+from topo import require
 
 pytestmark = pytest.mark.integration
 
@@ -107,8 +108,7 @@ def _ping(ns: Netns, addr: str, v6: bool = False) -> bool:
 
 
 def test_real_guest_reaches_its_gateway_v4_and_v6(ns, client, agent, tmp_path):
-    if not (GUEST / "vmlinuz").exists():
-        pytest.skip("test guest not built: run `make guest`")
+    require((GUEST / "vmlinuz").exists(), "test guest not built: run `make guest`")
     # node <-> client uplink; the node's default route covers 169.254.0.1
     ns.run("ip", "link", "add", "uplink", "type", "veth", "peer", "name", "down0", "netns", client.name)
     ns.run("ip", "link", "set", "uplink", "up")
