@@ -47,7 +47,7 @@ from ._journal import Entry, Journal
 from ._nl import netlink
 from ._ops import OPS, Note, Op, ifindex
 from ._plan import Plan, Step
-from ._types import Failure, JSONObject, NetconfError, Nic
+from ._types import BRIDGE_MODES, Failure, JSONObject, NetconfError, Nic, Reason
 
 if TYPE_CHECKING:
     from ._hooks import Hooks, StepHooks
@@ -66,7 +66,7 @@ def _test_pause() -> None:
 
 
 def _bridge_of(nic: Nic) -> str | None:
-    return nic.link if nic.mode in ("bridged", "openvswitch") else None
+    return nic.link if nic.mode in BRIDGE_MODES else None
 
 
 def _step_failure(exc: BaseException, step: str, **extra: Any) -> Failure:
@@ -118,7 +118,7 @@ class Executor:
 
         return _hooks.Hooks(None)
 
-    def _run_hook(self, entry: Entry, action: str, reason: str) -> None:
+    def _run_hook(self, entry: Entry, action: str, reason: Reason) -> None:
         from ._hooks import hook_env
 
         nic = Nic.from_dict(entry["nic"])
@@ -174,7 +174,7 @@ class Executor:
 
     # -- apply -------------------------------------------------------------
 
-    def apply(self, plan: Plan, *, reason: str) -> list[JSONObject]:
+    def apply(self, plan: Plan, *, reason: Reason) -> list[JSONObject]:
         """Apply ``plan`` in order; on failure undo this call's effects and raise."""
         nic: Nic = plan.nic
         tap_index = _current_ifindex(nic.tap)
@@ -255,7 +255,7 @@ class Executor:
             self.journal.set(entry, "pending", sync=True, prior=dict(entry["prior"], **fields))
         return note
 
-    def _apply_hooked(self, step: Step, hooks: StepHooks, nic: Nic, tap_index: int | None, reason: str,
+    def _apply_hooked(self, step: Step, hooks: StepHooks, nic: Nic, tap_index: int | None, reason: Reason,
                       applied: list[Entry], timings: list[JSONObject]) -> None:
         for path in hooks.before:
             self._hook(step, "before", path, nic, tap_index, reason, applied, timings)
@@ -266,7 +266,7 @@ class Executor:
         for path in hooks.after:
             self._hook(step, "after", path, nic, tap_index, reason, applied, timings)
 
-    def _hook(self, step: Step, role: str, path: Path, nic: Nic, tap_index: int | None, reason: str,
+    def _hook(self, step: Step, role: str, path: Path, nic: Nic, tap_index: int | None, reason: Reason,
               applied: list[Entry], timings: list[JSONObject]) -> None:
         (entry,) = self.journal.add([{
             "kind": "hook", "role": role, "path": str(path), "step": step.name, "phase": step.phase,
@@ -286,14 +286,14 @@ class Executor:
 
     # -- undo --------------------------------------------------------------
 
-    def _undo_one(self, entry: Entry, reason: str) -> None:
+    def _undo_one(self, entry: Entry, reason: Reason) -> None:
         if entry["kind"] == "hook":
             self._run_hook(entry, "down", reason)
             return
         result = entry.get("result") if entry["status"] == "done" else None
         self._op(entry["op"]).undo(entry["args"], entry["prior"], result)
 
-    def _undo_entries(self, entries: Iterable[Entry], reason: str, failures: list[Failure]) -> None:
+    def _undo_entries(self, entries: Iterable[Entry], reason: Reason, failures: list[Failure]) -> None:
         for entry in entries:
             try:
                 self._undo_one(entry, reason)
@@ -303,7 +303,7 @@ class Executor:
                 continue
             self.journal.set(entry, "undone")
 
-    def undo(self, *, reason: str, phases: Iterable[str] | None = None, nic_id: str | None = None) -> None:
+    def undo(self, *, reason: Reason, phases: Iterable[str] | None = None, nic_id: str | None = None) -> None:
         """Undo what the journal owns (optionally only ``phases`` / one NIC), newest first.
 
         Keeps going past failures; failed entries stay in the journal (a
@@ -319,7 +319,7 @@ class Executor:
                 failures,
             )
 
-    def recover(self, *, reason: str) -> None:
+    def recover(self, *, reason: Reason) -> None:
         """After a crash: resolve ``pending`` entries against the host, then undo everything.
 
         A pending entry's undo is written to be correct whether or not the

@@ -73,7 +73,7 @@ from pathlib import Path
 import structlog
 
 from ._plan import STEP_NAMES
-from ._types import Failure, NetconfError, Nic
+from ._types import REASONS, Failure, NetconfError, Nic, Reason
 
 log = structlog.get_logger("qsup.netconf.hooks")
 
@@ -99,7 +99,6 @@ KNOWN_STEPS = ATTACH_STEPS + ACTIVATE_STEPS + ("announce",)
 STEP_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 ACTIONS = ("up", "down")
-REASONS = ("start", "stop", "crash", "migrate-in", "migrate-out", "rollback")
 
 # Files in before.d/after.d that are never run: dotfiles, editor and package-manager leftovers.
 _IGNORED_SUFFIXES = (
@@ -245,7 +244,7 @@ class Hooks:
         return result
 
 
-def hook_env(nic: Nic, *, ifindex: int | None, reason: str, action: str,
+def hook_env(nic: Nic, *, ifindex: int | None, reason: Reason, action: str,
              bridge: str | None) -> dict[str, str]:
     """The documented hook environment for one NIC (``STEP`` and ``PATH`` are added by run).
 

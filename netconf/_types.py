@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
+#: How a NIC reaches the network: the one definition (the spec's ``nics[].mode`` and the
+#: hooks' ``MODE`` are this).
 Mode = Literal["routed", "bridged", "openvswitch"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+#: The modes whose ``link`` is a bridge (Linux or Open vSwitch) the tap is plugged into.
+BRIDGE_MODES: frozenset[Mode] = frozenset({"bridged", "openvswitch"})
 
 #: The phases of a NIC's configuration.  ``attach``/``activate`` go up,
 #: ``deactivate``/``detach`` are their exact reverses (undo from the journal).
 PlanPhase = Literal["attach", "activate", "deactivate", "detach"]
 
-#: Why netconf is running; exported to hooks as ``PHASE``.
+#: Why netconf is running; exported to hooks as ``PHASE``.  The one definition: the hooks'
+#: check (:data:`REASONS`) and the teardown's undo reasons (``supervisor._state.EXITS``) use it.
 Reason = Literal["start", "stop", "crash", "migrate-in", "migrate-out", "rollback"]
+REASONS: tuple[Reason, ...] = get_args(Reason)
 
 #: JSON data: what a step's args are, and what the journal and the failure lists hold.
 JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | float | bool | None"

@@ -25,12 +25,12 @@ from pydantic import (
 
 from ._addr import is_loopback_host
 from ._limits import ImageDirs
-from ._spec import ACCEL_RE, SpecError, _loc, _message
+from ._spec import ACCEL_RE, NAME_PATTERN, OnPanic, SpecError, _loc, _message
 from ._tls import TlsFiles
 from ._uids import DEFAULT_QEMU_UIDS, QemuUids
 
 #: a node name as a ``[peers]`` key (also what its certificate must name)
-NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+NODE_NAME_RE = re.compile(NAME_PATTERN + r"\Z")
 _HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 
@@ -167,7 +167,7 @@ class Config(BaseModel):
     announce_interfaces: list[str] = []
     #: what a guest kernel panic does unless its spec says: keep it paused for
     #: inspection (``pause``), ``stop`` it (undo its network), or ``restart`` it.
-    on_panic: Literal["pause", "stop", "restart"] = "pause"
+    on_panic: OnPanic = "pause"
     #: each instance's QEMU runs as its own uid from this "START-END" range (supervisor/_uids.py)
     qemu_uids: QemuUids = DEFAULT_QEMU_UIDS
     #: kernel/initrd/disk must resolve inside one of these; None allows any regular file
@@ -202,7 +202,7 @@ class Config(BaseModel):
         if isinstance(v, dict):
             for k in v:
                 if not isinstance(k, str) or not NODE_NAME_RE.match(k):
-                    raise ValueError(f"invalid peer name {k!r} (a node name: [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}})")
+                    raise ValueError(f"invalid peer name {k!r} (a node name: {NAME_PATTERN})")
         return v
 
     @property

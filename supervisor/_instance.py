@@ -335,7 +335,7 @@ class Instance:
             raise RuntimeError(f"instance {self.name!r} is not running")
         return self._nursery
 
-    async def apply_l3(self, reason: str, *, inline: bool = False) -> float:
+    async def apply_l3(self, reason: netconf.Reason, *, inline: bool = False) -> float:
         """L3 for every NIC; returns netconf's own ms.
 
         Normally one hop to the netconf thread.  ``inline`` (a migration
@@ -474,7 +474,7 @@ class Instance:
         if self._qmp is not None:
             await self._qmp.aclose()
 
-    async def _undo_netconf(self, reason: str) -> list[dict[str, Any]]:
+    async def _undo_netconf(self, reason: netconf.Reason) -> list[dict[str, Any]]:
         t = time.perf_counter()
         try:
             await self.ctx.worker.run(self.executor.undo, reason=reason)
@@ -580,7 +580,7 @@ class Instance:
         self.emit("instance.reattached", pid=proc.pid, qemu_status=self.runstate, migration=migration)
         return self
 
-    async def _launch(self, *, incoming: bool, reason: str) -> tuple[float, float]:
+    async def _launch(self, *, incoming: bool, reason: netconf.Reason) -> tuple[float, float]:
         """Taps, QEMU (-S), QMP, then L2 ``attach``.  Returns (t_spawned, t_qmp_ready)."""
         ctx, name = self.ctx, self.name
         self.checkpoint(Checkpoint.DIRS)
@@ -665,7 +665,7 @@ class Instance:
         await self._tasks.start(pump_console, layout.console_socket_path(self.name),
                                 layout.console_path(self.name), self.ctx.cfg.console_max_bytes)
 
-    def _apply_phase(self, phase: Literal["attach", "activate"], reason: str) -> float:
+    def _apply_phase(self, phase: Literal["attach", "activate"], reason: netconf.Reason) -> float:
         """Every NIC's ``phase`` (sync: runs on the netconf thread); returns the ms spent inside."""
         t = time.perf_counter()
         for nic in self.nics:

@@ -6,9 +6,9 @@ it, so validation is strict:
 
 * unknown fields are refused (a typo must not silently become a default);
 * every error names the field, as a dotted path such as ``nics[1].mac``;
-* the instance name is restricted to ``[A-Za-z0-9][A-Za-z0-9_.-]{0,62}``
-  and may not be ``.``/``..``-like, so it can never escape the state or run
-  directory it is joined onto;
+* the instance name is restricted to :data:`NAME_PATTERN` (which also rules
+  out ``.``/``..``), so it can never escape the state or run directory it is
+  joined onto;
 * every string is checked on the *whole* string (``fullmatch``/``\\Z``:
   Python's ``re.match(... $)`` accepts ``"x\\n"``) and free text (``append``,
   ``tags``, paths) may hold no control character (C0, DEL, C1: newline, NUL,
@@ -32,9 +32,8 @@ import ipaddress
 import json
 import re
 import tomllib
-from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -47,10 +46,20 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from netconf._plan import GATEWAY4, GATEWAY6
+from netconf._types import BRIDGE_MODES, Mode
+
+#: An instance name, and a node name as a ``[peers]`` key: one path component that starts with a
+#: letter or digit, so never ``.``/``..``.  The one definition of the pattern.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+#: What a guest kernel panic does: the spec's ``on_panic`` and the node config's default.
+OnPanic = Literal["pause", "stop", "restart"]
+ON_PANIC_POLICIES: tuple[OnPanic, ...] = get_args(OnPanic)
+
 # NAME_RE's pattern is also the OpenAPI schema's (ECMA-262, where ``$`` is the end of input), so
 # it keeps ``$``; in Python match it only with ``fullmatch`` (or :func:`valid_name`).  The
 # others end in ``\Z`` so that even a plain ``.match`` cannot accept a trailing newline.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(f"^{NAME_PATTERN}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 ACCEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,15}\Z")
 LINK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
@@ -113,7 +122,7 @@ def _check_tag(v: str) -> str:
 def _check_name(v: str) -> str:
     if not valid_name(v):
         raise ValueError(
-            f"invalid name {v!r}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}"
+            f"invalid name {v!r}: must match {NAME_PATTERN}"
         )
     return v
 
@@ -126,7 +135,7 @@ class NicSpec(_Strict):
     """One NIC.  ``mac`` is its stable identity (records and hooks key on it)."""
 
     mac: str | None = None
-    mode: Literal["routed", "bridged", "openvswitch"]
+    mode: Mode
     link: str | None = Field(default=None, min_length=1, max_length=64)
     ip: str | None = None
     ip6: str | None = None
@@ -175,7 +184,7 @@ class NicSpec(_Strict):
 
     @model_validator(mode="after")
     def _mode_needs(self) -> "NicSpec":
-        if self.mode in ("bridged", "openvswitch") and not self.link:
+        if self.mode in BRIDGE_MODES and not self.link:
             raise ValueError(f"@link: required for mode {self.mode!r}")
         if self.mode == "routed" and not (self.ip or self.ip6):
             raise ValueError("@ip: routed mode needs ip or ip6")
@@ -202,8 +211,7 @@ def _host_address(v: str, version: int) -> str:
             f"{v!r}: a guest address is a host address (/{iface.max_prefixlen} or none)"
         )
     a = iface.ip
-    gw4, gw6 = _gateways()
-    if a == gw4 or a == gw6:
+    if a == _GATEWAY4 or a == _GATEWAY6:
         why = "the guests' own gateway"
     elif a.is_unspecified or (version == 4 and a in _THIS_NETWORK):
         why = "unspecified"
@@ -228,13 +236,9 @@ _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _BROADCAST = ipaddress.ip_address("255.255.255.255")
 
 
-@cache
-def _gateways() -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
-    """netconf's on-link gateway addresses (imported late: ``import netconf`` costs ~0.5 s,
-    which the CLI should not pay unless a spec has a routed address to check)."""
-    from netconf._plan import GATEWAY4, GATEWAY6
-
-    return ipaddress.IPv4Address(GATEWAY4), ipaddress.IPv6Address(GATEWAY6)
+#: netconf's on-link gateway addresses, which no guest may have
+_GATEWAY4 = ipaddress.IPv4Address(GATEWAY4)
+_GATEWAY6 = ipaddress.IPv6Address(GATEWAY6)
 
 
 class InstanceSpec(_Strict):
@@ -251,7 +255,7 @@ class InstanceSpec(_Strict):
     nics: list[NicSpec] = []
     tags: list[Annotated[str, AfterValidator(_check_tag)]] = []
     #: what a guest kernel panic does (pvpanic); None: the node config's ``on_panic``
-    on_panic: Literal["pause", "stop", "restart"] | None = None
+    on_panic: OnPanic | None = None
 
     @field_validator("name")
     @classmethod

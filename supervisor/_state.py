@@ -43,6 +43,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
+from netconf._types import Reason
+
 
 class State(str, enum.Enum):
     STARTING = "starting"
@@ -94,7 +96,7 @@ class Exit(NamedTuple):
     """
 
     final: State
-    undo_reason: str
+    undo_reason: Reason
 
 
 EXITS: dict[ExitCause, Exit] = {
