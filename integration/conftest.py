@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from topo import Netns, QsupRun
+from topo import Netns, QsupRun, leaked_namespaces
 
 
 def pytest_collection_modifyitems(items):
@@ -58,14 +58,11 @@ def qsup_factory(tmp_path):
     assert not leaked, f"qemu leaks: {leaked}"
 
 
-def leaked_namespaces() -> list[str]:
-    """Namespaces this pytest process made (``Netns`` names carry its pid) that still exist."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [l.split()[0] for l in out.splitlines() if l.startswith(f"qst{os.getpid() % 100000}-")]
-
-
 def pytest_sessionfinish(session, exitstatus):
     """Every fixture removes its namespaces; one still here is a leak, and fails the run.
+
+    "Here": a namespace this pytest process made with any prefix of ``topo.NETNS_PREFIXES``
+    (its names carry the pid), model, TLS, jail, peer, announce... alike.
 
     The leaked namespaces are deleted (so the next run starts clean), named on the
     terminal, and the session's exit status is set to "tests failed".

@@ -34,6 +34,41 @@ def qemu_line(extra_config: str) -> str:
 GUEST = ROOT / "build" / "guest"
 _counter = itertools.count()
 
+#: Every network namespace prefix the integration tests (and demos) use, defined once.  A
+#: namespace is named ``<prefix><pid % 100000>-<n>`` (:func:`netns_name`: the pid of the process
+#: that made it), so the session's leak check (conftest.py, :func:`leaked_namespaces`) sees
+#: every namespace this pytest process made, whatever its prefix; ``netns_name`` refuses a
+#: prefix that is not listed here.
+NETNS_PREFIXES = (
+    "qst",  # the default: Netns(), netns_factory, TwoNodes, the cluster harness, netconf fixtures
+    "qsm",  # the model test's nodes (modelnodes.py)
+    "qtl",  # TLS migration (test_tls_migration.py)
+    "qjl",  # jailed nodes over TLS (test_qemu_jail.py)
+    "qpe",  # peers (test_peers.py)
+    "qsncc",  # the netconf gateway test's client (netconf/test_netconf_gateway.py)
+    "qsan-nbr", "qsan-nodeB",  # neighbour announcements (netconf_announce/test_announce.py)
+    "qdemo", "qdc",  # demo.py, demo_cluster.py
+)
+
+
+def netns_name(prefix: str = "qst") -> str:
+    """A new namespace name of this process: ``<prefix><pid % 100000>-<n>``."""
+    if prefix not in NETNS_PREFIXES:
+        raise ValueError(f"netns prefix {prefix!r} is not in topo.NETNS_PREFIXES: add it there, "
+                         "or the session's leak check would not see its namespaces")
+    return f"{prefix}{os.getpid() % 100000}-{next(_counter)}"
+
+
+def leaked_namespaces(pid: int | None = None) -> list[str]:
+    """Namespaces that process ``pid`` (default: this one) made with :func:`netns_name`, any
+    prefix of :data:`NETNS_PREFIXES`, that still exist."""
+    import re
+
+    tag = (os.getpid() if pid is None else pid) % 100000
+    ours = re.compile(rf"(?:{'|'.join(map(re.escape, NETNS_PREFIXES))}){tag}-\d+")
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    return [l.split()[0] for l in out.splitlines() if l.strip() and ours.fullmatch(l.split()[0])]
+
 
 def under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -66,7 +101,7 @@ class Netns:
     """A network namespace with lo up; deleted on close()."""
 
     def __init__(self, prefix: str = "qst"):
-        self.name = f"{prefix}{os.getpid() % 100000}-{next(_counter)}"
+        self.name = netns_name(prefix)
         sh("ip", "netns", "add", self.name)
         self.run("ip", "link", "set", "lo", "up")
 

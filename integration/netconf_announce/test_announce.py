@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from topo import netns_name  # integration/ is on sys.path (its conftest.py)
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,8 +96,7 @@ class Topo:
     """nbr <-veth-> nodeB; ``close()`` deletes both namespaces (and so the veth)."""
 
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}-{time.monotonic_ns() % 100000}"
-        self.nbr, self.node = f"qsan-nbr{tag}", f"qsan-nodeB{tag}"
+        self.nbr, self.node = netns_name("qsan-nbr"), netns_name("qsan-nodeB")
         self.made: list[str] = []
         for ns in (self.nbr, self.node):
             sh("ip", "netns", "add", ns)
