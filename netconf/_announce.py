@@ -61,11 +61,10 @@ instead, because:
 * it skips the IPv6 output path, ip6tables OUTPUT and multicast loopback,
   which buy nothing here and cost time.
 
-The packet socket (protocol 0: it receives nothing) is opened once per
-netns and kept: closing a packet socket waits for an RCU grace period
-(``packet_release`` -> ``synchronize_net``), measured at ~15 ms -- a hundred
-times the rest of the work.  Frames sent on it are not looped back into our
-own stack.
+The packet socket (protocol 0: it receives nothing) is opened once per netns
+and kept: closing a packet socket waits for an RCU grace period
+(``packet_release`` -> ``synchronize_net``), far longer than the rest of the
+work. Frames sent on it are not looped back into our own stack.
 
 Cost: this runs on the migration's critical path, so it is synchronous,
 forks nothing and sleeps never: per interface two ioctls, per family one to
@@ -204,13 +203,13 @@ SIOCGIFHWADDR = 0x8927
 SIOCGIFINDEX = 0x8933
 
 # One unbound, protocol-0 packet socket for the netns we run in (it receives
-# nothing).  Cached because closing a packet socket costs a whole RCU grace
-# period (packet_release -> synchronize_net: ~15 ms measured), which would
-# be most of announce()'s time.  Keyed by the calling thread's netns inode;
-# only the latest netns is kept, so at most one namespace is pinned.  A
-# socket keeps its netns alive, so the inode cannot be reused under us.
-# announce() is meant for one thread (netconf's worker): a switch of netns
-# closes the previous socket, which another thread might still be using.
+# nothing). Cached because closing a packet socket costs a whole RCU grace
+# period (packet_release -> synchronize_net), which would be most of
+# announce()'s time. Keyed by the calling thread's netns inode; only the
+# latest netns is kept, so at most one namespace is pinned. A socket keeps
+# its netns alive, so the inode cannot be reused under us. announce() is
+# meant for one thread (netconf's worker): a switch of netns closes the
+# previous socket, which another thread might still be using.
 _cache: tuple[int, socket.socket] | None = None
 _cache_lock = threading.Lock()
 
@@ -300,9 +299,8 @@ def announce(interfaces: Sequence[str], *, ip: str | None = None, ip6: str | Non
     ``src``.
 
     ``announce([])`` sends nothing: it opens the cached socket and runs the
-    builders once, which roughly halves the cost of the first real call
-    (measured ~350 -> ~160 us for one interface, both families).  Call it on
-    the worker thread at startup.
+    builders once, which takes those one-time costs off the first real call
+    (a migration's).  Call it on the worker thread at startup.
 
     Raises :class:`NetconfError` for a bad address or count, before sending
     anything.  Interfaces that do not exist (or are not Ethernet) are

@@ -25,8 +25,9 @@ entry for an older tap of the same name (qemu restarted) is first undone
 (its effects mostly vanished with the old tap), then the step is applied
 again.
 
-Why batch the fsync per group: fsync costs ~200 µs on these disks; one per
-step would cost ~1.4 ms for a routed activation alone, the whole budget.
+Why batch the fsync per group: an fsync costs far more than the netlink
+request it guards, and one per step would dominate a routed activation,
+which is on a live migration's critical path.
 The guarantee that matters -- nothing changes on the host before a durable
 record says how to undo it -- holds per group.  The tradeoff: priors of a
 group are observed before its earlier steps run, so a later step sees the

@@ -10,16 +10,17 @@ The file is JSON lines, append-only between compactions:
   attempted because an earlier step failed), optionally with extra fields
   merged into the entry (e.g. ``result``).
 
-Durability contract (the reason the journal is cheap enough for a 1.5 ms
-activation): a record that *announces* an effect is fsync'd before the
-effect is applied -- :meth:`Journal.add` with ``sync=True``; the executor
-writes the records of a run of consecutive default steps in ONE write and
-ONE fsync (a "step group") before applying the first of them.  Status
-changes are plain ``write()``s: they survive the death of the process (the
-data is in the kernel page cache) and become durable with the next fsync.
-If the machine loses power before that, an effect may still read
-``pending``; :meth:`Executor.recover` resolves pending entries by looking
-at the host, so a lost status change costs nothing but a re-check.
+Durability contract (the reason the journal is cheap enough for a
+migration's activation, which is on the critical path): a record that
+*announces* an effect is fsync'd before the effect is applied --
+:meth:`Journal.add` with ``sync=True``; the executor writes the records of a
+run of consecutive default steps in ONE write and ONE fsync (a "step group")
+before applying the first of them. Status changes are plain ``write()``s:
+they survive the death of the process (the data is in the kernel page cache)
+and become durable with the next fsync. If the machine loses power before
+that, an effect may still read ``pending``; :meth:`Executor.recover`
+resolves pending entries by looking at the host, so a lost status change
+costs nothing but a re-check.
 
 Compaction rewrites only the live entries to a temporary file, fsyncs it,
 ``rename``s it over the journal and fsyncs the directory: a crash leaves

@@ -1,18 +1,18 @@
 """A small, blocking rtnetlink client: pyroute2's message classes over a plain socket.
 
-Why not ``pyroute2.IPRoute`` directly?  pyroute2 0.9's synchronous ``IPRoute``
-drives an asyncio loop for every call.  Measured on the target machines, one
-``route replace`` through it costs ~420 µs and a ``link get`` ~300 µs, while
-the kernel round trip on a plain ``AF_NETLINK`` socket costs ~2 µs.  A routed
-NIC activation needs about seven requests, so the asyncio layer alone would
-blow the 1.5 ms budget.  Even pyroute2's generic NLA *encoder* costs ~60 µs
-per message.  So the hot requests (route, rule, address, link set, bridge
-VLAN) are packed here with ``struct`` (a handful of fixed headers and flat
-attributes, ~3 µs), the rule dump on the hot path is parsed the same way,
-and pyroute2's ``MarshalRtnl`` decodes the cold dumps (routes on a
-conflict, bridge VLAN tables) where its full attribute decoding is worth
-its cost.  I/O is ours: send one request, read until the ACK (or the end
-of a dump), map a negative errno to ``OSError``.
+Why not ``pyroute2.IPRoute`` directly? pyroute2 0.9's synchronous
+``IPRoute`` drives an asyncio loop for every call, which costs far more than
+the kernel round trip on a plain ``AF_NETLINK`` socket. A routed NIC
+activation needs about seven requests on a migration's critical path, so
+that layer, not the kernel, would decide how long the activation takes. Even
+pyroute2's generic NLA *encoder* costs more per message than the round trip.
+So the hot requests (route, rule, address, link set, bridge VLAN) are packed
+here with ``struct`` (a handful of fixed headers and flat attributes), the
+rule dump on the hot path is parsed the same way, and pyroute2's
+``MarshalRtnl`` decodes the cold dumps (routes on a conflict, bridge VLAN
+tables) where its full attribute decoding is worth its cost. I/O is ours:
+send one request, read until the ACK (or the end of a dump), map a negative
+errno to ``OSError``.
 
 The socket is not thread-safe and is meant to live on ONE thread: use
 :func:`netlink` which hands out one client per thread (the
@@ -20,7 +20,7 @@ The socket is not thread-safe and is meant to live on ONE thread: use
 tests and drivers).
 
 Reading link state goes through ``/sys/class/net`` instead (mtu, address,
-flags, master): a sysfs read costs a few µs and needs no decoding.
+flags, master): a sysfs read is one small ``read`` and needs no decoding.
 """
 
 from __future__ import annotations

@@ -289,8 +289,8 @@ class NeighOp(Op):
     Why: without it the host resolves the guest by ARP/ND the first time it forwards to it.
     After a live migration that first request reaches the tap while the guest is still
     paused (L3 is applied before ``cont``); it can go unanswered, and the next one comes
-    ``retrans_time`` (1 s) later: measured here, 1 in 14 migrations lost ~190 pings that
-    way although the route moved in 9 ms.  The MAC is the spec's, so nothing needs asking.
+    ``retrans_time`` (1 s) later, so the guest can be unreachable for that second although
+    its route moved at once.  The MAC is the spec's, so nothing needs asking.
     The tap is qsup's own, so any entry on it is replaced; undo deletes it (it also goes
     with the tap).
     """

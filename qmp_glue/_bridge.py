@@ -286,9 +286,9 @@ class _FlushingSelector(selectors.DefaultSelector):
     Python work to do (finish the reader task's step, start the next
     ``readline``, run the rest of the loop iteration) makes the woken trio
     thread wait for the GIL, and then be woken a second time when the GIL is
-    released -- on a 2-vCPU VM that second cross-CPU wake-up costs as much as
-    the first. So wake-ups made on the loop thread are queued and sent in
-    ``select()``, immediately before the loop blocks (and releases the GIL).
+    released: two cross-CPU wake-ups where one would do. So wake-ups made on
+    the loop thread are queued and sent in ``select()``, immediately before
+    the loop blocks (and releases the GIL).
     The delay is at most one loop iteration; FIFO order is kept.
     """
 

@@ -1,9 +1,8 @@
 """Cheap per-call timeouts for trio: one timer task instead of a CancelScope per call.
 
 ``execute(timeout=30)`` needs a deadline on every call. The obvious
-``with trio.fail_after(timeout)`` costs about 20 us per call with trio 0.35 on
-these machines (a CancelScope enter/exit, measured with an empty checkpoint
-inside) -- ~10% of a whole QMP round trip, for a timer that almost never
+``with trio.fail_after(timeout)`` costs a CancelScope enter/exit per call --
+a noticeable part of a whole QMP round trip, for a timer that almost never
 fires. ``Deadlines`` keeps the timers in a heap served by one trio system
 task instead:
 

@@ -100,9 +100,9 @@ class _GlueQMP(_QemuQMPClient):
 
 # asyncio's socket transports read with recv(256 KiB). A buffer that size is
 # above glibc's mmap threshold, so *every* read -- every QMP reply -- costs
-# mmap + mremap + munmap and fresh page faults (seen with strace; ~3 syscalls
-# of 7 per reply on the loop thread). 64 KiB stays on the heap; a bigger
-# message (query-qmp-schema) simply takes a few reads.
+# mmap + mremap + munmap and fresh page faults (seen with strace). 64 KiB
+# stays on the heap; a bigger message (query-qmp-schema) simply takes a few
+# reads.
 _READ_SIZE = 64 * 1024
 
 

@@ -3,11 +3,11 @@
 Why the trio thread writes commands itself: handing each command to the
 asyncio thread first costs, per call, a wake-up of that thread (a write to
 its self-pipe, an ``epoll`` return, two reads to drain the pipe) and a loop
-iteration -- on the VMs qsup runs on, syscalls and cross-CPU wake-ups cost
-5-35 us each, and that hop was a third of the glue's overhead. So the trio
-thread writes the command bytes directly, on its own ``dup()`` of the
-connected socket, and only the *reply* crosses threads (qemu.qmp's reader
-task routes it back, see ``_session.py``).
+iteration -- syscalls and cross-CPU wake-ups are what the glue's overhead is
+made of, and that hop was a large part of it. So the trio thread writes the
+command bytes directly, on its own ``dup()`` of the connected socket, and
+only the *reply* crosses threads (qemu.qmp's reader task routes it back, see
+``_session.py``).
 
 This is safe because, once the session is established, nothing else writes
 to the socket: qemu.qmp writes only the greeting-time ``qmp_capabilities``

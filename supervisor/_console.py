@@ -1,8 +1,7 @@
 """The serial console, capped: a guest can no longer fill the disk through it.
 
 Before, QEMU wrote the console to a file chardev in ``state_dir``: a guest printing in a loop
-grew it by ~143 KB/s, without limit, on the disk that also holds records, journals and the
-event DB.  Now:
+grew it without limit, on the disk that also holds records, journals and the event DB.  Now:
 
 * QEMU serves the console on a unix socket (:func:`console_chardev_args`: a ``socket``
   chardev with ``server=on,wait=off``).  Unconnected, QEMU discards console output instead

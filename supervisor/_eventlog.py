@@ -10,10 +10,11 @@ a daemon restart by passing the last ``seq`` they saw. That contract drives the 
   A new :class:`EventLog` on the same file continues at ``last_seq + 1``.
 
 * **One INSERT per event, committed on its own, on one persistent connection** in WAL mode with
-  ``synchronous=NORMAL``. A commit is then a ``write()`` to the WAL, no ``fsync``: emit measured
-  ~20-25 us median (JSON encode + INSERT + decode). WAL checkpoints (which do fsync, 3-5 ms here)
-  run on a background thread with its own connection every :data:`_CHECKPOINT_EVERY` emits, so
-  they never stall the trio thread. The durability trade-off, precisely:
+  ``synchronous=NORMAL``. A commit is then a ``write()`` to the WAL, no ``fsync``, so emit is cheap
+  enough to call inline on the trio thread. WAL checkpoints (which do fsync, and take as long as
+  the disk likes) run on a background thread with its own connection every
+  :data:`_CHECKPOINT_EVERY` emits, so they never stall the trio thread. The durability
+  trade-off, precisely:
 
   - the daemon crashing or being SIGKILLed loses nothing (the WAL is in the OS page cache);
   - the *machine* crashing may lose the events since the last checkpoint. The file stays
@@ -43,10 +44,10 @@ a daemon restart by passing the last ``seq`` they saw. That contract drives the 
   "read the backlog" and "subscribe": both are "events with seq > cursor".
 
 Retention keeps the newest ``retention`` rows, pruning in batches: one DELETE of the oldest rows
-every ``max(1, min(100, retention // 10))`` emits (~70 us for 100 rows), so the table holds
-between ``retention`` and ``retention + batch`` rows. It counts rows, not seq numbers, since seq
-may jump. A reader further behind than that has lost the pruned events; they are gone, and the
-stream resumes at the oldest one kept.
+every ``max(1, min(100, retention // 10))`` emits (one statement per batch, not one per emit),
+so the table holds between ``retention`` and ``retention + batch`` rows. It counts rows, not seq
+numbers, since seq may jump. A reader further behind than that has lost the pruned events; they
+are gone, and the stream resumes at the oldest one kept.
 
 Data values JSON cannot encode are **coerced with ``str()``** (a ``Path``, an ``IPv4Address``, an
 exception) rather than raising: an event is emitted in the middle of state transitions, and a
@@ -146,8 +147,9 @@ class _Checkpointer:
     """Runs WAL checkpoints on its own thread and connection, so their fsyncs never stall emit().
 
     SQLite's automatic checkpoint runs inside the commit that crosses the threshold: with
-    ``synchronous=NORMAL`` it fsyncs, which measured 3-5 ms on these machines every ~500 emits,
-    on the trio thread. A PASSIVE checkpoint from another connection does not block the writer.
+    ``synchronous=NORMAL`` it fsyncs, and that fsync would stall the trio thread (every
+    instance's supervision) for as long as the disk takes. A PASSIVE checkpoint from another
+    connection does not block the writer.
     The writer connection keeps a high ``wal_autocheckpoint`` only as a safety net.
     """
 

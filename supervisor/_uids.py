@@ -21,7 +21,7 @@ The allocator is deliberately small and stateless across restarts:
 
 Within one daemon :meth:`allocate` also remembers what it handed out until :meth:`release`,
 so two starts racing before either is recorded cannot get the same uid.  Calls are
-synchronous and cheap (one ``/proc`` scan, a few ms with hundreds of processes).
+synchronous and cheap (one ``/proc`` scan per call).
 """
 
 from __future__ import annotations
