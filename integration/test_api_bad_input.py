@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
-from supervisor._api import openapi
+from supervisor.api import openapi
 from topo import Netns, QsupDaemon
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -43,11 +43,10 @@ from pathlib import Path
 import structlog
 import trio
 
-from ._api import HttpLimits, create_app, create_metrics_app
 from ._config import Config
-from ._metrics import Metrics
 from ._records import Layout, ensure_dir
 from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files
+from .api import HttpLimits, Metrics, create_app, create_metrics_app
 
 log = structlog.get_logger("qsup.daemon")
 

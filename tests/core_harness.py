@@ -18,12 +18,12 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
-from supervisor._api import create_app
 from supervisor._config import load_config
 from supervisor._eventlog import EventLog
 from supervisor._faults import NO_FAULTS
 from supervisor._node import Node
 from supervisor._spec import parse_spec
+from supervisor.api import create_app
 
 FAKE = Path(__file__).with_name("fake_qemu.py")
 

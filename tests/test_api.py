@@ -17,10 +17,10 @@ import httpx
 import pytest
 import trio
 
-from supervisor._api import create_app, openapi
 from supervisor._config import load_config
 from supervisor._eventlog import EventLog
 from supervisor._node import Node
+from supervisor.api import create_app, openapi
 
 #: a regular file that exists (the node checks that images do); "QEMU" (/bin/false) never reads it
 KERNEL = os.path.realpath("/bin/true")
@@ -477,7 +477,7 @@ def test_stopping_daemon_answers_503_and_starts_nothing(tmp_path):
 
 
 def test_metrics_app_serves_only_metrics_and_health_without_a_token(tmp_path):
-    from supervisor._api import create_metrics_app
+    from supervisor.api import create_metrics_app
 
     async def go(client, node, events):
         app = create_metrics_app(node, events, reattached=["a"])
@@ -506,7 +506,7 @@ def _value(text: str, series: str) -> float:
 
 
 def test_metrics_follow_the_event_log():
-    from supervisor._metrics import Metrics
+    from supervisor.api import Metrics
 
     events = EventLog(None)
     m = Metrics()
@@ -545,7 +545,7 @@ def test_qmp_call_latency_and_errors_come_from_the_glue(tmp_path):
 
     from qmp_glue import AsyncioThread, QMPError, QMPTimeout, connect
     from qmp_peer import PeerError, QMPPeer
-    from supervisor._metrics import Metrics
+    from supervisor.api import Metrics
 
     m = Metrics()
     d = tempfile.mkdtemp(prefix="qm", dir="/tmp")

@@ -496,7 +496,7 @@ def test_memory_levels_off_once_the_live_ring_and_line_cache_are_full():
     encoded-line cache (8192 lines) filling.  Past both, memory must stay flat."""
     import tracemalloc
 
-    from supervisor._api import _LineCache
+    from supervisor.api._events import _LineCache
 
     log, cache = EventLog(None), _LineCache()
     sample = {"data": {"status": "active"}, "qmp_ts": 1795989425.048116, "reason": "migration activated"}

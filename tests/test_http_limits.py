@@ -12,10 +12,10 @@ import time
 import httpx
 import trio
 
-from supervisor._api import HttpLimits, create_app
 from supervisor._daemon import _serve_http
 from supervisor._eventlog import EventLog
 from supervisor._node import Node
+from supervisor.api import HttpLimits, create_app
 from test_api import make_cfg
 
 

@@ -33,13 +33,13 @@ import schemathesis
 import trio
 from hypothesis import HealthCheck, assume, settings
 
-from supervisor._api import create_app, openapi
 from supervisor._config import Config
 from supervisor._eventlog import EventLog
 from supervisor._migration import MigrationError
 from supervisor._node import Conflict, NotFound
 from supervisor._spec import MAX_TOTAL_QUEUES, InstanceSpec, generated_mac
 from supervisor._state import State
+from supervisor.api import create_app, openapi
 
 TOKEN = "fuzz-token-0123456789abcdef"
 #: the one peer the fake node declares: what a positive migrate case's ``to`` names

@@ -14,9 +14,10 @@ import jsonschema_rs
 import pytest
 from starlette.routing import Route
 
-from supervisor import _migration_api
-from supervisor._api import INSTANCE_VIEW, ROUTES, StopOptions, create_app, openapi
 from supervisor._spec import InstanceSpec, NicSpec, SpecError, parse_spec
+from supervisor.api import _migration_routes, create_app, openapi
+from supervisor.api._openapi import INSTANCE_VIEW
+from supervisor.api._routes import ROUTES, StopOptions
 
 DOC = openapi()
 
@@ -143,8 +144,8 @@ def test_the_two_things_the_schema_cannot_say_are_documented():
 
 @pytest.mark.parametrize("schema, model", [("InstanceSpecFields", InstanceSpec), ("NicSpec", NicSpec),
                                            ("StopOptions", StopOptions),
-                                           ("MigrateBody", _migration_api.MigrateBody),
-                                           ("PrepareBody", _migration_api.PrepareBody)])
+                                           ("MigrateBody", _migration_routes.MigrateBody),
+                                           ("PrepareBody", _migration_routes.PrepareBody)])
 def test_request_schemas_list_exactly_the_model_fields(schema, model):
     s = DOC["components"]["schemas"][schema]
     assert set(s["properties"]) == set(model.model_fields)

@@ -166,7 +166,7 @@ def test_listen_with_tls_needs_no_token_file():
 
 def test_source_builds_the_uri_from_the_peer_address_and_the_answers_port(tmp_path):
     """b answers a port (and a hostile uri, ignored); a connects to b's *declared* migration address."""
-    from supervisor._migration_api import MigrateBody, migrate_options
+    from supervisor.api._migration_routes import MigrateBody, migrate_options
 
     a = Bench(tmp_path, "a", peers={"b": {"api": f"unix:{tmp_path / 'b' / 'qsup.sock'}", "migration": "127.0.0.1"}})
     b = Bench(tmp_path, "b")

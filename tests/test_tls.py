@@ -21,7 +21,6 @@ import trio
 import trio.testing
 
 from core_harness import Bench
-from supervisor._api import create_app
 from supervisor._daemon import PeerAuth, _serve_http
 from supervisor._migration import MigrationError, PeerClient
 from supervisor._tls import (
@@ -35,6 +34,7 @@ from supervisor._tls import (
     setup_qemu_tls,
     write_qemu_creds,
 )
+from supervisor.api import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_CA = ROOT / "contrib" / "make-test-ca"

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from qmp_glue._client import observe_calls
 
-from ._state import State
+from .._state import State
 
 prometheus_client.disable_created_metrics()
 

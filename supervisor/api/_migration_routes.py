@@ -1,4 +1,4 @@
-"""HTTP routes for live migration (part of the API app's route list, ``_api.ROUTES``).
+"""HTTP routes for live migration (part of the API app's route list, ``_routes.ROUTES``).
 
 ::
 
@@ -32,11 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import _http as http
-from ._instance import StartError
-from ._migration import MigrateOptions, Switchover, migration_refusal, parse_tcp_uri, peer_options, qemu_version
-from ._node import Conflict
-from ._spec import SpecError, parse_spec
+from .._instance import StartError
+from .._migration import MigrateOptions, Switchover, migration_refusal, parse_tcp_uri, peer_options, qemu_version
+from .._node import Conflict
+from .._spec import SpecError, parse_spec
+from ._errors import HttpError, http_error
+from ._openapi import NAME_PARAM, ApiRoute, Op, errors, json_body, links_by_name, ok, ref
+from ._request import instance, node, read_json, refuse_while_stopping, validate_body
 
 
 class _Body(BaseModel):
@@ -59,55 +61,55 @@ class MigrateBody(_Body):
 
 
 async def prepare_incoming(request: Request) -> Response:
-    body = http.validate_body(PrepareBody, await http.read_json(request))
-    http.refuse_while_stopping(request)
+    body = validate_body(PrepareBody, await read_json(request))
+    refuse_while_stopping(request)
     try:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
-        uri = await http.node(request).prepare_incoming(spec, postcopy=body.postcopy,
+        uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy,
                                                               generation=body.generation)
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
-        raise http.http_error(e, field_prefix="spec") from None
+        raise http_error(e, field_prefix="spec") from None
     _, port = parse_tcp_uri(uri)
-    tls = getattr(http.node(request).cfg, "tls", None) is not None
+    tls = getattr(node(request).cfg, "tls", None) is not None
     return JSONResponse({"name": spec.name, "port": port, "tls": tls,
                          "uri": uri}, 201)
 
 
 async def recover_postcopy(request: Request) -> Response:
-    inst = http.instance(request)
-    port = await http.node(request).recover_postcopy(inst.name)  # MigrationError -> 409
-    return JSONResponse({"name": inst.name, "port": port, "tls": getattr(http.node(request).cfg, "tls", None)
+    inst = instance(request)
+    port = await node(request).recover_postcopy(inst.name)  # MigrationError -> 409
+    return JSONResponse({"name": inst.name, "port": port, "tls": getattr(node(request).cfg, "tls", None)
                          is not None, "uri": inst.migration.uri if inst.migration else None})
 
 
 async def confirm_release(request: Request) -> Response:
-    inst = http.instance(request)
-    http.node(request).confirm_release(inst.name)  # MigrationError -> 409 through the table
+    inst = instance(request)
+    node(request).confirm_release(inst.name)  # MigrationError -> 409 through the table
     return JSONResponse(inst.view())
 
 
 async def abort_incoming(request: Request) -> Response:
-    inst = http.instance(request)
-    await http.node(request).abort_incoming(inst.name)  # MigrationError -> 409 through the table
+    inst = instance(request)
+    await node(request).abort_incoming(inst.name)  # MigrationError -> 409 through the table
     return JSONResponse(inst.view())
 
 
 async def migrate(request: Request) -> Response:
-    n = http.node(request)
-    data = await http.read_json(request)
+    n = node(request)
+    data = await read_json(request)
     if isinstance(data, dict) and isinstance(data.get("to"), str):
         _declared_peer(n.cfg, data["to"])  # before anything else: the clearest error for a URL
-    inst = http.instance(request)
-    body = http.validate_body(MigrateBody, data)
-    http.refuse_while_stopping(request)
+    inst = instance(request)
+    body = validate_body(MigrateBody, data)
+    refuse_while_stopping(request)
     opts = migrate_options(n.cfg, body, qemu_pid=inst.proc.pid if getattr(inst, "proc", None) else None,
                            name=inst.name)
     if inst.state.value in ("running", "paused"):
         accel = (inst.spec.accel or n.cfg.accel).split(",")[0]
         why = migration_refusal(opts.switchover, accel, await qemu_version(inst.qmp))
         if why:
-            raise http.HttpError(422, why, "accel", "invalid_spec")
+            raise HttpError(422, why, "accel", "invalid_spec")
     await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
 
@@ -117,7 +119,7 @@ def _declared_peer(cfg, to: str):
     peer = peers.get(to)
     if peer is None:
         declared = ", ".join(sorted(peers)) or "none"
-        raise http.HttpError(422, f"to: {to[:80]!r} is not a declared peer (the config's [peers]: {declared[:400]})",
+        raise HttpError(422, f"to: {to[:80]!r} is not a declared peer (the config's [peers]: {declared[:400]})",
                              "to", "invalid_spec")
     return peer
 
@@ -132,46 +134,46 @@ def migrate_options(cfg, body: MigrateBody, *, qemu_pid: int | None, name: str) 
 
 
 async def cancel(request: Request) -> Response:
-    inst = http.instance(request)
-    await http.node(request).cancel_migration(inst.name)
+    inst = instance(request)
+    await node(request).cancel_migration(inst.name)
     return JSONResponse(inst.view())
 
 
-_VIEW = http.ref("InstanceView")
+_VIEW = ref("InstanceView")
 
 ROUTES = [
-    http.ApiRoute("/v1/migrations/incoming", {"POST": http.Op(prepare_incoming, {
+    ApiRoute("/v1/migrations/incoming", {"POST": Op(prepare_incoming, {
         "operationId": "prepare_incoming",
         "summary": "Destination: prepare an incoming migration (taps, L2, qemu -incoming defer -S)",
-        "requestBody": http.json_body("PrepareBody"),
-        "responses": {**http.ok("Prepared: migrate to `uri`", http.ref("Prepared"), 201,
-                           links=http.links_by_name("show_instance", "abort_incoming", "delete_instance")),
-                      **http.errors(400, 409, 413, 422, 503)}})}),
-    http.ApiRoute("/v1/migrations/incoming/{name}/abort", {"POST": http.Op(abort_incoming, {
+        "requestBody": json_body("PrepareBody"),
+        "responses": {**ok("Prepared: migrate to `uri`", ref("Prepared"), 201,
+                           links=links_by_name("show_instance", "abort_incoming", "delete_instance")),
+                      **errors(400, 409, 413, 422, 503)}})}),
+    ApiRoute("/v1/migrations/incoming/{name}/abort", {"POST": Op(abort_incoming, {
         "operationId": "abort_incoming",
         "summary": "Destination: tear a pending incoming migration down (no L3 was applied)",
-        "responses": {**http.ok("Final view", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
-    http.ApiRoute("/v1/migrations/incoming/{name}/recover", {"POST": http.Op(recover_postcopy, {
+        "responses": {**ok("Final view", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
+    ApiRoute("/v1/migrations/incoming/{name}/recover", {"POST": Op(recover_postcopy, {
         "operationId": "recover_postcopy",
         "summary": "Destination: the post-copy stream broke (postcopy-paused); listen again (migrate-recover) "
                    "on a new port for the source's `migrate resume`",
-        "responses": {**http.ok("Listening", http.ref("Prepared")), **http.errors(404, 409)}})},
-        parameters=[http.NAME_PARAM]),
-    http.ApiRoute("/v1/migrations/incoming/{name}/released", {"POST": http.Op(confirm_release, {
+        "responses": {**ok("Listening", ref("Prepared")), **errors(404, 409)}})},
+        parameters=[NAME_PARAM]),
+    ApiRoute("/v1/migrations/incoming/{name}/released", {"POST": Op(confirm_release, {
         "operationId": "confirm_release",
         "summary": "Destination: the source confirms it released the guest's L3; activation may proceed "
                    "at `completed`",
-        "responses": {**http.ok("View", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
-    http.ApiRoute("/v1/instances/{name}/migrate", {"POST": http.Op(migrate, {
+        "responses": {**ok("View", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
+    ApiRoute("/v1/instances/{name}/migrate", {"POST": Op(migrate, {
         "operationId": "migrate_instance",
         "summary": "Source: start a live migration; follow it with GET /v1/instances/{name}",
-        "requestBody": http.json_body("MigrateBody"),
-        "responses": {**http.ok("Migrating", _VIEW, 202), **http.errors(400, 404, 409, 413, 422, 503)}})},
-        parameters=[http.NAME_PARAM]),
-    http.ApiRoute("/v1/instances/{name}/migrate/cancel", {"POST": http.Op(cancel, {
+        "requestBody": json_body("MigrateBody"),
+        "responses": {**ok("Migrating", _VIEW, 202), **errors(400, 404, 409, 413, 422, 503)}})},
+        parameters=[NAME_PARAM]),
+    ApiRoute("/v1/instances/{name}/migrate/cancel", {"POST": Op(cancel, {
         "operationId": "cancel_migration",
         "summary": "Source: cancel the migration in progress (the guest stays here)",
-        "responses": {**http.ok("View", _VIEW), **http.errors(404, 409)}})}, parameters=[http.NAME_PARAM]),
+        "responses": {**ok("View", _VIEW), **errors(404, 409)}})}, parameters=[NAME_PARAM]),
 ]
 
 
@@ -183,7 +185,7 @@ _INT_OR_NULL = {"type": ["integer", "null"]}
 SCHEMAS = {
     "PrepareBody": {
         "type": "object", "additionalProperties": False, "required": ["spec"],
-        "properties": {"spec": http.ref("InstanceSpec"),
+        "properties": {"spec": ref("InstanceSpec"),
                        "postcopy": {"type": "boolean", "default": False},
                        "generation": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{32}$"}, {"type": "null"}],
                                       "default": None,
@@ -238,7 +240,7 @@ SCHEMAS = {
             "downtime_ms": _INT_OR_NULL, "total_time_ms": _INT_OR_NULL, "total_ms": _NUM_OR_NULL,
             "switchover_ms": {**_NUM_OR_NULL,
                               "description": "source guest STOP to destination `completed`, QEMU's clocks"},
-            "activation": {"anyOf": [http.ref("Activation"), {"type": "null"}]}}},
+            "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
     "IncomingMigration": {
         "type": "object",
         "required": ["direction", "status", "uri", "postcopy", "activation"],
@@ -248,5 +250,5 @@ SCHEMAS = {
             "uri": {"type": ["string", "null"]},
             "postcopy": {"type": "boolean"},
             "source_released": {"type": "boolean", "description": "the source confirmed its L3 release"},
-            "activation": {"anyOf": [http.ref("Activation"), {"type": "null"}]}}},
+            "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
 }

@@ -1,0 +1,201 @@
+"""The ASGI side of the HTTP API: the Starlette app, its exception handlers, and the outermost layer
+(bearer auth on TCP, request limits, access log and metrics, the events fast path, a last-resort 500).
+
+:func:`create_app` is what the daemon serves on its unix socket (and TCP listener);
+:func:`create_metrics_app` serves ``/metrics`` and ``/v1/health`` alone (``metrics_listen``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+import structlog
+from starlette.applications import Starlette
+from starlette.datastructures import State as AppState
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ._errors import ERROR_TABLE, HttpError, error_response, http_error
+from ._events import EventStream, _LineCache
+from ._metrics import Metrics
+from ._request import query_bool, query_int
+from ._routes import ROUTES, openapi
+
+log = structlog.get_logger("qsup.api")
+
+_METRICS_ROUTES = [r for r in ROUTES if r.path in ("/metrics", "/v1/health")]
+
+
+# -- errors, auth, logging ---------------------------------------------------------------------
+
+async def _known_error(request: Request, exc: Exception) -> Response:
+    return http_error(exc).response()
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only
+        return await _internal(request, exc)
+    msg = {404: f"no route {request.url.path[:200]}", 405: f"method {request.method[:20]} not allowed here"}
+    return error_response(exc.status_code, msg.get(exc.status_code, exc.detail), None, None, exc.headers)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this answer; _Outer logs the traceback.
+    return error_response(500, f"internal error: {type(exc).__name__}", None, "internal")
+
+
+_KNOWN_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Per listener: requests served at once, and live event followers (the config's ``http_max_*``)."""
+
+    max_requests: int = 256
+    max_followers: int = 64
+
+
+@dataclass
+class _Started:
+    """A response's status and seconds to its start (0 and 0.0 until it starts)."""
+
+    status: int = 0
+    seconds: float = 0.0
+
+
+class _Outer:
+    """Outermost ASGI layer: bearer auth (TCP only), access log + metrics, and a last-resort 500."""
+
+    state: AppState  # the inner app's, set by create_app / create_metrics_app
+
+    def __init__(self, app, metrics: Metrics, token: str | None, *, events: bool = True,
+                 limits: HttpLimits | None = None):
+        self.app = app
+        self.metrics = metrics
+        self.token = token.encode() if token else None
+        self.events = events  # serve GET /v1/events (the fast path)
+        self.limits = limits or HttpLimits()
+        self.active = 0  # requests being served now
+        self.followers = 0  # of which live event streams
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        started = _Started()
+
+        async def send_(message):
+            if message["type"] == "http.response.start":
+                started.status = message["status"]
+                started.seconds = time.perf_counter() - t0
+            await send(message)
+
+        self.active += 1
+        try:
+            if self.active > self.limits.max_requests:
+                await error_response(503, f"over {self.limits.max_requests} requests at once; retry", None,
+                                     "busy", {"retry-after": "1"})(scope, receive, send_)
+            elif self.token is not None and not self._authorized(scope):
+                await error_response(401, "missing or wrong bearer token", None, "unauthorized",
+                                     {"www-authenticate": "Bearer"})(scope, receive, send_)
+            elif self.events and scope.get("path") == "/v1/events" and scope.get("method") == "GET":
+                await self._events(scope, receive, send, send_, started, t0)
+            else:
+                await self.app(scope, receive, send_)
+        except Exception as e:  # noqa: BLE001 -- logged; the client got (or gets) a JSON 500
+            log.error("request failed", method=scope.get("method", "")[:20], path=scope.get("path", "")[:200],
+                      error=repr(e), exc_info=True)
+            if started.status == 0:
+                await error_response(500, f"internal error: {type(e).__name__}", None, "internal")(
+                    scope, receive, send_)
+        finally:
+            self.active -= 1
+            method = scope.get("method", "")
+            method = method if method in _KNOWN_METHODS else "other"
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("/v1/events" if self.events and scope.get("path") == "/v1/events"
+                                                   else "unmatched")
+            self.metrics.observe_request(method, path, started.status, started.seconds or time.perf_counter() - t0)
+            if started.status >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
+                log.info("request", method=method, path=scope.get("path", "")[:200], status=started.status,
+                         ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    async def _events(self, scope, receive, send, send_, started: _Started, t0: float) -> None:
+        """``GET /v1/events`` straight to the stream, past Starlette's middleware.
+
+        Each of the three middleware layers wraps ``send`` in another coroutine; one event goes
+        out once per follower, so on this route those layers are most of the per-send cost that
+        is not the server's own.  Same validation and errors as every other route.
+        """
+        request = Request(scope, receive)
+        try:
+            since = query_int(request, "since", 0)
+            follow = query_bool(request, "follow", False)
+        except HttpError as e:
+            await e.response()(scope, receive, send_)
+            return
+        if follow and self.followers >= self.limits.max_followers:
+            await error_response(503, f"over {self.limits.max_followers} event followers; retry", None,
+                                 "busy", {"retry-after": "5"})(scope, receive, send_)
+            return
+        started.status = 200
+        started.seconds = time.perf_counter() - t0  # a followed stream lasts: its latency is to the headers
+        self.followers += follow
+        try:
+            await EventStream(self.app.state, since, follow)(scope, receive, send)
+        finally:
+            self.followers -= follow
+
+    def _authorized(self, scope) -> bool:
+        for k, v in scope.get("headers", []):
+            if k == b"authorization":
+                scheme, _, cred = v.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(cred.strip(), self.token)
+        return False
+
+
+def _starlette(routes, node, events, metrics: Metrics, reattached, doc: dict | None) -> Starlette:
+    handlers = {cls: _known_error for cls in ERROR_TABLE}
+    handlers.update({HttpError: _known_error, HTTPException: _http_exception, Exception: _internal})
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.node = node
+    app.state.events = events
+    app.state.metrics = metrics
+    app.state.reattached = list(reattached or [])
+    app.state.lines = _LineCache()
+    app.state.openapi = doc
+    app.state.stopping = False
+    return app
+
+
+def _default_metrics(node, events) -> Metrics:
+    metrics = Metrics()
+    metrics.observe_node(node)
+    metrics.watch(events)
+    return metrics
+
+
+def create_app(node, events, metrics: Metrics | None = None, *, token: str | None = None,
+               reattached: list[str] | None = None, limits: HttpLimits | None = None):
+    """The ASGI app for ``node``.  ``token`` set: every request needs ``Authorization: Bearer``.
+
+    Set ``app.state.stopping = True`` when the daemon begins to shut down: health answers 503
+    and no new instance or migration is started.
+    """
+    metrics = metrics or _default_metrics(node, events)
+    app = _starlette(ROUTES, node, events, metrics, reattached, openapi(authenticated=token is not None))
+    outer = _Outer(app, metrics, token, limits=limits)
+    outer.state = app.state  # so callers can update e.g. reattached, stopping
+    return outer
+
+
+def create_metrics_app(node, events, metrics: Metrics | None = None, *, reattached: list[str] | None = None):
+    """``/metrics`` and ``/v1/health`` only, without authentication (the ``metrics_listen`` listener)."""
+    metrics = metrics or _default_metrics(node, events)
+    app = _starlette(_METRICS_ROUTES, node, events, metrics, reattached, None)
+    outer = _Outer(app, metrics, None, events=False)
+    outer.state = app.state
+    return outer
