@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -49,6 +50,23 @@ def has_route_on(ns) -> bool:
     return IP in ns.run("ip", "route", "show", IP)
 
 
+def _no_key_left(d, name) -> bool:
+    """The QEMU that runs ``name`` on ``d`` holds no TLS creds object or parameter, and no creds
+    dir is left in the node's run dir (a finished migration's key is forgotten)."""
+    v = d.cli_json("show", name, check=False)
+    if v.get("pid"):
+        deadline = time.monotonic() + 10  # the destination drops its object just after completed
+        while True:
+            objects = {o["name"] for o in qmp(v["qmp_operator"], "qom-list", {"path": "/objects"})}
+            params = _tls_params(d, name)
+            if not {o for o in objects if o.startswith("qsup-tls")} and not params["tls-creds"]:
+                break
+            assert time.monotonic() < deadline, (objects, params)
+            time.sleep(0.1)
+    tls_dir = d.run_dir / "tls"
+    return not (tls_dir.exists() and list(tls_dir.iterdir()))
+
+
 def _tls_params(d, name) -> dict:
     p = qmp(d.cli_json("show", name)["qmp_operator"], "query-migrate-parameters")
     return {k: p.get(k) for k in ("tls-creds", "tls-hostname")}
@@ -70,10 +88,13 @@ def test_tls_migration_there_and_back_under_ping(tls_nodes, tmp_path):
     assert w["dst_has_route"] and not w["dst_routes"][0][1], w["dst_routes"]
     assert w["overlap_ms"] == 0.0, w["overlap_ms"]
     assert_guest_whole(t, b, "t1", IP, busy=True)
-    # the destination QEMU received over TLS (its creds object is still set on it)
-    assert _tls_params(b, "t1") == {"tls-creds": "qsup-tls-server", "tls-hostname": ""}
+    # the stream was TLS with this migration's own key, and afterwards neither QEMU holds a key:
+    # no tls-creds object, no parameter naming one, no creds file (QEMU never held the node key)
     started = [e for e in a.events() if e["type"] == "migration.started" and e.get("instance") == "t1"]
-    assert started[-1]["tls"] is True and started[-1]["to"] == "node-b"
+    assert started[-1]["tls"] is True
+    for node in (a, b):
+        assert _no_key_left(node, "t1"), node.node_name
+    assert started[-1]["to"] == "node-b"
     uri = [e for e in a.events() if e["type"] == "migration.uri"][-1]["uri"]
     assert uri.startswith("tcp:10.200.0.2:"), uri  # built by A from B's declared address
     for node in (a, b):  # the creds dirs QEMU loaded from are gone again
@@ -81,7 +102,7 @@ def test_tls_migration_there_and_back_under_ping(tls_nodes, tmp_path):
     # and back: the guest that arrived as a TLS server leaves as a TLS client
     r, summary = _migrate(b, a, "t1")
     assert summary["result"] == "completed", (summary, r.stderr)
-    assert _tls_params(a, "t1")["tls-creds"] == "qsup-tls-server"
+    assert _no_key_left(a, "t1")
     assert_guest_whole(t, a, "t1", IP, busy=True)
     assert has_route_on(t.a) and not has_route_on(t.b)
 

@@ -69,7 +69,7 @@ from ._qemu import HostFds, NicFds, build_argv
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, RunState, State, StateMachine, require
-from ._tls import qemu_creds_dir, qemu_gid, setup_qemu_tls
+from ._tls import MigrationKey, qemu_creds_dir, qemu_gid, remove_qemu_creds, setup_qemu_tls
 from ._uids import UidAllocator
 
 if TYPE_CHECKING:
@@ -450,6 +450,7 @@ class Instance:
                 await self.proc.wait()
             if self.uid is not None:
                 self.ctx.uids.release(self.uid)  # its QEMU is gone: the uid owns nothing running
+            remove_qemu_creds(self.ctx.cfg.run_dir, self.name)  # a migration's key, if one was left
             jail = jail_dir(self.ctx.cfg.state_dir, self.name)  # qemu_chroot's mount point: empty, QEMU is dead
             if not remove_dir(jail):
                 log.warning("jail directory not empty: left as it is", path=str(jail))
@@ -519,9 +520,9 @@ class Instance:
         caps: list[dict[str, str | bool]] = [{"capability": "events", "state": True},
                                               {"capability": "postcopy-ram", "state": postcopy}]
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        if ctx.cfg.tls is not None:  # the source must present a cert signed by tls_ca (supervisor/_tls.py)
-            await setup_qemu_tls(self.qmp, ctx.cfg.tls, qemu_creds_dir(ctx.cfg.run_dir, self.name, "server"),
-                                 endpoint="server", gid=qemu_gid(self._qemu.pid), hostname=None)
+        if ctx.cfg.tls is not None:  # only the source that gets this key in the answer gets in
+            m.key, m.creds_dir = MigrationKey.new(), qemu_creds_dir(ctx.cfg.run_dir, self.name, "server")
+            await setup_qemu_tls(self.qmp, m.key, m.creds_dir, endpoint="server", gid=qemu_gid(self._qemu.pid))
         addr = ctx.cfg.migration_address
         uri = tcp_uri(addr, free_port(addr))
         self.checkpoint(Checkpoint.LISTENING)

@@ -72,7 +72,7 @@ from ._migration_phases import (
 )
 
 if TYPE_CHECKING:
-    from ._tls import TlsFiles
+    from ._tls import MigrationKey, TlsFiles
 
 log = structlog.get_logger("qsup.migration")
 
@@ -175,9 +175,9 @@ class InstancePort(Protocol):
 
 @dataclass(frozen=True)
 class QemuTls:
-    """The source QEMU's side of a TLS migration stream (supervisor/_tls.py)."""
+    """The source QEMU's side of a TLS migration stream: its key comes in the prepare answer
+    (supervisor/_tls.py, ``MigrationKey``)."""
 
-    files: TlsFiles
     creds_dir: Path  # written just before QEMU loads it, removed right after
     gid: int | None  # QEMU's gid: the creds dir is readable by it (and root) only
 
@@ -235,7 +235,7 @@ def peer_options(cfg, peer_name: str, *, name: str, qemu_pid: int | None, **kw) 
     tls = cfg.tls
     qemu_tls = None
     if tls is not None:
-        qemu_tls = QemuTls(tls, qemu_creds_dir(cfg.run_dir, name, "client"), qemu_gid(qemu_pid))
+        qemu_tls = QemuTls(qemu_creds_dir(cfg.run_dir, name, "client"), qemu_gid(qemu_pid))
     return MigrateOptions(to=peer.target, peer=peer_name, migration_host=peer.migration_host,
                           api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls, **kw)
 
@@ -302,6 +302,8 @@ class PrepareAnswer(BaseModel):
     name: str
     port: int = PydField(ge=1, le=65535)
     tls: bool = False
+    #: this migration's stream key (``tls``): 256 bits, hex
+    psk: str | None = PydField(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class Activation(BaseModel):
@@ -592,7 +594,9 @@ class OutgoingMigration:
                         "the destination's migration stream is " + ("TLS" if answer.tls else "plain") +
                         ", this node's is " + ("TLS" if self.opts.qemu_tls else "plain") +
                         " (set tls_ca/tls_cert/tls_key on both or neither)", "to")
-                await self._start_qemu(tcp_uri(self.opts.migration_host, answer.port))
+                if answer.tls and answer.psk is None:
+                    raise MigrationError("the destination sent no key for the TLS migration stream", "to")
+                await self._start_qemu(tcp_uri(self.opts.migration_host, answer.port), answer.psk)
                 async with trio.open_nursery() as n:
                     n.start_soon(self._poll_progress)
                     await self._follow()
@@ -616,7 +620,7 @@ class OutgoingMigration:
                     await peer.aclose()
             self.done.set()
 
-    async def _start_qemu(self, uri: str) -> None:
+    async def _start_qemu(self, uri: str, psk: str | None) -> None:
         qmp = self.port.qmp
         # return-path: without it the source reports ``completed`` as soon as the last
         # bytes are in its socket buffer -- even when the destination just died -- and
@@ -635,11 +639,10 @@ class OutgoingMigration:
                   "downtime-limit": self.opts.downtime_limit or QEMU_DOWNTIME_LIMIT}
         await qmp.execute("migrate-set-parameters", params)
         tls = self.opts.qemu_tls
-        if tls is not None:
-            from ._tls import setup_qemu_tls
+        if tls is not None and psk is not None:
+            from ._tls import MigrationKey, setup_qemu_tls
 
-            await setup_qemu_tls(qmp, tls.files, tls.creds_dir, endpoint="client", gid=tls.gid,
-                                 hostname=self.opts.peer)
+            await setup_qemu_tls(qmp, MigrationKey(psk), tls.creds_dir, endpoint="client", gid=tls.gid)
         self.port.checkpoint(Checkpoint.MIGRATE)
         self.stream.move(Stream.SENT)
         await qmp.execute("migrate", {"uri": uri})
@@ -803,6 +806,10 @@ class OutgoingMigration:
             return await self._decide(peer, prepared)
         finally:
             self.stream.move(Stream.ENDED)
+            if self.opts.qemu_tls is not None:  # QEMU forgets this migration's key, whatever the outcome
+                from ._tls import drop_qemu_tls
+
+                await drop_qemu_tls(self.port.qmp, "client")
 
     async def _decide(self, peer: PeerClient | None, prepared: bool) -> Outcome:
         port = self.port
@@ -839,6 +846,12 @@ class OutgoingMigration:
             port.emit("migration.postcopy_lost", status=self.status, error=self.error)
             return Outcome.POSTCOPY_LOST
         self.result = self.result or "failed"
+        if self.error is None:  # QEMU's own words (e.g. a TLS handshake that failed)
+            try:
+                said = (await query(port.qmp, "query-migrate")).get("error-desc")
+                self.error = said if isinstance(said, str) else None
+            except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+                pass
         if prepared and peer is not None:
             with trio.move_on_after(15):
                 if await peer.abort(port.name) == "refused" and await self._destination_runs(peer):
@@ -1002,6 +1015,10 @@ class IncomingMigration:
         if source_released:
             self._cleared.set()
         self.release_waited_ms = 0.0
+        #: this migration's stream key (TLS): handed to the source once, never shown or recorded;
+        #: QEMU's creds dir for it (kept until the migration ends: GnuTLS reads it at the handshake)
+        self.key: MigrationKey | None = None
+        self.creds_dir: Path | None = None
 
     @property
     def activated(self) -> bool:
@@ -1047,6 +1064,9 @@ class IncomingMigration:
         t_rx = time.time()
         status = str(ev["data"].get("status", ""))
         self.status = status
+        if self.key is not None and status in FINAL_STATUSES:  # QEMU forgets this migration's key
+            self.key = None
+            self.port.spawn(self._drop_tls)
         trigger = "postcopy-active" if self.postcopy else "completed"
         if status == trigger and not self.activated and not self.port.stop_requested:
             if not await self._source_released():
@@ -1104,6 +1124,11 @@ class IncomingMigration:
         """QEMU's RESUME after our ``cont``: when the guest really ran again, by QEMU's clock."""
         if self.activation and "event_to_resumed_ms" not in self.activation:
             self.activation["event_to_resumed_ms"] = round((qmp_ts - self.activation["qmp_ts"]) * 1000, 3)
+
+    async def _drop_tls(self) -> None:
+        from ._tls import drop_qemu_tls
+
+        await drop_qemu_tls(self.port.qmp, "server", self.creds_dir)
 
     async def _announce(self) -> None:
         try:

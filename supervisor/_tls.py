@@ -10,15 +10,15 @@ One CA (``tls_ca``) and one certificate per node (``tls_cert``/``tls_key``, PEM)
 * **node-to-node calls** (:class:`supervisor._migration.PeerClient`) present the node's own
   certificate and check that the peer's certificate names the *declared peer* -- the ``[peers]``
   key -- whatever host or address the peer's URL holds (TLS ``server_hostname`` = peer name).
-* **the migration stream**: QEMU's ``tls-creds-x509`` objects, ``endpoint=server`` with
-  ``verify-peer=on`` on the destination, ``endpoint=client`` on the source, and
-  ``migrate-set-parameters {"tls-creds", "tls-hostname"}`` (the peer's name: the destination's
-  certificate must carry it in its SAN).  QEMU wants a directory of fixed file names
-  (:data:`QEMU_FILES`); :func:`setup_qemu_tls` writes one readable by QEMU's gid only, creates
-  the object over QMP (QEMU loads the files then) and removes the files again, so the node's
-  key does not lie around where an instance's uid can read it.  Creating the object at
-  migration time (not on the command line) also means a guest that arrived as a destination
-  (``endpoint=server``) can later leave as a source (``endpoint=client``).
+* **the migration stream** does *not* use these certificates: each migration gets its own
+  pre-shared key (:class:`MigrationKey`, QEMU ``tls-creds-psk``), made by the destination and
+  handed to the source in the prepare answer over the mutually authenticated API, so no QEMU
+  ever holds the node's key (docs/ARCHITECTURE.md, "The migration stream's key").
+  :func:`setup_qemu_tls` writes QEMU's creds dir readable by QEMU's gid only, creates the object
+  over QMP (QEMU loads the files then) and removes the files again; :func:`drop_qemu_tls`
+  deletes the object when the migration ends.  Creating the object at migration time (not on
+  the command line) also means a guest that arrived as a destination (``endpoint=server``)
+  can later leave as a source (``endpoint=client``).
 
 How the listener learns the caller's name without patching hypercorn: its TLS context uses
 :class:`_PeerRecordingSSLObject`, which stores the verified peer's name in a context variable
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import secrets
 import shutil
 import ssl
 from dataclasses import dataclass
@@ -42,10 +43,6 @@ if TYPE_CHECKING:
 
 #: the verified client certificate's node name on this connection (None: no certificate)
 PEER_NODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("qsup_peer_node", default=None)
-
-#: QEMU's tls-creds-x509 directory layout (QEMU 7.2, docs/system/tls.rst)
-QEMU_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem",
-              "dh-params.pem")
 
 #: ``dh-params.pem``: RFC 7919's ffdhe2048 group (public, fixed; ``openssl genpkey -genparam
 #: -algorithm DH -pkeyopt group:ffdhe2048``).  Without this file a QEMU 7.2 ``endpoint=server``
@@ -197,19 +194,40 @@ def make_qemu_creds_root(root: Path) -> None:
     os.chmod(root, 0o711)
 
 
-def write_qemu_creds(path: Path, tls: TlsFiles, gid: int | None) -> Path:
-    """``path`` as QEMU's creds dir: 0750 root:``gid``, files 0640 (the node cert is both ends)."""
+#: QEMU's ``tls-creds-psk`` directory: ``keys.psk`` (``identity:hexkey`` lines) and, for the
+#: server end, the DH parameters (without them QEMU generates some, see FFDHE2048_PEM)
+PSK_FILE = "keys.psk"
+
+
+@dataclass(frozen=True)
+class MigrationKey:
+    """A pre-shared key for one migration's stream (QEMU ``tls-creds-psk``).
+
+    The destination makes it when it prepares the incoming migration and hands it to the
+    source in the prepare answer, over the mutually authenticated API.  Only that source
+    knows it, so the destination's QEMU accepts only that source; and no QEMU ever holds a
+    certificate key of the node (a guest that escapes into its QEMU would take the node's
+    identity with it: the API listener trusts that key).
+    """
+
+    key: str  # 64 hex digits (256 bits)
+    identity: str = "qsup"
+
+    @classmethod
+    def new(cls) -> MigrationKey:
+        return cls(secrets.token_hex(32))
+
+
+def write_qemu_psk(path: Path, key: MigrationKey, gid: int | None) -> Path:
+    """``path`` as QEMU's PSK creds dir: 0750 root:``gid``, files 0640."""
     shutil.rmtree(path, ignore_errors=True)
     make_qemu_creds_root(path.parent)
     path.mkdir(mode=0o700)
     try:
-        srcs = {"ca-cert.pem": tls.ca, "server-cert.pem": tls.cert, "server-key.pem": tls.key,
-                "client-cert.pem": tls.cert, "client-key.pem": tls.key}
-        for name in QEMU_FILES:
+        for name, data in ((PSK_FILE, f"{key.identity}:{key.key}\n"), ("dh-params.pem", FFDHE2048_PEM)):
             dst = path / name
-            data = Path(srcs[name]).read_bytes() if name in srcs else FFDHE2048_PEM.encode()
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "w") as f:
                 f.write(data)
             if gid is not None and os.geteuid() == 0:
                 os.chown(dst, 0, gid)
@@ -227,30 +245,49 @@ def qemu_object_id(endpoint: str) -> str:
     return f"qsup-tls-{endpoint}"
 
 
-async def setup_qemu_tls(qmp: QMPClient, tls: TlsFiles, creds_dir: Path, *, endpoint: str, gid: int | None,
-                         hostname: str | None) -> str:
-    """Give a running QEMU a ``tls-creds-x509`` object and make its migration use it.
+async def setup_qemu_tls(qmp: QMPClient, key: MigrationKey, creds_dir: Path, *, endpoint: str,
+                         gid: int | None) -> str:
+    """Give a running QEMU this migration's ``tls-creds-psk`` object and make its stream use it.
 
-    ``endpoint="server"`` (destination: the source must present a certificate signed by
-    ``tls_ca``) or ``"client"`` (source: the destination's certificate must be signed by
-    ``tls_ca`` and carry ``hostname`` -- the peer's name -- in its SAN); ``verify-peer=on`` both.
-    The files exist only while QEMU loads them.  Returns the object id.
+    ``endpoint="server"`` (destination: only a client with the key gets in) or ``"client"``
+    (source).  A client reads its key when the object is made, so its files go at once; a
+    server (GnuTLS) reads ``keys.psk`` at the handshake, so its dir -- this migration's key
+    only, readable by QEMU's gid -- stays until :func:`drop_qemu_tls` (the migration's end) or
+    the instance's teardown (:func:`remove_qemu_creds`).  Returns the object id.
     """
+    oid = qemu_object_id(endpoint)
+    await drop_qemu_tls(qmp, endpoint)  # left from an earlier migration of this QEMU
+    write_qemu_psk(creds_dir, key, gid)
+    args: dict[str, str] = {"qom-type": "tls-creds-psk", "id": oid, "dir": str(creds_dir), "endpoint": endpoint}
+    if endpoint == "client":
+        args["username"] = key.identity
+    ok = False
+    try:
+        await qmp.execute("object-add", args)
+        ok = True
+    finally:
+        if endpoint == "client" or not ok:
+            shutil.rmtree(creds_dir, ignore_errors=True)
+    await qmp.execute("migrate-set-parameters", {"tls-creds": oid, "tls-hostname": ""})
+    return oid
+
+
+async def drop_qemu_tls(qmp: QMPClient, endpoint: str, creds_dir: Path | None = None) -> None:
+    """The migration is over: QEMU forgets the key (parameters cleared, object deleted), and its
+    creds dir goes.  Best effort: QEMU may be gone already."""
     import qmp_glue
 
-    oid = qemu_object_id(endpoint)
-    try:  # left from an earlier migration of this QEMU (objects are loaded once, at creation)
-        await qmp.execute("object-del", {"id": oid})
-    except qmp_glue.QMPError:
-        pass
-    write_qemu_creds(creds_dir, tls, gid)
     try:
-        await qmp.execute("object-add", {"qom-type": "tls-creds-x509", "id": oid, "dir": str(creds_dir),
-                                         "endpoint": endpoint, "verify-peer": True})
+        await qmp.execute("migrate-set-parameters", {"tls-creds": ""}, timeout=5)
+        await qmp.execute("object-del", {"id": qemu_object_id(endpoint)}, timeout=5)
+    except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, qmp_glue.QMPTimeout):
+        pass
     finally:
-        shutil.rmtree(creds_dir, ignore_errors=True)
-    params: dict[str, str] = {"tls-creds": oid}
-    if hostname:
-        params["tls-hostname"] = hostname
-    await qmp.execute("migrate-set-parameters", params)
-    return oid
+        if creds_dir is not None:
+            shutil.rmtree(creds_dir, ignore_errors=True)
+
+
+def remove_qemu_creds(run_dir: Path, name: str) -> None:
+    """An instance's teardown: whatever creds dir a migration of it left (QEMU is dead)."""
+    for endpoint in ("server", "client"):
+        shutil.rmtree(qemu_creds_dir(run_dir, name, endpoint), ignore_errors=True)

@@ -25,14 +25,15 @@ from supervisor._daemon import PeerAuth, _serve_http
 from supervisor._migration import MigrationError, PeerClient
 from supervisor._tls import (
     PEER_NODE,
-    QEMU_FILES,
+    MigrationKey,
     TlsError,
     TlsFiles,
     cert_node_name,
     check_node_files,
+    drop_qemu_tls,
     file_cert_names,
     setup_qemu_tls,
-    write_qemu_creds,
+    write_qemu_psk,
 )
 from supervisor.api import create_app
 
@@ -234,16 +235,19 @@ def test_peer_node_is_recorded_by_the_handshake_in_the_connection_context(tmp_pa
 
 # -- QEMU's creds dir ----------------------------------------------------------------------------
 
-def test_qemu_creds_dir_has_qemus_names_and_is_private(tmp_path, pki):
-    d = write_qemu_creds(tmp_path / "run" / "tls" / "vm.client", files(pki, "a"), os.getgid())
-    assert sorted(os.listdir(d)) == sorted(QEMU_FILES)
+def test_qemu_psk_dir_holds_only_this_migrations_key_and_is_private(tmp_path, pki):
+    key = MigrationKey.new()
+    d = write_qemu_psk(tmp_path / "run" / "tls" / "vm.client", key, os.getgid())
+    assert sorted(os.listdir(d)) == ["dh-params.pem", "keys.psk"]
     assert stat.S_IMODE(d.stat().st_mode) == 0o750
     assert stat.S_IMODE(d.parent.stat().st_mode) == 0o711
-    for f in QEMU_FILES:
+    for f in os.listdir(d):
         st = (d / f).stat()
         assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == os.getgid()
-    assert (d / "server-key.pem").read_bytes() == (pki / "a-key.pem").read_bytes()
-    assert (d / "ca-cert.pem").read_bytes() == (pki / "ca.pem").read_bytes()
+    assert (d / "keys.psk").read_text() == f"qsup:{key.key}\n" and len(key.key) == 64
+    node_key = (pki / "a-key.pem").read_bytes()
+    assert all(node_key not in (d / f).read_bytes() for f in os.listdir(d))  # never the node's key
+    assert MigrationKey.new().key != key.key
     # fixed DH parameters: without them QEMU generates 2048-bit ones at object-add (seconds)
     dh = subprocess.run(["openssl", "dhparam", "-in", str(d / "dh-params.pem"), "-noout", "-text"],
                         capture_output=True, text=True, check=True).stdout
@@ -266,20 +270,21 @@ class _Qmp:
         return {}
 
 
-def test_setup_qemu_tls_adds_the_object_sets_params_and_removes_the_files(tmp_path, pki):
+def test_setup_qemu_tls_adds_a_psk_object_sets_params_and_removes_the_files(tmp_path):
     q = _Qmp()
     d = tmp_path / "run" / "tls" / "vm.server"
-    oid = trio.run(functools.partial(setup_qemu_tls, q, files(pki, "b"), d, endpoint="server", gid=None,
-                                     hostname=None))
+    key = MigrationKey.new()
+    oid = trio.run(functools.partial(setup_qemu_tls, q, key, d, endpoint="server", gid=None))
     cmds = [c for c, _ in q.calls]
-    assert cmds == ["object-del", "object-add", "migrate-set-parameters"]
-    add = q.calls[1][1]
-    assert add == {"qom-type": "tls-creds-x509", "id": oid, "dir": str(d), "endpoint": "server",
-                   "verify-peer": True}
-    assert q.dir_seen == sorted(QEMU_FILES) and not d.exists()
-    assert q.calls[2][1] == {"tls-creds": oid}
+    # a leftover of an earlier migration dropped first, then the object, then the parameters
+    assert cmds == ["migrate-set-parameters", "object-del", "object-add", "migrate-set-parameters"]
+    add = q.calls[2][1]
+    assert add == {"qom-type": "tls-creds-psk", "id": oid, "dir": str(d), "endpoint": "server"}
+    assert q.dir_seen == ["dh-params.pem", "keys.psk"] and not d.exists()
+    assert q.calls[3][1] == {"tls-creds": oid, "tls-hostname": ""}
     q = _Qmp()
-    trio.run(functools.partial(setup_qemu_tls, q, files(pki, "a"), tmp_path / "c", endpoint="client",
-                               gid=None, hostname="b"))
-    assert q.calls[1][1]["endpoint"] == "client"
-    assert q.calls[2][1] == {"tls-creds": "qsup-tls-client", "tls-hostname": "b"}
+    trio.run(functools.partial(setup_qemu_tls, q, key, tmp_path / "c", endpoint="client", gid=None))
+    assert q.calls[2][1]["endpoint"] == "client" and q.calls[2][1]["username"] == "qsup"
+    q = _Qmp()
+    trio.run(functools.partial(drop_qemu_tls, q, "client"))
+    assert q.calls == [("migrate-set-parameters", {"tls-creds": ""}), ("object-del", {"id": "qsup-tls-client"})]

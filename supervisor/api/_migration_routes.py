@@ -72,8 +72,11 @@ async def prepare_incoming(request: Request) -> Response:
         raise http_error(e, field_prefix="spec") from None
     _, port = parse_tcp_uri(uri)
     tls = getattr(node(request).cfg, "tls", None) is not None
-    return JSONResponse({"name": spec.name, "port": port, "tls": tls,
-                         "uri": uri}, 201)
+    answer: dict[str, object] = {"name": spec.name, "port": port, "tls": tls, "uri": uri}
+    key = getattr(getattr(node(request).get(spec.name), "migration", None), "key", None)
+    if key is not None:  # this migration's stream key: to the caller that prepared it, once
+        answer["psk"] = key.key
+    return JSONResponse(answer, 201)
 
 
 async def recover_postcopy(request: Request) -> Response:
@@ -197,6 +200,9 @@ SCHEMAS = {
                                 "description": "the incoming port; the source connects to the peer's declared "
                                                "migration address on it"},
                        "tls": {"type": "boolean", "description": "the migration stream is QEMU TLS"},
+                       "psk": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                               "description": "with tls: this migration's stream key (QEMU tls-creds-psk), "
+                                              "256 bits in hex; the source's QEMU uses it, nothing keeps it"},
                        "uri": {"type": "string", "description": "informational: what the destination listens on"}}},
     "MigrateBody": {
         "type": "object", "additionalProperties": False, "required": ["to"],
