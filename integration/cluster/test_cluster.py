@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from guestcheck import check_guest
 from harness import AGENT, GUEST_NET, Cluster, missing_binaries, resource_xml
 from topo import VENV_BIN, guest_spec
 
@@ -48,7 +49,7 @@ def vm(cluster):
     """The guest as a Pacemaker resource; returns its resource id once it runs somewhere."""
     spec = cluster.workdir / f"{VM}.json"
     spec.write_text(json.dumps(guest_spec(VM, [{"mode": "routed", "mac": VM_MAC, "ip": VM_IP}],
-                                          append=f"guest.ip0={VM_IP}/32")))
+                                          append=f"guest.ip0={VM_IP}/32 guest.dirty=20 guest.dirty_mb=24")))
     cluster.add_resource(resource_xml(VM, spec, peers=cluster.peer_map(), qsup=QSUP))
     node = _wait_started(cluster, VM)
     return VM, spec, node
@@ -102,6 +103,10 @@ def _migrated(c: Cluster, name: str, src: str, dst: str, src_seq: int, dst_seq: 
     assert "instance.stopping" not in s_types, s_types
     # the guest did not boot again: nothing of a boot on the target's serial console
     assert "GUEST-READY" not in c.node(dst).qsup.console(name)[consoles.get(dst, 0):]
+    # and it is whole there: it answers, no virtio error/oops/panic since it arrived, and its
+    # memory workload verified a full sweep on the target
+    check_guest(lambda: c.node(dst).qsup.console(name)[consoles.get(dst, 0):], lambda: c.fabric.ping(VM_IP),
+                busy=True, timeout=30)
 
 
 def _assert_migrated_by_pacemaker(c: Cluster, name: str, src: str, dst: str) -> None:
