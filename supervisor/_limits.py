@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -27,36 +27,52 @@ from pydantic import AfterValidator
 
 from ._spec import InstanceSpec, SpecError
 
-# Routing-table names that mean the main table (netconf: a routed NIC without ``link``).
-_MAIN_TABLE = {None, "main", "254"}
+# The kernel's own table names (iproute2 knows them without rt_tables); a routed NIC without
+# ``link`` routes in main.
+_BUILTIN_TABLES = {"main": 254, "local": 255, "default": 253, "unspec": 0}
 
 
-def _table(link: str | None) -> str:
-    return "main" if link in _MAIN_TABLE else str(link)
+def table_key(link: str | None) -> int | str:
+    """A routing table as a comparable key, without reading any file: a number for none (main),
+    a built-in name or any decimal string (``"0254"`` is 254); other names as they are
+    (the node's host checks resolve them through rt_tables, :func:`check_unique_addresses`'s
+    ``resolve``)."""
+    if link is None:
+        return 254
+    if link.isdecimal():
+        return int(link)
+    return _BUILTIN_TABLES.get(link, link)
 
 
-def _routed_addresses(spec: InstanceSpec) -> Iterator[tuple[str, str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+def _routed_addresses(spec: InstanceSpec, resolve: Callable[[str], int | str]
+                      ) -> Iterator[tuple[str, int | str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
     """(field, table, address) for every routed address of ``spec``, in NIC order."""
     for i, nic in enumerate(spec.nics):
         if nic.mode != "routed":
             continue  # a bridged NIC's ip is informational: qsup routes nothing to it
+        table = table_key(nic.link)
+        if isinstance(table, str):
+            table = resolve(table)
         for key in ("ip", "ip6"):
             value = getattr(nic, key)
             if value is not None:
-                yield f"nics[{i}].{key}", _table(nic.link), ipaddress.ip_address(value)
+                yield f"nics[{i}].{key}", table, ipaddress.ip_address(value)
 
 
-def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec]) -> None:
+def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec],
+                           resolve: Callable[[str], int | str] = str) -> None:
     """Refuse a routed ``ip``/``ip6`` that another instance (or another NIC) already routes.
 
     ``others`` are the specs of every *other* live or prepared instance on this node (the
     caller leaves ``spec``'s own record out).  Addresses are compared as addresses, per
-    routing table (``link``; none, ``main`` and ``254`` are the same table): the same address
-    in two tables is two routes and no conflict.  Bridged/openvswitch NICs are not routed
-    and do not count.
+    routing table (``link``), and tables as tables: none, ``main``, ``254`` and ``0254`` are
+    the same one.  ``resolve`` maps a table *name* to its number: the node passes
+    :func:`netconf.resolve_table` (rt_tables) from its host checks, off the trio thread; the
+    default compares other names as names.  The same address in two tables is two routes and
+    no conflict.  Bridged/openvswitch NICs are not routed and do not count.
     """
-    mine: dict[tuple[str, object], str] = {}
-    for field, table, addr in _routed_addresses(spec):
+    mine: dict[tuple[int | str, object], str] = {}
+    for field, table, addr in _routed_addresses(spec, resolve):
         key = (table, addr)
         if key in mine:
             raise SpecError(field, f"{addr} is also {mine[key]} of this instance")
@@ -64,10 +80,14 @@ def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec]) -
     if not mine:
         return
     for other in others:
-        for ofield, table, addr in _routed_addresses(other):
+        try:
+            routed = list(_routed_addresses(other, resolve))
+        except ValueError:  # a name rt_tables no longer has: it cannot be the same table
+            continue
+        for ofield, table, addr in routed:
             clash = mine.get((table, addr))
             if clash is not None:
-                where = "" if table == "main" else f" in table {table}"
+                where = "" if table == 254 else f" in table {table}"
                 raise SpecError(clash, f"{addr} is already routed to instance "
                                        f"{other.name!r} ({ofield}){where}")
 

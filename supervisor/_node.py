@@ -172,13 +172,14 @@ class Node:
         name = spec.name
         self.check_free(name)
         # before the first await, so the check and the reservation are one step
-        check_unique_addresses(spec, [i.spec for i in self.instances.values() if not i.state.is_final])
+        others = [i.spec for i in self.instances.values() if not i.state.is_final]
+        check_unique_addresses(spec, others)
         ctx, _ = self._running()
         inst = Instance(spec, ctx)
         self.instances[name] = inst
         try:
             # sysfs, rt_tables, ovs-vsctl (up to 10 s) and the image files: never on the trio thread
-            inst.images = await trio.to_thread.run_sync(self._host_and_image_checks, spec, inst.nics)
+            inst.images = await trio.to_thread.run_sync(self._host_and_image_checks, spec, inst.nics, others)
         except BaseException:
             self._drop(inst)
             raise
@@ -202,8 +203,12 @@ class Node:
             raise SpecError("postcopy", "this node's QEMU runs unprivileged and vm.unprivileged_userfaultfd "
                                         "is 0: set it to 1, or allow_root_postcopy = true in the config")
 
-    def _host_and_image_checks(self, spec: InstanceSpec, nics) -> dict[str, str]:
+    def _host_and_image_checks(self, spec: InstanceSpec, nics, others=()) -> dict[str, str]:
         check_host(nics)
+        # again, with table names resolved through rt_tables (a file read: not on the trio
+        # thread); ``others`` was taken with the reservation, so of two racing claims the
+        # later one always sees the earlier
+        check_unique_addresses(spec, others, netconf.resolve_table)
         return check_images(spec, self.cfg.image_dirs, self.cfg.allow_device_disks)
 
     def _drop(self, inst: Instance) -> None:

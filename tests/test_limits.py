@@ -66,6 +66,65 @@ def test_same_address_in_another_routing_table_is_no_conflict():
     assert refused(check_unique_addresses, main, [main254]).field == "nics[0].ip"
 
 
+def test_routing_tables_are_compared_as_tables_not_strings():
+    """ "0254", "00254", "main" and no link are all table 254: one route, one owner (issue 16)."""
+    owner = spec("owner", [routed("10.0.0.1")])
+    for link in ("0254", "00254", "main", "254"):
+        e = refused(check_unique_addresses, spec("new", [routed("10.0.0.1", link=link)]), [owner])
+        assert e.field == "nics[0].ip" and "owner" in str(e), (link, e)
+    e = refused(check_unique_addresses, spec("two", [routed("10.0.0.7", link="100"),
+                                                     routed("10.0.0.7", link="0100")]), [])
+    assert e.field == "nics[1].ip", e
+
+
+def test_table_names_resolve_through_rt_tables(tmp_path):
+    """A name from rt_tables is its number: ``guests`` (100) and ``100`` clash."""
+    from netconf._check import resolve_table
+
+    f = tmp_path / "rt_tables"
+    f.write_text("100 guests\n")
+    a = spec("a", [routed("10.0.0.1", link="guests")])
+    b = spec("b", [routed("10.0.0.1", link="100")])
+    check_unique_addresses(a, [b])  # on the trio thread: names are not looked up
+    e = refused(check_unique_addresses, a, [b], lambda t: resolve_table(t, [str(f)]))
+    assert e.field == "nics[0].ip" and "table 100" in str(e), e
+
+
+@pytest.mark.parametrize("link", ["0", "253", "255", "0255", "local", "default"])
+def test_reserved_routing_tables_refused_naming_link(link):
+    from netconf import NetconfError, Nic, check_link
+
+    nic = Nic(instance="vm", mac="52:54:00:00:00:01", mode="routed", tap="t0", ip="10.0.0.1", link=link)
+    with pytest.raises(NetconfError, match=r"^nics\[0\]\.link: "):
+        check_link(nic, 0)
+
+
+def test_routed_address_of_the_host_or_its_gateway_refused(monkeypatch):
+    """The node's own address, or its next hop, routed to a tap would cut the host off."""
+    import ipaddress
+
+    from netconf import NetconfError, Nic, _check
+
+    monkeypatch.setattr(_check, "host_addresses", lambda tables: (
+        {ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")},
+        {ipaddress.ip_address("192.0.2.254")}))
+    for key, addr, what in (("ip", "192.0.2.1", "local"), ("ip6", "2001:db8::1", "local"),
+                            ("ip", "192.0.2.254", "gateway")):
+        nic = Nic(instance="vm", mac="52:54:00:00:00:01", mode="routed", tap="t0", **{key: addr})
+        with pytest.raises(NetconfError, match=rf"^nics\[2\]\.{key}: .*{what}"):
+            _check.check_link(nic, 2)
+    _check.check_link(Nic(instance="vm", mac="52:54:00:00:00:01", mode="routed", tap="t0", ip="192.0.2.9"), 0)
+
+
+def test_host_addresses_sees_loopback_and_the_default_gateway():
+    import ipaddress
+
+    from netconf._check import host_addresses
+
+    local, _gateways = host_addresses([254])
+    assert ipaddress.ip_address("127.0.0.1") in local
+
+
 def test_bridged_nics_do_not_count():
     a = spec("a", [routed("10.0.0.1")])
     b = spec("b", [{"mode": "bridged", "link": "br0", "ip": "10.0.0.1"}])
