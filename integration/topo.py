@@ -31,6 +31,16 @@ QEMU_DEBIAN = "/usr/bin/qemu-system-x86_64"
 def qemu_line(extra_config: str) -> str:
     """The config's ``qemu`` key: QEMU, unless the test's own config names one."""
     return "" if re.search(r"(?m)^qemu\s*=", extra_config) else f'qemu = "{QEMU}"\n'
+
+
+def plain_migration_line(extra_config: str) -> str:
+    """Test topologies migrate between namespaces over their uplink addresses; without TLS
+    that needs the operator's opt-in (README, ``allow_plain_migration_network``)."""
+    if re.search(r"(?m)^(tls_ca|allow_plain_migration_network)\s*=", extra_config):
+        return ""
+    return "allow_plain_migration_network = true\n"
+
+
 GUEST = ROOT / "build" / "guest"
 _counter = itertools.count()
 
@@ -389,7 +399,7 @@ class QsupRun(_Console):
         cfg.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\n'
             f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\n{qemu_line(extra_config)}'
-            f'powerdown_timeout = {powerdown_timeout}\n'
+            f'{plain_migration_line(extra_config)}powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
         )
@@ -501,7 +511,8 @@ class QsupDaemon(_Console):
                      hooks_dir: Path | None = None) -> None:
         self.config.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\nsocket = "{self.socket}"\n'
-            f'accel = "tcg"\n{qemu_line(extra_config)}powerdown_timeout = {powerdown_timeout}\n'
+            f'accel = "tcg"\n{qemu_line(extra_config)}{plain_migration_line(extra_config)}'
+            f'powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
         )

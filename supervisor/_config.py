@@ -119,6 +119,10 @@ class Config(BaseModel):
     accel: str = "kvm"
     node_name: str = Field(default_factory=_socket.gethostname, min_length=1, max_length=63)
     migration_address: str = "127.0.0.1"
+    #: without tls_*, a migration_address off loopback is refused unless this is true: the
+    #: stream (guest RAM and device state) then crosses the network unencrypted and anyone who
+    #: can reach the port during a migration may feed the destination a guest
+    allow_plain_migration_network: StrictBool = False
     #: "host:port" of the TCP API: HTTPS with tls_*; plain HTTP only on a loopback address
     listen: str | None = None
     token_file: Path | None = None
@@ -243,6 +247,10 @@ def check_rules(cfg: Config) -> None:
                                       "set tls_ca, tls_cert and tls_key to listen elsewhere")
         if cfg.tls is None and not cfg.token_file:
             raise SpecError("token_file", "required when listen is set without TLS")
+    if cfg.tls is None and not is_loopback_host(cfg.migration_address) and not cfg.allow_plain_migration_network:
+        raise SpecError("migration_address", f"{cfg.migration_address!r}: without TLS the migration stream is plain "
+                                             "TCP, so only a loopback address unless allow_plain_migration_network "
+                                             "= true; or set tls_ca, tls_cert and tls_key")
     for name, peer in cfg.peers.items():
         if peer.is_https and cfg.tls is None:
             raise SpecError(f"peers.{name}", "an https peer needs tls_ca, tls_cert and tls_key "

@@ -155,6 +155,19 @@ def test_plain_listen_only_on_loopback(listen, ok):
     load_config(None, **kw, **TLS)  # with TLS anywhere
 
 
+@pytest.mark.parametrize("addr", ["10.0.0.1", "0.0.0.0", "fd00::1", "node-a.example"])
+def test_plain_migration_off_loopback_needs_the_operators_opt_in(addr):
+    """Without TLS the migration stream (guest RAM, device state) is plain TCP: off the host only
+    with allow_plain_migration_network = true (issue 16)."""
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        load_config(None, migration_address=loopback)
+    with pytest.raises(SpecError) as e:
+        load_config(None, migration_address=addr)
+    assert e.value.field == "migration_address" and "allow_plain_migration_network" in str(e.value)
+    assert load_config(None, migration_address=addr, allow_plain_migration_network=True).migration_address
+    load_config(None, migration_address=addr, **TLS)  # with TLS the stream is encrypted anywhere
+
+
 def test_listen_with_tls_needs_no_token_file():
     assert load_config(None, listen="0.0.0.0:8420", **TLS).token_file is None
     with pytest.raises(SpecError) as e:
