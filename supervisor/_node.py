@@ -32,6 +32,7 @@ from ._limits import check_images, check_unique_addresses
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
 from ._spec import InstanceSpec, SpecError, parse_spec
+from ._tls import qemu_creds_root
 from ._uids import UidAllocator
 
 log = structlog.get_logger("qsup.node")
@@ -155,7 +156,14 @@ class Node:
         return [self.instances[k] for k in sorted(self.instances)]
 
     def check_free(self, name: str) -> None:
-        """Raise :class:`Conflict` unless ``name`` can be started on this node."""
+        """Raise :class:`Conflict` unless ``name`` can be started on this node.
+
+        A name whose run dir would be one of qsup's own entries of ``run_dir`` (the QEMU TLS
+        creds root ``tls``, the API socket) is refused: the instance would chmod the one and
+        its teardown delete it (SpecError naming ``name``)."""
+        own = {os.path.abspath(qemu_creds_root(self.cfg.run_dir)), os.path.abspath(self.cfg.socket)}
+        if os.path.abspath(self.layout.instance_run_dir(name)) in own:
+            raise SpecError("name", f"{name!r} is reserved on this node: {self.cfg.run_dir}/{name} is qsup's own")
         old = self.instances.get(name)
         if old is not None and not old.state.is_final:
             raise Conflict(f"instance {name!r} already exists ({old.state.value})")

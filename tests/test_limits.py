@@ -230,3 +230,34 @@ def test_config_keys_defaults_and_refusals():
         with pytest.raises(SpecError) as e:
             load_config(None, **kw)
         assert e.value.field.startswith(field), (kw, e.value)
+
+
+# --- names qsup uses itself ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_fakes_left")
+@pytest.mark.parametrize("name", ["tls", "qsup.sock"])
+def test_a_name_never_takes_qsups_own_run_dir_entries(tmp_path, name):
+    """<run_dir>/tls (the QEMU TLS creds root) and the API socket are qsup's: an instance named
+    like them would chmod the one and its teardown delete it (issue 16)."""
+    import trio
+
+    from core_harness import Bench
+    from core_harness import spec as fake_spec
+
+    run = tmp_path / "a" / "run"
+    a = Bench(tmp_path, "a", socket=str(run / "qsup.sock"))
+
+    async def main():
+        async with a.running():
+            (run / "tls").mkdir(mode=0o711)
+            (run / "tls" / "other.server").mkdir()
+            with pytest.raises(SpecError) as e:
+                await a.node.start(fake_spec(tmp_path, name))
+            assert e.value.field == "name" and "reserved" in str(e.value), e.value
+            assert (run / "tls" / "other.server").is_dir() and (run / "tls").stat().st_mode & 0o777 == 0o711
+            assert a.types() == [] and a.state_left() == []
+            inst = await a.node.start(fake_spec(tmp_path, "tlsx"))  # a name merely like it is fine
+            await inst.stop(force=True)
+
+    trio.run(main)
