@@ -29,6 +29,9 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
+#: TUNSETIFF fails with EBUSY when a device of that name exists already: qsup only ever opens a
+#: tap it creates, never one somebody else made (a persistent tap, another instance's queues)
+IFF_TUN_EXCL = 0x8000
 IFNAMSIZ = 16
 
 
@@ -80,10 +83,14 @@ def set_tap_mac(name: str, mac: str) -> None:
 
 
 def open_tap(name: str, queues: int = 1, mac: str | None = None) -> TapHandle:
-    """Create (or attach to) tap ``name`` and return one fd per queue.
+    """Create tap ``name`` and return one fd per queue.
+
+    The first fd creates it with ``IFF_TUN_EXCL``: a device of that name that exists already
+    (a persistent tap, another instance's) is refused with EBUSY, never attached to.  The
+    further queues of a multiqueue tap attach to the one just created.
 
     Raises ``ValueError`` for a bad name/queue count and ``OSError`` from the
-    kernel (e.g. EBUSY when a tap of that name is already open single-queue).
+    kernel (EBUSY when a device of that name exists).
     """
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name in (".", ".."):
         raise ValueError(f"invalid interface name {name!r}")
@@ -102,8 +109,8 @@ def open_tap(name: str, queues: int = 1, mac: str | None = None) -> TapHandle:
             if not feats & IFF_MULTI_QUEUE:
                 raise OSError(95, "tap: kernel lacks IFF_MULTI_QUEUE")
             flags |= IFF_MULTI_QUEUE
+        fcntl.ioctl(first, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags | IFF_TUN_EXCL))
         ifr = struct.pack("16sH22x", name.encode(), flags)
-        fcntl.ioctl(first, TUNSETIFF, ifr)
         for _ in range(queues - 1):
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             fds.append(fd)

@@ -54,3 +54,30 @@ def test_check_link_not_a_bridge():
 def test_check_link_without_index_names_the_nic_relative_field():
     with pytest.raises(NetconfError, match=r"^link: bridge 'br-nope-9' does not exist$"):
         check_link(Nic("vm", "52:54:00:00:00:01", "bridged", "qs1", link="br-nope-9"))
+
+
+@pytest.mark.parametrize("queues", [1, 3])
+def test_open_tap_creates_the_tap_exclusively(monkeypatch, queues):
+    """IFF_TUN_EXCL on the first TUNSETIFF: a tap of that name that exists already (someone
+    else's, or another instance's) is refused with EBUSY, never attached to (issue 16).  The
+    further queues of a multiqueue tap attach to the one just made, without it."""
+    import struct
+
+    from netconf import _tap
+
+    calls = []
+    fds = iter(range(100, 200))
+    monkeypatch.setattr(_tap.os, "open", lambda path, flags: next(fds))
+    monkeypatch.setattr(_tap.os, "close", lambda fd: None)
+
+    def ioctl(fd, req, arg):
+        if req == _tap.TUNGETFEATURES:
+            return struct.pack("I", _tap.IFF_VNET_HDR | _tap.IFF_MULTI_QUEUE | 0x8000)
+        calls.append((fd, struct.unpack("16sH22x", arg)[1]))
+        return arg
+
+    monkeypatch.setattr(_tap.fcntl, "ioctl", ioctl)
+    h = _tap.open_tap("qs0123456789abc", queues)
+    assert len(h.fds) == queues and len(calls) == queues
+    assert calls[0][1] & 0x8000, "the first TUNSETIFF must carry IFF_TUN_EXCL"
+    assert all(not flags & 0x8000 for _, flags in calls[1:])
