@@ -145,10 +145,18 @@ def bind_tcp(listen: str, key: str = "listen") -> socket.socket:
 
 
 def read_token(path: Path) -> str:
+    """The bearer token; refused unless only its owner may read the file (it is every right on
+    ``listen``)."""
     try:
-        token = path.read_text().strip()
+        with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            token = f.read().strip()
     except OSError as e:
         raise DaemonError(f"token_file: cannot read {path}: {e.strerror}") from None
+    if mode & 0o044:
+        who = "group" if mode & 0o040 else "others"
+        raise DaemonError(f"token_file: {path} is readable by {who} (mode {stat.S_IMODE(mode):04o}); "
+                          f"chmod 600 it")
     if len(token) < 16:
         raise DaemonError(f"token_file: the token in {path} is shorter than 16 characters")
     return token

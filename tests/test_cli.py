@@ -416,6 +416,7 @@ def test_metrics_listener_needs_no_token_and_serves_only_metrics_and_health(tmp_
 
     token = tmp_path / "token"
     token.write_text("tok-" + "y" * 28 + "\n")
+    token.chmod(0o600)
     api_port, metrics_port = _free_port(), _free_port()
     d = Daemon(tmp_path, listen=f"127.0.0.1:{api_port}", token_file=str(token),
                metrics_listen=f"127.0.0.1:{metrics_port}")

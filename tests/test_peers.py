@@ -222,3 +222,20 @@ def test_a_uri_in_the_prepare_answer_is_ignored():
 
     a = _peer_answer(PrepareAnswer, {"name": "vm", "port": 4444, "uri": "exec:touch /tmp/pwned"}, "prepare answer")
     assert (a.port, a.tls) == (4444, False) and not hasattr(a, "uri")
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_a_token_file_others_can_read_is_refused_at_start(tmp_path, mode):
+    """The bearer token is every right on ``listen``: a token file group or others can read
+    is refused when the daemon starts, naming token_file (issue 16)."""
+    from supervisor._daemon import DaemonError, read_token
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    assert read_token(token) == TOKEN
+    token.chmod(0o400)
+    assert read_token(token) == TOKEN
+    token.chmod(mode)
+    with pytest.raises(DaemonError, match=r"^token_file: .*readable by (group|others)"):
+        read_token(token)
