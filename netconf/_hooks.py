@@ -28,7 +28,8 @@ Safety rules, each for a reason:
 * The environment is built from scratch (a fixed ``PATH`` plus the documented variables):
   the daemon's own environment, which may hold tokens, is not inherited.
 * stdin is ``/dev/null`` (a hook must never wait for a terminal), cwd is ``/`` (a hook must not
-  depend on, or pin, the daemon's working directory), and all other fds are closed.
+  depend on, or pin, the daemon's working directory), and all other fds are closed but one: the
+  ``O_PATH`` fd of the hook file itself, which it is executed through (see below).
 * Each hook runs in its own session, hence its own process group.  On timeout the whole group
   gets SIGKILL, so ``sleep 100 &`` inside a hook does not outlive it.  (A grandchild that calls
   ``setsid`` itself escapes; that is the price of not using cgroups.)
@@ -45,8 +46,12 @@ Safety rules, each for a reason:
   root-owned entry below it), never inside it (anyone could add a hook).  The directories
   *above* ``hooks_dir`` are checked too: whoever can rename them can swap the whole hooks
   directory.  Since only trusted users can change anything on a trusted path, the check
-  cannot be raced.  An untrusted hook is not skipped: the step fails with a
-  :class:`HookError` naming the hook and the offending path.
+  cannot be raced; a component that does not exist is refused (whoever creates it later would
+  choose what runs).  Then the file is opened ``O_PATH|O_NOFOLLOW``, the fd must be the inode
+  checked, and the hook is executed through it (``/proc/self/fd/N``), never by its path again:
+  a script's ``$0`` is therefore ``/proc/self/fd/N`` (``readlink "$0"`` names the hook).  An
+  untrusted hook is not skipped: the step fails with a :class:`HookError` naming the hook and
+  the offending path.
 
 A hook that exits non-zero, is killed by a signal, times out, or cannot be executed raises
 :class:`HookError`.  Its ``failures`` list has the same shape the executor uses for its own
@@ -209,7 +214,7 @@ class Hooks:
         full_env = {**env, "PATH": HOOK_PATH, "STEP": step, "ACTION": action}
         _check_env(full_env)
         try:
-            check_trusted(path, self.hooks_dir)
+            fd = _open_trusted(path, self.hooks_dir)
         except UntrustedHook as e:
             summary = f"hook {path} for step {step} ({action}) refused: {e}"
             log.warning("hook.untrusted", hook=str(path), step=step, action=action,
@@ -219,8 +224,12 @@ class Hooks:
         log.debug("hook.start", hook=str(path), step=step, action=action)
         started = time.monotonic()
         try:
+            # executed through the fd of the file checked, not by its path again: nothing
+            # swapped in after the check can run (a script's interpreter reads it through
+            # the same fd, which is why it stays open in the hook)
             proc = subprocess.Popen(
-                argv, shell=False, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                argv, executable=f"/proc/self/fd/{fd}", pass_fds=(fd,), shell=False,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=full_env, cwd="/", close_fds=True,
                 start_new_session=True,
             )
@@ -228,6 +237,8 @@ class Hooks:
             summary = f"hook {path} for step {step} ({action}) could not be executed: {e}"
             log.warning("hook.exec_failed", hook=str(path), step=step, action=action, error=str(e))
             raise HookError(summary, [_hook_failure(step, path, None, "", summary, False)]) from e
+        finally:
+            os.close(fd)
 
         with proc:
             raw, timed_out = _collect(proc, self.timeout)
@@ -313,10 +324,16 @@ def check_trusted(path: str | Path, hooks_dir: str | Path | None) -> Path:
     group- or world-writable; each symlink followed must be owned by root (or the daemon's
     uid).  A sticky directory (``/tmp``) is accepted on the way outside ``hooks_dir`` only.
     So is everything that decides *which* file runs -- including every directory holding a
-    symlink -- and *what* it contains, changeable by trusted users only, and nothing can be
-    swapped between this check and the exec.  A missing file is not an error here: exec
-    then fails and says so.
+    symlink -- and *what* it contains, changeable by trusted users only.  A component that
+    does not exist is refused: whoever could create it later would choose what runs.
+    :meth:`Hooks.run` then opens the file (``O_PATH|O_NOFOLLOW``), checks that this fd is
+    the inode checked here, and executes it through that fd (:func:`_open_trusted`).
     """
+    return _trusted(path, hooks_dir)[0]
+
+
+def _trusted(path: str | Path, hooks_dir: str | Path | None) -> tuple[Path, os.stat_result]:
+    """:func:`check_trusted`, also returning the ``lstat`` of the file it checked."""
     owners = _trusted_uids()
     base = Path(os.path.realpath(hooks_dir)) if hooks_dir is not None else None
     parts = list(Path(os.path.abspath(path)).parts[1:])
@@ -334,7 +351,7 @@ def check_trusted(path: str | Path, hooks_dir: str | Path | None) -> Path:
         try:
             st = os.lstat(nxt)
         except FileNotFoundError:
-            return nxt
+            raise UntrustedHook(nxt, "does not exist") from None
         except OSError as e:
             raise UntrustedHook(nxt, f"cannot be checked: {e.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
@@ -355,7 +372,27 @@ def check_trusted(path: str | Path, hooks_dir: str | Path | None) -> Path:
         cur = nxt
     if not stat.S_ISREG(st.st_mode):
         raise UntrustedHook(cur, "is not a regular file")
-    return cur
+    return cur, st
+
+
+def _open_trusted(path: str | Path, hooks_dir: str | Path | None) -> int:
+    """An ``O_PATH`` fd of hook ``path`` once it passed :func:`_trusted`, and only if that fd is
+    the very file checked (same device and inode, still a root-owned regular file nobody else
+    may write); the caller executes through it and closes it."""
+    real, checked = _trusted(path, hooks_dir)
+    try:
+        fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise UntrustedHook(real, f"cannot be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino) or not stat.S_ISREG(st.st_mode):
+            raise UntrustedHook(real, "changed between the check and the open")
+        _check_entry(real, st, _trusted_uids(), sticky_ok=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _check_entry(p: Path, st: os.stat_result, owners: frozenset[int], *, sticky_ok: bool) -> None:

@@ -29,12 +29,15 @@ BRIDGED = Nic(
     link="br0", vlan=42, trunks=(100, 200), mtu=9000,
 )
 
-# Writes argv (NUL-separated) and the environment (as JSON) next to itself.
+# Writes argv, the environment, cwd, stdin and its open fds (as JSON) next to itself.  qsup
+# executes a hook through the fd it checked: a script's $0 is /proc/self/fd/N, whose link
+# names the hook's path.
 DUMP = """#!/usr/bin/python3
 import json, os, sys
 fds = sorted(int(x) for x in os.listdir("/proc/self/fd"))
-with open(sys.argv[0] + ".out", "w") as f:
-    json.dump({"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd(),
+me = os.readlink(sys.argv[0])
+with open(me + ".out", "w") as f:
+    json.dump({"argv": sys.argv, "me": me, "env": dict(os.environ), "cwd": os.getcwd(),
                "stdin": os.readlink("/proc/self/fd/0"), "fds": fds}, f)
 """
 
@@ -176,7 +179,8 @@ def test_run_env_argv_and_isolation(tmp_path, monkeypatch):
     assert (result.exit_code, result.timed_out, result.path) == (0, False, hook)
     assert result.duration_s > 0
     seen = json.loads(Path(str(hook) + ".out").read_text())
-    assert seen["argv"] == [str(hook), "route4", "up"]
+    assert seen["argv"][1:] == ["route4", "up"] and seen["me"] == str(hook)
+    self_fd = int(seen["argv"][0].removeprefix("/proc/self/fd/"))  # the checked file, executed
     expected = dict(env, STEP="route4", PATH=HOOK_PATH)
     # The interpreter may add LC_CTYPE on a C locale; nothing else may appear.
     extra = {k: v for k, v in seen["env"].items() if k not in expected}
@@ -185,7 +189,8 @@ def test_run_env_argv_and_isolation(tmp_path, monkeypatch):
     assert "QSUP_SECRET_TOKEN" not in seen["env"]
     assert seen["cwd"] == "/"
     assert seen["stdin"] == "/dev/null"
-    assert seen["fds"] == [0, 1, 2, 3]  # 3 is the listdir fd itself: nothing leaked
+    # the listdir fd itself and the hook's own (what it was executed through): nothing leaked
+    assert len(seen["fds"]) == 5 and {0, 1, 2, self_fd} < set(seen["fds"]), seen["fds"]
 
 
 def test_hostile_tags_reach_hook_literally(tmp_path):
@@ -196,9 +201,10 @@ def test_hostile_tags_reach_hook_literally(tmp_path):
     env = hook_env(nic, ifindex=3, reason="start", action="up", bridge=None)
     # A shell hook that uses its values the documented way (quoted) must not execute them.
     hook = sh(tmp_path / "route4" / "replace",
-              'printf "%s" "$TAGS" > "$0.tags"\n'
-              'i=1; while [ "$i" -le "$TAG_COUNT" ]; do printenv "TAG_$i" >> "$0.each"; '
-              'printf "\\0" >> "$0.each"; i=$((i+1)); done\n'
+              'me=$(readlink "$0")\n'  # $0 is /proc/self/fd/N: the file qsup checked
+              'printf "%s" "$TAGS" > "$me.tags"\n'
+              'i=1; while [ "$i" -le "$TAG_COUNT" ]; do printenv "TAG_$i" >> "$me.each"; '
+              'printf "\\0" >> "$me.each"; i=$((i+1)); done\n'
               'logger --no-act -- "$TAGS" "$@" 2>/dev/null || true')
     Hooks(tmp_path).run(hook, env, step="route4", action="up")
     assert json.loads(Path(str(hook) + ".tags").read_text()) == list(tags)
@@ -243,7 +249,7 @@ def test_unexecutable_hook_raises_hook_error(tmp_path):
     with pytest.raises(HookError, match="could not be executed") as ei:
         Hooks(tmp_path).run(hook, {}, step="route4", action="up")
     assert ei.value.failures[0]["exit_code"] is None
-    with pytest.raises(HookError, match="could not be executed"):
+    with pytest.raises(HookError, match="refused: .*gone does not exist"):
         Hooks(tmp_path).run(tmp_path / "gone", {}, step="route4", action="up")
 
 
@@ -609,3 +615,60 @@ def test_symlink_owned_by_another_user_in_a_sticky_dir_refused(tmp_path):
     os.symlink(sticky / "link", _mk(tmp_path / "hooks" / "route4") / "replace")
     e = _refused(Hooks(tmp_path / "hooks"), tmp_path / "hooks" / "route4" / "replace", marker)
     assert f"{sticky / 'link'} is a symlink owned by uid {OTHER_UID}" in str(e), e
+
+
+# --- issue 16: the file checked is the file executed ---------------------------------------------
+
+
+def test_a_missing_path_component_is_refused_not_trusted(tmp_path):
+    """A trusted symlink to a path that does not exist yet must not pass: whoever creates the
+    missing part (here in a sticky, world-writable dir) would choose what runs as root."""
+    from netconf._hooks import UntrustedHook, check_trusted
+
+    sticky = _mk(tmp_path / "sticky")
+    sticky.chmod(0o1777)
+    hooks = tmp_path / "hooks"
+    os.symlink(sticky / "later" / "hook", _mk(hooks / "route4") / "replace")
+    with pytest.raises(UntrustedHook, match="does not exist"):
+        check_trusted(hooks / "route4" / "replace", hooks)
+    marker = tmp_path / "ran"
+    e = _refused(Hooks(hooks), hooks / "route4" / "replace", marker)
+    assert "does not exist" in str(e) and "refused" in str(e), e
+
+
+def test_the_file_checked_is_the_file_executed(tmp_path, monkeypatch):
+    """A hook swapped after the check (here: just before the exec) does not run: qsup executes
+    the inode it checked, through the fd it opened (/proc/self/fd/N), not the path again."""
+    from netconf import _hooks
+
+    out = tmp_path / "out"
+    hooks = tmp_path / "hooks"
+    hook = sh(hooks / "route4" / "replace", f"echo checked > {out}")
+    swap = sh(tmp_path / "swap", f"echo swapped > {out}")
+    real_popen = _hooks.subprocess.Popen
+
+    def popen(*a, **kw):
+        os.replace(swap, hook)
+        return real_popen(*a, **kw)
+
+    monkeypatch.setattr(_hooks.subprocess, "Popen", popen)
+    Hooks(hooks).run(hook, {}, step="route4", action="up")
+    assert out.read_text() == "checked\n"
+
+
+def test_a_file_swapped_between_the_check_and_the_open_is_refused(tmp_path, monkeypatch):
+    from netconf import _hooks
+
+    hooks = tmp_path / "hooks"
+    hook, marker = _armed(tmp_path, hooks / "route4" / "replace")
+    other = sh(tmp_path / "other", f"touch {marker}")
+    real_check = _hooks._trusted
+
+    def check(path, hooks_dir):
+        checked = real_check(path, hooks_dir)
+        os.replace(other, hook)
+        return checked
+
+    monkeypatch.setattr(_hooks, "_trusted", check)
+    e = _refused(Hooks(hooks), hook, marker)
+    assert "changed" in str(e), e
