@@ -14,7 +14,12 @@ migtopo.TwoNodes) with real QEMUs.  The guests are halted multiboot stubs in 32 
 (see ``modelnodes.write_halt_kernel``), so a step costs QEMU almost nothing.
 
 After every step the model says what must be true on each node, and the system is
-observed (not asked) until it is so, or the step fails after ``SETTLE_S``:
+observed (not asked) until it is so, or the step fails after ``SETTLE_S``.  Every sample of
+that settle period is also checked for a transient double, which fails the step at once even
+if it would go away (:meth:`Machine.transient_doubles`): a guest address routed on both nodes
+at once, a QEMU that is neither the model's nor one that was there before the step (on its
+way out), two QEMUs of one name on a node, a route the model does not expect that was not there
+before the step.  What must settle:
 
 * QEMU processes in the node's namespace: exactly the model's pids, each with its ``-name``;
 * taps, routes (any table) and ``iif`` rules: exactly those of the model's instances
@@ -22,8 +27,10 @@ observed (not asked) until it is so, or the step fails after ``SETTLE_S``:
 * records under ``<state_dir>/instances``: exactly the model's instances;
 * the API's views (when the daemon is up): state and pid as in the model;
 * the event log (read from ``events.db``): seq strictly increasing, every
-  ``instance.<state>`` move legal per ``supervisor._state.TRANSITIONS``, and each
-  instance's last lifecycle event is the state the model expects on that node.
+  ``instance.<state>`` move legal per ``supervisor._state.TRANSITIONS`` *from the last state
+  this log showed for that instance* (not from the event's own ``previous``, which the state
+  machine guarantees; see :func:`lifecycle_mismatches`), and each instance's last lifecycle
+  event is the state the model expects on that node.
 
 How much runs: ``make test`` runs ``QSUP_MODEL_EXAMPLES`` sequences (default 5) of up to
 ``QSUP_MODEL_STEPS`` steps (default 10), without shrinking, a few minutes in all.  More::
@@ -98,6 +105,48 @@ def other(node: str) -> str:
     return "b" if node == "a" else "a"
 
 
+def lifecycle_mismatches(n: str, events: list[dict], restarts: list[int] = ()) -> tuple[list[str], dict[str, State]]:
+    """Each ``instance.<state>`` event of node ``n`` against the last state this log showed for
+    that instance; returns (what is wrong, the last state per instance).
+
+    An event's own ``previous`` is what the daemon's state machine moved from, so it is always
+    legal; a lost, doubled or out-of-order event shows only against what came before it in the
+    log.  ``restarts``: the last seq before each daemon restart.  A restarted daemon takes an
+    instance over with a state machine of its own that starts at ``starting`` (no event), so an
+    instance's first event after a restart moves from there -- and only an instance the old
+    daemon left live can be taken over.  Otherwise the first event of an instance (or of a
+    new one after a final state) is ``instance.starting``, and every other one moves from the
+    last state seen, as ``previous`` must also say.
+    """
+    out: list[str] = []
+    last: dict[str, State] = {}
+    epoch_of: dict[str, int] = {}
+    bounds = sorted(restarts)
+    for e in events:
+        new = LIFECYCLE.get(e["type"])
+        if new is None:
+            continue
+        k = e["instance"]
+        epoch = sum(1 for b in bounds if e["seq"] > b)
+        cur = last.get(k)
+        adopted = cur is not None and not cur.is_final and epoch_of.get(k, 0) < epoch
+        if adopted:
+            ok, want_prev = new in TRANSITIONS[State.STARTING], State.STARTING.value
+        elif cur is None or cur.is_final:
+            ok, want_prev = new is State.STARTING, None
+        else:
+            ok, want_prev = new in TRANSITIONS[cur], cur.value
+        if not ok:
+            seen = f"after {cur.value}" if cur else "as its first event"
+            how = ", taken over by a restarted daemon" if adopted else ""
+            out.append(f"node-{n}: illegal move in events ({seen}{how}): {e}")
+        elif want_prev is not None and e.get("previous") != want_prev:
+            out.append(f"node-{n}: event says previous={e.get('previous')!r}, the log showed {want_prev!r} last: {e}")
+        last[k] = new
+        epoch_of[k] = epoch
+    return out, last
+
+
 @dataclass
 class Live:
     """An instance that holds its guest on ``node`` (a migration source until it hands over)."""
@@ -140,6 +189,12 @@ class Machine(RuleBasedStateMachine):
         self.incoming: dict[str, Incoming] = {}
         #: node -> instance name -> the lifecycle state its last event on that node must name
         self.last: dict[str, dict[str, str]] = {n: {} for n in NODES}
+        #: node -> the last event seq before each of its daemon restarts
+        self.restarts: dict[str, list[int]] = {n: [] for n in NODES}
+        #: node -> what the last settled check observed, and the QEMU pids and addresses the
+        #: model has held there since: what may still be on its way out while settling
+        self.settled: dict[str, Observed] = {}
+        self.held: dict[str, tuple[set[int], set[str]]] = {n: (set(), set()) for n in NODES}
         self.up = {n: True for n in NODES}
         self.steps: list[str] = []
 
@@ -154,6 +209,12 @@ class Machine(RuleBasedStateMachine):
     def spec(self, name: str) -> dict:
         return {"name": name, "memory": 32, "kernel": str(self.kernel), "append": "qsup-model",
                 "nics": [{"mode": "routed", "mac": mac(name), "ip": addr(name), "link": TABLE}]}
+
+    def hold(self, n: str, name: str, pid: int) -> None:
+        """The model now has ``name``'s QEMU ``pid`` on node ``n`` (so after the step it may be on
+        its way out there, not a stray)."""
+        self.held[n][0].add(pid)
+        self.held[n][1].add(addr(name))
 
     def log(self, step: str) -> None:
         self.steps.append(step)
@@ -219,6 +280,7 @@ class Machine(RuleBasedStateMachine):
         v = self.node(n).call("POST", "/v1/instances", json=self.spec(name), ok=(201,)).json()
         assert v["state"] == "running" and v["pid"], v
         self.live[name] = Live(n, v["pid"])
+        self.hold(n, name, v["pid"])
         self.last[n][name] = "running"
 
     def do_stop(self, name: str) -> None:
@@ -258,6 +320,7 @@ class Machine(RuleBasedStateMachine):
     def do_restart_daemon(self, n: str) -> None:
         self.log(f"restart daemon {n}")
         before = max((e["seq"] for e in self.node(n).events()), default=0)
+        self.restarts[n].append(before)
         self.node(n).start_daemon()
         self.up[n] = True
         # every guest whose QEMU survived is taken over again, same pid, with an event
@@ -298,6 +361,7 @@ class Machine(RuleBasedStateMachine):
         assert (v.get("migration") or {}).get("result") == "completed", (v.get("migration"), self.tail(src, dst))
         vd = self.wait_view(dst, name, lambda v: v["state"] == "running", "running on the destination")
         self.live[name] = Live(dst, vd["pid"])
+        self.hold(dst, name, vd["pid"])
         self.last[src][name] = "stopped"
         self.last[dst][name] = "running"
 
@@ -315,6 +379,7 @@ class Machine(RuleBasedStateMachine):
         inst.mig = dst
         inst.throttled = True
         self.incoming[name] = Incoming(dst, vd["pid"])
+        self.hold(dst, name, vd["pid"])
         self.last[src][name] = "migrating"
         self.last[dst][name] = "migrating"
 
@@ -412,19 +477,63 @@ class Machine(RuleBasedStateMachine):
         self.check(SETTLE_S)
 
     def check(self, timeout: float = SETTLE_S) -> None:
-        """Poll until every node looks as the model says; fail with the differences."""
+        """Poll until every node looks as the model says; fail with the differences.
+
+        Every sample is also checked for a transient double (:meth:`transient_doubles`),
+        which fails at once: waiting for it to go away would hide it.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            diffs = [d for n in NODES for d in self.mismatches(n)]
+            obs = {n: self.node(n).observe({addr(k) for k in NAMES}) for n in NODES}
+            doubles = self.transient_doubles(obs)
+            if doubles:
+                seen = [f"node-{n}: qemus {sorted((p, q.name) for p, q in o.qemus.items())}, routes {sorted(o.routes)}"
+                        for n, o in obs.items()]
+                raise AssertionError(f"after {self.steps}, while settling:\n  " + "\n  ".join(doubles + seen)
+                                     + "\n" + self.tail(*NODES))
+            diffs = [d for n in NODES for d in self.mismatches(n, obs[n])]
             if not diffs:
+                self.settled = obs
+                self.held = {n: (set(), set()) for n in NODES}
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"after {self.steps}:\n  " + "\n  ".join(diffs))
             time.sleep(0.1)
 
-    def mismatches(self, n: str) -> list[str]:
+    def expected_qemus(self, n: str) -> dict[int, str]:
+        """The QEMUs the model has on node ``n`` now: pid -> instance name."""
+        return {v.pid: k for table in (self.live, self.incoming) for k, v in table.items()
+                if v.node == n and not v.qemu_dead}
+
+    def transient_doubles(self, obs: dict[str, Observed]) -> list[str]:
+        """What one sample of both nodes must never show, even for a moment: a guest address
+        routed on both nodes; on a node, two QEMUs of one name, a QEMU that is neither the
+        model's now nor on its way out (there at the last settled check, or held by the model
+        since), a route the model does not expect there that is not on its way out either."""
+        out = []
+        for a in sorted(obs["a"].routes & obs["b"].routes):
+            out.append(f"{a} routed on both nodes at once")
+        for n in NODES:
+            before = self.settled.get(n)
+            was_qemus = (set(before.qemus) if before else set()) | self.held[n][0]
+            was_routes = (before.routes if before else set()) | self.held[n][1]
+            want = self.expected_qemus(n)
+            names = [q.name for q in obs[n].qemus.values()]
+            for name in sorted({x for x in names if names.count(x) > 1}, key=str):
+                out.append(f"node-{n}: {names.count(name)} QEMUs named {name}: {sorted(obs[n].qemus)}")
+            for pid, q in sorted(obs[n].qemus.items()):
+                if pid not in want and pid not in was_qemus:
+                    out.append(f"node-{n}: a QEMU the model does not have: pid {pid} ({q.name}); "
+                               f"model {want}, there before the step {sorted(was_qemus)}")
+            want_routes = {addr(k) for k, v in self.live.items() if v.node == n and not v.qemu_dead}
+            for r in sorted(obs[n].routes - want_routes - was_routes):
+                out.append(f"node-{n}: route to {r} the model does not expect (nor was it there before)")
+        return out
+
+    def mismatches(self, n: str, obs: Observed | None = None) -> list[str]:
         node = self.node(n)
-        obs: Observed = node.observe({addr(k) for k in NAMES})
+        if obs is None:
+            obs = node.observe({addr(k) for k in NAMES})
         here = {k: v for k, v in self.live.items() if v.node == n}
         running = {k: v for k, v in here.items() if not v.qemu_dead}
         inc = {k: v for k, v in self.incoming.items() if v.node == n}
@@ -460,15 +569,8 @@ class Machine(RuleBasedStateMachine):
         seqs = [e["seq"] for e in events]
         if any(b <= a for a, b in itertools.pairwise(seqs)):
             out.append(f"node-{n}: event seqs not strictly increasing: {seqs}")
-        last: dict[str, State] = {}
-        for e in events:
-            new = LIFECYCLE.get(e["type"])
-            if new is None:
-                continue
-            prev = e.get("previous")
-            if prev is not None and new not in TRANSITIONS[State(prev)]:
-                out.append(f"node-{n}: illegal move in events: {e}")
-            last[e["instance"]] = new
+        moves, last = lifecycle_mismatches(n, events, self.restarts[n])
+        out += moves
         want = self.last[n]
         got = {k: v.value for k, v in last.items()}
         if want != got:
@@ -492,6 +594,33 @@ def machine_dir(tmp_path):
 @pytest.mark.timeout(180 + 120 * EXAMPLES * max(1, STEPS // 10) * (3 if SHRINK else 1))
 def test_model(machine_dir):
     run_state_machine_as_test(Machine, settings=_settings(EXAMPLES))
+
+
+# --- the checker itself, on event logs written by hand ---
+
+def _ev(seq: int, inst: str, state: str, previous: str | None = None) -> dict:
+    e = {"seq": seq, "type": f"instance.{state}", "instance": inst}
+    return e if previous is None else {**e, "previous": previous}
+
+
+def test_lifecycle_check_reads_the_log_not_each_events_previous():
+    ok = [_ev(1, "g0", "starting"), _ev(2, "g0", "running", "starting"), _ev(3, "g0", "migrating", "running"),
+          _ev(4, "g0", "running", "migrating"), _ev(5, "g0", "stopping", "running"),
+          _ev(6, "g0", "stopped", "stopping"), _ev(7, "g0", "starting"), _ev(8, "g0", "running", "starting")]
+    assert lifecycle_mismatches("a", ok) == ([], {"g0": State.RUNNING})
+    # each event below is legal from its own ``previous``: only the log shows what is wrong
+    doubled = ok[:2] + [_ev(3, "g0", "running", "starting")]
+    lost = ok[:2] + [_ev(4, "g0", "running", "migrating")]  # its migrating event never came
+    restarted_live = [_ev(1, "g0", "starting"), _ev(2, "g0", "running", "starting"), _ev(3, "g0", "starting")]
+    for events in (doubled, lost, restarted_live):
+        assert lifecycle_mismatches("a", events)[0], events
+    # a restarted daemon takes a live instance over from ``starting`` (no event of its own) ...
+    adopted = ok[:3] + [_ev(10, "g0", "migrating", "starting"), _ev(11, "g0", "running", "migrating")]
+    assert lifecycle_mismatches("a", adopted, restarts=[3]) == ([], {"g0": State.RUNNING})
+    assert lifecycle_mismatches("a", adopted)[0]  # ... which without that restart is a lost event
+    # ... and never one that had ended
+    ended = ok[:6] + [_ev(10, "g0", "running", "starting")]
+    assert lifecycle_mismatches("a", ended, restarts=[6])[0]
 
 
 # --- explicit sequences: each a step list the random test found or that matters on its own ---
