@@ -288,3 +288,28 @@ def test_setup_qemu_tls_adds_a_psk_object_sets_params_and_removes_the_files(tmp_
     q = _Qmp()
     trio.run(functools.partial(drop_qemu_tls, q, "client"))
     assert q.calls == [("migrate-set-parameters", {"tls-creds": ""}), ("object-del", {"id": "qsup-tls-client"})]
+
+
+def test_make_test_ca_keeps_the_ca_key_apart_from_the_node_keys(tmp_path):
+    """The CA key signs every node: it is not in the directory the nodes' files are copied from
+    but in DIR/ca/ (0700), with its serial file (issue 16).  An old DIR/ca-key.pem is moved there."""
+    import stat as st_
+
+    pki = make_ca(tmp_path / "pki", "a", "b=127.0.0.1")
+    assert sorted(p.name for p in pki.iterdir()) == ["a-key.pem", "a.pem", "b-key.pem", "b.pem", "ca", "ca.pem"]
+    ca = pki / "ca"
+    assert st_.S_IMODE(ca.stat().st_mode) == 0o700
+    assert st_.S_IMODE((ca / "ca-key.pem").stat().st_mode) == 0o600
+    assert {p.name for p in ca.iterdir()} <= {"ca-key.pem", "ca.srl"}
+    first = (pki / "ca.pem").read_bytes()
+    make_ca(pki, "c")  # more nodes later: the same CA
+    assert (pki / "ca.pem").read_bytes() == first and not (pki / "ca-key.pem").exists()
+    r = subprocess.run(["openssl", "verify", "-CAfile", str(pki / "ca.pem"), str(pki / "c.pem")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    old = make_ca(tmp_path / "old", "a")  # a DIR made by the old script: the key beside the nodes'
+    for f in list((old / "ca").iterdir()):
+        os.replace(f, old / f.name)
+    (old / "ca").rmdir()
+    make_ca(old, "d")
+    assert not (old / "ca-key.pem").exists() and (old / "ca" / "ca-key.pem").exists()
