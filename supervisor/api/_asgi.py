@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ._errors import ERROR_TABLE, HttpError, error_response, http_error
+from ._errors import ERROR_TABLE, ErrorKind, HttpError, http_error, internal_error
 from ._events import EventStream, _LineCache
 from ._metrics import Metrics
 from ._request import query_bool, query_int
@@ -39,12 +39,13 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, HTTPException):  # registered for HTTPException only
         return await _internal(request, exc)
     msg = {404: f"no route {request.url.path[:200]}", 405: f"method {request.method[:20]} not allowed here"}
-    return error_response(exc.status_code, msg.get(exc.status_code, exc.detail), None, None, exc.headers)
+    return HttpError(msg.get(exc.status_code, exc.detail), kind=ErrorKind.for_status(exc.status_code),
+                     headers=exc.headers).response()
 
 
 async def _internal(request: Request, exc: Exception) -> Response:
     # Starlette re-raises after this answer; _Outer logs the traceback.
-    return error_response(500, f"internal error: {type(exc).__name__}", None, "internal")
+    return internal_error(exc).response()
 
 
 _KNOWN_METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"))
@@ -96,11 +97,11 @@ class _Outer:
         self.active += 1
         try:
             if self.active > self.limits.max_requests:
-                await error_response(503, f"over {self.limits.max_requests} requests at once; retry", None,
-                                     "busy", {"retry-after": "1"})(scope, receive, send_)
+                await HttpError(f"over {self.limits.max_requests} requests at once; retry", kind=ErrorKind.BUSY,
+                                headers={"retry-after": "1"}).response()(scope, receive, send_)
             elif self.token is not None and not self._authorized(scope):
-                await error_response(401, "missing or wrong bearer token", None, "unauthorized",
-                                     {"www-authenticate": "Bearer"})(scope, receive, send_)
+                await HttpError("missing or wrong bearer token", kind=ErrorKind.UNAUTHORIZED,
+                                headers={"www-authenticate": "Bearer"}).response()(scope, receive, send_)
             elif self.events and scope.get("path") == "/v1/events" and scope.get("method") == "GET":
                 await self._events(scope, receive, send, send_, started, t0)
             else:
@@ -109,8 +110,7 @@ class _Outer:
             log.error("request failed", method=scope.get("method", "")[:20], path=scope.get("path", "")[:200],
                       error=repr(e), exc_info=True)
             if started.status == 0:
-                await error_response(500, f"internal error: {type(e).__name__}", None, "internal")(
-                    scope, receive, send_)
+                await internal_error(e).response()(scope, receive, send_)
         finally:
             self.active -= 1
             method = scope.get("method", "")
@@ -138,8 +138,8 @@ class _Outer:
             await e.response()(scope, receive, send_)
             return
         if follow and self.followers >= self.limits.max_followers:
-            await error_response(503, f"over {self.limits.max_followers} event followers; retry", None,
-                                 "busy", {"retry-after": "5"})(scope, receive, send_)
+            await HttpError(f"over {self.limits.max_followers} event followers; retry", kind=ErrorKind.BUSY,
+                            headers={"retry-after": "5"}).response()(scope, receive, send_)
             return
         started.status = 200
         started.seconds = time.perf_counter() - t0  # a followed stream lasts: its latency is to the headers

@@ -36,7 +36,7 @@ from .._instance import StartError
 from .._migration import MigrateOptions, Switchover, migration_refusal, parse_tcp_uri, peer_options, qemu_version
 from .._node import Conflict
 from .._spec import SpecError, parse_spec
-from ._errors import HttpError, http_error
+from ._errors import ErrorKind, HttpError, http_error
 from ._openapi import NAME_PARAM, ApiRoute, Op, errors, json_body, links_by_name, ok, ref
 from ._request import instance, node, read_json, refuse_while_stopping, validate_body
 
@@ -112,7 +112,7 @@ async def migrate(request: Request) -> Response:
         accel = (inst.spec.accel or n.cfg.accel).split(",")[0]
         why = migration_refusal(opts.switchover, accel, await qemu_version(inst.qmp))
         if why:
-            raise HttpError(422, why, "accel", "invalid_spec")
+            raise HttpError(why, "accel", kind=ErrorKind.INVALID_SPEC)
     await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
 
@@ -122,8 +122,8 @@ def _declared_peer(cfg, to: str):
     peer = peers.get(to)
     if peer is None:
         declared = ", ".join(sorted(peers)) or "none"
-        raise HttpError(422, f"to: {to[:80]!r} is not a declared peer (the config's [peers]: {declared[:400]})",
-                             "to", "invalid_spec")
+        raise HttpError(f"to: {to[:80]!r} is not a declared peer (the config's [peers]: {declared[:400]})", "to",
+                        kind=ErrorKind.INVALID_SPEC)
     return peer
 
 

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from .._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, NAME_RE
 from .._state import ExitCause, State
-from ._errors import ERROR_TABLE
+from ._errors import ErrorKind
 
 # -- routes that carry their OpenAPI operations ------------------------------------------------
 
@@ -330,9 +330,8 @@ ERROR = {
     "properties": {
         "error": {"type": "string", "description": "one line"},
         "field": {"type": ["string", "null"], "description": "the offending field, dotted (`nics[0].mac`)"},
-        "code": {"type": "string", "enum": sorted({"bad_request", "unauthorized", "not_found", "method_not_allowed",
-                                                   "too_large", "unavailable", "internal",
-                                                   *(m.code for m in ERROR_TABLE.values())})},
+        # every code the server sends: built from the one table (_errors.ErrorKind)
+        "code": {"type": "string", "enum": sorted({kind.code for kind in ErrorKind})},
     },
 }
 

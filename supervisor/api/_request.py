@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from .._spec import _loc, _message, valid_name
-from ._errors import HttpError
+from ._errors import ErrorKind, HttpError
 
 #: seconds a client has to send a body (at most MAX_BODY bytes): a trickled body can't hold a handler
 BODY_TIMEOUT = 30.0
@@ -44,35 +44,36 @@ async def read_json(request: Request, *, required: bool = True) -> object | None
     length = request.headers.get("content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
-            raise HttpError(400, "invalid Content-Length")
+            raise HttpError("invalid Content-Length", kind=ErrorKind.BAD_REQUEST)
         if int(length) > MAX_BODY:
-            raise HttpError(413, f"request body over {MAX_BODY} bytes")
+            raise HttpError(f"request body over {MAX_BODY} bytes", kind=ErrorKind.TOO_LARGE)
     body = bytearray()
     try:
         with trio.fail_after(BODY_TIMEOUT):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > MAX_BODY:
-                    raise HttpError(413, f"request body over {MAX_BODY} bytes")
+                    raise HttpError(f"request body over {MAX_BODY} bytes", kind=ErrorKind.TOO_LARGE)
     except ClientDisconnect:
-        raise HttpError(400, "client disconnected while sending the body") from None
+        raise HttpError("client disconnected while sending the body", kind=ErrorKind.BAD_REQUEST) from None
     except trio.TooSlowError:
-        raise HttpError(408, f"request body not received within {BODY_TIMEOUT:g}s") from None
+        raise HttpError(f"request body not received within {BODY_TIMEOUT:g}s", kind=ErrorKind.TIMEOUT) from None
     if not body:
         if required:
-            raise HttpError(400, "a JSON request body is required")
+            raise HttpError("a JSON request body is required", kind=ErrorKind.BAD_REQUEST)
         return None
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
-        raise HttpError(400, f"Content-Type must be application/json, not {media or 'missing'!r}")
+        raise HttpError(f"Content-Type must be application/json, not {media or 'missing'!r}",
+                        kind=ErrorKind.BAD_REQUEST)
     try:
         return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant, parse_float=_number)
     except UnicodeDecodeError:
-        raise HttpError(400, "body is not UTF-8") from None
+        raise HttpError("body is not UTF-8", kind=ErrorKind.BAD_REQUEST) from None
     except RecursionError:
-        raise HttpError(400, "malformed JSON: nested too deeply") from None
+        raise HttpError("malformed JSON: nested too deeply", kind=ErrorKind.BAD_REQUEST) from None
     except ValueError as e:
-        raise HttpError(400, f"malformed JSON: {e}") from None
+        raise HttpError(f"malformed JSON: {e}", kind=ErrorKind.BAD_REQUEST) from None
 
 
 def query_int(request: Request, key: str, default: int) -> int:
@@ -80,7 +81,7 @@ def query_int(request: Request, key: str, default: int) -> int:
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_SEQ:
-        raise HttpError(400, f"{key} must be a non-negative integer, got {raw[:40]!r}", key)
+        raise HttpError(f"{key} must be a non-negative integer, got {raw[:40]!r}", key, kind=ErrorKind.BAD_REQUEST)
     return int(raw)
 
 
@@ -93,24 +94,24 @@ def query_bool(request: Request, key: str, default: bool) -> bool:
         return True
     if v in ("false", "0", "no"):
         return False
-    raise HttpError(400, f"{key} must be true or false, got {raw[:40]!r}", key)
+    raise HttpError(f"{key} must be true or false, got {raw[:40]!r}", key, kind=ErrorKind.BAD_REQUEST)
 
 
 def validate_body(model: type[BaseModel], data: object, what: str = "the body"):
     """``data`` (decoded JSON) as a ``model``; 400 if not an object, 422 naming the field."""
     if not isinstance(data, dict):
-        raise HttpError(400, f"{what} must be a JSON object")
+        raise HttpError(f"{what} must be a JSON object", kind=ErrorKind.BAD_REQUEST)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise HttpError(422, f"{_loc(err['loc'])}: {_message(err)}", _loc(err["loc"]), "invalid_spec") from None
+        raise HttpError(f"{_loc(err['loc'])}: {_message(err)}", _loc(err["loc"]), kind=ErrorKind.INVALID_SPEC) from None
 
 
 def refuse_while_stopping(request: Request) -> None:
     """503 once the daemon has begun to shut down (``app.state.stopping``): start nothing new."""
     if getattr(request.app.state, "stopping", False):
-        raise HttpError(503, "the daemon is shutting down", None, "unavailable")
+        raise HttpError("the daemon is shutting down", kind=ErrorKind.UNAVAILABLE)
 
 
 def node(request: Request):
@@ -121,5 +122,5 @@ def instance(request: Request):
     """The instance named by the ``{name}`` path parameter; 404 if there is none."""
     name = request.path_params["name"]
     if not valid_name(name):
-        raise HttpError(404, f"no instance named {name[:80]!r} (not a valid name)", "name")
+        raise HttpError(f"no instance named {name[:80]!r} (not a valid name)", "name", kind=ErrorKind.NOT_FOUND)
     return node(request).get(name)  # NotFound -> 404 through the table

@@ -20,17 +20,20 @@ plus the migration routes of ``_migration_routes.py``.  Errors are always ``{"er
     401 unauthorized     TCP listener without the right bearer token
     404 not_found        unknown instance or route
     405 method_not_allowed (with ``Allow``)
+    408 timeout          the body did not arrive within 30 s
     409 conflict         the name is taken by a live instance; a migration refused
     413 too_large        body over 64 KiB
     422 invalid_spec     the spec (or stop options) failed validation, incl. host checks
     422 start_failed     valid spec, but QEMU/netconf failed; everything was rolled back
     500 internal         a bug: logged with its traceback
     503 unavailable      the daemon is shutting down (``app.state.stopping``)
+    503 busy             over ``http_max_requests`` / ``http_max_followers`` (with ``Retry-After``)
 
-Which exception becomes which answer is one table, ``_errors.ERROR_TABLE``; only the errors in it
-become 4xx.  A request with bad input changes nothing -- no instance entry, no record, no event:
-the spec is parsed here, and the node checks the host facts (bridge exists, table known) before
-it claims the name.  Rejected requests are not events; they are logged and counted in
+Every error answer is a row of one table, ``_errors.ErrorKind`` (the schema's ``code`` enum too);
+which exception becomes which is ``_errors.ERROR_TABLE``, and only the errors in it become 4xx.
+A request with bad input changes nothing -- no instance entry, no record, no event: the spec is
+parsed here, and the node checks the host facts (bridge exists, table known) before it claims
+the name.  Rejected requests are not events; they are logged and counted in
 ``qsup_http_requests_total``.
 
 ``POST /v1/instances`` is create-or-start by name, so a retried or repeated create is safe
@@ -68,7 +71,7 @@ from .._node import Conflict, NotFound
 from .._spec import parse_spec
 from .._state import State
 from . import _migration_routes
-from ._errors import HttpError
+from ._errors import ErrorKind, HttpError
 from ._events import EventStream
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._openapi import NAME_PARAM, SCHEMAS, ApiRoute, Op, document, errors, json_body, links_by_name, ok, ref
@@ -126,7 +129,7 @@ async def show_instance(request: Request) -> Response:
 async def create_instance(request: Request) -> Response:
     data = await read_json(request)
     if not isinstance(data, dict):
-        raise HttpError(400, "the instance spec must be a JSON object")
+        raise HttpError("the instance spec must be a JSON object", kind=ErrorKind.BAD_REQUEST)
     refuse_while_stopping(request)
     spec = parse_spec(data)
     n = node(request)
