@@ -341,7 +341,21 @@ class Machine(RuleBasedStateMachine):
                 self.last[n][name] = "crashed"
             elif live.mig is not None:
                 # recovery: a migration still running in QEMU is cancelled, one that failed
-                # meanwhile is settled; either way the guest stays here, running
+                # meanwhile is settled: the guest stays here, running.  One that QEMU
+                # *completed* meanwhile (QEMU does not wait for the daemon at the switchover)
+                # is handed over: the restarted daemon confirms its L3 release, the waiting
+                # destination activates, and this side stops.  The views say which it was.
+                dst = live.mig
+                v = self.wait_view(n, name, lambda v: v["state"] != "migrating", "settled after the restart")
+                inc = self.incoming.get(name)
+                if v["state"] == "stopped" and inc is not None and not inc.qemu_dead:
+                    vd = self.wait_view(dst, name, lambda v: v["state"] == "running", "running (handed over)")
+                    assert vd["pid"] == inc.pid, vd
+                    del self.incoming[name]
+                    self.live[name] = Live(dst, vd["pid"])
+                    self.last[n][name] = "stopped"
+                    self.last[dst][name] = "running"
+                    continue
                 live.mig, live.mig_over = None, False
                 self.last[n][name] = "running"
                 self._end_incoming(name)
@@ -670,7 +684,7 @@ def test_in_flight_migration_steps(machine):
     m.check()
     m.do_kill_daemon("b")  # the source's daemon dies mid-migration
     m.check()
-    m.do_restart_daemon("b")  # recovery cancels; the guest stays on b
+    m.do_restart_daemon("b")  # recovery cancels (the guest stays on b) or, if QEMU completed, hands over
     m.check()
     m.do_migrate_slow("g0")
     m.do_kill_incoming_qemu("g0")  # the destination dies: the source keeps the guest
