@@ -616,15 +616,22 @@ async def _qmp_once(path: str, command: str, args: dict | None, timeout: float) 
               help="start with the last N lines (0: only new output)")
 @click.option("--follow/--no-follow", "-f", default=True, show_default=True,
               help="keep printing new output until Ctrl-C")
+@click.option("--raw", is_flag=True,
+              help="write the guest's bytes as they are, escape sequences included (by default "
+                   "control characters and terminal escape sequences are dropped)")
 @_client_options(remote=False, json_output=False)
-def console_cmd(name, lines, follow, as_json, socket_path, url, token_file) -> None:
-    """Print NAME's serial console log and follow it (read-only; like tail -f)."""
+def console_cmd(name, lines, follow, raw, as_json, socket_path, url, token_file) -> None:
+    """Print NAME's serial console log and follow it (read-only; like tail -f).
+
+    The guest writes every byte of it: unless --raw, what would steer your terminal (escape
+    sequences setting its title or clipboard, answering queries, clearing the screen; other
+    control characters) is dropped, and only text, newlines and tabs are shown."""
     v = _local_view(name, socket_path, url, "console")
     path = Path(v.get("console") or "")
     if not v.get("console"):
         fail(f"{name}: the daemon reports no console", EXIT_FAILED)
     try:
-        _tail(path, lines, follow)
+        _tail(path, lines, follow, raw=raw)
     except PermissionError:
         fail(f"console {path}: permission denied (it is readable by root only)", EXIT_FAILED)
     except FileNotFoundError:
@@ -636,16 +643,16 @@ def console_cmd(name, lines, follow, as_json, socket_path, url, token_file) -> N
         sys.exit(0)
 
 
-def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
+def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2, *, raw: bool = False) -> None:
     """Last ``lines`` lines of ``path``, then (``follow``) new bytes as they come.
 
     A file that shrinks (truncated, or the instance started again) is read again from the
     start; one that is replaced (rotated: another inode at the path) is read to its end, then
-    the new one from its start.
+    the new one from its start.  Unless ``raw``, through a :class:`TerminalFilter`.
     """
     import time
 
-    out = sys.stdout.buffer
+    out = sys.stdout.buffer if raw else _FilteredOut(sys.stdout.buffer)
     f = open(path, "rb")  # noqa: SIM115 -- reopened when rotated; closed in the finally below
     try:
         size = os.fstat(f.fileno()).st_size
@@ -683,6 +690,21 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2) -> None:
                 f.seek(0)
     finally:
         f.close()
+
+
+class _FilteredOut:
+    """``write``/``flush`` to ``out`` through a :class:`supervisor._console.TerminalFilter`."""
+
+    def __init__(self, out) -> None:
+        from ._console import TerminalFilter
+
+        self._out, self._filter = out, TerminalFilter()
+
+    def write(self, data: bytes) -> None:
+        self._out.write(self._filter.feed(data))
+
+    def flush(self) -> None:
+        self._out.flush()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ blocked by a full disk.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -233,3 +235,87 @@ async def follow_console(log_path: str | os.PathLike, *, from_start: bool = Fals
     finally:
         if f is not None:
             f.close()
+
+
+#: The longest OSC/DCS/SOS/PM/APC string dropped whole; after it the filter prints again, so a
+#: guest that never ends its string cannot hide the rest of its console.
+_MAX_STRING = 4096
+_NORMAL, _ESC, _ESC_INTER, _CSI, _STRING, _STRING_ESC = range(6)
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_C1_STRINGS = "\x90\x98\x9d\x9e\x9f"  # DCS, SOS, OSC, PM, APC
+
+
+class TerminalFilter:
+    """A guest's console output made harmless for the operator's terminal (``qsup console``).
+
+    The guest chooses every byte of its console, and a terminal obeys escape sequences: set
+    the window title, write the clipboard (OSC 52), answer queries into the operator's input,
+    redraw the screen to hide lines.  This keeps text (UTF-8; invalid bytes become U+FFFD),
+    newline and tab, and drops every other C0 control, DEL and C1 control, and escape
+    sequences whole: CSI (``ESC [`` or U+009B, up to its final byte), the strings OSC, DCS,
+    SOS, PM and APC (up to BEL or ST, at most :data:`_MAX_STRING` characters), and ``ESC``
+    with intermediates and a final.  ``\\r`` is dropped (``\\r\\n`` is a newline).  A sequence
+    split across reads is held until it ends.
+    """
+
+    def __init__(self) -> None:
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._state = _NORMAL
+        self._string_len = 0
+
+    def feed(self, data: bytes) -> bytes:
+        text = self._decode(data)
+        out: list[str] = []
+        i, n = 0, len(text)
+        while i < n:
+            if self._state == _NORMAL:
+                m = _CONTROLS.search(text, i)
+                end = m.start() if m else n
+                out.append(text[i:end])
+                i = end
+                if m is None:
+                    break
+            self._step(text[i])
+            i += 1
+        return "".join(out).encode()
+
+    def _step(self, c: str) -> None:
+        """One control character in NORMAL, or any character inside a sequence."""
+        state, o = self._state, ord(c)
+        if state == _NORMAL:
+            if c == "\x1b":
+                self._state = _ESC
+            elif c == "\x9b":
+                self._state = _CSI
+            elif c in _C1_STRINGS:
+                self._state, self._string_len = _STRING, 0
+        elif state == _ESC:
+            if c == "[":
+                self._state = _CSI
+            elif c in "]PX^_":
+                self._state, self._string_len = _STRING, 0
+            elif 0x20 <= o <= 0x2F:
+                self._state = _ESC_INTER
+            elif c != "\x1b":
+                self._state = _NORMAL  # the final byte, or an abort: dropped either way
+        elif state == _ESC_INTER:
+            if not 0x20 <= o <= 0x2F:
+                self._state = _NORMAL
+        elif state == _CSI:
+            if 0x40 <= o <= 0x7E:
+                self._state = _NORMAL
+            elif not 0x20 <= o <= 0x3F:  # not a parameter: the sequence is broken off
+                self._state = _NORMAL
+                if c == "\x1b":
+                    self._state = _ESC
+        elif state == _STRING:
+            self._string_len += 1
+            if c in "\x07\x9c" or self._string_len > _MAX_STRING:
+                self._state = _NORMAL
+            elif c == "\x1b":
+                self._state = _STRING_ESC
+        elif state == _STRING_ESC:
+            self._state = _NORMAL
+            if c != "\\":  # ST ends the string; any other ESC x starts a sequence of its own
+                self._state = _ESC
+                self._step(c)

@@ -223,3 +223,45 @@ async def wait_for(cond, timeout: float = 5.0):
     with trio.fail_after(timeout):
         while not cond():
             await trio.sleep(0.01)
+
+
+# -- issue 16: what `qsup console` writes to the operator's terminal ------------------------------
+
+HOSTILE = (b"login: \x1b[2J\x1b[H\x1b]0;pwned title\x07\x1b]52;c;ZWNobyBwd25lZA==\x07"
+           b"\x1bP+q544e\x1b\\ok\x1b[31mred\x1b[0m\r\n\x9b6n\xc2\x9b6n\x08\x07\x1b(B\x1b7tab\tend\n"
+           b"caf\xc3\xa9 \xff\n")
+
+
+def test_terminal_filter_keeps_text_and_drops_every_control_sequence():
+    from supervisor._console import TerminalFilter
+
+    out = TerminalFilter().feed(HOSTILE)
+    assert out == "login: okred\n\ufffd6ntab\tend\ncafé \ufffd\n".encode()
+    assert not any(b in out for b in (b"\x1b", b"\x07", b"\x08", b"\r", "\x9b".encode()))
+
+
+def test_terminal_filter_holds_a_sequence_split_across_reads():
+    from supervisor._console import TerminalFilter
+
+    for cut in range(1, len(HOSTILE)):
+        f = TerminalFilter()
+        assert f.feed(HOSTILE[:cut]) + f.feed(HOSTILE[cut:]) == TerminalFilter().feed(HOSTILE), cut
+
+
+def test_an_unterminated_string_sequence_does_not_swallow_the_console():
+    from supervisor._console import TerminalFilter
+
+    f = TerminalFilter()
+    assert f.feed(b"\x1b]0;" + b"x" * 10000 + b"\nafter\n").endswith(b"after\n")
+
+
+def test_qsup_console_filters_unless_raw(tmp_path, capsysbinary):
+    from supervisor._cli import _tail
+
+    log = tmp_path / "vm.console"
+    log.write_bytes(HOSTILE)
+    _tail(log, 50, False)
+    shown = capsysbinary.readouterr().out
+    assert b"\x1b" not in shown and b"login: okred\n" in shown
+    _tail(log, 50, False, raw=True)
+    assert capsysbinary.readouterr().out == HOSTILE
