@@ -316,3 +316,17 @@ def test_migrate_options_reach_the_request_and_are_checked(env):
                  OCF_RESKEY_migrate_options="--max-bandwidth 5000000 --postcopy --downtime-limit 300").returncode == 0
     assert migrations(d) == [{"to": "n2", "max_bandwidth": 5000000, "postcopy": True, "downtime_limit": 300}]
     assert agent(e, "validate-all", OCF_RESKEY_migrate_options="--to evil").returncode == 6
+
+
+def test_migrate_options_never_reach_the_json_unchecked(env):
+    """A value after --max-bandwidth used to pass when it started with a digit and was pasted
+    into the request raw: ``1,"switchover":"pause"`` added a member (issue 16)."""
+    d, e, _ = env
+    d.script(view("running"), view("stopped", migration={"direction": "out", "result": "completed"}))
+    r = agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="n2",
+              OCF_RESKEY_migrate_options='--max-bandwidth 1,"switchover":"pause"')
+    assert r.returncode == 6 and "--max-bandwidth takes an integer" in r.stderr, r.stderr
+    assert migrations(d) == []
+    assert agent(e, "migrate_to", OCF_RESKEY_CRM_meta_migrate_target="n2",
+                 OCF_RESKEY_migrate_options="--switchover pause --max-bandwidth 0").returncode == 0
+    assert migrations(d) == [{"to": "n2", "switchover": "pause", "max_bandwidth": 0}]
