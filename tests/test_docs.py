@@ -118,7 +118,7 @@ def test_readme_generator_command_uses_the_client_tests_override():
 
 def test_documented_modes_hook_phases_and_name_pattern_are_the_codes():
     readme = README.read_text()
-    assert re.search(rf'^name = "vm1" +# {re.escape(NAME_PATTERN)}$', readme, flags=re.M), \
+    assert re.search(rf'^name = "vm1" +# {re.escape(NAME_PATTERN)}(;|$)', readme, flags=re.M), \
         f"README.md's spec example does not give the name pattern {NAME_PATTERN}"
     assert f"Peer names follow node names (`{NAME_PATTERN}`)" in readme, \
         f"README.md's peer names do not give the name pattern {NAME_PATTERN}"
