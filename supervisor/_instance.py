@@ -70,7 +70,7 @@ from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, RunState, State, StateMachine, require
 from ._tls import MigrationKey, qemu_creds_dir, qemu_gid, remove_qemu_creds, setup_qemu_tls
-from ._uids import UidAllocator
+from ._uids import UidAllocator, unprivileged_userfaultfd
 
 if TYPE_CHECKING:
     from ._migration import InstancePort
@@ -674,9 +674,10 @@ class Instance:
         return (time.perf_counter() - t) * 1000
 
     def _needs_root(self) -> bool:
-        """A post-copy destination with ``allow_root_postcopy``: userfaultfd needs root here."""
+        """A post-copy destination with ``allow_root_postcopy`` on a host that keeps userfaultfd
+        from unprivileged processes: only there QEMU runs as root (Node._check_postcopy)."""
         return isinstance(self.migration, IncomingMigration) and self.migration.postcopy and \
-            self.ctx.cfg.allow_root_postcopy
+            self.ctx.cfg.allow_root_postcopy and not unprivileged_userfaultfd()
 
     async def _connect_qmp(self) -> qmp_glue.QMPClient:
         """Connect QMP, or fail fast with QEMU's own words if it exits first."""

@@ -33,7 +33,7 @@ from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
 from ._spec import InstanceSpec, SpecError, parse_spec
 from ._tls import qemu_creds_root
-from ._uids import UidAllocator
+from ._uids import UidAllocator, unprivileged_userfaultfd
 
 log = structlog.get_logger("qsup.node")
 
@@ -198,18 +198,20 @@ class Node:
 
         QEMU 7.2 calls userfaultfd(2) without UFFD_USER_MODE_ONLY: as its own
         uid it needs vm.unprivileged_userfaultfd = 1, a host-wide choice qsup
-        does not make.  Otherwise only ``allow_root_postcopy`` lets it run, as root.
+        does not make.  Otherwise only ``allow_root_postcopy`` lets it run, as root --
+        for the guest's whole life, its disk opened read-write by root -- and only on a node
+        whose ``image_dirs`` confine every image (checked in the claim, as for any start).
         """
-        if os.geteuid() != 0 or self.cfg.qemu_user == "" or self.cfg.allow_root_postcopy:
+        if os.geteuid() != 0 or self.cfg.qemu_user == "" or unprivileged_userfaultfd():
             return
-        try:
-            with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-                allowed = f.read().strip() == "1"
-        except OSError:
-            allowed = False
-        if not allowed:
+        if not self.cfg.allow_root_postcopy:
             raise SpecError("postcopy", "this node's QEMU runs unprivileged and vm.unprivileged_userfaultfd "
                                         "is 0: set it to 1, or allow_root_postcopy = true in the config")
+        if self.cfg.image_dirs is None or any(os.path.abspath(d) == "/" for d in self.cfg.image_dirs):
+            raise SpecError("postcopy", "allow_root_postcopy would run this destination's QEMU as root with "
+                                        "its disk opened read-write: that needs image_dirs confining the "
+                                        "images in the config, not '/' (or vm.unprivileged_userfaultfd = 1, "
+                                        "which needs no root)")
 
     def _host_and_image_checks(self, spec: InstanceSpec, nics, others=()) -> dict[str, str]:
         check_host(nics)

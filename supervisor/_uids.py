@@ -145,3 +145,16 @@ class UidAllocator:
     def release(self, uid: int) -> None:
         """Give ``uid`` back (the instance is gone and its QEMU reaped).  Idempotent."""
         self._held.discard(uid)
+
+
+def unprivileged_userfaultfd() -> bool:
+    """``vm.unprivileged_userfaultfd = 1``: QEMU's own uid may use userfaultfd (post-copy).
+
+    QEMU 7.2 calls userfaultfd(2) without UFFD_USER_MODE_ONLY, so an unprivileged QEMU gets it
+    only with this host-wide sysctl, which qsup reads but never sets.
+    """
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
