@@ -280,14 +280,18 @@ def test_setup_qemu_tls_adds_a_psk_object_sets_params_and_removes_the_files(tmp_
     assert cmds == ["migrate-set-parameters", "object-del", "object-add", "migrate-set-parameters"]
     add = q.calls[2][1]
     assert add == {"qom-type": "tls-creds-psk", "id": oid, "dir": str(d), "endpoint": "server"}
-    assert q.dir_seen == ["dh-params.pem", "keys.psk"] and not d.exists()
+    # GnuTLS reads a server's keys.psk at the handshake: it stays until the migration ends
+    assert q.dir_seen == ["dh-params.pem", "keys.psk"] and d.exists()
     assert q.calls[3][1] == {"tls-creds": oid, "tls-hostname": ""}
     q = _Qmp()
-    trio.run(functools.partial(setup_qemu_tls, q, key, tmp_path / "c", endpoint="client", gid=None))
-    assert q.calls[2][1]["endpoint"] == "client" and q.calls[2][1]["username"] == "qsup"
+    trio.run(functools.partial(drop_qemu_tls, q, "server", d))
+    assert q.calls == [("migrate-set-parameters", {"tls-creds": ""}), ("object-del", {"id": "qsup-tls-server"})]
+    assert not d.exists()
+    # a client reads its key when the object is made: its files go at once
     q = _Qmp()
-    trio.run(functools.partial(drop_qemu_tls, q, "client"))
-    assert q.calls == [("migrate-set-parameters", {"tls-creds": ""}), ("object-del", {"id": "qsup-tls-client"})]
+    c = tmp_path / "c"
+    trio.run(functools.partial(setup_qemu_tls, q, key, c, endpoint="client", gid=None))
+    assert q.calls[2][1]["endpoint"] == "client" and q.calls[2][1]["username"] == "qsup" and not c.exists()
 
 
 def test_make_test_ca_keeps_the_ca_key_apart_from_the_node_keys(tmp_path):
