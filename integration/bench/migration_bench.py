@@ -44,7 +44,10 @@ What is measured, per migration:
   against ``ceil((max(downtime, switchover) + 20) / 10)``.
 
 Percentiles are nearest-rank: over 20 samples p99 is the maximum.  Human lines
-first; the last line is one JSON object.  ``BENCH_N`` overrides 20.
+first; the last line is one JSON object.  ``BENCH_N`` overrides 20; ``BENCH_DOWNTIME_LIMIT`` (ms)
+passes ``--downtime-limit`` to every migration (QEMU's default, 300 ms, otherwise); with it the
+guest is busy (memcheck at ``BENCH_DIRTY`` MiB/s, default 0: idle) and checked whole after each
+migration.
 """
 
 from __future__ import annotations
@@ -60,10 +63,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "integration"))
 
-from migtopo import MigrationWatch, TwoNodes, close_nodes, loss_budget, percentile  # noqa: E402
+from migtopo import (  # noqa: E402
+    MigrationWatch,
+    TwoNodes,
+    assert_guest_whole,  # noqa: E402
+    close_nodes,
+    loss_budget,
+    percentile,
+)
 from topo import VENV_BIN, guest_spec  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "20"))
+DOWNTIME_LIMIT = os.environ.get("BENCH_DOWNTIME_LIMIT")
+DIRTY = int(os.environ.get("BENCH_DIRTY", "0"))
 IP, MAC, NAME = "10.99.0.2", "52:54:00:99:00:42", "mb1"
 SCRATCH_TAP, SCRATCH_IP = "qbscratch", "10.99.1.2"
 
@@ -132,7 +144,8 @@ def migrate_once(i: int, t: TwoNodes, src, dst, src_ns, dst_ns, runner: ScriptRu
     watch = MigrationWatch(t, src_ns, dst_ns, IP, out, tag=str(i))
     try:
         time.sleep(0.5)  # replies before the migration, so loss is counted between replies
-        r = src.cli("migrate", NAME, "--to", dst.node_name, "--json", timeout=300, check=False)
+        extra = ("--downtime-limit", DOWNTIME_LIMIT) if DOWNTIME_LIMIT else ()
+        r = src.cli("migrate", NAME, "--to", dst.node_name, "--json", *extra, timeout=300, check=False)
         lines = r.stdout.strip().splitlines()
         summary = json.loads(lines[-1]) if lines else {"result": "failed", "error": r.stderr.strip()}
         # the script right away, with the samplers, the pinger and the just-resumed guest still running
@@ -236,7 +249,8 @@ class Mode:
         self.t = TwoNodes(self.sub, prefix="qmt" if tls else "qmb")
         a, b = self.t.start_daemons(tls=tls)
         self.runners = [ScriptRunner(self.t.a, script), ScriptRunner(self.t.b, script)]
-        spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32")
+        busy = f" guest.dirty={DIRTY} guest.dirty_mb=24" if DIRTY else ""
+        spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32{busy}")
         a.start_instance(spec)
         a.wait_console(NAME)
         if not self.t.client.ping(IP):
@@ -246,6 +260,8 @@ class Mode:
     def migrate(self, i: int) -> None:
         src, dst, src_ns, dst_ns, runner = self.hops[i % 2]
         r = migrate_once(i, self.t, src, dst, src_ns, dst_ns, runner, self.sub)
+        # every migration's guest is checked (a corrupted one fails the benchmark)
+        assert_guest_whole(self.t, dst, NAME, IP, busy=bool(DIRTY))
         self.rows.append(r)
         print(f"{'tls  ' if self.tls else 'plain'} #{i:<2} {'A->B' if i % 2 == 0 else 'B->A'} "
               f"total {r['total_ms']} ms, "
