@@ -7,7 +7,10 @@ which is also the client that pings the guests).  Guests (all routed, one /32 ea
 * TINY guests: ``-m 16``, a 36-byte multiboot "kernel" that runs ``cli; hlt``
   (``daemon_scale.halt_kernel``): running like any guest, migrated like any guest, but a halted
   vCPU costs no host CPU, so two cores are not spent booting 36 TCG Linux kernels;
-* REAL guests: the test guest (busybox, 192 MiB), pinged every 10 ms by the client.
+* REAL guests: the test guest (busybox, 192 MiB), pinged every 10 ms by the client, and busy:
+  memcheck dirties and verifies its memory (kernel command line ``guest.dirty=BENCH_DIRTY
+  guest.dirty_mb=BENCH_DIRTY_MB``, default 10 MiB/s over 24 MiB, moderate so that the guests
+  share two cores; ``BENCH_DIRTY=0``: idle guests, no memcheck).
 
 Every guest is an ``ocf:qsup:qsup`` resource with ``allow-migrate=true`` and a location
 preference for node1 (score 1000 > stickiness 100), so all start on node1.  Then, for each
@@ -28,6 +31,17 @@ and when node1 is empty: ``migrated`` = guests now running elsewhere with the sa
 on node1 (QEMU processes, taps, guest /32 routes, policy rules).  Then standby off: the
 preference brings every guest back (live migration again, at limit 8) for the next run.
 
+Guest integrity (issue 14, integration/guestcheck.py): after each evacuation and after each
+return, every REAL guest is checked on the node it now runs on, in parallel: ``check_guest``
+asks that it answers a ping from the client, that its console on that node *since the
+evacuation (or return) began* -- qsup keeps a guest's console log on a node it left and appends
+when it comes back -- shows no virtio error, oops, panic or ``MEMCHECK-MISMATCH``, and that
+memcheck verified a full sweep there, within ``BENCH_CHECK_TIMEOUT`` s (default 60).  A guest
+that fails it, or runs nowhere, counts in ``corrupted``.  TINY guests cannot be checked this way
+(no console output, no network stack): for them ``migrated`` / ``restarted`` is all there is.
+Before the first evacuation every real guest must pass the same check on node1 (its whole
+console), else the run is a setup failure.
+
 Timings come from node1's qsup event log (one host clock): ``migration_*_ms`` = qsup's own
 migration (``migration.started`` -> ``migration.completed``); ``cycle_*_ms`` = Pacemaker's
 whole cycle for a guest (``instance.migrating`` on node1, i.e. the agent's migrate_to calling
@@ -47,7 +61,10 @@ per node and a start for each) and its wall time is reported.
 
 Run (root, after ``make deps guest``): ``.venv/bin/python integration/bench/evacuation.py
 [--nodes 8] [--tiny 36] [--real 4] [--limits 1,2,4,8] [--limit 2]``.  The last line of output is
-one JSON object ``{"bench": "evacuation", ...}`` for the ``--limit`` run, with ``wall_s_by_limit``.
+one JSON object ``{"bench": "evacuation", ...}`` for the ``--limit`` run, with ``wall_s_by_limit``;
+its ``corrupted`` is the number of failed guest checks over *every* evacuation and return of the
+run (per limit: ``all_runs_corrupted``, the first reports in the ``detail`` lines).  A
+non-zero ``corrupted`` makes the exit status 1, after the JSON is printed.
 """
 
 from __future__ import annotations
@@ -65,6 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +91,7 @@ sys.path[:0] = [str(ROOT / "integration" / "cluster"), str(ROOT / "integration")
 from daemon_scale import halt_kernel  # noqa: E402 -- importable once sys.path above is set
 from harness import GUEST_NET, Cluster, ClusterNode, missing_binaries, resource_xml  # noqa: E402 -- importable once sys.path above is set
 from migtopo import Pinger, loss_budget, percentile  # noqa: E402 -- importable once sys.path above is set
+from soak import DIRTY, DIRTY_MB, busy_append, guest_check  # noqa: E402 -- importable once sys.path above is set
 from topo import VENV_BIN, guest_spec  # noqa: E402 -- importable once sys.path above is set
 
 QSUP = str(VENV_BIN / "qsup")
@@ -270,7 +289,7 @@ def guests(workdir: Path, tiny: int, real: int) -> list[tuple[str, Path, str | N
     for i in range(real):
         name, ip = f"real{i}", f"{GUEST_NET}.{10 + i}"
         spec = guest_spec(name, [{"mode": "routed", "mac": f"52:54:00:e0:00:{10 + i:02x}", "ip": ip}],
-                          append=f"guest.ip0={ip}/32")
+                          append=f"guest.ip0={ip}/32{busy_append()}")
         out.append((name, spec, ip))
     for i in range(tiny):
         name = f"tiny{i:02d}"
@@ -324,6 +343,36 @@ def standby(c: Cluster, node: str, on: bool) -> None:
     c.crm("crm_attribute", "--node", node, "--name", "standby", "--update", "on" if on else "off")
 
 
+# --- the guest check (issue 14) ------------------------------------------------------------------
+
+def watch_guests(c: Cluster, gs: list, *, since: bool = True) -> dict:
+    """For every real guest and every node: its check there, its console from now on (all of
+    it, without ``since``).  Made before the migrations, run once they are done."""
+    return {name: {n.name: guest_check(n.qsup.state_dir, name, c.fabric.name, ip, since=since)
+                   for n in c.nodes}
+            for name, _, ip in gs if ip}
+
+
+def check_guests(c: Cluster, checks: dict, phase: str) -> list[dict]:
+    """Runs ``checks`` (from :func:`watch_guests`) for each guest on the node it runs on now,
+    in parallel; returns the failures: ``{"guest", "node", "phase", "report"}``."""
+    where = {name: node for name, (node, _) in placement(c).items()}
+
+    def one(name: str) -> dict | None:
+        node = where.get(name)
+        problem = "not running on any node" if node is None else checks[name][node]()
+        return None if problem is None else {"guest": name, "node": node, "phase": phase,
+                                             "report": problem[-3000:]}
+
+    if not checks:
+        return []
+    with ThreadPoolExecutor(max_workers=len(checks)) as ex:
+        bad = [r for r in ex.map(one, checks) if r]
+    for b in bad:
+        print(f"GUEST NOT WHOLE ({phase}): {b['guest']} on {b['node']}:\n{b['report']}", flush=True)
+    return bad
+
+
 # --- one evacuation ----------------------------------------------------------------------------
 
 def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> dict:
@@ -343,6 +392,7 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
                 pingers[name] = Pinger(c.fabric, ip)
         for p in pingers.values():
             p.wait_replies(5)
+        checks = watch_guests(c, gs)  # every node's console of every real guest, from here on
         t0 = time.time()
         standby(c, src.name, True)
         if show:
@@ -410,6 +460,7 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
                 l3 = e["qmp_ts"] + (e.get("event_to_l3_ms") or 0) / 1000
                 ev_overlap.append((sw[e["instance"]] - l3) * 1000)
     lk = leaks(src)
+    bad = check_guests(c, checks, f"evacuation, limit {limit}")
     n_samples = sum(len(v) for v in samples.values())
     wall = (max(deleted) - t0) if len(deleted) == len(names) else (t_settled - t0)
     return {
@@ -424,6 +475,7 @@ def evacuate(c: Cluster, gs: list, limit: int, outdir: Path, *, show=None) -> di
         "release_before_l3_min_ms": round(-max(ev_overlap), 3) if ev_overlap else None,
         "ping_over_budget": len(over), "ping_over_budget_whole_run": len(over_whole), "ping": ping_out,
         "leaks": sum(len(v) for v in lk.values()), "leaks_detail": lk,
+        "corrupted": len(bad), "corrupted_detail": bad,
         "migration_p50_ms": _r(percentile(mig_ms, 50)), "migration_p99_ms": _r(percentile(mig_ms, 99)),
         "cycle_p50_ms": _r(percentile(cycle_ms, 50)), "cycle_p99_ms": _r(percentile(cycle_ms, 99)),
         "max_in_flight": max_in_flight,
@@ -447,14 +499,17 @@ def _lost_in(replies: list[tuple[int, float]], t0: float, t1: float) -> int:
     return lost
 
 
-def bring_back(c: Cluster, gs: list, timeout: float = 900) -> float:
-    """Standby off: the location preference brings every guest back to node1 (live migration)."""
+def bring_back(c: Cluster, gs: list, timeout: float = 900) -> tuple[float, list[dict]]:
+    """Standby off: the location preference brings every guest back to node1 (live migration).
+    Returns the seconds it took and the real guests that failed their check afterwards."""
     t = time.monotonic()
     set_prop(c, "migration-limit", "8")
+    checks = watch_guests(c, gs)
     standby(c, c.nodes[0].name, False)
     wait_all_on(c, [n for n, _, _ in gs], c.nodes[0].name, timeout)
     c.wait_idle(timeout=300)
-    return time.monotonic() - t
+    took = time.monotonic() - t
+    return took, check_guests(c, checks, "return to node1")
 
 
 def _r(x):
@@ -498,7 +553,7 @@ def simulate_scaled(c: Cluster, outdir: Path, total: int) -> dict:
 
 # --- main --------------------------------------------------------------------------------------
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--tiny", type=int, default=36)
@@ -531,18 +586,24 @@ def main() -> None:
         for name, _, ip in gs:
             if ip:
                 c.nodes[0].qsup.wait_console(name, timeout=180)
+        bad = check_guests(c, watch_guests(c, gs, since=False), "boot")  # memcheck runs, nothing wrong yet
+        if bad:
+            raise RuntimeError(f"real guests not whole before the first evacuation: {[b['guest'] for b in bad]}")
         print(f"{len(gs)} guests running on node1 after {time.monotonic() - t:.0f} s", flush=True)
         for limit in limits:
             res = evacuate(c, gs, limit, work)
             runs[limit] = res
             print(f"migration-limit {limit}: wall {res['wall_s']} s, migrated {res['migrated']}/{len(gs)}, "
-                  f"restarted {res['restarted']}, overlap max {res['overlap_max_ms']} ms, "
+                  f"restarted {res['restarted']}, corrupted {res['corrupted']}, "
+                  f"overlap max {res['overlap_max_ms']} ms, "
                   f"ping over budget {res['ping_over_budget']}, leaks {res['leaks']}, "
                   f"migration p50/p99 {res['migration_p50_ms']}/{res['migration_p99_ms']} ms, "
                   f"cycle p50/p99 {res['cycle_p50_ms']}/{res['cycle_p99_ms']} ms, in flight max "
                   f"{res['max_in_flight']}, spread {res['spread']}", flush=True)
-            back = bring_back(c, gs)
-            print(f"  back on node1 in {back:.0f} s", flush=True)
+            back, bad = bring_back(c, gs)
+            res["corrupted_back"] = len(bad)
+            res["corrupted_detail"] += bad
+            print(f"  back on node1 in {back:.0f} s, corrupted {len(bad)}", flush=True)
         single = runs[limits[0]]["cycle_p50_ms"] if limits[0] == 1 else None
         sim = simulate_scaled(c, work, args.scale)
         print(f"crm_simulate, {sim['resources']} resources: planned in {sim['plan_s']} s "
@@ -572,6 +633,10 @@ def main() -> None:
             "all_runs_ping_over_budget": {str(k): v["ping_over_budget"] for k, v in runs.items()},
             "all_runs_ping_over_budget_whole_run": {str(k): v["ping_over_budget_whole_run"] for k, v in runs.items()},
             "all_runs_leaks": {str(k): v["leaks"] for k, v in runs.items()},
+            # failed guest checks: every evacuation and return of the run (a non-zero count fails it)
+            "corrupted": sum(v["corrupted"] + v["corrupted_back"] for v in runs.values()),
+            "all_runs_corrupted": {str(k): v["corrupted"] + v["corrupted_back"] for k, v in runs.items()},
+            "dirty_mbps": DIRTY, "dirty_mb": DIRTY_MB,
             "crm_simulate": sim,
             "setup": c.timings,
         }
@@ -582,12 +647,15 @@ def main() -> None:
     for k, v in runs.items():
         detail = {x: v[x] for x in ("not_migrated", "ping", "leaks_detail", "overlap_ips", "route_transitions",
                                     "settled_s")}
+        detail["corrupted_detail"] = [{x: b[x] for x in ("guest", "node", "phase")}
+                                      | {"report": b["report"].splitlines()[0]} for b in v["corrupted_detail"][:5]]
         print(f"detail limit {k}: {json.dumps(detail)}")
     out["teardown_left"] = len(left)
     if not left and out and not os.environ.get("QSUP_KEEP"):
         shutil.rmtree(work, ignore_errors=True)  # logs and the scaled CIB: kept when something failed
     print(json.dumps(out))
+    return 1 if out.get("corrupted") else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,12 +32,28 @@ past its retention point.
 
 Checked after every migration (``strays``): exactly one QEMU of this topology
 alive, the tap / record / /32 route only on the node holding the guest.
+
+The guest is busy and checked whole after every migration (issue 14, integration/guestcheck.py):
+it runs memcheck (kernel command line ``guest.dirty=BENCH_DIRTY guest.dirty_mb=BENCH_DIRTY_MB``,
+default 10 MiB/s over 24 MiB; ``BENCH_DIRTY=0``: idle, no memcheck), and after each migration,
+on the node now holding it, ``check_guest`` asks that it answers a ping from the client, that
+its console *since the migration began* (that node's log still holds its earlier stays) shows
+no virtio error, oops, panic or ``MEMCHECK-MISMATCH``, and that memcheck verified a full sweep
+there -- all within ``BENCH_CHECK_TIMEOUT`` s (default 60).  A migration whose guest fails it
+counts in ``corrupted`` (the first five reports in ``corrupted_detail``), whatever the
+migration's own result; the soak goes on while the guest still answers and stops after a
+check that leaves it silent.  Before the first migration the same check must pass on node A
+(else the run is a setup failure).
+
 Checked at the end, after ``qsup stop`` + ``qsup rm`` (``leaks``): no QEMU, and
 each node's links, IPv4/IPv6 routes (all tables), rules, proxy neighbours,
 instance records and run-dir entries equal to what they were before the guest
 started.
 
-Human lines first; the last line is one JSON object (``"bench": "soak"``).
+Human lines first; the last line is one JSON object (``"bench": "soak"``), with
+``corrupted`` (and ``dirty_mbps``) besides the keys above.  The exit status is non-zero when
+a migration failed, a stray or leak was found, or ``corrupted`` is not 0 (the JSON is printed
+first).
 ``--samples PATH`` writes every per-migration row as JSON lines, ``--svg PATH``
 draws fd / RSS / DB size against the migration number.
 """
@@ -53,12 +69,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "integration"))
 sys.path.insert(0, str(ROOT))
 
+from guestcheck import check_guest, netns_ping, qsup_console_reader  # noqa: E402 -- importable once sys.path above is set
 from migtopo import MigrationWatch, TwoNodes, close_nodes, loss_budget, percentile  # noqa: E402 -- importable once sys.path above is set
 from supervisor._client import Client  # noqa: E402 -- importable once sys.path above is set
 from supervisor._config import Config  # noqa: E402 -- importable once sys.path above is set
@@ -67,6 +85,83 @@ from topo import QsupDaemon, guest_spec, pid_alive  # noqa: E402 -- importable o
 IP, MAC = "10.99.0.2", "52:54:00:99:00:57"
 NAME = f"soak-{os.getpid()}"  # unique: QEMU's command line names its guest (its paths are all fds)
 RETENTION = 100
+#: the guest's memory workload (MiB/s; 0 = idle guest, no memcheck) and its size (MiB):
+#: moderate, so that many busy TCG guests share two cores (evacuation.py uses the same knobs)
+DIRTY = int(os.environ.get("BENCH_DIRTY", "10"))
+DIRTY_MB = int(os.environ.get("BENCH_DIRTY_MB", "24"))
+#: seconds a guest check may take (a ping answered, then a full memcheck sweep verified)
+CHECK_TIMEOUT = float(os.environ.get("BENCH_CHECK_TIMEOUT", "60"))
+
+
+# --- the guest check (issue 14) ----------------------------------------------------------------
+
+def busy_append() -> str:
+    """The kernel command line words that start memcheck (none when ``BENCH_DIRTY=0``)."""
+    return f" guest.dirty={DIRTY} guest.dirty_mb={DIRTY_MB}" if DIRTY else ""
+
+
+def console_since(state_dir: Path, name: str) -> Callable[[], str]:
+    """A ``console_text_fn`` for guest ``name``'s console log on the node whose state dir is
+    ``state_dir``, returning only what was written there after this call.
+
+    qsup keeps a guest's console log when the guest leaves a node, and appends to it when it
+    comes back, so a check must not judge the lines of an earlier stay.  The log's inode, size
+    and last bytes are noted now; a read takes that same file (same inode, same bytes before
+    the offset: an inode number is reused) from the offset on -- or, once qsup rotated it to
+    ``LOG.1``, that file from the offset plus all of the new ``LOG``; once neither is that file
+    any more (or there was no log), both files are new text.
+    """
+    path = Path(state_dir) / "logs" / f"{name}.console"
+    rotated = path.with_name(path.name + ".1")
+    mark: tuple[int, int, bytes] | None = None
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - 256))
+            tail = f.read(size - f.tell())
+            mark = (os.fstat(f.fileno()).st_ino, size, tail)
+    except FileNotFoundError:
+        pass
+
+    def read_from(p: Path) -> tuple[bool, str]:
+        """(is it the noted file, its text after the mark -- or all of it if not)"""
+        try:
+            with open(p, "rb") as f:
+                same = False
+                if mark is not None and os.fstat(f.fileno()).st_ino == mark[0]:
+                    _, size, tail = mark
+                    f.seek(size - len(tail))
+                    same = f.read(len(tail)) == tail
+                if not same:
+                    f.seek(0)
+                return same, f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return False, ""
+
+    def read() -> str:
+        same, text = read_from(path)
+        if same:
+            return text  # not rotated since: LOG.1 is older than the mark
+        return read_from(rotated)[1] + text
+
+    return read
+
+
+def guest_check(state_dir: Path, name: str, ns_name: str, addr: str, *,
+                since: bool = True) -> Callable[[], str | None]:
+    """Start watching guest ``name`` on one node (its console from now on; with ``since``
+    false, all of it); the returned callable runs ``check_guest`` there, pinging ``addr`` from
+    namespace ``ns_name``, and gives None (whole) or the failure report."""
+    console = console_since(state_dir, name) if since else qsup_console_reader(state_dir, name)
+
+    def check() -> str | None:
+        try:
+            check_guest(console, netns_ping(ns_name, addr), busy=bool(DIRTY), timeout=CHECK_TIMEOUT)
+        except AssertionError as e:
+            return str(e)
+        return None
+
+    return check
 
 
 # --- sampling --------------------------------------------------------------------------------
@@ -431,6 +526,7 @@ def main() -> int:
     peak = None
     rows: list[dict] = []
     fails: list[dict] = []
+    corrupted: list[dict] = []
     res: dict = {"bench": "soak"}
     rc = 1
     try:
@@ -443,22 +539,29 @@ def main() -> int:
             cmd = Path(f"/proc/{d.pid}/cmdline").read_bytes()
             assert b"serve" in cmd, cmd
         base = {n: host_state(nss[n], daemons[n]) for n in daemons}
-        spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}], append=f"guest.ip0={IP}/32")
+        spec = guest_spec(NAME, [{"mode": "routed", "mac": MAC, "ip": IP}],
+                          append=f"guest.ip0={IP}/32{busy_append()}")
         a.start_instance(spec)
         a.wait_console(NAME)
         if not t.client.ping(IP):
             raise RuntimeError("guest not reachable before the first migration")
+        problem = guest_check(a.state_dir, NAME, t.client.name, IP, since=False)()  # a whole boot, memcheck runs
+        if problem:
+            raise RuntimeError(f"the guest is not whole before the first migration:\n{problem}")
         rows.append({"i": 0, "holder": "a", "a": node_sample(a), "b": node_sample(b), "qemus": len(qemu_pids(work))})
         peak = PeakSampler(daemons)
         mode: dict = {"by_name": by_name}
         holder = "a"
-        print(f"soak: {args.migrations} migrations, event_retention={RETENTION}, work dir {work}", flush=True)
+        print(f"soak: {args.migrations} migrations, event_retention={RETENTION}, guest memcheck "
+              f"{f'{DIRTY} MiB/s over {DIRTY_MB} MiB' if DIRTY else 'off'}, work dir {work}", flush=True)
         for i in range(1, args.migrations + 1):
             other = "b" if holder == "a" else "a"
             src_node = holder
             src, dst = daemons[holder], daemons[other]
             tw = time.monotonic()
             seq0 = {n: d.last_seq() for n, d in daemons.items()}
+            # both consoles from here on: the guest is checked where it ends up
+            checks = {n: guest_check(d.state_dir, NAME, t.client.name, IP) for n, d in daemons.items()}
             watch = MigrationWatch(t, nss[holder], nss[other], IP, work, tag=str(i % 2))
             try:
                 watch.ping.wait_replies(20)  # replies before the migration, so loss is counted between replies
@@ -473,13 +576,17 @@ def main() -> int:
             if not ok:
                 fails.append({"i": i, "from": holder, "summary": summary, "stderr": err[-300:]})
             holder = now[0]
+            problem = checks[holder]()  # the guest is whole on the node holding it (issue 14)
+            if problem:
+                corrupted.append({"i": i, "from": src_node, "on": holder, "report": problem[-3000:]})
+                print(f"#{i:<3} GUEST NOT WHOLE on {holder}:\n{problem}", flush=True)
             down = max(summary.get("downtime_ms") or 0, summary.get("switchover_ms") or 0)
             row = {"i": i, "holder": holder, "ok": ok, "total_ms": summary.get("total_ms"),
                    "downtime_ms": summary.get("downtime_ms"), "switchover_ms": summary.get("switchover_ms"),
                    "lost": w["ping"]["lost"], "sent": w["ping"]["sent"], "budget": loss_budget(down),
                    "overlap_ms": w["overlap_ms"], "gap_ms": w["gap_ms"],
                    "strays": strays(t, daemons, holder, work), "qemus": len(qemu_pids(work)),
-                   "zombies": zombies({a.pid, b.pid}),
+                   "zombies": zombies({a.pid, b.pid}), "guest_ok": problem is None,
                    "a": node_sample(a), "b": node_sample(b), "wall_s": round(time.monotonic() - tw, 2)}
             if row["overlap_ms"] or row["gap_ms"] > down + 20:  # keep what explains it (files are reused)
                 row["evidence"] = evidence(w, daemons, seq0, src_node)
@@ -489,7 +596,11 @@ def main() -> int:
                   f"fds {row['a']['fds']}/{row['b']['fds']} rss {row['a']['rss_kb'] // 1024}/"
                   f"{row['b']['rss_kb'] // 1024} MB db {row['a']['db_bytes'] // 1024}/{row['b']['db_bytes'] // 1024}"
                   f" KB rows {row['a'].get('rows')}/{row['b'].get('rows')}"
-                  + (f" | STRAYS {row['strays']}" if row["strays"] else ""), flush=True)
+                  + (f" | STRAYS {row['strays']}" if row["strays"] else "")
+                  + ("" if problem is None else " | GUEST CORRUPTED"), flush=True)
+            if problem and not t.client.ping(IP):
+                print(f"soak stopped after migration {i}: the guest no longer answers", flush=True)
+                break
         peak.stop()
         # the end: stop and forget the guest, then compare the hosts with before
         d = daemons[holder]
@@ -560,7 +671,10 @@ def main() -> int:
                                                      else idle[n]["fds"] - start[n]["fds"]
                                                      for n in ("a", "b") for k, v in leaks.get(n, {}).items())
         res["fail_detail"] = fails[:5]
-        rc = 0 if (not fails and res["leak_count"] == 0 and not res["strays"]) else 1
+        res["corrupted"] = len(corrupted)  # migrations whose guest failed the check (issue 14)
+        res["corrupted_detail"] = corrupted[:5]
+        res["dirty_mbps"] = DIRTY
+        rc = 0 if (not fails and res["leak_count"] == 0 and not res["strays"] and not corrupted) else 1
     finally:
         if peak is not None:
             peak.stop()
@@ -586,7 +700,7 @@ def main() -> int:
               f"{s['rss_mb']['slope_late_per100']} MB/100), DB {s['db_kb']['first']} -> {s['db_kb']['last']} KB "
               f"(max {s['db_kb']['max']}, late slope {s['db_kb']['slope_late_per100']} KB/100), rows max "
               f"{s['event_rows_max']}")
-    print(f"migrations {res['migrations']}, failures {res['failures']}, ping lost total "
+    print(f"migrations {res['migrations']}, failures {res['failures']}, corrupted {res['corrupted']}, ping lost total "
           f"{res['ping']['lost_total']} (max {res['ping']['lost_max']}), strays {res['strays']}, "
           f"leaks {res['leak_count']}, wall {res['wall_s']} s")
     print(json.dumps(res))
