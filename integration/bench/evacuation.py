@@ -576,7 +576,7 @@ def main() -> int:
     left: list[str] = []
     try:
         t = time.monotonic()
-        c = Cluster(work, args.nodes, prefix="qev", properties=OPTIONS, qsup_config=QSUP_CONFIG)
+        c = Cluster(work, args.nodes, properties=OPTIONS, qsup_config=QSUP_CONFIG)  # prefix "qst" (topo.NETNS_PREFIXES)
         print(f"cluster: {args.nodes} full nodes, DC after {c.timings['dc_s']} s", flush=True)
         gs = guests(work, args.tiny, args.real)
         names = [n for n, _, _ in gs]

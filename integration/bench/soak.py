@@ -530,7 +530,7 @@ def main() -> int:
     res: dict = {"bench": "soak"}
     rc = 1
     try:
-        t = TwoNodes(work, prefix="qsk")
+        t = TwoNodes(work)  # prefix "qst" (topo.NETNS_PREFIXES)
         a, b, by_name = start_daemons(t)
         daemons = {"a": a, "b": b}
         start = {n: node_sample(d) for n, d in daemons.items()}  # before any guest
