@@ -58,6 +58,7 @@ NETNS_PREFIXES = (
     "qsncc",  # the netconf gateway test's client (netconf/test_netconf_gateway.py)
     "qsan-nbr", "qsan-nodeB",  # neighbour announcements (netconf_announce/test_announce.py)
     "qdemo", "qdc",  # demo.py, demo_cluster.py
+    "qmb", "qmt",  # bench/migration_bench.py: plain and TLS topologies
 )
 
 

@@ -181,6 +181,79 @@ async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike
         console.close()
 
 
+def read_tail(log_path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The last ``max_bytes`` kept (``.1`` then current), read by seeking: bounded whatever the size."""
+    out = b""
+    for p in (Path(log_path), rotated_path(log_path)):  # newest first
+        need = max_bytes - len(out)
+        if need <= 0:
+            break
+        try:
+            with open(p, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - need))
+                out = f.read(need) + out
+        except FileNotFoundError:
+            continue
+    return out
+
+
+# --- QEMU's stderr ------------------------------------------------------------------------------
+#
+# QEMU's stderr is the guest's too: a guest that makes a device warn in a loop writes through it.
+# It goes into a FIFO (``<run_dir>/<name>/stderr.fifo``) that qsup reads and copies into a
+# :class:`ConsoleLog` with the console's cap.  A FIFO, not a pipe: QEMU outlives the daemon and a
+# restarted daemon opens the same FIFO by its path again.  Both ends are non-blocking, so QEMU
+# never waits for qsup: when qsup lags (the FIFO full) or no daemon runs (no reader: EPIPE, QEMU
+# ignores SIGPIPE) what QEMU writes is lost -- as the console's is -- instead of buffered.
+
+
+def open_log_fifo(path: str | os.PathLike) -> tuple[int, int]:
+    """Make the FIFO at ``path`` (0600, a stale one replaced); return its (read, write) fds, both
+    non-blocking and close-on-exec.  QEMU gets the write end as stdout/stderr, qsup reads."""
+    path = os.fspath(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.mkfifo(path, 0o600)
+    rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except BaseException:
+        os.close(rfd)
+        raise
+    return rfd, wfd
+
+
+async def pump_log(fifo_path: str | os.PathLike, log_path: str | os.PathLike, max_bytes: int, *,
+                   read_fd: int | None = None,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Copy QEMU's stderr from its FIFO into a capped log (mode 0640) until EOF (QEMU exited).
+
+    ``read_fd``: the read end :func:`open_log_fifo` returned (the pump owns it); ``None``: open
+    ``fifo_path`` again (a restarted daemon).  No FIFO there: a QEMU an older qsup started, which
+    writes the log file itself -- nothing to do.  Reports ``started`` at once.
+    """
+    if read_fd is None:
+        try:
+            read_fd = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            task_status.started()
+            return
+    stream = trio.lowlevel.FdStream(read_fd)
+    task_status.started()
+    with ConsoleLog(log_path, max_bytes, mode=0o640) as out:
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(READ_SIZE)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                out.write(data)
+
+
 def read_console(log_path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
     """The kept console output, oldest first (``.1`` then current); the last ``max_bytes``."""
     out = b""

@@ -47,7 +47,7 @@ import netconf
 import qmp_glue
 
 from ._config import Config
-from ._console import pump_console
+from ._console import open_log_fifo, pump_console, pump_log, read_tail
 from ._errors import describe, hook_output, only_cancelled, root_cause
 from ._eventlog import EventLog
 from ._faults import NO_FAULTS, Checkpoint
@@ -66,6 +66,7 @@ from ._migration import (
 )
 from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
+from ._ratelimit import EventBudget
 from ._records import Layout, ensure_dir, write_json
 from ._spec import InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, RunState, State, StateMachine, require
@@ -206,6 +207,10 @@ class Instance:
         #: finishes a migration a killed daemon left behind (adopt only)
         self._recovery: Callable[[], Awaitable[None]] | None = None
         self._nursery: trio.Nursery | None = None
+        self._log_drained = trio.Event()  # QEMU's stderr copied to its end (the pump saw EOF)
+        self._log_drained.set()
+        #: QMP events not logged (rate limit: supervisor/_ratelimit.py); their handlers ran
+        self.qmp_dropped = 0
         self.done = trio.Event()
 
     # -- views ---------------------------------------------------------
@@ -554,6 +559,7 @@ class Instance:
             self.exit(ExitCause.START_FAILED, "start interrupted by a daemon restart")
             return self
         self.checkpoint(Checkpoint.REATTACH)
+        await self._follow_log(None)  # first: what QEMU writes while no one reads the FIFO is lost
         self._qmp = await qmp_glue.connect(
             str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=5, name=self.name)
         self.checkpoint(Checkpoint.REATTACH_STATUS)
@@ -604,16 +610,21 @@ class Instance:
             )
             self.uid = self._qemu_uid()
             jail = plan_for(self.spec, ctx.cfg, self.images, QEMU_ENV) if ctx.cfg.qemu_chroot else None
-            log_fd = os.open(ctx.layout.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            # stdout/stderr into a FIFO qsup copies into the capped log (supervisor/_console.py)
+            log_r, log_w = open_log_fifo(ctx.layout.log_fifo_path(name))
             try:
                 self.proc = QemuProcess.popen(
-                    argv, pass_fds=[fd for t in taps for fd in t.fds] + host.all(), log_fd=log_fd,
+                    argv, pass_fds=[fd for t in taps for fd in t.fds] + host.all(), log_fd=log_w,
                     uid=self.uid, gid=self.uid, jail=jail)
+            except BaseException:
+                os.close(log_r)
+                raise
             finally:
-                os.close(log_fd)
+                os.close(log_w)
         finally:
             for thing in opened:  # QEMU holds its own copies now
                 thing.close()
+        await self._follow_log(log_r)  # at once: the pump owns the read end from here
         t_spawn = time.perf_counter()
         self._save()
         log.info("spawned", pid=self.proc.pid)
@@ -666,6 +677,26 @@ class Instance:
         await self._tasks.start(pump_console, layout.console_socket_path(self.name),
                                 layout.console_path(self.name), self.ctx.cfg.console_max_bytes)
 
+    async def _follow_log(self, read_fd: int | None) -> None:
+        """Copy QEMU's stdout/stderr from its FIFO into the log, capped like the console, until
+        QEMU exits.  ``read_fd``: the FIFO's read end from the spawn; None: open it again (reattach)."""
+        self._log_drained = trio.Event()
+        await self._tasks.start(self._pump_log, read_fd)
+
+    async def _pump_log(self, read_fd: int | None,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        layout = self.ctx.layout
+        try:
+            await pump_log(layout.log_fifo_path(self.name), layout.log_path(self.name),
+                           self.ctx.cfg.console_max_bytes, read_fd=read_fd, task_status=task_status)
+        finally:
+            self._log_drained.set()
+
+    async def _log_copied(self) -> None:
+        """QEMU exited: give the log pump the moment it needs to copy QEMU's last words (EOF)."""
+        with trio.move_on_after(2):
+            await self._log_drained.wait()
+
     def _apply_phase(self, phase: Literal["attach", "activate"], reason: netconf.Reason) -> float:
         """Every NIC's ``phase`` (sync: runs on the netconf thread); returns the ms spent inside."""
         t = time.perf_counter()
@@ -703,6 +734,7 @@ class Instance:
             await proc.wait()
             n.cancel_scope.cancel()
         if not result:
+            await self._log_copied()
             said = self._log_tail()
             for fd_path, path in self._fd_paths.items():  # QEMU names the file as it was given it
                 said = said.replace(fd_path, path)
@@ -724,8 +756,9 @@ class Instance:
         return None
 
     def _log_tail(self, n: int = 3) -> str:
+        """QEMU's last ``n`` lines, from the last 8 KiB of its log (read by seeking: bounded)."""
         try:
-            lines = self.ctx.layout.log_path(self.name).read_text(errors="replace").splitlines()
+            lines = read_tail(self.ctx.layout.log_path(self.name), 8192).decode(errors="replace").splitlines()
         except OSError:
             return ""
         return " | ".join(line.strip() for line in lines[-n:] if line.strip())
@@ -740,6 +773,7 @@ class Instance:
             nursery.start_soon(self._recovery)
         await self._qemu.wait()
         if self.cause is None:
+            await self._log_copied()
             self.exit(*self._unannounced_exit())
         nursery.cancel_scope.cancel()
 
@@ -756,21 +790,33 @@ class Instance:
         return ExitCause.QEMU_DIED, f"qemu exited unexpectedly (status {rc}): {self._log_tail()}"
 
     async def _forward_events(self) -> None:
-        """Every QMP event goes to the event log, with its data and QEMU's timestamp."""
-        async for ev in self.qmp.events():
-            name, data = ev.get("event", "?"), ev.get("data", {})
-            ts = qmp_timestamp(ev)
-            if name == "MIGRATION" and self.migration is not None:
-                await self._on_migration_event(ev)  # first: activation is on the critical path
-            self.emit(f"qmp.{name}", data=data, qmp_ts=ts)
-            if name == "STOP":
-                self._on_qemu_stop(ts)
-            elif name == "RESUME":
-                self._on_qemu_resume(ts)
-            elif name == "GUEST_PANICKED":
-                self._on_guest_panicked(data)
-            elif name == "SHUTDOWN" and data.get("guest"):
-                self.exit(ExitCause.GUEST_SHUTDOWN, None)
+        """Every QMP event is handled; it goes to the event log, with its data and QEMU's
+        timestamp, within the instance's budget (supervisor/_ratelimit.py: a guest chooses how
+        many events QEMU reports); what is not logged is counted in ``qmp.dropped``."""
+        budget = EventBudget()
+        try:
+            async for ev in self.qmp.events():
+                name, data = ev.get("event", "?"), ev.get("data", {})
+                ts = qmp_timestamp(ev)
+                if name == "MIGRATION" and self.migration is not None:
+                    await self._on_migration_event(ev)  # first: activation is on the critical path
+                logged, dropped = budget.admit(name)
+                self.qmp_dropped = budget.total_dropped
+                if dropped:
+                    self.emit("qmp.dropped", count=dropped, total=budget.total_dropped)
+                if logged:
+                    self.emit(f"qmp.{name}", data=data, qmp_ts=ts)
+                if name == "STOP":
+                    self._on_qemu_stop(ts)
+                elif name == "RESUME":
+                    self._on_qemu_resume(ts)
+                elif name == "GUEST_PANICKED":
+                    self._on_guest_panicked(data)
+                elif name == "SHUTDOWN" and data.get("guest"):
+                    self.exit(ExitCause.GUEST_SHUTDOWN, None)
+        finally:
+            if budget.pending:
+                self.emit("qmp.dropped", count=budget.flush(), total=budget.total_dropped)
         # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
         # lingers with a dead monitor it cannot be controlled any more.  When
         # an exit is already under way its own path escalates; this is the

@@ -63,7 +63,8 @@ class Layout:
     ``<state_dir>/instances/<name>/record.json``  runtime record (pid, nics/taps)
     ``<state_dir>/instances/<name>/netconf.journal``  netconf journal
     ``<state_dir>/logs/<name>.log`` / ``.console``  qemu stderr / serial console
-    ``<run_dir>/<name>/qmp.sock``, ``qmp-operator.sock``  monitors; ``console.sock`` the serial console
+    ``<run_dir>/<name>/qmp.sock``, ``qmp-operator.sock``  monitors; ``console.sock`` the serial console;
+    ``stderr.fifo`` qemu's stderr on its way into the capped ``.log``
     """
 
     def __init__(self, state_dir: str | Path, run_dir: str | Path):
@@ -97,6 +98,10 @@ class Layout:
     def console_socket_path(self, name: str) -> Path:
         """QEMU's serial console; whoever connects types on it, so only qsup may (run dir 0700)."""
         return self.instance_run_dir(name) / "console.sock"
+
+    def log_fifo_path(self, name: str) -> Path:
+        """The FIFO QEMU's stdout/stderr go through; qsup copies it into :meth:`log_path`, capped."""
+        return self.instance_run_dir(name) / "stderr.fifo"
 
     def log_path(self, name: str) -> Path:
         return inside(self.state_dir / "logs", f"{name}.log")

@@ -14,7 +14,10 @@ Behaviour knobs come as JSON in the file ``$FAKE_QEMU_KNOBS`` (the wrapper
 sets it: qsup gives QEMU a scrubbed environment):
 ``fail`` (print it and exit 1 before the monitors exist), ``ignore_powerdown``,
 ``ignore_quit``, ``migrate_seconds`` (how long RAM "moves"), ``switchover_seconds`` (STOP to
-``device`` without the pause: the final RAM and device state; a cancel in it wins).
+``device`` without the pause: the final RAM and device state; a cancel in it wins),
+``stderr_flood`` (bytes written to stderr at start, then ``fake-qemu: flood done``),
+``chatty`` (a stderr line per ``query-status``), ``event_flood`` (after ``cont``: that many
+``GUEST_CRASHLOADED`` events -- pvpanic's bit 1, which does not stop the guest -- then a STOP).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class FakeQemu:
 
     # -- run state -----------------------------------------------------------
     def query_status(self, args: dict) -> dict:
+        if self.knobs.get("chatty"):
+            _stderr(b"fake-qemu: query-status\n")
         return {"status": self.status, "running": self.status == "running", "singlestep": False}
 
     async def cont(self, args: dict) -> dict:
@@ -90,7 +95,22 @@ class FakeQemu:
             raise PeerError("GenericError", f"cannot cont in state {self.status}")
         self.status = "running"
         await self.emit("RESUME")
+        if self.knobs.get("event_flood"):
+            self._nursery.start_soon(self._event_flood, int(self.knobs["event_flood"]))
         return {}
+
+    async def _event_flood(self, n: int) -> None:
+        for i in range(n):
+            await self.emit("GUEST_CRASHLOADED", {"action": "run", "n": i})
+        self.status = "paused"
+        await self.emit("STOP")
+
+    async def _stderr_flood(self, n: int) -> None:
+        line = b"fake-qemu: warning: the guest did something odd again " + b"x" * 64 + b"\n"
+        while n > 0:
+            n -= _stderr(line[:n], wait=True)
+            await trio.sleep(0)
+        _stderr(b"fake-qemu: flood done\n", wait=True)
 
     async def stop(self, args: dict) -> dict:
         if self.status == "running":
@@ -256,6 +276,8 @@ class FakeQemu:
                 await n.start(peer.serve)
             if self.console:
                 n.start_soon(self._serve_console)
+            if self.knobs.get("stderr_flood"):
+                n.start_soon(self._stderr_flood, int(self.knobs["stderr_flood"]))
             if self.knobs.get("ignore_quit"):
                 return
             while True:  # quit: QMPPeer replies; the process then exits, like QEMU
@@ -263,6 +285,21 @@ class FakeQemu:
                 if any(cmd == "quit" for peer in self.peers for cmd, _ in peer.received):
                     await trio.sleep(0.01)
                     self.exit(0)
+
+
+def _stderr(data: bytes, wait: bool = False) -> int:
+    """Write to stderr as QEMU does (qsup may make it a non-blocking pipe): bytes written."""
+    while True:
+        try:
+            return os.write(2, data)
+        except BlockingIOError:
+            if not wait:
+                return 0
+            import time
+
+            time.sleep(0.001)
+        except BrokenPipeError:  # nobody reads (no daemon): lost, as QEMU's would be
+            return len(data)
 
 
 def main() -> None:

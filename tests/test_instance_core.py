@@ -452,7 +452,7 @@ def test_postcopy_is_refused_naming_postcopy_where_qemu_cannot_run_it(tmp_path, 
             assert b.types() == [] and b.state_left() == []  # refused before anything
 
     run(main)
-    allowed = Bench(tmp_path, "c", qemu_user="per-instance", allow_root_postcopy=True)
+    allowed = Bench(tmp_path, "c", qemu_user="per-instance", allow_root_postcopy=True, image_dirs=[str(tmp_path)])
     allowed.node = None
     from supervisor._node import Node
     Node(allowed.cfg, allowed.events)._check_postcopy()  # no error: the config allows root post-copy
