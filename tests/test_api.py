@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from needs import require
 from supervisor._config import load_config
 from supervisor._eventlog import EventLog
 from supervisor._node import Node
@@ -247,10 +248,10 @@ def test_tcp_app_needs_the_bearer_token(tmp_path):
 QEMU = shutil.which("qemu-system-x86_64")
 
 
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 def test_lifecycle_with_real_qemu(tmp_path):
     """create -> 201 running; the same create again -> 200 (create-or-start); bad stop options -> 422;
     stop -> stopped; delete."""
+    require(QEMU, "qemu-system-x86_64 not installed")
     disk = tmp_path / "empty.img"
     disk.write_bytes(b"\0" * 1024 * 1024)
     body = {"name": "real1", "memory": 32, "disk": str(disk), "tags": ["a b", "$(x)"]}
@@ -306,11 +307,11 @@ def test_lifecycle_with_real_qemu(tmp_path):
     assert not os.path.exists(tmp_path / "state" / "instances" / "real1")
 
 
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 def test_create_or_start_by_name(tmp_path):
     """Same spec -> 200, the same instance (also for two creates at once); a different spec ->
     409 naming ``name`` and the fields; an ended instance of that name is replaced (201, new
     generation); the capacity endpoint counts only live instances."""
+    require(QEMU, "qemu-system-x86_64 not installed")
     disk = tmp_path / "empty.img"
     disk.write_bytes(b"\0" * 1024 * 1024)
     body = {"name": "cs1", "memory": 32, "disk": str(disk)}

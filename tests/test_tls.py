@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from core_harness import Bench
+from needs import require
 from supervisor._daemon import PeerAuth, _serve_http
 from supervisor._migration import MigrationError, PeerClient
 from supervisor._tls import (
@@ -41,8 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MAKE_CA = ROOT / "contrib" / "make-test-ca"
 TOKEN = "t0ken-for-the-tls-tests-0123456789"
 
-pytestmark = [pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
-              pytest.mark.usefixtures("no_fakes_left")]
+pytestmark = [pytest.mark.usefixtures("no_fakes_left")]
+
+
+@pytest.fixture(autouse=True)
+def _openssl():
+    require(shutil.which("openssl"), "needs openssl")
 
 
 def make_ca(d: Path, *names: str) -> Path:
