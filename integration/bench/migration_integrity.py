@@ -54,6 +54,22 @@ Clopper-Pearson upper bound of the corruption rate), ``passes_p50`` (``ram.dirty
 Progress and one JSON line per migration go to stderr (and to ``--out``/rows-*.jsonl); the last
 stdout line is one JSON object with ``"bench": "migration_integrity"``.
 
+Choices, measured on this harness (2 cores, TCG, TLS, max-bandwidth 128 MiB/s):
+
+* **busy rate 100 MiB/s** (``--rate``): at 300 ms the switchover threshold (bandwidth x
+  downtime, ~38 MiB) is above memcheck's whole 24 MiB, so no rate gives more than 3-4 dirty
+  syncs there (100: 3; 150 and 200: 3-4; unlimited: 3-4); at 20 ms 100 MiB/s takes 9-12 syncs
+  and converges on 10.0, while 150 MiB/s (above the link) never converged on 10.0 in 5 tries
+  (cancelled at 40 s; 7.2 "converged" in 9 syncs -- and corrupted each time).  100 is also
+  migtopo.BUSY, what the migration tests run.
+* **no exclusion** (:data:`EXCLUDE` empty): idle QEMU 10.0 migrations with the whole 256 MiB
+  compared (``--exclude none``, 0x0-0x10000000, ROM shadows and the legacy VGA window
+  included) showed 0 differing pages, so every page is compared.
+* **settle 5 s** (``--settle``) between a (re)boot and the first migration: the first
+  migration right after boot corrupted most often on 7.2 in the calibration, and a cell that
+  reboots after every corruption would otherwise over-sample that moment; rows carry
+  ``since_boot`` and cells ``corrupted_first_after_boot``.
+
 Everything it creates (namespace, bridge, taps, QEMUs by pid, daemons, temp dirs) is removed
 in ``finally`` blocks, on Ctrl-C and SIGTERM too.
 """
@@ -605,7 +621,7 @@ def run_qsup(ver: str, tls: bool, cells: list[tuple[str, bool, int, bool]], args
         topo.QEMU = QEMUS[ver]
     sub = work / f"qsup-{ver}-{'tls' if tls else 'plain'}"
     sub.mkdir()
-    t = TwoNodes(sub, prefix="qit" if tls else "qip")
+    t = TwoNodes(sub)  # the default prefix: topo.NETNS_PREFIXES lists the ones allowed
     try:
         a, b = t.start_daemons(tls=tls, extra_config="" if topo_set else f'qemu = "{QEMUS[ver]}"\n')
         boots = 0
@@ -663,6 +679,11 @@ def run_qsup(ver: str, tls: bool, cells: list[tuple[str, bool, int, bool]], args
                 results[key]["refused"] = refused
             log(f"{key}: {json.dumps(results[key])}")
     finally:
+        for d in t.daemons:  # the daemons' logs outlive the work dir
+            try:
+                shutil.copy(d.log_path, Path(args.out) / f"daemon-{sub.name}-{d.node_name}-{time.strftime('%H%M%S')}.log")
+            except OSError:
+                pass
         leaked = close_nodes(t)
         if leaked:
             log(f"qsup teardown: QEMUs that would not die: {leaked}")
