@@ -3,10 +3,13 @@ environment, and needs no path on the host (taps, monitors, console, kernel, ini
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
-from topo import assert_own_seccomp_filter, proc_environ, proc_status
+from topo import GUEST, assert_own_seccomp_filter, proc_environ, proc_status
 
 DAEMON_ONLY_VAR = "QSUP_TEST_SECRET"
 
@@ -37,3 +40,32 @@ def test_every_qemu_has_its_own_uid_and_the_sandbox(node, daemon_factory, monkey
     assert "GUEST-READY" in out
     for v in views:
         assert dm.cli_json("stop", v["name"], "--timeout", "10")["state"] == "stopped"
+
+
+def test_a_kernel_only_root_can_read_boots_from_a_sealed_copy(node, daemon_factory, tmp_path):  # noqa: F811
+    """Issue 16, finding 3: QEMU (its own uid) reopened ``/proc/self/fd/N`` of the kernel qsup had
+    opened, with its own permissions: a 0600 root kernel in a 0700 directory failed to boot.  Now
+    QEMU gets a sealed memfd copy of what qsup opened, and holds nothing of the original file."""
+    ns, _client = node
+    dm = daemon_factory(ns)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    kernel, initrd = private / "vmlinuz", private / "initrd.img"
+    for src, dst in ((GUEST / "vmlinuz", kernel), (GUEST / "initrd.img", initrd)):
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o600)
+    spec = routed("rootonly", "10.99.7.20", "52:54:00:77:00:20")
+    spec.update(kernel=str(kernel), initrd=str(initrd))
+    v = dm.start_instance(spec)
+    assert 60000 <= v["uid"] <= 60999  # QEMU runs as its own uid: the file is unreadable to it
+    held = {os.readlink(f"/proc/{v['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{v['pid']}/fd")}
+    assert "/memfd:qsup-kernel (deleted)" in held and "/memfd:qsup-initrd (deleted)" in held, held
+    assert str(kernel) not in held and str(initrd) not in held, held
+    dm.wait_console("rootonly")
+    assert dm.cli_json("stop", "rootonly", "--timeout", "10")["state"] == "stopped"
+    # and a file outside image_dirs is refused before anything starts, naming the field
+    p = dm.workdir / "spec-shadow.json"
+    p.write_text(json.dumps({**{k: x for k, x in spec.items() if k != "initrd"}, "name": "shadow",
+                             "kernel": "/etc/shadow"}))
+    r = dm.cli("start", str(p), check=False)
+    assert r.returncode == 2 and "kernel" in r.stderr and "image_dirs" in r.stderr, r.stderr

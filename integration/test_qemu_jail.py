@@ -173,6 +173,50 @@ def test_disk_in_a_private_dir_and_its_backing_file_are_bound(node, daemon_facto
     assert_gone(dm, "d1")
 
 
+def test_a_fifo_as_a_backing_file_is_refused_and_the_daemon_keeps_answering(node, daemon_factory, tmp_path):  # noqa: F811
+    """Issue 16, finding 3: the chain walker opened a FIFO named as a backing file on the trio
+    thread, and the whole daemon hung until a writer came.  Now it opens it non-blocking, off the
+    trio thread, and refuses it naming ``disk``; a symlinked backing file is refused too."""
+    import subprocess
+    import threading
+
+    ns, _client = node
+    dm = daemon_factory(ns, extra_config=JAIL)
+    images = tmp_path / "images"
+    images.mkdir()
+    fifo = images / "fifo.raw"
+    os.mkfifo(fifo)
+    overlay = images / "on-fifo.qcow2"
+    _qcow2_overlay(overlay, "fifo.raw")
+    (images / "base.raw").write_bytes(b"\0" * (1 << 20))
+    (images / "link.raw").symlink_to(images / "base.raw")
+    linked = images / "on-link.qcow2"
+    _qcow2_overlay(linked, "link.raw")
+    done = threading.Event()
+
+    def unblock():  # a daemon blocked in open() is let go once the test gave up on it
+        while not done.wait(1):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader: nobody is blocked
+
+    try:
+        for disk, words in ((overlay, "FIFO"), (linked, "symbolic link")):
+            p = dm.workdir / f"spec-{disk.stem}.json"
+            p.write_text(json.dumps({"name": disk.stem, "memory": 64, "disk": str(disk), "nics": []}))
+            r = dm.cli("start", str(p), check=False, timeout=20)
+            assert r.returncode != 0 and "disk" in r.stderr and words in r.stderr, r.stderr
+            assert dm.cli_json("ls") is not None  # the daemon answers
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=unblock, daemon=True).start()
+        raise
+    finally:
+        done.set()
+    assert not (dm.state_dir / "jail").exists() or os.listdir(dm.state_dir / "jail") == []
+    assert not (dm.state_dir / "instances" / "on-fifo").exists()
+
+
 def test_daemon_restart_reattaches_a_jailed_qemu_and_cleans_up_a_dead_ones_jail(node, daemon_factory):  # noqa: F811
     ns, client = node
     dm = daemon_factory(ns, extra_config=JAIL)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from topo import VENV_BIN, Ovs, guest_spec, node_with_uplink, pid_alive, veth
+from topo import VENV_BIN, Ovs, guest_spec, image_dirs_line, node_with_uplink, pid_alive, veth
 
 MAC1 = "52:54:00:aa:00:01"
 MAC2 = "52:54:00:aa:00:02"
@@ -171,7 +171,7 @@ def _run_bad(node, tmp_path, specs, config_extra="", hooks_dir="/nonexistent-qsu
         paths.append(str(p))
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'state_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\naccel = "tcg"\n'
-                   f'hooks_dir = "{hooks_dir}"\n{config_extra}')
+                   f'hooks_dir = "{hooks_dir}"\n{image_dirs_line(tmp_path, config_extra)}{config_extra}')
     before = node.links()
     r = subprocess.run(["ip", "netns", "exec", node.name, str(VENV_BIN / "qsup"), "run", "--config", str(cfg),
                         *(["--json"] if json_events else []), *paths], capture_output=True, text=True, timeout=60)

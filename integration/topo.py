@@ -42,6 +42,25 @@ def plain_migration_line(extra_config: str) -> str:
 
 
 GUEST = ROOT / "build" / "guest"
+
+
+def image_dirs(workdir: Path) -> list[str]:
+    """What a test daemon's ``image_dirs`` allows: the test guest, and the scratch tree the test
+    writes its own kernels and disks in -- the top directory under the system temp dir that holds
+    ``workdir`` (``/tmp/pytest-of-root`` for pytest's, a bench's ``mkdtemp``), else ``workdir``."""
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir()).resolve()
+    w = workdir.resolve()
+    scratch = tmp / w.relative_to(tmp).parts[0] if w.is_relative_to(tmp) and w != tmp else w
+    return [str(GUEST), str(scratch)]
+
+
+def image_dirs_line(workdir: Path, extra_config: str) -> str:
+    """The config's ``image_dirs`` (:func:`image_dirs`), unless the test's own config names them."""
+    if re.search(r"(?m)^image_dirs\s*=", extra_config):
+        return ""
+    return f"image_dirs = {json.dumps(image_dirs(workdir))}\n"
 _counter = itertools.count()
 
 #: Every network namespace prefix the integration tests (and demos) use, defined once.  A
@@ -400,7 +419,8 @@ class QsupRun(_Console):
         cfg.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\n'
             f'socket = "{workdir}/qsup.sock"\naccel = "tcg"\n{qemu_line(extra_config)}'
-            f'{plain_migration_line(extra_config)}powerdown_timeout = {powerdown_timeout}\n'
+            f'{plain_migration_line(extra_config)}{image_dirs_line(workdir, extra_config)}'
+            f'powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
         )
@@ -513,7 +533,7 @@ class QsupDaemon(_Console):
         self.config.write_text(
             f'state_dir = "{self.state_dir}"\nrun_dir = "{self.run_dir}"\nsocket = "{self.socket}"\n'
             f'accel = "tcg"\n{qemu_line(extra_config)}{plain_migration_line(extra_config)}'
-            f'powerdown_timeout = {powerdown_timeout}\n'
+            f'{image_dirs_line(self.workdir, extra_config)}powerdown_timeout = {powerdown_timeout}\n'
             + (f'hooks_dir = "{hooks_dir}"\n' if hooks_dir else 'hooks_dir = "/nonexistent-qsup-hooks"\n')
             + extra_config
         )

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from ._addr import is_loopback_host
-from ._limits import ImageDirs
+from ._limits import DEFAULT_IMAGE_DIRS, ImageDirs
 from ._spec import ACCEL_RE, NAME_PATTERN, OnPanic, SpecError, _loc, _message
 from ._tls import TlsFiles
 from ._uids import DEFAULT_QEMU_UIDS, QemuUids
@@ -174,8 +174,9 @@ class Config(BaseModel):
     on_panic: OnPanic = "pause"
     #: each instance's QEMU runs as its own uid from this "START-END" range (supervisor/_uids.py)
     qemu_uids: QemuUids = DEFAULT_QEMU_UIDS
-    #: kernel/initrd/disk must resolve inside one of these; None allows any regular file
-    image_dirs: ImageDirs = None
+    #: kernel/initrd/disk must lie inside one of these, reached without a symlink below the
+    #: directory (supervisor/_images.py); ``["/"]`` allows any path and must be chosen explicitly
+    image_dirs: ImageDirs = Field(default_factory=lambda: list(DEFAULT_IMAGE_DIRS))
     #: allow a block/character device as a disk
     allow_device_disks: bool = False
     #: disk used by one instance's console log (current + rotated ``.1``), in bytes

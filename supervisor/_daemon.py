@@ -45,7 +45,7 @@ import trio
 
 from ._config import Config
 from ._records import Layout, ensure_dir
-from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files
+from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files, check_qemu_reaches_run_dir
 from .api import HttpLimits, Metrics, create_app, create_metrics_app
 
 log = structlog.get_logger("qsup.daemon")
@@ -254,6 +254,10 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         metrics_sock = bind_tcp(cfg.metrics_listen, "metrics_listen") if cfg.metrics_listen else None
         socks += [s for s in (tcp, metrics_sock) if s is not None]
         Layout(cfg.state_dir, cfg.run_dir).prepare()
+        try:
+            check_qemu_reaches_run_dir(cfg)  # QEMU reads a TLS migration's keys under it
+        except TlsError as e:
+            raise DaemonError(str(e)) from None
         events = EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
         metrics = Metrics()
         metrics.watch(events)

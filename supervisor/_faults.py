@@ -20,6 +20,8 @@ class Checkpoint(str, enum.Enum):
     # start (and the launch part of an incoming migration)
     DIRS = "start.dirs"
     TAPS = "start.taps"
+    #: the node checked the images (Node._claim); the launch opens kernel and initrd again
+    IMAGES_CHECKED = "start.images_checked"
     SPAWNED = "start.spawned"
     QMP = "start.qmp"
     ATTACHED = "start.attached"

@@ -51,6 +51,7 @@ from ._console import open_log_fifo, pump_console, pump_log, read_tail
 from ._errors import describe, hook_output, only_cancelled, root_cause
 from ._eventlog import EventLog
 from ._faults import NO_FAULTS, Checkpoint
+from ._images import BOOT_FIELDS, open_boot_files
 from ._jail import MARK as JAIL_MARK
 from ._jail import jail_dir, plan_for, remove_dir
 from ._migration import (
@@ -184,7 +185,7 @@ class Instance:
         self.proc: QemuProcess | None = None
         self._qmp: qmp_glue.QMPClient | None = None
         self._executor: netconf.Executor | None = None  # opened at launch: claiming a name writes nothing
-        #: kernel/initrd/disk as the node checked them (symlinks resolved): what QEMU is given
+        #: kernel/initrd/disk as the node checked them (as opened: no symlink below the image dir): what QEMU is given
         self.images: dict[str, str] = {}
         self._fd_paths: dict[str, str] = {}  # "/proc/self/fd/N" QEMU was given -> the file's path
         self.timings: dict[str, float] = {}
@@ -598,18 +599,25 @@ class Instance:
         self.checkpoint(Checkpoint.TAPS)
         opened: list[_Closeable] = []  # taps, sockets and files QEMU gets as fds; ours are closed after the spawn
         try:
+            # kernel/initrd, opened once more (a file may have changed since the check) on a
+            # worker thread (a FIFO, a slow disk) and copied into sealed memfds: QEMU's copies
+            self.checkpoint(Checkpoint.IMAGES_CHECKED)
+            boot = await trio.to_thread.run_sync(self._open_boot_files)
+            opened.extend(boot.values())
             taps: list[netconf.TapHandle] = []
             for nic in self.nics:
                 taps.append(netconf.open_tap(nic.tap, nic.queues, mac=netconf.fe_mac(nic.mac)))
                 opened.append(taps[-1])
-            host = self._host_fds(opened)
+            host = self._host_fds(opened, boot)
             argv = build_argv(
                 self.spec, ctx.cfg, ctx.layout,
                 [NicFds(n.mac, tuple(t.fds), t.vnet_hdr) for n, t in zip(self.nics, taps)],
                 host=host, incoming=incoming, images=self.images,
             )
             self.uid = self._qemu_uid()
-            jail = plan_for(self.spec, ctx.cfg, self.images, QEMU_ENV) if ctx.cfg.qemu_chroot else None
+            jail = None
+            if ctx.cfg.qemu_chroot:  # reads the qcow2 chain's headers: a worker thread
+                jail = await trio.to_thread.run_sync(plan_for, self.spec, ctx.cfg, self.images, QEMU_ENV)
             # stdout/stderr into a FIFO qsup copies into the capped log (supervisor/_console.py)
             log_r, log_w = open_log_fifo(ctx.layout.log_fifo_path(name))
             try:
@@ -637,23 +645,20 @@ class Instance:
         self.checkpoint(Checkpoint.ATTACHED)
         return t_spawn, t_qmp
 
-    def _host_fds(self, opened: list[_Closeable]) -> HostFds:
-        """Bind the monitor and console sockets and open kernel/initrd, for QEMU to inherit."""
+    def _open_boot_files(self) -> dict[str, io.FileIO]:
+        """Kernel and initrd by the rule of supervisor/_images.py, as sealed memfds (blocking: a worker thread)."""
+        paths = {k: self.images.get(k) or getattr(self.spec, k) for k in BOOT_FIELDS}
+        return open_boot_files(paths, self.ctx.cfg.image_dirs, max_bytes=self.spec.memory << 20)
+
+    def _host_fds(self, opened: list[_Closeable], boot: dict[str, io.FileIO]) -> HostFds:
+        """Bind the monitor and console sockets, for QEMU to inherit with ``boot`` (kernel/initrd)."""
         layout, name = self.ctx.layout, self.name
         socks = [listening_socket(p) for p in (layout.qmp_path(name), layout.operator_qmp_path(name),
                                                layout.console_socket_path(name))]
         opened.extend(socks)
-        files: dict[str, io.FileIO] = {}
-        for key in ("kernel", "initrd"):
-            path = self.images.get(key) or getattr(self.spec, key)
-            if path:
-                try:
-                    files[key] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with ``opened``
-                except OSError as e:
-                    raise SpecError(key, f"cannot open {path!r}: {e.strerror}") from None
-                opened.append(files[key])
-                self._fd_paths[f"/proc/self/fd/{files[key].fileno()}"] = path
-        return HostFds(*(s.fileno() for s in socks), **{k: f.fileno() for k, f in files.items()})
+        for key, f in boot.items():  # QEMU names the file as /proc/self/fd/N in its errors
+            self._fd_paths[f"/proc/self/fd/{f.fileno()}"] = self.images.get(key) or getattr(self.spec, key)
+        return HostFds(*(s.fileno() for s in socks), **{k: f.fileno() for k, f in boot.items()})
 
     def _qemu_uid(self) -> int | None:
         """The uid QEMU runs as: the instance's own, unless the config or post-copy says otherwise.

@@ -132,44 +132,62 @@ def resolve_exe(qemu: str, path_env: str) -> str:
     return os.path.realpath(found)
 
 
-def qcow2_backing(path: str) -> str | None:
-    """The backing file a qcow2 header names (as written), or None (not qcow2, no backing)."""
+def qcow2_backing(fd: int) -> str | None:
+    """The backing file the qcow2 header in ``fd`` names (as written), or None (not qcow2, no backing)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-            if len(head) < 20 or head[:4] != b"QFI\xfb":
-                return None
-            offset, size = struct.unpack(">QI", head[8:20])
-            if not offset or not 0 < size <= 1023:
-                return None
-            f.seek(offset)
-            name = f.read(size)
+        head = os.pread(fd, 20, 0)
+        if len(head) < 20 or head[:4] != b"QFI\xfb":
+            return None
+        offset, size = struct.unpack(">QI", head[8:20])
+        if not offset or not 0 < size <= 1023:
+            return None
+        name = os.pread(fd, size, offset)
     except OSError:
         return None
     return name.decode("utf-8", "surrogateescape") if len(name) == size else None
 
 
-def disk_chain(disk: str, *, qcow2: bool) -> list[tuple[str, bool]]:
+def disk_chain(disk: str, *, qcow2: bool, roots: Sequence[str | os.PathLike] = ("/",)) -> list[tuple[str, bool]]:
     """``[(path, rw)]``: the disk read-write, then the files of its qcow2 backing chain read-only.
 
     Only a disk QEMU is told is qcow2 (``.qcow2``, like the argv) has backing files.  A
     backing name is relative to the directory of the image naming it; ``json:`` and protocol
     names (``nbd:...``) are no files and are left to QEMU, as is a missing file (QEMU says
     which).  A loop ends the chain; so does :data:`MAX_BACKING_DEPTH`.
+
+    Every file is opened by the rule of :mod:`supervisor._images` -- inside ``roots`` (the
+    node's ``image_dirs``), no symlink followed, ``O_NONBLOCK``, a regular file (the disk may
+    be a block device) -- and its header read from that descriptor; anything else is a
+    ``SpecError`` naming ``disk``.  Blocking file I/O: called on a worker thread.
     """
-    chain = [(disk, True)]
+    from ._images import MissingImage, open_image  # daemon side only: the helper never walks a chain
+
+    chain: list[tuple[str, bool]] = []
     seen = {disk}
-    current = disk if qcow2 else None
-    while current is not None and len(chain) <= MAX_BACKING_DEPTH:
-        name = qcow2_backing(current)
+    path, named_by = disk, None
+    while True:
+        what = repr(path) if named_by is None else f"backing file {path!r} (named by {named_by!r})"
+        try:
+            fd, st, _ = open_image("disk", path, roots, flags=os.O_RDONLY, allow_device=named_by is None,
+                                   what=what)
+        except MissingImage:
+            if named_by is None:
+                raise
+            break  # QEMU names a missing backing file itself
+        chain.append((path, named_by is None))
+        try:
+            more = qcow2 and stat.S_ISREG(st.st_mode) and len(chain) <= MAX_BACKING_DEPTH
+            name = qcow2_backing(fd) if more else None
+        finally:
+            os.close(fd)
         if not name or name.startswith("json:") or ":" in name.split("/", 1)[0]:
             break
-        real = os.path.realpath(os.path.join(os.path.dirname(current), name))
-        if real in seen or not os.path.exists(real):
+        # no symlink below the image dir was followed to get here: ".." can be taken by name
+        nxt = os.path.normpath(os.path.join(os.path.dirname(path), name))
+        if nxt in seen:
             break
-        seen.add(real)
-        chain.append((real, False))
-        current = real
+        seen.add(nxt)
+        path, named_by = nxt, path
     return chain
 
 
@@ -220,12 +238,12 @@ def build_plan(root: str | os.PathLike, *, exe: str, disks: Sequence[tuple[str, 
 def plan_for(spec, cfg, images: dict[str, str], env: dict) -> JailPlan:
     """The jail of ``spec``'s QEMU on a node with config ``cfg``; creates its mount point.
 
-    ``images``: the paths the node checked (symlinks resolved), which QEMU is given.
+    ``images``: the paths the node checked (as opened: no symlink below the image dir), which QEMU is given.
     """
     try:
         exe = resolve_exe(cfg.qemu, env.get("PATH", ""))
         disk = images.get("disk") or spec.disk
-        disks = disk_chain(disk, qcow2=disk.endswith(".qcow2")) if disk else []
+        disks = disk_chain(disk, qcow2=disk.endswith(".qcow2"), roots=cfg.image_dirs) if disk else []
         tls_dir = None
         if cfg.tls is not None:  # QEMU's creds dirs appear in it at migration time (supervisor/_tls.py)
             from ._tls import make_qemu_creds_root, qemu_creds_root  # not at import: the helper needs neither

@@ -9,22 +9,22 @@ nothing.  Both raise :class:`SpecError` naming the field (``nics[1].ip``, ``disk
   instances with the same ``ip`` in the same routing table would silently take over each
   other's route (the second ``route replace`` wins).
 * :func:`check_images` -- ``kernel``/``initrd``/``disk`` must be regular files (device nodes
-  only for ``disk`` and only with ``allow_device_disks``), inside one of ``image_dirs`` when
-  that is set, after resolving every symlink and ``..``.  It returns the resolved paths:
-  pass *those* to QEMU, so a symlink swapped after the check cannot redirect it.
+  only for ``disk`` and only with ``allow_device_disks``) inside one of ``image_dirs``, reached
+  without following a symlink below the image dir (:mod:`supervisor._images`).  It returns the
+  paths as opened: pass *those* to QEMU.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
 
+from ._images import check_image
 from ._spec import InstanceSpec, SpecError
 
 # The kernel's own table names (iproute2 knows them without rt_tables); a routed NIC without
@@ -92,56 +92,32 @@ def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec],
                                        f"{other.name!r} ({ofield}){where}")
 
 
-def check_images(spec: InstanceSpec, image_dirs: Sequence[str | os.PathLike] | None,
+def check_images(spec: InstanceSpec, image_dirs: Sequence[str | os.PathLike],
                  allow_device_disks: bool = False) -> dict[str, str]:
-    """Check ``kernel``/``initrd``/``disk``; return ``{field: resolved path}`` for those set.
+    """Check ``kernel``/``initrd``/``disk``; return ``{field: the path as opened}`` for those set.
 
-    * missing (or dangling) -> refused;
-    * every symlink and ``..`` is resolved first, and the *result* is checked;
-    * ``image_dirs`` set: the result must be inside one of them (they are resolved too);
-      ``None`` (the config default) allows any path;
-    * the result must be a regular file; a block/character device is allowed for ``disk``
-      only, and only with ``allow_device_disks``; directories, FIFOs, sockets never.
+    Each is opened (``O_PATH``: nothing read, no device opened, never blocking) by the rule of
+    :mod:`supervisor._images`: inside one of ``image_dirs`` (``["/"]``: anywhere), no symlink
+    followed below the image dir, ``..`` never leaving it; then ``fstat``: a regular file, or a
+    block/character device for ``disk`` only and only with ``allow_device_disks``; missing
+    files, directories, FIFOs and sockets never.
 
-    QEMU should be given the returned paths, not the spec's.
+    QEMU should be given the returned paths (the image dir's resolved name joined with the
+    rest: no symlink in them).  Kernel and initrd are opened again when QEMU is launched, by
+    the same rule, and that descriptor is the one whose content QEMU gets.
     """
-    roots = None
-    if image_dirs is not None:
-        roots = [Path(os.path.realpath(d)) for d in image_dirs]
     out: dict[str, str] = {}
     for field in ("kernel", "initrd", "disk"):
         value = getattr(spec, field)
-        if value is None:
-            continue
-        real = Path(os.path.realpath(value))
-        shown = repr(value) if str(real) == value else f"{value!r} (resolves to {str(real)!r})"
-        if roots is not None and not any(real == r or r in real.parents for r in roots):
-            dirs = ", ".join(repr(str(r)) for r in roots) or "none"
-            raise SpecError(field, f"{shown} is not inside image_dirs ({dirs})")
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise SpecError(field, f"{shown} does not exist") from None
-        except OSError as e:
-            raise SpecError(field, f"{shown}: {e.strerror}") from None
-        if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode):
-            if field != "disk":
-                raise SpecError(field, f"{shown} is a device node, not a regular file")
-            if not allow_device_disks:
-                raise SpecError(field, f"{shown} is a device node "
-                                       "(allowed only with allow_device_disks = true)")
-        elif not stat.S_ISREG(st.st_mode):
-            raise SpecError(field, f"{shown} is not a regular file")
-        out[field] = str(real)
+        if value is not None:
+            out[field] = check_image(field, value, image_dirs, allow_device_disks)
     return out
 
 
 # --- config value types (used by _config.Config) ---------------------------------------------
 
 
-def _check_image_dirs(v: list[Path] | None) -> list[Path] | None:
-    if v is None:
-        return v
+def _check_image_dirs(v: list[Path]) -> list[Path]:
     for d in v:
         if not d.is_absolute():
             raise ValueError(f"{str(d)!r} must be an absolute path")
@@ -151,5 +127,8 @@ def _check_image_dirs(v: list[Path] | None) -> list[Path] | None:
     return v
 
 
-#: Config ``image_dirs``: absolute directories, or None (any path allowed).
-ImageDirs = Annotated[list[Path] | None, AfterValidator(_check_image_dirs)]
+#: the config's ``image_dirs`` unless it says otherwise; ``["/"]`` is how a config allows any path
+DEFAULT_IMAGE_DIRS = (Path("/var/lib/qsup/images"),)
+
+#: Config ``image_dirs``: absolute directories (``["/"]``: any path, chosen explicitly).
+ImageDirs = Annotated[list[Path], AfterValidator(_check_image_dirs)]

@@ -46,7 +46,9 @@ class HostFds:
     The monitors and the console are unix sockets qsup binds and QEMU listens
     on (``-chardev socket,fd=N``): they outlive a daemon restart like a path
     QEMU bound would, and an unprivileged QEMU needs no access to the run
-    dir.  Kernel and initrd are opened by qsup and named ``/proc/self/fd/N``.
+    dir.  Kernel and initrd are sealed memfd copies of the files qsup opened
+    (supervisor/_images.py), named ``/proc/self/fd/N``: QEMU reopens that path with its own
+    uid, which a memfd allows whatever the original file's permissions.
     """
 
     qmp: int
@@ -75,7 +77,7 @@ def build_argv(
     incoming: bool = False,
     images: dict[str, str] | None = None,
 ) -> list[str]:
-    """``images``: the disk path as checked (symlinks resolved), else the spec's."""
+    """``images``: the disk path as checked (as opened, no symlink below its image dir), else the spec's."""
     name = spec.name
     disk = (images or {}).get("disk") or spec.disk
     accel = spec.accel or cfg.accel

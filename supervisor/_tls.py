@@ -34,12 +34,15 @@ import os
 import secrets
 import shutil
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qmp_glue import QMPClient  # imported lazily at run time: `qsup ls` does without it
+
+    from ._config import Config  # (which imports this module)
 
 #: the verified client certificate's node name on this connection (None: no certificate)
 PEER_NODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("qsup_peer_node", default=None)
@@ -186,6 +189,33 @@ def qemu_creds_root(run_dir: Path) -> Path:
 def qemu_creds_dir(run_dir: Path, name: str, endpoint: str) -> Path:
     """Instance ``name``'s creds dir as a migration ``endpoint`` (``server``/``client``)."""
     return qemu_creds_root(run_dir) / f"{name}.{endpoint}"
+
+
+def check_qemu_reaches_run_dir(cfg: Config) -> None:
+    """At daemon start: QEMU, as an instance uid, must be able to reach ``<run_dir>/tls``.
+
+    Only with ``tls_*`` (QEMU reads its migration's keys there), a root daemon and
+    ``qemu_user = "per-instance"``; not with ``qemu_chroot`` (the jail binds the directory
+    under directories of its own).  QEMU has no group of a host directory, so every directory
+    on the way -- as written and as resolved -- must be searchable by others.  Otherwise every
+    TLS migration to this node would fail on "Permission denied", after its source started.
+    ``TlsError`` naming ``run_dir`` and the first directory in the way.
+    """
+    if cfg.tls is None or cfg.qemu_user != "per-instance" or cfg.qemu_chroot or os.geteuid() != 0:
+        return
+    path = Path(os.path.abspath(cfg.run_dir))
+    real = Path(os.path.realpath(path))
+    for d in dict.fromkeys([*reversed(path.parents), path, *reversed(real.parents), real]):
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if not st.st_mode & stat.S_IXOTH:
+            raise TlsError(f"QEMU (an instance uid of qemu_uids {cfg.qemu_uids}) cannot reach "
+                           f"{str(path)!r}: {str(d)!r} is mode {stat.S_IMODE(st.st_mode):04o}, owner "
+                           f"{st.st_uid}:{st.st_gid}, not searchable by others, so a TLS migration's keys in "
+                           f"<run_dir>/tls would be unreadable to QEMU; make it searchable (chmod o+x) "
+                           "or choose another run_dir (the default /run/qsup is)", "run_dir")
 
 
 def make_qemu_creds_root(root: Path) -> None:

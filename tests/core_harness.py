@@ -83,7 +83,8 @@ class Bench:
         self.socket = self.dir / "qsup.sock"
         base = dict(state_dir=str(self.dir / "state"), run_dir=str(self.dir / "run"), socket=str(self.socket),
                     hooks_dir="", accel="tcg", qemu=str(fake_qemu_exe(tmp_path)), qemu_user="",
-                    powerdown_timeout=2.0, node_name=name, migration_address="127.0.0.1")
+                    powerdown_timeout=2.0, node_name=name, migration_address="127.0.0.1",
+                    image_dirs=[str(tmp_path)])  # where spec() writes its kernel
         base.update(cfg)
         self.cfg = load_config(None, **base)
         self.faults = faults

@@ -35,7 +35,8 @@ def spec(**kw) -> dict:
 def make_cfg(tmp_path, **kw):
     base = dict(state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
                 socket=str(tmp_path / "qsup.sock"), hooks_dir=str(tmp_path / "no-hooks"),
-                accel="tcg", qemu="/bin/false", qemu_user="", powerdown_timeout=1.0)
+                accel="tcg", qemu="/bin/false", qemu_user="", powerdown_timeout=1.0,
+                image_dirs=[os.path.dirname(KERNEL), str(tmp_path)])
     base.update(kw)
     return load_config(None, **base)
 

@@ -41,7 +41,8 @@ class Daemon:
         self.sock = tmp / "qsup.sock"
         self.config = tmp / "qsup.toml"
         lines = {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "socket": str(self.sock),
-                 "hooks_dir": str(tmp / "no-hooks"), "qemu": "/bin/false", "qemu_user": "", "accel": "tcg", **cfg}
+                 "hooks_dir": str(tmp / "no-hooks"), "qemu": "/bin/false", "qemu_user": "", "accel": "tcg",
+                 "image_dirs": [str(ROOT)], **cfg}
         self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items()))
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen([*QSUP, "serve", "--config", str(self.config)], stdout=self.log,

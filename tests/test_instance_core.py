@@ -7,7 +7,9 @@ final state with its error in an event.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 
 import pytest
@@ -221,6 +223,87 @@ def test_host_checks_run_off_the_trio_thread(tmp_path, monkeypatch):
     run(main)
 
 
+# -- issue 16, finding 3: the files handed to QEMU ----------------------------------------------
+
+class _ChangeAt(Faults):
+    """Runs ``action`` when ``at`` is reached instead of raising: a file changes between check and open."""
+
+    def __init__(self, at: Checkpoint, action):
+        super().__init__()
+        self.point, self.action = at, action
+
+    def reach(self, point: Checkpoint) -> None:
+        self.reached.append(point)
+        if point is self.point and not self.fired:
+            self.fired = True
+            self.action()
+
+
+def test_a_fifo_swapped_in_for_a_checked_kernel_is_refused_and_the_node_keeps_answering(tmp_path):
+    s = spec(tmp_path)
+
+    def swap():
+        os.unlink(s.kernel)
+        os.mkfifo(s.kernel)
+
+    a = Bench(tmp_path, "a", _ChangeAt(Checkpoint.IMAGES_CHECKED, swap))
+    done = threading.Event()
+
+    def unblock():  # code that blocks in open() is let go after 5 s (the test then fails on the stall)
+        if not done.wait(5):
+            with open(s.kernel, "wb"):
+                pass
+
+    async def main():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await trio.sleep(0.01)
+
+        async with a.running(), trio.open_nursery() as n:
+            n.start_soon(ticker)
+            threading.Thread(target=unblock, daemon=True).start()
+            await trio.sleep(0.05)
+            try:
+                with pytest.raises(StartError) as e:
+                    await a.node.start(s)
+            finally:
+                done.set()
+            gaps = [y - x for x, y in zip(ticks, ticks[1:])]
+            assert max(gaps) < 1, f"the trio thread stalled for {max(gaps):.2f}s"
+            assert e.value.field == "kernel" and "FIFO" in str(e.value), e.value
+            assert "vm" not in a.node.instances and a.of("instance.failed")
+            n.cancel_scope.cancel()
+
+    run(main)
+    assert a.faults.fired and a.state_left() == []
+
+
+def test_the_jail_plan_with_its_chain_walk_runs_off_the_trio_thread(tmp_path, monkeypatch):
+    from supervisor._jail import JailError
+
+    on_trio_thread = []
+
+    def plan_for(*args, **kw):
+        on_trio_thread.append(threading.current_thread() is threading.main_thread())
+        raise JailError("not built in this test")
+
+    monkeypatch.setattr("supervisor._instance.plan_for", plan_for)
+    a = Bench(tmp_path, "a", qemu_chroot=True)
+
+    async def main():
+        async with a.running():
+            with pytest.raises(StartError) as e:
+                await a.node.start(spec(tmp_path))
+            assert e.value.field == "qemu_chroot", e.value
+
+    assert threading.current_thread() is threading.main_thread()  # trio.run runs here
+    run(main)
+    assert on_trio_thread == [False] and a.state_left() == []
+
+
 # -- item 6: field names from check_link pass through ------------------------------------------
 
 def test_check_host_keeps_check_links_field(monkeypatch):
@@ -341,7 +424,8 @@ SCENARIOS = {"start-stop": _scenario_start_stop, "quit": _scenario_escalated_sto
              "migrate-pause": _scenario_migrate_pause}
 
 #: the launch checkpoints, reached first by the source's start and then by the destination's launch
-LAUNCH = [Checkpoint.DIRS, Checkpoint.TAPS, Checkpoint.SPAWNED, Checkpoint.QMP, Checkpoint.ATTACHED]
+LAUNCH = [Checkpoint.DIRS, Checkpoint.TAPS, Checkpoint.IMAGES_CHECKED, Checkpoint.SPAWNED, Checkpoint.QMP,
+          Checkpoint.ATTACHED]
 #: covered by their own tests below (they need a daemon restart)
 ELSEWHERE = {Checkpoint.REATTACH, Checkpoint.REATTACH_STATUS}
 

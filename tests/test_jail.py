@@ -262,3 +262,58 @@ def test_a_start_whose_jail_fails_names_qemu_chroot_and_leaves_nothing(tmp_path)
     trio.run(main)
     assert a.state_left() == []
     assert os.listdir(tmp_path / "a" / "state" / "jail") == []
+
+
+# -- the chain walker: the rules of every file qsup opens for QEMU (issue 16, finding 3) ----------
+
+def test_the_chain_walker_never_follows_a_symlink_nor_blocks_on_a_fifo(tmp_path):
+    import threading
+    import time
+
+    from supervisor._spec import SpecError
+
+    fifo = tmp_path / "fifo.raw"
+    os.mkfifo(fifo)
+    (tmp_path / "real.raw").write_bytes(b"\0" * 512)
+    (tmp_path / "link.raw").symlink_to(tmp_path / "real.raw")
+    on_fifo, on_link = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    _qcow2(on_fifo, "fifo.raw")
+    _qcow2(on_link, "link.raw")
+    done = threading.Event()
+
+    def unblock():  # code that blocks in open() is let go after 3 s (the test then fails on the time)
+        while not done.wait(3):
+            os.close(os.open(fifo, os.O_WRONLY))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    t = time.monotonic()
+    try:
+        with pytest.raises(SpecError) as e:
+            disk_chain(str(on_fifo), qcow2=True)
+        assert e.value.field == "disk" and "FIFO" in str(e.value) and str(fifo) in str(e.value), e.value
+        with pytest.raises(SpecError) as e:  # the disk itself
+            disk_chain(str(fifo), qcow2=True)
+        assert e.value.field == "disk" and "FIFO" in str(e.value), e.value
+    finally:
+        done.set()
+    assert time.monotonic() - t < 1
+    with pytest.raises(SpecError) as e:
+        disk_chain(str(on_link), qcow2=True)
+    assert e.value.field == "disk" and "symbolic link" in str(e.value), e.value
+
+
+def test_the_chain_walker_keeps_backing_files_inside_image_dirs(tmp_path):
+    from supervisor._spec import SpecError
+
+    (tmp_path / "images" / "vm").mkdir(parents=True)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "base.raw").write_bytes(b"\0" * 512)
+    (tmp_path / "images" / "base.raw").write_bytes(b"\0" * 512)
+    top = tmp_path / "images" / "vm" / "top.qcow2"
+    _qcow2(top, "../../base/base.raw")
+    with pytest.raises(SpecError) as e:
+        disk_chain(str(top), qcow2=True, roots=[tmp_path / "images"])
+    assert e.value.field == "disk" and "image_dirs" in str(e.value), e.value
+    _qcow2(top, "../base.raw")  # relative, with "..", inside: bound at its own name
+    assert disk_chain(str(top), qcow2=True, roots=[tmp_path / "images"]) == [
+        (str(top), True), (str(tmp_path / "images" / "base.raw"), False)]

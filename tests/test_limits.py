@@ -146,9 +146,9 @@ def images(tmp_path):
     return d
 
 
-def test_any_regular_file_when_image_dirs_unset(images, tmp_path):
+def test_any_regular_file_when_image_dirs_is_root(images, tmp_path):
     s = spec(kernel=str(images / "vmlinuz"), initrd=str(tmp_path / "secret"))
-    check_images(s, None, False)
+    check_images(s, ["/"], False)
 
 
 def test_inside_image_dirs(images, tmp_path):
@@ -165,50 +165,51 @@ def test_outside_image_dirs_refused(images, tmp_path, field):
     assert e.field == field and "image_dirs" in str(e), e
 
 
-def test_dotdot_and_symlinks_are_resolved_first(images, tmp_path):
+def test_dotdot_may_not_leave_and_symlinks_are_not_followed(images, tmp_path):
     e = refused(check_images, spec(kernel=str(images / ".." / "secret")), [images], False)
     assert e.field == "kernel", e
     os.symlink(tmp_path / "secret", images / "link")
     e = refused(check_images, spec(kernel=str(images / "link")), [images], False)
-    assert e.field == "kernel" and str(tmp_path / "secret") in str(e), e
-    # a symlinked image dir is resolved too, and a link inside it to inside is fine
+    assert e.field == "kernel" and "symbolic link" in str(e), e
+    # a symlinked image dir is the operator's (followed); a link inside it, even to inside, is not
     os.symlink(images, tmp_path / "imglink")
     os.symlink(images / "vmlinuz", images / "good")
-    assert check_images(spec(kernel=str(images / "good")), [tmp_path / "imglink"], False) == {
+    assert refused(check_images, spec(kernel=str(images / "good")), [tmp_path / "imglink"], False).field == "kernel"
+    assert check_images(spec(kernel=str(tmp_path / "imglink" / "vmlinuz")), [tmp_path / "imglink"], False) == {
         "kernel": str(images / "vmlinuz")}
 
 
 def test_missing_file_refused(images):
-    e = refused(check_images, spec(kernel=str(images / "nope")), None, False)
+    e = refused(check_images, spec(kernel=str(images / "nope")), ["/"], False)
     assert e.field == "kernel" and "does not exist" in str(e), e
     e = refused(check_images, spec(kernel=str(images / "nope")), [images], False)
     assert e.field == "kernel", e
 
 
 def test_directory_and_fifo_refused(images):
-    e = refused(check_images, spec(kernel=str(images)), None, False)
+    e = refused(check_images, spec(kernel=str(images)), ["/"], False)
     assert e.field == "kernel" and "regular file" in str(e), e
     os.mkfifo(images / "fifo")
-    e = refused(check_images, spec(kernel=str(images / "fifo")), None, False)
+    e = refused(check_images, spec(kernel=str(images / "fifo")), ["/"], False)
     assert e.field == "kernel", e
 
 
 def test_device_disk_only_when_allowed():
     s = spec(kernel=None, disk="/dev/null")
-    e = refused(check_images, s, None, False)
+    e = refused(check_images, s, ["/"], False)
     assert e.field == "disk" and "allow_device_disks" in str(e), e
-    assert check_images(s, None, True) == {"disk": "/dev/null"}
+    assert check_images(s, ["/"], True) == {"disk": "/dev/null"}
     # image_dirs still apply to devices
     assert refused(check_images, s, ["/srv/images"], True).field == "disk"
     assert check_images(s, ["/dev"], True) == {"disk": "/dev/null"}
     # a kernel or initrd is never a device
-    e = refused(check_images, spec(kernel="/dev/null"), None, True)
+    e = refused(check_images, spec(kernel="/dev/null"), ["/"], True)
     assert e.field == "kernel", e
 
 
 def test_device_disk_behind_a_symlink_refused(tmp_path):
     os.symlink("/dev/null", tmp_path / "disk.img")
-    e = refused(check_images, spec(kernel=None, disk=str(tmp_path / "disk.img")), None, False)
+    e = refused(check_images, spec(kernel=None, disk=str(tmp_path / "disk.img")), ["/"], True)
     assert e.field == "disk", e
 
 
@@ -219,7 +220,8 @@ def test_config_keys_defaults_and_refusals():
     from supervisor._config import load_config
 
     c = load_config(None)
-    assert (c.qemu_uids, c.image_dirs, c.allow_device_disks) == ("60000-60999", None, False)
+    assert (c.qemu_uids, c.image_dirs, c.allow_device_disks) == (
+        "60000-60999", [__import__("pathlib").Path("/var/lib/qsup/images")], False)
     assert c.console_max_bytes == 1024 * 1024
     assert load_config(None, image_dirs=["/srv/images"]).image_dirs == [__import__("pathlib").Path("/srv/images")]
     for kw, field in [({"qemu_uids": "0-10"}, "qemu_uids"), ({"qemu_uids": "1-2\n"}, "qemu_uids"),

@@ -153,7 +153,8 @@ def test_format_ts_is_utc_milliseconds():
 def _serve(tmp: Path, env: dict, **cfg) -> tuple[subprocess.Popen, Path, Path]:
     sock = tmp / "qsup.sock"
     conf = {"state_dir": str(tmp / "state"), "run_dir": str(tmp / "run"), "socket": str(sock),
-            "hooks_dir": "", "qemu": "/bin/false", "qemu_user": "", "accel": "tcg", **cfg}
+            "hooks_dir": "", "qemu": "/bin/false", "qemu_user": "", "accel": "tcg", "image_dirs": [str(ROOT)],
+            **cfg}
     config = tmp / "qsup.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
     logf = tmp / "stdout"

@@ -66,7 +66,7 @@ async def qsup_starts(tmp: Path, kernel: str, n: int, bare_times: list) -> list[
     from supervisor._eventlog import EventLog
 
     cfg = load_config(None, state_dir=str(tmp / "state"), run_dir=str(tmp / "run"), accel="tcg",
-                      hooks_dir="/nonexistent")
+                      hooks_dir="/nonexistent", image_dirs=[str(Path(kernel).parent)])
     events = EventLog(None)
     node = Node(cfg, events)
     out = []
