@@ -309,8 +309,14 @@ def test_live_migration_between_jailed_nodes_over_tls(jailed_tls_nodes):
     dst = b.cli_json("show", "m1")
     assert dst["state"] == "running"
     assert_jailed(b, "m1", dst["pid"], extra={str(b.run_dir / "tls")})
-    # both QEMUs loaded their creds through the jail (the object exists and the stream used it)
-    assert qmp(dst["qmp_operator"], "query-migrate-parameters")["tls-creds"] == "qsup-tls-server"
+    # the stream was TLS (this migration's own key, loaded through the jail), and once it ended
+    # the destination's QEMU holds no key any more
+    started = [e for e in a.events() if e["type"] == "migration.started" and e.get("instance") == "m1"]
+    assert started and started[-1]["tls"] is True
+    deadline = time.monotonic() + 10
+    while qmp(dst["qmp_operator"], "query-migrate-parameters")["tls-creds"]:
+        assert time.monotonic() < deadline, "the destination QEMU still holds the migration's key"
+        time.sleep(0.1)
     assert not pid_alive(src["pid"])
     assert_gone(a, "m1")
     assert_guest_whole(t, b, "m1", ip, busy=True)
