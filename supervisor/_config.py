@@ -135,6 +135,10 @@ class Config(BaseModel):
     #: node name -> "https://host:port" | "unix:/path" | {api = ..., migration = "host"};
     #: ``migrate --to`` names one of these, and credentials go to these only.
     peers: dict[str, Peer] = {}
+    #: names a client certificate (signed by ``tls_ca``) may carry to get operator rights on
+    #: ``listen``: every route.  A certificate naming a ``[peers]`` key is that peer (only its
+    #: own migrations to this node); one naming neither is refused (403) everywhere.
+    operators: list[str] = []
     on_shutdown: Literal["leave", "stop"] = "leave"
     #: lowest level logged (journald priorities: debug 7, info 6, warning 4, error 3, critical 2).
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -160,6 +164,8 @@ class Config(BaseModel):
     http_max_requests: int = Field(default=256, ge=1, le=100_000)
     #: HTTP: live ``events --follow`` streams per listener; more get 503
     http_max_followers: int = Field(default=64, ge=1, le=10_000)
+    #: HTTP: open connections per listener; one over it is accepted and closed at once
+    http_max_connections: int = Field(default=512, ge=1, le=100_000)
     hook_timeout: float = Field(default=10.0, gt=0, le=3600)
     event_retention: int = Field(default=100_000, ge=100)
     #: seconds a prepared migration destination waits for the source to connect.
@@ -210,6 +216,14 @@ class Config(BaseModel):
                     raise ValueError(f"invalid peer name {k!r} (a node name: {NAME_PATTERN})")
         return v
 
+    @field_validator("operators")
+    @classmethod
+    def _operator_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not NODE_NAME_RE.match(name):
+                raise ValueError(f"invalid certificate name {name!r} (a name: {NAME_PATTERN})")
+        return v
+
     @property
     def tls(self) -> TlsFiles | None:
         if self.tls_ca and self.tls_cert and self.tls_key:
@@ -248,6 +262,10 @@ def check_rules(cfg: Config) -> None:
                                       "set tls_ca, tls_cert and tls_key to listen elsewhere")
         if cfg.tls is None and not cfg.token_file:
             raise SpecError("token_file", "required when listen is set without TLS")
+    both = sorted(set(cfg.operators) & set(cfg.peers))
+    if both:
+        raise SpecError("operators", f"{both[0]!r} is a declared peer: a certificate is a peer or an operator, "
+                                     "not both")
     if cfg.tls is None and not is_loopback_host(cfg.migration_address) and not cfg.allow_plain_migration_network:
         raise SpecError("migration_address", f"{cfg.migration_address!r}: without TLS the migration stream is plain "
                                              "TCP, so only a loopback address unless allow_plain_migration_network "

@@ -14,10 +14,12 @@ Start-up, in an order that matters:
 4. Bind the API socket (mode 0660: access to the API is access to the socket file), the
    optional TCP listener and the optional ``metrics_listen`` listener (no token: it serves
    only ``GET /metrics`` and ``GET /v1/health``, for Prometheus and load balancers), and start
-   hypercorn's trio worker on them.  The TCP listener is HTTPS when ``tls_*`` is set
-   (supervisor/_tls.py): a caller presents a client certificate signed by ``tls_ca`` (it is
-   then the node its certificate names, ``scope["qsup.peer_node"]``) or the bearer token.
-   Without TLS it may bind a loopback address only (the config refuses anything else).
+   hypercorn's HTTP/1.1 protocol on them, behind our own accept loop (at most
+   ``http_max_connections`` open connections per listener).  The TCP listener is HTTPS when
+   ``tls_*`` is set (supervisor/_tls.py): a caller presents a client certificate signed by
+   ``tls_ca`` (its name goes into ``scope["qsup.cert_name"]``; the API makes it a peer's or an
+   operator's role, or refuses it: supervisor/api/_authz.py) or the bearer token.  Without TLS
+   it may bind a loopback address only (the config refuses anything else).
 5. Tell systemd ``READY=1`` (``Type=notify``).  Only now: a unit ordered after qsup can rely on
    every surviving instance being supervised again.
 
@@ -33,20 +35,25 @@ import contextlib
 import errno
 import fcntl
 import functools
+import math
 import os
 import signal
 import socket
 import stat
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
 from ._config import Config
 from ._records import Layout, ensure_dir
-from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files, check_qemu_reaches_run_dir
+from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files, check_qemu_reaches_run_dir, server_context
 from .api import HttpLimits, Metrics, create_app, create_metrics_app
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config as HConfig
 
 log = structlog.get_logger("qsup.daemon")
 
@@ -125,12 +132,13 @@ def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
     return sock
 
 
-def bind_tcp(listen: str, key: str = "listen") -> socket.socket:
-    """Bind ``host:port`` (``[v6]:port``; empty host: all IPv4 addresses); ``key`` names the config key."""
+def bind_tcp(listen: str, key: str = "listen", *, empty_host: str = "0.0.0.0") -> socket.socket:
+    """Bind ``host:port`` (``[v6]:port``; an empty host is ``empty_host``: all IPv4 addresses unless
+    said otherwise -- ``metrics_listen`` says loopback); ``key`` names the config key."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise DaemonError(f"{key}: expected host:port, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or empty_host
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(fam, socket.SOCK_STREAM)
     try:
@@ -163,59 +171,74 @@ def read_token(path: Path) -> str:
 
 
 class PeerAuth:
-    """ASGI layer of the TLS listener: a verified client certificate stands for the bearer token.
+    """ASGI layer of the TLS listener: the name a verified client certificate carries goes into
+    ``scope["qsup.cert_name"]`` (absent: no certificate).
 
-    The handshake already checked the certificate against ``tls_ca`` (an unknown one never
-    gets here); its node name goes into ``scope["qsup.peer_node"]`` and the request is passed
-    on as authorized.  Without a certificate the request goes on as it came: the inner app
-    asks for the token.  (The inner app checks ``Authorization: Bearer``; a certificate caller
-    gets the token put in by this layer, so one check serves both ways in.)
+    The handshake already checked the certificate against ``tls_ca`` (an unknown one never gets
+    here).  The name is not a right: the API's outer layer makes it a role -- a declared peer, an
+    operator listed in ``operators``, or nobody (403 everywhere) -- and one check decides what
+    that role may call (supervisor/api/_authz.py).  Without a certificate the bearer token is
+    asked for; a certificate caller's ``Authorization`` header counts for nothing.
     """
 
-    def __init__(self, app, token: str):
+    def __init__(self, app):
         self.app = app
         self.state = getattr(app, "state", None)
-        self._auth = (b"authorization", f"Bearer {token}".encode())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] in ("http", "websocket"):
-            scope = dict(scope)
-            peer = PEER_NODE.get()
-            scope["qsup.peer_node"] = peer
-            if peer is not None:
-                scope["headers"] = [h for h in scope["headers"] if h[0] != b"authorization"] + [self._auth]
+        if scope["type"] == "http":
+            scope = {k: v for k, v in scope.items() if k != "qsup.cert_name"}
+            name = PEER_NODE.get()
+            if name is not None:
+                scope["qsup.cert_name"] = name
         await self.app(scope, receive, send)
 
 
-def _hypercorn_config(tls: TlsFiles | None):
+#: open connections per listener unless the config says (``http_max_connections``)
+MAX_CONNECTIONS = 512
+
+
+class ConnectionCap(trio.abc.Listener[trio.SocketStream]):
+    """A listener that keeps at most ``limit`` connections open: over it, a connection is accepted
+    and closed at once (before any TLS), so a flood of idle or trickling clients holds at most
+    ``limit`` file descriptors and tasks, and the kernel's backlog keeps draining.
+
+    A connection counts until its handler ends (:meth:`release`): for a client that left an idle
+    connection, when hypercorn's idle timer closes it, at most ``http_header_timeout`` later.
+    """
+
+    def __init__(self, listener: trio.SocketListener, limit: int, key: str = ""):
+        self.listener = listener
+        self.limit = limit
+        self.key = key
+        self.open = 0
+        self.refused = 0
+        self._logged = -math.inf
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            stream = await self.listener.accept()
+            if self.open < self.limit:
+                self.open += 1
+                return stream
+            self.refused += 1
+            await trio.aclose_forcefully(stream)
+            if time.monotonic() - self._logged > 10:  # not one line per refused connection
+                self._logged = time.monotonic()
+                log.warning("connection refused: over http_max_connections", listener=self.key, limit=self.limit,
+                            refused=self.refused)
+
+    def release(self) -> None:
+        self.open -= 1
+
+    async def aclose(self) -> None:
+        await self.listener.aclose()
+
+
+def _hypercorn_config(header_timeout: float) -> HConfig:
     from hypercorn.config import Config as HConfig
 
-    if tls is None:
-        return HConfig()
-    files = tls
-
-    class TlsConfig(HConfig):
-        def create_ssl_context(self):
-            from ._tls import server_context
-
-            return server_context(files)
-
-    hc = TlsConfig()
-    # what hypercorn itself would use; our create_ssl_context builds the same plus the peer hook
-    hc.certfile, hc.keyfile, hc.ca_certs = str(tls.cert), str(tls.key), str(tls.ca)
-    import ssl as _ssl
-
-    hc.verify_mode = _ssl.CERT_OPTIONAL
-    return hc
-
-
-async def _serve_http(app, sock: socket.socket, header_timeout: float, *, tls: TlsFiles | None = None,
-                      task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """hypercorn's trio worker on a socket we bound ourselves (``fd://``: it takes the fd over)."""
-    from hypercorn.trio import serve
-
-    hc = _hypercorn_config(tls)
-    hc.bind = [f"fd://{sock.detach()}"]
+    hc = HConfig()
     hc.accesslog = None
     hc.errorlog = None  # our own middleware logs
     hc.graceful_timeout = 1.0
@@ -223,7 +246,46 @@ async def _serve_http(app, sock: socket.socket, header_timeout: float, *, tls: T
     # trickles its header (slowloris) is cut off after it.  (Not ``read_timeout``: that also
     # cuts an ``events --follow`` client, which rightly sends nothing for hours.)
     hc.keep_alive_timeout = header_timeout
-    await serve(app, hc, task_status=task_status, mode="asgi")
+    # and the TLS handshake before it (hypercorn's default: 60 s of a silent connection)
+    hc.ssl_handshake_timeout = header_timeout
+    return hc
+
+
+async def _serve_http(app, sock: socket.socket, header_timeout: float, *, tls: TlsFiles | None = None,
+                      max_connections: int = MAX_CONNECTIONS, key: str = "",
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's HTTP/1.1 protocol (its ``TCPServer``, one per connection) on a socket we bound
+    ourselves, behind our own accept loop: hypercorn's ``serve()`` accepts without a limit, so
+    the loop is ours and :class:`ConnectionCap` caps it.  With ``tls`` the listener is HTTPS
+    (``server_context``: client certificates optional, verified against ``tls_ca``; the peer's
+    name recorded for :class:`PeerAuth`).  No ASGI lifespan: the apps have no start-up hooks.
+    """
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+    from hypercorn.utils import wrap_app
+
+    hc = _hypercorn_config(header_timeout)
+    cap = ConnectionCap(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), max_connections, key)
+    listener: trio.abc.Listener = cap
+    if tls is not None:
+        listener = trio.SSLListener(cap, server_context(tls), https_compatible=True)
+    asgi = wrap_app(app, hc.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+
+    async def connection(stream) -> None:
+        try:
+            await TCPServer(asgi, hc, context, ConnectionState({}), stream)
+        finally:
+            cap.release()
+
+    async with trio.open_nursery() as handlers:
+        try:
+            task_status.started()
+            await trio.serve_listeners(connection, [listener], handler_nursery=handlers)
+        finally:
+            await context.terminated.set()
+            handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
 
 
 # -- the daemon --------------------------------------------------------------------------------
@@ -251,7 +313,8 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         socks.append(bind_unix(cfg.socket))
         bound = True
         tcp = bind_tcp(cfg.listen, "listen") if cfg.listen else None
-        metrics_sock = bind_tcp(cfg.metrics_listen, "metrics_listen") if cfg.metrics_listen else None
+        metrics_sock = (bind_tcp(cfg.metrics_listen, "metrics_listen", empty_host="127.0.0.1")
+                        if cfg.metrics_listen else None)
         socks += [s for s in (tcp, metrics_sock) if s is not None]
         Layout(cfg.state_dir, cfg.run_dir).prepare()
         try:
@@ -273,20 +336,21 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 app = create_app(node, events, metrics, reattached=reattached, limits=limits)
                 async with trio.open_nursery() as http:
                     apps = [app]
-                    await http.start(_serve_http, app, socks[0], cfg.http_header_timeout)
+                    serve = functools.partial(_serve_http, max_connections=cfg.http_max_connections)
+                    await http.start(functools.partial(serve, key="socket"), app, socks[0], cfg.http_header_timeout)
                     if tcp is not None:
                         tcp_app = create_app(node, events, metrics, token=token, reattached=reattached,
                                              limits=limits)
                         if cfg.tls is not None:
-                            assert token is not None  # a TLS listener always has one (made up above)
-                            tcp_app = PeerAuth(tcp_app, token)
+                            tcp_app = PeerAuth(tcp_app)
                         apps.append(tcp_app)
-                        await http.start(functools.partial(_serve_http, tls=cfg.tls), tcp_app, tcp,
+                        await http.start(functools.partial(serve, tls=cfg.tls, key="listen"), tcp_app, tcp,
                                          cfg.http_header_timeout)
                     if metrics_sock is not None:
                         metrics_app = create_metrics_app(node, events, metrics, reattached=reattached)
                         apps.append(metrics_app)
-                        await http.start(_serve_http, metrics_app, metrics_sock, cfg.http_header_timeout)
+                        await http.start(functools.partial(serve, key="metrics_listen"), metrics_app, metrics_sock,
+                                         cfg.http_header_timeout)
                     socks.clear()  # hypercorn owns them now
                     events.emit("daemon.ready", node=cfg.node_name, pid=os.getpid(), reattached=reattached,
                                 reattach_ms=reattach_ms)

@@ -513,10 +513,12 @@ class Instance:
         self.emit("instance.started", timings_ms=self.timings, pid=self._qemu.pid)
         return self
 
-    async def launch_incoming(self, postcopy: bool) -> str:
-        """Destination of a live migration: L2 now, L3 staged, applied only at ``completed``."""
+    async def launch_incoming(self, postcopy: bool, source: str | None = None) -> str:
+        """Destination of a live migration: L2 now, L3 staged, applied only at ``completed``.
+        ``source``: the declared peer that prepared it (kept on the migration, and recorded)."""
         ctx = self.ctx
-        m = self.migration = IncomingMigration(self, postcopy, release_wait=ctx.cfg.incoming_timeout)
+        m = self.migration = IncomingMigration(self, postcopy, release_wait=ctx.cfg.incoming_timeout,
+                                               source=source)
         t0 = time.perf_counter()
         self.emit("instance.starting", spec=self.spec_json(), incoming=True)
         await self._launch(incoming=True, reason="migrate-in")
@@ -570,7 +572,9 @@ class Instance:
         if migration and migration.get("direction") == "in":
             incoming = IncomingMigration(self, bool(migration.get("postcopy")),
                                          release_wait=self.ctx.cfg.incoming_timeout,
-                                         source_released=migration.get("source_released") is True)
+                                         source_released=migration.get("source_released") is True,
+                                         source=migration.get("source") if isinstance(migration.get("source"), str)
+                                         else None)
             self.migration = incoming
             self._recovery = partial(self._recover_incoming, incoming)
         elif migration:

@@ -1001,9 +1001,12 @@ class IncomingMigration:
     direction = "in"
 
     def __init__(self, port: InstancePort, postcopy: bool, *, release_wait: float = 120.0,
-                 source_released: bool = False):
+                 source_released: bool = False, source: str | None = None):
         self.port = port
         self.postcopy = postcopy
+        #: the declared peer that prepared it, the only peer that may drive it (None: the
+        #: operator's); recorded, so a restarted daemon still knows (supervisor/api/_authz.py)
+        self.source = source
         self.status = "setup"  # QEMU's own word for its migration
         self.uri: str | None = None
         self.activation: dict[str, float] | None = None
@@ -1028,11 +1031,11 @@ class IncomingMigration:
     def view(self) -> dict[str, object]:
         return {"direction": "in", "status": self.status, "uri": self.uri, "postcopy": self.postcopy,
                 "l3": self.l3.now.value, "source_released": not self.l3.is_(DestinationL3.STAGED),
-                "activation": self.activation}
+                "activation": self.activation, "source": self.source}
 
     def record(self) -> dict[str, object]:
         return {"direction": "in", "postcopy": self.postcopy,
-                "source_released": not self.l3.is_(DestinationL3.STAGED)}
+                "source_released": not self.l3.is_(DestinationL3.STAGED), "source": self.source}
 
     async def recover_postcopy(self, address: str) -> int:
         """The post-copy stream broke (``postcopy-paused``): listen again on a new port."""

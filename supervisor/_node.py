@@ -238,14 +238,15 @@ class Node:
         return await self._run(inst, inst.launch_start)
 
     async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False,
-                               generation: str | None = None) -> str:
-        """Be the destination of a live migration; returns the URI to migrate to."""
+                               generation: str | None = None, source: str | None = None) -> str:
+        """Be the destination of a live migration; returns the URI to migrate to.  ``source``:
+        the declared peer that prepared it, the only peer that may drive it (None: the operator)."""
         if postcopy:
             self._check_postcopy()
         inst = await self._claim(spec)
         if generation:
             inst.generation = generation
-        return await self._run(inst, inst.launch_incoming, postcopy)
+        return await self._run(inst, inst.launch_incoming, postcopy, source)
 
     async def abort_incoming(self, name: str) -> Instance:
         inst = self.get(name)

@@ -385,7 +385,7 @@ class _Boom:
     async def start(self, spec):
         raise self.exc
 
-    async def prepare_incoming(self, spec, postcopy=False, generation=None):
+    async def prepare_incoming(self, spec, postcopy=False, generation=None, source=None):
         raise self.exc
 
 

@@ -503,7 +503,8 @@ def test_https_listener_with_client_certificates(tmp_path):
     subprocess.run([str(MAKE_CA), str(pki), "a=127.0.0.1", "admin"], check=True)
     subprocess.run([str(MAKE_CA), str(rogue), "admin"], check=True)
     port = _free_port()
-    d = Daemon(tmp_path, listen=f"127.0.0.1:{port}", **_pem_config(pki, "a"))
+    # "admin" is an operator here; a certificate that is neither that nor a peer gets 403 (test_authz.py)
+    d = Daemon(tmp_path, listen=f"127.0.0.1:{port}", operators=["admin"], **_pem_config(pki, "a"))
     url = f"https://127.0.0.1:{port}"
     ca = ["--cacert", str(pki / "ca.pem")]
     try:

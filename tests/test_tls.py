@@ -109,8 +109,9 @@ def _listener():
 
 
 def _serve_b(tmp_path, pki, body):
-    """Node "b" (fake QEMU, real API) behind the TLS listener with the token ``TOKEN``; runs ``body(port, seen)``."""
-    b = Bench(tmp_path, "b")
+    """Node "b" (fake QEMU, real API) behind the TLS listener with the token ``TOKEN``; runs ``body(port, seen)``.
+    Certificate "a" is an operator here (``operators``): tests/test_authz.py has the roles."""
+    b = Bench(tmp_path, "b", operators=["a"])
     seen: list = []
 
     async def main():
@@ -119,12 +120,12 @@ def _serve_b(tmp_path, pki, body):
 
             async def spy(scope, receive, send):  # what the inner app is given
                 if scope["type"] == "http":
-                    seen.append(scope.get("qsup.peer_node"))
+                    seen.append(scope.get("qsup.cert_name"))
                 await app(scope, receive, send)
 
             sock, port = _listener()
             async with trio.open_nursery() as n:
-                await n.start(functools.partial(_serve_http, tls=files(pki, "b"), **_SERVE_KW), PeerAuth(spy, TOKEN),
+                await n.start(functools.partial(_serve_http, tls=files(pki, "b"), **_SERVE_KW), PeerAuth(spy),
                               sock)
                 try:
                     await body(port, seen)

@@ -8,7 +8,8 @@ What the daemon, the CLI and the tests need; the modules behind it are private:
 * ``_routes.py``: instances, events, health, capacity, metrics, ``/openapi.json``;
 * ``_migration_routes.py``: live migration (prepare, migrate, cancel, release, recover, abort);
 * ``_events.py``: ``GET /v1/events`` as NDJSON straight to ASGI;
-* ``_asgi.py``: the Starlette app and the outermost layer (auth, limits, access log, metrics);
+* ``_authz.py``: the roles and the one access check (over ``_routes.ACCESS``);
+* ``_asgi.py``: the Starlette app and the outermost layer (role, auth, limits, access log, metrics);
 * ``_metrics.py``: Prometheus metrics.
 """
 

@@ -1,5 +1,6 @@
 """The ASGI side of the HTTP API: the Starlette app, its exception handlers, and the outermost layer
-(bearer auth on TCP, request limits, access log and metrics, the events fast path, a last-resort 500).
+(the caller's role and the one access check, bearer auth on TCP, request limits, access log and
+metrics, the events fast path, a last-resort 500).
 
 :func:`create_app` is what the daemon serves on its unix socket (and TCP listener);
 :func:`create_metrics_app` serves ``/metrics`` and ``/v1/health`` alone (``metrics_listen``).
@@ -18,11 +19,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ._authz import CERT_KEY, OPERATOR, ROLE_KEY, Role, role_for_certificate
 from ._errors import ERROR_TABLE, ErrorKind, HttpError, http_error, internal_error
 from ._events import EventStream, _LineCache
 from ._metrics import Metrics
 from ._request import query_bool, query_int
-from ._routes import ROUTES, openapi
+from ._routes import AUTHORIZER, ROUTES, openapi
 
 log = structlog.get_logger("qsup.api")
 
@@ -68,23 +70,37 @@ class _Started:
 
 
 class _Outer:
-    """Outermost ASGI layer: bearer auth (TCP only), access log + metrics, and a last-resort 500."""
+    """Outermost ASGI layer: the caller's role (``scope["qsup.role"]``) and the one access check
+    (``_routes.AUTHORIZER``), bearer auth (TCP only), access log + metrics, and a last-resort 500.
+
+    The role: a verified client certificate's name (``scope["qsup.cert_name"]``, put there by the
+    TLS listener's layer) decides -- a declared peer, a name in ``operators``, or no role; without
+    one, the bearer token is the operator (401 without it); a listener without a token (the unix
+    socket) serves the operator.  Non-HTTP scopes (websocket) are refused outright.
+    """
 
     state: AppState  # the inner app's, set by create_app / create_metrics_app
 
     def __init__(self, app, metrics: Metrics, token: str | None, *, events: bool = True,
-                 limits: HttpLimits | None = None):
+                 limits: HttpLimits | None = None, peers: frozenset[str] = frozenset(),
+                 operators: frozenset[str] = frozenset()):
         self.app = app
         self.metrics = metrics
         self.token = token.encode() if token else None
         self.events = events  # serve GET /v1/events (the fast path)
         self.limits = limits or HttpLimits()
+        self.peers = peers  # the config's [peers] names: their certificates are peers
+        self.operators = operators  # the config's operators: their certificates are operators
         self.active = 0  # requests being served now
         self.followers = 0  # of which live event streams
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # websocket (or anything newer): the API has none
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+            return
         t0 = time.perf_counter()
         started = _Started()
 
@@ -95,13 +111,18 @@ class _Outer:
             await send(message)
 
         self.active += 1
+        role = None
         try:
+            role = self._role(scope)
+            refusal = None if role is None else AUTHORIZER.refusal(role, scope, self.app.state.node)
             if self.active > self.limits.max_requests:
                 await HttpError(f"over {self.limits.max_requests} requests at once; retry", kind=ErrorKind.BUSY,
                                 headers={"retry-after": "1"}).response()(scope, receive, send_)
-            elif self.token is not None and not self._authorized(scope):
+            elif role is None:
                 await HttpError("missing or wrong bearer token", kind=ErrorKind.UNAUTHORIZED,
                                 headers={"www-authenticate": "Bearer"}).response()(scope, receive, send_)
+            elif refusal is not None:
+                await refusal.response()(scope, receive, send_)
             elif self.events and scope.get("path") == "/v1/events" and scope.get("method") == "GET":
                 await self._events(scope, receive, send, send_, started, t0)
             else:
@@ -121,7 +142,7 @@ class _Outer:
             self.metrics.observe_request(method, path, started.status, started.seconds or time.perf_counter() - t0)
             if started.status >= 400 or scope.get("path", "").startswith("/v1/instances") and method != "GET":
                 log.info("request", method=method, path=scope.get("path", "")[:200], status=started.status,
-                         ms=round((time.perf_counter() - t0) * 1000, 2))
+                         role=str(role) if role else None, ms=round((time.perf_counter() - t0) * 1000, 2))
 
     async def _events(self, scope, receive, send, send_, started: _Started, t0: float) -> None:
         """``GET /v1/events`` straight to the stream, past Starlette's middleware.
@@ -148,6 +169,18 @@ class _Outer:
             await EventStream(self.app.state, since, follow)(scope, receive, send)
         finally:
             self.followers -= follow
+
+    def _role(self, scope) -> Role | None:
+        """The caller's role, also put into ``scope["qsup.role"]``; None: no credentials (401)."""
+        cert = scope.get(CERT_KEY)
+        if cert is not None:  # a verified certificate decides, whatever Authorization says
+            role = role_for_certificate(cert, self.peers, self.operators)
+        elif self.token is None or self._authorized(scope):
+            role = OPERATOR
+        else:
+            return None
+        scope[ROLE_KEY] = role
+        return role
 
     def _authorized(self, scope) -> bool:
         for k, v in scope.get("headers", []):
@@ -180,14 +213,18 @@ def _default_metrics(node, events) -> Metrics:
 
 def create_app(node, events, metrics: Metrics | None = None, *, token: str | None = None,
                reattached: list[str] | None = None, limits: HttpLimits | None = None):
-    """The ASGI app for ``node``.  ``token`` set: every request needs ``Authorization: Bearer``.
+    """The ASGI app for ``node``.  ``token`` set (the TCP listener): every request needs
+    ``Authorization: Bearer`` or a client certificate (``scope["qsup.cert_name"]``), which is a
+    peer's (``node.cfg.peers``), an operator's (``node.cfg.operators``) or nobody's.
 
     Set ``app.state.stopping = True`` when the daemon begins to shut down: health answers 503
     and no new instance or migration is started.
     """
     metrics = metrics or _default_metrics(node, events)
     app = _starlette(ROUTES, node, events, metrics, reattached, openapi(authenticated=token is not None))
-    outer = _Outer(app, metrics, token, limits=limits)
+    cfg = getattr(node, "cfg", None)
+    outer = _Outer(app, metrics, token, limits=limits, peers=frozenset(getattr(cfg, "peers", None) or ()),
+                   operators=frozenset(getattr(cfg, "operators", None) or ()))
     outer.state = app.state  # so callers can update e.g. reattached, stopping
     return outer
 

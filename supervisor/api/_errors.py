@@ -29,6 +29,7 @@ class ErrorKind(enum.Enum):
 
     BAD_REQUEST = 400, "bad_request"  # malformed JSON, not an object, wrong content type, bad query parameter
     UNAUTHORIZED = 401, "unauthorized"  # the TCP listener without the right bearer token
+    FORBIDDEN = 403, "forbidden"  # the caller's role may not make this request (api/_authz.py)
     NOT_FOUND = 404, "not_found"  # unknown instance or route
     METHOD_NOT_ALLOWED = 405, "method_not_allowed"  # (with ``Allow``)
     TIMEOUT = 408, "timeout"  # the body did not arrive within BODY_TIMEOUT

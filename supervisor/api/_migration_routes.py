@@ -15,6 +15,11 @@
                                               202 view (follow it with GET)
     POST /v1/instances/{name}/migrate/cancel  source: migrate_cancel
 
+A declared peer (its client certificate) may call the four destination routes and only for itself:
+prepare an incoming from itself (``source`` absent or its own name), then abort, recover and
+confirm the release of the incomings it prepared (``_routes.ACCESS``, api/_authz.py); the
+source routes are the operator's.
+
 ``to`` must be a key of the node config's ``[peers]``; anything else (a URL, a socket path, an
 unknown name) is refused with 422 naming ``to`` before anything is contacted.  Credentials go to
 declared peers only: to an ``https://`` peer the node's certificate (``tls_cert``; the peer's
@@ -36,6 +41,7 @@ from .._instance import StartError
 from .._migration import MigrateOptions, Switchover, migration_refusal, parse_tcp_uri, peer_options, qemu_version
 from .._node import Conflict
 from .._spec import SpecError, parse_spec
+from ._authz import incoming_source, role_of
 from ._errors import ErrorKind, HttpError, http_error
 from ._openapi import NAME_PARAM, ApiRoute, Op, errors, json_body, links_by_name, ok, ref
 from ._request import instance, node, read_json, refuse_while_stopping, validate_body
@@ -50,6 +56,9 @@ class PrepareBody(_Body):
     postcopy: bool = False
     #: the source's instance generation: the guest keeps its identity across the move
     generation: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    #: the declared peer the guest comes from, which may then drive this incoming (a peer caller:
+    #: itself, the default; the operator: any declared peer, or none -- then only the operator)
+    source: str | None = Field(default=None, min_length=1, max_length=63)
 
 
 class MigrateBody(_Body):
@@ -62,12 +71,14 @@ class MigrateBody(_Body):
 
 async def prepare_incoming(request: Request) -> Response:
     body = validate_body(PrepareBody, await read_json(request))
+    # a peer prepares from itself only (403 naming source); recorded on the incoming
+    source = incoming_source(role_of(request.scope), body.source, getattr(node(request).cfg, "peers", None) or {})
     refuse_while_stopping(request)
     try:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
         uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy,
-                                                              generation=body.generation)
+                                                              generation=body.generation, source=source)
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
         raise http_error(e, field_prefix="spec") from None
     _, port = parse_tcp_uri(uri)
@@ -192,7 +203,12 @@ SCHEMAS = {
                        "postcopy": {"type": "boolean", "default": False},
                        "generation": {"anyOf": [{"type": "string", "pattern": "^[0-9a-f]{32}$"}, {"type": "null"}],
                                       "default": None,
-                                      "description": "the source's instance generation, kept across the move"}}},
+                                      "description": "the source's instance generation, kept across the move"},
+                       "source": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 63}, {"type": "null"}],
+                                  "default": None,
+                                  "description": "the declared peer the guest comes from, which may then drive "
+                                                 "this incoming; a peer may name only itself (the default for "
+                                                 "a peer), the operator any declared peer (or none)"}}},
     "Prepared": {
         "type": "object", "required": ["name", "port", "tls", "uri"],
         "properties": {"name": {"type": "string"},
@@ -256,5 +272,8 @@ SCHEMAS = {
             "uri": {"type": ["string", "null"]},
             "postcopy": {"type": "boolean"},
             "source_released": {"type": "boolean", "description": "the source confirmed its L3 release"},
+            "source": {"type": ["string", "null"],
+                       "description": "the declared peer that prepared it, the only peer that may drive it "
+                                      "(null: the operator's)"},
             "activation": {"anyOf": [ref("Activation"), {"type": "null"}]}}},
 }

@@ -8,7 +8,7 @@ is generated from the route list (:func:`document`) and cannot drift from it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from .._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, NAME_RE
 from .._state import ExitCause, State
+from ._authz import Access
 from ._errors import ErrorKind
 
 # -- routes that carry their OpenAPI operations ------------------------------------------------
@@ -86,6 +87,8 @@ def links_by_name(*operation_ids: str) -> dict:
 _ERROR_TEXT = {
     400: "Bad request: malformed JSON, not an object, wrong content type, bad query parameter",
     401: "Unauthorized: the TCP listener needs the bearer token (or a client certificate)",
+    403: "Forbidden: the caller's role may not call this (a peer outside its own migrations to this node, "
+         "or a certificate that is neither a declared peer nor in operators); see x-qsup-roles",
     404: "Not found: no such instance",
     409: "Conflict: the name is taken, or the migration was refused",
     413: "Request body over 64 KiB",
@@ -96,9 +99,9 @@ _ERROR_TEXT = {
 
 
 def errors(*codes: int) -> dict:
-    """Error answers for an operation; 401 is on every operation (the TCP listener)."""
+    """Error answers for an operation; 401 and 403 are on every operation (the TCP listener)."""
     return {str(c): {"description": _ERROR_TEXT[c], "content": {"application/json": {"schema": ref("Error")}}}
-            for c in sorted({401, *codes})}
+            for c in sorted({401, 403, *codes})}
 
 
 NAME_PARAM = {"name": "name", "in": "path", "required": True, "description": "The instance name",
@@ -365,8 +368,28 @@ _SECURITY_SCHEMES = {
 }
 
 
-def document(routes: list[ApiRoute], schemas: dict, *, authenticated: bool) -> dict:
-    """The OpenAPI 3.1 document of ``routes`` with the component ``schemas``.
+_ROLES_TEXT = ("Roles: the unix socket and the bearer token are the operator, who may call every operation. "
+               "On a TLS listener a client certificate naming a declared peer (a key of the node's [peers]) is "
+               "that peer, which may only take part in its own live migrations to this node; one whose name is "
+               "in the node's `operators` is the operator; any other gets 403 everywhere. Each operation's "
+               "`x-qsup-roles` lists who may call it.")
+
+
+def _with_roles(item: dict, access: Mapping[str, Access]) -> dict:
+    """A path item whose operations say who may call them (``x-qsup-roles`` and a sentence)."""
+    out = {}
+    for key, op in item.items():
+        if isinstance(op, dict) and "operationId" in op:
+            a = access[op["operationId"]]
+            said = op.get("description")
+            op = {**op, "description": f"{said} {a.sentence}" if said else a.sentence, "x-qsup-roles": a.roles}
+        out[key] = op
+    return out
+
+
+def document(routes: list[ApiRoute], schemas: dict, *, authenticated: bool, access: Mapping[str, Access]) -> dict:
+    """The OpenAPI 3.1 document of ``routes`` with the component ``schemas``; ``access`` (operationId
+    -> :class:`Access`) says who may call each operation.
 
     ``authenticated``: the TCP listener's document (every operation needs the bearer token or a
     client certificate); otherwise the unix socket's (no credentials: access is the socket's mode).
@@ -374,8 +397,8 @@ def document(routes: list[ApiRoute], schemas: dict, *, authenticated: bool) -> d
     return {
         "openapi": "3.1.0",
         "info": {"title": "qsup node API", "version": "1",
-                 "description": "A per-node QEMU supervisor. Errors are always an Error object."},
+                 "description": "A per-node QEMU supervisor. Errors are always an Error object. " + _ROLES_TEXT},
         "security": [{"bearer": []}, {"mutualTLS": []}] if authenticated else [{}],
-        "paths": {r.path: r.path_item() for r in routes},
+        "paths": {r.path: _with_roles(r.path_item(), access) for r in routes},
         "components": {"schemas": schemas, "securitySchemes": _SECURITY_SCHEMES},
     }

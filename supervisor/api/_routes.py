@@ -18,6 +18,7 @@ plus the migration routes of ``_migration_routes.py``.  Errors are always ``{"er
 
     400 bad_request      malformed JSON, not an object, wrong content type, bad query parameter
     401 unauthorized     TCP listener without the right bearer token
+    403 forbidden        the caller's role may not make this request (:data:`ACCESS`, _authz.py)
     404 not_found        unknown instance or route
     405 method_not_allowed (with ``Allow``)
     408 timeout          the body did not arrive within 30 s
@@ -71,6 +72,7 @@ from .._node import Conflict, NotFound
 from .._spec import parse_spec
 from .._state import State
 from . import _migration_routes
+from ._authz import Access, Authorizer
 from ._errors import ErrorKind, HttpError
 from ._events import EventStream
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -293,6 +295,31 @@ ROUTES = [
     *_migration_routes.ROUTES,
 ]
 
+#: Who may call each operation (by operationId; supervisor/api/_authz.py has the roles).  Checked
+#: on every request before Starlette routes it (``AUTHORIZER``, in ``_asgi._Outer``) and stated on
+#: every operation of the OpenAPI document (``x-qsup-roles``).  A declared peer takes part only in
+#: live migrations to this node, and only in the ones it prepared.
+ACCESS: dict[str, Access] = {
+    "get_openapi": Access.OPERATOR,
+    "get_metrics": Access.OPERATOR,
+    "get_health": Access.OPERATOR,
+    "get_capacity": Access.OPERATOR,
+    "list_instances": Access.OPERATOR,
+    "create_instance": Access.OPERATOR,
+    "show_instance": Access.PEER_INCOMING,  # the source follows the destination's view
+    "delete_instance": Access.OPERATOR,
+    "stop_instance": Access.OPERATOR,
+    "list_events": Access.OPERATOR,
+    "prepare_incoming": Access.PEER_PREPARE,
+    "abort_incoming": Access.PEER_INCOMING,
+    "recover_postcopy": Access.PEER_INCOMING,
+    "confirm_release": Access.PEER_INCOMING,
+    "migrate_instance": Access.OPERATOR,  # the source side: the operator's decision
+    "cancel_migration": Access.OPERATOR,
+}
+#: the table over the routes, built once (an operation without an entry fails the import)
+AUTHORIZER = Authorizer(ROUTES, ACCESS)
+
 
 def component_schemas() -> dict:
     return {**SCHEMAS, **_migration_routes.SCHEMAS}
@@ -304,4 +331,4 @@ def openapi(*, authenticated: bool = False) -> dict:
     ``authenticated``: the TCP listener's document (every operation needs the bearer token or a
     client certificate); otherwise the unix socket's (no credentials: access is the socket's mode).
     """
-    return document(ROUTES, component_schemas(), authenticated=authenticated)
+    return document(ROUTES, component_schemas(), authenticated=authenticated, access=ACCESS)
