@@ -410,6 +410,7 @@ class RawCell:
 
     def migrate(self, i: int) -> dict:
         env, src = self.env, self.cur
+        assert src is not None
         tap = TAPS[1] if src.tap == TAPS[0] else TAPS[0]
         dst = RawQemu(env, tap, True, self.append(), self.console, f"b{self.boots}-{i + 1}")
         self.since_boot += 1
@@ -681,7 +682,8 @@ def run_qsup(ver: str, tls: bool, cells: list[tuple[str, bool, int, bool]], args
     finally:
         for d in t.daemons:  # the daemons' logs outlive the work dir
             try:
-                shutil.copy(d.log_path, Path(args.out) / f"daemon-{sub.name}-{d.node_name}-{time.strftime('%H%M%S')}.log")
+                stamp = time.strftime("%H%M%S")
+                shutil.copy(d.log_path, Path(args.out) / f"daemon-{sub.name}-{d.node_name}-{stamp}.log")
             except OSError:
                 pass
         leaked = close_nodes(t)
@@ -833,7 +835,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/integrity", help="dir for the per-migration rows")
     args = ap.parse_args()
     if args.exclude and args.exclude != "none":
-        EXCLUDE[:] = [tuple(int(x, 16) for x in r.split("-")) for r in args.exclude.split(",")]
+        EXCLUDE[:] = [(int(r.split("-")[0], 16), int(r.split("-")[1], 16)) for r in args.exclude.split(",")]
     elif args.exclude == "none":
         EXCLUDE.clear()
 
