@@ -276,13 +276,15 @@ class LeftQemu(int):
         return f"<qemu {int(self)}: {self.why}>"
 
 
-def qemus_under(state_dir: Path) -> set[int]:
-    """Every live process qsup started under ``state_dir``: its stdout or stderr is a log file
-    in ``<state_dir>/logs/`` (how qsup starts QEMU: ``<name>.log`` is its output; jailed or not).
+def qemus_under(state_dir: Path, run_dir: Path | None = None) -> set[int]:
+    """Every live process qsup started under ``state_dir``: its stdout or stderr is the FIFO
+    ``<run_dir>/<name>/stderr.fifo`` qsup copies into ``<state_dir>/logs/<name>.log`` (how qsup
+    starts QEMU, jailed or not), or that log file itself (a QEMU an older qsup started).
 
     Found by what the process holds open, not by its name: nobody else's QEMU writes there.
     """
     logs = f"{Path(state_dir).resolve()}/logs/"
+    fifos = f"{Path(run_dir).resolve()}/" if run_dir is not None else None
     me = os.getpid()
     out = set()
     for d in os.listdir("/proc"):
@@ -293,7 +295,7 @@ def qemus_under(state_dir: Path) -> set[int]:
                 target = os.readlink(f"/proc/{d}/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith(logs):
+            if target.startswith(logs) or (fifos and target.startswith(fifos) and target.endswith("/stderr.fifo")):
                 if pid_alive(int(d)):
                     out.add(int(d))
                 break
@@ -315,11 +317,12 @@ def recorded_qemu_pids(state_dir: Path) -> set[int]:
     return out
 
 
-def unowned_qemus(state_dir: Path, owned: set[int], *, grace: float = 1.0) -> list[LeftQemu]:
+def unowned_qemus(state_dir: Path, owned: set[int], *, grace: float = 1.0,
+                  run_dir: Path | None = None) -> list[LeftQemu]:
     """The live QEMUs started under ``state_dir`` that are not in ``owned`` (what their daemon
     lists and records): each one a QEMU qsup leaked.  One already on its way out (quit, killed
     by the daemon's own teardown) gets ``grace`` seconds to go."""
-    suspects = qemus_under(state_dir) - set(owned)
+    suspects = qemus_under(state_dir, run_dir) - set(owned)
     deadline = time.monotonic() + grace
     while any(pid_alive(p) for p in suspects) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -327,7 +330,7 @@ def unowned_qemus(state_dir: Path, owned: set[int], *, grace: float = 1.0) -> li
             for p in sorted(suspects) if pid_alive(p)]
 
 
-def qemu_leak_check(state_dir: Path, listed: set[int] = frozenset()) -> list[LeftQemu]:
+def qemu_leak_check(state_dir: Path, listed: set[int] = frozenset(), run_dir: Path | None = None) -> list[LeftQemu]:
     """The leak check of one qsup (its process already dead), then its QEMUs killed by pid.
 
     Reported, before anything is killed: a live QEMU started under ``state_dir`` that qsup
@@ -337,10 +340,10 @@ def qemu_leak_check(state_dir: Path, listed: set[int] = frozenset()) -> list[Lef
     them is SIGKILLed by pid; one that survives SIGKILL is reported too.
     """
     owned = {p for p in set(listed) | recorded_qemu_pids(state_dir) if pid_alive(p)}
-    left = unowned_qemus(state_dir, owned)
-    found = qemus_under(state_dir)
+    left = unowned_qemus(state_dir, owned, run_dir=run_dir)
+    found = qemus_under(state_dir, run_dir)
     left += [LeftQemu(p, f"owned by its daemon but not found under {state_dir}: the leak check is blind to it")
-             for p in sorted(owned - found) if pid_alive(p) and p not in qemus_under(state_dir)]
+             for p in sorted(owned - found) if pid_alive(p) and p not in qemus_under(state_dir, run_dir)]
     return left + kill_qemus(found | owned)
 
 
@@ -494,7 +497,7 @@ class QsupRun(_Console):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        left = qemu_leak_check(self.state_dir)
+        left = qemu_leak_check(self.state_dir, run_dir=self.run_dir)
         self._stderr.close()
         return left
 
@@ -667,7 +670,7 @@ class QsupDaemon(_Console):
         if instances is None:
             instances = self.instance_pids()
         self.kill()
-        return qemu_leak_check(self.state_dir, instances)
+        return qemu_leak_check(self.state_dir, instances, self.run_dir)
 
 
 class Ovs:
