@@ -15,7 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, NAME_RE
+from netconf._types import MODES as netconf_MODES
+
+from .._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, NAME_RE, ON_PANIC_POLICIES
 from .._state import ExitCause, State
 from ._authz import Access
 from ._errors import ErrorKind
@@ -134,7 +136,7 @@ PATH_PATTERN = f"^/[^,{_TEXT}]*$"
 LINK_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 ACCEL_PATTERN = "^[a-z][a-z0-9_-]{0,15}$"
 STATES = [s.value for s in State]
-MODES = ["routed", "bridged", "openvswitch"]
+MODES = list(netconf_MODES)  # netconf/_types.py: the one definition
 
 
 def _nullable(schema: dict) -> dict:
@@ -183,7 +185,7 @@ INSTANCE_SPEC_BASE = {
     "additionalProperties": False,
     "required": ["name", "memory"],
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": NAME_RE.pattern},
         "memory": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024, "description": "MiB"},
         "vcpus": {"type": "integer", "minimum": 1, "maximum": 255, "default": 1},
         "kernel": {**_nullable(_PATH), "default": None},
@@ -196,7 +198,7 @@ INSTANCE_SPEC_BASE = {
                  "description": f"at most {MAX_NICS} NICs with at most {MAX_TOTAL_QUEUES} queues in all"},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
                  "default": []},
-        "on_panic": {**_nullable({"type": "string", "enum": ["pause", "stop", "restart"]}), "default": None,
+        "on_panic": {**_nullable({"type": "string", "enum": list(ON_PANIC_POLICIES)}), "default": None,
                      "description": "what a guest kernel panic does; default: the node's on_panic"},
     },
 }
