@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from ._errors import FieldError
+
 DEFAULT_CONFIG = Path("/etc/qsup/qsup.toml")
 DEFAULT_SOCKET = Path("/run/qsup/qsup.sock")
 
@@ -40,14 +42,13 @@ class StreamLost(Unreachable):
         self.last_seq = last_seq
 
 
-class RequestFailed(RuntimeError):
-    """The daemon answered with an error: ``status``, one-line ``message``, ``field``, ``code``."""
+class RequestFailed(FieldError, RuntimeError):
+    """The daemon answered with an error: one-line ``message``, ``field``, ``status``, ``code``."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
-        super().__init__(f"{field}: {message}" if field and not message.startswith(f"{field}:") else message)
+    def __init__(self, message: str, field: str | None = None, *, status: int, code: str | None = None):
+        self.field_in_text = not (field and message.startswith(f"{field}:"))  # the server's usually does
+        super().__init__(message, field)
         self.status = status
-        self.message = message
-        self.field = field
         self.code = code
 
 
@@ -263,7 +264,7 @@ def _reason(e: BaseException) -> str:
 def _api_error(r: httpx.Response) -> RequestFailed:
     try:
         doc = r.json()
-        return RequestFailed(r.status_code, str(doc.get("error") or r.reason_phrase), doc.get("field"),
-                             doc.get("code"))
+        return RequestFailed(str(doc.get("error") or r.reason_phrase), doc.get("field"), status=r.status_code,
+                             code=doc.get("code"))
     except (ValueError, AttributeError):
-        return RequestFailed(r.status_code, f"HTTP {r.status_code} {r.reason_phrase}")
+        return RequestFailed(f"HTTP {r.status_code} {r.reason_phrase}", status=r.status_code)

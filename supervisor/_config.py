@@ -237,15 +237,15 @@ def load_config(path: str | Path | None, **overrides) -> Config:
         try:
             data = tomllib.loads(Path(path).read_text())
         except OSError as e:
-            raise SpecError("", f"cannot read config {str(path)!r}: {e.strerror}") from None
+            raise SpecError(f"cannot read config {str(path)!r}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
-            raise SpecError("", f"{path}: invalid TOML: {e}") from None
+            raise SpecError(f"{path}: invalid TOML: {e}") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise SpecError(_loc(err["loc"]), _message(err)) from None
+        raise SpecError(_message(err), _loc(err["loc"])) from None
     check_rules(cfg)
     return cfg
 
@@ -255,22 +255,22 @@ def check_rules(cfg: Config) -> None:
     given = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(cfg, k) is not None]
     if given and len(given) < 3:
         missing = next(k for k in ("tls_ca", "tls_cert", "tls_key") if k not in given)
-        raise SpecError(missing, f"required with {given[0]} (tls_ca, tls_cert and tls_key go together)")
+        raise SpecError(f"required with {given[0]} (tls_ca, tls_cert and tls_key go together)", missing)
     if cfg.listen:
         if cfg.tls is None and not _is_loopback_listen(cfg.listen):
-            raise SpecError("listen", f"{cfg.listen!r}: plain HTTP only on a loopback address; "
-                                      "set tls_ca, tls_cert and tls_key to listen elsewhere")
+            raise SpecError(f"{cfg.listen!r}: plain HTTP only on a loopback address; "
+                            "set tls_ca, tls_cert and tls_key to listen elsewhere", "listen")
         if cfg.tls is None and not cfg.token_file:
-            raise SpecError("token_file", "required when listen is set without TLS")
+            raise SpecError("required when listen is set without TLS", "token_file")
     both = sorted(set(cfg.operators) & set(cfg.peers))
     if both:
-        raise SpecError("operators", f"{both[0]!r} is a declared peer: a certificate is a peer or an operator, "
-                                     "not both")
+        raise SpecError(f"{both[0]!r} is a declared peer: a certificate is a peer or an operator, "
+                        "not both", "operators")
     if cfg.tls is None and not is_loopback_host(cfg.migration_address) and not cfg.allow_plain_migration_network:
-        raise SpecError("migration_address", f"{cfg.migration_address!r}: without TLS the migration stream is plain "
-                                             "TCP, so only a loopback address unless allow_plain_migration_network "
-                                             "= true; or set tls_ca, tls_cert and tls_key")
+        raise SpecError(f"{cfg.migration_address!r}: without TLS the migration stream is plain "
+                        "TCP, so only a loopback address unless allow_plain_migration_network "
+                        "= true; or set tls_ca, tls_cert and tls_key", "migration_address")
     for name, peer in cfg.peers.items():
         if peer.is_https and cfg.tls is None:
-            raise SpecError(f"peers.{name}", "an https peer needs tls_ca, tls_cert and tls_key "
-                                             "(the peer's certificate is checked against tls_ca)")
+            raise SpecError("an https peer needs tls_ca, tls_cert and tls_key "
+                            "(the peer's certificate is checked against tls_ca)", f"peers.{name}")

@@ -166,30 +166,30 @@ def open_image(field: str, path: str, roots: Iterable[str | os.PathLike], *, fla
     found = locate(path, roots)
     if found is None:
         dirs = ", ".join(repr(os.fspath(r)) for r in roots) or "none"
-        raise SpecError(field, f"{shown} is not inside image_dirs ({dirs})")
+        raise SpecError(f"{shown} is not inside image_dirs ({dirs})", field)
     root, rel = found
     try:  # (openat2 refuses O_PATH with any other flag; O_PATH never blocks anyway)
         fd = open_beneath(root, rel, flags if flags & os.O_PATH else flags | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         if e.errno == errno.ENOENT:
-            raise MissingImage(field, f"{shown} does not exist") from None
+            raise MissingImage(f"{shown} does not exist", field) from None
         if e.errno == errno.ELOOP:
-            raise SpecError(field, f"{shown}: a symbolic link below the image dir is not followed "
-                                   "(name the file itself)") from None
+            raise SpecError(f"{shown}: a symbolic link below the image dir is not followed "
+                            "(name the file itself)", field) from None
         if e.errno == errno.EXDEV:
-            raise SpecError(field, f"{shown} leaves its image dir {root!r} (not inside image_dirs)") from None
+            raise SpecError(f"{shown} leaves its image dir {root!r} (not inside image_dirs)", field) from None
         if e.errno == errno.ENOTDIR:
-            raise SpecError(field, f"{shown}: a part of the path is not a directory") from None
-        raise SpecError(field, f"{shown}: {e.strerror}") from None
+            raise SpecError(f"{shown}: a part of the path is not a directory", field) from None
+        raise SpecError(f"{shown}: {e.strerror}", field) from None
     try:
         st = os.fstat(fd)
         if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode):
             if field != "disk":
-                raise SpecError(field, f"{shown} is a device node, not a regular file")
+                raise SpecError(f"{shown} is a device node, not a regular file", field)
             if not allow_device:
-                raise SpecError(field, f"{shown} is a device node (allowed only with allow_device_disks = true)")
+                raise SpecError(f"{shown} is a device node (allowed only with allow_device_disks = true)", field)
         elif not stat.S_ISREG(st.st_mode):
-            raise SpecError(field, f"{shown} is {_kind(st.st_mode)}, not a regular file")
+            raise SpecError(f"{shown} is {_kind(st.st_mode)}, not a regular file", field)
     except BaseException:
         os.close(fd)
         raise
@@ -247,10 +247,10 @@ def open_boot_files(paths: Mapping[str, str | None], roots: Iterable[str | os.Pa
                     raise ValueError
                 mfd = sealed_copy(fd, field, max_bytes)
             except ValueError:
-                raise SpecError(field, f"{path!r} is larger than the guest's memory ({max_bytes >> 20} MiB): "
-                                       "QEMU could not load it") from None
+                raise SpecError(f"{path!r} is larger than the guest's memory ({max_bytes >> 20} MiB): "
+                                "QEMU could not load it", field) from None
             except OSError as e:
-                raise SpecError(field, f"{path!r}: cannot read it: {e.strerror}") from None
+                raise SpecError(f"{path!r}: cannot read it: {e.strerror}", field) from None
             finally:
                 os.close(fd)
             out[field] = io.FileIO(mfd, "rb", closefd=True)

@@ -48,7 +48,7 @@ import qmp_glue
 
 from ._config import Config
 from ._console import open_log_fifo, pump_console, pump_log, read_tail
-from ._errors import describe, hook_output, only_cancelled, root_cause
+from ._errors import FieldError, describe, hook_output, only_cancelled, root_cause
 from ._eventlog import EventLog
 from ._faults import NO_FAULTS, Checkpoint
 from ._images import BOOT_FIELDS, open_boot_files
@@ -107,12 +107,8 @@ class NodeContext:
     uids: UidAllocator = dataclasses.field(default_factory=UidAllocator)  # the node passes one built from qemu_uids
 
 
-class StartError(RuntimeError):
+class StartError(FieldError, RuntimeError):
     """Starting failed; everything was rolled back.  ``field`` names the culprit when known."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
 
 
 def build_nics(spec: InstanceSpec) -> list[netconf.Nic]:
@@ -151,7 +147,7 @@ def check_host(nics: list[netconf.Nic]) -> None:
             netconf.check_link(nic, i)
         except netconf.NetconfError as e:
             field, sep, msg = str(e).partition(": ")
-            raise SpecError(field, msg) if sep else SpecError(f"nics[{i}]", str(e)) from None
+            raise SpecError(msg, field) if sep else SpecError(str(e), f"nics[{i}]") from None
 
 
 def _ms(a: float, b: float) -> float:

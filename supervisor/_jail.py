@@ -55,6 +55,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._errors import FieldError
+
 #: what the helper's one line of error starts with (the start's error then names ``qemu_chroot``)
 MARK = "qsup jail (qemu_chroot):"
 #: the helper's exit status when the jail could not be built or QEMU could not be executed
@@ -70,13 +72,11 @@ KVM = "/dev/kvm"
 MAX_BACKING_DEPTH = 16
 
 
-class JailError(RuntimeError):
-    """The jail can't be planned; ``field`` is the config key."""
+class JailError(FieldError, RuntimeError):
+    """The jail can't be planned; ``field`` is the config key, ``qemu_chroot``."""
 
-    field = "qemu_chroot"
-
-    def __init__(self, message: str):
-        super().__init__(f"{self.field}: {message}")
+    def __init__(self, message: str, field: str = "qemu_chroot"):
+        super().__init__(message, field)
 
 
 # -- the plan (daemon side) ------------------------------------------------------------------

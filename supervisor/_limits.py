@@ -75,7 +75,7 @@ def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec],
     for field, table, addr in _routed_addresses(spec, resolve):
         key = (table, addr)
         if key in mine:
-            raise SpecError(field, f"{addr} is also {mine[key]} of this instance")
+            raise SpecError(f"{addr} is also {mine[key]} of this instance", field)
         mine[key] = field
     if not mine:
         return
@@ -88,8 +88,8 @@ def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec],
             clash = mine.get((table, addr))
             if clash is not None:
                 where = "" if table == 254 else f" in table {table}"
-                raise SpecError(clash, f"{addr} is already routed to instance "
-                                       f"{other.name!r} ({ofield}){where}")
+                raise SpecError(f"{addr} is already routed to instance "
+                                f"{other.name!r} ({ofield}){where}", clash)
 
 
 def check_images(spec: InstanceSpec, image_dirs: Sequence[str | os.PathLike],

@@ -60,7 +60,7 @@ import netconf
 import qmp_glue
 from qmp_glue import JSONObject, QMPEvent
 
-from ._errors import describe, only_cancelled
+from ._errors import FieldError, describe, only_cancelled
 from ._faults import Checkpoint
 from ._migration_phases import (
     DestinationL3,
@@ -88,10 +88,13 @@ RUNNING_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "ca
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
-class MigrationError(RuntimeError):
-    def __init__(self, message: str, field: str | None = None, status: int | None = None):
-        super().__init__(message)
-        self.field = field
+class MigrationError(FieldError, RuntimeError):
+    """A migration was refused or failed; ``field`` is the request's (``to``, ``name``)."""
+
+    field_in_text = False  # the messages stand alone; the API answers the field apart
+
+    def __init__(self, message: str, field: str | None = None, *, status: int | None = None):
+        super().__init__(message, field)
         #: the HTTP status a peer answered with, when it answered
         self.status = status
 
@@ -385,7 +388,8 @@ class PeerClient:
             said, named = err.get("error"), err.get("field")
             message = said if isinstance(said, str) else r.text[:200]
             field_ = named if isinstance(named, str) else None
-            raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_, r.status_code)
+            raise MigrationError(f"destination refused ({r.status_code}): {message[:500]}", field_,
+                                 status=r.status_code)
         return body
 
     async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str) -> PrepareAnswer:

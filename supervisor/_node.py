@@ -26,6 +26,7 @@ import netconf
 import qmp_glue
 
 from ._config import Config
+from ._errors import FieldError
 from ._faults import NO_FAULTS
 from ._instance import Instance, NodeContext, StartError, check_host
 from ._limits import check_images, check_unique_addresses
@@ -46,17 +47,20 @@ def open_event_log(cfg: Config):
     return EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
 
 
-class Conflict(RuntimeError):
+class Conflict(FieldError, RuntimeError):
     """The request clashes with the node's state (a duplicate name, say)."""
 
     def __init__(self, message: str, field: str = "name"):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+        super().__init__(message, field)
 
 
-class NotFound(KeyError):
-    def __str__(self) -> str:
-        return f"no instance named {self.args[0]!r}"
+class NotFound(FieldError, KeyError):
+    """No instance by that name (the field is ``name``)."""
+
+    field_in_text = False
+
+    def __init__(self, message: str, field: str = "name"):
+        super().__init__(message, field)
 
 
 class Node:
@@ -149,7 +153,7 @@ class Node:
     def get(self, name: str) -> Instance:
         inst = self.instances.get(name)
         if inst is None:
-            raise NotFound(name)
+            raise NotFound(f"no instance named {name!r}")
         return inst
 
     def list(self) -> list[Instance]:
@@ -163,7 +167,7 @@ class Node:
         its teardown delete it (SpecError naming ``name``)."""
         own = {os.path.abspath(qemu_creds_root(self.cfg.run_dir)), os.path.abspath(self.cfg.socket)}
         if os.path.abspath(self.layout.instance_run_dir(name)) in own:
-            raise SpecError("name", f"{name!r} is reserved on this node: {self.cfg.run_dir}/{name} is qsup's own")
+            raise SpecError(f"{name!r} is reserved on this node: {self.cfg.run_dir}/{name} is qsup's own", "name")
         old = self.instances.get(name)
         if old is not None and not old.state.is_final:
             raise Conflict(f"instance {name!r} already exists ({old.state.value})")
@@ -205,13 +209,13 @@ class Node:
         if os.geteuid() != 0 or self.cfg.qemu_user == "" or unprivileged_userfaultfd():
             return
         if not self.cfg.allow_root_postcopy:
-            raise SpecError("postcopy", "this node's QEMU runs unprivileged and vm.unprivileged_userfaultfd "
-                                        "is 0: set it to 1, or allow_root_postcopy = true in the config")
+            raise SpecError("this node's QEMU runs unprivileged and vm.unprivileged_userfaultfd "
+                            "is 0: set it to 1, or allow_root_postcopy = true in the config", "postcopy")
         if self.cfg.image_dirs is None or any(os.path.abspath(d) == "/" for d in self.cfg.image_dirs):
-            raise SpecError("postcopy", "allow_root_postcopy would run this destination's QEMU as root with "
-                                        "its disk opened read-write: that needs image_dirs confining the "
-                                        "images in the config, not '/' (or vm.unprivileged_userfaultfd = 1, "
-                                        "which needs no root)")
+            raise SpecError("allow_root_postcopy would run this destination's QEMU as root with "
+                            "its disk opened read-write: that needs image_dirs confining the "
+                            "images in the config, not '/' (or vm.unprivileged_userfaultfd = 1, "
+                            "which needs no root)", "postcopy")
 
     def _host_and_image_checks(self, spec: InstanceSpec, nics, others=()) -> dict[str, str]:
         check_host(nics)

@@ -49,6 +49,8 @@ from pydantic_core import ErrorDetails
 from netconf._plan import GATEWAY4, GATEWAY6
 from netconf._types import BRIDGE_MODES, Mode
 
+from ._errors import FieldError
+
 #: An instance name, and a node name as a ``[peers]`` key: one path component that starts with a
 #: letter or digit, so never ``.``/``..``.  The one definition of the pattern.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
@@ -85,13 +87,8 @@ MAX_TOTAL_QUEUES = 64
 MAX_PATH = 4096
 
 
-class SpecError(ValueError):
-    """A spec is invalid.  ``str(err)`` is one line that names the field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
-        self.message = message
+class SpecError(FieldError, ValueError):
+    """A spec (or the node config) is invalid.  ``str(err)`` is one line that names the field."""
 
 
 def valid_name(v: object) -> bool:
@@ -310,7 +307,7 @@ class InstanceSpec(_Strict):
         for i, nic in enumerate(self.nics):
             mac = nic.mac or generated_mac(self.name, i)
             if mac in seen:
-                raise SpecError(f"nics[{i}].mac", f"duplicate MAC {mac} (also nics[{seen[mac]}])")
+                raise SpecError(f"duplicate MAC {mac} (also nics[{seen[mac]}])", f"nics[{i}].mac")
             seen[mac] = i
             out.append(nic.model_copy(update={"mac": mac}))
         return out
@@ -348,7 +345,7 @@ def _message(err: ErrorDetails) -> str:
 def parse_spec(data: object) -> InstanceSpec:
     """Validate a decoded spec (a dict); raise :class:`SpecError` on the first problem."""
     if not isinstance(data, dict):
-        raise SpecError("", "spec must be an object")
+        raise SpecError("spec must be an object")
     try:
         spec = InstanceSpec.model_validate(data)
     except ValidationError as e:
@@ -359,7 +356,7 @@ def parse_spec(data: object) -> InstanceSpec:
         if msg.startswith("@"):  # a model validator naming its field: "@link: ..."
             sub, _, msg = msg[1:].partition(": ")
             field = f"{field}.{sub}" if field else sub
-        raise SpecError(field, msg) from None
+        raise SpecError(msg, field) from None
     spec.resolved_nics()  # duplicate MACs
     return spec
 
@@ -370,12 +367,12 @@ def load_spec_file(path: str | Path) -> InstanceSpec:
     try:
         raw = p.read_bytes()
     except OSError as e:
-        raise SpecError("", f"cannot read spec {str(p)!r}: {e.strerror}") from None
+        raise SpecError(f"cannot read spec {str(p)!r}: {e.strerror}") from None
     try:
         if p.suffix == ".json" or raw.lstrip()[:1] == b"{":
             data = json.loads(raw)
         else:
             data = tomllib.loads(raw.decode())
     except (ValueError, UnicodeDecodeError) as e:
-        raise SpecError("", f"{p}: not valid JSON/TOML: {e}") from None
+        raise SpecError(f"{p}: not valid JSON/TOML: {e}") from None
     return parse_spec(data)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._errors import FieldError
+
 if TYPE_CHECKING:
     from qmp_glue import QMPClient  # imported lazily at run time: `qsup ls` does without it
 
@@ -62,12 +64,11 @@ ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
 """
 
 
-class TlsError(RuntimeError):
+class TlsError(FieldError, RuntimeError):
     """A TLS file cannot be used; ``field`` is the config key."""
 
     def __init__(self, message: str, field: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+        super().__init__(message, field)
 
 
 @dataclass(frozen=True)

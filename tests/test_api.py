@@ -380,7 +380,7 @@ class _Boom:
     def get(self, name):
         from supervisor._node import NotFound
 
-        raise NotFound(name)
+        raise NotFound(f"no instance named {name!r}")
 
     async def start(self, spec):
         raise self.exc
@@ -410,9 +410,9 @@ def _table_cases():
     from supervisor._spec import SpecError
 
     return [
-        ("spec", SpecError("nics[0].link", "bridge 'br9' does not exist"), 422, "invalid_spec", "nics[0].link"),
+        ("spec", SpecError("bridge 'br9' does not exist", "nics[0].link"), 422, "invalid_spec", "nics[0].link"),
         ("conflict", Conflict("instance 'vm1' already exists (running)"), 409, "conflict", "name"),
-        ("not-found", NotFound("vm1"), 404, "not_found", "name"),
+        ("not-found", NotFound("no instance named 'vm1'"), 404, "not_found", "name"),
         ("start", StartError("qemu: could not open kernel '/k': No such file", "kernel"), 422, "start_failed",
          "kernel"),
         ("migration", MigrationError("destination refused", "to"), 409, "conflict", "to"),
@@ -437,7 +437,7 @@ def test_error_table_maps_only_known_errors_to_4xx(case):
 def test_prepare_names_the_spec_field_inside_the_body():
     from supervisor._spec import SpecError
 
-    r = _boom(SpecError("nics[0].link", "bridge 'br9' does not exist"), "/v1/migrations/incoming",
+    r = _boom(SpecError("bridge 'br9' does not exist", "nics[0].link"), "/v1/migrations/incoming",
               {"spec": spec(), "postcopy": False})
     assert r.status_code == 422
     assert r.json() == {"error": "spec.nics[0].link: bridge 'br9' does not exist", "field": "spec.nics[0].link",

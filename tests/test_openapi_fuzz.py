@@ -107,7 +107,7 @@ class FakeNode:
     def get(self, name: str) -> FakeInstance:
         inst = self.instances.get(name)
         if inst is None:
-            raise NotFound(name)
+            raise NotFound(f"no instance named {name!r}")
         return inst
 
     def _claim(self, spec: InstanceSpec) -> FakeInstance:

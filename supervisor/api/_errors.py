@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 from starlette.responses import JSONResponse
 
+from .._errors import FieldError
 from .._instance import StartError
 from .._migration import MigrationError
 from .._node import Conflict, NotFound
@@ -67,18 +68,18 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
 }
 
 
-class HttpError(Exception):
+class HttpError(FieldError):
     """An error answer: one-line message, the offending field (or None), its :class:`ErrorKind`.
 
     (The CLI's client has its own exception for the answers it *receives*; this one is raised
     by the server to *send* one.)
     """
 
+    field_in_text = False  # the answer carries the field apart
+
     def __init__(self, message: str, field: str | None = None, *, kind: ErrorKind,
                  headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.message = one_line(message)
-        self.field = field or None
+        super().__init__(one_line(message), field)
         self.kind = kind
         self.headers = headers
 
@@ -125,11 +126,8 @@ def http_error(exc: BaseException, *, field_prefix: str = "") -> HttpError:
     kind = kind_for(exc)
     if kind is None:
         return internal_error(exc)
-    field: str | None
-    if isinstance(exc, NotFound):
-        field, message = "name", str(exc)
-    else:
-        field, message = getattr(exc, "field", None) or None, str(exc)
+    field = exc.field if isinstance(exc, FieldError) else None
+    message = str(exc)
     if field_prefix:
         message = f"{field_prefix}.{message}" if field else f"{field_prefix}: {message}"
         field = f"{field_prefix}.{field}" if field else field_prefix
