@@ -392,9 +392,15 @@ class PeerClient:
                                  status=r.status_code)
         return body
 
-    async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str) -> PrepareAnswer:
-        body = await self._call("POST", "/v1/migrations/incoming",
+    async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str) -> object:
+        """Ask the destination to prepare; its answer, unchecked (:meth:`prepared`): a 2xx means
+        it may have prepared *something*, which is then owed an abort if the answer is bad."""
+        return await self._call("POST", "/v1/migrations/incoming",
                                 json={"spec": spec, "postcopy": postcopy, "generation": generation})
+
+    @staticmethod
+    def prepared(name: str, body: object) -> PrepareAnswer:
+        """The destination's prepare answer, validated (MigrationError naming ``to`` if bad)."""
         answer = _peer_answer(PrepareAnswer, body, "prepare answer")
         if answer.name != name:
             raise MigrationError(f"destination prepared {answer.name[:80]!r}, not {name!r}", "to")
@@ -590,9 +596,10 @@ class OutgoingMigration:
                 peer = self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
                                                server_name=self.opts.peer)
                 self.port.checkpoint(Checkpoint.PREPARE)
-                answer = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
-                                            self.port.generation)
-                self.stream.move(Stream.PREPARED)
+                body = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
+                                          self.port.generation)
+                self.stream.move(Stream.PREPARED)  # it answered 2xx: from here on it is owed an abort
+                answer = peer.prepared(self.port.name, body)
                 if answer.tls != (self.opts.qemu_tls is not None):
                     raise MigrationError(
                         "the destination's migration stream is " + ("TLS" if answer.tls else "plain") +

@@ -35,8 +35,10 @@ def run(fn):
 
 # -- item 1: a malformed prepare answer --------------------------------------------------------
 
-def _fake_destination(answer: dict, status: int = 201):
+def _fake_destination(answer: dict, status: int = 201, calls: list | None = None):
     async def prepare(request):
+        if calls is not None:
+            calls.append(request.url.path)
         return JSONResponse(answer, status)
     return Starlette(routes=[Route("/v1/migrations/incoming", prepare, methods=["POST"]),
                              Route("/v1/migrations/incoming/{name}/abort", prepare, methods=["POST"])])
@@ -57,7 +59,9 @@ def test_bad_prepare_answer_fails_the_migration_and_keeps_the_guest_supervised(t
             hc = HyperConfig()
             sock = tmp_path / "evil.sock"
             hc.bind = [f"unix:{sock}"]
-            await n.start(functools.partial(serve, _fake_destination(answer), hc, shutdown_trigger=trio.sleep_forever))
+            calls: list[str] = []
+            await n.start(functools.partial(serve, _fake_destination(answer, calls=calls), hc,
+                                            shutdown_trigger=trio.sleep_forever))
             inst = await a.node.start(spec(tmp_path))
             await a.node.migrate("vm", MigrateOptions(to=str(sock)))
             await wait_for(lambda: inst.state != State.MIGRATING)
@@ -65,6 +69,8 @@ def test_bad_prepare_answer_fails_the_migration_and_keeps_the_guest_supervised(t
             failed = a.of("migration.failed")
             assert failed and "destination sent an invalid" in failed[-1]["error"] or \
                 "prepared 'other'" in failed[-1]["error"]
+            # it answered 201: whatever it prepared must be torn down, not left until incoming_timeout
+            assert calls == ["/v1/migrations/incoming", "/v1/migrations/incoming/vm/abort"], calls
             pid = inst.proc.pid
             await inst.stop(force=True)
             assert inst.state == State.STOPPED and not pid_alive(pid)

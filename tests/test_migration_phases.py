@@ -23,7 +23,6 @@ from supervisor._migration import (
     Outcome,
     OutgoingMigration,
     PeerView,
-    PrepareAnswer,
     Switchover,
 )
 from supervisor._migration_phases import (
@@ -151,7 +150,9 @@ class FakePeer:
 
     async def prepare(self, name, spec, postcopy, generation):
         self.steps.append("peer.prepare")
-        return PrepareAnswer(name=name, port=4444, tls=False)
+        return {"name": name, "port": 4444, "tls": False}
+
+    prepared = staticmethod(mig.PeerClient.prepared)
 
     async def confirm_release(self, name):
         self.steps.append("peer.confirm_release")
