@@ -641,7 +641,7 @@ def run_qsup(ver: str, tls: bool, cells: list[tuple[str, bool, int, bool]], args
                 i = 0
                 while len(rows) < args.n and failed < max(5, args.n // 5):
                     src, dst = (a, b) if holder is a else (b, a)
-                    r = qsup_migrate(t, src, dst, name, i, key, pause, downtime, busy, sub)
+                    r = qsup_migrate(t, src, dst, name, i, key, pause, downtime, busy, sub, args.migration_timeout)
                     since_boot += 1
                     r["boot"], r["since_boot"] = boots, since_boot
                     i += 1
@@ -719,7 +719,7 @@ def where_is(t: TwoNodes, name: str):
 
 
 def qsup_migrate(t: TwoNodes, src, dst, name: str, i: int, key: str, pause: bool, downtime: int, busy: bool,
-                 sub: Path) -> dict:
+                 sub: Path, migration_timeout: float) -> dict:
     row: dict = {"cell": key, "i": i, "from": src.node_name, "to": dst.node_name}
     operator = src.cli_json("show", name)["qmp_operator"]
     src_ns, dst_ns = (t.a, t.b) if src is t.daemons[0] else (t.b, t.a)
@@ -728,8 +728,16 @@ def qsup_migrate(t: TwoNodes, src, dst, name: str, i: int, key: str, pause: bool
     try:
         time.sleep(0.3)
         poller = PassPoller(operator)
-        r = src.cli("migrate", name, "--to", dst.node_name, "--json", "--switchover", "pause" if pause else "stop",
-                    "--downtime-limit", str(downtime), timeout=600, check=False)
+        argv = ("migrate", name, "--to", dst.node_name, "--json", "--switchover", "pause" if pause else "stop",
+                "--downtime-limit", str(downtime))
+        try:
+            r = src.cli(*argv, timeout=migration_timeout, check=False)
+        except subprocess.TimeoutExpired:  # not converging: cancel it, the guest stays on the source
+            src.cli("migrate", name, "--cancel", check=False, timeout=30)
+            deadline = time.monotonic() + 60
+            while src.cli_json("show", name).get("state") == "migrating" and time.monotonic() < deadline:
+                time.sleep(0.5)
+            r = subprocess.CompletedProcess(argv, 1, "", f"not completed within {migration_timeout:g} s: cancelled")
         lines = r.stdout.strip().splitlines()
         try:
             summary = json.loads(lines[-1]) if lines else {}
