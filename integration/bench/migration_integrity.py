@@ -39,8 +39,8 @@ under migtopo.MigrationWatch (route samplers on both nodes, the client's 100/s p
 each: (b)+(c) through the client namespace and qsup's console log
 (guestcheck.check_guest), and the route overlap between the two nodes must be 0.  ``passes``
 come from ``query-migrate`` polled on the source's operator monitor (the last answer seen; the
-source quits soon after ``completed``, so it may be one sync short).  ``pause`` is refused by
-qsup on QEMU < 10.0 (422, field ``switchover``): that cell records the refusal.
+source quits soon after ``completed``, so it may be one sync short).  qsup refuses a TCG
+migration from QEMU < 9.0 in either mode (422, field ``accel``): those cells record the refusal.
 
 A migration is **corrupted** when (a) finds a differing page, or (b) or (c) fail.  After a
 corrupted one the guest is replaced by a freshly booted one (a corrupted guest poisons later
