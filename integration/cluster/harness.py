@@ -739,6 +739,207 @@ system {{
         return left
 
 
+# --- the guest's real QEMU processes ----------------------------------------------------------
+
+def guest_qemus(cluster: Cluster, name: str) -> list[tuple[str, int, list[bytes]]]:
+    """(node, pid, argv) of every live QEMU process of guest ``name`` on the cluster's nodes,
+    found in the host's /proc (it sees every node's processes): argv[0] a qemu-system binary
+    and ``-name guest=NAME,...`` (supervisor/_qemu.py), mapped to its node by its network
+    namespace (qsup starts QEMU in its node's).  QEMUs of other clusters or tests are skipped."""
+    nets = {n.netns: n.name for n in cluster.nodes if n.netns}
+    want = f"guest={name},".encode()
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv or b"qemu-system" not in argv[0]:
+            continue
+        if not any(a == b"-name" and i + 1 < len(argv) and argv[i + 1].startswith(want) for i, a in enumerate(argv)):
+            continue
+        node = nets.get(_ns_inode(f"/proc/{p}/ns/net"))
+        if node and pid_alive(int(p)):
+            out.append((node, int(p), argv))
+    return out
+
+
+def _operator_socket(pid: int, argv: list[bytes]) -> str | None:
+    """The path of the QEMU's operator QMP monitor: the fd of ``-chardev socket,id=op-qmp,fd=N``
+    (qsup binds the socket and passes it), its inode, its path in the QEMU's /proc/PID/net/unix."""
+    fd = next((m.group(1) for a in argv if (m := re.match(rb"socket,id=op-qmp,fd=(\d+)", a))), None)
+    if fd is None:
+        return None
+    try:
+        inode = os.readlink(f"/proc/{pid}/fd/{fd.decode()}").removeprefix("socket:[").rstrip("]")
+        for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[6] == inode:
+                return f[7]
+    except OSError:
+        pass
+    return None
+
+
+class _Qmp:
+    """One kept-open connection to a QEMU's operator monitor: ``status()`` is query-status."""
+
+    def __init__(self, path: str, timeout: float):
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        try:
+            self.sock.connect(path)
+            self._reply()  # the greeting
+            self.sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            self._reply()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _reply(self) -> dict:
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise OSError("QMP connection closed")
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "event" not in msg:  # events (STOP, RESUME, MIGRATION...) come on this connection too
+                return msg
+
+    def status(self) -> dict:
+        self.sock.sendall(b'{"execute": "query-status"}\n')
+        r = self._reply()
+        if "return" not in r:
+            raise OSError(f"query-status: {r}")
+        return r["return"]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class CopyWatch:
+    """Samples the real QEMU copies of guest ``name`` across the nodes every ``interval`` s in a
+    background thread (``with CopyWatch(cluster, name) as w: ...``; then ``w.check()``).
+
+    What counts as a copy: a live QEMU process of the guest (:func:`guest_qemus`) whose vCPUs
+    run the guest -- its operator monitor answers ``query-status`` with ``running: true``.  A
+    migration's destination (``-incoming defer``, with ``-S``) is ``inmigrate`` and then
+    ``paused`` until qsup activates it, and the source is ``finish-migrate``/``postmigrate``
+    from the switchover until it quits: at every instant of a correct migration exactly one of
+    the two runs the guest, so two QEMUs ``running`` at once are two copies.  A QEMU that does
+    not answer (within ``qmp_timeout``) counts as its last answer, and one that never answered
+    counts as a copy -- unknown is never "not running" -- except an incoming one, which cannot
+    run before qsup activates it after its migration completed.
+    """
+
+    def __init__(self, cluster: Cluster, name: str, interval: float = 0.02, qmp_timeout: float = 2.0):
+        self.cluster, self.name, self.interval, self.qmp_timeout = cluster, name, interval, qmp_timeout
+        self.samples = 0
+        self.max_gap = 0.0
+        self.max_copies = 0
+        #: (time.time(), [(node, pid, status)]) of every sample with more than one copy
+        self.doubles: list[tuple[float, list[tuple[str, int, str]]]] = []
+        #: the latest sample: [(node, pid, status)] of every QEMU of the guest, copies or not
+        self.last: list[tuple[str, int, str]] = []
+        self.last_copies: list[str] = []
+        self.error: BaseException | None = None
+        self._conns: dict[int, _Qmp | None] = {}
+        self._known: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"copywatch-{name}")
+
+    def __enter__(self) -> CopyWatch:
+        self.sample()  # one before anything happens, in the caller's thread: fails loudly
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        for c in self._conns.values():
+            if c:
+                c.close()
+        self._conns.clear()
+
+    def _status(self, pid: int, argv: list[bytes]) -> str:
+        """The QEMU's run state, or its last known one, or "unknown"."""
+        try:
+            c = self._conns.get(pid)
+            if c is None:
+                path = _operator_socket(pid, argv)
+                if path is None:
+                    raise OSError("no operator monitor")
+                c = self._conns[pid] = _Qmp(path, self.qmp_timeout)
+            st = c.status()
+            self._known[pid] = "running" if st.get("running") else st.get("status", "?")
+        except (OSError, ValueError):
+            old = self._conns.pop(pid, None)
+            if old:
+                old.close()
+        return self._known.get(pid, "unknown")
+
+    @staticmethod
+    def is_copy(status: str, argv: list[bytes]) -> bool:
+        return status == "running" or (status == "unknown" and b"-incoming" not in argv)
+
+    def sample(self) -> list[tuple[str, int, str]]:
+        qemus = guest_qemus(self.cluster, self.name)
+        seen = []
+        copies = []
+        for node, pid, argv in qemus:
+            st = self._status(pid, argv)
+            if not pid_alive(pid):  # it quit meanwhile: not a live QEMU
+                continue
+            seen.append((node, pid, st))
+            if self.is_copy(st, argv):
+                copies.append((node, pid, st))
+        for pid in [p for p in self._conns if p not in {q[1] for q in qemus}]:
+            c = self._conns.pop(pid)
+            if c:
+                c.close()
+        self.samples += 1
+        self.max_copies = max(self.max_copies, len(copies))
+        if len(copies) > 1:
+            self.doubles.append((time.time(), seen))
+        self.last, self.last_copies = seen, [node for node, _, _ in copies]
+        return seen
+
+    def running(self) -> list[str]:
+        """Nodes where the latest sample saw a copy."""
+        return list(self.last_copies)
+
+    def _run(self) -> None:
+        t = time.monotonic()
+        while not self._stop.wait(max(0.0, t + self.interval - time.monotonic())):
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - t)
+            t = now
+            try:
+                self.sample()
+            except Exception as e:  # noqa: BLE001 -- reported by check()
+                self.error = e
+                return
+
+    def check(self) -> str:
+        """Assert no two copies were ever seen; return a one-line summary."""
+        assert self.error is None, f"the copy watch failed: {self.error!r}"
+        assert not self.doubles, f"two copies of {self.name} at once ({len(self.doubles)} of {self.samples} " \
+                                 f"samples), first: {self.doubles[0]}"
+        return f"{self.samples} samples of the real QEMUs, max gap {self.max_gap * 1000:.0f} ms, never two copies"
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")

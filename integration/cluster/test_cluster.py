@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from guestcheck import check_guest
-from harness import AGENT, GUEST_NET, Cluster, missing_binaries, resource_xml
-from topo import VENV_BIN, guest_spec
+from harness import AGENT, GUEST_NET, Cluster, CopyWatch, missing_binaries, resource_xml
+from topo import VENV_BIN, guest_spec, pid_alive
 
 VM = "vm1"
 VM_IP = f"{GUEST_NET}.10"
@@ -80,6 +79,20 @@ def _holders(c: Cluster, name: str) -> dict[str, str]:
 
 def _running_on(c: Cluster, name: str) -> list[str]:
     return [n for n, s in _holders(c, name).items() if s == "running"]
+
+
+def _assert_one_qemu(c: Cluster, name: str, node: str) -> None:
+    """The real processes, not the daemons' views: exactly one live QEMU of ``name`` across the
+    nodes, on ``node``, the pid its daemon reports, and its vCPUs run the guest."""
+    w = CopyWatch(c, name)
+    try:
+        seen = w.sample()
+    finally:
+        w.stop()
+    assert [(n, st) for n, _, st in seen] == [(node, "running")], seen
+    pid = seen[0][1]
+    assert pid_alive(pid)
+    assert (c.view(c.node(node), name) or {}).get("pid") == pid, (pid, c.view(c.node(node), name))
 
 
 def _consoles(c: Cluster, name: str) -> dict[str, int]:
@@ -150,19 +163,24 @@ def _move(cluster: Cluster, name: str, dst: str) -> None:
     gen = _generation(cluster, src, name)
     consoles = _consoles(cluster, name)
     t0 = time.monotonic()
-    cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
+    watch = CopyWatch(cluster, name).__enter__()  # the real QEMUs, every 20 ms, until idle
     try:
+        cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
         cluster.wait_located(name, dst, timeout=120)
         cluster.wait_idle()
         moved_s = time.monotonic() - t0
+        watch.stop()
+        copies = watch.check()
         _assert_migrated_by_pacemaker(cluster, name, src, dst)
         _migrated(cluster, name, src, dst, *seqs, consoles)
         assert _holders(cluster, name) == {dst: "running"}  # the source's stop forgot its entry
         assert _generation(cluster, dst, name) == gen, "the guest's generation changed: restarted, not migrated"
         assert cluster.fabric.ping(VM_IP)
         assert cluster.failures() == []
-        print(f"move {src} -> {dst}: {moved_s:.1f} s from crm_resource --move to idle")
+        _assert_one_qemu(cluster, name, dst)
+        print(f"move {src} -> {dst}: {moved_s:.1f} s from crm_resource --move to idle; {copies}")
     finally:
+        watch.stop()
         cluster.crm("crm_resource", "--clear", "--resource", name)
     cluster.wait_idle()
     assert cluster.locate(name) == [dst]  # stickiness: clearing the move does not move it back
@@ -187,8 +205,9 @@ def test_standby_evacuates_by_live_migration(cluster, vm):
     seqs = {n.name: n.qsup.last_seq() for n in cluster.nodes}
     gen = _generation(cluster, src, name)
     consoles = _consoles(cluster, name)
-    cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "on")
+    watch = CopyWatch(cluster, name).__enter__()  # the real QEMUs, every 20 ms, until idle
     try:
+        cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "on")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # during the migration crm_mon lists both nodes
             where = cluster.locate(name)
@@ -199,12 +218,16 @@ def test_standby_evacuates_by_live_migration(cluster, vm):
         assert len(dst) == 1 and dst[0] != src, f"{dst}\n{cluster.diagnose(name)}"
         cluster.wait_located(name, dst[0])
         cluster.wait_idle()
+        watch.stop()
+        print(f"standby {src} -> {dst[0]}: {watch.check()}")
         _assert_migrated_by_pacemaker(cluster, name, src, dst[0])
         _migrated(cluster, name, src, dst[0], seqs[src], seqs[dst[0]], consoles)
         assert _holders(cluster, name) == {dst[0]: "running"}
         assert _generation(cluster, dst[0], name) == gen, "standby restarted the guest instead of migrating it"
         assert cluster.fabric.ping(VM_IP)
+        _assert_one_qemu(cluster, name, dst[0])
     finally:
+        watch.stop()
         cluster.crm("crm_attribute", "--node", src, "--name", "standby", "--update", "off")
     cluster.wait_idle()
 
@@ -220,11 +243,13 @@ def test_source_daemon_killed_during_migration(cluster):
     # ~90 MB of non-zero pages at 10 MB/s: the stream runs for seconds, long enough to kill into
     cluster.add_resource(resource_xml(name, spec, peers=cluster.peer_map(), qsup=QSUP,
                                       extra_params={"migrate_options": "--max-bandwidth 10000000"}))
+    watch = CopyWatch(cluster, name)
     try:
         src = _wait_started(cluster, name)
         daemon = cluster.node(src).qsup
         daemon.wait_console(name)
         dst = next(n.name for n in cluster.nodes if n.name != src)
+        watch.__enter__()  # the real QEMUs, every 20 ms, until idle
         cluster.crm("crm_resource", "--move", "--resource", name, "--node", dst)
         deadline = time.monotonic() + 60
         while ((cluster.view(cluster.node(src), name) or {}).get("migration") or {}).get("status") != "active":
@@ -241,12 +266,18 @@ def test_source_daemon_killed_during_migration(cluster):
             assert time.monotonic() < deadline, (where, _holders(cluster, name), cluster.operations(name))
             time.sleep(0.5)
         cluster.wait_idle()
+        watch.stop()
+        copies = watch.check()
         assert _running_on(cluster, name) == cluster.locate(name) and len(cluster.locate(name)) == 1
         assert _holders(cluster, name) == {cluster.locate(name)[0]: "running"}
+        # and from the real processes: one live QEMU of the guest, where Pacemaker says
+        _assert_one_qemu(cluster, name, cluster.locate(name)[0])
         assert cluster.fabric.ping(ip)
         print(f"killed {src}'s daemon mid-migration: guest on {cluster.locate(name)[0]}; "
-              f"operations {[(n, op, res) for _, n, op, res in cluster.operations(name) if op != 'monitor']}")
+              f"operations {[(n, op, res) for _, n, op, res in cluster.operations(name) if op != 'monitor']}; "
+              f"{copies}")
     finally:
+        watch.stop()
         cluster.crm("crm_resource", "--clear", "--resource", name, check=False)
         _remove_resource(cluster, name)
     assert _holders(cluster, name) == {}
@@ -303,27 +334,6 @@ echo "$(awk "BEGIN{print $a/1000}") $(awk "BEGIN{print $c/1000}")"
 """
 
 
-def _running_via_sockets(c: Cluster, name: str) -> list[str]:
-    """Nodes whose daemon says ``name`` runs, asked straight on the sockets (fast enough to
-    sample); a daemon that does not answer counts as not running it (it was powered off)."""
-    out = []
-    for n in c.nodes:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(2)
-                s.connect(str(n.socket))
-                s.sendall(f"GET /v1/instances/{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-        except OSError:
-            continue
-        head, _, body = data.partition(b"\r\n\r\n")
-        if b" 200 " in head.split(b"\r\n")[0] + b" " and b'"state":"running"' in body.replace(b" ", b""):
-            out.append(n.name)
-    return out
-
-
 def test_fenced_node_guest_restarted_elsewhere_once(cluster):
     """Corosync dies on the guest's node (qsup and the guest live on): the others must fence
     it before starting the guest anywhere else, and then start it exactly once.  Runs last:
@@ -344,29 +354,39 @@ def test_fenced_node_guest_restarted_elsewhere_once(cluster):
     victim.qsup.wait_console(name)
     gen = _generation(cluster, victim.name, name)
     survivors = [n.name for n in cluster.nodes if n is not victim]
+    seqs = {n: cluster.node(n).qsup.last_seq() for n in survivors}
     t0 = time.time()
-    victim.corosync.signal(signal.SIGKILL)
-    max_running, samples, where = 0, 0, []
-    deadline = time.monotonic() + 150
-    while True:
-        running = _running_via_sockets(cluster, name)
-        max_running, samples = max(max_running, len(running)), samples + 1
-        if cluster.fenced and len(running) == 1 and running[0] in survivors:
-            where = cluster.locate(name)
-            if where == running:
+    # the real QEMUs of the guest on every node, every 20 ms (not the daemons' views: the
+    # victim's daemon dies with it, and one that does not answer says nothing about its QEMU)
+    with CopyWatch(cluster, name) as watch:
+        victim.corosync.signal(signal.SIGKILL)
+        where = []
+        deadline = time.monotonic() + 150
+        while True:
+            running = watch.running()
+            if watch.doubles or watch.error:  # check() below says what it saw
                 break
-        assert time.monotonic() < deadline, (cluster.fenced, running, cluster.operations(name))
-        time.sleep(0.1)
-    cluster.wait_idle()
-    assert max_running == 1, f"two copies seen in {samples} samples"
+            if cluster.fenced and len(running) == 1 and running[0] in survivors:
+                where = cluster.locate(name)
+                if where == running:
+                    break
+            assert time.monotonic() < deadline, (cluster.fenced, watch.last, cluster.operations(name))
+            time.sleep(0.1)
+        cluster.wait_idle()
+    copies = watch.check()
     assert [t for t, _ in cluster.fenced] == [victim.name]
     fence_t = cluster.fenced[0][1]
     assert not victim.processes()  # the switch left nothing of it: no qsup, no QEMU
     starts = [(n, res) for _, n, op, res in cluster.operations(name) if op == "start" and n in survivors]
     assert starts == [(where[0], "ok")], cluster.operations(name)
-    assert _running_via_sockets(cluster, name) == where
+    # the survivor started the guest only after the victim was powered off (fence_t: the switch
+    # had killed every process of the victim's namespaces)
+    started = [e["ts"] for e in cluster.node(where[0]).qsup.events(since=seqs[where[0]])
+               if e.get("instance") == name and e["type"] == "instance.started"]
+    assert len(started) == 1 and started[0] > fence_t, (started, fence_t)
+    _assert_one_qemu(cluster, name, where[0])
     # restarted, not migrated: a new generation (the fenced copy's died with its node)
     assert _generation(cluster, where[0], name) != gen
     assert cluster.fabric.ping(ip)
     print(f"fenced {victim.name} {fence_t - t0:.1f} s after its corosync died; {name} restarted on "
-          f"{where[0]} ({samples} samples, never two copies)")
+          f"{where[0]} {started[0] - fence_t:.1f} s after the fence ({copies})")
