@@ -708,19 +708,39 @@ class OutgoingMigration:
             while True:
                 attempts += 1
                 try:
-                    port = await self._peer.recover_postcopy(self.port.name)
-                    await qmp.execute("migrate", {"uri": tcp_uri(self.opts.migration_host, port), "resume": True})
-                    with trio.move_on_after(5):
-                        while (await query(qmp, "query-migrate")).get("status") == "postcopy-paused":
-                            await trio.sleep(0.05)
+                    if await self._resume_postcopy(qmp):
                         self.stream.move(Stream.POSTCOPY)
                         self.port.emit("migration.postcopy_recovered", attempts=attempts)
                         return True
                 except (MigrationError, qmp_glue.QMPError, trio.TooSlowError) as e:
                     log.info("post-copy recovery attempt", attempt=attempts, error=describe(e))
+                    if await self._destination_gone(self._peer):
+                        break  # nothing left there to resume: the outcome is post-copy lost
                 await trio.sleep(1)
         self.error = f"post-copy stream broke and could not be resumed within {budget:g}s ({attempts} attempts)"
         self.port.emit("migration.postcopy_recovery_failed", attempts=attempts, error=self.error)
+        return False
+
+    async def _resume_postcopy(self, qmp: qmp_glue.QMPClient) -> bool:
+        """One attempt: the destination listens again, this QEMU reconnects; True once the
+        stream runs again (``postcopy-active``, or already ``completed``).  An attempt still
+        connecting after 10 s (``postcopy-recover-setup``: the link may still be down) is
+        paused again for the next one."""
+        assert self._peer is not None
+        port = await self._peer.recover_postcopy(self.port.name)
+        await qmp.execute("migrate", {"uri": tcp_uri(self.opts.migration_host, port), "resume": True})
+        with trio.move_on_after(10):
+            while True:
+                status = (await query(qmp, "query-migrate")).get("status")
+                if status in ("postcopy-active", "completed"):
+                    return True
+                if status == "postcopy-paused":
+                    return False  # this attempt failed at once
+                await trio.sleep(0.1)
+        try:
+            await qmp.execute("migrate-pause", timeout=5)
+        except qmp_glue.QMPError as e:
+            log.info("post-copy recovery: migrate-pause", error=str(e))
         return False
 
     async def _release(self, qmp_ts: float | None) -> None:
