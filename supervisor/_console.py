@@ -30,7 +30,7 @@ import errno
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -168,14 +168,7 @@ async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike
                 task_status.started(True)
             log.debug("console.connected", socket=os.fspath(sock_path))
             async with stream:
-                while True:
-                    try:
-                        data = await stream.receive_some(READ_SIZE)
-                    except trio.BrokenResourceError:
-                        break
-                    if not data:
-                        break
-                    console.write(data)
+                await _copy(stream, console.write)
             log.debug("console.disconnected", socket=os.fspath(sock_path))
     finally:
         console.close()
@@ -244,14 +237,7 @@ async def pump_log(fifo_path: str | os.PathLike, log_path: str | os.PathLike, ma
     task_status.started()
     with ConsoleLog(log_path, max_bytes, mode=0o640) as out:
         async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(READ_SIZE)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                out.write(data)
+            await _copy(stream, out.write)
 
 
 def read_console(log_path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
@@ -392,3 +378,15 @@ class TerminalFilter:
             if c != "\\":  # ST ends the string; any other ESC x starts a sequence of its own
                 self._state = _ESC
                 self._step(c)
+
+
+async def _copy(stream: trio.abc.ReceiveStream, write: Callable[[bytes], object]) -> None:
+    """Copy what ``stream`` delivers into ``write`` until EOF or a broken stream (QEMU gone)."""
+    while True:
+        try:
+            data = await stream.receive_some(READ_SIZE)
+        except trio.BrokenResourceError:
+            return
+        if not data:
+            return
+        write(bytes(data))
