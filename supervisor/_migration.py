@@ -70,6 +70,7 @@ from ._migration_phases import (
     source_l3_phases,
     stream_phases,
 )
+from ._state import FINAL
 
 if TYPE_CHECKING:
     from ._tls import MigrationKey, TlsFiles
@@ -84,6 +85,8 @@ QEMU_MAX_BANDWIDTH = 128 * 1024 * 1024
 QEMU_DOWNTIME_LIMIT = 300
 #: ``query-migrate`` statuses of a migration that has not ended (post-copy ones aside)
 RUNNING_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
+#: a peer's ``state`` of an instance that holds no live copy of the guest (the instance's final states)
+FINAL_VIEW_STATES = frozenset(s.value for s in FINAL)
 #: MIGRATION event statuses that end a migration on the source
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
@@ -905,7 +908,7 @@ class OutgoingMigration:
             view = await peer.show(self.port.name)
         except MigrationError as e:
             return e.status == 404
-        return view.state in ("stopped", "failed", "crashed")
+        return view.state in FINAL_VIEW_STATES
 
     async def _destination_runs(self, peer: PeerClient) -> bool:
         try:
@@ -958,7 +961,7 @@ class OutgoingMigration:
                 self.activation = view.migration.activation if view.migration else None
                 if self.activation:
                     return True
-                if view.state in ("stopped", "failed", "crashed"):
+                if view.state in FINAL_VIEW_STATES:
                     return False
                 if view.state != "migrating":
                     return True
