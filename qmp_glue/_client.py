@@ -105,8 +105,14 @@ class QMPClient:
         return not self._closed and self._down_reason is None
 
     async def execute(self, cmd: str, args: Mapping[str, JSONArg] | None = None, *,
-                      timeout: float | None = 30.0) -> JSONValue:
+                      timeout: float | None = 30.0, oob: bool = False) -> JSONValue:
         """Run a QMP command and return its ``return`` value.
+
+        ``oob``: send it out-of-band (``exec-oob``), for the few commands QEMU allows so
+        (``migrate-recover``, ``migrate-pause``): QEMU runs them on the monitor's own thread,
+        so they answer even while the main loop is blocked -- a post-copy destination whose
+        main thread waits on a guest page that cannot arrive.  qemu.qmp enables the ``oob``
+        capability whenever QEMU's greeting offers it.
 
         Raises ``QMPError`` if QEMU refuses it, ``QMPConnectionLost`` if the
         connection is (or goes) down, ``QMPTimeout`` after ``timeout`` seconds
@@ -117,7 +123,7 @@ class QMPClient:
         outcome: str | None = "cancelled"
         try:
             self._check_usable(cmd)
-            reply = await self._send(cmd, args, timeout)
+            reply = await self._send(cmd, args, timeout, oob)
             outcome = "qmp_error" if "error" in reply else None
         except QMPTimeout:
             outcome = "timeout"
@@ -191,7 +197,7 @@ class QMPClient:
     # -- internals ------------------------------------------------------------
 
     async def _send(self, cmd: str, args: Mapping[str, JSONArg] | None,
-                    timeout: float | None) -> Message:
+                    timeout: float | None, oob: bool = False) -> Message:
         """Write the command from this (trio) thread, wait for qemu.qmp's reader
         to route the reply back (see ``_wire.py`` for why)."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -199,7 +205,7 @@ class QMPClient:
         if writer is None:  # set by connect() before it returns the client: not reached
             raise QMPConnectionLost(f"QMP {self.name}: cannot send {cmd!r}, not connected")
         msg_id = f"{ID_PREFIX}{next(self._ids)}"
-        body: dict[str, JSONArg] = {"execute": cmd, "id": msg_id}
+        body: dict[str, JSONArg] = {"exec-oob" if oob else "execute": cmd, "id": msg_id}
         if args is not None:
             body["arguments"] = args
         data = self._session.outbound(Message(body))  # bad arguments raise here

@@ -1072,14 +1072,25 @@ class IncomingMigration:
                 "source_released": not self.l3.is_(DestinationL3.STAGED), "source": self.source}
 
     async def recover_postcopy(self, address: str) -> int:
-        """The post-copy stream broke (``postcopy-paused``): listen again on a new port."""
+        """The post-copy stream broke (``postcopy-paused``): listen again on a new port.
+
+        QEMU's main loop here may be blocked on a guest page that only the source has (a
+        device touching guest RAM): an in-band command then never answers.  So the status
+        falls back to QEMU's own MIGRATION events, and ``migrate-recover`` goes out-of-band,
+        as QEMU intends it to (its listener then runs on the monitor's thread).
+        """
         qmp = self.port.qmp
-        status = (await query(qmp, "query-migrate")).get("status")
+        try:
+            status = (await query(qmp, "query-migrate", timeout=1)).get("status")
+        except qmp_glue.QMPTimeout:
+            status = self.status  # the main loop is stuck: what QEMU's last event said
+            log.info("post-copy recovery: QEMU's main loop does not answer; status from its events",
+                     status=status)
         if not self.postcopy or status != "postcopy-paused":
             raise MigrationError(f"not a paused post-copy migration (qemu status {status})", "name")
         port = free_port(address)
         uri = tcp_uri(address, port)
-        await qmp.execute("migrate-recover", {"uri": uri}, timeout=5)
+        await qmp.execute("migrate-recover", {"uri": uri}, timeout=5, oob=True)
         self.uri = uri
         self.port.emit("migration.postcopy_listening", uri=uri)
         return port
@@ -1170,7 +1181,9 @@ class IncomingMigration:
     async def _announce(self) -> None:
         try:
             await self.port.qmp.execute("announce-self", ANNOUNCE)
-        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost) as e:
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, qmp_glue.QMPTimeout) as e:
+            # best effort; in post-copy the main loop may wait on a page that is not here yet
+            # (a broken stream: until it is resumed), and that must not end the guest's only copy
             log.warning("announce-self failed", error=str(e))
         await self.port.announce()
 

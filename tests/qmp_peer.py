@@ -8,6 +8,10 @@ Like QEMU it handles one command at a time, in order, unless
 ``concurrent=True`` (then each command runs in its own task and replies may
 come out of order, which a correct client must route by id).
 
+Out-of-band: the greeting offers ``oob``, as QEMU's does; an ``exec-oob`` command (once the
+client enabled it) runs at once, in its own task, even while ``main_loop_blocked`` is set --
+which holds every in-band command, as a QEMU main thread stuck on a post-copy page fault does.
+
 Handlers: ``peer.handlers[name] = fn`` where ``fn(args)`` (sync or async)
 returns the ``return`` value, raises ``PeerError`` for an error reply, or
 returns ``NO_REPLY``. Built in: ``query-status``, ``echo`` (returns its
@@ -56,6 +60,7 @@ class QMPPeer:
         self.connections = 0
         self.reply_to_quit = True  # False: close the connection without replying
         self.close_on_quit = True  # False: reply, but keep the connection open
+        self.main_loop_blocked = False  # True: in-band commands wait; exec-oob still answers
 
     # -- control from tests --------------------------------------------------
 
@@ -104,23 +109,39 @@ class QMPPeer:
             with conn.scope:
                 await conn.send({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
                                                      "package": "qmp_peer"},
-                                         "capabilities": []}})
+                                         "capabilities": ["oob"]}})
+                in_band_send, in_band_recv = trio.open_memory_channel[dict](1)
                 async with trio.open_nursery() as nursery:
-                    async for msg in conn.lines():
-                        if self.concurrent:
-                            nursery.start_soon(self._dispatch, conn, msg)
-                        else:
-                            await self._dispatch(conn, msg)
+                    nursery.start_soon(self._in_order, conn, in_band_recv)
+                    async with in_band_send:
+                        async for msg in conn.lines():
+                            if "exec-oob" in msg or self.concurrent:
+                                nursery.start_soon(self._dispatch, conn, msg)
+                            else:  # one at a time, in order; the reader goes on (for exec-oob)
+                                await in_band_send.send(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self._conns.remove(conn)
             await conn.close()
 
+    async def _in_order(self, conn: _Conn, queue: trio.MemoryReceiveChannel[dict]) -> None:
+        async for msg in queue:
+            await self._dispatch(conn, msg)
+
     async def _dispatch(self, conn: _Conn, msg: dict) -> None:
-        cmd, args, msg_id = msg.get("execute"), msg.get("arguments", {}), msg.get("id")
+        oob = "exec-oob" in msg
+        cmd, args, msg_id = msg.get("exec-oob" if oob else "execute"), msg.get("arguments", {}), msg.get("id")
         reply: dict[str, Any]
+        while self.main_loop_blocked and not oob and cmd != "qmp_capabilities":
+            await trio.sleep(0.01)
+        if oob and not conn.oob:
+            await conn.send(_with_id({"error": {"class": "GenericError",
+                                                "desc": "Please enable out-of-band first for the session during"
+                                                        " capabilities negotiation"}}, msg_id))
+            return
         if cmd == "qmp_capabilities":
+            conn.oob = "oob" in args.get("enable", [])
             conn.negotiated = True  # emit() now queues behind the lock taken below
             async with conn.send_lock:  # reply + early events, nothing in between
                 await conn.send_unlocked(_with_id({"return": {}}, msg_id))
@@ -167,6 +188,7 @@ class _Conn:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.negotiated = False
+        self.oob = False  # the client enabled the oob capability
         self.scope = trio.CancelScope()
         self.send_lock = trio.Lock()
         self._closed = False

@@ -273,6 +273,22 @@ def test_unserializable_arguments_raise_and_leave_the_connection_usable(aio, soc
     trio.run(main)
 
 
+def test_out_of_band_command_answers_while_in_band_ones_are_held(aio, sock_path):
+    """A post-copy destination's main loop can block on a page that cannot arrive: only
+    ``exec-oob`` commands (``migrate-recover``) still answer.  The glue sends them as such,
+    on a session where qemu.qmp enabled the ``oob`` capability QEMU offered."""
+    async def main():
+        async with peer_and_client(aio, sock_path) as (peer, client):
+            peer.main_loop_blocked = True
+            with pytest.raises(QMPTimeout):
+                await client.execute("echo", {"band": "in"}, timeout=0.2)
+            assert await client.execute("echo", {"band": "out"}, timeout=2, oob=True) == {"band": "out"}
+            peer.main_loop_blocked = False
+            assert await client.execute("echo", {"band": "in"}, timeout=2) == {"band": "in"}
+
+    trio.run(main)
+
+
 def test_timeout_then_late_reply_does_not_poison_the_next_call(aio, sock_path):
     async def main():
         async with peer_and_client(aio, sock_path) as (peer, client):
