@@ -11,7 +11,13 @@ This module reads those signs from the guest's serial console:
 * :func:`check_guest`: the guest answers (a ping you supply), its console shows no problem,
   and, for a busy guest, memcheck is still making progress;
 * :func:`console_log_reader` / :func:`qsup_console_reader` / :func:`netns_ping`: ready-made
-  callables for qsup's console log files and for a ping from a network namespace.
+  callables for qsup's console log files and for a ping from a network namespace;
+* disks (virtio-blk, ``/dev/vdX``): :class:`SerialShell` runs commands on a guest booted with
+  ``guest.shell=1`` whose console QEMU serves on a unix socket (:func:`serial_shell_args`);
+  over it (or any :class:`GuestShell`), :func:`disks_seen`, :func:`disk_size`, and
+  ``diskpat`` (integration/guest/diskpat.c): :func:`disk_write`, :func:`disk_verify`,
+  :func:`disk_check`; :func:`diskload_progress` / :func:`disk_problems` read the console of a
+  guest booted with ``guest.diskload=vdX`` (the write loop).
 
 It only takes callables, so any topology plugs in, e.g. with integration/topo.py's daemons::
 
@@ -27,11 +33,16 @@ among them, kernel WARNINGs are not.  A panic raised in NMI context (QMP ``injec
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 #: Regular expressions (searched in each console line) that mean a broken guest.  Chosen from
 #: the kernel's own messages and checked against full (non-``quiet``) boots of the test guest.
@@ -203,3 +214,221 @@ def netns_ping(ns: str, addr: str, *, wait_s: int = 1) -> Callable[[], bool]:
         return done.returncode == 0
 
     return ping
+
+
+# --- disks: commands over the serial console, and diskpat ------------------------------------
+
+
+class GuestShell(Protocol):
+    """Anything that runs a shell command in the guest: ``run(command) -> (status, output)``."""
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]: ...
+
+
+def serial_shell_args(sock_path: str | Path, log_path: str | Path | None = None, chardev_id: str = "con") -> list[str]:
+    """The qemu argv fragment for a serial console a :class:`SerialShell` can drive.
+
+    QEMU listens on ``sock_path`` (``server=on,wait=off``: unconnected, output is dropped) and,
+    with ``log_path``, also logs everything the guest prints there (a console text for
+    :func:`check_guest`).  Boot the guest with ``console=ttyS0 guest.shell=1``.
+    """
+    spec = f"socket,id={chardev_id},path={sock_path},server=on,wait=off"
+    if log_path is not None:
+        spec += f",logfile={log_path}"
+    return ["-chardev", spec, "-serial", f"chardev:{chardev_id}"]
+
+
+class SerialShell:
+    """Commands run by the guest's console shell (``guest.shell=1``) over QEMU's unix socket.
+
+    Each :meth:`run` sends one line: ``{ COMMAND ; } 2>&1`` between two printf'd markers
+    carrying a fresh token, the second one with the exit status, and returns what lies between
+    them.  The tty echoes the line, but with ``%s`` where the token goes, so the echo never
+    looks like a marker; kernel lines or a background job's output (diskpat loop) printed
+    meanwhile may land in the output.  QEMU serves one client at a time: while this is
+    connected nobody else (qsup's console pump) is.
+    """
+
+    def __init__(self, sock_path: str | Path, *, connect_timeout: float = 10.0):
+        self.sock = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self.sock.connect(str(sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        self._buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SerialShell:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run ``command`` (one line of sh); return (exit status, its stdout+stderr)."""
+        if "\n" in command:
+            raise ValueError("one line only")
+        token = uuid.uuid4().hex[:12]
+        line = (
+            f"printf '\\n@@QS-%s-BEGIN@@\\n' {token}; {{ {command} ; }} </dev/null 2>&1;"
+            f" printf '\\n@@QS-%s-END-%d@@\\n' {token} $?\n"
+        )
+        end = re.compile(rf"@@QS-{token}-BEGIN@@\r?\n(.*?)\r?\n@@QS-{token}-END-(\d+)@@".encode(), re.S)
+        self.sock.sendall(line.encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            m = end.search(self._buf)
+            if m:
+                self._buf = self._buf[m.end() :]
+                out = m.group(1).decode(errors="replace").replace("\r\n", "\n")
+                return int(m.group(2)), out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tail = self._buf[-2000:].decode(errors="replace")
+                raise TimeoutError(f"no answer to {command!r} in {timeout:g} s (guest.shell=1?); got:\n{tail}")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                raise ConnectionError(f"the console closed while running {command!r}")
+            self._buf += data
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the console shell answers (it starts just after GUEST-READY).
+
+        It also turns the tty's echo off (``stty -echo``): busybox sh then reads plain lines,
+        without its line editor, and the console log holds the outputs and markers only.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                # <&1: run() gives commands /dev/null as stdin; stdout is the console tty.
+                rc, out = self.run("stty -echo <&1", timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            if rc == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"stty -echo failed on the console (exit {rc}): {out}")
+            time.sleep(0.2)
+
+
+@dataclass
+class DiskResult:
+    """What ``diskpat verify`` / ``diskpat check`` reported."""
+
+    ok: bool
+    blocks: int  # blocks looked at
+    bad: int  # blocks that failed (0 when ok)
+    seq_min: int  # the SEQ range of the consistent blocks (0..0 if none)
+    seq_max: int
+    mismatched: list[int] = field(default_factory=list)  # the blocks named (diskpat names 16 at most)
+    output: str = ""
+
+
+_DISKPAT_OK = re.compile(r"diskpat: ok (\d+) blocks start=\d+ seq=(\d+)\.\.(\d+)")
+_DISKPAT_TOTAL = re.compile(r"diskpat: MISMATCH total (\d+) of (\d+) blocks start=\d+ seq=(\d+)\.\.(\d+)")
+_DISKPAT_BLOCK = re.compile(r"diskpat: MISMATCH block (\d+) ")
+_DISKPAT_PASS = re.compile(r"diskpat: pass (\d+) blocks=\d+ errors=(\d+)")
+_DISKPAT_BAD = re.compile(r"diskpat: (MISMATCH|ERROR)")
+
+
+def _dev(dev: str) -> str:
+    return dev if dev.startswith("/") else f"/dev/{dev}"
+
+
+def _diskpat(console: GuestShell, args: str, timeout: float) -> tuple[int, str]:
+    rc, out = console.run(f"diskpat {args}", timeout=timeout)
+    if rc not in (0, 1) or "diskpat: ERROR" in out:
+        raise AssertionError(f"diskpat {args} failed (exit {rc}):\n{out}")
+    return rc, out
+
+
+def disk_write(console: GuestShell, dev: str, start: int, count: int, seq: int, *, timeout: float = 60.0) -> str:
+    """``diskpat write``: blocks start..start+count-1 (4 KiB each) get pass ``seq``, fsync'd.
+
+    Returns diskpat's ``diskpat: wrote ...`` line; raises AssertionError if it failed.
+    """
+    rc, out = _diskpat(console, f"write {_dev(dev)} {start} {count} {seq}", timeout)
+    line = next((x for x in out.splitlines() if x.startswith("diskpat: wrote ")), None)
+    if rc != 0 or line is None:
+        raise AssertionError(f"diskpat write failed (exit {rc}):\n{out}")
+    return line
+
+
+def _result(rc: int, out: str) -> DiskResult:
+    mismatched = [int(m.group(1)) for m in _DISKPAT_BLOCK.finditer(out)]
+    ok = _DISKPAT_OK.search(out)
+    if rc == 0 and ok:
+        return DiskResult(True, int(ok.group(1)), 0, int(ok.group(2)), int(ok.group(3)), mismatched, out)
+    total = _DISKPAT_TOTAL.search(out)
+    if rc == 1 and total:
+        bad, blocks, lo, hi = (int(x) for x in total.groups())
+        return DiskResult(False, blocks, bad, lo, hi, mismatched, out)
+    raise AssertionError(f"diskpat said nothing understood (exit {rc}):\n{out}")
+
+
+def disk_verify(
+    console: GuestShell, dev: str, start: int, count: int, seq: int, *, timeout: float = 60.0
+) -> DiskResult:
+    """``diskpat verify``: does every block hold exactly what ``disk_write(..., seq)`` wrote?
+
+    A mismatch is a result (``ok=False``, the blocks in ``mismatched``), not an exception;
+    an I/O or usage error raises AssertionError.
+    """
+    return _result(*_diskpat(console, f"verify {_dev(dev)} {start} {count} {seq}", timeout))
+
+
+def disk_check(console: GuestShell, dev: str, start: int, count: int, *, timeout: float = 60.0) -> DiskResult:
+    """``diskpat check``: is every block a whole diskpat block of its own number, whatever its
+    SEQ?  ``seq_min``/``seq_max`` give the passes seen: after ``guest.diskload`` (the loop
+    stopped), MAX-MIN <= 1.  Run it with the loop stopped: a block the loop is rewriting at
+    that very moment may read torn.
+    """
+    return _result(*_diskpat(console, f"check {_dev(dev)} {start} {count}", timeout))
+
+
+def disk_size(console: GuestShell, dev: str, *, timeout: float = 10.0) -> int:
+    """The size in bytes the guest sees for disk ``dev`` (vdb or /dev/vdb): /sys/block/DEV/size * 512."""
+    name = os.path.basename(dev)
+    rc, out = console.run(f"cat /sys/block/{name}/size", timeout=timeout)
+    m = re.search(r"^(\d+)\s*$", out, re.M)
+    if rc != 0 or not m:
+        raise AssertionError(f"no size for {name} (exit {rc}):\n{out}")
+    return int(m.group(1)) * 512
+
+
+def disks_seen(console: GuestShell, *, timeout: float = 10.0) -> list[str]:
+    """The virtio disks the guest has (``vda``, ``vdb``, ...), sorted."""
+    rc, out = console.run("ls /sys/block", timeout=timeout)
+    if rc != 0:
+        raise AssertionError(f"ls /sys/block failed (exit {rc}):\n{out}")
+    return sorted(x for x in out.split() if re.fullmatch(r"vd[a-z]+", x))
+
+
+def diskload_progress(text: str) -> int | None:
+    """The pass of the last ``diskpat: pass P`` line (the ``guest.diskload`` loop), or None."""
+    last = None
+    for last in _DISKPAT_PASS.finditer(text):
+        pass
+    return int(last.group(1)) if last else None
+
+
+def disk_problems(text: str) -> list[str]:
+    """The console lines where diskpat reported a mismatch or an error, without line endings.
+
+    Not part of :data:`CONSOLE_BAD` (a test may verify a block it corrupted on purpose): a
+    test running ``guest.diskload`` checks these itself.
+    """
+    return [line.rstrip() for line in text.splitlines() if _DISKPAT_BAD.search(line) and not _CMDLINE.search(line)]

@@ -3,22 +3,24 @@
 #
 # Outputs (relative to the repo root, never committed):
 #   build/guest/vmlinuz      the kernel of the current Debian 12 linux-image-*-cloud-amd64
-#   build/guest/initrd.img   gzip'd newc cpio: busybox-static, the modules below, /init and
-#                            /bin/memcheck (integration/guest/memcheck.c, gcc -static)
+#   build/guest/initrd.img   gzip'd newc cpio: busybox-static, the modules below, /init,
+#                            /bin/memcheck (integration/guest/memcheck.c, gcc -static) and
+#                            /bin/diskpat (integration/guest/diskpat.c, gcc -static)
 #
 # Why this shape: the integration tests need a guest that boots in seconds under TCG and has a
-# real network stack. The cloud kernel is small and has virtio-net as modules, so the initramfs
-# carries just those modules (resolved from modules.dep, loaded in dependency order with insmod),
-# and busybox provides every userland tool /init needs. memcheck is the one program of our own:
-# a memory workload that verifies its own patterns (guest.dirty=RATE), statically linked so the
-# initramfs needs no libc.
+# real network stack and real disks. The cloud kernel is small and has virtio-net and
+# virtio-blk as modules, so the initramfs carries just those modules (resolved from modules.dep,
+# loaded in dependency order with insmod), and busybox provides every userland tool /init needs.
+# Two programs are our own, statically linked so the initramfs needs no libc: memcheck, a memory
+# workload that verifies its own patterns (guest.dirty=RATE), and diskpat, its counterpart for
+# block devices (guest.diskload=vdX, and run by tests over the console).
 #
-# Fails loudly: a wanted module that is not in modules.dep, or memcheck not compiling, ends the
-# build with an error (and leaves the previous outputs in place).
+# Fails loudly: a wanted module that is not in modules.dep, or memcheck or diskpat not
+# compiling, ends the build with an error (and leaves the previous outputs in place).
 #
-# Idempotent: if both outputs exist and are newer than this script, the /init and busybox,
-# nothing is done (no apt query either); memcheck.c counts as an input too. GUEST_REBUILD=1 forces a rebuild, which also picks up
-# a newer kernel package.
+# Idempotent: if both outputs exist and are newer than this script, the /init, memcheck.c,
+# diskpat.c and busybox, nothing is done (no apt query either). GUEST_REBUILD=1 forces a
+# rebuild, which also picks up a newer kernel package.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +29,7 @@ OUT="$ROOT/build/guest"
 WORK="$OUT/work"
 INIT_SRC="$HERE/init"
 MEMCHECK_SRC="$HERE/memcheck.c"
+DISKPAT_SRC="$HERE/diskpat.c"
 BUSYBOX=/bin/busybox
 
 # Modules wanted in the guest; their dependencies are added from modules.dep. A name matches
@@ -34,8 +37,8 @@ BUSYBOX=/bin/busybox
 # pvpanic-pci.ko.
 #   virtio_pci + virtio_net: the NICs; button + evdev: the ACPI power button as an input
 #   device, so the guest powers off on QMP system_powerdown; pvpanic_pci: a guest kernel panic
-#   reaches QEMU (and qsup) as GUEST_PANICKED.
-WANT_MODULES=(virtio_pci virtio_net button evdev pvpanic_pci)
+#   reaches QEMU (and qsup) as GUEST_PANICKED; virtio_blk: the disks, /dev/vda, /dev/vdb, ...
+WANT_MODULES=(virtio_pci virtio_net button evdev pvpanic_pci virtio_blk)
 
 log() { printf 'guest-build: %s\n' "$*" >&2; }
 
@@ -43,7 +46,7 @@ up_to_date() {
     local out input
     for out in "$OUT/vmlinuz" "$OUT/initrd.img"; do
         [[ -s "$out" ]] || return 1
-        for input in "${BASH_SOURCE[0]}" "$INIT_SRC" "$MEMCHECK_SRC" "$BUSYBOX"; do
+        for input in "${BASH_SOURCE[0]}" "$INIT_SRC" "$MEMCHECK_SRC" "$DISKPAT_SRC" "$BUSYBOX"; do
             [[ "$out" -nt "$input" ]] || return 1
         done
     done
@@ -162,6 +165,9 @@ build_initrd() {
     gcc -static -O2 -s -Wall -Wextra -o "$WORK/memcheck" "$MEMCHECK_SRC" \
         || { log "gcc failed on $MEMCHECK_SRC: giving up"; exit 1; }
     install -m 0755 "$WORK/memcheck" "$rootfs/bin/memcheck"
+    gcc -static -O2 -s -Wall -Wextra -o "$WORK/diskpat" "$DISKPAT_SRC" \
+        || { log "gcc failed on $DISKPAT_SRC: giving up"; exit 1; }
+    install -m 0755 "$WORK/diskpat" "$rootfs/bin/diskpat"
 
     install -m 0755 "$INIT_SRC" "$rootfs/init"
     # Console device node, for the rare case devtmpfs is mounted late.

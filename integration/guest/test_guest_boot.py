@@ -16,7 +16,9 @@ netconf must replicate the host side exactly:
 The guest's other promises are pinned here too: the initramfs holds pvpanic, a QMP ``inject-nmi``
 with ``guest.nmi_panic=1`` reaches QEMU as ``GUEST_PANICKED``, and the memory workload
 (``guest.dirty=RATE``) runs, verifies itself, and reports a corrupted word -- the signals
-integration/guestcheck.py reads for every migration test.
+integration/guestcheck.py reads for every migration test. Its virtio disks too: they appear as
+/dev/vdX, a resize is seen, and diskpat (run over the console shell, or as the
+``guest.diskload=vdX`` loop) verifies what it wrote and reports a block corrupted from the host.
 
 Everything runs inside network namespaces made here. qemu is started inside them with
 ``ip netns exec`` (which execs, so the Popen pid *is* qemu's pid), killed by that pid, and the
@@ -39,7 +41,21 @@ from pathlib import Path
 
 import pytest
 
-from guestcheck import check_guest, console_problems, memcheck_progress, netns_ping
+from guestcheck import (
+    SerialShell,
+    check_guest,
+    console_problems,
+    disk_check,
+    disk_problems,
+    disk_size,
+    disk_verify,
+    disk_write,
+    diskload_progress,
+    disks_seen,
+    memcheck_progress,
+    netns_ping,
+    serial_shell_args,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -420,7 +436,8 @@ def test_initrd_holds_pvpanic_and_memcheck():
     listing = subprocess.run(
         f"gzip -dc {INITRD} | cpio -t --quiet", shell=True, check=True, capture_output=True, text=True
     ).stdout.split()
-    assert "bin/memcheck" in listing
+    assert "bin/memcheck" in listing and "bin/diskpat" in listing
+    assert "lib/modules/virtio_blk.ko" in listing
     assert "lib/modules/pvpanic-pci.ko" in listing and "lib/modules/pvpanic.ko" in listing
     order = subprocess.run(
         f"gzip -dc {INITRD} | cpio -i --quiet --to-stdout lib/modules/load-order",
@@ -428,6 +445,7 @@ def test_initrd_holds_pvpanic_and_memcheck():
     ).stdout.split()  # fmt: skip
     assert order.index("pvpanic.ko") < order.index("pvpanic-pci.ko")
     assert order.index("virtio_ring.ko") < order.index("virtio_net.ko")
+    assert order.index("virtio.ko") < order.index("virtio_blk.ko")
 
 
 def test_busy_guest_memcheck_runs_and_guest_check_passes(netns, tmp_path, record_property):
@@ -508,3 +526,106 @@ def test_nmi_panic_reaches_qemu_as_guest_panicked(netns, tmp_path):
         assert g.proc.wait(timeout=15) == 0
         problems = console_problems(g.text())
         assert any("Kernel panic - not syncing: NMI" in line for line in problems), g.text()[-2000:]
+
+
+def test_virtio_disks_diskpat_resize_and_corruption(tmp_path):
+    """Two virtio-blk disks (raw images): both appear (console and /sys/block), with their sizes;
+    the guest.diskload loop runs on vda without a mismatch and leaves it consistent; diskpat
+    write + verify on vdb is ok; a block_resize is seen; blocks changed in the image from the host
+    (bytes overwritten, a block copied over another) are reported as exactly those blocks.
+    One boot; the console shell (guest.shell=1) over a unix socket runs the commands."""
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    sizes = [8 << 20, 16 << 20]
+    for image, size in zip(images, sizes, strict=True):
+        with open(image, "wb") as f:
+            f.truncate(size)
+    console_log, qmp_path = tmp_path / "console.log", tmp_path / "qmp.sock"
+    append = "guest.shell=1 guest.diskload=vda guest.diskload_blocks=64 guest.diskload_every=20"
+    args = [
+        QEMU, "-accel", "tcg", "-m", "256", "-display", "none", "-no-reboot", "-monitor", "none",
+        "-nic", "none", *serial_shell_args(tmp_path / "con.sock", console_log),
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-kernel", str(KERNEL), "-initrd", str(INITRD),
+        "-append", f"console=ttyS0 quiet panic=-1 {append}",
+    ]  # fmt: skip
+    for i, image in enumerate(images):
+        args += ["-drive", f"file={image},format=raw,if=none,id=d{i}", "-device", f"virtio-blk-pci,drive=d{i}"]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def text() -> str:
+        try:
+            return console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    shell = qmp = None
+    try:
+        shell = SerialShell(tmp_path / "con.sock")
+        try:
+            shell.wait_ready(READY_TIMEOUT)
+        except TimeoutError:
+            raise AssertionError(f"no console shell (qemu {proc.poll()}):\n{text()[-3000:]}") from None
+        assert "GUEST-READY" in text()
+        assert "guest-disk: vda size=8388608\n" in text() and "guest-disk: vdb size=16777216\n" in text()
+        assert disks_seen(shell) == ["vda", "vdb"]
+        assert [disk_size(shell, "vda"), disk_size(shell, "/dev/vdb")] == sizes
+        deadline = time.monotonic() + 30
+        while (diskload_progress(text()) or 0) < 40:  # the guest.diskload loop on vda
+            assert time.monotonic() < deadline, f"diskpat loop made no progress:\n{text()[-2000:]}"
+            time.sleep(0.2)
+        assert disk_problems(text()) == [], disk_problems(text())  # before the mismatches made below
+
+        # vdb: write, verify; a verify for another pass finds every block stale.
+        assert disk_write(shell, "vdb", 0, 256, 5).startswith("diskpat: wrote 256 blocks start=0 seq=5 ")
+        good = disk_verify(shell, "vdb", 0, 256, 5)
+        assert (good.ok, good.blocks, good.seq_min, good.seq_max) == (True, 256, 5, 5), good
+        stale = disk_verify(shell, "vdb", 0, 256, 6)
+        assert (stale.ok, stale.bad, stale.seq_min, stale.seq_max) == (False, 256, 5, 5), stale
+        assert "stale" in stale.output
+        unwritten = disk_check(shell, "vdb", 250, 10)  # 256..259 were never written
+        assert (unwritten.ok, unwritten.bad, unwritten.mismatched) == (False, 4, [256, 257, 258, 259])
+
+        # The loop on vda ran all along (nothing else wrote vda), never finding a bad block; stopped,
+        # it leaves every block whole, of two successive passes at most.
+        assert shell.run("killall diskpat")[0] == 0
+        passes = re.findall(r"diskpat: pass (\d+) blocks=64 errors=(\d+)\n", text())
+        assert passes and passes[-1][1] == "0", passes
+        loop = disk_check(shell, "vda", 0, 64)
+        assert loop.ok and loop.seq_min >= 40 and loop.seq_max - loop.seq_min <= 1, loop
+
+        qmp = QmpSession(qmp_path)
+        # A resized disk is seen at once: virtio-blk's config change updates /sys/block/vdb/size.
+        assert qmp.cmd("block_resize", {"device": "d1", "size": 32 << 20}) == {"return": {}}
+        deadline = time.monotonic() + 10
+        while disk_size(shell, "vdb") != 32 << 20:
+            assert time.monotonic() < deadline, "the guest did not see vdb grow to 32 MiB"
+            time.sleep(0.2)
+
+        # Corrupt vdb's image from the host while the guest is stopped: 4 bytes inside block 100,
+        # and block 3 copied over block 7 (a misplaced write). diskpat reads with O_DIRECT, so the
+        # guest's page cache cannot hide it.
+        assert qmp.cmd("stop") == {"return": {}}
+        with open(images[1], "r+b") as f:
+            f.seek(100 * 4096 + 1000)
+            f.write(b"\xde\xad\xbe\xef")
+            f.seek(3 * 4096)
+            block3 = f.read(4096)
+            f.seek(7 * 4096)
+            f.write(block3)
+        assert qmp.cmd("cont") == {"return": {}}
+        bad = disk_verify(shell, "vdb", 0, 256, 5)
+        assert (bad.ok, bad.bad, bad.mismatched) == (False, 2, [7, 100]), bad
+        assert re.search(r"diskpat: MISMATCH block 7 misplaced ", bad.output), bad.output
+        assert re.search(r"diskpat: MISMATCH block 100 corrupt .* word=125\n", bad.output), bad.output
+        assert disk_check(shell, "vdb", 0, 256).mismatched == [7, 100]
+        assert console_problems(text()) == [], console_problems(text())
+    finally:
+        if qmp is not None:
+            qmp.close()
+        if shell is not None:
+            shell.close()
+        if proc.poll() is None:
+            proc.kill()  # by pid: Popen.kill signals exactly this qemu
+        proc.wait(timeout=10)
+        if proc.stderr is not None:
+            proc.stderr.close()
