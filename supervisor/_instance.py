@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, TypeVarTuple
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, TypeVarTuple, cast
 
 import structlog
 import trio
@@ -48,6 +48,7 @@ import qmp_glue
 
 from ._config import Config
 from ._console import open_log_fifo, pump_console, pump_log, read_tail
+from ._disks import OpenDisk, device_id, node_name, open_disks, throttle
 from ._errors import FieldError, describe, hook_output, only_cancelled, root_cause
 from ._eventlog import EventLog
 from ._faults import NO_FAULTS, Checkpoint
@@ -69,7 +70,7 @@ from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
 from ._ratelimit import EventBudget
 from ._records import Layout, ensure_dir, write_json
-from ._spec import InstanceSpec, SpecError
+from ._spec import MACHINE_RE, InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, RunState, State, StateMachine, require
 from ._tls import MigrationKey, qemu_creds_dir, qemu_gid, remove_qemu_creds, setup_qemu_tls
 from ._uids import UidAllocator, unprivileged_userfaultfd
@@ -564,6 +565,10 @@ class Instance:
         self.checkpoint(Checkpoint.REATTACH_STATUS)
         answer = await self.qmp.execute("query-status")
         await self._follow_console()
+        try:  # a record from before machine types were pinned
+            await self._pin_machine()
+        except (qmp_glue.QMPError, trio.TooSlowError) as e:
+            log.info("machine type not pinned", error=str(e))
         self.runstate, running = _run_status(answer)
         if migration and migration.get("direction") == "in":
             incoming = IncomingMigration(self, bool(migration.get("postcopy")),
@@ -604,6 +609,8 @@ class Instance:
             self.checkpoint(Checkpoint.IMAGES_CHECKED)
             boot = await trio.to_thread.run_sync(self._open_boot_files)
             opened.extend(boot.values())
+            disks = await trio.to_thread.run_sync(self._open_disks)
+            opened.extend(disks)
             taps: list[netconf.TapHandle] = []
             for nic in self.nics:
                 taps.append(netconf.open_tap(nic.tap, nic.queues, mac=netconf.fe_mac(nic.mac)))
@@ -611,18 +618,21 @@ class Instance:
             host = self._host_fds(opened, boot)
             argv = build_argv(
                 self.spec, ctx.cfg, ctx.layout,
-                [NicFds(n.mac, tuple(t.fds), t.vnet_hdr) for n, t in zip(self.nics, taps)],
-                host=host, incoming=incoming, images=self.images,
+                [NicFds(n.mac, tuple(t.fds), t.vnet_hdr, ns.pci_slot)
+                 for n, ns, t in zip(self.nics, self.spec.nics, taps, strict=True)],
+                host=host, incoming=incoming, disks=disks,
             )
+            self._name_fdsets(disks)
             self.uid = self._qemu_uid()
             jail = None
-            if ctx.cfg.qemu_chroot:  # reads the qcow2 chain's headers: a worker thread
-                jail = await trio.to_thread.run_sync(plan_for, self.spec, ctx.cfg, self.images, QEMU_ENV)
+            if ctx.cfg.qemu_chroot:  # file system work: a worker thread
+                jail = await trio.to_thread.run_sync(plan_for, self.spec, ctx.cfg, QEMU_ENV)
             # stdout/stderr into a FIFO qsup copies into the capped log (supervisor/_console.py)
             log_r, log_w = open_log_fifo(ctx.layout.log_fifo_path(name))
             try:
                 self.proc = QemuProcess.popen(
-                    argv, pass_fds=[fd for t in taps for fd in t.fds] + host.all(), log_fd=log_w,
+                    argv, pass_fds=[fd for t in taps for fd in t.fds] + host.all()
+                    + [f.fd for d in disks for f in d.files], log_fd=log_w,
                     uid=self.uid, gid=self.uid, jail=jail)
             except BaseException:
                 os.close(log_r)
@@ -641,6 +651,11 @@ class Instance:
         self._qmp = await self._connect_qmp()
         t_qmp = time.perf_counter()
         self.checkpoint(Checkpoint.QMP)
+        await self._pin_machine()
+        for d in self.spec.disks:
+            limits = throttle(d)
+            if limits is not None:  # a BlockBackend's setting: not migrated, set on every QEMU
+                await self.qmp.execute("block_set_io_throttle", cast(qmp_glue.JSONObject, limits))
         await ctx.worker.run(self._apply_phase, "attach", reason)
         self.checkpoint(Checkpoint.ATTACHED)
         return t_spawn, t_qmp
@@ -649,6 +664,31 @@ class Instance:
         """Kernel and initrd by the rule of supervisor/_images.py, as sealed memfds (blocking: a worker thread)."""
         paths = {k: self.images.get(k) or getattr(self.spec, k) for k in BOOT_FIELDS}
         return open_boot_files(paths, self.ctx.cfg.image_dirs, max_bytes=self.spec.memory << 20)
+
+    async def _pin_machine(self) -> None:
+        """Record the versioned machine type QEMU's ``pc`` alias stands for, once: a guest must
+        keep its machine across migrations and upgrades to another QEMU (docs/ARCHITECTURE.md)."""
+        if self.spec.machine is not None:
+            return
+        machines = await self.qmp.execute("query-machines")
+        pinned = next((m.get("name") for m in machines or [] if isinstance(m, dict) and m.get("alias") == "pc"),
+                      None) if isinstance(machines, list) else None
+        if isinstance(pinned, str) and MACHINE_RE.fullmatch(pinned):
+            self.spec = self.spec.model_copy(update={"machine": pinned})
+            self._save()
+
+    def _open_disks(self) -> list[OpenDisk]:
+        """Every disk and its backing chain by the rules of supervisor/_disks.py (blocking: a worker thread)."""
+        cfg = self.ctx.cfg
+        return open_disks(self.spec.disks, cfg.image_dirs, allow_device=cfg.allow_device_disks)
+
+    def _name_fdsets(self, disks: list[OpenDisk]) -> None:
+        """QEMU names a disk's file ``/dev/fdset/N`` in its errors: the path qsup opened instead."""
+        n = 0
+        for od in disks:
+            for f in od.files:
+                n += 1
+                self._fd_paths[f"/dev/fdset/{n}"] = f.path
 
     def _host_fds(self, opened: list[_Closeable], boot: dict[str, io.FileIO]) -> HostFds:
         """Bind the monitor and console sockets, for QEMU to inherit with ``boot`` (kernel/initrd)."""
@@ -750,14 +790,19 @@ class Instance:
         """The spec field QEMU's error is about: the one whose path it quotes, else its keyword."""
         if JAIL_MARK in qemu_said:  # the jail helper failed before QEMU ran (supervisor/_jail.py)
             return "qemu_chroot"
-        for key in ("kernel", "initrd", "disk"):
+        for key in ("kernel", "initrd"):
             path = getattr(self.spec, key)
             if path and path in qemu_said:
                 return key
+        for i, d in enumerate(self.spec.disks):
+            if d.path in qemu_said or f"'{device_id(d.id)}'" in qemu_said or f"'{node_name(d.id)}" in qemu_said:
+                return f"disks[{i}]"
         low = qemu_said.lower()
-        for key, words in (("initrd", ("initrd", "ram disk")), ("kernel", ("kernel",)), ("disk", ("drive",))):
+        for key, words in (("initrd", ("initrd", "ram disk")), ("kernel", ("kernel",))):
             if getattr(self.spec, key) and any(w in low for w in words):
                 return key
+        if "machine" in low and "type" in low:
+            return "machine"
         return None
 
     def _log_tail(self, n: int = 3) -> str:

@@ -11,8 +11,8 @@ tmpfs holding only what QEMU needs, bind-mounted at the host's paths:
   accelerator is KVM -- each a single bind, no other device node;
 * a fresh ``/proc`` showing only process directories (``subset=pid``) and only QEMU's own
   processes (``hidepid=invisible``): kernel and initrd reach QEMU as ``/proc/self/fd/N``;
-* the disk image at its path, read-write, and the backing files of a ``.qcow2`` disk
-  read-only (:func:`disk_chain`);
+* no disk image: disks and their backing files reach QEMU as descriptors (fdsets,
+  supervisor/_disks.py), like kernel and initrd;
 * with ``tls_*`` set, ``<run_dir>/tls`` read-only: :mod:`supervisor._tls` writes QEMU's
   creds directory in it only while a migration's ``object-add`` loads it, after QEMU started,
   so the *parent* is bound (a bind of a directory shows entries created later).  Another
@@ -26,8 +26,8 @@ ARGV...`` instead of QEMU.  That helper is a fresh single-threaded process: the 
 multi-threaded, so no ``preexec_fn``; QEMU 7.2's own ``-chroot`` would need QEMU to start as
 root and drop with ``-runas``, which its seccomp sandbox kills (docs/ARCHITECTURE.md).  The
 helper calls ``unshare(CLONE_NEWNS)``, makes ``/`` rprivate (nothing it mounts can reach the
-host), opens every bind source (``O_PATH|O_NOFOLLOW``; a disk must still be the inode the
-daemon saw), mounts the tmpfs on the instance's jail directory ``<state_dir>/jail/<name>``,
+host), opens every bind source (``O_PATH|O_NOFOLLOW``; a bind with an inode must still be the
+inode the daemon saw), mounts the tmpfs on the instance's jail directory ``<state_dir>/jail/<name>``,
 binds, mounts ``/proc``, remounts the tmpfs read-only, moves its root into it
 (``pivot_root``) and detaches the old root -- so QEMU's namespace holds only the jail's mounts
 and pins no other host filesystem -- then ``setgroups([])``, ``setresgid``, ``setresuid``
@@ -49,9 +49,7 @@ import json
 import os
 import shutil
 import stat
-import struct
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +67,6 @@ SYSTEM_FILES = ("/etc/ld.so.cache",)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 KVM = "/dev/kvm"
 #: a qcow2 backing chain longer than this is not followed further
-MAX_BACKING_DEPTH = 16
 
 
 class JailError(FieldError, RuntimeError):
@@ -132,73 +129,7 @@ def resolve_exe(qemu: str, path_env: str) -> str:
     return os.path.realpath(found)
 
 
-def qcow2_backing(fd: int) -> str | None:
-    """The backing file the qcow2 header in ``fd`` names (as written), or None (not qcow2, no backing)."""
-    try:
-        head = os.pread(fd, 20, 0)
-        if len(head) < 20 or head[:4] != b"QFI\xfb":
-            return None
-        offset, size = struct.unpack(">QI", head[8:20])
-        if not offset or not 0 < size <= 1023:
-            return None
-        name = os.pread(fd, size, offset)
-    except OSError:
-        return None
-    return name.decode("utf-8", "surrogateescape") if len(name) == size else None
-
-
-def disk_chain(disk: str, *, qcow2: bool, roots: Sequence[str | os.PathLike] = ("/",)) -> list[tuple[str, bool]]:
-    """``[(path, rw)]``: the disk read-write, then the files of its qcow2 backing chain read-only.
-
-    Only a disk QEMU is told is qcow2 (``.qcow2``, like the argv) has backing files.  A
-    backing name is relative to the directory of the image naming it; ``json:`` and protocol
-    names (``nbd:...``) are no files and are left to QEMU, as is a missing file (QEMU says
-    which).  A loop ends the chain; so does :data:`MAX_BACKING_DEPTH`.
-
-    Every file is opened by the rule of :mod:`supervisor._images` -- inside ``roots`` (the
-    node's ``image_dirs``), no symlink followed, ``O_NONBLOCK``, a regular file (the disk may
-    be a block device) -- and its header read from that descriptor; anything else is a
-    ``SpecError`` naming ``disk``.  Blocking file I/O: called on a worker thread.
-    """
-    from ._images import MissingImage, open_image  # daemon side only: the helper never walks a chain
-
-    chain: list[tuple[str, bool]] = []
-    seen = {disk}
-    path, named_by = disk, None
-    while True:
-        what = repr(path) if named_by is None else f"backing file {path!r} (named by {named_by!r})"
-        try:
-            fd, st, _ = open_image("disk", path, roots, flags=os.O_RDONLY, allow_device=named_by is None,
-                                   what=what)
-        except MissingImage:
-            if named_by is None:
-                raise
-            break  # QEMU names a missing backing file itself
-        chain.append((path, named_by is None))
-        try:
-            more = qcow2 and stat.S_ISREG(st.st_mode) and len(chain) <= MAX_BACKING_DEPTH
-            name = qcow2_backing(fd) if more else None
-        finally:
-            os.close(fd)
-        if not name or name.startswith("json:") or ":" in name.split("/", 1)[0]:
-            break
-        # no symlink below the image dir was followed to get here: ".." can be taken by name
-        nxt = os.path.normpath(os.path.join(os.path.dirname(path), name))
-        if nxt in seen:
-            break
-        seen.add(nxt)
-        path, named_by = nxt, path
-    return chain
-
-
-def _ino(path: str) -> tuple[int, int]:
-    st = os.stat(path, follow_symlinks=False)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise JailError(f"{path!r} is not a regular file or block device")
-    return st.st_dev, st.st_ino
-
-
-def build_plan(root: str | os.PathLike, *, exe: str, disks: Sequence[tuple[str, bool]] = (),
+def build_plan(root: str | os.PathLike, *, exe: str,
                tls_dir: str | os.PathLike | None = None, kvm: bool = False, env: dict | None = None,
                host: str = "/") -> JailPlan:
     """What the jail of one QEMU holds.  ``host``: where to look at the host's ``/`` (tests)."""
@@ -224,26 +155,16 @@ def build_plan(root: str | os.PathLike, *, exe: str, disks: Sequence[tuple[str, 
         binds[exe] = Bind(exe)
     if tls_dir is not None:
         binds[os.fspath(tls_dir)] = Bind(os.fspath(tls_dir))
-    for path, rw in disks:
-        if not os.path.isabs(path):
-            raise JailError(f"disk path {path!r} is not absolute")
-        prev = binds.get(path)
-        binds[path] = Bind(path, rw or bool(prev and prev.rw), _ino(path))
-    # parents before children: a disk under /usr is bound over /usr's read-only bind
+    # parents before children: a bind under /usr goes over /usr's read-only bind
     ordered = sorted(binds.values(), key=lambda b: (b.path.count("/"), b.path))
     return JailPlan(root=os.fspath(root), exe=exe, binds=tuple(ordered), symlinks=tuple(symlinks),
                     env=dict(env or {}))
 
 
-def plan_for(spec, cfg, images: dict[str, str], env: dict) -> JailPlan:
-    """The jail of ``spec``'s QEMU on a node with config ``cfg``; creates its mount point.
-
-    ``images``: the paths the node checked (as opened: no symlink below the image dir), which QEMU is given.
-    """
+def plan_for(spec, cfg, env: dict) -> JailPlan:
+    """The jail of ``spec``'s QEMU on a node with config ``cfg``; creates its mount point."""
     try:
         exe = resolve_exe(cfg.qemu, env.get("PATH", ""))
-        disk = images.get("disk") or spec.disk
-        disks = disk_chain(disk, qcow2=disk.endswith(".qcow2"), roots=cfg.image_dirs) if disk else []
         tls_dir = None
         if cfg.tls is not None:  # QEMU's creds dirs appear in it at migration time (supervisor/_tls.py)
             from ._tls import make_qemu_creds_root, qemu_creds_root  # not at import: the helper needs neither
@@ -251,7 +172,7 @@ def plan_for(spec, cfg, images: dict[str, str], env: dict) -> JailPlan:
             tls_dir = qemu_creds_root(cfg.run_dir)
             make_qemu_creds_root(tls_dir)
         accel = spec.accel or cfg.accel
-        plan = build_plan(jail_dir(cfg.state_dir, spec.name), exe=exe, disks=disks, tls_dir=tls_dir,
+        plan = build_plan(jail_dir(cfg.state_dir, spec.name), exe=exe, tls_dir=tls_dir,
                           kvm=accel == "kvm", env=env)
         prepare_dir(Path(plan.root))
     except OSError as e:

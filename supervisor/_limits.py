@@ -3,15 +3,15 @@
 :mod:`._spec` checks a spec on its own (syntax, special addresses, caps).  These checks need
 the node's view: the other instances and the file system.  The node calls both right after
 parsing and before it emits an event, writes a record or opens a tap, so a refusal changes
-nothing.  Both raise :class:`SpecError` naming the field (``nics[1].ip``, ``disk``).
+nothing.  Both raise :class:`SpecError` naming the field (``nics[1].ip``, ``disks[0].path``).
 
 * :func:`check_unique_addresses` -- a routed address is routed to one tap only.  Two
   instances with the same ``ip`` in the same routing table would silently take over each
   other's route (the second ``route replace`` wins).
-* :func:`check_images` -- ``kernel``/``initrd``/``disk`` must be regular files (device nodes
-  only for ``disk`` and only with ``allow_device_disks``) inside one of ``image_dirs``, reached
-  without following a symlink below the image dir (:mod:`supervisor._images`).  It returns the
-  paths as opened: pass *those* to QEMU.
+* :func:`check_images` -- ``kernel``/``initrd`` must be regular files inside one of
+  ``image_dirs``, reached without following a symlink below the image dir
+  (:mod:`supervisor._images`); disks are checked with their backing chains by
+  :func:`supervisor._disks.check_disks`.
 """
 
 from __future__ import annotations
@@ -92,25 +92,23 @@ def check_unique_addresses(spec: InstanceSpec, others: Iterable[InstanceSpec],
                                 f"{other.name!r} ({ofield}){where}", clash)
 
 
-def check_images(spec: InstanceSpec, image_dirs: Sequence[str | os.PathLike],
-                 allow_device_disks: bool = False) -> dict[str, str]:
-    """Check ``kernel``/``initrd``/``disk``; return ``{field: the path as opened}`` for those set.
+def check_images(spec: InstanceSpec, image_dirs: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """Check ``kernel``/``initrd``; return ``{field: the path as opened}`` for those set.
 
     Each is opened (``O_PATH``: nothing read, no device opened, never blocking) by the rule of
     :mod:`supervisor._images`: inside one of ``image_dirs`` (``["/"]``: anywhere), no symlink
-    followed below the image dir, ``..`` never leaving it; then ``fstat``: a regular file, or a
-    block/character device for ``disk`` only and only with ``allow_device_disks``; missing
-    files, directories, FIFOs and sockets never.
+    followed below the image dir, ``..`` never leaving it; then ``fstat``: a regular file;
+    missing files, devices, directories, FIFOs and sockets never.  Disks and their backing
+    chains are checked by :func:`supervisor._disks.check_disks`.
 
-    QEMU should be given the returned paths (the image dir's resolved name joined with the
-    rest: no symlink in them).  Kernel and initrd are opened again when QEMU is launched, by
-    the same rule, and that descriptor is the one whose content QEMU gets.
+    Kernel and initrd are opened again when QEMU is launched, by the same rule, and that
+    descriptor is the one whose content QEMU gets.
     """
     out: dict[str, str] = {}
-    for field in ("kernel", "initrd", "disk"):
+    for field in ("kernel", "initrd"):
         value = getattr(spec, field)
         if value is not None:
-            out[field] = check_image(field, value, image_dirs, allow_device_disks)
+            out[field] = check_image(field, value, image_dirs)
     return out
 
 

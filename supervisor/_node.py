@@ -26,6 +26,7 @@ import netconf
 import qmp_glue
 
 from ._config import Config
+from ._disks import check_disks
 from ._errors import FieldError
 from ._faults import NO_FAULTS
 from ._instance import Instance, NodeContext, StartError, check_host
@@ -187,7 +188,7 @@ class Node:
         others = [i.spec for i in self.instances.values() if not i.state.is_final]
         check_unique_addresses(spec, others)
         ctx, _ = self._running()
-        inst = Instance(spec, ctx)
+        inst = Instance(spec.with_layout(), ctx)  # every device's PCI slot fixed from here on
         self.instances[name] = inst
         try:
             # sysfs, rt_tables, ovs-vsctl (up to 10 s) and the image files: never on the trio thread
@@ -203,7 +204,7 @@ class Node:
         QEMU 7.2 calls userfaultfd(2) without UFFD_USER_MODE_ONLY: as its own
         uid it needs vm.unprivileged_userfaultfd = 1, a host-wide choice qsup
         does not make.  Otherwise only ``allow_root_postcopy`` lets it run, as root --
-        for the guest's whole life, its disk opened read-write by root -- and only on a node
+        for the guest's whole life, its disks opened read-write by root -- and only on a node
         whose ``image_dirs`` confine every image (checked in the claim, as for any start).
         """
         if os.geteuid() != 0 or self.cfg.qemu_user == "" or unprivileged_userfaultfd():
@@ -223,7 +224,8 @@ class Node:
         # thread); ``others`` was taken with the reservation, so of two racing claims the
         # later one always sees the earlier
         check_unique_addresses(spec, others, netconf.resolve_table)
-        return check_images(spec, self.cfg.image_dirs, self.cfg.allow_device_disks)
+        check_disks(spec.disks, self.cfg.image_dirs, allow_device=self.cfg.allow_device_disks)
+        return check_images(spec, self.cfg.image_dirs)
 
     def _drop(self, inst: Instance) -> None:
         if self.instances.get(inst.name) is inst:

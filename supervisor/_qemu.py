@@ -15,19 +15,27 @@ Why these options:
   log -- is opened by qsup and passed as an fd.
 * ``-device pvpanic-pci`` + ``-action panic=pause``: without it a panicked
   guest looks ``running`` forever.
+* disks as fdsets and an explicit ``-blockdev`` graph (supervisor/_disks.py): no image
+  path reaches QEMU; ``-blockdev``/``-device`` take JSON, so no value is ever parsed as
+  QEMU's option syntax.
+* a fixed PCI slot (``addr=``) per device, from the spec (``InstanceSpec.with_layout``), and
+  the recorded versioned ``-machine``: a destination, a reattach or an upgrade gets the same
+  machine and device layout.
 * ``-incoming defer`` for a migration destination (with ``-S``: see
   docs/ARCHITECTURE.md, the destination must not run before ``completed``).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._config import Config
 from ._console import CHARDEV_ID as CONSOLE_ID
-from ._qemuopt import qemu_opt_value
+from ._disks import OpenDisk, blockdevs, device
 from ._records import Layout
-from ._spec import InstanceSpec
+from ._spec import PVPANIC_SLOT, InstanceSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class NicFds:
     mac: str
     fds: tuple[int, ...]
     vnet_hdr: bool
+    pci_slot: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,17 +84,16 @@ def build_argv(
     *,
     host: HostFds,
     incoming: bool = False,
-    images: dict[str, str] | None = None,
+    disks: Sequence[OpenDisk] = (),
 ) -> list[str]:
-    """``images``: the disk path as checked (as opened, no symlink below its image dir), else the spec's."""
+    """``disks``: the spec's disks, opened (their fds go to QEMU in fdsets 1, 2, ... in order)."""
     name = spec.name
-    disk = (images or {}).get("disk") or spec.disk
     accel = spec.accel or cfg.accel
     argv = [
         cfg.qemu,
         "-name", f"guest={name},debug-threads=on",
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "pc",
+        "-machine", spec.machine or "pc",
         "-accel", accel,
         "-m", str(spec.memory),
         "-smp", str(spec.vcpus),
@@ -99,7 +107,7 @@ def build_argv(
         "-serial", f"chardev:{CONSOLE_ID}",
         # a guest kernel panic reaches QMP as GUEST_PANICKED; QEMU pauses the
         # guest and qsup applies the instance's on_panic policy
-        "-device", "pvpanic-pci",
+        "-device", f"pvpanic-pci,addr={PVPANIC_SLOT:#x}",
         "-action", "panic=pause",
         "-S",
     ]
@@ -109,10 +117,16 @@ def build_argv(
             argv += ["-initrd", f"/proc/self/fd/{host.initrd}"]
         if spec.append:
             argv += ["-append", spec.append]
-    else:
-        assert disk is not None, "a spec has exactly one of kernel and disk"
-        fmt = "qcow2" if disk.endswith(".qcow2") else "raw"
-        argv += ["-drive", f"file={qemu_opt_value(disk)},if=virtio,format={fmt},cache=none,aio=threads"]
+    fdset = 0
+    for od in disks:
+        sets = []
+        for f in od.files:
+            fdset += 1
+            sets.append(fdset)
+            argv += ["-add-fd", f"fd={f.fd},set={fdset}"]
+        for node in blockdevs(od, sets):
+            argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
+        argv += ["-device", json.dumps(device(od.spec), separators=(",", ":"))]
     for i, nic in enumerate(nics):
         q = len(nic.fds)
         if q == 1:
@@ -122,6 +136,8 @@ def build_argv(
         if not nic.vnet_hdr:
             netdev += ",vnet_hdr=off"
         dev = f"virtio-net-pci,netdev=net{i},mac={nic.mac},id=nic{i}"
+        if nic.pci_slot is not None:
+            dev += f",addr={nic.pci_slot:#x}"
         if q > 1:
             dev += f",mq=on,vectors={2 * q + 2}"
         argv += ["-netdev", netdev, "-device", dev]

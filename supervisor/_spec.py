@@ -76,6 +76,24 @@ _BAD_CHAR_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # in its own slot (no multifunction) and needs one more for a virtio disk, and future devices
 # (rng, balloon, ...) need their own: 16 NICs leaves 14 slots for everything else.
 MAX_NICS = 16
+#: Disks: each virtio-blk disk takes its own slot too.  16 NICs + 8 disks + pvpanic = 25 of 30.
+MAX_DISKS = 8
+#: A qcow2 backing chain deeper than this is refused (qsup opens every file of it).
+MAX_BACKING_DEPTH = 16
+#: The PCI slots qsup places devices in (``addr=``), fixed per device and recorded in the spec so a
+#: migration destination, a reattach or an upgrade sees the same layout.  Slot 2 is pvpanic's (the
+#: first ``-device``, where QEMU put it before slots were fixed); NICs and disks take 3..31.
+PVPANIC_SLOT = 2
+FIRST_SLOT, LAST_SLOT = 3, 31
+DISK_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,15}\Z")
+SERIAL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,20}\Z")
+MACHINE_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}\Z")
+#: the largest I/O limit (bytes/s or operations/s) QEMU's throttling takes (THROTTLE_VALUE_MAX)
+MAX_IO_LIMIT = 1_000_000_000_000_000
+DiskFormat = Literal["raw", "qcow2"]
+DiskCache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+#: the I/O limit fields of a disk, as QEMU's ``block_set_io_throttle`` names them
+IO_LIMITS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 # Per NIC, QEMU allows up to 1024 queues (MAX_QUEUE_NUM; virtio-net needs 2q+1 <= 1024
 # virtqueues) and Linux 256 per tap (MAX_TAP_QUEUES); a guest uses at most one queue pair per
 # vCPU.  Each queue is a tap fd that qsup opens and passes to QEMU, and each needs two MSI-X
@@ -138,6 +156,8 @@ class NicSpec(_Strict):
     ip6: str | None = None
     vlan: int | list[int] | None = None
     queues: int = Field(default=1, ge=1, le=MAX_QUEUES)
+    #: its PCI slot; assigned at create when absent (:meth:`InstanceSpec.with_layout`)
+    pci_slot: int | None = Field(default=None, ge=FIRST_SLOT, le=LAST_SLOT)
 
     @field_validator("mac")
     @classmethod
@@ -190,6 +210,73 @@ class NicSpec(_Strict):
         return self
 
 
+def _check_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError(f"{v!r} must be an absolute path")
+    if len(v) > MAX_PATH:
+        raise ValueError(f"path longer than {MAX_PATH} characters")
+    return check_text(v)
+
+
+IoLimit = Annotated[int, Field(ge=1, le=MAX_IO_LIMIT)]
+
+
+class DiskSpec(_Strict):
+    """One disk.  ``id`` is its identity (QEMU node and device names, records, ``disk rm``).
+
+    The format is declared, never probed: a raw image whose content looks like a qcow2
+    header stays raw.  qsup opens the image and every file of its qcow2 backing chain itself
+    (supervisor/_disks.py); QEMU gets descriptors, never a path.
+    """
+
+    id: str
+    path: str
+    format: DiskFormat
+    readonly: bool = False
+    cache: DiskCache = "none"
+    discard: Literal["ignore", "unmap"] = "ignore"
+    serial: str | None = None
+    #: the boot order (``bootindex``): the lowest boots first; None: not a boot device
+    boot: int | None = Field(default=None, ge=0, le=99)
+    bps: IoLimit | None = None
+    bps_rd: IoLimit | None = None
+    bps_wr: IoLimit | None = None
+    iops: IoLimit | None = None
+    iops_rd: IoLimit | None = None
+    iops_wr: IoLimit | None = None
+    pci_slot: int | None = Field(default=None, ge=FIRST_SLOT, le=LAST_SLOT)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not DISK_ID_RE.fullmatch(v):
+            raise ValueError(f"invalid disk id {v!r}: must match {DISK_ID_RE.pattern[1:-2]}")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _check_path(v)
+
+    @field_validator("serial")
+    @classmethod
+    def _serial(cls, v: str | None) -> str | None:
+        if v is not None and not SERIAL_RE.fullmatch(v):
+            raise ValueError(f"invalid serial {v!r}: 1 to 20 of A-Z a-z 0-9 _ . -")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> "DiskSpec":
+        for kind in ("bps", "iops"):
+            if getattr(self, kind) is not None and (getattr(self, f"{kind}_rd") or getattr(self, f"{kind}_wr")):
+                raise ValueError(f"@{kind}: a total limit excludes {kind}_rd/{kind}_wr")
+        return self
+
+    def io_limits(self) -> dict[str, int]:
+        """QEMU's ``block_set_io_throttle`` arguments (0: no limit)."""
+        return {k: getattr(self, k) or 0 for k in IO_LIMITS}
+
+
 def _host_address(v: str, version: int) -> str:
     """Accept ``ADDR`` or ``ADDR/32`` (``/128``); return the bare address.
 
@@ -239,7 +326,12 @@ _GATEWAY6 = ipaddress.IPv6Address(GATEWAY6)
 
 
 class InstanceSpec(_Strict):
-    """A whole instance.  Exactly one boot source: ``kernel`` or ``disk``."""
+    """A whole instance: ``kernel`` (with ``initrd``, ``append``) and/or ``disks``.
+
+    The single ``disk`` path of old specs is still read (records of running instances, old
+    spec files): it becomes ``disks = [{id = "disk0", path, format}]``, its format from its name
+    as qsup always took it (``.qcow2``, else raw) -- the one place a format is not declared.
+    """
 
     name: Annotated[str, Field(min_length=1, max_length=63)]
     memory: int = Field(ge=16, le=1024 * 1024)
@@ -247,7 +339,10 @@ class InstanceSpec(_Strict):
     kernel: str | None = None
     initrd: str | None = None
     append: Text | None = Field(default=None, max_length=4096)
-    disk: str | None = None
+    disks: list[DiskSpec] = []
+    #: a versioned machine type (``pc-i440fx-7.2``); resolved from QEMU's ``pc`` alias at the
+    #: first start and recorded, so migrations and upgrades keep the guest's machine
+    machine: str | None = None
     accel: str | None = None
     nics: list[NicSpec] = []
     tags: list[Annotated[str, AfterValidator(_check_tag)]] = []
@@ -266,27 +361,59 @@ class InstanceSpec(_Strict):
             raise ValueError(f"invalid accelerator {v!r}")
         return v
 
-    @field_validator("kernel", "initrd", "disk")
+    @model_validator(mode="before")
+    @classmethod
+    def _old_disk(cls, data: object) -> object:
+        """The old single ``disk`` path (see the class docstring)."""
+        if isinstance(data, dict) and "disk" in data:
+            data = dict(data)
+            path = data.pop("disk")
+            if path is not None:
+                if "disks" in data:
+                    raise ValueError("@disk: give disks, not disk (the old single disk) as well")
+                if not isinstance(path, str):
+                    raise ValueError("@disk: must be a path")
+                fmt = "qcow2" if path.endswith(".qcow2") else "raw"
+                data["disks"] = [{"id": "disk0", "path": path, "format": fmt}]
+        return data
+
+    @field_validator("kernel", "initrd")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if not v.startswith("/"):
-            raise ValueError(f"{v!r} must be an absolute path")
-        if "," in v:
+        if "," in v:  # QEMU's -kernel takes a path as an option value
             raise ValueError(f"{v!r}: ',' is not allowed in paths")
-        if len(v) > MAX_PATH:
-            raise ValueError(f"path longer than {MAX_PATH} characters")
-        return check_text(v)
+        return _check_path(v)
+
+    @field_validator("machine")
+    @classmethod
+    def _machine(cls, v: str | None) -> str | None:
+        if v is not None and not MACHINE_RE.fullmatch(v):
+            raise ValueError(f"invalid machine type {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _boot_and_nics(self) -> "InstanceSpec":
-        if bool(self.kernel) == bool(self.disk):
-            raise ValueError("@kernel: exactly one of kernel or disk is required")
+        if not self.kernel and not self.disks:
+            raise ValueError("@kernel: a kernel or at least one disk is required")
         if (self.initrd or self.append) and not self.kernel:
             raise ValueError("@kernel: initrd and append need kernel")
         if len(self.nics) > MAX_NICS:
             raise ValueError(f"@nics: {len(self.nics)} NICs, at most {MAX_NICS}")
+        if len(self.disks) > MAX_DISKS:
+            raise ValueError(f"@disks: {len(self.disks)} disks, at most {MAX_DISKS}")
+        ids: dict[str, int] = {}
+        for i, d in enumerate(self.disks):
+            if d.id in ids:
+                raise ValueError(f"@disks[{i}].id: duplicate disk id {d.id!r} (also disks[{ids[d.id]}])")
+            ids[d.id] = i
+        slots: dict[int, str] = {}
+        for where, slot in self._slots():
+            if slot is not None:
+                if slot in slots:
+                    raise ValueError(f"@{where}.pci_slot: slot {slot} is also {slots[slot]}'s")
+                slots[slot] = where
         total = 0
         for i, nic in enumerate(self.nics):
             total += nic.queues
@@ -294,6 +421,28 @@ class InstanceSpec(_Strict):
                 raise ValueError(f"@nics[{i}].queues: {total} queues in all NICs so far, "
                                  f"at most {MAX_TOTAL_QUEUES} per instance")
         return self
+
+    def _slots(self) -> list[tuple[str, int | None]]:
+        return ([(f"nics[{i}]", n.pci_slot) for i, n in enumerate(self.nics)]
+                + [(f"disks[{i}]", d.pci_slot) for i, d in enumerate(self.disks)])
+
+    def with_layout(self) -> "InstanceSpec":
+        """This spec with every NIC and disk given a PCI slot: the lowest free one, NICs first,
+        in order (what QEMU chose by itself before slots were fixed, for a spec without disks).
+        Recorded at create; a migration destination, a reattach and an upgrade use it as it is."""
+        used = {slot for _, slot in self._slots() if slot is not None}
+        free = (s for s in range(FIRST_SLOT, LAST_SLOT + 1) if s not in used)
+        nics = [n if n.pci_slot is not None else n.model_copy(update={"pci_slot": next(free)}) for n in self.nics]
+        disks = [d if d.pci_slot is not None else d.model_copy(update={"pci_slot": next(free)}) for d in self.disks]
+        return self.model_copy(update={"nics": nics, "disks": disks})
+
+    def free_slot(self) -> int | None:
+        """The lowest PCI slot no device of this spec has (a hotplug's), or None: all taken."""
+        used = {slot for _, slot in self._slots()}
+        return next((s for s in range(FIRST_SLOT, LAST_SLOT + 1) if s not in used), None)
+
+    def disk(self, disk_id: str) -> DiskSpec | None:
+        return next((d for d in self.disks if d.id == disk_id), None)
 
     def resolved_nics(self) -> list[NicSpec]:
         """NICs with their MACs filled in and checked for duplicates.

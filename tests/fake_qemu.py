@@ -68,6 +68,11 @@ class FakeQemu:
                 "migrate-continue": self.migrate_continue, "migrate_cancel": self.migrate_cancel,
                 "query-migrate": lambda a: {"status": self.migration}, "announce-self": lambda a: {},
                 "inject-nmi": self.panic,
+                # what ``-machine pc`` stands for, as QEMU 7.2 answers (qsup pins it at start)
+                "query-machines": lambda a: [{"name": "pc-i440fx-7.2", "alias": "pc", "is-default": True,
+                                              "cpu-max": 255, "hotpluggable-cpus": True},
+                                             {"name": "pc-i440fx-7.1", "cpu-max": 255}],
+                "block_set_io_throttle": lambda a: {},
             })
 
     # -- events and exit -----------------------------------------------------

@@ -152,6 +152,10 @@ def _lookup(n, name: str):
 
 
 def _spec_diff(a, b) -> list[str]:
+    """The fields of the live spec ``a`` that the asked-for ``b`` differs in; what qsup filled in at
+    create (PCI slots, the pinned machine) counts only where ``b`` asks for it itself."""
+    b = b.with_layout() if b.machine is not None or a.machine is None else \
+        b.model_copy(update={"machine": a.machine}).with_layout()
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
     return sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
 
