@@ -14,6 +14,7 @@ CONSTRAINTS := constraints.txt
 # one package per line, so that additions merge cleanly
 APT_PACKAGES := \
 	qemu-system-x86 \
+	qemu-utils \
 	busybox-static \
 	cpio \
 	iproute2 \

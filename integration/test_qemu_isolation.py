@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import time
+from pathlib import Path
 
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
 from topo import GUEST, assert_own_seccomp_filter, proc_environ, proc_status
@@ -69,3 +72,64 @@ def test_a_kernel_only_root_can_read_boots_from_a_sealed_copy(node, daemon_facto
                              "kernel": "/etc/shadow"}))
     r = dm.cli("start", str(p), check=False)
     assert r.returncode == 2 and "kernel" in r.stderr and "image_dirs" in r.stderr, r.stderr
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def test_kernel_initrd_and_two_disks_as_fds_root_only_images(node, daemon_factory, tmp_path):  # noqa: F811
+    """Issue 17: a guest with kernel + initrd + two disks (a raw one and a qcow2 over a raw
+    backing file) boots and sees both; the images are 0600 root in a 0700 directory, QEMU runs
+    as its own uid and its command line holds no image path: qsup opened every file of every
+    chain and passed descriptors (fdsets).  The machine type is pinned and shown."""
+    ns, _client = node
+    dm = daemon_factory(ns)
+    private = tmp_path / "disks"
+    private.mkdir(mode=0o700)
+    boot, base, data = private / "boot.raw", private / "base.raw", private / "data.qcow2"
+    _qemu_img("create", "-f", "raw", str(boot), "8M")
+    _qemu_img("create", "-f", "raw", str(base), "16M")
+    _qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(data), "24M")
+    for f in (boot, base, data):
+        os.chmod(f, 0o600)
+    spec = routed("disks2", "10.99.7.30", "52:54:00:77:00:30")
+    spec["disks"] = [{"id": "boot", "path": str(boot), "format": "raw", "serial": "BOOT1"},
+                     {"id": "data", "path": str(data), "format": "qcow2", "cache": "writeback"}]
+    v = dm.start_instance(spec)
+    assert 60000 <= v["uid"] <= 60999
+    cmdline = Path(f"/proc/{v['pid']}/cmdline").read_bytes().decode()
+    for f in (boot, base, data):
+        assert str(f) not in cmdline and f.name not in cmdline, cmdline
+    assert "/dev/fdset/" in cmdline
+    held = {os.readlink(f"/proc/{v['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{v['pid']}/fd")}
+    assert {str(boot), str(data), str(base)} <= held, held  # descriptors qsup opened
+    dm.wait_console("disks2")
+    con = dm.console("disks2")
+    assert "guest-disk: vda size=8388608" in con and "guest-disk: vdb size=25165824" in con, con[-2000:]
+    shown = dm.cli_json("show", "disks2")
+    assert re.fullmatch(r"pc-i440fx-\d+\.\d+", shown["machine"]), shown
+    assert [(d["id"], d["pci_slot"]) for d in shown["disks"]] == [("boot", 4), ("data", 5)]
+    assert shown["nics"][0]["pci_slot"] == 3
+    assert dm.cli_json("stop", "disks2", "--timeout", "10")["state"] == "stopped"
+    for f in (boot, base, data):
+        st = f.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+
+
+def test_a_qcow2_whose_backing_file_lies_outside_image_dirs_is_refused(node, daemon_factory, tmp_path):  # noqa: F811
+    """Issue 17: a backing file outside image_dirs (here /etc/passwd, named raw) and a json:
+    backing are refused before anything starts, naming the disk; nothing is left behind."""
+    ns, _client = node
+    dm = daemon_factory(ns)
+    evil = tmp_path / "evil.qcow2"
+    _qemu_img("create", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", str(evil), "1M")
+    spec = routed("evil", "10.99.7.31", "52:54:00:77:00:31")
+    spec["disks"] = [{"id": "ok", "path": str(GUEST / "initrd.img"), "format": "raw", "readonly": True},
+                     {"id": "evil", "path": str(evil), "format": "qcow2"}]
+    p = dm.workdir / "spec-evil.json"
+    p.write_text(json.dumps(spec))
+    r = dm.cli("start", str(p), check=False)
+    assert r.returncode == 2 and "disks[1].path" in r.stderr and "image_dirs" in r.stderr, r.stderr
+    assert "/etc/passwd" in r.stderr
+    assert dm.cli_json("ls") == [] or all(i["name"] != "evil" for i in dm.cli_json("ls"))

@@ -23,6 +23,7 @@ Everything here that touches files is blocking: the node runs it on worker threa
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import struct
@@ -143,12 +144,15 @@ def _device_size(fd: int) -> int:
 
 
 def open_disk(where: str, disk: DiskSpec, roots: Iterable[str | os.PathLike], *,
-              allow_device: bool = False, readonly: bool | None = None) -> OpenDisk:
+              allow_device: bool = False, for_qemu: bool = True) -> OpenDisk:
     """Open ``disk`` and its backing chain (see the module docstring); ``where``: its field
-    (``disks[1]``), which every error names.  ``readonly``: override the spec's (a check)."""
+    (``disks[1]``), which every error names.  ``for_qemu=False``: a check (read-only, no O_DIRECT)."""
     roots = list(roots)
     field_ = f"{where}.path"
-    ro = disk.readonly if readonly is None else readonly
+    ro = disk.readonly or not for_qemu
+    # QEMU (9.1 on) hands out an fdset's fd only if its O_DIRECT matches what the node opens;
+    # set after the header is read (O_DIRECT reads need aligned buffers)
+    direct = _cache(disk.cache)["direct"] and for_qemu
     out = OpenDisk(disk)
     seen: set[tuple[int, int]] = set()
     path, fmt, named_by = disk.path, str(disk.format), None
@@ -177,6 +181,13 @@ def open_disk(where: str, disk: DiskSpec, roots: Iterable[str | os.PathLike], *,
             if fmt == "qcow2" and header is None:
                 raise SpecError(f"{what} is declared qcow2 but has no qcow2 header", field_)
             f.size = header.size if header else (_device_size(fd) if device else st.st_size)
+            if direct:
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+                except OSError as e:
+                    raise SpecError(f"{what}: its file system does not take O_DIRECT ({e.strerror}): "
+                                    "cache \"none\" and \"directsync\" need it, use \"writeback\"",
+                                    f"{where}.cache") from None
             if header is None or header.backing is None:
                 return out
             name = header.backing
@@ -198,13 +209,13 @@ def open_disk(where: str, disk: DiskSpec, roots: Iterable[str | os.PathLike], *,
 
 
 def open_disks(disks: Iterable[DiskSpec], roots: Iterable[str | os.PathLike], *,
-               allow_device: bool = False) -> list[OpenDisk]:
+               allow_device: bool = False, for_qemu: bool = True) -> list[OpenDisk]:
     """Every disk of a spec, opened (all or none)."""
     roots = list(roots)
     out: list[OpenDisk] = []
     try:
         for i, d in enumerate(disks):
-            out.append(open_disk(f"disks[{i}]", d, roots, allow_device=allow_device))
+            out.append(open_disk(f"disks[{i}]", d, roots, allow_device=allow_device, for_qemu=for_qemu))
     except BaseException:
         for o in out:
             o.close()
@@ -215,8 +226,7 @@ def open_disks(disks: Iterable[DiskSpec], roots: Iterable[str | os.PathLike], *,
 def check_disks(disks: Iterable[DiskSpec], roots: Iterable[str | os.PathLike], *,
                 allow_device: bool = False) -> list[int]:
     """The node's check at create: every chain opens by the rules (read-only here); the virtual sizes."""
-    opened = open_disks([d.model_copy(update={"readonly": True}) for d in disks], roots,
-                        allow_device=allow_device)
+    opened = open_disks(disks, roots, allow_device=allow_device, for_qemu=False)
     try:
         return [o.size for o in opened]
     finally:

@@ -237,9 +237,12 @@ class Instance:
             "tags": list(self.spec.tags),
             "nics": [
                 {"mac": n.mac, "mode": n.mode, "tap": n.tap, "link": n.link, "ip": n.ip,
-                 "ip6": n.ip6, "vlan": n.vlan, "trunks": list(n.trunks), "queues": n.queues}
-                for n in self.nics
+                 "ip6": n.ip6, "vlan": n.vlan, "trunks": list(n.trunks), "queues": n.queues,
+                 "pci_slot": ns.pci_slot}
+                for n, ns in zip(self.nics, self.spec.nics, strict=True)
             ],
+            "machine": self.spec.machine,
+            "disks": [d.model_dump(mode="json", exclude_none=True) for d in self.spec.disks],
             "qmp_operator": str(self.ctx.layout.operator_qmp_path(self.name)),
             "console": str(self.ctx.layout.console_path(self.name)),
             "created": self.created,
