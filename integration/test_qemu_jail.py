@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import stat
-import struct
 import time
 from pathlib import Path
 
@@ -128,47 +127,42 @@ def test_jailed_qemu_runs_in_its_own_root_and_namespace_and_leaves_nothing(node,
 
 
 def _qcow2_overlay(path: Path, backing: str, size: int = 1 << 20) -> None:
-    """A minimal qcow2 (v2, 64 KiB clusters, nothing allocated) over ``backing``.
+    """A qcow2 over ``backing`` (raw), made without opening it (``-u``): the test's own tool."""
+    import subprocess
 
-    Cluster 0: header + backing name; 1: refcount table; 2: refcount block; 3: L1 table.
-    (Written by hand: the machines have no qemu-img.)
-    """
-    c = 1 << 16
-    name = backing.encode()
-    header = struct.pack(">IIQIIQIIQQIIQ", 0x514649FB, 2, 72, len(name), 16, size, 0, 1, 3 * c, c, 1, 0, 0)
-    buf = bytearray(4 * c)
-    buf[:72] = header
-    buf[72:72 + len(name)] = name
-    buf[c:c + 8] = struct.pack(">Q", 2 * c)
-    buf[2 * c:2 * c + 8] = struct.pack(">HHHH", 1, 1, 1, 1)
-    path.write_bytes(bytes(buf))
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", str(path), str(size)],
+                   check=True, capture_output=True)
 
 
-def test_disk_in_a_private_dir_and_its_backing_file_are_bound(node, daemon_factory, tmp_path):  # noqa: F811
-    """QEMU opens its disk by path: the jail binds it (rw) and the qcow2 backing file (ro).
+def test_disks_reach_the_jailed_qemu_as_descriptors_nothing_bound(node, daemon_factory, tmp_path):  # noqa: F811
+    """Issue 17: qsup opens the disk and its qcow2 backing file and passes them as fdsets; the
+    jail binds neither (it used to bind the overlay rw and the backing ro, and the overlay had to
+    be 0666).  The images are 0600 root in a 0700 directory QEMU's uid can't traverse."""
+    import subprocess
 
-    The images sit in pytest's 0700 tmp dirs, which QEMU's uid can't traverse on the host:
-    without the jail this QEMU would fail with "Permission denied".
-    """
     ns, _client = node
     dm = daemon_factory(ns, extra_config=JAIL)
     images = tmp_path / "images"
     images.mkdir(mode=0o700)
     base = images / "base.raw"
     base.write_bytes(b"\0" * (1 << 20))
-    base.chmod(0o644)
     overlay = images / "disk.qcow2"
-    _qcow2_overlay(overlay, "base.raw")  # relative: to the overlay's directory, as QEMU reads it
-    overlay.chmod(0o666)
-    v = dm.start_instance({"name": "d1", "memory": 64, "disk": str(overlay), "nics": []})
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(overlay)],
+                   check=True, capture_output=True)
+    for f in (base, overlay):
+        f.chmod(0o600)
+    v = dm.start_instance({"name": "d1", "memory": 64, "nics": [],
+                           "disks": [{"id": "d", "path": str(overlay), "format": "qcow2"}]})
     assert v["state"] == "running"
-    assert_jailed(dm, "d1", v["pid"], extra={str(overlay), str(base)})
-    by_point = {m["point"]: m for m in _mountinfo(v["pid"])}
-    assert "rw" in by_point[str(overlay)]["opts"] and "ro" in by_point[str(base)]["opts"]
-    blocks = qmp(v["qmp_operator"], "query-block")
-    img = next(b for b in blocks if b.get("inserted"))["inserted"]
-    assert img["file"] == str(overlay) and not img["ro"], img
-    assert img["image"]["backing-image"]["filename"] == str(base), img["image"]
+    assert_jailed(dm, "d1", v["pid"])
+    points = {m["point"] for m in _mountinfo(v["pid"])}
+    assert str(overlay) not in points and str(base) not in points, points
+    held = {os.readlink(f"/proc/{v['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{v['pid']}/fd")}
+    assert {str(overlay), str(base)} <= held, held
+    nodes = {n["node-name"]: n for n in qmp(v["qmp_operator"], "query-named-block-nodes")}
+    assert nodes["disk-d"]["image"]["backing-image"]["format"] == "raw", nodes["disk-d"]
+    assert not nodes["disk-d"]["ro"] and nodes["disk-d.b1"]["ro"]
+    assert nodes["file-d"]["file"].startswith("/dev/fdset/"), nodes["file-d"]
     assert dm.cli_json("stop", "d1", "--force")["state"] == "stopped"
     assert_gone(dm, "d1")
 
@@ -204,7 +198,8 @@ def test_a_fifo_as_a_backing_file_is_refused_and_the_daemon_keeps_answering(node
     try:
         for disk, words in ((overlay, "FIFO"), (linked, "symbolic link")):
             p = dm.workdir / f"spec-{disk.stem}.json"
-            p.write_text(json.dumps({"name": disk.stem, "memory": 64, "disk": str(disk), "nics": []}))
+            p.write_text(json.dumps({"name": disk.stem, "memory": 64, "nics": [],
+                                     "disks": [{"id": "d", "path": str(disk), "format": "qcow2"}]}))
             r = dm.cli("start", str(p), check=False, timeout=20)
             assert r.returncode != 0 and "disk" in r.stderr and words in r.stderr, r.stderr
             assert dm.cli_json("ls") is not None  # the daemon answers
