@@ -12,8 +12,8 @@ What is checked, from the host:
 * its mount namespace differs from the daemon's; it runs as the instance's uid, no groups,
   no capabilities, ``no_new_privs``, under more seccomp filters than its daemon (QEMU's own
   ``-sandbox``, not only one inherited), with the scrubbed environment;
-* the guest boots (console) and answers ping; a disk in a 0700 directory (unreachable to
-  QEMU's uid on the host) works with its qcow2 backing file bound read-only;
+* the guest boots (console) and answers ping; a 0600 root disk in a 0700 directory, with its
+  qcow2 backing file, reaches QEMU as descriptors: nothing of it is bound into the jail;
 * stop: the jail dir is gone and nothing is mounted under the node's dirs, in the test's
   nor in the daemon's mount namespace; a daemon restart reattaches a jailed QEMU, and cleans
   up the jail of one that died meanwhile; a jail that can't be built fails the start naming
