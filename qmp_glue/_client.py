@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TypedDict, TypeVar, cast
 
 import structlog
@@ -105,8 +105,13 @@ class QMPClient:
         return not self._closed and self._down_reason is None
 
     async def execute(self, cmd: str, args: Mapping[str, JSONArg] | None = None, *,
-                      timeout: float | None = 30.0, oob: bool = False) -> JSONValue:
+                      timeout: float | None = 30.0, oob: bool = False,
+                      fds: Sequence[int] = ()) -> JSONValue:
         """Run a QMP command and return its ``return`` value.
+
+        ``fds``: descriptors passed with the command over SCM_RIGHTS, for the commands that take
+        one (``add-fd``, ``getfd``); they go with the command's own bytes, so no other command
+        can take them.  The caller keeps (and closes) its copies.
 
         ``oob``: send it out-of-band (``exec-oob``), for the few commands QEMU allows so
         (``migrate-recover``, ``migrate-pause``): QEMU runs them on the monitor's own thread,
@@ -123,7 +128,7 @@ class QMPClient:
         outcome: str | None = "cancelled"
         try:
             self._check_usable(cmd)
-            reply = await self._send(cmd, args, timeout, oob)
+            reply = await self._send(cmd, args, timeout, oob, fds)
             outcome = "qmp_error" if "error" in reply else None
         except QMPTimeout:
             outcome = "timeout"
@@ -197,7 +202,7 @@ class QMPClient:
     # -- internals ------------------------------------------------------------
 
     async def _send(self, cmd: str, args: Mapping[str, JSONArg] | None,
-                    timeout: float | None, oob: bool = False) -> Message:
+                    timeout: float | None, oob: bool = False, fds: Sequence[int] = ()) -> Message:
         """Write the command from this (trio) thread, wait for qemu.qmp's reader
         to route the reply back (see ``_wire.py`` for why)."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -212,7 +217,7 @@ class QMPClient:
         done: Completion[Message] = self._aio.completion()
         self._session.register(msg_id, cmd, done.complete)
         try:
-            await writer.write(data)
+            await writer.write(data, fds)
         except (OSError, trio.ClosedResourceError) as exc:
             self._session.forget(msg_id)
             raise QMPConnectionLost(

@@ -21,11 +21,18 @@ full (QEMU not reading), the rest is written under a lock (keeping commands
 from interleaving) and shielded from cancellation (half a JSON object would
 corrupt the stream), bounded by ``STUCK_TIMEOUT`` after which the connection
 is shut down and treated as lost.
+
+Descriptors (``add-fd``, ``getfd``) travel with the command's first bytes as one
+``SCM_RIGHTS`` message (``sendmsg``), as libvirt sends them: QEMU's socket chardev keeps the
+descriptors of the last message that carried any, and the command then takes them.  The
+caller keeps its own copies (the kernel passes duplicates).
 """
 
 from __future__ import annotations
 
+import array
 import socket
+from collections.abc import Sequence
 
 import trio
 
@@ -41,35 +48,43 @@ class CommandWriter:
         self._lock = trio.Lock()  # held while a message is only partly written
         self._closed = False
 
-    async def write(self, data: bytes) -> None:
-        """Write ``data`` entirely. Raises ``OSError`` if the connection broke,
-        ``trio.ClosedResourceError`` if ``close()`` was called."""
+    async def write(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Write ``data`` entirely, ``fds`` (SCM_RIGHTS) with its first bytes. Raises ``OSError``
+        if the connection broke, ``trio.ClosedResourceError`` if ``close()`` was called."""
         if self._closed:
             raise trio.ClosedResourceError("monitor socket closed")
         if not self._lock.locked():
             try:
-                sent = self._sock.send(data)
+                sent = self._send(data, fds)
             except BlockingIOError:
                 sent = 0
             if sent == len(data):
                 return
             self._lock.acquire_nowait()  # no checkpoint since locked() above
             try:
-                await self._finish(data[sent:])
+                await self._finish(data[sent:], fds if not sent else ())
             finally:
                 self._lock.release()
             return
         async with self._lock:
-            await self._finish(data)
+            await self._finish(data, fds)
 
-    async def _finish(self, data: bytes) -> None:
+    def _send(self, data: bytes, fds: Sequence[int]) -> int:
+        if not fds:
+            return self._sock.send(data)
+        return self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+    async def _finish(self, data: bytes, fds: Sequence[int] = ()) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(STUCK_TIMEOUT):
             while data:
                 await trio.lowlevel.wait_writable(self._sock)
                 try:
-                    data = data[self._sock.send(data):]
+                    sent = self._send(data, fds)
                 except BlockingIOError:
                     continue
+                data = data[sent:]
+                if sent:
+                    fds = ()  # they went with the first bytes
         if data:
             self._sock.shutdown(socket.SHUT_RDWR)  # the reader sees EOF: connection lost
             raise BrokenPipeError(f"QEMU did not read a command for {STUCK_TIMEOUT}s")

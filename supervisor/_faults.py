@@ -47,6 +47,10 @@ class Checkpoint(str, enum.Enum):
     CONTINUE = "outgoing.continue"
     CONFIRM = "outgoing.confirm"
     HANDED_OVER = "outgoing.handed_over"
+    # disk hotplug (supervisor/_hotplug.py): after each kind of step of an add
+    DISK_FDS = "disk.fds"
+    DISK_NODES = "disk.nodes"
+    DISK_DEVICE = "disk.device"
 
 
 class InjectedFault(RuntimeError):

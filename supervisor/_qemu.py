@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ._config import Config
 from ._console import CHARDEV_ID as CONSOLE_ID
-from ._disks import OpenDisk, blockdevs, device
+from ._disks import OpenDisk, blockdevs, device, node_name
 from ._records import Layout
 from ._spec import PVPANIC_SLOT, InstanceSpec
 
@@ -123,7 +123,8 @@ def build_argv(
         for f in od.files:
             fdset += 1
             sets.append(fdset)
-            argv += ["-add-fd", f"fd={f.fd},set={fdset}"]
+            # opaque: the file node's name, so query-fdsets tells whose set it is (a hotplug's too)
+            argv += ["-add-fd", f"fd={f.fd},set={fdset},opaque={node_name(od.spec.id, f.depth, 'file')}"]
         for node in blockdevs(od, sets):
             argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
         argv += ["-device", json.dumps(device(od.spec), separators=(",", ":"))]

@@ -18,12 +18,23 @@ sets it: qsup gives QEMU a scrubbed environment):
 ``stderr_flood`` (bytes written to stderr at start, then ``fake-qemu: flood done``),
 ``chatty`` (a stderr line per ``query-status``), ``event_flood`` (after ``cont``: that many
 ``GUEST_CRASHLOADED`` events -- pvpanic's bit 1, which does not stop the guest -- then a STOP).
+
+Disks (supervisor/_disks.py, _hotplug.py): the fdsets (``-add-fd``; ``add-fd`` takes the fd sent
+with it over SCM_RIGHTS, refused without one, as QEMU does), block nodes (``-blockdev``,
+``blockdev-add``/``-del``: a node's file, backing and fdset must exist, a node in use cannot go)
+and virtio-blk devices (``-device``, ``device_add``/``device_del`` + ``DEVICE_DELETED``) are kept
+as QEMU keeps them, with ``query-fdsets``, ``query-named-block-nodes``, ``query-block``,
+``block_resize`` and ``block_set_io_throttle``.  Knobs: ``fail_commands`` (``{command:
+message}``: that command is refused), ``unplug_seconds`` (the guest's delay before it lets a
+device go; default 0.05), ``ignore_unplug`` (the guest never lets go).
 """
 
 from __future__ import annotations
 
+import array
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -31,7 +42,41 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import qmp_peer  # noqa: E402
 from qmp_peer import PeerError, QMPPeer  # noqa: E402
+
+#: descriptors that came with the last message that carried any (QEMU's chardev keeps them so)
+_RECEIVED_FDS: list[int] = []
+
+
+async def _lines_with_fds(self):
+    """qmp_peer's reader, with recvmsg: SCM_RIGHTS descriptors are kept for ``add-fd``."""
+    decoder = json.JSONDecoder()
+    buf = ""
+    sock = self.stream.socket
+    while True:
+        data, anc, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for old in _RECEIVED_FDS:
+                    os.close(old)
+                _RECEIVED_FDS[:] = list(fds)
+        if not data:
+            return
+        buf += data.decode()
+        while True:
+            buf = buf.lstrip()
+            try:
+                obj, end = decoder.raw_decode(buf)
+            except json.JSONDecodeError:
+                break
+            buf = buf[end:]
+            yield obj
+
+
+qmp_peer._Conn.lines = _lines_with_fds  # noqa: SLF001 -- this process only
 
 
 def _chardevs(argv: list[str]) -> dict[str, dict]:
@@ -57,6 +102,7 @@ class FakeQemu:
         chardevs = _chardevs(argv)
         self.console = chardevs.pop("console", None)
         self.peers = [QMPPeer(o.get("path"), fd=int(o["fd"]) if "fd" in o else None) for o in chardevs.values()]
+        self.block = FakeBlock(self, argv)
         self._nursery: trio.Nursery | None = None
         for peer in self.peers:
             peer.close_on_quit = False
@@ -72,8 +118,10 @@ class FakeQemu:
                 "query-machines": lambda a: [{"name": "pc-i440fx-7.2", "alias": "pc", "is-default": True,
                                               "cpu-max": 255, "hotpluggable-cpus": True},
                                              {"name": "pc-i440fx-7.1", "cpu-max": 255}],
-                "block_set_io_throttle": lambda a: {},
             })
+            peer.handlers.update(self.block.handlers())
+            for cmd, message in (knobs.get("fail_commands") or {}).items():
+                peer.handlers[cmd] = _refuse(message)
 
     # -- events and exit -----------------------------------------------------
     async def emit(self, event: str, data: dict | None = None) -> None:
@@ -290,6 +338,167 @@ class FakeQemu:
                 if any(cmd == "quit" for peer in self.peers for cmd, _ in peer.received):
                     await trio.sleep(0.01)
                     self.exit(0)
+
+
+def _refuse(message: str):
+    def refuse(args: dict) -> dict:
+        raise PeerError("GenericError", message)
+    return refuse
+
+
+class FakeBlock:
+    """QEMU's fdsets, block nodes and virtio-blk devices, as far as qsup uses them."""
+
+    def __init__(self, qemu: FakeQemu, argv: list[str]) -> None:
+        self.qemu = qemu
+        self.fdsets: dict[int, list[dict]] = {}  # id -> [{"fd", "opaque"}]
+        self.nodes: dict[str, dict] = {}  # node-name -> blockdev-add arguments (+ "size")
+        self.devices: dict[str, dict] = {}  # id -> device_add arguments
+        self.throttle: dict[str, dict] = {}
+        self._unplugging: set[str] = set()
+        for i, a in enumerate(argv[:-1]):
+            v = argv[i + 1]
+            if a == "-add-fd":
+                opts = dict(kv.split("=", 1) for kv in v.split(","))
+                self.fdsets.setdefault(int(opts["set"]), []).append({"fd": int(opts["fd"]),
+                                                                      "opaque": opts.get("opaque")})
+            elif a == "-blockdev":
+                self.blockdev_add(json.loads(v))
+            elif a == "-device" and v.startswith("{"):
+                self.device_add(json.loads(v), hot=False)
+
+    def handlers(self) -> dict:
+        return {"add-fd": self.add_fd, "remove-fd": self.remove_fd, "query-fdsets": self.query_fdsets,
+                "blockdev-add": self.blockdev_add, "blockdev-del": self.blockdev_del,
+                "device_add": self.device_add, "device_del": self.device_del,
+                "query-named-block-nodes": self.query_nodes, "query-block": self.query_block,
+                "block_resize": self.block_resize, "block_set_io_throttle": self.set_throttle}
+
+    # fdsets
+    def add_fd(self, args: dict) -> dict:
+        if not _RECEIVED_FDS:
+            raise PeerError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+        fd = _RECEIVED_FDS.pop(0)
+        fdset = args.get("fdset-id")
+        if fdset is None:
+            fdset = next(i for i in range(len(self.fdsets) + 1) if i not in self.fdsets)
+        self.fdsets.setdefault(fdset, []).append({"fd": fd, "opaque": args.get("opaque")})
+        return {"fdset-id": fdset, "fd": fd}
+
+    def remove_fd(self, args: dict) -> dict:
+        fdset = args["fdset-id"]
+        if fdset not in self.fdsets:
+            raise PeerError("GenericError", f"File descriptor named 'fdset-id:{fdset}' not found")
+        for f in self.fdsets.pop(fdset):
+            if f["fd"] >= 3 and f["fd"] not in (0, 1, 2):
+                try:
+                    os.close(f["fd"])
+                except OSError:
+                    pass
+        return {}
+
+    def query_fdsets(self, args: dict) -> list:
+        return [{"fdset-id": i, "fds": [{"fd": f["fd"], **({"opaque": f["opaque"]} if f["opaque"] else {})}
+                                        for f in fds]} for i, fds in sorted(self.fdsets.items())]
+
+    # nodes
+    def _users(self, name: str) -> list[str]:
+        return [n for n, a in self.nodes.items() if name in (a.get("file"), a.get("backing"))] + \
+            [d for d, a in self.devices.items() if a.get("drive") == name]
+
+    def blockdev_add(self, args: dict) -> dict:
+        name = args.get("node-name")
+        if not name or name in self.nodes:
+            raise PeerError("GenericError", f"Duplicate nodes with node-name='{name}'")
+        size = 0
+        if args["driver"] in ("file", "host_device"):
+            fn = args.get("filename", "")
+            if not fn.startswith("/dev/fdset/") or int(fn.rsplit("/", 1)[1]) not in self.fdsets:
+                raise PeerError("GenericError", f"Could not open '{fn}': No such file or directory")
+            fd = self.fdsets[int(fn.rsplit("/", 1)[1])][0]["fd"]
+            try:
+                size = os.fstat(fd).st_size
+            except OSError:
+                size = 0
+        else:
+            for ref in (args.get("file"), args.get("backing")):
+                if ref is not None and ref not in self.nodes:
+                    raise PeerError("GenericError", f"Cannot find device='' nor node-name='{ref}'")
+            size = self.nodes[args["file"]]["size"]
+        self.nodes[name] = {**args, "size": size}
+        return {}
+
+    def blockdev_del(self, args: dict) -> dict:
+        name = args["node-name"]
+        if name not in self.nodes:
+            raise PeerError("GenericError", f"Failed to find node with node-name='{name}'")
+        if self._users(name):
+            raise PeerError("GenericError", f"Node '{name}' is busy: node is used as backing hd of "
+                                            f"'{self._users(name)[0]}'")
+        del self.nodes[name]
+        return {}
+
+    def query_nodes(self, args: dict) -> list:
+        return [{"node-name": n, "drv": a["driver"], "ro": bool(a.get("read-only")),
+                 "file": a.get("filename") or a.get("file"), "image": {"virtual-size": a["size"]}}
+                for n, a in self.nodes.items()]
+
+    def query_block(self, args: dict) -> list:
+        return [{"device": "", "qdev": f"/machine/peripheral/{d}/virtio-backend", "locked": False,
+                 "removable": False, "inserted": {"node-name": a["drive"], "image": {
+                     "virtual-size": self.nodes[a["drive"]]["size"]}}} for d, a in self.devices.items()]
+
+    def block_resize(self, args: dict) -> dict:
+        node = self.nodes.get(args.get("node-name", ""))
+        if node is None:
+            raise PeerError("GenericError", f"Cannot find device='' nor node-name='{args.get('node-name')}'")
+        if node.get("read-only"):
+            raise PeerError("GenericError", "Block node is read-only")
+        node["size"] = args["size"]
+        return {}
+
+    def set_throttle(self, args: dict) -> dict:
+        if args.get("id") not in self.devices:
+            raise PeerError("DeviceNotFound", f"Device '{args.get('id')}' not found")
+        self.throttle[args["id"]] = args
+        return {}
+
+    # devices
+    def device_add(self, args: dict, hot: bool = True) -> dict:
+        if args.get("driver") != "virtio-blk-pci":
+            if hot:
+                raise PeerError("GenericError", f"fake: device_add of {args.get('driver')} not supported")
+            return {}
+        dev = args.get("id")
+        if dev in self.devices:
+            raise PeerError("GenericError", f"Duplicate device ID '{dev}'")
+        if args.get("drive") not in self.nodes:
+            raise PeerError("GenericError", f"Property 'virtio-blk-device.drive' can't find value "
+                                            f"'{args.get('drive')}'")
+        if any(d.get("drive") == args["drive"] for d in self.devices.values()):
+            raise PeerError("GenericError", "Conflicts with use by another device as 'root'")
+        if any(d.get("addr") == args.get("addr") for d in self.devices.values()):
+            raise PeerError("GenericError", f"PCI: slot {args.get('addr')} function 0 not available for "
+                                            f"virtio-blk-pci, in use by virtio-blk-pci,id=''")
+        self.devices[dev] = args
+        return {}
+
+    async def device_del(self, args: dict) -> dict:
+        dev = args["id"]
+        if dev not in self.devices:
+            raise PeerError("DeviceNotFound", f"Device '{dev}' not found")
+        if dev not in self._unplugging and not self.qemu.knobs.get("ignore_unplug"):
+            self._unplugging.add(dev)
+            self.qemu._nursery.start_soon(self._guest_unplugs, dev)
+        return {}
+
+    async def _guest_unplugs(self, dev: str) -> None:
+        await trio.sleep(float(self.qemu.knobs.get("unplug_seconds", 0.05)))
+        self.devices.pop(dev, None)
+        self.throttle.pop(dev, None)
+        self._unplugging.discard(dev)
+        await self.qemu.emit("DEVICE_DELETED", {"path": f"/machine/peripheral/{dev}/virtio-backend"})
+        await self.qemu.emit("DEVICE_DELETED", {"device": dev, "path": f"/machine/peripheral/{dev}"})
 
 
 def _stderr(data: bytes, wait: bool = False) -> int:

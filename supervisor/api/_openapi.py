@@ -92,9 +92,11 @@ _ERROR_TEXT = {
     403: "Forbidden: the caller's role may not call this (a peer outside its own migrations to this node, "
          "or a certificate that is neither a declared peer nor in operators); see x-qsup-roles",
     404: "Not found: no such instance",
-    409: "Conflict: the name is taken, or the migration was refused",
+    409: "Conflict: the name is taken, the migration was refused, or a disk change while the instance is "
+         "not running or paused",
     413: "Request body over 64 KiB",
-    422: "Invalid (the field is named), or the start failed and was rolled back (code start_failed)",
+    422: "Invalid (the field is named), or the start failed and was rolled back (code start_failed), or "
+         "QEMU refused a live disk change, undone (code change_failed)",
     503: "The daemon is shutting down (code unavailable), or over http_max_requests / http_max_followers "
          "(code busy, with Retry-After)",
 }
