@@ -1,0 +1,153 @@
+"""QEMU upgrades in place (issue 19): ``qsup upgrade NAME`` moves a running guest into a new QEMU
+on the same node, on the very same tap (taken back from the running QEMU with pidfd_getfd), over
+a socketpair.  Real QEMU, the real guest (busy: memcheck rewrites its RAM throughout), ping from
+the client, and netlink watched in the node's namespace the whole time."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from guestcheck import check_guest
+from migtopo import BUSY, Pinger
+from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
+from topo import QEMU, QEMU_DEBIAN, pid_alive
+
+
+class NetlinkWatch:
+    """``ip -o monitor`` in a namespace: every address, route, rule, neighbour and link message."""
+
+    def __init__(self, ns) -> None:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "ip", "-o", "monitor",
+                                      "address", "route", "rule", "neigh", "link"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> list[str]:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        return [line for line in out.splitlines() if line.strip()]
+
+
+#: the kernel's own reachability tracking of a dynamic neighbour entry (ping traffic moves it
+#: between these on its own): not a change of the host's configuration
+_NUD_ONLY = re.compile(r"^(?!Deleted )\S+ dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
+
+
+def _changes(lines: list[str], tap: str) -> list[str]:
+    """What is neither QEMU's own offload setup on the tap (a link message naming it) nor the
+    kernel's reachability tracking of a dynamic neighbour entry."""
+    return [line for line in lines
+            if not re.match(rf"^\d+: {re.escape(tap)}[:@ ]", line) and not _NUD_ONLY.match(line)]
+
+
+def _ifindex(ns, tap: str) -> int:
+    return int(ns.run("cat", f"/sys/class/net/{tap}/ifindex").strip())
+
+
+def _upgrade_under_ping(dm, ns, client, name: str, ip: str, tap: str, *args: str) -> dict:
+    watch = NetlinkWatch(ns)
+    pinger = Pinger(client, ip)
+    try:
+        pinger.wait_replies(20)
+        r = dm.cli_json("upgrade", name, *args, timeout=300)
+        pinger.wait_replies(20)
+    finally:
+        counts = pinger.stop()
+        lines = watch.stop()
+    assert not _changes(lines, tap), lines
+    assert counts["lost"] <= 50, counts  # 100/s: at most half a second without the guest
+    return r
+
+
+def test_upgrade_under_ping_keeps_the_guest_and_the_host_network(node, daemon_factory):  # noqa: F811
+    """Two upgrades in a row of a busy guest: each time one QEMU pid is replaced by another, the
+    tap's ifindex stays, netlink sees no address/route/rule/neighbour change (and no link change
+    but the tap's offload notes), the guest never reboots and its memory stays whole."""
+    ns, client = node
+    dm = daemon_factory(ns)
+    spec = routed("up1", "10.99.9.2", "52:54:00:99:00:02")
+    spec["append"] += " " + BUSY
+    v = dm.start_instance(spec)
+    tap = v["nics"][0]["tap"]
+    index = _ifindex(ns, tap)
+    dm.wait_console("up1")
+    assert v["qemu"]["outdated"] is False and v["machine"]
+    pids = [v["pid"]]
+    for _ in range(2):
+        r = _upgrade_under_ping(dm, ns, client, "up1", "10.99.9.2", tap)
+        u = r["upgrade"]
+        assert u["old_pid"] == pids[-1] and u["pid"] != pids[-1] and u["mode"] == "live", u
+        assert not pid_alive(u["old_pid"])
+        assert r["view"]["pid"] == u["pid"] and r["view"]["state"] == "running"
+        assert r["view"]["uid"] == v["uid"] and r["view"]["machine"] == v["machine"]
+        pids.append(u["pid"])
+        assert _ifindex(ns, tap) == index
+    assert dm.console("up1").count("GUEST-READY") == 1, "the guest rebooted"
+    check_guest(lambda: dm.console("up1"), lambda: client.ping("10.99.9.2", count=1, timeout=5), busy=True)
+    kinds = [e["type"] for e in dm.events() if e.get("instance") == "up1"]
+    assert kinds.count("instance.upgraded") == 2 and "instance.upgrade_failed" not in kinds
+    # the record names the new QEMU: a restarted daemon reattaches to it
+    dm.kill()
+    dm.start()
+    shown = dm.cli_json("show", "up1")
+    assert shown["pid"] == pids[-1] and shown["state"] == "running"
+    assert dm.cli_json("stop", "up1", "--timeout", "10")["state"] == "stopped"
+
+
+@pytest.fixture
+def bad_qemu():
+    """A root-owned 'QEMU' that refuses to start, in a root-owned 0755 directory."""
+    d = Path(tempfile.mkdtemp(prefix="qsup-badqemu-", dir="/usr/local/lib"))
+    os.chmod(d, 0o755)
+    exe = d / "qemu-system-x86_64"
+    exe.write_text("#!/bin/sh\necho 'qemu-system-x86_64: this build refuses to start' >&2\nexit 1\n")
+    os.chmod(exe, 0o755)
+    yield str(exe)
+    shutil.rmtree(d)
+
+
+def test_a_failed_upgrade_leaves_the_guest_on_its_qemu(node, daemon_factory, bad_qemu, tmp_path):  # noqa: F811
+    """The new binary refuses to start: 422 with its words, the guest runs on, on the same pid;
+    nothing of the new QEMU is left (no .next socket).  A --qemu that others may write is refused."""
+    ns, client = node
+    dm = daemon_factory(ns)
+    v = dm.start_instance(routed("up2", "10.99.9.3", "52:54:00:99:00:03"))
+    dm.wait_console("up2")
+    r = dm.cli("upgrade", "up2", "--qemu", bad_qemu, check=False)
+    assert r.returncode != 0 and "refuses to start" in r.stderr, r.stderr
+    shown = dm.cli_json("show", "up2")
+    assert shown["pid"] == v["pid"] and shown["state"] == "running"
+    assert not list((dm.workdir / "run" / "up2").glob("*.next")) if (dm.workdir / "run").exists() else True
+    assert client.ping("10.99.9.3", timeout=10)
+    writable = tmp_path / "qemu"
+    writable.write_text("#!/bin/sh\nexit 1\n")
+    os.chmod(writable, 0o777)
+    r = dm.cli("upgrade", "up2", "--qemu", str(writable), check=False)
+    assert r.returncode != 0 and "qemu" in r.stderr and "writable" in r.stderr, r.stderr
+    kinds = [e["type"] for e in dm.events() if e.get("instance") == "up2"]
+    assert "instance.upgrade_failed" in kinds and "instance.upgraded" not in kinds
+    assert dm.cli_json("stop", "up2", "--timeout", "10")["state"] == "stopped"
+
+
+def test_upgrade_from_debian_7_2_to_10_0_with_the_machine_type_pinned(node, daemon_factory):  # noqa: F811
+    """A busy guest started on Debian's 7.2 (machine pinned pc-i440fx-7.2) moves into 10.0.2.  7.2's
+    TCG loses writes between dirty-bitmap syncs, so the guest is copied stopped (one pass)."""
+    ns, client = node
+    dm = daemon_factory(ns, extra_config=f'qemu = "{QEMU_DEBIAN}"\n')
+    spec = routed("up3", "10.99.9.4", "52:54:00:99:00:04")
+    spec["append"] += " " + BUSY
+    v = dm.start_instance(spec)
+    assert v["machine"] == "pc-i440fx-7.2" and v["qemu"]["version"].startswith("7.2"), v
+    dm.wait_console("up3")
+    r = _upgrade_under_ping(dm, ns, client, "up3", "10.99.9.4", v["nics"][0]["tap"], "--qemu", QEMU)
+    u = r["upgrade"]
+    assert u["mode"] == "stopped-copy" and r["view"]["qemu"]["version"].startswith("10.0"), r
+    assert r["view"]["machine"] == "pc-i440fx-7.2"
+    assert dm.console("up3").count("GUEST-READY") == 1, "the guest rebooted"
+    check_guest(lambda: dm.console("up3"), lambda: client.ping("10.99.9.4", count=1, timeout=5), busy=True)
+    assert dm.cli_json("stop", "up3", "--timeout", "10")["state"] == "stopped"

@@ -1,0 +1,397 @@
+"""QEMU upgrades in place: a local live migration into a new QEMU on the same taps.
+
+Why this works, and why nothing on the host network moves: qsup opened each tap itself.  The
+new QEMU gets duplicates of the very tap descriptors the running one holds (taken back from it
+with ``pidfd_getfd``: qsup closed its own copies after the spawn), the disks opened afresh by
+qsup (a new open file description each: the image locks are per description, and the old QEMU
+gives its up when the migration inactivates its images), the same uid, the same machine type
+and the same PCI layout (both recorded in the spec).  The migration stream is a socketpair:
+the new QEMU inherits one end (``migrate-incoming fd:N``), the running one gets the other over
+SCM_RIGHTS (``getfd``, then ``migrate fd:upgrade``): no TCP port, no TLS, nothing anyone else
+could connect to.  Routes, rules, neighbour entries, bridge ports and OVS rows are never
+touched; a paused incoming QEMU does not read the shared tap (../shared/DESIGN.md).
+
+The order:
+
+1. ``PREPARED``: the new QEMU runs ``-incoming defer -S`` with its monitors, console and log
+   FIFO at ``*.next`` paths beside the live ones; capabilities (``events``) on both sides.
+2. ``STREAMING``: ``migrate`` on the old QEMU; the guest keeps running there until the
+   switchover.  A failure here (or a QEMU that dies) leaves the guest running on the old QEMU:
+   the new one is killed by pid, its paths removed, the taken descriptors closed.
+3. ``HANDED_OVER``: the old QEMU says ``completed``; the new one is ``cont``-ed at once.  From
+   here the new QEMU is the instance's: the ``*.next`` paths are renamed over the live ones
+   (the console pump reconnects by itself), the record names the new pid, the old QEMU quits.
+
+A TCG guest is not upgraded away from a QEMU < 9.0 (its dirty tracking loses writes:
+``_migration.MIGRATION_MIN_QEMU``, the same gate as a live migration between nodes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+import qmp_glue
+
+from ._errors import FieldError
+
+if TYPE_CHECKING:
+    from ._instance import Instance
+
+log = structlog.get_logger("qsup.upgrade")
+
+#: pidfd_getfd(2), the same number on every 64-bit architecture that has it
+_SYS_PIDFD_GETFD = 438
+#: the migration stream's fd name in the old QEMU (``getfd``)
+FD_NAME = "qsup-upgrade"
+#: how long a handover may take before it is cancelled (the guest keeps running on the old QEMU)
+UPGRADE_TIMEOUT = 600.0
+
+
+class UpgradeError(FieldError):
+    """An upgrade was refused (a bad ``--qemu``) or failed; the guest runs on, on the QEMU it had."""
+
+
+class UpgradeConflict(UpgradeError):
+    """Not now: the instance migrates, is being upgraded or changed, or is not running."""
+
+
+class Step(enum.Enum):
+    """Where an upgrade is; each step says what a failure there must undo."""
+
+    PREPARED = "prepared"  # the new QEMU waits for the stream: kill it, the old one runs on
+    STREAMING = "streaming"  # RAM moves: cancel, kill the new one; QEMU resumes the old by itself
+    HANDED_OVER = "handed-over"  # the new QEMU is the guest's: nothing is undone any more
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def take_fd(pidfd: int, target_fd: int) -> int:
+    """A duplicate of ``target_fd`` of the process behind ``pidfd`` (``pidfd_getfd``), close-on-exec."""
+    fd = _libc().syscall(_SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd of fd {target_fd}: {os.strerror(err)}")
+    return int(fd)
+
+
+def tap_fds_of(cmdline: list[str]) -> list[tuple[int, ...]]:
+    """The tap descriptors of each ``-netdev tap`` on a QEMU command line qsup built, in order
+    (``fd=N`` or ``fds=a:b:...``)."""
+    out: list[tuple[int, ...]] = []
+    for opt, val in zip(cmdline, cmdline[1:]):
+        if opt != "-netdev" or not val.startswith("tap,"):
+            continue
+        props = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
+        if "fds" in props:
+            out.append(tuple(int(x) for x in props["fds"].split(":")))
+        elif "fd" in props:
+            out.append((int(props["fd"]),))
+        else:
+            raise UpgradeError(f"netdev {val!r} has no fd: not a QEMU qsup started")
+    return out
+
+
+def check_binary(path: str) -> str:
+    """``--qemu``: an absolute path to a regular executable that only root can change (it will
+    run as the instance's uid, started by root).  Returns the path as given."""
+    if not os.path.isabs(path):
+        raise UpgradeError(f"{path!r} must be an absolute path", "qemu")
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError as e:
+        raise UpgradeError(f"{path!r}: {e.strerror}", "qemu") from None
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        raise UpgradeError(f"{path!r} is not an executable file", "qemu")
+    for p in [real, *map(str, Path(real).parents)]:
+        pst = os.stat(p)
+        if pst.st_uid != 0 or pst.st_mode & 0o022:
+            raise UpgradeError(f"{path!r}: {p!r} is not owned by root or is writable by others", "qemu")
+    return path
+
+
+def binary_identity(path: str) -> tuple[int, int, int] | None:
+    """(dev, ino, mtime) of a QEMU binary: a package upgrade replaces the file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, int(st.st_mtime)
+
+
+def running_binary_outdated(pid: int, configured: str) -> bool:
+    """Does the QEMU at ``pid`` run another file than ``configured`` is now (replaced on disk by a
+    package upgrade: its ``exe`` reads ``... (deleted)``, or another inode)?"""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    if exe.endswith(" (deleted)"):
+        return True
+    ident = binary_identity(configured)
+    return ident is not None and (st.st_dev, st.st_ino) != ident[:2]
+
+
+def next_path(p: Path) -> Path:
+    """Where the new QEMU's socket or FIFO waits until the handover."""
+    return p.with_name(p.name + ".next")
+
+
+@dataclass
+class Handover:
+    """What one upgrade made, so a failure undoes exactly that."""
+
+    step: Step = Step.PREPARED
+    taken: list[int] = field(default_factory=list)  # tap fds taken from the old QEMU
+    stream: socket.socket | None = None  # our end of the socketpair, for the old QEMU
+    t0: float = field(default_factory=time.perf_counter)
+
+    def close(self) -> None:
+        for fd in self.taken:
+            os.close(fd)
+        self.taken.clear()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+async def wait_completed(qmp: qmp_glue.QMPClient, timeout: float) -> dict:
+    """Poll the old QEMU's ``query-migrate`` until the stream ends; its last answer."""
+    with trio.fail_after(timeout):
+        while True:
+            answer = await qmp.execute("query-migrate", timeout=5)
+            info = answer if isinstance(answer, dict) else {}
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise UpgradeError(f"the local migration {status}: {info.get('error-desc', '')}".rstrip(": "))
+            await trio.sleep(0.02)
+
+
+def _tap_groups(pid: int) -> list[tuple[tuple[int, ...], bool]]:
+    """(fds, vnet_hdr) of each tap NIC of the QEMU at ``pid``, in order."""
+    from ._process import cmdline
+
+    args = cmdline(pid)
+    vnet = [("vnet_hdr=off" not in v) for o, v in zip(args, args[1:]) if o == "-netdev" and v.startswith("tap,")]
+    return list(zip(tap_fds_of(args), vnet, strict=True))
+
+
+async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
+    """The handover (see the module docstring).  Runs as a task of the instance, so the
+    instance's end cancels it (and the cleanup below kills the new QEMU)."""
+    from ._console import open_log_fifo, pump_log
+    from ._jail import plan_for
+    from ._migration import Switchover, migration_refusal, qemu_version
+    from ._process import QemuProcess, listening_socket
+    from ._qemu import HostFds, NicFds, build_argv
+    from ._state import State
+
+    ctx, name, layout = inst.ctx, inst.name, inst.ctx.layout
+    old_proc, old_qmp = inst._qemu, inst.qmp  # noqa: SLF001 - the upgrade is the instance's own procedure
+    accel = inst.spec.accel or ctx.cfg.accel
+    # a QEMU whose TCG loses writes between dirty syncs copies the guest stopped: one pass, consistent
+    stopped_copy = migration_refusal(Switchover.STOP, accel, await qemu_version(old_qmp)) is not None
+    was = inst.state
+    live_paths = [layout.qmp_path(name), layout.operator_qmp_path(name), layout.console_socket_path(name),
+                  layout.log_fifo_path(name)]
+    h = Handover()
+    new_proc: QemuProcess | None = None
+    new_qmp: qmp_glue.QMPClient | None = None
+    inst.sm.move(State.MIGRATING, "upgrade")
+    inst.emit("instance.upgrading", qemu=binary, mode="stopped-copy" if stopped_copy else "live")
+    try:
+        with trio.fail_after(UPGRADE_TIMEOUT):
+            groups = _tap_groups(old_proc.pid)
+            if len(groups) != len(inst.nics):
+                raise UpgradeError(f"the running QEMU has {len(groups)} tap NICs, the record {len(inst.nics)}")
+            pidfd = os.pidfd_open(old_proc.pid)
+            try:
+                taps: list[tuple[tuple[int, ...], bool]] = []
+                for fds, vnet in groups:
+                    dups = []
+                    for fd in fds:
+                        dups.append(take_fd(pidfd, fd))
+                        h.taken.append(dups[-1])
+                    taps.append((tuple(dups), vnet))
+            finally:
+                os.close(pidfd)
+            boot = await trio.to_thread.run_sync(inst._open_boot_files)  # noqa: SLF001
+            disks = await trio.to_thread.run_sync(inst._open_disks)  # noqa: SLF001
+            socks = [listening_socket(next_path(p)) for p in live_paths[:3]]
+            ours, theirs = socket.socketpair()
+            h.stream = ours
+            try:
+                host = HostFds(*(s.fileno() for s in socks), **{k: f.fileno() for k, f in boot.items()})
+                cfg = ctx.cfg.model_copy(update={"qemu": binary})
+                argv = build_argv(inst.spec, cfg, layout,
+                                  [NicFds(n.mac, fds, vnet, ns.pci_slot)
+                                   for n, ns, (fds, vnet) in zip(inst.nics, inst.spec.nics, taps, strict=True)],
+                                  host=host, incoming=True, disks=disks)
+                jail = await trio.to_thread.run_sync(plan_for, inst.spec, cfg, _qemu_env()) if cfg.qemu_chroot else None
+                log_r, log_w = open_log_fifo(next_path(live_paths[3]))
+                try:
+                    new_proc = QemuProcess.popen(
+                        argv, pass_fds=[fd for fds, _ in taps for fd in fds] + host.all()
+                        + [f.fd for d in disks for f in d.files] + [theirs.fileno()],
+                        log_fd=log_w, uid=inst.uid, gid=inst.uid, jail=jail)
+                except BaseException:
+                    os.close(log_r)
+                    raise
+                finally:
+                    os.close(log_w)
+                stream_fd = theirs.fileno()
+            finally:
+                theirs.close()
+                for s in socks:
+                    s.close()
+                for f in boot.values():
+                    f.close()
+                for d in disks:
+                    d.close()
+            inst._upgrade_pid = new_proc  # noqa: SLF001 - recorded: a restarted daemon finds it
+            inst.persist()
+            inst.spawn(partial(pump_log, next_path(live_paths[3]), layout.log_path(name),
+                               ctx.cfg.console_max_bytes, read_fd=log_r))
+            new_qmp = await _connect(inst, new_proc, next_path(live_paths[0]))
+            caps: list[dict[str, str | bool]] = [{"capability": "events", "state": True}]
+            for q in (old_qmp, new_qmp):
+                await q.execute("migrate-set-capabilities", {"capabilities": caps})
+            await new_qmp.execute("migrate-incoming", {"uri": f"fd:{stream_fd}"})
+            h.step = Step.STREAMING
+            await old_qmp.execute("getfd", {"fdname": FD_NAME}, fds=[ours.fileno()])
+            h.close()  # QEMU holds its own copies now (the taps, our end of the stream)
+            was_running = inst.runstate == "running"
+            if stopped_copy and was_running:
+                await old_qmp.execute("stop")
+            t_mig = time.perf_counter()
+            await old_qmp.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+            info = await wait_completed(old_qmp, UPGRADE_TIMEOUT)
+            while _status(await new_qmp.execute("query-status")) == "inmigrate":
+                await trio.sleep(0.005)
+            if was_running:
+                await new_qmp.execute("cont")
+            h.step = Step.HANDED_OVER
+            t_run = time.perf_counter()
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await _undo(inst, h, old_qmp, new_proc, new_qmp, live_paths)
+            if inst.cause is None:
+                inst.sm.move(was if was in (State.RUNNING, State.PAUSED) else State.RUNNING, "upgrade failed")
+            inst.emit("instance.upgrade_failed", qemu=binary, error=str(exc) or type(exc).__name__)
+        if isinstance(exc, UpgradeError | qmp_glue.QMPError | OSError | trio.TooSlowError):
+            raise UpgradeError(f"upgrade failed, the guest runs on its old QEMU: {exc}") from exc
+        raise
+    # the new QEMU is the guest's now
+    assert new_proc is not None and new_qmp is not None
+    for p in live_paths:
+        os.replace(next_path(p), p)
+    version = await qemu_version(new_qmp)
+    inst._swap_qemu(new_proc, new_qmp, ".".join(map(str, version)) if version else None)  # noqa: SLF001
+    downtime = info.get("downtime") if isinstance(info, dict) else None
+    result: dict[str, object] = {
+        "old_pid": old_proc.pid, "pid": new_proc.pid, "qemu": binary,
+        "mode": "stopped-copy" if stopped_copy else "live",
+        "downtime_ms": downtime, "migration_ms": round((t_run - t_mig) * 1000, 3),
+        "total_ms": round((t_run - h.t0) * 1000, 3),
+    }
+    inst.sm.move(was if was in (State.RUNNING, State.PAUSED) else State.RUNNING, "upgraded")
+    inst.emit("instance.upgraded", **result)
+    with trio.CancelScope(shield=True):
+        await _retire(old_proc, old_qmp)
+    return result
+
+
+def _status(answer: object) -> object:
+    return answer.get("status") if isinstance(answer, dict) else None
+
+
+def _qemu_env() -> dict[str, str]:
+    from ._process import QEMU_ENV
+
+    return dict(QEMU_ENV)
+
+
+async def _connect(inst: Instance, proc, path: Path) -> qmp_glue.QMPClient:
+    """The new QEMU's monitor, or its own words if it exits first."""
+    result: list[qmp_glue.QMPClient] = []
+
+    async def connect(cancel: trio.CancelScope) -> None:
+        result.append(await qmp_glue.connect(str(path), loop=inst.ctx.aio, timeout=30, name=f"{inst.name}.next"))
+        cancel.cancel()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(connect, n.cancel_scope)
+        await proc.wait()
+        n.cancel_scope.cancel()
+    if not result:
+        await trio.sleep(0.2)  # its last words into the log
+        raise UpgradeError(f"the new QEMU exited with status {proc.returncode}: {inst._log_tail()}", "qemu")  # noqa: SLF001
+    return result[0]
+
+
+async def _undo(inst: Instance, h: Handover, old_qmp: qmp_glue.QMPClient, new_proc, new_qmp, live_paths) -> None:
+    """Before the handover: the old QEMU keeps (or gets back) the guest, the new one goes."""
+    import signal
+
+    if h.step is Step.STREAMING:
+        try:
+            await old_qmp.execute("migrate_cancel", timeout=5)
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+            log.warning("upgrade: migrate_cancel", error=str(e))
+        with trio.move_on_after(10):  # QEMU resumes a guest it stopped for the migration by itself;
+            while True:  # a stopped-copy stop was ours
+                st = await old_qmp.execute("query-migrate", timeout=5)
+                if not isinstance(st, dict) or st.get("status") not in ("active", "setup", "cancelling", "device"):
+                    break
+                await trio.sleep(0.05)
+        try:
+            status = await old_qmp.execute("query-status", timeout=5)
+            if isinstance(status, dict) and status.get("status") in ("paused", "postmigrate") and \
+                    inst.runstate == "running":
+                await old_qmp.execute("cont", timeout=5)
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+            log.warning("upgrade: resuming the old QEMU", error=str(e))
+    if new_qmp is not None:
+        await new_qmp.aclose()
+    if new_proc is not None and new_proc.alive:
+        new_proc.signal(signal.SIGKILL)
+        await new_proc.wait()
+    inst._upgrade_pid = None  # noqa: SLF001
+    if inst.cause is None:
+        inst.persist()
+    for p in live_paths:
+        next_path(p).unlink(missing_ok=True)
+    h.close()
+
+
+async def _retire(proc, qmp: qmp_glue.QMPClient) -> None:
+    """The old QEMU, handed over: ``quit``, by pid if it does not."""
+    import signal
+
+    try:
+        await qmp.quit(timeout=10)
+    except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+        log.info("upgrade: quit of the old QEMU", error=str(e))
+    with trio.move_on_after(10):
+        await proc.wait()
+    if proc.alive:
+        proc.signal(signal.SIGKILL)
+        await proc.wait()
+    await qmp.aclose()
