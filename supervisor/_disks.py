@@ -290,4 +290,10 @@ def device(d: DiskSpec) -> dict[str, object]:
 def throttle(d: DiskSpec) -> dict[str, object] | None:
     """``block_set_io_throttle`` arguments when the disk has limits (else None)."""
     limits = d.io_limits()
-    return {"id": device_id(d.id), **limits} if any(limits.values()) else None
+    return {"id": throttle_id(d.id), **limits} if any(limits.values()) else None
+
+
+def throttle_id(disk_id: str) -> str:
+    """What ``block_set_io_throttle`` takes as ``id``: the virtio-blk device inside the PCI proxy
+    ``blk-ID`` (QEMU: "Device does not have a block device backend" for the proxy's own id)."""
+    return f"/machine/peripheral/{device_id(disk_id)}/virtio-backend"

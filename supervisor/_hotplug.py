@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 import qmp_glue
 
-from ._disks import OpenDisk, blockdevs, device, device_id, node_name, open_disk, throttle
+from ._disks import OpenDisk, blockdevs, device, device_id, node_name, open_disk, throttle, throttle_id
 from ._errors import FieldError
 from ._faults import Checkpoint
 from ._spec import IO_LIMITS, MAX_BACKING_DEPTH, MAX_DISKS, DiskSpec, IoLimit, SpecError, _loc, _message, parse_spec
@@ -236,7 +236,7 @@ class DiskOps:
             disk = self._disk(disk_id)
             merged = {**disk.model_dump(), **limits.model_dump(exclude_unset=True)}
             new = parse_disk(merged)
-            args = throttle(new) or {"id": device_id(new.id), **{k: 0 for k in IO_LIMITS}}
+            args = throttle(new) or {"id": throttle_id(new.id), **{k: 0 for k in IO_LIMITS}}
             with trio.CancelScope(shield=True):
                 try:
                     await self.qmp.execute("block_set_io_throttle", cast(qmp_glue.JSONObject, args))

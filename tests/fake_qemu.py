@@ -458,9 +458,16 @@ class FakeBlock:
         return {}
 
     def set_throttle(self, args: dict) -> dict:
-        if args.get("id") not in self.devices:
-            raise PeerError("DeviceNotFound", f"Device '{args.get('id')}' not found")
-        self.throttle[args["id"]] = args
+        """``id``: the virtio-blk device inside the proxy (``/machine/peripheral/ID/virtio-backend``);
+        the proxy's own id has no block backend, as in QEMU."""
+        path = args.get("id", "")
+        parts = path.split("/")
+        if path in self.devices:
+            raise PeerError("GenericError", "Device does not have a block device backend")
+        if len(parts) != 5 or parts[:3] != ["", "machine", "peripheral"] or parts[4] != "virtio-backend" \
+                or parts[3] not in self.devices:
+            raise PeerError("DeviceNotFound", f"Device '{path}' not found")
+        self.throttle[parts[3]] = args
         return {}
 
     # devices
