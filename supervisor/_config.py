@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from ._addr import is_loopback_host
+from ._images import locate
 from ._limits import DEFAULT_IMAGE_DIRS, ImageDirs
 from ._spec import ACCEL_RE, NAME_PATTERN, OnPanic, SpecError, _loc, _message
 from ._tls import TlsFiles
@@ -157,6 +158,8 @@ class Config(BaseModel):
     allow_root_postcopy: bool = False
     #: seconds a guest gets to honour system_powerdown before ``quit``.
     powerdown_timeout: float = Field(default=30.0, ge=0, le=3600)
+    #: seconds a guest has to release an unplugged disk (DEVICE_DELETED) before ``disk rm`` gives up
+    unplug_timeout: float = Field(default=10.0, gt=0, le=600)
     #: HTTP: seconds a client has to send a request's complete header (and to sit idle between
     #: requests); a body must arrive within 30 s (408)
     http_header_timeout: float = Field(default=30.0, gt=0, le=3600)
@@ -183,6 +186,10 @@ class Config(BaseModel):
     #: kernel/initrd/disk must lie inside one of these, reached without a symlink below the
     #: directory (supervisor/_images.py); ``["/"]`` allows any path and must be chosen explicitly
     image_dirs: ImageDirs = Field(default_factory=lambda: list(DEFAULT_IMAGE_DIRS))
+    #: those of ``image_dirs`` (or directories inside them) that are shared storage: a disk
+    #: beneath one is reopened by a migration destination (same path, same format and virtual
+    #: size); every other disk is local and is copied over NBD (supervisor/_storage.py)
+    shared_image_dirs: ImageDirs = []
     #: allow a block/character device as a disk
     allow_device_disks: bool = False
     #: disk used by one instance's console log (current + rotated ``.1``), in bytes
@@ -270,6 +277,10 @@ def check_rules(cfg: Config) -> None:
         raise SpecError(f"{cfg.migration_address!r}: without TLS the migration stream is plain "
                         "TCP, so only a loopback address unless allow_plain_migration_network "
                         "= true; or set tls_ca, tls_cert and tls_key", "migration_address")
+    for i, shared in enumerate(cfg.shared_image_dirs):
+        if locate(str(shared), cfg.image_dirs) is None:
+            raise SpecError(f"{str(shared)!r} is not inside image_dirs (a shared image dir is one of "
+                            "them, or a directory inside one)", f"shared_image_dirs[{i}]")
     for name, peer in cfg.peers.items():
         if peer.is_https and cfg.tls is None:
             raise SpecError("an https peer needs tls_ca, tls_cert and tls_key "

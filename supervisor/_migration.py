@@ -60,16 +60,22 @@ import netconf
 import qmp_glue
 from qmp_glue import JSONObject, QMPEvent
 
+from . import _storage as storage
 from ._errors import FieldError, describe, only_cancelled
 from ._faults import Checkpoint
 from ._migration_phases import (
     DestinationL3,
+    SourceDisks,
     SourceL3,
     Stream,
+    TargetDisks,
     destination_l3_phases,
+    source_disks_phases,
     source_l3_phases,
     stream_phases,
+    target_disks_phases,
 )
+from ._spec import parse_spec
 from ._state import FINAL
 
 if TYPE_CHECKING:
@@ -212,6 +218,11 @@ class MigrateOptions:
     #: how long the source keeps trying to confirm its L3 release to the destination (whose
     #: daemon may be restarting): the default ``incoming_timeout``, how long it waits for it
     confirm_timeout: float = 120.0
+    #: the node's ``shared_image_dirs``: a disk beneath one is reopened by the destination,
+    #: every other is local and copied (supervisor/_storage.py)
+    shared_dirs: tuple[Path, ...] = ()
+    #: how long the local disks' mirrors may take to be ready (in sync) before the RAM migration
+    disks_ready_timeout: float = 600.0
 
     @property
     def shown_to(self) -> str:
@@ -243,7 +254,8 @@ def peer_options(cfg, peer_name: str, *, name: str, qemu_pid: int | None, **kw) 
     if tls is not None:
         qemu_tls = QemuTls(qemu_creds_dir(cfg.run_dir, name, "client"), qemu_gid(qemu_pid))
     return MigrateOptions(to=peer.target, peer=peer_name, migration_host=peer.migration_host,
-                          api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls, **kw)
+                          api_tls=tls if peer.is_https else None, qemu_tls=qemu_tls,
+                          shared_dirs=tuple(getattr(cfg, "shared_image_dirs", ())), **kw)
 
 
 def recovery_options(cfg, to: str, postcopy: bool, switchover: object) -> MigrateOptions:
@@ -257,8 +269,10 @@ def recovery_options(cfg, to: str, postcopy: bool, switchover: object) -> Migrat
     if to in peers:
         peer = peers[to]
         return MigrateOptions(to=peer.target, peer=to, migration_host=peer.migration_host, postcopy=postcopy,
-                              switchover=mode, api_tls=cfg.tls if peer.is_https else None)
-    return MigrateOptions(to=to, postcopy=postcopy, switchover=mode)
+                              switchover=mode, api_tls=cfg.tls if peer.is_https else None,
+                              shared_dirs=tuple(getattr(cfg, "shared_image_dirs", ())))
+    return MigrateOptions(to=to, postcopy=postcopy, switchover=mode,
+                          shared_dirs=tuple(getattr(cfg, "shared_image_dirs", ())))
 
 
 def free_port(address: str) -> int:
@@ -297,6 +311,16 @@ def parse_tcp_uri(uri: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class NbdAnswer(BaseModel):
+    """Where the destination exports the local disks' targets: a port on the declared peer's
+    migration address (the source builds the address itself), one export per local disk,
+    named by its id (the source checks they are exactly its local disks)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    port: int = PydField(ge=1, le=65535)
+    exports: list[str] = PydField(max_length=8)
+
+
 class PrepareAnswer(BaseModel):
     """The destination's answer to ``POST /v1/migrations/incoming``.
 
@@ -310,6 +334,8 @@ class PrepareAnswer(BaseModel):
     tls: bool = False
     #: this migration's stream key (``tls``): 256 bits, hex
     psk: str | None = PydField(default=None, pattern=r"^[0-9a-f]{64}$")
+    #: the local disks' NBD exports (only when the offer had local disks)
+    nbd: NbdAnswer | None = None
 
 
 class Activation(BaseModel):
@@ -348,6 +374,19 @@ def _peer_answer(model: type[BaseModel], body: object, what: str):
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "body"
         raise MigrationError(f"destination sent an invalid {what}: {loc}: {err['msg']}", "to") from None
+
+
+def check_exports(answer: PrepareAnswer, local: list[str]) -> None:
+    """The answer's NBD exports are exactly this node's local disks (MigrationError naming ``to``)."""
+    if not local:
+        if answer.nbd is not None:
+            raise MigrationError("destination sent NBD exports for a guest without local disks", "to")
+        return
+    if answer.nbd is None:
+        raise MigrationError("destination sent no NBD exports for the local disks", "to")
+    if sorted(answer.nbd.exports) != sorted(local) or len(set(answer.nbd.exports)) != len(local):
+        shown = [e[:20] for e in answer.nbd.exports]
+        raise MigrationError(f"destination exports {shown!r}, not the local disks {local!r}", "to")
 
 
 class PeerClient:
@@ -395,11 +434,15 @@ class PeerClient:
                                  status=r.status_code)
         return body
 
-    async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str) -> object:
+    async def prepare(self, name: str, spec: dict, postcopy: bool, generation: str,
+                      disks: list[dict[str, object]] | None = None) -> object:
         """Ask the destination to prepare; its answer, unchecked (:meth:`prepared`): a 2xx means
-        it may have prepared *something*, which is then owed an abort if the answer is bad."""
-        return await self._call("POST", "/v1/migrations/incoming",
-                                json={"spec": spec, "postcopy": postcopy, "generation": generation})
+        it may have prepared *something*, which is then owed an abort if the answer is bad.
+        ``disks``: what this node holds of each disk (supervisor/_storage.py, ``DiskOffer``)."""
+        body: dict[str, object] = {"spec": spec, "postcopy": postcopy, "generation": generation}
+        if disks:
+            body["disks"] = disks
+        return await self._call("POST", "/v1/migrations/incoming", json=body)
 
     @staticmethod
     def prepared(name: str, body: object) -> PrepareAnswer:
@@ -543,6 +586,10 @@ class OutgoingMigration:
         self.stop_ts: float | None = None  # QMP timestamp of the source guest's STOP
         self.done = trio.Event()
         self._events_send, self._events_recv = trio.open_memory_channel[QMPEvent](math.inf)
+        #: the ids of the local disks (copied over NBD), from the offer made to the destination
+        self.local: list[str] = []
+        self.disks = source_disks_phases()
+        self.mirrors = storage.MirrorStatus()
 
     @property
     def postcopy(self) -> bool:
@@ -562,11 +609,12 @@ class OutgoingMigration:
                 "switchover": self.opts.switchover.value, "release_confirmed": self.l3.is_(SourceL3.CONFIRMED),
                 "transferred": p.transferred, "remaining": p.remaining, "total": p.total, "mbps": p.mbps,
                 "downtime_ms": p.downtime_ms, "total_time_ms": p.total_time_ms, "total_ms": self.total_ms,
-                "switchover_ms": self.switchover_ms(), "activation": activation}
+                "switchover_ms": self.switchover_ms(), "activation": activation,
+                "disks": {"phase": self.disks.now.value, "local": self.local, **self.mirrors.view()}}
 
     def record(self) -> dict[str, object]:
         return {"direction": "out", "postcopy": self.opts.postcopy, "to": self.opts.shown_to,
-                "was_running": self.was_running, "switchover": self.opts.switchover.value}
+                "was_running": self.was_running, "switchover": self.opts.switchover.value, "local": self.local}
 
     def on_event(self, ev: QMPEvent) -> None:
         """The instance's event task hands every MIGRATION event over, in order."""
@@ -599,8 +647,14 @@ class OutgoingMigration:
                 peer = self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
                                                server_name=self.opts.peer)
                 self.port.checkpoint(Checkpoint.PREPARE)
-                body = await peer.prepare(self.port.name, self.port.spec_json(), self.opts.postcopy,
-                                          self.port.generation)
+                spec = self.port.spec_json()
+                offered = await storage.offers(self.port.qmp, parse_spec(spec), self.opts.shared_dirs) \
+                    if spec.get("disks") else []
+                self.local = [str(o["id"]) for o in offered if not o["shared"]]
+                if self.local:
+                    self.disks = source_disks_phases(local=True)
+                body = await peer.prepare(self.port.name, spec, self.opts.postcopy, self.port.generation,
+                                          **({"disks": offered} if offered else {}))
                 self.stream.move(Stream.PREPARED)  # it answered 2xx: from here on it is owed an abort
                 answer = peer.prepared(self.port.name, body)
                 if answer.tls != (self.opts.qemu_tls is not None):
@@ -610,7 +664,9 @@ class OutgoingMigration:
                         " (set tls_ca/tls_cert/tls_key on both or neither)", "to")
                 if answer.tls and answer.psk is None:
                     raise MigrationError("the destination sent no key for the TLS migration stream", "to")
-                await self._start_qemu(tcp_uri(self.opts.migration_host, answer.port), answer.psk)
+                check_exports(answer, self.local)
+                await self._start_qemu(tcp_uri(self.opts.migration_host, answer.port), answer.psk,
+                                       answer.nbd.port if answer.nbd else None)
                 async with trio.open_nursery() as n:
                     n.start_soon(self._poll_progress)
                     await self._follow()
@@ -634,7 +690,7 @@ class OutgoingMigration:
                     await peer.aclose()
             self.done.set()
 
-    async def _start_qemu(self, uri: str, psk: str | None) -> None:
+    async def _start_qemu(self, uri: str, psk: str | None, nbd_port: int | None = None) -> None:
         qmp = self.port.qmp
         # return-path: without it the source reports ``completed`` as soon as the last
         # bytes are in its socket buffer -- even when the destination just died -- and
@@ -642,7 +698,9 @@ class OutgoingMigration:
         # destination's "loaded" reply, and a dead destination is ``failed``.
         caps: list[dict[str, str | bool]] = [
                 {"capability": "events", "state": True},
-                {"capability": "pause-before-switchover", "state": self.opts.switchover is Switchover.PAUSE},
+                # local disks: their mirrors end at pre-switchover, whatever the switchover mode
+                {"capability": "pause-before-switchover",
+                 "state": self.opts.switchover is Switchover.PAUSE or bool(self.local)},
                 {"capability": "return-path", "state": True},
                 {"capability": "postcopy-ram", "state": self.opts.postcopy}]
         self.port.checkpoint(Checkpoint.CAPABILITIES)
@@ -653,10 +711,14 @@ class OutgoingMigration:
                   "downtime-limit": self.opts.downtime_limit or QEMU_DOWNTIME_LIMIT}
         await qmp.execute("migrate-set-parameters", params)
         tls = self.opts.qemu_tls
+        creds = None
         if tls is not None and psk is not None:
             from ._tls import MigrationKey, setup_qemu_tls
 
-            await setup_qemu_tls(qmp, MigrationKey(psk), tls.creds_dir, endpoint="client", gid=tls.gid)
+            creds = await setup_qemu_tls(qmp, MigrationKey(psk), tls.creds_dir, endpoint="client", gid=tls.gid)
+        if self.local:
+            assert nbd_port is not None
+            await self._copy_disks(nbd_port, creds)
         self.port.checkpoint(Checkpoint.MIGRATE)
         self.stream.move(Stream.SENT)
         await qmp.execute("migrate", {"uri": uri})
@@ -684,6 +746,8 @@ class OutgoingMigration:
             elif status == "pre-switchover":
                 if self.l3.is_(SourceL3.HELD):
                     await self._release(qmp_timestamp(ev))
+                if self.disks.is_(SourceDisks.SYNCED):  # the guest is paused: the mirrors are in sync
+                    await self._detach_disks()
                 self.port.checkpoint(Checkpoint.CONTINUE)
                 await qmp.execute("migrate-continue", {"state": "pre-switchover"})
                 await self._confirm_release(within=2)
@@ -745,6 +809,60 @@ class OutgoingMigration:
         except qmp_glue.QMPError as e:
             log.info("post-copy recovery: migrate-pause", error=str(e))
         return False
+
+    async def _copy_disks(self, port: int, creds: str | None) -> None:
+        """The local disks to the destination's NBD exports: a client node and a mirror
+        (``sync: full``, ``write-blocking``) per disk, then wait until every one is ready.
+        Progress in the view (``disks``) and as ``migration.disks`` events; a mirror that fails,
+        stops moving for ``stall_timeout`` or is not ready within ``disks_ready_timeout`` fails
+        the migration (the caller's failure path abandons them)."""
+        qmp = self.port.qmp
+        t0 = time.perf_counter()
+        self.disks.move(SourceDisks.COPYING)
+        self.port.emit("migration.disks", phase="copying", local=self.local)
+        added: list[str] = []
+        await storage.start_mirrors(qmp, self.local, self.opts.migration_host, port, creds, added, [])
+        last, since, shown = -1, time.monotonic(), 0.0
+        with trio.fail_after(self.opts.disks_ready_timeout):
+            while True:
+                self.mirrors = await storage.mirror_status(qmp, self.local)
+                if self.mirrors.failed:
+                    raise MigrationError(self.mirrors.failed, "to")
+                if self.mirrors.ready:
+                    break
+                now = time.monotonic()
+                if self.mirrors.done != last:
+                    last, since = self.mirrors.done, now
+                elif now - since > self.opts.stall_timeout:
+                    raise MigrationError(f"the disk copy made no progress for {self.opts.stall_timeout:.0f}s", "to")
+                if now - shown >= 1:
+                    shown = now
+                    self.port.emit("migration.disks", phase="copying", **self.mirrors.view())
+                await trio.sleep(0.02)
+        self.disks.move(SourceDisks.SYNCED)
+        self.port.emit("migration.disks", phase="synced", ms=round((time.perf_counter() - t0) * 1000, 1),
+                       **self.mirrors.view())
+
+    async def _detach_disks(self) -> None:
+        """At ``pre-switchover``: end the mirrors without pivot (the source image stays the guest's)
+        and remove the NBD client nodes, before QEMU sends the final state."""
+        t = time.perf_counter()
+        self.mirrors = await storage.mirror_status(self.port.qmp, self.local)
+        if self.mirrors.failed or not self.mirrors.ready:
+            raise MigrationError(self.mirrors.failed or "a disk mirror left sync before the switchover", "to")
+        await storage.finish_mirrors(self.port.qmp, self.local)
+        self.disks.move(SourceDisks.DETACHED)
+        self.port.emit("migration.disks", phase="detached", ms=round((time.perf_counter() - t) * 1000, 3),
+                       **self.mirrors.view())
+
+    async def _abandon_disks(self) -> None:
+        """A failure while the disks were being copied: no job, no NBD node left; the guest keeps
+        its source images (a mirror never pivots)."""
+        if not self.disks.is_(SourceDisks.PENDING, SourceDisks.COPYING, SourceDisks.SYNCED):
+            return
+        left = await storage.abandon_mirrors(self.port.qmp, self.local)
+        self.disks.move(SourceDisks.ABANDONED)
+        self.port.emit("migration.disks", phase="abandoned", left=left)
 
     async def _release(self, qmp_ts: float | None) -> None:
         """Undo the journal's activate entries; RELEASING first: a half-done release is put back."""
@@ -837,6 +955,7 @@ class OutgoingMigration:
         """QEMU's migration is over (or ours failed): decide the one outcome, and leave the
         destination told.  Every path ends the stream phase."""
         try:
+            await self._abandon_disks()  # first: a mirror must not outlive the migration
             return await self._decide(peer, prepared)
         finally:
             self.stream.move(Stream.ENDED)
@@ -996,6 +1115,9 @@ class OutgoingMigration:
             if self.opts.peer:  # to confirm the release (the destination waits for it) or abort
                 self._peer = PeerClient(self.opts.to, self.opts.token, tls=self.opts.api_tls,
                                         server_name=self.opts.peer)
+            spec = self.port.spec_json()
+            self.local = [d.id for _, d in storage.local_disks(parse_spec(spec), self.opts.shared_dirs)] \
+                if spec.get("disks") else []
             info = await query(self.port.qmp, "query-migrate")
             self.status = str(info.get("status", "none"))
             self.port.emit("migration.recovering", direction="out", migrate_status=self.status)
@@ -1011,6 +1133,8 @@ class OutgoingMigration:
                 self.stream.move(Stream.SENT)  # _conclude cancels it
             else:
                 self.result = "failed"
+            if self.local and self.status != "completed" and not self.status.startswith("postcopy-"):
+                self.disks = source_disks_phases(local=True)  # whatever mirror is left: abandoned
         except BaseException as e:
             if only_cancelled(e):
                 raise
@@ -1035,8 +1159,15 @@ class IncomingMigration:
     direction = "in"
 
     def __init__(self, port: InstancePort, postcopy: bool, *, release_wait: float = 120.0,
-                 source_released: bool = False, source: str | None = None):
+                 source_released: bool = False, source: str | None = None,
+                 created: list[storage.Created] | None = None, local: list[str] | None = None):
         self.port = port
+        #: the local disks' target images created here for this migration, and their disk ids
+        #: (exported over NBD); deleted again unless the guest is resumed here
+        self.created = list(created or [])
+        self.local = list(local or [])
+        self.targets = target_disks_phases(created=bool(self.created))
+        self.nbd_port: int | None = None
         self.postcopy = postcopy
         #: the declared peer that prepared it, the only peer that may drive it (None: the
         #: operator's); recorded, so a restarted daemon still knows (supervisor/api/_authz.py)
@@ -1065,11 +1196,50 @@ class IncomingMigration:
     def view(self) -> dict[str, object]:
         return {"direction": "in", "status": self.status, "uri": self.uri, "postcopy": self.postcopy,
                 "l3": self.l3.now.value, "source_released": not self.l3.is_(DestinationL3.STAGED),
-                "activation": self.activation, "source": self.source}
+                "activation": self.activation, "source": self.source,
+                "disks": {"phase": self.targets.now.value, "local": self.local, "nbd_port": self.nbd_port}}
 
     def record(self) -> dict[str, object]:
         return {"direction": "in", "postcopy": self.postcopy,
-                "source_released": not self.l3.is_(DestinationL3.STAGED), "source": self.source}
+                "source_released": not self.l3.is_(DestinationL3.STAGED), "source": self.source,
+                "local": self.local, "created": [c.record() for c in self.created]}
+
+    @classmethod
+    def from_record(cls, port: InstancePort, rec: dict, release_wait: float) -> "IncomingMigration":
+        """What a restarted daemon knows of an incoming migration (its record, as JSON)."""
+        created = [c for c in map(storage.Created.from_record, rec.get("created") or []) if c is not None]
+        local = [x for x in rec.get("local") or [] if isinstance(x, str)]
+        return cls(port, bool(rec.get("postcopy")), release_wait=release_wait,
+                   source_released=rec.get("source_released") is True,
+                   source=rec.get("source") if isinstance(rec.get("source"), str) else None,
+                   created=created, local=local)
+
+    async def export_disks(self, address: str, creds: str | None) -> None:
+        """The local disks' targets, writable over NBD on ``address`` (a free port), for the source's
+        mirrors only: with TLS under this migration's key (``creds``: its tls-creds-psk object)."""
+        if not self.targets.is_(TargetDisks.CREATED) or not self.local:
+            return
+        port = free_port(address)
+        await storage.export_targets(self.port.qmp, self.local, address, port, creds)
+        self.nbd_port = port
+        self.targets.move(TargetDisks.EXPORTED)
+        self.port.emit("migration.disks_exported", local=self.local, port=port)
+
+    async def stop_exports(self) -> None:
+        """No NBD client may write here any more (before ``cont``; at a failure, before the key goes)."""
+        if self.targets.is_(TargetDisks.EXPORTED, TargetDisks.CREATED):
+            await storage.stop_exports(self.port.qmp)
+            self.targets.move(TargetDisks.STOPPED)
+
+    def discard_targets(self) -> list[str]:
+        """The instance's teardown: the images created for a migration that did not end here
+        (QEMU is dead) are deleted -- only those, each only while it is the file created."""
+        if not self.created or self.targets.is_(TargetDisks.KEPT, TargetDisks.DELETED):
+            return []
+        left = storage.remove_created(self.created)
+        self.targets.move(TargetDisks.DELETED)
+        self.port.emit("migration.disks_deleted", paths=[c.path for c in self.created], left=left)
+        return left
 
     async def recover_postcopy(self, address: str) -> int:
         """The post-copy stream broke (``postcopy-paused``): listen again on a new port.
@@ -1112,6 +1282,13 @@ class IncomingMigration:
         t_rx = time.time()
         status = str(ev["data"].get("status", ""))
         self.status = status
+        if status in FINAL_STATUSES and self.targets.is_(TargetDisks.EXPORTED):
+            # the source detached at pre-switchover: stop the server before ``cont`` and before
+            # the key object goes (the NBD server holds it)
+            try:
+                await self.stop_exports()
+            except (qmp_glue.QMPError, qmp_glue.QMPTimeout) as e:
+                log.warning("nbd-server-stop failed", error=str(e))
         if self.key is not None and status in FINAL_STATUSES:  # QEMU forgets this migration's key
             self.key = None
             self.port.spawn(self._drop_tls)
@@ -1142,6 +1319,8 @@ class IncomingMigration:
         failure is reported as ``migration.activation_failed``.
         """
         port = self.port
+        if self.targets.is_(TargetDisks.CREATED, TargetDisks.EXPORTED):
+            await self.stop_exports()  # raises: never ``cont`` with an NBD client still able to write
         self.l3.move(DestinationL3.ACTIVATED)
         t_rx = t_rx or time.time()
         netconf_ms = 0.0
@@ -1153,6 +1332,8 @@ class IncomingMigration:
         t_l3 = time.time()
         port.checkpoint(Checkpoint.RESUME)
         await port.qmp.execute("cont")
+        if self.targets.is_(TargetDisks.STOPPED):
+            self.targets.move(TargetDisks.KEPT)
         t_cont = time.time()
         self.activation = {
             "qmp_ts": qmp_ts,

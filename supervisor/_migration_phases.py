@@ -10,7 +10,11 @@ allowed between them, not as loose flags:
 * :class:`SourceL3` -- the guest's L3 on the source: held, being released, gone, and whether
   the destination has been told;
 * :class:`DestinationL3` -- the guest's L3 on the destination: staged, cleared by the source's
-  confirmation, activated.
+  confirmation, activated;
+* :class:`SourceDisks` -- the local disks' copy on the source (mirrors to the destination's
+  NBD exports): what a failure must abandon, and whether the switchover may go on;
+* :class:`TargetDisks` -- the local disks' target images on the destination: created, exported,
+  the export stopped (before ``cont``), kept (the guest runs on them) or deleted.
 
 Together they carry the rule of supervisor/_migration.py: the destination activates only from
 ``CLEARED``, which only the source's ``CONFIRMED`` leads to, which only ``GONE`` leads to.
@@ -81,11 +85,54 @@ DESTINATION_L3_MOVES: Mapping[DestinationL3, frozenset[DestinationL3]] = {
 }
 
 
+class SourceDisks(enum.Enum):
+    """The local disks' copy, on the source (supervisor/_storage.py)."""
+
+    NONE = "none"  # no local disk: nothing to copy
+    PENDING = "pending"  # local disks, nothing made in QEMU yet
+    COPYING = "copying"  # NBD client nodes / mirror jobs exist: a failure must abandon them
+    SYNCED = "synced"  # every mirror ready (kept in sync, write-blocking): the RAM migration may run
+    DETACHED = "detached"  # at pre-switchover: the jobs ended without pivot, the nodes are gone
+    ABANDONED = "abandoned"  # a failure: jobs force-cancelled, nodes deleted; the source image is the guest's
+
+
+SOURCE_DISKS_MOVES: Mapping[SourceDisks, frozenset[SourceDisks]] = {
+    SourceDisks.NONE: frozenset(),
+    SourceDisks.PENDING: frozenset({SourceDisks.COPYING, SourceDisks.ABANDONED}),
+    SourceDisks.COPYING: frozenset({SourceDisks.SYNCED, SourceDisks.ABANDONED}),
+    SourceDisks.SYNCED: frozenset({SourceDisks.DETACHED, SourceDisks.ABANDONED}),
+    SourceDisks.DETACHED: frozenset(),
+    SourceDisks.ABANDONED: frozenset(),
+}
+
+
+class TargetDisks(enum.Enum):
+    """The local disks' target images, on the destination."""
+
+    NONE = "none"  # no local disk
+    CREATED = "created"  # made here for this migration: deleted unless the guest runs here
+    EXPORTED = "exported"  # the NBD server and its writable exports are up
+    STOPPED = "stopped"  # the NBD server is stopped: nothing writes to them but this QEMU
+    KEPT = "kept"  # the guest was resumed here: they are its disks now
+    DELETED = "deleted"  # the migration failed: the images created here are gone
+
+
+TARGET_DISKS_MOVES: Mapping[TargetDisks, frozenset[TargetDisks]] = {
+    TargetDisks.NONE: frozenset(),
+    # CREATED -> STOPPED: a restarted daemon stops whatever export QEMU still has
+    TargetDisks.CREATED: frozenset({TargetDisks.EXPORTED, TargetDisks.STOPPED, TargetDisks.DELETED}),
+    TargetDisks.EXPORTED: frozenset({TargetDisks.STOPPED, TargetDisks.DELETED}),
+    TargetDisks.STOPPED: frozenset({TargetDisks.KEPT, TargetDisks.DELETED}),
+    TargetDisks.KEPT: frozenset(),
+    TargetDisks.DELETED: frozenset(),
+}
+
+
 class PhaseError(RuntimeError):
     """A move the table does not allow: a logic error in the migration code."""
 
 
-P = TypeVar("P", Stream, SourceL3, DestinationL3)
+P = TypeVar("P", Stream, SourceL3, DestinationL3, SourceDisks, TargetDisks)
 
 
 class Phases(Generic[P]):
@@ -117,3 +164,11 @@ def source_l3_phases() -> Phases[SourceL3]:
 
 def destination_l3_phases(cleared: bool = False) -> Phases[DestinationL3]:
     return Phases(DestinationL3.CLEARED if cleared else DestinationL3.STAGED, DESTINATION_L3_MOVES)
+
+
+def source_disks_phases(local: bool = False) -> Phases[SourceDisks]:
+    return Phases(SourceDisks.PENDING if local else SourceDisks.NONE, SOURCE_DISKS_MOVES)
+
+
+def target_disks_phases(created: bool = False) -> Phases[TargetDisks]:
+    return Phases(TargetDisks.CREATED if created else TargetDisks.NONE, TARGET_DISKS_MOVES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 import structlog
@@ -34,6 +35,7 @@ from ._limits import check_images, check_unique_addresses
 from ._process import QemuProcess, cmdline
 from ._records import Layout, read_json
 from ._spec import InstanceSpec, SpecError, parse_spec
+from ._storage import DiskOffer, check_offer, parse_offers, prepare_disks
 from ._tls import qemu_creds_root
 from ._uids import UidAllocator, unprivileged_userfaultfd
 
@@ -175,7 +177,7 @@ class Node:
         if self.layout.record_path(name).exists():
             raise Conflict(f"instance {name!r} has a record on this node")
 
-    async def _claim(self, spec: InstanceSpec) -> Instance:
+    async def _claim(self, spec: InstanceSpec, offers: "Sequence[DiskOffer] | None" = None) -> Instance:
         """Reserve the name, then check what the spec can't check itself.
 
         The name is taken first so that two concurrent requests can't both
@@ -192,8 +194,12 @@ class Node:
         self.instances[name] = inst
         try:
             # sysfs, rt_tables, ovs-vsctl (up to 10 s) and the image files: never on the trio thread
-            inst.images = await trio.to_thread.run_sync(self._host_and_image_checks, spec, inst.nics, others)
+            inst.images = await trio.to_thread.run_sync(self._host_and_image_checks, spec, inst.nics, others,
+                                                        offers, inst)
         except BaseException:
+            targets = getattr(inst, "targets", None)
+            if targets is not None:  # created, then a cancel: nothing will launch on them
+                targets.discard()
             self._drop(inst)
             raise
         return inst
@@ -218,13 +224,20 @@ class Node:
                             "images in the config, not '/' (or vm.unprivileged_userfaultfd = 1, "
                             "which needs no root)", "postcopy")
 
-    def _host_and_image_checks(self, spec: InstanceSpec, nics, others=()) -> dict[str, str]:
+    def _host_and_image_checks(self, spec: InstanceSpec, nics, others=(), offers: "Sequence[DiskOffer] | None" = None,
+                               inst: Instance | None = None) -> dict[str, str]:
         check_host(nics)
         # again, with table names resolved through rt_tables (a file read: not on the trio
         # thread); ``others`` was taken with the reservation, so of two racing claims the
         # later one always sees the earlier
         check_unique_addresses(spec, others, netconf.resolve_table)
-        check_disks(spec.disks, self.cfg.image_dirs, allow_device=self.cfg.allow_device_disks)
+        if offers is None:
+            check_disks(spec.disks, self.cfg.image_dirs, allow_device=self.cfg.allow_device_disks)
+        else:  # a migration destination: shared disks reopened and checked, local ones created
+            images = check_images(spec, self.cfg.image_dirs)
+            assert inst is not None
+            inst.targets = prepare_disks(spec, offers, self.cfg)
+            return images
         return check_images(spec, self.cfg.image_dirs)
 
     def _drop(self, inst: Instance) -> None:
@@ -244,12 +257,19 @@ class Node:
         return await self._run(inst, inst.launch_start)
 
     async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False,
-                               generation: str | None = None, source: str | None = None) -> str:
+                               generation: str | None = None, source: str | None = None,
+                               disks: object = None) -> str:
         """Be the destination of a live migration; returns the URI to migrate to.  ``source``:
-        the declared peer that prepared it, the only peer that may drive it (None: the operator)."""
+        the declared peer that prepared it, the only peer that may drive it (None: the operator).
+        ``disks``: the source's offer of the spec's disks (supervisor/_storage.py); a shared disk
+        is reopened and checked, a local one never opened: its target is created here."""
         if postcopy:
             self._check_postcopy()
-        inst = await self._claim(spec)
+        offered = parse_offers(disks if disks is not None else [])
+        if spec.disks and disks is None:
+            raise SpecError("the source sent no offer of the spec's disks (shared or local, sizes)", "disks")
+        check_offer(spec, offered, self.cfg.shared_image_dirs)
+        inst = await self._claim(spec, offered)
         if generation:
             inst.generation = generation
         return await self._run(inst, inst.launch_incoming, postcopy, source)

@@ -41,6 +41,7 @@ from .._instance import StartError
 from .._migration import MigrateOptions, Switchover, migration_refusal, parse_tcp_uri, peer_options, qemu_version
 from .._node import Conflict
 from .._spec import SpecError, parse_spec
+from .._storage import disk_refusal
 from ._authz import incoming_source, role_of
 from ._errors import ErrorKind, HttpError, http_error
 from ._openapi import NAME_PARAM, ApiRoute, Op, errors, json_body, links_by_name, ok, ref
@@ -59,6 +60,9 @@ class PrepareBody(_Body):
     #: the declared peer the guest comes from, which may then drive this incoming (a peer caller:
     #: itself, the default; the operator: any declared peer, or none -- then only the operator)
     source: str | None = Field(default=None, min_length=1, max_length=63)
+    #: what the source holds of each disk of the spec, in order (supervisor/_storage.py,
+    #: ``DiskOffer``: id, format, virtual size, shared); required when the spec has disks
+    disks: list | None = None
 
 
 class MigrateBody(_Body):
@@ -77,8 +81,8 @@ async def prepare_incoming(request: Request) -> Response:
     try:
         spec = parse_spec(body.spec)
         # the node checks the host facts itself (off the trio thread); rolled back on failure
-        uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy,
-                                                              generation=body.generation, source=source)
+        uri = await node(request).prepare_incoming(spec, postcopy=body.postcopy, generation=body.generation,
+                                                   source=source, disks=body.disks)
     except (SpecError, StartError, Conflict) as e:  # their fields are the spec's: inside "spec"
         raise http_error(e, field_prefix="spec") from None
     _, port = parse_tcp_uri(uri)
@@ -87,6 +91,9 @@ async def prepare_incoming(request: Request) -> Response:
     key = getattr(getattr(node(request).get(spec.name), "migration", None), "key", None)
     if key is not None:  # this migration's stream key: to the caller that prepared it, once
         answer["psk"] = key.key
+    incoming = getattr(node(request).get(spec.name), "migration", None)
+    if incoming is not None and getattr(incoming, "nbd_port", None):  # local disks' targets (_storage.py)
+        answer["nbd"] = {"port": incoming.nbd_port, "exports": list(incoming.local)}
     return JSONResponse(answer, 201)
 
 
@@ -124,6 +131,9 @@ async def migrate(request: Request) -> Response:
         why = migration_refusal(opts.switchover, accel, await qemu_version(inst.qmp))
         if why:
             raise HttpError(why, "accel", kind=ErrorKind.INVALID_SPEC)
+    disks = disk_refusal(inst.spec, n.cfg.shared_image_dirs, postcopy=body.postcopy)
+    if disks:
+        raise HttpError(disks[0], disks[1], kind=ErrorKind.INVALID_SPEC)
     await n.migrate(inst.name, opts)
     return JSONResponse(inst.view(), 202)
 
@@ -208,7 +218,18 @@ SCHEMAS = {
                                   "default": None,
                                   "description": "the declared peer the guest comes from, which may then drive "
                                                  "this incoming; a peer may name only itself (the default for "
-                                                 "a peer), the operator any declared peer (or none)"}}},
+                                                 "a peer), the operator any declared peer (or none)"},
+                       "disks": {"anyOf": [{"type": "array", "maxItems": 8, "items": {
+                           "type": "object", "additionalProperties": False,
+                           "required": ["id", "format", "size", "shared"],
+                           "properties": {"id": {"type": "string"},
+                                          "format": {"type": "string", "enum": ["raw", "qcow2"]},
+                                          "size": {"type": "integer", "minimum": 1},
+                                          "shared": {"type": "boolean"}}}}, {"type": "null"}],
+                                 "default": None,
+                                 "description": "what the source holds of each disk of the spec, in order: id, "
+                                                "format, virtual size (bytes), and whether it is beneath the "
+                                                "source's shared_image_dirs; required when the spec has disks"}}},
     "Prepared": {
         "type": "object", "required": ["name", "port", "tls", "uri"],
         "properties": {"name": {"type": "string"},
@@ -219,7 +240,14 @@ SCHEMAS = {
                        "psk": {"type": "string", "pattern": "^[0-9a-f]{64}$",
                                "description": "with tls: this migration's stream key (QEMU tls-creds-psk), "
                                               "256 bits in hex; the source's QEMU uses it, nothing keeps it"},
-                       "uri": {"type": "string", "description": "informational: what the destination listens on"}}},
+                       "uri": {"type": "string", "description": "informational: what the destination listens on"},
+                       "nbd": {"type": "object", "required": ["port", "exports"],
+                               "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                              "exports": {"type": "array", "maxItems": 8,
+                                                          "items": {"type": "string"}}},
+                               "description": "with local disks: the NBD server (on the peer's declared "
+                                              "migration address) and its writable exports, one per local "
+                                              "disk, named by its id"}}},
     "MigrateBody": {
         "type": "object", "additionalProperties": False, "required": ["to"],
         "properties": {
