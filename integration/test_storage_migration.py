@@ -183,3 +183,30 @@ def test_aborted_midway_keeps_the_guest_on_its_source_disk(nodes, tmp_path):
     a.cli("stop", "s2")
     src = host_disk_check(st.a / "s2.raw", 0, BLOCKS)
     assert src["bad"] == [] and src["seq_max"] - src["seq_min"] <= 1, src
+
+
+def test_local_disk_migration_over_tls(tmp_path):
+    """TLS nodes: the NBD exports take only the migration's own key (the stream's tls-creds-psk)."""
+    st = Storage()
+    t = None
+    try:
+        t, a, b = start_nodes(tmp_path, st, tls=True)
+        make_image(st.a / "s4.raw", 64 << 20, fill=8 << 20)
+        a.start_instance(disk_spec(st, "s4"))
+        a.wait_console("s4")
+        read_a = console(a, "s4")
+        before = wait_passes(read_a, 2)
+        summary = json.loads(migrate(a, b, "s4").stdout.strip().splitlines()[-1])
+        assert summary["result"] == "completed", summary
+        read_b = console(b, "s4")
+        wait_passes(read_b, 3, since=before)
+        assert disk_problems(read_a()) == [] and disk_problems(read_b()) == []
+        assert qemu_leftovers(b, "s4") == []
+        operator = b.cli_json("show", "s4")["qmp_operator"]
+        from topo import qmp
+
+        assert not [o for o in qmp(operator, "qom-list", {"path": "/objects"}) if "tls" in o["name"]]
+    finally:
+        leaked = t.close() if t is not None else []
+        st.close()
+        assert not leaked, f"qemu pids left: {leaked}"
