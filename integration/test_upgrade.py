@@ -5,6 +5,7 @@ the client, and netlink watched in the node's namespace the whole time."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -39,10 +40,12 @@ _NUD_ONLY = re.compile(r"^(?!Deleted )\S+ dev \S+ lladdr \S+ (?:router )?(STALE|
 
 
 def _changes(lines: list[str], tap: str) -> list[str]:
-    """What is neither QEMU's own offload setup on the tap (a link message naming it) nor the
-    kernel's reachability tracking of a dynamic neighbour entry."""
+    """What is neither QEMU's own offload setup on the tap (a link message naming it; and the
+    ``FEATURE CHANGE`` that a bridge the tap is a port of recomputes from it) nor the kernel's
+    reachability tracking of a dynamic neighbour entry."""
     return [line for line in lines
-            if not re.match(rf"^\d+: {re.escape(tap)}[:@ ]", line) and not _NUD_ONLY.match(line)]
+            if not (tap and re.match(rf"^\d+: {re.escape(tap)}[:@ ]", line)) and not _NUD_ONLY.match(line)
+            and " event FEATURE CHANGE " not in line]
 
 
 def _ifindex(ns, tap: str) -> int:
@@ -124,6 +127,11 @@ def test_a_failed_upgrade_leaves_the_guest_on_its_qemu(node, daemon_factory, bad
     assert shown["pid"] == v["pid"] and shown["state"] == "running"
     assert not list((dm.workdir / "run" / "up2").glob("*.next")) if (dm.workdir / "run").exists() else True
     assert client.ping("10.99.9.3", timeout=10)
+    # a real QEMU that cannot run this guest: Debian's 7.2 has no pc-i440fx-10.0 (the pinned machine)
+    r = dm.cli("upgrade", "up2", "--qemu", QEMU_DEBIAN, check=False)
+    assert r.returncode != 0 and "machine" in r.stderr, r.stderr
+    assert dm.cli_json("show", "up2")["pid"] == v["pid"]
+    assert client.ping("10.99.9.3", timeout=10), "the guest's network broke"
     writable = tmp_path / "qemu"
     writable.write_text("#!/bin/sh\nexit 1\n")
     os.chmod(writable, 0o777)
@@ -151,3 +159,123 @@ def test_upgrade_from_debian_7_2_to_10_0_with_the_machine_type_pinned(node, daem
     assert dm.console("up3").count("GUEST-READY") == 1, "the guest rebooted"
     check_guest(lambda: dm.console("up3"), lambda: client.ping("10.99.9.4", count=1, timeout=5), busy=True)
     assert dm.cli_json("stop", "up3", "--timeout", "10")["state"] == "stopped"
+
+
+@pytest.mark.parametrize("step", ["upgrade.spawned", "upgrade.streaming", "upgrade.completed", "upgrade.cont"])
+def test_a_daemon_killed_at_each_step_of_an_upgrade_leaves_one_qemu(node, daemon_factory, step):  # noqa: F811
+    """``kill -9`` of the daemon at each step (QSUP_TEST_CRASH_AT), then a plain restart: exactly
+    one QEMU of the guest is alive, the one the daemon shows, and the guest runs, whole."""
+    ns, client = node
+    dm = daemon_factory(ns, env={"QSUP_TEST_CRASH_AT": step})
+    spec = routed("upk", "10.99.9.5", "52:54:00:99:00:05")
+    spec["append"] += " " + BUSY
+    v = dm.start_instance(spec)
+    dm.wait_console("upk")
+    r = dm.cli("upgrade", "upk", check=False, timeout=120)
+    assert r.returncode != 0  # the daemon died under the request
+    dm.kill()  # it is dead already: this reaps it and closes its log
+    rec = json.loads((dm.state_dir / "instances" / "upk" / "record.json").read_text())
+    assert rec["upgrade"] and rec["upgrade"]["pid"] != v["pid"], rec  # the new QEMU, recorded
+    dm._env = None  # noqa: SLF001 - the next daemon crashes nowhere
+    dm.start()
+    shown = dm.cli_json("show", "upk")
+    live = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_guest(int(p), "upk")]
+    assert live == [shown["pid"]], (live, shown["pid"], step)
+    assert shown["state"] == "running", shown
+    if step in ("upgrade.spawned", "upgrade.streaming"):
+        assert shown["pid"] == v["pid"]  # the old QEMU kept the guest
+    else:
+        assert shown["pid"] != v["pid"]  # the new one had it
+    assert dm.console("upk").count("GUEST-READY") == 1, "the guest rebooted"
+    check_guest(lambda: dm.console("upk"), lambda: client.ping("10.99.9.5", count=1, timeout=5), busy=True)
+    assert dm.cli_json("stop", "upk", "--timeout", "10")["state"] == "stopped"
+
+
+def _is_guest(pid: int, name: str) -> bool:
+    try:
+        return f"guest={name},".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def replaceable_qemu():
+    """A copy of the test QEMU in a root-owned 0755 directory, which a test can 'update' the way a
+    package does (a new file renamed over the old one)."""
+    d = Path(tempfile.mkdtemp(prefix="qsup-qemu-", dir="/usr/local/lib"))
+    os.chmod(d, 0o755)
+    exe = d / "qemu-system-x86_64"
+    shutil.copy2(QEMU, exe)
+
+    def update() -> None:
+        tmp = d / ".qemu-new"
+        shutil.copy2(QEMU, tmp)
+        os.replace(tmp, exe)
+
+    yield str(exe), update
+    shutil.rmtree(d)
+
+
+def test_upgrade_all_after_a_package_update(node, daemon_factory, replaceable_qemu, tmp_path):  # noqa: F811
+    """Three guests -- routed, bridged and OVS NICs, one with a disk -- on a QEMU binary that is then
+    replaced on disk: each is reported outdated (``show``, the event, the Prometheus gauge), and
+    ``qsup upgrade --all --parallel 2`` moves every one into the installed binary: new pids, not
+    outdated any more, each still answering, no netlink change."""
+    from topo import Ovs
+
+    ns, client = node
+    exe, update = replaceable_qemu
+    ovs = Ovs(ns, tmp_path / "ovs")
+    try:
+        ns.run("ip", "link", "add", "br0", "type", "bridge")
+        ns.run("ip", "addr", "add", "10.98.0.1/24", "dev", "br0")
+        ns.run("ip", "link", "set", "br0", "up")
+        ovs.vsctl("add-br", "obr0", "--", "set", "bridge", "obr0", "datapath_type=netdev")
+        dm = daemon_factory(ns, extra_config=f'qemu = "{exe}"\n', env=ovs.client_env)
+        disk = tmp_path / "data.raw"
+        subprocess.run(["qemu-img", "create", "-f", "raw", str(disk), "8M"], check=True, capture_output=True)
+        disk.chmod(0o600)
+        r1 = routed("ua", "10.99.9.10", "52:54:00:99:00:10")
+        r1["disks"] = [{"id": "data", "path": str(disk), "format": "raw"}]
+        b1 = routed("ub", "10.99.9.11", "52:54:00:99:00:11")
+        b1["nics"].append({"mode": "bridged", "mac": "52:54:00:99:01:11", "link": "br0"})
+        o1 = routed("uo", "10.99.9.12", "52:54:00:99:00:12")
+        o1["nics"].append({"mode": "openvswitch", "mac": "52:54:00:99:02:12", "link": "obr0"})
+        views = {s["name"]: dm.start_instance(s) for s in (r1, b1, o1)}
+        for n in views:
+            dm.wait_console(n)
+        assert not any(dm.cli_json("show", n)["qemu"]["outdated"] for n in views)
+        update()
+        assert all(dm.cli_json("show", n)["qemu"]["outdated"] for n in views)
+        import httpx
+
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(dm.socket))) as http:
+            text = http.get("http://qsup/metrics").text
+        for n in views:
+            assert re.search(rf'^qsup_instance_qemu_outdated{{instance="{n}",version="10\.0"}} 1\.0$', text, re.M), text
+        tail = dm.tail(since=0)
+        try:
+            for n in views:
+                tail.wait_for("instance.outdated", n, timeout=30)
+        finally:
+            tail.close()
+        watch = NetlinkWatch(ns)
+        try:
+            out = dm.cli_json("upgrade", "--all", "--parallel", "2", timeout=600)
+        finally:
+            lines = watch.stop()
+        assert sorted(out["upgraded"]) == sorted(views) and not out["failed"], out
+        taps = {t["tap"] for n in views for t in dm.cli_json("show", n)["nics"]}
+        assert not [ln for ln in _changes(lines, "") if not any(t in ln for t in taps)], lines
+        for n, v in views.items():
+            shown = dm.cli_json("show", n)
+            assert shown["pid"] != v["pid"] and not pid_alive(v["pid"]) and not shown["qemu"]["outdated"]
+            assert dm.console(n).count("GUEST-READY") == 1
+        for ip in ("10.99.9.10", "10.99.9.11", "10.99.9.12"):
+            assert client.ping(ip, timeout=10), ip
+        assert [d["id"] for d in dm.cli_json("show", "ua")["disks"]] == ["data"]
+        assert ovs.vsctl("list-ports", "obr0").split() == [t["tap"] for t in dm.cli_json("show", "uo")["nics"][1:]]
+        for n in views:
+            assert dm.cli_json("stop", n, "--timeout", "10")["state"] == "stopped"
+    finally:
+        ovs.close()

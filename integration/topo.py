@@ -203,7 +203,7 @@ def guest_spec(name: str, nics: list[dict], append: str = "", **kw) -> dict:
 
 
 #: events that carry the pid of a QEMU the daemon started (or took over)
-PID_EVENTS = ("instance.started", "migration.prepared", "instance.reattached")
+PID_EVENTS = ("instance.started", "migration.prepared", "instance.reattached", "instance.upgrade_spawned")
 
 
 def qemu_pids_of(events: list[dict]) -> set[int]:
@@ -641,7 +641,8 @@ class QsupDaemon(_Console):
             return set()
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            rows = con.execute("SELECT body FROM events WHERE type IN (?, ?, ?)", PID_EVENTS).fetchall()
+            marks = ", ".join("?" * len(PID_EVENTS))
+            rows = con.execute(f"SELECT body FROM events WHERE type IN ({marks})", PID_EVENTS).fetchall()
         finally:
             con.close()
         return qemu_pids_of([json.loads(b) for (b,) in rows])

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ._hooks import HookError, HookResult, Hooks, StepHooks, hook_env
     from ._journal import Journal
     from ._plan import STEP_NAMES, Plan, Step, fe_mac, plan
-    from ._tap import TapHandle, open_tap, tap_name_for
+    from ._tap import TapHandle, TapOffloads, open_tap, set_tap_offloads, tap_name_for, tap_offloads
     from ._types import MODES, REASONS, Mode, NetconfError, Nic, PlanPhase, Reason
     from ._worker import NetconfWorker
 
@@ -34,7 +34,8 @@ _EXPORTS = {
     "HookError": "_hooks", "HookResult": "_hooks", "Hooks": "_hooks", "StepHooks": "_hooks", "hook_env": "_hooks",
     "Journal": "_journal",
     "STEP_NAMES": "_plan", "Plan": "_plan", "Step": "_plan", "fe_mac": "_plan", "plan": "_plan",
-    "TapHandle": "_tap", "open_tap": "_tap", "tap_name_for": "_tap",
+    "TapHandle": "_tap", "open_tap": "_tap", "tap_name_for": "_tap", "TapOffloads": "_tap",
+    "tap_offloads": "_tap", "set_tap_offloads": "_tap",
     "MODES": "_types", "REASONS": "_types", "Mode": "_types", "NetconfError": "_types", "Nic": "_types",
     "PlanPhase": "_types", "Reason": "_types",
     "NetconfWorker": "_worker",
@@ -45,6 +46,7 @@ __all__ = [
     "tap_name_for", "plan", "Plan", "Step", "STEP_NAMES", "Journal", "Executor", "NetconfWorker",
     "check_link", "resolve_table",
     "Hooks", "HookError", "HookResult", "StepHooks", "hook_env", "announce", "fe_mac",
+    "TapOffloads", "tap_offloads", "set_tap_offloads",
 ]
 
 

@@ -132,3 +132,56 @@ def tap_name_for(instance: str, mac: str) -> str:
     """
     digest = hashlib.sha256(f"{instance}|{mac.lower()}".encode()).hexdigest()
     return "qs" + digest[:13]
+
+
+# -- a tap's offload state: QEMU sets it on the device (shared by every fd of the tap) --------
+TUNSETOFFLOAD = 0x400454D0
+TUNGETVNETHDRSZ = 0x800454D7
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40
+#: the ethtool feature the kernel turns on for each TUNSETOFFLOAD flag (drivers/net/tun.c set_offload)
+_OFFLOAD_FEATURES = {
+    TUN_F_CSUM: "tx-checksum-ip-generic", TUN_F_TSO4: "tx-tcp-segmentation",
+    TUN_F_TSO6: "tx-tcp6-segmentation", TUN_F_TSO_ECN: "tx-tcp-ecn-segmentation",
+    TUN_F_USO4 | TUN_F_USO6: "tx-udp-segmentation",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TapOffloads:
+    """What a QEMU's virtio-net set on its tap: the vnet header size and the offload flags.
+
+    A second QEMU given the same tap (an upgrade in place) sets its own at start; if that QEMU
+    goes away before it took over the guest, the first one's must be put back, or the guest's
+    frames are framed with the wrong header size and its network is dead."""
+
+    vnet_hdr_size: int
+    flags: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"vnet_hdr_size": self.vnet_hdr_size, "flags": self.flags}
+
+
+def tap_offloads(fd: int, name: str) -> TapOffloads:
+    """Read them: TUNGETVNETHDRSZ on ``fd``, the offloads from the device's ethtool features."""
+    from pyroute2.ethtool import Ethtool
+
+    (size,) = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, b"\0" * 4))
+    eth = Ethtool()
+    try:
+        on = {k for k, v in eth.get_features(name).features.items() if v.enable}
+    finally:
+        eth.close()
+    flags = 0
+    for flag, feature in _OFFLOAD_FEATURES.items():
+        if feature in on:
+            flags |= flag
+    if not flags & TUN_F_CSUM:
+        flags = 0  # the kernel allows no segmentation offload without checksum offload
+    return TapOffloads(size, flags)
+
+
+def set_tap_offloads(fd: int, off: TapOffloads) -> None:
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", off.vnet_hdr_size))
+    fcntl.ioctl(fd, TUNSETOFFLOAD, off.flags)

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import tomllib
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,7 +22,7 @@ import trio
 
 from . import _log
 from ._config import Config, load_config
-from ._spec import SpecError, load_spec_file
+from ._spec import IO_LIMITS, SpecError, load_spec_file
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -360,6 +361,10 @@ def show_cmd(name, as_json, socket_path, url, token_file) -> None:
         parts = [f"{k}={_human(n[k])}" for k in ("mac", "mode", "tap", "link", "ip", "ip6", "vlan", "trunks",
                                                   "queues") if n.get(k) not in (None, [], "")]
         click.echo(f"{f'nic{i}:':<14}{' '.join(parts)}")
+    for d in v.get("disks") or []:
+        parts = [f"{k}={_human(d[k])}" for k in ("path", "format", "readonly", "cache", "pci_slot", "boot",
+                                                  *IO_LIMITS) if d.get(k) not in (None, False)]
+        click.echo(f"{'disk ' + str(d.get('id')) + ':':<14}{' '.join(parts)}")
     m = v.get("migration")
     if m:
         click.echo(f"{'migration:':<14}{_human({k: m.get(k) for k in ('status', 'result', 'to', 'error')})}")
@@ -380,6 +385,65 @@ def stop_cmd(name, force, timeout, as_json, socket_path, url, token_file) -> Non
         click.echo(f"{v['name']}: {v['state']}")
 
 
+@main.command("upgrade")
+@click.argument("name", required=False)
+@click.option("--qemu", "qemu", type=str, help="the new QEMU binary (absolute); default: the node's qemu as it is now")
+@click.option("--all", "all_", is_flag=True, help="every instance whose running QEMU is not the installed one")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="with --all: upgrades at once")
+@_client_options
+def upgrade_cmd(name, qemu, all_, parallel, as_json, socket_path, url, token_file) -> None:
+    """Move NAME into a new QEMU on this node, on the same taps and disks: no reboot, no network change."""
+    if bool(name) == all_:
+        raise click.UsageError("give NAME or --all")
+    if name:
+        with _Calls(socket_path, url, token_file) as c:
+            r = c.upgrade(name, qemu)
+        if as_json:
+            _echo_json(r)
+        else:
+            u = r["upgrade"]
+            click.echo(f"{name}: pid {u['old_pid']} -> {u['pid']} ({u['mode']}, downtime "
+                       f"{u.get('downtime_ms')} ms, {u['total_ms']:.0f} ms in all)")
+        return
+    _upgrade_all(qemu, parallel, as_json, socket_path, url, token_file)
+
+
+def _upgrade_all(qemu, parallel, as_json, socket_path, url, token_file) -> None:
+    """Every outdated instance, ``parallel`` at a time, with a progress bar on stderr and a summary."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _Calls(socket_path, url, token_file) as c:
+        todo = [v["name"] for v in c.list() if (v.get("qemu") or {}).get("outdated")
+                and v["state"] in ("running", "paused")]
+    results: dict[str, dict] = {}
+
+    def one(n: str) -> tuple[str, dict]:
+        c = _connect(socket_path, url, token_file)
+        try:
+            return n, {"ok": True, **c.upgrade(n, qemu)["upgrade"]}
+        except Exception as e:  # noqa: BLE001 -- reported per instance in the summary
+            return n, {"ok": False, "error": str(e)}
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(parallel) as pool, \
+            click.progressbar(length=len(todo), label="upgrading", file=sys.stderr) as bar:
+        for n, r in pool.map(one, todo):
+            results[n] = r
+            bar.update(1)
+    failed = [n for n, r in results.items() if not r["ok"]]
+    if as_json:
+        _echo_json({"upgraded": [n for n in results if n not in failed], "failed": failed, "results": results})
+    else:
+        for n, r in results.items():
+            click.echo(f"{n}: " + (f"pid {r['old_pid']} -> {r['pid']}" if r["ok"] else f"FAILED: {r['error']}"))
+        click.echo(f"{len(results) - len(failed)} upgraded, {len(failed)} failed, "
+                   f"{len(todo) and len(todo) - len(results)} skipped")
+    if failed:
+        raise SystemExit(1)
+
+
 @main.command("rm")
 @_name_argument
 @_client_options
@@ -391,6 +455,98 @@ def rm_cmd(name, as_json, socket_path, url, token_file) -> None:
         _echo_json(v)
     else:
         click.echo(f"{v.get('name', name)}: deleted")
+
+
+@main.group("disk")
+def disk_group() -> None:
+    """Live disk changes: hotplug, unplug, resize, I/O limits (the guest keeps running)."""
+
+
+def _disk_spec_arg(spec: str) -> dict:
+    """SPEC: a JSON object, or a JSON/TOML file holding one disk."""
+    if spec.lstrip().startswith("{"):
+        text, where = spec, "the disk spec"
+    else:
+        try:
+            text, where = Path(spec).read_text(), spec
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read disk spec {spec!r}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
+    except ValueError as e:
+        fail(f"{where}: not valid JSON/TOML: {e}", EXIT_USAGE)
+    if not isinstance(data, dict):
+        fail(f"{where}: must be an object (one disk)", EXIT_USAGE)
+    return data
+
+
+def _disk_line(name: str, what: str, disk: dict) -> str:
+    keys = ("path", "format", "readonly", "pci_slot", "size", "previous", *IO_LIMITS)
+    return f"{name}: disk {disk.get('id')} {what} " + " ".join(
+        f"{k}={_human(disk[k])}" for k in keys if disk.get(k) not in (None, False))
+
+
+@disk_group.command("add")
+@_name_argument
+@click.argument("spec", metavar="SPEC")
+@_client_options
+def disk_add_cmd(name, spec, as_json, socket_path, url, token_file) -> None:
+    """Hotplug a disk into NAME.  SPEC: a JSON object or a JSON/TOML file (id, path, format, ...)."""
+    data = _disk_spec_arg(spec)
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.add_disk(name, data)
+    _echo_json(r) if as_json else click.echo(_disk_line(name, "added", r["disk"]))
+
+
+@disk_group.command("rm")
+@_name_argument
+@click.argument("disk_id", metavar="ID")
+@_client_options
+def disk_rm_cmd(name, disk_id, as_json, socket_path, url, token_file) -> None:
+    """Unplug disk ID from NAME (waits until the guest released it)."""
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.remove_disk(name, disk_id)
+    _echo_json(r) if as_json else click.echo(f"{name}: disk {disk_id} removed")
+
+
+@disk_group.command("resize")
+@_name_argument
+@click.argument("disk_id", metavar="ID")
+@click.argument("size", metavar="SIZE")
+@_client_options
+def disk_resize_cmd(name, disk_id, size, as_json, socket_path, url, token_file) -> None:
+    """Grow disk ID of NAME to SIZE (bytes, or 10G-style binary units)."""
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.resize_disk(name, disk_id, int(size) if size.isdigit() else size)
+    _echo_json(r) if as_json else click.echo(_disk_line(name, "resized", r["disk"]))
+
+
+def _limit_options(f):
+    for key in reversed(IO_LIMITS):
+        unit = "BYTES/S" if key.startswith("bps") else "OPS/S"
+        f = click.option(f"--{key.replace('_', '-')}", key, metavar=unit, help=f"{key} limit; 0 removes it")(f)
+    return f
+
+
+@disk_group.command("limits")
+@_name_argument
+@click.argument("disk_id", metavar="ID")
+@_limit_options
+@_client_options
+def disk_limits_cmd(name, disk_id, as_json, socket_path, url, token_file, **limits) -> None:
+    """Change disk ID's I/O limits live; limits not given stay as they are."""
+    body: dict = {}
+    for k, v in limits.items():
+        if v is None:
+            continue
+        if not v.isdigit():
+            fail(f"--{k.replace('_', '-')}: {v!r} is not a non-negative integer", EXIT_USAGE)
+        body[k] = int(v) or None
+    if not body:
+        fail("give at least one of " + ", ".join(f"--{k.replace('_', '-')}" for k in IO_LIMITS), EXIT_USAGE)
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.set_disk_limits(name, disk_id, body)
+    _echo_json(r) if as_json else click.echo(_disk_line(name, "limits", r["disk"]))
 
 
 @main.command("events")

@@ -169,6 +169,25 @@ class Client:
             body["downtime_limit"] = downtime_limit
         return self._request("POST", f"/v1/instances/{_seg(name)}/migrate", json=body).json()
 
+    def upgrade(self, name: str, qemu: str | None = None) -> dict:
+        body = {"qemu": qemu} if qemu else {}
+        return self._request("POST", f"/v1/instances/{_seg(name)}/upgrade", json=body).json()
+
+    def add_disk(self, name: str, disk: dict) -> dict:
+        """Hotplug ``disk`` (a DiskSpec as a dict): ``{"disk": as recorded, "view"}``."""
+        return self._request("POST", f"/v1/instances/{_seg(name)}/disks", json=disk).json()
+
+    def remove_disk(self, name: str, disk_id: str) -> dict:
+        return self._request("DELETE", f"/v1/instances/{_seg(name)}/disks/{_seg(disk_id)}").json()
+
+    def resize_disk(self, name: str, disk_id: str, size: int | str) -> dict:
+        return self._request("POST", f"/v1/instances/{_seg(name)}/disks/{_seg(disk_id)}/resize",
+                             json={"size": size}).json()
+
+    def set_disk_limits(self, name: str, disk_id: str, limits: dict) -> dict:
+        """``limits``: I/O limit fields; absent ones stay, None removes one."""
+        return self._request("PATCH", f"/v1/instances/{_seg(name)}/disks/{_seg(disk_id)}", json=limits).json()
+
     def cancel_migration(self, name: str) -> dict:
         return self._request("POST", f"/v1/instances/{_seg(name)}/migrate/cancel").json()
 

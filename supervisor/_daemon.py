@@ -48,6 +48,7 @@ import structlog
 import trio
 
 from ._config import Config
+from ._faults import from_env as faults_from_env
 from ._records import Layout, ensure_dir
 from ._tls import PEER_NODE, TlsError, TlsFiles, check_node_files, check_qemu_reaches_run_dir, server_context
 from .api import HttpLimits, Metrics, create_app, create_metrics_app
@@ -324,7 +325,7 @@ async def serve_daemon(cfg: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         events = EventLog(cfg.state_dir / "events.db", retention=cfg.event_retention)
         metrics = Metrics()
         metrics.watch(events)
-        node = Node(cfg, events)
+        node = Node(cfg, events, faults=faults_from_env(os.environ))
         metrics.observe_node(node)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with node.running():

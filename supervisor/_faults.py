@@ -51,6 +51,11 @@ class Checkpoint(str, enum.Enum):
     DISK_FDS = "disk.fds"
     DISK_NODES = "disk.nodes"
     DISK_DEVICE = "disk.device"
+    # upgrade in place (supervisor/_upgrade.py)
+    UPGRADE_SPAWNED = "upgrade.spawned"
+    UPGRADE_STREAMING = "upgrade.streaming"
+    UPGRADE_COMPLETED = "upgrade.completed"
+    UPGRADE_CONT = "upgrade.cont"
 
 
 class InjectedFault(RuntimeError):
@@ -82,3 +87,27 @@ class _NoFaults:
 
 
 NO_FAULTS = _NoFaults()
+
+#: The daemon's environment variable that makes it SIGKILL itself at one checkpoint: how the
+#: integration tests show that a daemon killed at each step of an upgrade leaves one QEMU.
+CRASH_ENV = "QSUP_TEST_CRASH_AT"
+
+
+class CrashAt:
+    """``kill -9`` of the daemon itself the first time ``at`` is reached (tests only: see CRASH_ENV)."""
+
+    def __init__(self, at: Checkpoint) -> None:
+        self.at = at
+
+    def reach(self, point: Checkpoint) -> None:
+        if point is self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def from_env(environ) -> "CrashAt | _NoFaults":
+    """The daemon's faults: none, unless :data:`CRASH_ENV` names a checkpoint."""
+    name = environ.get(CRASH_ENV)
+    return CrashAt(Checkpoint(name)) if name else NO_FAULTS

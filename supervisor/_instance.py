@@ -52,6 +52,7 @@ from ._disks import OpenDisk, device_id, node_name, open_disks, throttle
 from ._errors import FieldError, describe, hook_output, only_cancelled, root_cause
 from ._eventlog import EventLog
 from ._faults import NO_FAULTS, Checkpoint
+from ._hotplug import DiskOps
 from ._images import BOOT_FIELDS, open_boot_files
 from ._jail import MARK as JAIL_MARK
 from ._jail import jail_dir, plan_for, remove_dir
@@ -62,6 +63,7 @@ from ._migration import (
     Outcome,
     OutgoingMigration,
     free_port,
+    qemu_version,
     qmp_timestamp,
     recovery_options,
     tcp_uri,
@@ -72,8 +74,10 @@ from ._ratelimit import EventBudget
 from ._records import Layout, ensure_dir, write_json
 from ._spec import MACHINE_RE, InstanceSpec, SpecError
 from ._state import EXITS, GUEST_FAULT_EVENTS, GUEST_STUCK, ExitCause, RunState, State, StateMachine, require
+from ._storage import Targets
 from ._tls import MigrationKey, qemu_creds_dir, qemu_gid, remove_qemu_creds, setup_qemu_tls
 from ._uids import UidAllocator, unprivileged_userfaultfd
+from ._upgrade import UpgradeConflict, UpgradeError, check_binary, run_upgrade, running_binary_outdated, settle
 
 if TYPE_CHECKING:
     from ._migration import InstancePort
@@ -88,6 +92,10 @@ class FaultPoints(Protocol):
     """Where fault injection hooks in: :data:`~supervisor._faults.NO_FAULTS`, or a ``Faults`` in tests."""
 
     def reach(self, point: Checkpoint) -> None: ...
+
+
+#: how often an instance looks whether its QEMU binary was replaced on disk (a readlink and a stat)
+OUTDATED_POLL = 10.0
 
 
 class _Closeable(Protocol):
@@ -184,7 +192,12 @@ class Instance:
         self._executor: netconf.Executor | None = None  # opened at launch: claiming a name writes nothing
         #: kernel/initrd/disk as the node checked them (as opened: no symlink below the image dir): what QEMU is given
         self.images: dict[str, str] = {}
+        self._upgrade_pid: QemuProcess | None = None  # the new QEMU while an upgrade runs
+        self._upgrade_offloads: list[netconf.TapOffloads] = []  # the old QEMU's tap settings meanwhile
+        self.qemu_version: str | None = None  # the running QEMU's, from query-version
         self._fd_paths: dict[str, str] = {}  # "/proc/self/fd/N" QEMU was given -> the file's path
+        #: a migration destination's local-disk targets, created by the node's claim (supervisor/_storage.py)
+        self.targets: Targets | None = None
         self.timings: dict[str, float] = {}
         self.error: str | None = None
         self.created = time.time()
@@ -209,6 +222,8 @@ class Instance:
         self._log_drained.set()
         #: QMP events not logged (rate limit: supervisor/_ratelimit.py); their handlers ran
         self.qmp_dropped = 0
+        #: live disk changes (supervisor/_hotplug.py) and the fdsets each disk's files are in
+        self.disk_ops = DiskOps(self)
         self.done = trio.Event()
 
     # -- views ---------------------------------------------------------
@@ -242,6 +257,7 @@ class Instance:
                 for n, ns in zip(self.nics, self.spec.nics, strict=True)
             ],
             "machine": self.spec.machine,
+            "qemu": self.qemu_identity(),
             "disks": [d.model_dump(mode="json", exclude_none=True) for d in self.spec.disks],
             "qmp_operator": str(self.ctx.layout.operator_qmp_path(self.name)),
             "console": str(self.ctx.layout.console_path(self.name)),
@@ -275,6 +291,12 @@ class Instance:
             "generation": self.generation,
             "uid": self.uid,
             "migration": self._migration_record(),
+            # the new QEMU of an upgrade under way: a restarted daemon settles which one holds the guest
+            "upgrade": {"pid": self._upgrade_pid.pid, "pid_start_time": self._upgrade_pid.started_at,
+                        "was_running": self.runstate == RunState.RUNNING,
+                        "offloads": [o.to_dict() for o in self._upgrade_offloads]}
+            if self._upgrade_pid is not None else None,
+            "fdsets": self.disk_ops.record(),
         }
 
     def _save(self) -> None:
@@ -456,6 +478,10 @@ class Instance:
                 await self.proc.wait()
             if self.uid is not None:
                 self.ctx.uids.release(self.uid)  # its QEMU is gone: the uid owns nothing running
+            if self.targets is not None:
+                self.targets.close()
+            if isinstance(self.migration, IncomingMigration):  # images created for a migration that failed
+                self.migration.discard_targets()
             remove_qemu_creds(self.ctx.cfg.run_dir, self.name)  # a migration's key, if one was left
             jail = jail_dir(self.ctx.cfg.state_dir, self.name)  # qemu_chroot's mount point: empty, QEMU is dead
             if not remove_dir(jail):
@@ -517,8 +543,10 @@ class Instance:
         """Destination of a live migration: L2 now, L3 staged, applied only at ``completed``.
         ``source``: the declared peer that prepared it (kept on the migration, and recorded)."""
         ctx = self.ctx
+        t = self.targets
         m = self.migration = IncomingMigration(self, postcopy, release_wait=ctx.cfg.incoming_timeout,
-                                               source=source)
+                                               source=source, created=t.created if t else None,
+                                               local=t.local if t else None)
         t0 = time.perf_counter()
         self.emit("instance.starting", spec=self.spec_json(), incoming=True)
         await self._launch(incoming=True, reason="migrate-in")
@@ -528,10 +556,13 @@ class Instance:
         caps: list[dict[str, str | bool]] = [{"capability": "events", "state": True},
                                               {"capability": "postcopy-ram", "state": postcopy}]
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        creds = None
         if ctx.cfg.tls is not None:  # only the source that gets this key in the answer gets in
             m.key, m.creds_dir = MigrationKey.new(), qemu_creds_dir(ctx.cfg.run_dir, self.name, "server")
-            await setup_qemu_tls(self.qmp, m.key, m.creds_dir, endpoint="server", gid=qemu_gid(self._qemu.pid))
+            creds = await setup_qemu_tls(self.qmp, m.key, m.creds_dir, endpoint="server",
+                                         gid=qemu_gid(self._qemu.pid))
         addr = ctx.cfg.migration_address
+        await m.export_disks(addr, creds)  # the local disks' targets, for the source's mirrors
         uri = tcp_uri(addr, free_port(addr))
         self.checkpoint(Checkpoint.LISTENING)
         await self.qmp.execute("migrate-incoming", {"uri": uri})
@@ -550,10 +581,17 @@ class Instance:
         A QEMU that died meanwhile, or whose start was cut short by the
         restart, gets its exit cause here and goes straight to the teardown.
         """
+        if rec.get("upgrade"):  # the daemon died during an upgrade: one QEMU stays (supervisor/_upgrade.py)
+            proc = await settle(self, proc, rec)
+            self.proc = proc
+            if proc is not None:
+                self._save()  # the QEMU kept, and no upgrade under way any more
         self.proc = proc
         migration = rec.get("migration")
         if proc is None:
             if migration and migration.get("direction") == "in":  # never activated: an aborted incoming
+                # (its record, for the teardown: the target images it created go)
+                self.migration = IncomingMigration.from_record(self, migration, self.ctx.cfg.incoming_timeout)
                 self.exit(ExitCause.INCOMING_ABORTED, "incoming migration ended while qsup was down")
             else:
                 self.exit(ExitCause.QEMU_DIED, "qemu died while qsup was down")
@@ -573,12 +611,9 @@ class Instance:
         except (qmp_glue.QMPError, trio.TooSlowError) as e:
             log.info("machine type not pinned", error=str(e))
         self.runstate, running = _run_status(answer)
+        self.disk_ops.adopted(rec.get("fdsets"))
         if migration and migration.get("direction") == "in":
-            incoming = IncomingMigration(self, bool(migration.get("postcopy")),
-                                         release_wait=self.ctx.cfg.incoming_timeout,
-                                         source_released=migration.get("source_released") is True,
-                                         source=migration.get("source") if isinstance(migration.get("source"), str)
-                                         else None)
+            incoming = IncomingMigration.from_record(self, migration, self.ctx.cfg.incoming_timeout)
             self.migration = incoming
             self._recovery = partial(self._recover_incoming, incoming)
         elif migration:
@@ -626,6 +661,7 @@ class Instance:
                 host=host, incoming=incoming, disks=disks,
             )
             self._name_fdsets(disks)
+            self.disk_ops.launched(disks)
             self.uid = self._qemu_uid()
             jail = None
             if ctx.cfg.qemu_chroot:  # file system work: a worker thread
@@ -670,7 +706,9 @@ class Instance:
 
     async def _pin_machine(self) -> None:
         """Record the versioned machine type QEMU's ``pc`` alias stands for, once: a guest must
-        keep its machine across migrations and upgrades to another QEMU (docs/ARCHITECTURE.md)."""
+        keep its machine across migrations and upgrades to another QEMU (docs/ARCHITECTURE.md).
+        Learns the running QEMU's version too (``show``)."""
+        await self._learn_version(self.qmp)
         if self.spec.machine is not None:
             return
         machines = await self.qmp.execute("query-machines")
@@ -680,10 +718,17 @@ class Instance:
             self.spec = self.spec.model_copy(update={"machine": pinned})
             self._save()
 
+    async def _learn_version(self, qmp: qmp_glue.QMPClient) -> None:
+        v = await qemu_version(qmp)
+        self.qemu_version = ".".join(map(str, v)) if v else None
+
     def _open_disks(self) -> list[OpenDisk]:
-        """Every disk and its backing chain by the rules of supervisor/_disks.py (blocking: a worker thread)."""
+        """Every disk and its backing chain by the rules of supervisor/_disks.py (blocking: a worker thread).
+        A migration destination's local disks are the targets created for it, never opened by path."""
         cfg = self.ctx.cfg
-        return open_disks(self.spec.disks, cfg.image_dirs, allow_device=cfg.allow_device_disks)
+        if self.targets is None:
+            return open_disks(self.spec.disks, cfg.image_dirs, allow_device=cfg.allow_device_disks)
+        return self.targets.take(self.spec.disks, cfg.image_dirs, allow_device=cfg.allow_device_disks)
 
     def _name_fdsets(self, disks: list[OpenDisk]) -> None:
         """QEMU names a disk's file ``/dev/fdset/N`` in its errors: the path qsup opened instead."""
@@ -820,11 +865,16 @@ class Instance:
     async def _supervise(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._forward_events)
         nursery.start_soon(self._serve_stop)
+        nursery.start_soon(self._watch_binary)
         if isinstance(self.migration, IncomingMigration) and not self.migration.activated:
             nursery.start_soon(self._incoming_watchdog, self.migration)
         if self._recovery is not None:  # adopted mid-migration
             nursery.start_soon(self._recovery)
-        await self._qemu.wait()
+        while True:  # an upgrade swaps the process: follow the new one
+            proc = self._qemu
+            await proc.wait()
+            if self.proc is proc:
+                break
         if self.cause is None:
             await self._log_copied()
             self.exit(*self._unannounced_exit())
@@ -847,8 +897,27 @@ class Instance:
         timestamp, within the instance's budget (supervisor/_ratelimit.py: a guest chooses how
         many events QEMU reports); what is not logged is counted in ``qmp.dropped``."""
         budget = EventBudget()
+        while True:
+            qmp = self.qmp
+            await self._forward_from(qmp, budget)
+            if self._qmp is qmp:  # not an upgrade's old QEMU: QMP is gone for good
+                break
+        # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
+        # lingers with a dead monitor it cannot be controlled any more.  When
+        # an exit is already under way its own path escalates; this is the
+        # backstop.
+        proc = self._qemu
+        with trio.move_on_after(2 if self.cause is None else 15):
+            await proc.wait()
+        if proc.alive:
+            log.error("QMP lost but qemu still alive; killing it")
+            self.exit(ExitCause.QEMU_DIED, "the monitor closed while qemu still ran; killed")
+            proc.signal(signal.SIGKILL)
+
+    async def _forward_from(self, qmp: qmp_glue.QMPClient, budget: EventBudget) -> None:
+        """The events of one QEMU's monitor, until it closes."""
         try:
-            async for ev in self.qmp.events():
+            async for ev in qmp.events():
                 name, data = ev.get("event", "?"), ev.get("data", {})
                 ts = qmp_timestamp(ev)
                 if name == "MIGRATION" and self.migration is not None:
@@ -865,22 +934,13 @@ class Instance:
                     self._on_qemu_resume(ts)
                 elif name == "GUEST_PANICKED":
                     self._on_guest_panicked(data)
+                elif name == "DEVICE_DELETED":
+                    self.disk_ops.on_device_deleted(data)
                 elif name == "SHUTDOWN" and data.get("guest"):
                     self.exit(ExitCause.GUEST_SHUTDOWN, None)
         finally:
             if budget.pending:
                 self.emit("qmp.dropped", count=budget.flush(), total=budget.total_dropped)
-        # QMP EOF.  Normally the pidfd fires at the same moment; if QEMU
-        # lingers with a dead monitor it cannot be controlled any more.  When
-        # an exit is already under way its own path escalates; this is the
-        # backstop.
-        proc = self._qemu
-        with trio.move_on_after(2 if self.cause is None else 15):
-            await proc.wait()
-        if proc.alive:
-            log.error("QMP lost but qemu still alive; killing it")
-            self.exit(ExitCause.QEMU_DIED, "the monitor closed while qemu still ran; killed")
-            proc.signal(signal.SIGKILL)
 
     async def _on_migration_event(self, ev: qmp_glue.QMPEvent) -> None:
         m = self.migration
@@ -1080,11 +1140,75 @@ class Instance:
             self.sm.move(State.RUNNING if resumed else State.PAUSED, "migration failed; guest kept here")
 
     # -- requests --------------------------------------------------------
+    @require("upgrade", UpgradeConflict)
+    async def upgrade(self, qemu: str | None = None) -> dict[str, object]:
+        """Move the guest into a new QEMU on this node, on the same taps (supervisor/_upgrade.py)."""
+        if self.cause is not None:
+            raise UpgradeConflict(f"instance is {self.state.value}, not running or paused", "name")
+        if self.disk_ops.busy:
+            raise UpgradeConflict(f"instance {self.name!r} has a disk change under way", "name")
+        binary = check_binary(qemu) if qemu else self.ctx.cfg.qemu
+        done = trio.Event()
+        out: list[dict[str, object]] = []
+        failed: list[BaseException] = []
+
+        async def task() -> None:
+            try:
+                out.append(await run_upgrade(self, binary))
+            except UpgradeError as e:  # run_upgrade turns every failure into this; the guest runs on
+                failed.append(e)
+            finally:
+                done.set()
+
+        self.spawn(task)  # the instance's task: its end cancels the upgrade (which cleans up)
+        await done.wait()
+        if failed:
+            raise failed[0]
+        if not out:
+            raise UpgradeError(f"instance {self.name!r} ended during the upgrade", "name")
+        return out[0]
+
+    def qemu_identity(self) -> dict[str, object] | None:
+        """The binary the running QEMU executes, and whether it is the installed one (the node's
+        ``qemu`` as it is on disk now: a package update replaces the file)."""
+        proc = self.proc
+        if proc is None or not proc.alive:
+            return None
+        try:
+            exe = os.readlink(f"/proc/{proc.pid}/exe")
+        except OSError:
+            return None
+        return {"binary": exe.removesuffix(" (deleted)"), "version": self.qemu_version,
+                "outdated": running_binary_outdated(proc.pid, self.ctx.cfg.qemu)}
+
+    async def _watch_binary(self) -> None:
+        """``instance.outdated`` once, when the binary this QEMU runs stops being the installed one
+        (a package update replaced it): the operator's cue for ``qsup upgrade``.  Again after an
+        upgrade into a QEMU that is outdated in its turn."""
+        said: int | None = None
+        while True:
+            proc = self.proc
+            if proc is not None and said != proc.pid:
+                q = self.qemu_identity()
+                if q is not None and q["outdated"]:
+                    said = proc.pid
+                    self.emit("instance.outdated", pid=proc.pid, running=q["binary"], installed=self.ctx.cfg.qemu,
+                              version=q.get("version"))
+            await trio.sleep(OUTDATED_POLL)
+
+    def _swap_qemu(self, proc: QemuProcess, qmp: qmp_glue.QMPClient, version: str | None) -> None:
+        """The upgrade handed the guest over: ``proc`` is the instance's QEMU from now on."""
+        self.proc, self._qmp, self._upgrade_pid, self.qemu_version = proc, qmp, None, version
+        self._save()
+
     @require("migrate", MigrationError)
     async def migrate(self, opts: MigrateOptions) -> OutgoingMigration:
         """Start an outgoing migration; returns at once (follow it with the view/events)."""
         if self.cause is not None:
             raise MigrationError(f"instance is {self.state.value}, not running or paused", "name")
+        if self.disk_ops.busy:
+            raise MigrationError(f"instance {self.name!r} has a disk change under way; migrate once it is done",
+                                 "name")
         m = OutgoingMigration(self, opts, was_running=self.state == State.RUNNING)
         self.migration = m
         self._migration_settled = trio.Event()

@@ -168,6 +168,10 @@ REQUIRES: dict[str, frozenset[State]] = {
     "confirm_release": frozenset({State.MIGRATING, State.RUNNING, State.PAUSED}),
     # the destination of a post-copy runs the guest from postcopy-active on
     "recover_postcopy": frozenset({State.RUNNING, State.PAUSED}),
+    # disk hotplug, resize, limits (supervisor/_hotplug.py): never during a migration
+    "disk_change": frozenset({State.RUNNING, State.PAUSED}),
+    # a new QEMU on the same taps (supervisor/_upgrade.py): never during a migration or another upgrade
+    "upgrade": frozenset({State.RUNNING, State.PAUSED}),
 }
 
 

@@ -42,9 +42,11 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+import netconf
 import qmp_glue
 
-from ._errors import FieldError
+from ._errors import FieldError, describe
+from ._faults import Checkpoint
 
 if TYPE_CHECKING:
     from ._instance import Instance
@@ -158,6 +160,7 @@ class Handover:
 
     step: Step = Step.PREPARED
     taken: list[int] = field(default_factory=list)  # tap fds taken from the old QEMU
+    offloads: list[netconf.TapOffloads] = field(default_factory=list)  # the old QEMU's, per NIC
     stream: socket.socket | None = None  # our end of the socketpair, for the old QEMU
     t0: float = field(default_factory=time.perf_counter)
 
@@ -232,6 +235,9 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
                     taps.append((tuple(dups), vnet))
             finally:
                 os.close(pidfd)
+            # what the old QEMU set on each tap: put back if the new one goes before the handover
+            h.offloads = [netconf.tap_offloads(fds[0], nic.tap) for (fds, _), nic in zip(taps, inst.nics, strict=True)]
+            inst._upgrade_offloads = h.offloads  # noqa: SLF001 - recorded with the new pid
             boot = await trio.to_thread.run_sync(inst._open_boot_files)  # noqa: SLF001
             disks = await trio.to_thread.run_sync(inst._open_disks)  # noqa: SLF001
             socks = [listening_socket(next_path(p)) for p in live_paths[:3]]
@@ -267,6 +273,8 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
                     d.close()
             inst._upgrade_pid = new_proc  # noqa: SLF001 - recorded: a restarted daemon finds it
             inst.persist()
+            inst.emit("instance.upgrade_spawned", pid=new_proc.pid, qemu=binary)
+            inst.checkpoint(Checkpoint.UPGRADE_SPAWNED)
             inst.spawn(partial(pump_log, next_path(live_paths[3]), layout.log_path(name),
                                ctx.cfg.console_max_bytes, read_fd=log_r))
             new_qmp = await _connect(inst, new_proc, next_path(live_paths[0]))
@@ -275,6 +283,7 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
                 await q.execute("migrate-set-capabilities", {"capabilities": caps})
             await new_qmp.execute("migrate-incoming", {"uri": f"fd:{stream_fd}"})
             h.step = Step.STREAMING
+            inst.checkpoint(Checkpoint.UPGRADE_STREAMING)
             await old_qmp.execute("getfd", {"fdname": FD_NAME}, fds=[ours.fileno()])
             h.close()  # QEMU holds its own copies now (the taps, our end of the stream)
             was_running = inst.runstate == "running"
@@ -283,10 +292,12 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
             t_mig = time.perf_counter()
             await old_qmp.execute("migrate", {"uri": f"fd:{FD_NAME}"})
             info = await wait_completed(old_qmp, UPGRADE_TIMEOUT)
+            inst.checkpoint(Checkpoint.UPGRADE_COMPLETED)
             while _status(await new_qmp.execute("query-status")) == "inmigrate":
                 await trio.sleep(0.005)
             if was_running:
                 await new_qmp.execute("cont")
+            inst.checkpoint(Checkpoint.UPGRADE_CONT)
             h.step = Step.HANDED_OVER
             t_run = time.perf_counter()
     except BaseException as exc:
@@ -295,8 +306,10 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
             if inst.cause is None:
                 inst.sm.move(was if was in (State.RUNNING, State.PAUSED) else State.RUNNING, "upgrade failed")
             inst.emit("instance.upgrade_failed", qemu=binary, error=str(exc) or type(exc).__name__)
-        if isinstance(exc, UpgradeError | qmp_glue.QMPError | OSError | trio.TooSlowError):
-            raise UpgradeError(f"upgrade failed, the guest runs on its old QEMU: {exc}") from exc
+        if isinstance(exc, UpgradeError):
+            raise
+        if isinstance(exc, Exception):  # never the guest's end: the old QEMU runs on
+            raise UpgradeError(f"upgrade failed, the guest runs on its old QEMU: {describe(exc)}") from exc
         raise
     # the new QEMU is the guest's now
     assert new_proc is not None and new_qmp is not None
@@ -333,7 +346,15 @@ async def _connect(inst: Instance, proc, path: Path) -> qmp_glue.QMPClient:
     result: list[qmp_glue.QMPClient] = []
 
     async def connect(cancel: trio.CancelScope) -> None:
-        result.append(await qmp_glue.connect(str(path), loop=inst.ctx.aio, timeout=30, name=f"{inst.name}.next"))
+        try:
+            result.append(await qmp_glue.connect(str(path), loop=inst.ctx.aio, timeout=30,
+                                                 name=f"{inst.name}.next"))
+        except qmp_glue.QMPConnectionLost:  # qsup bound the socket: QEMU died after the connect
+            with trio.move_on_after(5):
+                await proc.wait()
+            if proc.alive:
+                raise
+            return
         cancel.cancel()
 
     async with trio.open_nursery() as n:
@@ -373,12 +394,40 @@ async def _undo(inst: Instance, h: Handover, old_qmp: qmp_glue.QMPClient, new_pr
     if new_proc is not None and new_proc.alive:
         new_proc.signal(signal.SIGKILL)
         await new_proc.wait()
+    if new_proc is not None and h.offloads:
+        restore_offloads(inst, h.offloads)
     inst._upgrade_pid = None  # noqa: SLF001
     if inst.cause is None:
         inst.persist()
     for p in live_paths:
         next_path(p).unlink(missing_ok=True)
     h.close()
+
+
+def restore_offloads(inst: Instance, offloads: list[netconf.TapOffloads]) -> None:
+    """The new QEMU set its own vnet header size and offloads on the shared taps at start and is
+    gone without the guest: put the running QEMU's back (else the guest's network is dead)."""
+    proc = inst.proc
+    if proc is None or not proc.alive:
+        return
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError as e:
+        log.warning("upgrade: taps' offloads not restored", error=str(e))
+        return
+    try:
+        for (fds, _), nic, off in zip(_tap_groups(proc.pid), inst.nics, offloads, strict=True):
+            fd = take_fd(pidfd, fds[0])
+            try:
+                netconf.set_tap_offloads(fd, off)
+            finally:
+                os.close(fd)
+        inst.emit("instance.upgrade_taps_restored", offloads=[o.to_dict() for o in offloads])
+    except (OSError, ValueError) as e:
+        log.error("upgrade: taps' offloads not restored", error=str(e))
+        inst.emit("instance.upgrade_taps_restore_failed", error=str(e))
+    finally:
+        os.close(pidfd)
 
 
 async def _retire(proc, qmp: qmp_glue.QMPClient) -> None:
@@ -395,3 +444,80 @@ async def _retire(proc, qmp: qmp_glue.QMPClient) -> None:
         proc.signal(signal.SIGKILL)
         await proc.wait()
     await qmp.aclose()
+
+
+async def settle(inst: Instance, old, rec: dict):
+    """A daemon died during an upgrade (its record names the new QEMU): decide which QEMU holds
+    the guest and end with exactly one.  Returns the process to adopt (None: neither lives).
+
+    * the old QEMU's migration ``completed``: the guest is the new one's (``cont`` it if the
+      guest ran), the old one goes;
+    * otherwise the old QEMU keeps it (its migration is cancelled; a stopped copy is resumed),
+      the new one goes -- also when the old one is gone and the new never got the whole guest.
+    """
+    import signal
+
+    from ._process import QemuProcess, cmdline
+
+    up = rec.get("upgrade") or {}
+    layout, name = inst.ctx.layout, inst.name
+    live = [layout.qmp_path(name), layout.operator_qmp_path(name), layout.console_socket_path(name),
+            layout.log_fifo_path(name)]
+    new = QemuProcess.attach(up["pid"], up.get("pid_start_time")) if isinstance(up.get("pid"), int) else None
+    if new is not None and f"guest={name},debug-threads=on" not in cmdline(new.pid):
+        new = None
+    was_running = up.get("was_running", True) is not False
+
+    async def status(path: Path, what: str) -> tuple[qmp_glue.QMPClient | None, str | None, str | None]:
+        try:
+            q = await qmp_glue.connect(str(path), loop=inst.ctx.aio, timeout=5, name=f"{name}.{what}")
+        except (qmp_glue.QMPConnectionLost, trio.TooSlowError, OSError):
+            return None, None, None
+        try:
+            mig, run = _status(await q.execute("query-migrate", timeout=5)), \
+                _status(await q.execute("query-status", timeout=5))
+            return q, str(mig) if mig else None, str(run) if run else None
+        except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError):
+            await q.aclose()
+            return None, None, None
+
+    old_q, old_mig, old_run = (await status(live[0], "old")) if old is not None else (None, None, None)
+    new_q, _, new_run = (await status(next_path(live[0]), "new")) if new is not None else (None, None, None)
+    handed_over = old_mig == "completed" or (old is None and new_run in ("paused", "running"))
+    try:
+        if new is not None and handed_over:
+            if new_q is not None and new_run == "paused" and was_running:
+                await new_q.execute("cont", timeout=5)
+            if old is not None:
+                old.signal(signal.SIGKILL)
+                await old.wait()
+            for p in live:
+                if next_path(p).exists():
+                    os.replace(next_path(p), p)
+            inst.emit("instance.upgrade_settled", kept="new", pid=new.pid)
+            return new
+        if new is not None:
+            new.signal(signal.SIGKILL)
+            await new.wait()
+        # the new QEMU (killed now, or gone by itself: its stream closed with the daemon) set its
+        # own offloads on the shared taps at start
+        saved = [netconf.TapOffloads(**o) for o in up.get("offloads") or [] if isinstance(o, dict)]
+        if old is not None and len(saved) == len(inst.nics):
+            inst.proc = old
+            restore_offloads(inst, saved)
+        if old_q is not None and old_mig in ("active", "setup", "device", "pre-switchover"):
+            await old_q.execute("migrate_cancel", timeout=5)
+        if old_q is not None and old_run in ("paused", "postmigrate") and was_running:
+            await old_q.execute("cont", timeout=5)
+        for p in live:
+            next_path(p).unlink(missing_ok=True)
+        inst.emit("instance.upgrade_settled", kept="old" if old is not None else "none",
+                  pid=old.pid if old is not None else None)
+        return old
+    except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
+        log.warning("upgrade settle", error=str(e))
+        return old if not handed_over else new
+    finally:
+        for q in (old_q, new_q):
+            if q is not None:
+                await q.aclose()

@@ -19,10 +19,12 @@ from collections.abc import Mapping
 from starlette.responses import JSONResponse
 
 from .._errors import FieldError
+from .._hotplug import DiskChangeFailed, DiskConflict
 from .._instance import StartError
 from .._migration import MigrationError
 from .._node import Conflict, NotFound
 from .._spec import SpecError
+from .._upgrade import UpgradeConflict, UpgradeError
 
 
 class ErrorKind(enum.Enum):
@@ -38,6 +40,7 @@ class ErrorKind(enum.Enum):
     TOO_LARGE = 413, "too_large"  # body over MAX_BODY
     INVALID_SPEC = 422, "invalid_spec"  # the spec (or a body) failed validation, incl. host checks
     START_FAILED = 422, "start_failed", "start failed (rolled back): "  # valid, but QEMU/netconf failed
+    CHANGE_FAILED = 422, "change_failed"  # a live change QEMU refused (undone) or the guest did not allow
     INTERNAL = 500, "internal"  # a bug: logged with its traceback
     UNAVAILABLE = 503, "unavailable"  # the daemon is shutting down
     BUSY = 503, "busy"  # over http_max_requests / http_max_followers (with Retry-After)
@@ -65,6 +68,10 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     NotFound: ErrorKind.NOT_FOUND,
     StartError: ErrorKind.START_FAILED,
     MigrationError: ErrorKind.CONFLICT,
+    DiskConflict: ErrorKind.CONFLICT,
+    DiskChangeFailed: ErrorKind.CHANGE_FAILED,
+    UpgradeConflict: ErrorKind.CONFLICT,
+    UpgradeError: ErrorKind.CHANGE_FAILED,
 }
 
 

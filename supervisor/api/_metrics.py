@@ -74,8 +74,15 @@ class _NodeCollector:
                                 labels=["instance", "memory_mib", "vcpus", "accel", "nics"])
         state = GaugeMetricFamily("qsup_instance_state",
                                   "1 for the instance's current state, 0 for the others", labels=["instance", "state"])
+        outdated = GaugeMetricFamily(
+            "qsup_instance_qemu_outdated", "1 when the instance's running QEMU is not the installed binary "
+            "(replaced on disk since it started, or another file): `qsup upgrade` it",
+            labels=["instance", "version"])
         counts = {s.value: 0 for s in State}
         for inst in self._node.list():
+            qemu = inst.qemu_identity()
+            if qemu is not None:
+                outdated.add_metric([inst.name, str(qemu.get("version") or "")], 1 if qemu["outdated"] else 0)
             cur = inst.state.value
             counts[cur] = counts.get(cur, 0) + 1
             spec = inst.spec
@@ -88,6 +95,7 @@ class _NodeCollector:
         yield by_state
         yield info
         yield state
+        yield outdated
 
 
 class _Followers:
