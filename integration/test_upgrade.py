@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from guestcheck import check_guest
 from migtopo import BUSY, Pinger
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
@@ -132,6 +133,15 @@ def test_a_failed_upgrade_leaves_the_guest_on_its_qemu(node, daemon_factory, bad
     assert r.returncode != 0 and "machine" in r.stderr, r.stderr
     assert dm.cli_json("show", "up2")["pid"] == v["pid"]
     assert client.ping("10.99.9.3", timeout=10), "the guest's network broke"
+    # a multiqueue NIC: its queue fds would be shared by both QEMUs, and the new one detaches the
+    # queues beyond the first at start (QEMU 10 then aborts: "could not disable queue")
+    mq = routed("up2q", "10.99.9.7", "52:54:00:99:00:07")
+    mq["nics"][0]["queues"] = 2
+    vq = dm.start_instance(mq)
+    r = dm.cli("upgrade", "up2q", check=False)
+    assert r.returncode != 0 and "nics[0].queues" in r.stderr and "multiqueue" in r.stderr, r.stderr
+    assert dm.cli_json("show", "up2q")["pid"] == vq["pid"]
+    assert dm.cli_json("stop", "up2q", "--timeout", "10")["state"] == "stopped"
     writable = tmp_path / "qemu"
     writable.write_text("#!/bin/sh\nexit 1\n")
     os.chmod(writable, 0o777)
@@ -279,3 +289,23 @@ def test_upgrade_all_after_a_package_update(node, daemon_factory, replaceable_qe
             assert dm.cli_json("stop", n, "--timeout", "10")["state"] == "stopped"
     finally:
         ovs.close()
+
+
+def test_upgrade_with_qemu_chroot_gets_a_fresh_jail(node, daemon_factory):  # noqa: F811
+    """With ``qemu_chroot = true`` the new QEMU is jailed as the old one was: its own mount
+    namespace, the jail's tmpfs as its root, the same uid."""
+    from test_qemu_jail import JAIL, assert_jailed
+
+    ns, client = node
+    dm = daemon_factory(ns, extra_config=JAIL)
+    v = dm.start_instance(routed("upj", "10.99.9.6", "52:54:00:99:00:06"))
+    assert_jailed(dm, "upj", v["pid"])
+    dm.wait_console("upj")
+    r = dm.cli_json("upgrade", "upj", timeout=300)
+    new = r["upgrade"]["pid"]
+    assert new != v["pid"] and not pid_alive(v["pid"])
+    assert_jailed(dm, "upj", new)
+    assert os.readlink(f"/proc/{new}/ns/mnt") != os.readlink(f"/proc/{dm.pid}/ns/mnt")
+    assert r["view"]["uid"] == v["uid"]
+    assert client.ping("10.99.9.6", timeout=10)
+    assert dm.cli_json("stop", "upj", "--timeout", "10")["state"] == "stopped"
