@@ -137,6 +137,54 @@ def test_local_disk_migration_busy_guest(nodes, tmp_path):
     assert info["format"] == "qcow2" and "backing-filename" not in info and info["virtual-size"] == 64 << 20
 
 
+def test_a_migration_after_a_hotplug_keeps_the_device_layout(nodes, tmp_path):
+    """Issue 17: a disk hotplugged at a running guest (a local one, then mirrored over NBD) and a
+    shared one: after the migration the destination's QEMU has every device at the PCI slot the
+    source had -- the slots live in the spec, which the destination is built from -- the guest's
+    write loop on vda verifies on, and the hotplugged local disk arrived byte for byte."""
+    import hashlib
+
+    from topo import qmp
+
+    t, a, b, st = nodes
+    make_image(st.a / "s4.raw", 64 << 20, fill=8 << 20)
+    make_image(st.a / "s4-hot.raw", 16 << 20, fill=16 << 20)
+    make_image(st.shared / "s4-shared.raw", 8 << 20, fill=1 << 20)
+    a.start_instance(disk_spec(st, "s4"))
+    a.wait_console("s4")
+    read_a = console(a, "s4")
+    before = wait_passes(read_a, 2)
+    hot = {"id": "hot", "path": str(st.images / "s4-hot.raw"), "format": "raw"}
+    shared = {"id": "shr", "path": str(st.shared / "s4-shared.raw"), "format": "raw", "readonly": True}
+    for d in (hot, shared):
+        a.cli_json("disk", "add", "s4", json.dumps(d))
+    deadline = time.monotonic() + 30
+    while read_a().count("guest-disk: + vd") < 2:  # the guest's own watcher saw both arrive
+        assert time.monotonic() < deadline, read_a()[-1500:]
+        time.sleep(0.2)
+    va = a.cli_json("show", "s4")
+    slots_a = {d["id"]: d["pci_slot"] for d in va["disks"]}
+    assert len(set(slots_a.values())) == 3, slots_a
+
+    def pci(view) -> dict[int, str]:
+        devs = qmp(view["qmp_operator"], "query-pci")[0]["devices"]
+        return {d["slot"]: d.get("qdev_id", "") for d in devs}
+
+    layout_a = pci(va)
+    digest_a = hashlib.sha256((st.a / "s4-hot.raw").read_bytes()).hexdigest()
+    summary = json.loads(migrate(a, b, "s4").stdout.strip().splitlines()[-1])
+    assert summary["result"] == "completed", summary
+    vb = b.cli_json("show", "s4")
+    assert {d["id"]: d["pci_slot"] for d in vb["disks"]} == slots_a
+    assert pci(vb) == layout_a, (pci(vb), layout_a)
+    read_b = console(b, "s4")
+    wait_passes(read_b, 3, since=before)
+    assert disk_problems(read_a()) == [] and disk_problems(read_b()) == []
+    b.cli("stop", "s4")
+    assert hashlib.sha256((st.b / "s4-hot.raw").read_bytes()).hexdigest() == digest_a
+    assert sorted(os.listdir(st.b)) == ["s4-hot.raw", "s4.raw"]  # B created the local ones only
+
+
 def test_aborted_midway_keeps_the_guest_on_its_source_disk(nodes, tmp_path):
     t, a, b, st = nodes
     make_image(st.a / "s2.raw", 128 << 20, fill=16 << 20)
