@@ -13,9 +13,9 @@ Routes (all JSON unless noted; ``/openapi.json`` is generated from :data:`ROUTES
     DELETE /v1/instances/{name}            200 final view (force-stops if still alive, then forgets)
     GET    /v1/events?since=SEQ&follow=B   200 NDJSON, one event per line
 
-plus the migration routes of ``_migration_routes.py`` and the disk routes of ``_disk_routes.py``
-(hotplug, unplug, resize, I/O limits).  Errors are always ``{"error": "<one line>",
-"field": <dotted field or null>, "code": "<slug>"}``:
+plus the migration routes of ``_migration_routes.py``, the disk routes of ``_disk_routes.py``
+(hotplug, unplug, resize, I/O limits) and the interactive console of ``_console_routes.py``.
+Errors are always ``{"error": "<one line>", "field": <dotted field or null>, "code": "<slug>"}``:
 
     400 bad_request      malformed JSON, not an object, wrong content type, bad query parameter
     401 unauthorized     TCP listener without the right bearer token
@@ -75,7 +75,7 @@ from starlette.responses import JSONResponse, Response
 from .._node import Conflict, NotFound
 from .._spec import parse_spec
 from .._state import State
-from . import _disk_routes, _migration_routes, _upgrade_routes
+from . import _console_routes, _disk_routes, _migration_routes, _upgrade_routes
 from ._authz import Access, Authorizer
 from ._errors import ErrorKind, HttpError
 from ._events import EventStream
@@ -303,6 +303,7 @@ ROUTES = [
     *_migration_routes.ROUTES,
     *_disk_routes.ROUTES,
     *_upgrade_routes.ROUTES,
+    *_console_routes.ROUTES,
 ]
 
 #: Who may call each operation (by operationId; supervisor/api/_authz.py has the roles).  Checked
@@ -331,13 +332,15 @@ ACCESS: dict[str, Access] = {
     "resize_disk": Access.OPERATOR,
     "set_disk_limits": Access.OPERATOR,
     "upgrade_instance": Access.OPERATOR,
+    "attach_console": Access.OPERATOR,
 }
 #: the table over the routes, built once (an operation without an entry fails the import)
 AUTHORIZER = Authorizer(ROUTES, ACCESS)
 
 
 def component_schemas() -> dict:
-    return {**SCHEMAS, **_migration_routes.SCHEMAS, **_disk_routes.SCHEMAS, **_upgrade_routes.SCHEMAS}
+    return {**SCHEMAS, **_migration_routes.SCHEMAS, **_disk_routes.SCHEMAS, **_upgrade_routes.SCHEMAS,
+            **_console_routes.SCHEMAS}
 
 
 def openapi(*, authenticated: bool = False) -> dict:
