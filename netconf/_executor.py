@@ -320,6 +320,44 @@ class Executor:
                 failures,
             )
 
+    def changed_steps(self, plans: Iterable[Plan], nic_id: str) -> list[str]:
+        """The steps of ``nic_id`` whose journaled effect differs from ``plans`` (a live change's
+        diff against what the host holds): a step the plans no longer have, or have with other
+        args.  Steps the plans add are not listed (:meth:`apply` sees them as not done)."""
+        want = {(s.phase, s.name): s.args for p in plans for s in p}
+        phases = {s.phase for p in plans for s in p} | {"attach", "activate"}
+        out: list[str] = []
+        for e in self.journal.live(phases=phases, nic_id=nic_id):
+            key = (e["phase"], e["step"])
+            if key not in want or (e["kind"] == "step" and e["args"] != want[key]):
+                if e["step"] not in out:
+                    out.append(e["step"])
+        return out
+
+    def converge(self, plans: list[Plan], *, reason: Reason, undo_reason: Reason = "stop") -> dict[str, list[str]]:
+        """Make one NIC's host state ``plans`` (its attach plan, then its activate plan), touching
+        only what differs: every journaled step of the NIC that the plans drop or change is undone
+        (with its hooks, newest first), then the plans are applied (a step done already with the
+        same args is skipped).  A live NIC change and its rollback both use it.  Returns the step
+        names undone and applied; raises :class:`NetconfError` as :meth:`apply` does (the steps
+        undone here are not put back: the caller converges to the old plans for that)."""
+        if not plans:
+            return {"undone": [], "applied": []}
+        nic_id = plans[0].nic.nic_id
+        changed = set(self.changed_steps(plans, nic_id))
+        failures: list[Failure] = []
+        stale = [e for e in self.journal.live(phases=("attach", "activate"), nic_id=nic_id) if e["step"] in changed]
+        self._undo_entries(reversed(stale), undo_reason, failures)
+        if failures:
+            raise NetconfError(f"{nic_id}: undoing {failures[0]['step']} failed: {failures[0]['error']}", failures)
+        applied: list[str] = []
+        for plan in plans:
+            for t in self.apply(plan, reason=reason):
+                if t.get("kind") == "step" and not t.get("skipped"):
+                    applied.append(str(t["step"]))
+        self.journal.maybe_compact()
+        return {"undone": sorted(changed, key=lambda n: [e["step"] for e in stale].index(n)), "applied": applied}
+
     def recover(self, *, reason: Reason) -> None:
         """After a crash: resolve ``pending`` entries against the host, then undo everything.
 

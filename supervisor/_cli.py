@@ -359,7 +359,7 @@ def show_cmd(name, as_json, socket_path, url, token_file) -> None:
             click.echo(f"{key + ':':<14}{_human(v[key])}")
     for i, n in enumerate(v.get("nics", [])):
         parts = [f"{k}={_human(n[k])}" for k in ("mac", "mode", "tap", "link", "ip", "ip6", "vlan", "trunks",
-                                                  "queues") if n.get(k) not in (None, [], "")]
+                                                  "queues", "pci_slot") if n.get(k) not in (None, [], "")]
         click.echo(f"{f'nic{i}:':<14}{' '.join(parts)}")
     for d in v.get("disks") or []:
         parts = [f"{k}={_human(d[k])}" for k in ("path", "format", "readonly", "cache", "pci_slot", "boot",
@@ -547,6 +547,72 @@ def disk_limits_cmd(name, disk_id, as_json, socket_path, url, token_file, **limi
     with _Calls(socket_path, url, token_file) as c:
         r = c.set_disk_limits(name, disk_id, body)
     _echo_json(r) if as_json else click.echo(_disk_line(name, "limits", r["disk"]))
+
+
+@main.group("nic")
+def nic_group() -> None:
+    """Live NIC changes: hotplug, unplug, a new network for a NIC (the guest keeps running)."""
+
+
+def _nic_spec_arg(spec: str) -> dict:
+    """NICSPEC: a JSON object, or a JSON/TOML file holding one NIC."""
+    if spec.lstrip().startswith("{"):
+        text, where = spec, "the NIC spec"
+    else:
+        try:
+            text, where = Path(spec).read_text(), spec
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read NIC spec {spec!r}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
+    except ValueError as e:
+        fail(f"{where}: not valid JSON/TOML: {e}", EXIT_USAGE)
+    if not isinstance(data, dict):
+        fail(f"{where}: must be an object (one NIC)", EXIT_USAGE)
+    return data
+
+
+def _nic_line(name: str, what: str, nic: dict) -> str:
+    keys = ("mode", "link", "ip", "ip6", "vlan", "queues", "pci_slot")
+    return f"{name}: nic {nic.get('mac')} {what} " + " ".join(
+        f"{k}={_human(nic[k])}" for k in keys if nic.get(k) not in (None, [], ""))
+
+
+@nic_group.command("add")
+@_name_argument
+@click.argument("spec", metavar="NICSPEC")
+@_client_options
+def nic_add_cmd(name, spec, as_json, socket_path, url, token_file) -> None:
+    """Hotplug a NIC into NAME.  NICSPEC: a JSON object or a JSON/TOML file (mode, link, ip, mac, ...)."""
+    data = _nic_spec_arg(spec)
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.add_nic(name, data)
+    _echo_json(r) if as_json else click.echo(_nic_line(name, "added", r["nic"]))
+
+
+@nic_group.command("rm")
+@_name_argument
+@click.argument("mac", metavar="MAC")
+@_client_options
+def nic_rm_cmd(name, mac, as_json, socket_path, url, token_file) -> None:
+    """Unplug NIC MAC from NAME (waits until the guest released it); its host network goes."""
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.remove_nic(name, mac)
+    _echo_json(r) if as_json else click.echo(f"{name}: nic {mac.lower()} removed")
+
+
+@nic_group.command("set")
+@_name_argument
+@click.argument("mac", metavar="MAC")
+@click.argument("spec", metavar="NICSPEC")
+@_client_options
+def nic_set_cmd(name, mac, spec, as_json, socket_path, url, token_file) -> None:
+    """Give NIC MAC of NAME a new network live (NICSPEC: its whole new spec; MAC, queues, slot stay).
+    Only what differs is changed on the host; an L2 change bounces the guest's link."""
+    data = _nic_spec_arg(spec)
+    with _Calls(socket_path, url, token_file) as c:
+        r = c.set_nic(name, mac, data)
+    _echo_json(r) if as_json else click.echo(_nic_line(name, "changed", r["nic"]))
 
 
 @main.command("events")
@@ -775,32 +841,13 @@ async def _qmp_once(path: str, command: str, args: dict | None, timeout: float) 
 @click.option("--raw", is_flag=True,
               help="write the guest's bytes as they are, escape sequences included (by default "
                    "control characters and terminal escape sequences are dropped)")
-@click.option("--attach", is_flag=True,
-              help="two-way: what you type goes to the guest; detach with Ctrl-] (one client at a time)")
-@click.option("--force", is_flag=True, help="with --attach: take over from the client attached now")
-@click.option("--linger", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
-              help="with --attach and stdin not a terminal: after stdin ends, detach once the "
-                   "console has been quiet this many seconds")
 @_client_options(remote=False, json_output=False)
-def console_cmd(name, lines, follow, raw, attach, force, linger, as_json, socket_path, url, token_file) -> None:
-    """Print NAME's serial console log and follow it (read-only; like tail -f), or --attach.
+def console_cmd(name, lines, follow, raw, as_json, socket_path, url, token_file) -> None:
+    """Print NAME's serial console log and follow it (read-only; like tail -f).
 
     The guest writes every byte of it: unless --raw, what would steer your terminal (escape
     sequences setting its title or clipboard, answering queries, clearing the screen; other
-    control characters) is dropped, and only text, newlines and tabs are shown.
-
-    \b
-    --attach: two-way, through the daemon (the console log keeps recording).  On a terminal
-    it is put in raw mode (keys go to the guest as typed; cursor movement, erasing and colours
-    are kept from the output) until you detach with Ctrl-]; otherwise stdin is sent as it comes
-    and its end detaches (after --linger).  Exit 0 when you detached, 1 when another client
-    took over (--force) or the instance stopped."""
-    if force and not attach:
-        fail("--force: only with --attach", EXIT_USAGE)
-    if attach:
-        if url:
-            fail("console --attach needs the daemon's local socket (--url is not supported)", EXIT_USAGE)
-        sys.exit(_attach(name, socket_path, force=force, raw=raw, linger=linger))
+    control characters) is dropped, and only text, newlines and tabs are shown."""
     v = _local_view(name, socket_path, url, "console")
     path = Path(v.get("console") or "")
     if not v.get("console"):
@@ -867,100 +914,13 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2, *, raw: bool 
         f.close()
 
 
-#: Ctrl-]: detaches ``console --attach`` (as ``virsh console``)
-ESCAPE = b"\x1d"
-
-
-def _attach(name: str, socket_path, *, force: bool, raw: bool, linger: float) -> int:
-    """``console --attach``: stdin to the guest, its output to stdout, until Ctrl-] (or stdin's
-    end), a takeover, or the instance's stop.  The exit status."""
-    import select
-    import threading
-    import time
-
-    from ._client import RequestFailed, Unreachable
-
-    with _Calls(socket_path, None, None) as c:
-        try:
-            session = c.attach_console(name, force=force)
-        except RequestFailed as e:
-            fail(f"{name}: {e}" if name not in str(e) else str(e), EXIT_FAILED)
-    tty_in = sys.stdin.isatty()
-    out = sys.stdout.buffer if raw else _FilteredOut(sys.stdout.buffer, interactive=tty_in)
-    ended = threading.Event()
-    last_output = [time.monotonic()]
-
-    def read_output() -> None:
-        try:
-            while (f := session.receive()) is not None:
-                kind, value = f
-                if kind == "output":
-                    last_output[0] = time.monotonic()
-                    out.write(value)
-                    out.flush()
-                elif kind == "notice":
-                    click.echo(f"\r\n[qsup: {value.get('dropped')} bytes of console output lost so far: this "
-                               "terminal lagged behind]\r", err=True)
-                else:
-                    return
-        except (Unreachable, OSError):
-            pass
-        finally:
-            ended.set()
-
-    if tty_in:
-        click.echo(f"Connected to the console of {name} (escape character is ^])", err=True)
-    reader = threading.Thread(target=read_output, name="console-output", daemon=True)
-    reader.start()
-    fd = sys.stdin.fileno()
-    saved = None
-    if tty_in:
-        import termios
-        import tty
-
-        saved = termios.tcgetattr(fd)
-        tty.setraw(fd)
-    try:
-        eof_at = None
-        while not ended.is_set():
-            if eof_at is not None:
-                if time.monotonic() - max(eof_at, last_output[0]) >= linger:
-                    break
-                ended.wait(0.05)
-                continue
-            ready, _, _ = select.select([fd], [], [], 0.1)
-            if not ready:
-                continue
-            data = os.read(fd, 4096)
-            if not data:
-                eof_at = time.monotonic()
-                continue
-            i = data.find(ESCAPE)
-            session.send(data if i < 0 else data[:i])
-            if i >= 0:
-                break
-    finally:
-        if saved is not None:
-            import termios
-
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        session.detach()
-        reader.join(5.0)
-        session.close()
-    end = session.end or {"reason": "the daemon went away"}
-    reason = str(end.get("reason"))
-    if tty_in or reason != "detached":
-        click.echo(f"\n[qsup: {name}: {reason}]", err=True)
-    return 0 if reason == "detached" else EXIT_FAILED
-
-
 class _FilteredOut:
     """``write``/``flush`` to ``out`` through a :class:`supervisor._console.TerminalFilter`."""
 
-    def __init__(self, out, *, interactive: bool = False) -> None:
+    def __init__(self, out) -> None:
         from ._console import TerminalFilter
 
-        self._out, self._filter = out, TerminalFilter(interactive=interactive)
+        self._out, self._filter = out, TerminalFilter()
 
     def write(self, data: bytes) -> None:
         self._out.write(self._filter.feed(data))

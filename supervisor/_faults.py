@@ -56,6 +56,15 @@ class Checkpoint(str, enum.Enum):
     UPGRADE_STREAMING = "upgrade.streaming"
     UPGRADE_COMPLETED = "upgrade.completed"
     UPGRADE_CONT = "upgrade.cont"
+    # live NIC changes (supervisor/_nicplug.py): add after its tap + L2, netdev, device, L3;
+    # remove after DEVICE_DELETED and after netdev_del + netconf undo; set after the diff applied
+    NIC_TAP = "nic.tap"
+    NIC_NETDEV = "nic.netdev"
+    NIC_DEVICE = "nic.device"
+    NIC_ACTIVATED = "nic.activated"
+    NIC_UNPLUGGED = "nic.unplugged"
+    NIC_DETACHED = "nic.detached"
+    NIC_CONVERGED = "nic.converged"
 
 
 class InjectedFault(RuntimeError):

@@ -68,6 +68,7 @@ from ._migration import (
     recovery_options,
     tcp_uri,
 )
+from ._nicplug import NicOps
 from ._process import QEMU_ENV, QemuProcess, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
 from ._ratelimit import EventBudget
@@ -224,6 +225,8 @@ class Instance:
         self.qmp_dropped = 0
         #: live disk changes (supervisor/_hotplug.py) and the fdsets each disk's files are in
         self.disk_ops = DiskOps(self)
+        #: live NIC changes (supervisor/_nicplug.py) and QEMU's ids of each NIC
+        self.nic_ops = NicOps(self)
         self.done = trio.Event()
 
     # -- views ---------------------------------------------------------
@@ -297,6 +300,7 @@ class Instance:
                         "offloads": [o.to_dict() for o in self._upgrade_offloads]}
             if self._upgrade_pid is not None else None,
             "fdsets": self.disk_ops.record(),
+            "nic_ops": self.nic_ops.record(),
         }
 
     def _save(self) -> None:
@@ -612,6 +616,7 @@ class Instance:
             log.info("machine type not pinned", error=str(e))
         self.runstate, running = _run_status(answer)
         self.disk_ops.adopted(rec.get("fdsets"))
+        await self.nic_ops.adopted(rec.get("nic_ops"))  # settles a NIC change a killed daemon left
         if migration and migration.get("direction") == "in":
             incoming = IncomingMigration.from_record(self, migration, self.ctx.cfg.incoming_timeout)
             self.migration = incoming
@@ -662,6 +667,7 @@ class Instance:
             )
             self._name_fdsets(disks)
             self.disk_ops.launched(disks)
+            self.nic_ops.launched()
             self.uid = self._qemu_uid()
             jail = None
             if ctx.cfg.qemu_chroot:  # file system work: a worker thread
@@ -936,6 +942,7 @@ class Instance:
                     self._on_guest_panicked(data)
                 elif name == "DEVICE_DELETED":
                     self.disk_ops.on_device_deleted(data)
+                    self.nic_ops.on_device_deleted(data)
                 elif name == "SHUTDOWN" and data.get("guest"):
                     self.exit(ExitCause.GUEST_SHUTDOWN, None)
         finally:
@@ -1147,6 +1154,8 @@ class Instance:
             raise UpgradeConflict(f"instance is {self.state.value}, not running or paused", "name")
         if self.disk_ops.busy:
             raise UpgradeConflict(f"instance {self.name!r} has a disk change under way", "name")
+        if self.nic_ops.busy:
+            raise UpgradeConflict(f"instance {self.name!r} has a NIC change under way", "name")
         for i, nic in enumerate(self.spec.nics):
             if nic.queues > 1:
                 raise UpgradeError(f"a multiqueue NIC ({nic.queues} queues) cannot be upgraded in place: the "
@@ -1204,6 +1213,7 @@ class Instance:
     def _swap_qemu(self, proc: QemuProcess, qmp: qmp_glue.QMPClient, version: str | None) -> None:
         """The upgrade handed the guest over: ``proc`` is the instance's QEMU from now on."""
         self.proc, self._qmp, self._upgrade_pid, self.qemu_version = proc, qmp, None, version
+        self.nic_ops.launched()  # the new QEMU was built from the spec: ids by position
         self._save()
 
     @require("migrate", MigrationError)
@@ -1213,6 +1223,9 @@ class Instance:
             raise MigrationError(f"instance is {self.state.value}, not running or paused", "name")
         if self.disk_ops.busy:
             raise MigrationError(f"instance {self.name!r} has a disk change under way; migrate once it is done",
+                                 "name")
+        if self.nic_ops.busy:
+            raise MigrationError(f"instance {self.name!r} has a NIC change under way; migrate once it is done",
                                  "name")
         m = OutgoingMigration(self, opts, was_running=self.state == State.RUNNING)
         self.migration = m

@@ -172,6 +172,8 @@ REQUIRES: dict[str, frozenset[State]] = {
     "disk_change": frozenset({State.RUNNING, State.PAUSED}),
     # a new QEMU on the same taps (supervisor/_upgrade.py): never during a migration or another upgrade
     "upgrade": frozenset({State.RUNNING, State.PAUSED}),
+    # NIC hotplug, unplug, live network change (supervisor/_nicplug.py): never during a migration
+    "nic_change": frozenset({State.RUNNING, State.PAUSED}),
 }
 
 

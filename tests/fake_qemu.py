@@ -27,6 +27,12 @@ as QEMU keeps them, with ``query-fdsets``, ``query-named-block-nodes``, ``query-
 ``block_resize`` and ``block_set_io_throttle``.  Knobs: ``fail_commands`` (``{command:
 message}``: that command is refused), ``unplug_seconds`` (the guest's delay before it lets a
 device go; default 0.05), ``ignore_unplug`` (the guest never lets go).
+
+NICs (supervisor/_nicplug.py): ``-netdev tap``/``-device virtio-net-pci`` of the command line,
+``getfd`` (the fd sent with it over SCM_RIGHTS, kept under its name; ``closefd``), ``netdev_add``
+``type=tap`` (takes the named fds: ``fd`` or ``fds=a:b``), ``netdev_del`` (closes them),
+``device_add``/``device_del`` of ``virtio-net-pci`` (the netdev must exist, one device per
+netdev, a free PCI slot), ``set_link`` and ``qom-list /machine/peripheral``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ async def _lines_with_fds(self):
     sock = self.stream.socket
     while True:
         data, anc, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+        if data and not anc:  # as QEMU's socket chardev: descriptors no command took go at the next read
+            for old in _RECEIVED_FDS:
+                os.close(old)
+            _RECEIVED_FDS.clear()
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -310,13 +320,12 @@ class FakeQemu:
 
     @staticmethod
     async def _console_client(stream) -> None:
-        """Print one boot line, then echo what is typed (a tty would) until qsup closes the
-        connection (as QEMU does)."""
+        """Print one boot line, then hold the connection until qsup closes it (as QEMU does)."""
         async with stream:
             try:
                 await stream.send_all(b"fake guest: booting\r\n")
-                while data := await stream.receive_some(4096):
-                    await stream.send_all(data)
+                while await stream.receive_some(4096):
+                    pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
@@ -357,6 +366,11 @@ class FakeBlock:
         self.devices: dict[str, dict] = {}  # id -> device_add arguments
         self.throttle: dict[str, dict] = {}
         self._unplugging: set[str] = set()
+        self.monfds: dict[str, int] = {}  # getfd name -> fd
+        self.netdevs: dict[str, dict] = {}
+        self.nics: dict[str, dict] = {}  # virtio-net-pci devices: id -> arguments
+        self.links: dict[str, bool] = {}
+        self._net_argv(argv)
         for i, a in enumerate(argv[:-1]):
             v = argv[i + 1]
             if a == "-add-fd":
@@ -373,7 +387,14 @@ class FakeBlock:
                 "blockdev-add": self.blockdev_add, "blockdev-del": self.blockdev_del,
                 "device_add": self.device_add, "device_del": self.device_del,
                 "query-named-block-nodes": self.query_nodes, "query-block": self.query_block,
-                "block_resize": self.block_resize, "block_set_io_throttle": self.set_throttle}
+                "block_resize": self.block_resize, "block_set_io_throttle": self.set_throttle,
+                "getfd": self.getfd, "closefd": self.closefd, "netdev_add": self.netdev_add,
+                "netdev_del": self.netdev_del, "set_link": self.set_link, "qom-list": self.qom_list,
+                # the tests' view of the NICs (not QEMU's)
+                "x-fake-nets": lambda a: {"netdevs": sorted(self.netdevs), "monfds": sorted(self.monfds),
+                                          "nics": {d: {k: v for k, v in n.items() if k != "driver"}
+                                                   for d, n in self.nics.items()},
+                                          "links": self.links}}
 
     # fdsets
     def add_fd(self, args: dict) -> dict:
@@ -473,6 +494,8 @@ class FakeBlock:
 
     # devices
     def device_add(self, args: dict, hot: bool = True) -> dict:
+        if args.get("driver") == "virtio-net-pci" and hot:
+            return self._nic_add(args)
         if args.get("driver") != "virtio-blk-pci":
             if hot:
                 raise PeerError("GenericError", f"fake: device_add of {args.get('driver')} not supported")
@@ -491,9 +514,89 @@ class FakeBlock:
         self.devices[dev] = args
         return {}
 
+    # NICs
+    def _net_argv(self, argv: list[str]) -> None:
+        for i, a in enumerate(argv[:-1]):
+            v = argv[i + 1]
+            opts = dict(kv.split("=", 1) for kv in v.split(",")[1:] if "=" in kv)
+            if a == "-netdev" and v.startswith("tap,"):
+                fds = [opts["fd"]] if "fd" in opts else opts.get("fds", "").split(":")
+                self.netdevs[opts["id"]] = {"fds": [int(f) for f in fds if f]}  # inherited; netdev_del closes them
+            elif a == "-device" and v.startswith("virtio-net-pci,"):
+                self.nics[opts["id"]] = {"driver": "virtio-net-pci", **opts}
+
+    def _slots(self) -> set:
+        return {int(str(d.get("addr")), 0) for d in [*self.devices.values(), *self.nics.values()]
+                if d.get("addr") is not None}
+
+    def getfd(self, args: dict) -> dict:
+        if not _RECEIVED_FDS:
+            raise PeerError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+        name = args["fdname"]
+        if name in self.monfds:
+            os.close(self.monfds.pop(name))
+        self.monfds[name] = _RECEIVED_FDS.pop(0)
+        return {}
+
+    def closefd(self, args: dict) -> dict:
+        name = args["fdname"]
+        if name not in self.monfds:
+            raise PeerError("GenericError", f"File descriptor named '{name}' not found")
+        os.close(self.monfds.pop(name))
+        return {}
+
+    def netdev_add(self, args: dict) -> dict:
+        nid = args.get("id")
+        if args.get("type") != "tap":
+            raise PeerError("GenericError", f"fake: netdev type {args.get('type')} not supported")
+        if nid in self.netdevs:
+            raise PeerError("GenericError", f"Duplicate ID '{nid}' for netdev")
+        names = [args["fd"]] if "fd" in args else str(args.get("fds", "")).split(":")
+        missing = [n for n in names if n not in self.monfds]
+        if missing:
+            raise PeerError("GenericError", f"File descriptor named '{missing[0]}' has not been found")
+        self.netdevs[nid] = {"fds": [self.monfds.pop(n) for n in names], **args}
+        return {}
+
+    def netdev_del(self, args: dict) -> dict:
+        nid = args["id"]
+        if nid not in self.netdevs:
+            raise PeerError("DeviceNotFound", f"Device '{nid}' not found")
+        for fd in self.netdevs.pop(nid)["fds"]:
+            os.close(fd)
+        return {}
+
+    def _nic_add(self, args: dict) -> dict:
+        dev = args.get("id")
+        if dev in self.nics or dev in self.devices:
+            raise PeerError("GenericError", f"Duplicate device ID '{dev}'")
+        if args.get("netdev") not in self.netdevs:
+            raise PeerError("GenericError", f"Property 'virtio-net-device.netdev' can't find value "
+                                            f"'{args.get('netdev')}'")
+        if any(d.get("netdev") == args["netdev"] for d in self.nics.values()):
+            raise PeerError("GenericError", f"Property 'virtio-net-pci.netdev' can't take value "
+                                            f"'{args['netdev']}', it's in use")
+        if args.get("addr") is not None and int(str(args["addr"]), 0) in self._slots():
+            raise PeerError("GenericError", f"PCI: slot {int(str(args['addr']), 0)} function 0 not available "
+                                            "for virtio-net-pci, in use by another device")
+        self.nics[dev] = args
+        return {}
+
+    def set_link(self, args: dict) -> dict:
+        if args["name"] not in self.nics:
+            raise PeerError("DeviceNotFound", f"Device '{args['name']}' not found")
+        self.links[args["name"]] = bool(args["up"])
+        return {}
+
+    def qom_list(self, args: dict) -> list:
+        if args.get("path") != "/machine/peripheral":
+            raise PeerError("GenericError", f"fake: qom-list {args.get('path')} not supported")
+        return [{"name": d, "type": f"child<{a.get('driver')}>"} for d, a in [*self.devices.items(),
+                                                                             *self.nics.items()]]
+
     async def device_del(self, args: dict) -> dict:
         dev = args["id"]
-        if dev not in self.devices:
+        if dev not in self.devices and dev not in self.nics:
             raise PeerError("DeviceNotFound", f"Device '{dev}' not found")
         if dev not in self._unplugging and not self.qemu.knobs.get("ignore_unplug"):
             self._unplugging.add(dev)
@@ -503,6 +606,7 @@ class FakeBlock:
     async def _guest_unplugs(self, dev: str) -> None:
         await trio.sleep(float(self.qemu.knobs.get("unplug_seconds", 0.05)))
         self.devices.pop(dev, None)
+        self.nics.pop(dev, None)
         self.throttle.pop(dev, None)
         self._unplugging.discard(dev)
         await self.qemu.emit("DEVICE_DELETED", {"path": f"/machine/peripheral/{dev}/virtio-backend"})

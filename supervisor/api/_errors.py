@@ -22,6 +22,7 @@ from .._errors import FieldError
 from .._hotplug import DiskChangeFailed, DiskConflict
 from .._instance import StartError
 from .._migration import MigrationError
+from .._nicplug import NicChangeFailed, NicConflict
 from .._node import Conflict, NotFound
 from .._spec import SpecError
 from .._upgrade import UpgradeConflict, UpgradeError
@@ -72,6 +73,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     DiskChangeFailed: ErrorKind.CHANGE_FAILED,
     UpgradeConflict: ErrorKind.CONFLICT,
     UpgradeError: ErrorKind.CHANGE_FAILED,
+    NicConflict: ErrorKind.CONFLICT,
+    NicChangeFailed: ErrorKind.CHANGE_FAILED,
 }
 
 

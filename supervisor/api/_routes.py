@@ -13,9 +13,9 @@ Routes (all JSON unless noted; ``/openapi.json`` is generated from :data:`ROUTES
     DELETE /v1/instances/{name}            200 final view (force-stops if still alive, then forgets)
     GET    /v1/events?since=SEQ&follow=B   200 NDJSON, one event per line
 
-plus the migration routes of ``_migration_routes.py``, the disk routes of ``_disk_routes.py``
-(hotplug, unplug, resize, I/O limits) and the interactive console of ``_console_routes.py``.
-Errors are always ``{"error": "<one line>", "field": <dotted field or null>, "code": "<slug>"}``:
+plus the migration routes of ``_migration_routes.py`` and the disk routes of ``_disk_routes.py``
+(hotplug, unplug, resize, I/O limits).  Errors are always ``{"error": "<one line>",
+"field": <dotted field or null>, "code": "<slug>"}``:
 
     400 bad_request      malformed JSON, not an object, wrong content type, bad query parameter
     401 unauthorized     TCP listener without the right bearer token
@@ -23,13 +23,15 @@ Errors are always ``{"error": "<one line>", "field": <dotted field or null>, "co
     404 not_found        unknown instance or route
     405 method_not_allowed (with ``Allow``)
     408 timeout          the body did not arrive within 30 s
-    409 conflict         the name is taken by a live instance; a migration refused; a disk change
-                         while the instance is not running or paused (migrating, stopped)
+    409 conflict         the name is taken by a live instance; a migration refused; a disk or NIC
+                         change while the instance is not running or paused (migrating, stopped)
+                         or is being upgraded
     413 too_large        body over 64 KiB
     422 invalid_spec     the spec (or stop options) failed validation, incl. host checks
     422 start_failed     valid spec, but QEMU/netconf failed; everything was rolled back
-    422 change_failed    a live disk change QEMU refused (every done step undone), or an unplug the
-                         guest did not complete in time (the disk stays attached)
+    422 change_failed    a live disk or NIC change QEMU or the host refused (every done step
+                         undone), or an unplug the guest did not complete in time (the device stays)
+                         (the NIC routes: ``_nic_routes.py``)
     500 internal         a bug: logged with its traceback
     503 unavailable      the daemon is shutting down (``app.state.stopping``)
     503 busy             over ``http_max_requests`` / ``http_max_followers`` (with ``Retry-After``)
@@ -75,7 +77,7 @@ from starlette.responses import JSONResponse, Response
 from .._node import Conflict, NotFound
 from .._spec import parse_spec
 from .._state import State
-from . import _console_routes, _disk_routes, _migration_routes, _upgrade_routes
+from . import _disk_routes, _migration_routes, _nic_routes, _upgrade_routes
 from ._authz import Access, Authorizer
 from ._errors import ErrorKind, HttpError
 from ._events import EventStream
@@ -302,8 +304,8 @@ ROUTES = [
                       **errors(400)}})}),
     *_migration_routes.ROUTES,
     *_disk_routes.ROUTES,
+    *_nic_routes.ROUTES,
     *_upgrade_routes.ROUTES,
-    *_console_routes.ROUTES,
 ]
 
 #: Who may call each operation (by operationId; supervisor/api/_authz.py has the roles).  Checked
@@ -332,15 +334,17 @@ ACCESS: dict[str, Access] = {
     "resize_disk": Access.OPERATOR,
     "set_disk_limits": Access.OPERATOR,
     "upgrade_instance": Access.OPERATOR,
-    "attach_console": Access.OPERATOR,
+    "add_nic": Access.OPERATOR,
+    "remove_nic": Access.OPERATOR,
+    "set_nic": Access.OPERATOR,
 }
 #: the table over the routes, built once (an operation without an entry fails the import)
 AUTHORIZER = Authorizer(ROUTES, ACCESS)
 
 
 def component_schemas() -> dict:
-    return {**SCHEMAS, **_migration_routes.SCHEMAS, **_disk_routes.SCHEMAS, **_upgrade_routes.SCHEMAS,
-            **_console_routes.SCHEMAS}
+    return {**_nic_routes.SCHEMAS,
+            **SCHEMAS, **_migration_routes.SCHEMAS, **_disk_routes.SCHEMAS, **_upgrade_routes.SCHEMAS}
 
 
 def openapi(*, authenticated: bool = False) -> dict:
