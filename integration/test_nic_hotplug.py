@@ -1,0 +1,98 @@
+"""NIC hotplug for real (issue 18): a real `qsup serve`, the real test guest under TCG, QEMU as its
+own uid.  A running guest gets a second routed NIC (`qsup nic add`), configures it by itself (its
+/init watcher: guest.ip1 from the kernel command line, `guest-nic: + eth1`) and answers a ping
+on it from the client; the NIC's routed address is changed live (`qsup nic set`): the old one
+stops answering, the new one answers, and the first NIC's host state is not touched; `qsup nic
+rm` leaves nothing of it on the host (tap, routes, rules, neighbours, sysctls' tap dir) nor in
+QEMU (its device, its netdev); `show`, the record and the metrics follow.  Everything is torn
+down by pid (the daemon fixture's leak check)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
+from topo import qmp
+
+MAC0, MAC1 = "52:54:00:77:01:40", "52:54:00:77:01:41"
+IP0, IP1, IP1B = "10.99.9.40", "10.99.9.41", "10.99.9.42"
+
+
+def _host(ns) -> dict:
+    """What the node holds for the guest's taps: links, routes, rules, neighbours."""
+    links = {link["ifname"] for link in ns.json("link", "show") if link["ifname"].startswith("qs")}
+    routes = [r for r in ns.json("route", "show", "table", "all") if r.get("dev", "").startswith("qs")]
+    rules = [r for r in ns.json("rule", "show") if str(r.get("iif", "")).startswith("qs")]
+    neigh = [n for n in ns.json("neigh", "show") if n.get("dev", "").startswith("qs")
+             and n.get("state") != ["FAILED"]]
+    return {"links": sorted(links), "routes": sorted(json.dumps(r, sort_keys=True) for r in routes),
+            "rules": sorted(json.dumps(r, sort_keys=True) for r in rules),
+            "neigh": sorted(json.dumps(n, sort_keys=True) for n in neigh)}
+
+
+def _peripherals(sock: str) -> list[str]:
+    return sorted(p["name"] for p in qmp(sock, "qom-list", {"path": "/machine/peripheral"}))
+
+
+def test_add_ping_set_address_rm_leaves_nothing(node, daemon_factory):  # noqa: F811
+    ns, client = node
+    dm = daemon_factory(ns, extra_config="unplug_timeout = 30\n")
+    spec = routed("nh", IP0, MAC0)
+    spec["append"] += f" guest.ip1={IP1}/32 guest.ip1_also={IP1B}/32"  # for eth1, once it appears
+    v = dm.start_instance(spec)
+    sock = v["qmp_operator"]
+    dm.wait_console("nh")
+    assert client.ping(IP0), dm.console("nh")[-1500:]
+    before = _host(ns)
+    devices_before = _peripherals(sock)
+    assert not client.ping(IP1, count=1, timeout=3)
+
+    # -- add: the guest configures eth1 and answers on it ----------------------------------------
+    t0 = time.monotonic()
+    added = dm.cli_json("nic", "add", "nh", json.dumps({"mode": "routed", "ip": IP1, "mac": MAC1}))
+    assert added["nic"]["mac"] == MAC1 and added["nic"]["pci_slot"] == 4, added["nic"]
+    dm.wait_console("nh", f"guest-nic: + eth1 mac={MAC1}", timeout=60)
+    assert client.ping(IP1, timeout=30), dm.console("nh")[-2000:]
+    add_ms = (time.monotonic() - t0) * 1000
+    assert client.ping(IP0)
+    shown = dm.cli_json("show", "nh")
+    assert [(n["mac"], n["ip"], n["pci_slot"]) for n in shown["nics"]] == [(MAC0, IP0, 3), (MAC1, IP1, 4)]
+    tap1 = shown["nics"][1]["tap"]
+    assert tap1 in _host(ns)["links"]
+    assert "nic-525400770141" in _peripherals(sock)
+    rec = json.loads((dm.state_dir / "instances" / "nh" / "record.json").read_text())
+    assert [n["mac"] for n in rec["spec"]["nics"]] == [MAC0, MAC1] and MAC1 in rec["nics"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(dm.socket)), base_url="http://qsup") as h:
+        assert 'instance="nh"' in h.get("/metrics").text and 'nics="2"' in h.get("/metrics").text
+    added_ev = [e for e in dm.events() if e["type"] == "nic.added"]
+    assert added_ev and added_ev[-1]["nic"]["mac"] == MAC1
+
+    # -- set: the routed address moves; the first NIC's host state untouched ---------------------
+    tap0_state = [r for r in _host(ns)["routes"] if IP0 in r]
+    assert not client.ping(IP1B, count=1, timeout=3)  # the guest has it, the host routes it nowhere
+    changed = dm.cli_json("nic", "set", "nh", MAC1, json.dumps({"mode": "routed", "ip": IP1B}))
+    assert changed["nic"]["ip"] == IP1B
+    assert client.ping(IP1B, timeout=20), dm.console("nh")[-2000:]
+    assert not client.ping(IP1, count=1, timeout=3)
+    assert client.ping(IP0)
+    assert [r for r in _host(ns)["routes"] if IP0 in r] == tap0_state
+    ev = [e for e in dm.events() if e["type"] == "nic.changed"][-1]
+    assert ev["undone"] == ["neigh4", "route4"] and ev["link_bounced"] is False, ev
+    assert dm.cli_json("show", "nh")["nics"][1]["ip"] == IP1B
+
+    # -- rm: nothing of the NIC left on the host or in QEMU ---------------------------------------
+    t1 = time.monotonic()
+    dm.cli_json("nic", "rm", "nh", MAC1)
+    rm_ms = (time.monotonic() - t1) * 1000
+    dm.wait_console("nh", "guest-nic: - eth1", timeout=30)
+    assert _host(ns) == before, (_host(ns), before)
+    assert _peripherals(sock) == devices_before
+    assert not client.ping(IP1B, count=1, timeout=3)
+    assert client.ping(IP0)
+    assert [n["mac"] for n in dm.cli_json("show", "nh")["nics"]] == [MAC0]
+    print(f"nic add->ping {add_ms:.0f} ms, rm {rm_ms:.0f} ms")
+    assert dm.cli_json("stop", "nh", "--timeout", "10")["state"] == "stopped"
+    assert _host(ns)["links"] == []
