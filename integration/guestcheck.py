@@ -13,7 +13,8 @@ This module reads those signs from the guest's serial console:
 * :func:`console_log_reader` / :func:`qsup_console_reader` / :func:`netns_ping`: ready-made
   callables for qsup's console log files and for a ping from a network namespace;
 * disks (virtio-blk, ``/dev/vdX``): :class:`SerialShell` runs commands on a guest booted with
-  ``guest.shell=1`` whose console QEMU serves on a unix socket (:func:`serial_shell_args`);
+  ``guest.shell=1`` whose console QEMU serves on a unix socket (:func:`serial_shell_args`),
+  :class:`AttachedConsole` on one a qsup daemon runs (``qsup console NAME --attach``'s API);
   over it (or any :class:`GuestShell`), :func:`disks_seen`, :func:`disk_size`, and
   ``diskpat`` (integration/guest/diskpat.c): :func:`disk_write`, :func:`disk_verify`,
   :func:`disk_check`; :func:`diskload_progress` / :func:`disk_problems` read the console of a
@@ -238,15 +239,82 @@ def serial_shell_args(sock_path: str | Path, log_path: str | Path | None = None,
     return ["-chardev", spec, "-serial", f"chardev:{chardev_id}"]
 
 
-class SerialShell:
-    """Commands run by the guest's console shell (``guest.shell=1``) over QEMU's unix socket.
+class _MarkerShell:
+    """:meth:`run` and :meth:`wait_ready` over a console: subclasses give ``_send`` and ``_recv``.
 
     Each :meth:`run` sends one line: ``{ COMMAND ; } 2>&1`` between two printf'd markers
     carrying a fresh token, the second one with the exit status, and returns what lies between
     them.  The tty echoes the line, but with ``%s`` where the token goes, so the echo never
     looks like a marker; kernel lines or a background job's output (diskpat loop) printed
-    meanwhile may land in the output.  QEMU serves one client at a time: while this is
-    connected nobody else (qsup's console pump) is.
+    meanwhile may land in the output.
+    """
+
+    _buf = b""
+
+    def _send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _recv(self, timeout: float) -> bytes | None:
+        """Console output (None: nothing within ``timeout``); ConnectionError once it closed."""
+        raise NotImplementedError
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run ``command`` (one line of sh); return (exit status, its stdout+stderr)."""
+        if "\n" in command:
+            raise ValueError("one line only")
+        token = uuid.uuid4().hex[:12]
+        line = (
+            f"printf '\\n@@QS-%s-BEGIN@@\\n' {token}; {{ {command} ; }} </dev/null 2>&1;"
+            f" printf '\\n@@QS-%s-END-%d@@\\n' {token} $?\n"
+        )
+        end = re.compile(rf"@@QS-{token}-BEGIN@@\r?\n(.*?)\r?\n@@QS-{token}-END-(\d+)@@".encode(), re.S)
+        self._send(line.encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            m = end.search(self._buf)
+            if m:
+                self._buf = self._buf[m.end() :]
+                out = m.group(1).decode(errors="replace").replace("\r\n", "\n")
+                return int(m.group(2)), out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tail = self._buf[-2000:].decode(errors="replace")
+                raise TimeoutError(f"no answer to {command!r} in {timeout:g} s (guest.shell=1?); got:\n{tail}")
+            try:
+                data = self._recv(left)
+            except ConnectionError as e:
+                raise ConnectionError(f"the console closed while running {command!r}: {e}") from None
+            if data:
+                self._buf += data
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the console shell answers (it starts just after GUEST-READY).
+
+        It also turns the tty's echo off (``stty -echo``): busybox sh then reads plain lines,
+        without its line editor, and the console log holds the outputs and markers only.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                # <&1: run() gives commands /dev/null as stdin; stdout is the console tty.
+                rc, out = self.run("stty -echo <&1", timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            if rc == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"stty -echo failed on the console (exit {rc}): {out}")
+            time.sleep(0.2)
+
+
+class SerialShell(_MarkerShell):
+    """Commands run by the guest's console shell (``guest.shell=1``) over QEMU's unix socket.
+
+    See :class:`_MarkerShell` for how.  QEMU serves one client at a time: while this is
+    connected nobody else (qsup's console pump) is; under a qsup daemon use
+    :class:`AttachedConsole`.
     """
 
     def __init__(self, sock_path: str | Path, *, connect_timeout: float = 10.0):
@@ -271,57 +339,93 @@ class SerialShell:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
-        """Run ``command`` (one line of sh); return (exit status, its stdout+stderr)."""
-        if "\n" in command:
-            raise ValueError("one line only")
-        token = uuid.uuid4().hex[:12]
-        line = (
-            f"printf '\\n@@QS-%s-BEGIN@@\\n' {token}; {{ {command} ; }} </dev/null 2>&1;"
-            f" printf '\\n@@QS-%s-END-%d@@\\n' {token} $?\n"
-        )
-        end = re.compile(rf"@@QS-{token}-BEGIN@@\r?\n(.*?)\r?\n@@QS-{token}-END-(\d+)@@".encode(), re.S)
-        self.sock.sendall(line.encode())
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _recv(self, timeout: float) -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        if not data:
+            raise ConnectionError("EOF")
+        return data
+
+
+class AttachedConsole(_MarkerShell):
+    """Commands run by the guest's console shell (``guest.shell=1``) through a qsup daemon:
+    ``qsup console NAME --attach``'s API (``POST /v1/instances/{name}/console/attach``), so
+    qsup's pump keeps the connection and the capped log keeps recording.
+
+    ``force``: take over from a client already attached.  :attr:`ended` is the daemon's reason
+    once the attachment ended (``"detached"``, ``"taken over by another client"``, ...).
+    """
+
+    def __init__(self, daemon_socket: str | Path, name: str, *, force: bool = False, tail: int = 0):
+        from supervisor._client import Client
+
+        with Client(daemon_socket) as c:
+            self.session = c.attach_console(name, force=force, tail=tail)
+        self.name = name
+        self._buf = b""
+
+    @property
+    def ended(self) -> str | None:
+        end = self.session.end
+        return None if end is None else str(end.get("reason"))
+
+    def _send(self, data: bytes) -> None:
+        self.session.send(data)
+
+    def _recv(self, timeout: float) -> bytes | None:
+        f = self.session.receive(timeout=timeout)
+        if f is None:
+            return None
+        kind, value = f
+        if kind == "end":
+            raise ConnectionError(f"attachment ended: {value.get('reason')}")
+        return value if kind == "output" else b""
+
+    def output(self, timeout: float) -> bytes:
+        """What the console printed within ``timeout`` (and was not consumed by :meth:`run`)."""
         deadline = time.monotonic() + timeout
-        while True:
-            m = end.search(self._buf)
-            if m:
-                self._buf = self._buf[m.end() :]
-                out = m.group(1).decode(errors="replace").replace("\r\n", "\n")
-                return int(m.group(2)), out
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                data = self._recv(left)
+            except ConnectionError:
+                break
+            if data:
+                self._buf += data
+        out, self._buf = self._buf, b""
+        return out
+
+    def wait_ended(self, timeout: float = 10.0) -> str:
+        """The reason the daemon ended this attachment (waiting for its end frame)."""
+        deadline = time.monotonic() + timeout
+        while self.ended is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                tail = self._buf[-2000:].decode(errors="replace")
-                raise TimeoutError(f"no answer to {command!r} in {timeout:g} s (guest.shell=1?); got:\n{tail}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not data:
-                raise ConnectionError(f"the console closed while running {command!r}")
-            self._buf += data
+                raise TimeoutError(f"the attachment to {self.name} did not end in {timeout:g} s")
+            f = self.session.receive(timeout=left)
+            if f is not None and f[0] == "output":
+                self._buf += f[1]
+        return str(self.ended)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Wait until the console shell answers (it starts just after GUEST-READY).
+    def detach(self, timeout: float = 10.0) -> str:
+        """Detach (the end of what is typed); the daemon's reason."""
+        self.session.detach()
+        return self.wait_ended(timeout)
 
-        It also turns the tty's echo off (``stty -echo``): busybox sh then reads plain lines,
-        without its line editor, and the console log holds the outputs and markers only.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                # <&1: run() gives commands /dev/null as stdin; stdout is the console tty.
-                rc, out = self.run("stty -echo <&1", timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise
-                continue
-            if rc == 0:
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"stty -echo failed on the console (exit {rc}): {out}")
-            time.sleep(0.2)
+    def close(self) -> None:
+        self.session.detach()
+        self.session.close()
+
+    def __enter__(self) -> AttachedConsole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
