@@ -841,13 +841,32 @@ async def _qmp_once(path: str, command: str, args: dict | None, timeout: float) 
 @click.option("--raw", is_flag=True,
               help="write the guest's bytes as they are, escape sequences included (by default "
                    "control characters and terminal escape sequences are dropped)")
+@click.option("--attach", is_flag=True,
+              help="two-way: what you type goes to the guest; detach with Ctrl-] (one client at a time)")
+@click.option("--force", is_flag=True, help="with --attach: take over from the client attached now")
+@click.option("--linger", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+              help="with --attach and stdin not a terminal: after stdin ends, detach once the "
+                   "console has been quiet this many seconds")
 @_client_options(remote=False, json_output=False)
-def console_cmd(name, lines, follow, raw, as_json, socket_path, url, token_file) -> None:
-    """Print NAME's serial console log and follow it (read-only; like tail -f).
+def console_cmd(name, lines, follow, raw, attach, force, linger, as_json, socket_path, url, token_file) -> None:
+    """Print NAME's serial console log and follow it (read-only; like tail -f), or --attach.
 
     The guest writes every byte of it: unless --raw, what would steer your terminal (escape
     sequences setting its title or clipboard, answering queries, clearing the screen; other
-    control characters) is dropped, and only text, newlines and tabs are shown."""
+    control characters) is dropped, and only text, newlines and tabs are shown.
+
+    \b
+    --attach: two-way, through the daemon (the console log keeps recording).  On a terminal
+    it is put in raw mode (keys go to the guest as typed; cursor movement, erasing and colours
+    are kept from the output) until you detach with Ctrl-]; otherwise stdin is sent as it comes
+    and its end detaches (after --linger).  Exit 0 when you detached, 1 when another client
+    took over (--force) or the instance stopped."""
+    if force and not attach:
+        fail("--force: only with --attach", EXIT_USAGE)
+    if attach:
+        if url:
+            fail("console --attach needs the daemon's local socket (--url is not supported)", EXIT_USAGE)
+        sys.exit(_attach(name, socket_path, force=force, raw=raw, linger=linger))
     v = _local_view(name, socket_path, url, "console")
     path = Path(v.get("console") or "")
     if not v.get("console"):
@@ -914,13 +933,100 @@ def _tail(path: Path, lines: int, follow: bool, poll: float = 0.2, *, raw: bool 
         f.close()
 
 
+#: Ctrl-]: detaches ``console --attach`` (as ``virsh console``)
+ESCAPE = b"\x1d"
+
+
+def _attach(name: str, socket_path, *, force: bool, raw: bool, linger: float) -> int:
+    """``console --attach``: stdin to the guest, its output to stdout, until Ctrl-] (or stdin's
+    end), a takeover, or the instance's stop.  The exit status."""
+    import select
+    import threading
+    import time
+
+    from ._client import RequestFailed, Unreachable
+
+    with _Calls(socket_path, None, None) as c:
+        try:
+            session = c.attach_console(name, force=force)
+        except RequestFailed as e:
+            fail(f"{name}: {e}" if name not in str(e) else str(e), EXIT_FAILED)
+    tty_in = sys.stdin.isatty()
+    out = sys.stdout.buffer if raw else _FilteredOut(sys.stdout.buffer, interactive=tty_in)
+    ended = threading.Event()
+    last_output = [time.monotonic()]
+
+    def read_output() -> None:
+        try:
+            while (f := session.receive()) is not None:
+                kind, value = f
+                if kind == "output":
+                    last_output[0] = time.monotonic()
+                    out.write(value)
+                    out.flush()
+                elif kind == "notice":
+                    click.echo(f"\r\n[qsup: {value.get('dropped')} bytes of console output lost so far: this "
+                               "terminal lagged behind]\r", err=True)
+                else:
+                    return
+        except (Unreachable, OSError):
+            pass
+        finally:
+            ended.set()
+
+    if tty_in:
+        click.echo(f"Connected to the console of {name} (escape character is ^])", err=True)
+    reader = threading.Thread(target=read_output, name="console-output", daemon=True)
+    reader.start()
+    fd = sys.stdin.fileno()
+    saved = None
+    if tty_in:
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(fd)
+        tty.setraw(fd)
+    try:
+        eof_at = None
+        while not ended.is_set():
+            if eof_at is not None:
+                if time.monotonic() - max(eof_at, last_output[0]) >= linger:
+                    break
+                ended.wait(0.05)
+                continue
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                continue
+            data = os.read(fd, 4096)
+            if not data:
+                eof_at = time.monotonic()
+                continue
+            i = data.find(ESCAPE)
+            session.send(data if i < 0 else data[:i])
+            if i >= 0:
+                break
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        session.detach()
+        reader.join(5.0)
+        session.close()
+    end = session.end or {"reason": "the daemon went away"}
+    reason = str(end.get("reason"))
+    if tty_in or reason != "detached":
+        click.echo(f"\n[qsup: {name}: {reason}]", err=True)
+    return 0 if reason == "detached" else EXIT_FAILED
+
+
 class _FilteredOut:
     """``write``/``flush`` to ``out`` through a :class:`supervisor._console.TerminalFilter`."""
 
-    def __init__(self, out) -> None:
+    def __init__(self, out, *, interactive: bool = False) -> None:
         from ._console import TerminalFilter
 
-        self._out, self._filter = out, TerminalFilter()
+        self._out, self._filter = out, TerminalFilter(interactive=interactive)
 
     def write(self, data: bytes) -> None:
         self._out.write(self._filter.feed(data))

@@ -199,6 +199,16 @@ class Client:
         """``limits``: I/O limit fields; absent ones stay, None removes one."""
         return self._request("PATCH", f"/v1/instances/{_seg(name)}/disks/{_seg(disk_id)}", json=limits).json()
 
+    def attach_console(self, name: str, *, force: bool = False, tail: int | None = None,
+                       timeout: float = 10.0) -> ConsoleSession:
+        """Attach to ``name``'s serial console, two-way (the unix socket only): a
+        :class:`ConsoleSession`.  409 (:class:`RequestFailed`): another client is attached and
+        not ``force``, or the instance does not run here."""
+        if "://" in self.where:
+            raise ClientTlsError("url: console --attach goes through the daemon's unix socket only")
+        query = f"?force={'true' if force else 'false'}" + (f"&tail={int(tail)}" if tail is not None else "")
+        return ConsoleSession.open(self.where, f"/v1/instances/{_seg(name)}/console/attach{query}", timeout)
+
     def cancel_migration(self, name: str) -> dict:
         return self._request("POST", f"/v1/instances/{_seg(name)}/migrate/cancel").json()
 
@@ -298,3 +308,182 @@ def _api_error(r: httpx.Response) -> RequestFailed:
                              code=doc.get("code"))
     except (ValueError, AttributeError):
         return RequestFailed(f"HTTP {r.status_code} {r.reason_phrase}", status=r.status_code)
+
+
+class ConsoleSession:
+    """One attached serial console (``POST /v1/instances/{name}/console/attach``, described in
+    supervisor/api/_console_routes.py): one HTTP/1.1 exchange whose request body (chunked) is
+    what :meth:`send` types and whose response body is frames :meth:`receive` decodes.
+
+    :meth:`send` and :meth:`receive` may run on two threads (the socket stays blocking; a
+    receive waits with ``select``).  :meth:`detach` ends the request body: the daemon answers
+    with the end frame and closes.
+    """
+
+    def __init__(self, sock: Any, where: str):
+        self._sock = sock
+        self.where = where
+        self._raw = bytearray()  # from the socket, not yet de-chunked
+        self._body = bytearray()  # de-chunked response body, not yet a whole frame
+        self._left = 0  # bytes left in the current chunk
+        self._crlf = False  # a chunk's CRLF is due
+        self._done = False  # the last chunk arrived
+        self._eof = False
+        self._detached = False
+        #: the end frame's object once received: {"reason", "dropped", "unsent"}
+        self.end: dict | None = None
+
+    @classmethod
+    def open(cls, socket_path: str, target: str, timeout: float) -> ConsoleSession:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        session = cls(sock, socket_path)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(socket_path)
+                sock.sendall(f"POST {target} HTTP/1.1\r\nHost: qsup\r\nTransfer-Encoding: chunked\r\n"
+                             "Content-Type: application/octet-stream\r\n\r\n".encode())
+                status, headers = session._read_head()
+            except (OSError, ValueError) as e:
+                raise Unreachable(f"cannot reach the qsup daemon at {socket_path}: {_reason(e)}") from None
+            sock.settimeout(None)
+            if status != 200:
+                raise session._error(status, headers)
+            if headers.get("transfer-encoding", "").lower() != "chunked":
+                raise Unreachable(f"the qsup daemon at {socket_path} answered the attach without a chunked body")
+        except BaseException:
+            sock.close()
+            raise
+        session._dechunk()
+        return session
+
+    def _read_head(self) -> tuple[int, dict[str, str]]:
+        while b"\r\n\r\n" not in self._raw:
+            data = self._sock.recv(65536)
+            if not data:
+                raise ValueError("the connection closed before the answer")
+            self._raw += data
+            if len(self._raw) > 65536:
+                raise ValueError("an answer header over 64 KiB")
+        head, _, rest = bytes(self._raw).partition(b"\r\n\r\n")
+        self._raw = bytearray(rest)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        return int(parts[1]), headers
+
+    def _error(self, status: int, headers: dict[str, str]) -> RequestFailed:
+        length = int(headers.get("content-length") or 0)
+        while len(self._raw) < length:
+            data = self._sock.recv(65536)
+            if not data:
+                break
+            self._raw += data
+        try:
+            doc = json.loads(bytes(self._raw[:length]))
+            return RequestFailed(str(doc.get("error") or f"HTTP {status}"), doc.get("field"), status=status,
+                                 code=doc.get("code"))
+        except (ValueError, AttributeError):
+            return RequestFailed(f"HTTP {status}", status=status)
+
+    def _dechunk(self) -> None:
+        raw = self._raw
+        while not self._done:
+            if self._left:
+                take = min(self._left, len(raw))
+                self._body += raw[:take]
+                del raw[:take]
+                self._left -= take
+                if self._left:
+                    return
+                self._crlf = True
+            if self._crlf:
+                if len(raw) < 2:
+                    return
+                del raw[:2]
+                self._crlf = False
+            i = raw.find(b"\r\n")
+            if i < 0:
+                return
+            size = int(bytes(raw[:i]).split(b";")[0].strip() or b"0", 16)
+            del raw[:i + 2]
+            if size == 0:
+                self._done = True
+            self._left = size
+
+    def _frame(self) -> tuple[str, Any] | None:
+        if len(self._body) < 5:
+            return None
+        kind, n = self._body[0:1], int.from_bytes(self._body[1:5], "big")
+        if len(self._body) < 5 + n:
+            return None
+        payload = bytes(self._body[5:5 + n])
+        del self._body[:5 + n]
+        if kind == b"o":
+            return "output", payload
+        doc = json.loads(payload)
+        if kind == b"e":
+            self.end = doc
+            return "end", doc
+        return "notice", doc
+
+    def receive(self, timeout: float | None = None) -> tuple[str, Any] | None:
+        """The next frame: ``("output", bytes)``, ``("notice", {"dropped": N})`` or ``("end",
+        {"reason", ...})`` (nothing follows it); None when ``timeout`` passed first.  The daemon
+        gone without an end frame: :class:`StreamLost`."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            f = self._frame()
+            if f is not None:
+                return f
+            if self.end is not None or self._eof or self._done:
+                if self.end is None:
+                    raise StreamLost(f"the console stream from {self.where} ended without its end", 0)
+                return None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._sock], [], [], left)
+            if not ready:
+                return None
+            try:
+                data = self._sock.recv(65536)
+            except OSError as e:
+                raise StreamLost(f"the console stream from {self.where} broke: {_reason(e)}", 0) from None
+            if not data:
+                self._eof = True
+            self._raw += data
+            self._dechunk()
+
+    def send(self, data: bytes) -> None:
+        """Type ``data`` (ignored once detached or ended)."""
+        if data and not self._detached:
+            try:
+                self._sock.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+            except OSError:
+                pass  # the daemon closed: receive() tells how it ended
+
+    def detach(self) -> None:
+        """End what is typed: the daemon detaches this client and ends the stream."""
+        if not self._detached:
+            self._detached = True
+            try:
+                self._sock.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ConsoleSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+        self.close()

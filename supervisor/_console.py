@@ -134,6 +134,144 @@ class ConsoleLog:
         self.close()
 
 
+# --- the interactive console (``qsup console NAME --attach``) --------------------------------------
+#
+# QEMU's socket chardev serves one client, and that client is the pump: an attached operator
+# does not connect to QEMU, the pump's :class:`ConsoleHub` stands between.  Output goes to the
+# capped log first, then to the attached client's bounded buffer (a slow client loses output,
+# counted, and never slows the log or the guest); what the client types is written into the
+# pump's connection by the client's own task (so a guest that does not read its UART pushes
+# back on the client alone).  One client at a time: a second attach is refused
+# (:class:`ConsoleBusy`) unless it takes over, and then the first is ended with a reason.
+
+#: what an attach starts with: the end of the log, so the user sees the prompt
+ATTACH_TAIL = 4096
+#: output an attached client may lag behind before it loses some
+ATTACH_BUFFER = 1 << 20
+
+_HUBS: dict[str, ConsoleHub] = {}
+
+
+class ConsoleBusy(Exception):
+    """Someone else is attached (409); ``force`` takes over."""
+
+
+class ConsoleUnavailable(Exception):
+    """No console connection to attach to: the instance is not running here (409)."""
+
+
+def console_hub(sock_path: str | os.PathLike) -> ConsoleHub | None:
+    """The hub of the pump that holds ``sock_path`` now (None: no pump runs for it)."""
+    return _HUBS.get(os.fspath(sock_path))
+
+
+class Attachment:
+    """One attached client: the output it has yet to take (bounded), and why it ended."""
+
+    def __init__(self, hub: ConsoleHub, cap: int = ATTACH_BUFFER):
+        self.hub = hub
+        self.cap = cap
+        self.ended: str | None = None  # the reason, once ended
+        self.dropped = 0  # output bytes lost because the client lagged more than ``cap``
+        self.unsent = 0  # typed bytes dropped because QEMU was not connected (e.g. an upgrade's handover)
+        self._buf = bytearray()
+        self._wake = trio.Event()
+
+    def feed(self, data: bytes) -> None:
+        if self.ended is not None:
+            return
+        room = self.cap - len(self._buf)
+        if len(data) > room:
+            self.dropped += len(data) - max(room, 0)
+            data = data[:max(room, 0)]
+        self._buf += data
+        self._wake.set()
+
+    def end(self, reason: str) -> None:
+        if self.ended is None:
+            self.ended = reason
+        self._wake.set()
+
+    async def receive(self) -> bytes:
+        """The output that arrived since the last call, waiting for some; b"" once ended."""
+        while not self._buf:
+            if self.ended is not None:
+                return b""
+            self._wake = trio.Event()
+            await self._wake.wait()
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+    async def send(self, data: bytes) -> None:
+        """Type ``data`` on the console (dropped, and counted, while QEMU is not connected)."""
+        await self.hub.write(self, data)
+
+    def detach(self, reason: str = "detached") -> None:
+        self.hub.detach(self, reason)
+
+
+class ConsoleHub:
+    """The pump's connection shared with at most one attached client (see above)."""
+
+    def __init__(self, sock_path: str | os.PathLike, log_path: str | os.PathLike):
+        self.key = os.fspath(sock_path)
+        self.log_path = log_path
+        self.stream: trio.abc.Stream | None = None  # the pump's connection to QEMU, while connected
+        self.attached: Attachment | None = None
+        self.closed = False
+        self._write_lock = trio.Lock()
+        _HUBS[self.key] = self
+
+    def attach(self, name: str, *, force: bool = False, tail: int = ATTACH_TAIL) -> Attachment:
+        """A new :class:`Attachment`, its output starting with the log's last ``tail`` bytes."""
+        if self.closed:
+            raise ConsoleUnavailable(f"instance {name!r} has no console connection")
+        old = self.attached
+        if old is not None and not force:
+            raise ConsoleBusy(f"the console of instance {name!r} is attached by another client "
+                              f"(force takes it over)")
+        if old is not None:
+            old.end("taken over by another client")
+            log.info("console.taken_over", socket=self.key)
+        a = Attachment(self)
+        a.feed(read_tail(self.log_path, tail) if tail else b"")  # no await since the pump's write: no gap
+        self.attached = a
+        return a
+
+    def detach(self, a: Attachment, reason: str = "detached") -> None:
+        a.end(reason)
+        if self.attached is a:
+            self.attached = None
+
+    def output(self, data: bytes) -> None:
+        """From the pump, after the log has it."""
+        if self.attached is not None:
+            self.attached.feed(data)
+
+    async def write(self, a: Attachment, data: bytes) -> None:
+        if a is not self.attached or not data:
+            return  # ended (taken over): its input goes nowhere
+        async with self._write_lock:
+            if a is not self.attached:
+                return
+            stream = self.stream
+            if stream is None:
+                a.unsent += len(data)
+                return
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                a.unsent += len(data)  # QEMU went; the pump reconnects (or ends)
+
+    def close(self, reason: str) -> None:
+        self.closed = True
+        if self.attached is not None:
+            self.detach(self.attached, reason)
+        if _HUBS.get(self.key) is self:
+            del _HUBS[self.key]
+
+
 async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike,
                        max_bytes: int, *, retry_min: float = 0.05, retry_max: float = 1.0,
                        connect_timeout: float = 5.0,
@@ -146,8 +284,18 @@ async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike
     connected the first time, or ``False`` if that took longer than ``connect_timeout`` (it
     keeps trying either way).  Start it after QEMU is spawned and before ``cont`` so nothing
     the guest prints at boot is lost.
+
+    While it runs, its :class:`ConsoleHub` (:func:`console_hub` by ``sock_path``) lets one client
+    attach: what arrives goes to the log *and* to that client, what the client types is written
+    into this same connection (QEMU serves one client: this one).
     """
     console = ConsoleLog(log_path, max_bytes)
+    hub = ConsoleHub(sock_path, log_path)
+
+    def write(data: bytes) -> None:
+        console.write(data)
+        hub.output(data)
+
     reported = False
     deadline = trio.current_time() + connect_timeout
     delay = retry_min
@@ -168,9 +316,14 @@ async def pump_console(sock_path: str | os.PathLike, log_path: str | os.PathLike
                 task_status.started(True)
             log.debug("console.connected", socket=os.fspath(sock_path))
             async with stream:
-                await _copy(stream, console.write)
+                hub.stream = stream
+                try:
+                    await _copy(stream, write)
+                finally:
+                    hub.stream = None
             log.debug("console.disconnected", socket=os.fspath(sock_path))
     finally:
+        hub.close("the console closed (the instance stopped)")
         console.close()
 
 
@@ -302,6 +455,9 @@ _MAX_STRING = 4096
 _NORMAL, _ESC, _ESC_INTER, _CSI, _STRING, _STRING_ESC = range(6)
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _C1_STRINGS = "\x90\x98\x9d\x9e\x9f"  # DCS, SOS, OSC, PM, APC
+#: CSI finals an interactive filter keeps: cursor up/down/forward/back, next/previous line, column,
+#: position, erase display/line, insert/delete/erase characters, colours (SGR)
+_SAFE_CSI = "ABCDEFGHfJK@PXm"
 
 
 class TerminalFilter:
@@ -315,12 +471,20 @@ class TerminalFilter:
     SOS, PM and APC (up to BEL or ST, at most :data:`_MAX_STRING` characters), and ``ESC``
     with intermediates and a final.  ``\\r`` is dropped (``\\r\\n`` is a newline).  A sequence
     split across reads is held until it ends.
+
+    ``interactive`` (``qsup console --attach`` on a terminal, in raw mode, where a shell edits
+    its line): ``\\r``, backspace and BEL are kept, and so are the CSI sequences that only move
+    the cursor, erase, insert or delete characters, or set colours (final byte in
+    :data:`_SAFE_CSI`, numeric parameters); everything else is dropped as above (titles,
+    clipboard, queries whose answers would be typed into the guest, mode changes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, interactive: bool = False) -> None:
         self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
         self._state = _NORMAL
         self._string_len = 0
+        self._interactive = interactive
+        self._params: list[str] = []
 
     def feed(self, data: bytes) -> bytes:
         text = self._decode(data)
@@ -334,23 +498,27 @@ class TerminalFilter:
                 i = end
                 if m is None:
                     break
-            self._step(text[i])
+            kept = self._step(text[i])
+            if kept:
+                out.append(kept)
             i += 1
         return "".join(out).encode()
 
-    def _step(self, c: str) -> None:
-        """One control character in NORMAL, or any character inside a sequence."""
+    def _step(self, c: str) -> str:
+        """One control character in NORMAL, or any character inside a sequence; what to keep."""
         state, o = self._state, ord(c)
         if state == _NORMAL:
             if c == "\x1b":
                 self._state = _ESC
             elif c == "\x9b":
-                self._state = _CSI
+                self._state, self._params = _CSI, []
+            elif self._interactive and c in "\r\b\x07":
+                return c
             elif c in _C1_STRINGS:
                 self._state, self._string_len = _STRING, 0
         elif state == _ESC:
             if c == "[":
-                self._state = _CSI
+                self._state, self._params = _CSI, []
             elif c in "]PX^_":
                 self._state, self._string_len = _STRING, 0
             elif 0x20 <= o <= 0x2F:
@@ -363,7 +531,14 @@ class TerminalFilter:
         elif state == _CSI:
             if 0x40 <= o <= 0x7E:
                 self._state = _NORMAL
-            elif not 0x20 <= o <= 0x3F:  # not a parameter: the sequence is broken off
+                params = "".join(self._params)
+                if self._interactive and c in _SAFE_CSI and len(params) <= 32 \
+                        and all(p in "0123456789;" for p in params):
+                    return f"\x1b[{params}{c}"
+            elif 0x20 <= o <= 0x3F:
+                if len(self._params) <= 32:
+                    self._params.append(c)
+            else:  # not a parameter: the sequence is broken off
                 self._state = _NORMAL
                 if c == "\x1b":
                     self._state = _ESC
@@ -377,7 +552,8 @@ class TerminalFilter:
             self._state = _NORMAL
             if c != "\\":  # ST ends the string; any other ESC x starts a sequence of its own
                 self._state = _ESC
-                self._step(c)
+                return self._step(c)
+        return ""
 
 
 async def _copy(stream: trio.abc.ReceiveStream, write: Callable[[bytes], object]) -> None:

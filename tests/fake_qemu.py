@@ -320,12 +320,13 @@ class FakeQemu:
 
     @staticmethod
     async def _console_client(stream) -> None:
-        """Print one boot line, then hold the connection until qsup closes it (as QEMU does)."""
+        """Print one boot line, then echo what is typed (a tty would) until qsup closes the
+        connection (as QEMU does)."""
         async with stream:
             try:
                 await stream.send_all(b"fake guest: booting\r\n")
-                while await stream.receive_some(4096):
-                    pass
+                while data := await stream.receive_some(4096):
+                    await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 

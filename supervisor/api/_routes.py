@@ -13,9 +13,9 @@ Routes (all JSON unless noted; ``/openapi.json`` is generated from :data:`ROUTES
     DELETE /v1/instances/{name}            200 final view (force-stops if still alive, then forgets)
     GET    /v1/events?since=SEQ&follow=B   200 NDJSON, one event per line
 
-plus the migration routes of ``_migration_routes.py`` and the disk routes of ``_disk_routes.py``
-(hotplug, unplug, resize, I/O limits).  Errors are always ``{"error": "<one line>",
-"field": <dotted field or null>, "code": "<slug>"}``:
+plus the migration routes of ``_migration_routes.py``, the disk routes of ``_disk_routes.py``
+(hotplug, unplug, resize, I/O limits) and the interactive console of ``_console_routes.py``.
+Errors are always ``{"error": "<one line>", "field": <dotted field or null>, "code": "<slug>"}``:
 
     400 bad_request      malformed JSON, not an object, wrong content type, bad query parameter
     401 unauthorized     TCP listener without the right bearer token
@@ -77,7 +77,7 @@ from starlette.responses import JSONResponse, Response
 from .._node import Conflict, NotFound
 from .._spec import parse_spec
 from .._state import State
-from . import _disk_routes, _migration_routes, _nic_routes, _upgrade_routes
+from . import _console_routes, _disk_routes, _migration_routes, _nic_routes, _upgrade_routes
 from ._authz import Access, Authorizer
 from ._errors import ErrorKind, HttpError
 from ._events import EventStream
@@ -306,6 +306,7 @@ ROUTES = [
     *_disk_routes.ROUTES,
     *_nic_routes.ROUTES,
     *_upgrade_routes.ROUTES,
+    *_console_routes.ROUTES,
 ]
 
 #: Who may call each operation (by operationId; supervisor/api/_authz.py has the roles).  Checked
@@ -337,6 +338,7 @@ ACCESS: dict[str, Access] = {
     "add_nic": Access.OPERATOR,
     "remove_nic": Access.OPERATOR,
     "set_nic": Access.OPERATOR,
+    "attach_console": Access.OPERATOR,
 }
 #: the table over the routes, built once (an operation without an entry fails the import)
 AUTHORIZER = Authorizer(ROUTES, ACCESS)
@@ -344,7 +346,8 @@ AUTHORIZER = Authorizer(ROUTES, ACCESS)
 
 def component_schemas() -> dict:
     return {**_nic_routes.SCHEMAS,
-            **SCHEMAS, **_migration_routes.SCHEMAS, **_disk_routes.SCHEMAS, **_upgrade_routes.SCHEMAS}
+            **SCHEMAS, **_migration_routes.SCHEMAS, **_disk_routes.SCHEMAS, **_upgrade_routes.SCHEMAS,
+            **_console_routes.SCHEMAS}
 
 
 def openapi(*, authenticated: bool = False) -> dict:
