@@ -11,8 +11,9 @@ Why, and how:
 * **qsup reads the chain itself**, from the qcow2 headers (:func:`read_qcow2`), on the
   descriptor it opened; it never runs ``qemu-img`` as root on an image a tenant may have
   written.  ``json:`` and protocol backings (``nbd:``, ``http:``...) are refused, as is a
-  backing without a declared format (QEMU would probe it), a missing file, a loop and a chain
-  deeper than :data:`~supervisor._spec.MAX_BACKING_DEPTH`.  Every refusal names the disk.
+  backing without a declared format (QEMU would probe it), a missing file, a loop, a chain
+  deeper than :data:`~supervisor._spec.MAX_BACKING_DEPTH` and an external data file (QEMU opens
+  that by its name in the header, graph or not).  Every refusal names the disk.
 * **An explicit graph.**  ``-blockdev`` (JSON, never an option string) with node names from the
   disk's id: ``file-ID``/``disk-ID`` for the image, ``file-ID.bK``/``disk-ID.bK`` for the K-th
   backing file, each format node naming its ``backing`` node (the last ``null``), so QEMU opens
@@ -37,6 +38,9 @@ QCOW2_MAGIC = b"QFI\xfb"
 #: qcow2 header extension: the backing file's format
 _EXT_BACKING_FORMAT = 0xE2792ACA
 _EXT_END = 0
+#: qcow2 v3 incompatible feature bit: the guest's data lives in an external file the header names,
+#: which QEMU opens by that name whatever the -blockdev graph says (the qcow2 driver's own open)
+_INCOMPAT_DATA_FILE = 1 << 2
 #: a backing file name longer than this is refused (QEMU's own limit is 1023)
 _MAX_BACKING_NAME = 1023
 #: how far into a header qsup reads extensions
@@ -84,6 +88,9 @@ def read_qcow2(fd: int) -> Qcow2Header | None:
         (header_len,) = struct.unpack(">I", head[100:104])
         if not 104 <= header_len <= _MAX_HEADER:
             raise ValueError(f"qcow2 header length {header_len}")
+        (incompatible,) = struct.unpack(">Q", head[72:80])
+        if incompatible & _INCOMPAT_DATA_FILE:
+            raise ValueError("it names an external data file (QEMU would open it by that name): not supported")
     return Qcow2Header(version, size, backing, _backing_format(fd, header_len, boff) if backing else None)
 
 

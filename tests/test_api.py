@@ -130,7 +130,14 @@ BAD = [
     ("bridged-no-link", "POST", "/v1/instances", dict(json=spec(nics=[{"mode": "bridged"}])), 422, "nics[0].link"),
     ("bridge-missing-on-host", "POST", "/v1/instances",
      dict(json=spec(nics=[{"mode": "bridged", "link": "qsupnobr0"}])), 422, "nics[0].link"),
-    ("kernel-and-disk", "POST", "/v1/instances", dict(json=spec(disk="/d.img")), 422, "kernel"),
+    ("no-boot-source", "POST", "/v1/instances", dict(json=spec(kernel=None)), 422, "kernel"),
+    # kernel and a disk are fine now; the disk must open (checked before anything changes)
+    ("disk-missing", "POST", "/v1/instances", dict(json=spec(disk="/nonexistent/d.img")), 422, "disks[0].path"),
+    ("disk-no-format", "POST", "/v1/instances", dict(json=spec(disks=[{"id": "d0", "path": "/d.img"}])), 422,
+     "disks[0].format"),
+    ("disk-dup-id", "POST", "/v1/instances",
+     dict(json=spec(disks=[{"id": "d0", "path": "/a.img", "format": "raw"},
+                           {"id": "d0", "path": "/b.img", "format": "raw"}])), 422, "disks[1].id"),
     ("relative-kernel", "POST", "/v1/instances", dict(json=spec(kernel="vmlinuz")), 422, "kernel"),
     ("tags-not-list", "POST", "/v1/instances", dict(json=spec(tags="a,b")), 422, "tags"),
     ("show-unknown", "GET", "/v1/instances/nope", {}, 404, "name"),
@@ -385,7 +392,7 @@ class _Boom:
     async def start(self, spec):
         raise self.exc
 
-    async def prepare_incoming(self, spec, postcopy=False, generation=None, source=None):
+    async def prepare_incoming(self, spec, postcopy=False, generation=None, source=None, disks=None):
         raise self.exc
 
 

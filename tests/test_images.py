@@ -15,6 +15,7 @@ import time
 import pytest
 
 from supervisor import SpecError, _images, parse_spec
+from supervisor._disks import check_disks
 from supervisor._limits import check_images
 
 
@@ -88,11 +89,16 @@ def test_missing_fifo_directory_and_device_refused_without_blocking(images, how)
                         (images / "vm1", "directory"), (images / "vm1" / "vmlinuz" / "x", "not a directory")):
         e = refused(check_images, spec(kernel=str(path)), [images])
         assert e.field == "kernel" and words in str(e), e
-    e = refused(check_images, spec(kernel="/dev/null"), ["/"], allow_device_disks=True)
+    e = refused(check_images, spec(kernel="/dev/null"), ["/"])
     assert e.field == "kernel" and "device" in str(e), e
-    assert check_images(spec(disk="/dev/null"), ["/dev"], allow_device_disks=True) == {"disk": "/dev/null"}
-    e = refused(check_images, spec(disk="/dev/null"), ["/dev"])
-    assert e.field == "disk" and "allow_device_disks" in str(e), e
+    # a disk is opened (with its chain) by supervisor._disks, by the same rule; a device only when allowed
+    disks = spec(disks=[{"id": "d0", "path": "/dev/null", "format": "raw"}]).disks
+    assert check_disks(disks, ["/dev"], allow_device=True) == [0]
+    e = refused(check_disks, disks, ["/dev"])
+    assert e.field == "disks[0].path" and "allow_device_disks" in str(e), e
+    e = refused(check_disks, spec(disks=[{"id": "d0", "path": str(images / "fifo"), "format": "raw"}]).disks,
+                [images])
+    assert e.field == "disks[0].path" and "FIFO" in str(e), e
     assert time.monotonic() - t < 2
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +23,13 @@ from supervisor._instance import StartError
 from supervisor._jail import (
     EXIT_STATUS,
     MARK,
-    MAX_BACKING_DEPTH,
     Bind,
     JailError,
     _Fail,
     _open_sources,
     build_plan,
-    disk_chain,
     jail_dir,
+    plan_for,
     prepare_dir,
     remove_dir,
 )
@@ -86,67 +84,31 @@ def test_a_qemu_outside_usr_is_bound_read_only(host, tmp_path):
     assert _by_path(plan)["/opt/qemu/bin/qemu-system-x86_64"] == Bind("/opt/qemu/bin/qemu-system-x86_64")
 
 
-def test_disk_is_bound_rw_with_its_inode_and_tls_dir_ro(host, tmp_path):
-    disk = tmp_path / "vm.raw"
-    disk.write_bytes(b"\0" * 512)
-    st = disk.stat()
-    plan = build_plan(tmp_path / "j", exe="/usr/bin/q", disks=[(str(disk), True)], tls_dir=tmp_path / "run/tls",
-                      host=str(host))
+def test_tls_dir_is_bound_read_only_parents_first(host, tmp_path):
+    plan = build_plan(tmp_path / "j", exe="/usr/bin/q", tls_dir=tmp_path / "run/tls", host=str(host))
     b = _by_path(plan)
-    assert b[str(disk)] == Bind(str(disk), rw=True, ino=(st.st_dev, st.st_ino))
     assert b[str(tmp_path / "run/tls")] == Bind(str(tmp_path / "run/tls"))
-    # parents are bound before what lies below them (a disk under /usr goes over /usr's bind)
+    # parents are bound before what lies below them (a bind under /usr goes over /usr's bind)
     depths = [p.path.count("/") for p in plan.binds]
     assert depths == sorted(depths)
     assert "/home" not in str(plan.to_json()) and "shadow" not in plan.to_json()
 
 
-def test_a_disk_that_is_a_symlink_or_a_directory_is_refused(host, tmp_path):
-    (tmp_path / "real.raw").write_bytes(b"")
-    (tmp_path / "link.raw").symlink_to(tmp_path / "real.raw")
-    for bad in (tmp_path / "link.raw", tmp_path):
-        with pytest.raises(JailError) as e:
-            build_plan(tmp_path / "j", exe="/usr/bin/q", disks=[(str(bad), True)], host=str(host))
-        assert e.value.field == "qemu_chroot"
-    with pytest.raises(JailError):
-        build_plan(tmp_path / "j", exe="/usr/bin/q", disks=[("relative.raw", True)], host=str(host))
-
-
-def _qcow2(path: Path, backing: str | None) -> None:
-    name = (backing or "").encode()
-    head = struct.pack(">IIQI", 0x514649FB, 3, 72 if backing else 0, len(name))
-    path.write_bytes(head + b"\0" * (72 - len(head)) + name)
-
-
-def test_qcow2_backing_chain_is_bound_read_only(tmp_path):
+def test_the_jail_binds_no_disk(tmp_path):
+    """Disks and their backing files reach QEMU as fdsets (supervisor/_disks.py, tests/test_disks.py):
+    the jail holds none of them, whatever the spec's disks."""
     (tmp_path / "images").mkdir()
-    (tmp_path / "base").mkdir()
-    base = tmp_path / "base" / "base.raw"
-    base.write_bytes(b"\0" * 512)
-    mid = tmp_path / "images" / "mid.qcow2"
-    _qcow2(mid, str(base))  # absolute
-    top = tmp_path / "images" / "top.qcow2"
-    _qcow2(top, "mid.qcow2")  # relative to top's directory
-    assert disk_chain(str(top), qcow2=True) == [(str(top), True), (str(mid), False), (str(base), False)]
-    # told raw (the argv's rule: not .qcow2), QEMU opens no backing file: none is bound
-    assert disk_chain(str(top), qcow2=False) == [(str(top), True)]
-
-
-def test_backing_names_that_are_no_files_loops_and_depth_end_the_chain(tmp_path):
-    for i, name in enumerate(('json:{"file": {"driver": "file", "filename": "/etc/shadow"}}',
-                              "nbd:127.0.0.1:10809", "missing.raw")):
-        d = tmp_path / f"d{i}.qcow2"
-        _qcow2(d, name)
-        assert disk_chain(str(d), qcow2=True) == [(str(d), True)]
-    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
-    _qcow2(a, "b.qcow2")
-    _qcow2(b, "a.qcow2")
-    assert disk_chain(str(a), qcow2=True) == [(str(a), True), (str(b), False)]
-    chain = [tmp_path / f"c{i}.qcow2" for i in range(MAX_BACKING_DEPTH + 5)]
-    for here, nxt in zip(chain, chain[1:]):
-        _qcow2(here, nxt.name)
-    _qcow2(chain[-1], None)
-    assert len(disk_chain(str(chain[0]), qcow2=True)) == MAX_BACKING_DEPTH + 1
+    for f in ("vm.qcow2", "base.raw", "data.img"):
+        (tmp_path / "images" / f).write_bytes(b"\0" * 512)
+    cfg = load_config(None, state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"), qemu=sys.executable,
+                      image_dirs=[str(tmp_path / "images")], accel="tcg")
+    s = spec(tmp_path, disks=[{"id": "root", "path": str(tmp_path / "images" / "vm.qcow2"), "format": "qcow2"},
+                              {"id": "data", "path": str(tmp_path / "images" / "data.img"), "format": "raw"}])
+    plan = plan_for(s, cfg, ENV)
+    assert not [b for b in plan.binds if str(tmp_path / "images") in b.path], plan.binds
+    assert not [b for b in plan.binds if b.rw and not b.path.startswith("/dev/")], plan.binds
+    assert "images" not in plan.to_json()
+    remove_dir(plan.root)
 
 
 def test_jail_dir_is_per_instance_under_the_state_dir_and_names_cannot_escape(tmp_path):
@@ -262,58 +224,3 @@ def test_a_start_whose_jail_fails_names_qemu_chroot_and_leaves_nothing(tmp_path)
     trio.run(main)
     assert a.state_left() == []
     assert os.listdir(tmp_path / "a" / "state" / "jail") == []
-
-
-# -- the chain walker: the rules of every file qsup opens for QEMU (issue 16, finding 3) ----------
-
-def test_the_chain_walker_never_follows_a_symlink_nor_blocks_on_a_fifo(tmp_path):
-    import threading
-    import time
-
-    from supervisor._spec import SpecError
-
-    fifo = tmp_path / "fifo.raw"
-    os.mkfifo(fifo)
-    (tmp_path / "real.raw").write_bytes(b"\0" * 512)
-    (tmp_path / "link.raw").symlink_to(tmp_path / "real.raw")
-    on_fifo, on_link = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
-    _qcow2(on_fifo, "fifo.raw")
-    _qcow2(on_link, "link.raw")
-    done = threading.Event()
-
-    def unblock():  # code that blocks in open() is let go after 3 s (the test then fails on the time)
-        while not done.wait(3):
-            os.close(os.open(fifo, os.O_WRONLY))
-
-    threading.Thread(target=unblock, daemon=True).start()
-    t = time.monotonic()
-    try:
-        with pytest.raises(SpecError) as e:
-            disk_chain(str(on_fifo), qcow2=True)
-        assert e.value.field == "disk" and "FIFO" in str(e.value) and str(fifo) in str(e.value), e.value
-        with pytest.raises(SpecError) as e:  # the disk itself
-            disk_chain(str(fifo), qcow2=True)
-        assert e.value.field == "disk" and "FIFO" in str(e.value), e.value
-    finally:
-        done.set()
-    assert time.monotonic() - t < 1
-    with pytest.raises(SpecError) as e:
-        disk_chain(str(on_link), qcow2=True)
-    assert e.value.field == "disk" and "symbolic link" in str(e.value), e.value
-
-
-def test_the_chain_walker_keeps_backing_files_inside_image_dirs(tmp_path):
-    from supervisor._spec import SpecError
-
-    (tmp_path / "images" / "vm").mkdir(parents=True)
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "base.raw").write_bytes(b"\0" * 512)
-    (tmp_path / "images" / "base.raw").write_bytes(b"\0" * 512)
-    top = tmp_path / "images" / "vm" / "top.qcow2"
-    _qcow2(top, "../../base/base.raw")
-    with pytest.raises(SpecError) as e:
-        disk_chain(str(top), qcow2=True, roots=[tmp_path / "images"])
-    assert e.value.field == "disk" and "image_dirs" in str(e.value), e.value
-    _qcow2(top, "../base.raw")  # relative, with "..", inside: bound at its own name
-    assert disk_chain(str(top), qcow2=True, roots=[tmp_path / "images"]) == [
-        (str(top), True), (str(tmp_path / "images" / "base.raw"), False)]

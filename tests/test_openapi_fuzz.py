@@ -13,8 +13,9 @@ listener's (bearer token: ``ignored_auth`` then checks that a request without it
 The generator is told the things the schema cannot say.  A migration's ``to`` must name a
 declared peer (the fake node declares :data:`PEER`): a positive migrate case names it, and is
 sent for :data:`MIGRATABLE`, an instance that runs, so it reaches the node's ``migrate`` (a test
-after the fuzzing checks that it did).  Two NICs with the same MAC, or more than 64 queues over
-all NICs (both in the schema's descriptions): such bodies are rejected from *positive* cases
+after the fuzzing checks that it did).  Two NICs with the same MAC, more than 64 queues over
+all NICs, two disks with one id, two devices in one PCI slot (all in the schema's
+descriptions): such bodies are rejected from *positive* cases
 with Hypothesis' ``assume``, so its health checks see the filtering (none is suppressed but
 ``too_slow``: every case is a real HTTP request).
 """
@@ -35,10 +36,12 @@ from hypothesis import HealthCheck, assume, settings
 
 from supervisor._config import Config
 from supervisor._eventlog import EventLog
+from supervisor._hotplug import parse_size
 from supervisor._migration import MigrationError
 from supervisor._node import Conflict, NotFound
-from supervisor._spec import MAX_TOTAL_QUEUES, InstanceSpec, generated_mac
+from supervisor._spec import MAX_TOTAL_QUEUES, DiskSpec, InstanceSpec, SpecError, generated_mac
 from supervisor._state import State
+from supervisor._storage import check_offer, parse_offers
 from supervisor.api import create_app, openapi
 
 TOKEN = "fuzz-token-0123456789abcdef"
@@ -54,6 +57,42 @@ class FakeQmp:
         return {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}
 
 
+class FakeDiskOps:
+    """Disk hotplug on a node with every image: an add takes any disk (its slot the lowest free
+    one), a change of a disk the instance lacks is 404, as the real one's (supervisor/_hotplug.py)."""
+
+    def __init__(self, inst: "FakeInstance"):
+        self.inst = inst
+
+    def _disk(self, disk_id: str) -> DiskSpec:
+        d = self.inst.spec.disk(disk_id)
+        if d is None:
+            raise NotFound(f"instance {self.inst.name!r} has no disk {disk_id!r}", "id")
+        return d
+
+    def _replace(self, disks: list[DiskSpec]) -> None:
+        self.inst.spec = self.inst.spec.model_copy(update={"disks": disks})
+
+    async def add(self, disk: DiskSpec) -> DiskSpec:
+        await trio.lowlevel.checkpoint()
+        if disk.pci_slot is None:
+            disk = disk.model_copy(update={"pci_slot": self.inst.spec.free_slot()})
+        return disk  # not kept: the next add may take the same id
+
+    async def remove(self, disk_id: str) -> DiskSpec:
+        d = self._disk(disk_id)
+        self._replace([x for x in self.inst.spec.disks if x.id != disk_id])
+        return d
+
+    async def resize(self, disk_id: str, size: int) -> dict:
+        self._disk(disk_id)
+        return {"id": disk_id, "size": size, "previous": 512}
+
+    async def set_limits(self, disk_id: str, limits) -> DiskSpec:
+        d = self._disk(disk_id)
+        return d.model_copy(update=limits.model_dump(exclude_unset=True))
+
+
 class FakeInstance:
     def __init__(self, spec: InstanceSpec, state: State = State.RUNNING):
         self.spec = spec
@@ -62,6 +101,15 @@ class FakeInstance:
         self.created = time.time()
         self.incoming = False
         self.qmp = FakeQmp()
+        self.disk_ops = FakeDiskOps(self)
+
+    def qemu_identity(self) -> dict | None:  # the metrics ask (supervisor/api/_metrics.py): no QEMU here
+        return None
+
+    async def upgrade(self, qemu: str | None) -> dict:  # an upgrade in place that always works
+        await trio.lowlevel.checkpoint()
+        return {"old_pid": 4242, "pid": 4243, "qemu": qemu or "/usr/bin/qemu-system-x86_64", "mode": "live",
+                "downtime_ms": 1.0, "migration_ms": 2.0, "total_ms": 3.0}
 
     def view(self) -> dict:
         live = not self.state.is_final
@@ -98,7 +146,8 @@ class FakeNode:
 
     def reset(self) -> None:
         self.instances.clear()
-        spec = InstanceSpec(name=MIGRATABLE, memory=64, disk="/nonexistent/fuzz.raw")
+        # no disk: a local disk would refuse a post-copy migrate (a rule of the node's disks)
+        spec = InstanceSpec(name=MIGRATABLE, memory=64, kernel="/nonexistent/vmlinuz")
         self.instances[MIGRATABLE] = FakeInstance(spec)
 
     def list(self):
@@ -123,7 +172,10 @@ class FakeNode:
         return self._claim(spec)
 
     async def prepare_incoming(self, spec: InstanceSpec, *, postcopy: bool = False,
-                               generation: str | None = None, source: str | None = None) -> str:
+                               generation: str | None = None, source: str | None = None,
+                               disks: object = None) -> str:
+        # the source's disk offer, checked as the real node checks it (supervisor/_storage.py)
+        check_offer(spec, parse_offers(disks if disks is not None else []), self.cfg.shared_image_dirs)
         inst = self._claim(spec)
         inst.state, inst.incoming = State.MIGRATING, True
         return "tcp:127.0.0.1:49152"
@@ -241,15 +293,27 @@ def tcp_doc_server():
 
 def _beyond_the_schema(case) -> bool:
     """A body that breaks one of the rules JSON Schema cannot state (documented in it): two
-    NICs with one MAC, more than MAX_TOTAL_QUEUES queues over all NICs."""
+    NICs with one MAC, more than MAX_TOTAL_QUEUES queues over all NICs, two disks with one id,
+    two devices (NICs and disks) in one PCI slot, a resize to a size with units that is no
+    positive multiple of 512."""
     body = case.body if isinstance(case.body, dict) else {}
-    spec = body.get("spec") if case.path == "/v1/migrations/incoming" else body
-    if not isinstance(spec, dict) or not isinstance(spec.get("nics"), list) or not isinstance(spec.get("name"), str):
+    if case.path.endswith("/resize") and "size" in body:
+        try:
+            parse_size(body["size"])
+        except SpecError:
+            return True
         return False
-    nics = [n for n in spec["nics"] if isinstance(n, dict)]
+    spec = body.get("spec") if case.path == "/v1/migrations/incoming" else body
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        return False
+    nics = [n for n in spec.get("nics") or [] if isinstance(n, dict)]
+    disks = [d for d in spec.get("disks") or [] if isinstance(d, dict)]
     macs = [(n.get("mac") or generated_mac(spec["name"], i)).lower() for i, n in enumerate(nics)]
     queues = sum(q for n in nics if isinstance(q := n.get("queues", 1), (int, float)))
-    return len(macs) != len(set(macs)) or queues > MAX_TOTAL_QUEUES
+    ids = [d.get("id") for d in disks]
+    slots = [x["pci_slot"] for x in nics + disks if x.get("pci_slot") is not None]
+    return (len(macs) != len(set(macs)) or queues > MAX_TOTAL_QUEUES or len(ids) != len(set(ids))
+            or len(slots) != len(set(slots)))
 
 
 def _positive(case) -> bool:
@@ -269,9 +333,16 @@ def _prepare(case, *, stateful: bool = False) -> None:
         case.body["to"] = PEER
         if not stateful:
             case.path_parameters["name"] = MIGRATABLE
-    if case.path == "/v1/migrations/incoming" and isinstance(case.body, dict) and \
-            isinstance(case.body.get("source"), str):
-        case.body["source"] = PEER
+    if case.path == "/v1/migrations/incoming" and isinstance(case.body, dict):
+        if isinstance(case.body.get("source"), str):
+            case.body["source"] = PEER
+        # the source offers exactly the spec's disks (what the schema cannot say: it is the spec's)
+        spec = case.body.get("spec")
+        if isinstance(spec, dict):
+            disks = spec.get("disks") or ([{"id": "disk0", "format": "qcow2" if spec["disk"].endswith(".qcow2")
+                                            else "raw"}] if isinstance(spec.get("disk"), str) else [])
+            case.body["disks"] = [{"id": d.get("id"), "format": d.get("format"), "size": 1 << 20, "shared": False}
+                                  for d in disks if isinstance(d, dict)] if disks or "disks" in case.body else None
     assume(not _beyond_the_schema(case))
 
 

@@ -14,7 +14,7 @@ import jsonschema_rs
 import pytest
 from starlette.routing import Route
 
-from supervisor._spec import InstanceSpec, NicSpec, SpecError, parse_spec
+from supervisor._spec import DiskSpec, InstanceSpec, NicSpec, SpecError, parse_spec
 from supervisor.api import _migration_routes, create_app, openapi
 from supervisor.api._openapi import INSTANCE_VIEW
 from supervisor.api._routes import ROUTES, StopOptions
@@ -39,6 +39,10 @@ def nic(**kw) -> dict:
     return {"mode": "routed", "ip": "10.0.0.2", **kw}
 
 
+def dsk(**kw) -> dict:
+    return {"id": "d0", "path": "/d.img", "format": "raw", **kw}
+
+
 # (id, spec, accepted?)
 CASES = [
     ("minimal", base(), True),
@@ -46,9 +50,59 @@ CASES = [
     ("disk-empty-append", {"name": "vm1", "memory": 64, "disk": "/d.img", "append": ""}, True),
     ("disk-append", {"name": "vm1", "memory": 64, "disk": "/d.img", "append": "x"}, False),
     ("disk-initrd", {"name": "vm1", "memory": 64, "disk": "/d.img", "initrd": "/i"}, False),
-    ("kernel-and-disk", base(disk="/d.img"), False),
+    ("kernel-and-disk", base(disk="/d.img"), True),  # the old disk is disks[0]: a kernel may go with it
     ("neither", {"name": "vm1", "memory": 64}, False),
     ("null-kernel-and-disk", {"name": "vm1", "memory": 64, "kernel": None, "disk": "/d"}, True),
+    ("null-disk-kernel", base(disk=None), True),
+    ("null-disk-only", {"name": "vm1", "memory": 64, "disk": None}, False),
+    ("disk-and-disks", {"name": "vm1", "memory": 64, "disk": "/d", "disks": [dsk()]}, False),
+    ("disk-and-empty-disks", {"name": "vm1", "memory": 64, "disk": "/d", "disks": []}, False),
+    ("null-disk-and-disks", {"name": "vm1", "memory": 64, "disk": None, "disks": [dsk()]}, True),
+    ("disk-not-a-string", {"name": "vm1", "memory": 64, "disk": 5}, False),
+    ("disk-comma", {"name": "vm1", "memory": 64, "disk": "/a,b.img"}, True),  # never in a QEMU option
+    ("disks-only", {"name": "vm1", "memory": 64, "disks": [dsk()]}, True),
+    ("disks-empty", {"name": "vm1", "memory": 64, "disks": []}, False),
+    ("disks-append", {"name": "vm1", "memory": 64, "disks": [dsk()], "append": "x"}, False),
+    ("disks-initrd", {"name": "vm1", "memory": 64, "disks": [dsk()], "initrd": "/i"}, False),
+    ("kernel-and-disks", base(initrd="/i", disks=[dsk(), dsk(id="data", path="/e.qcow2", format="qcow2")]), True),
+    ("disk-all-fields", base(disks=[dsk(readonly=True, cache="writeback", discard="unmap", serial="SN-1.a_b",
+                                        boot=0, bps_rd=1, bps_wr=2, iops=1000, pci_slot=31)]), True),
+    ("disk-no-format", base(disks=[{"id": "d0", "path": "/d"}]), False),
+    ("disk-no-id", base(disks=[{"path": "/d", "format": "raw"}]), False),
+    ("disk-format-vmdk", base(disks=[dsk(format="vmdk")]), False),
+    ("disk-format-probe", base(disks=[dsk(format=None)]), False),
+    ("disk-id-upper", base(disks=[dsk(id="D0")]), False),
+    ("disk-id-digit", base(disks=[dsk(id="0d")]), False),
+    ("disk-id-17", base(disks=[dsk(id="d" * 17)]), False),
+    ("disk-id-16", base(disks=[dsk(id="d" * 16)]), True),
+    ("disk-id-newline", base(disks=[dsk(id="d0\n")]), False),
+    ("disk-relative", base(disks=[dsk(path="d.img")]), False),
+    ("disk-path-control", base(disks=[dsk(path="/d\x1b.img")]), False),
+    ("disk-path-long", base(disks=[dsk(path="/" + "d" * 4096)]), False),
+    ("disk-readonly-string", base(disks=[dsk(readonly="yes")]), False),
+    ("disk-cache-bad", base(disks=[dsk(cache="auto")]), False),
+    ("disk-discard-bad", base(disks=[dsk(discard="on")]), False),
+    ("disk-serial-long", base(disks=[dsk(serial="s" * 21)]), False),
+    ("disk-serial-space", base(disks=[dsk(serial="a b")]), False),
+    ("disk-boot-100", base(disks=[dsk(boot=100)]), False),
+    ("disk-bps-0", base(disks=[dsk(bps=0)]), False),
+    ("disk-bps-huge", base(disks=[dsk(bps=10 ** 15 + 1)]), False),
+    ("disk-bps-and-rd", base(disks=[dsk(bps=1, bps_rd=1)]), False),
+    ("disk-iops-and-wr", base(disks=[dsk(iops=1, iops_wr=1)]), False),
+    ("disk-bps-and-null-rd", base(disks=[dsk(bps=1, bps_rd=None)]), True),
+    ("disk-slot-2", base(disks=[dsk(pci_slot=2)]), False),
+    ("disk-slot-32", base(disks=[dsk(pci_slot=32)]), False),
+    ("disk-unknown", base(disks=[dsk(colour="red")]), False),
+    ("disks-8", base(disks=[dsk(id=f"d{i}") for i in range(8)]), True),
+    ("disks-9", base(disks=[dsk(id=f"d{i}") for i in range(9)]), False),
+    ("machine", base(machine="pc-i440fx-7.2"), True),
+    ("machine-q35", base(machine="pc-q35-10.0"), True),
+    ("machine-upper", base(machine="PC"), False),
+    ("machine-option", base(machine="pc,accel=kvm"), False),
+    ("machine-newline", base(machine="pc\n"), False),
+    ("nic-slot", base(nics=[nic(pci_slot=3)]), True),
+    ("nic-slot-2", base(nics=[nic(pci_slot=2)]), False),
+    ("nic-slot-string", base(nics=[nic(pci_slot="3")]), False),
     ("all-fields", base(vcpus=2, initrd="/i", append="console=ttyS0", accel="tcg", tags=["a", "b c"],
                         on_panic="pause", nics=[nic(mac="52:54:00:00:00:01", ip6="2001:db8::1", link="100",
                                                     queues=2)]), True),
@@ -131,18 +185,25 @@ def test_schema_and_server_agree(spec, accepted):
     assert SPEC.is_valid(spec) is accepted, list(SPEC.iter_errors(spec))[:3]
 
 
-def test_the_two_things_the_schema_cannot_say_are_documented():
-    """Two NICs with one MAC (no JSON Schema keyword compares items by one field), and the total
-    of queues over all NICs (no keyword sums)."""
+def test_the_things_the_schema_cannot_say_are_documented():
+    """Two NICs with one MAC, two disks with one id, two devices in one PCI slot (no JSON Schema
+    keyword compares items by one field), and the total of queues over all NICs (no keyword sums)."""
     dup = base(nics=[nic(mac="52:54:00:00:00:01"), nic(mac="52:54:00:00:00:01")])
     assert SPEC.is_valid(dup) and not server_accepts(dup)
     assert "MACs must differ" in DOC["components"]["schemas"]["NicSpec"]["description"]
     many = base(nics=[nic(ip=f"10.0.0.{i + 2}", queues=16) for i in range(5)])
     assert SPEC.is_valid(many) and not server_accepts(many)
     assert "64 queues in all" in DOC["components"]["schemas"]["InstanceSpecFields"]["properties"]["nics"]["description"]
+    dup_id = base(disks=[dsk(), dsk(path="/e.img")])
+    assert SPEC.is_valid(dup_id) and not server_accepts(dup_id)
+    dup_slot = base(nics=[nic(pci_slot=5)], disks=[dsk(pci_slot=5)])
+    assert SPEC.is_valid(dup_slot) and not server_accepts(dup_slot)
+    said = DOC["components"]["schemas"]["DiskSpec"]["description"]
+    assert "ids must differ" in said and "PCI slots between all NICs and disks" in said
 
 
 @pytest.mark.parametrize("schema, model", [("InstanceSpecFields", InstanceSpec), ("NicSpec", NicSpec),
+                                           ("DiskSpec", DiskSpec),
                                            ("StopOptions", StopOptions),
                                            ("MigrateBody", _migration_routes.MigrateBody),
                                            ("PrepareBody", _migration_routes.PrepareBody)])
@@ -158,19 +219,26 @@ def test_prepare_body_spec_is_the_instance_spec():
     assert s == {"$ref": "#/components/schemas/InstanceSpec"}
     v = validator("PrepareBody")
     assert v.is_valid({"spec": base(), "postcopy": True})
-    assert not v.is_valid({"spec": base(disk="/d")})
+    assert not v.is_valid({"spec": {"name": "vm1", "memory": 64}})  # no boot source
 
 
-def test_kernel_disk_exclusivity_is_a_oneof_of_complete_specs():
+def test_boot_sources_are_a_oneof_of_complete_specs():
     schemas = DOC["components"]["schemas"]
     assert schemas["InstanceSpec"]["oneOf"] == [{"$ref": "#/components/schemas/KernelBootSpec"},
-                                                {"$ref": "#/components/schemas/DiskBootSpec"}]
+                                                {"$ref": "#/components/schemas/DiskBootSpec"},
+                                                {"$ref": "#/components/schemas/OldDiskSpec"}]
     for branch in ("KernelBootSpec", "DiskBootSpec"):  # each the whole spec, for client generators
         assert schemas[branch]["allOf"][0] == {"$ref": "#/components/schemas/InstanceSpecFields"}
-    kernel, disk = validator("KernelBootSpec"), validator("DiskBootSpec")
-    assert kernel.is_valid(base()) and not disk.is_valid(base())
+    # the old shape: every current field and the single disk
+    old = schemas["OldDiskSpec"]
+    assert set(old["properties"]) == set(InstanceSpec.model_fields) | {"disk"} and old["additionalProperties"] is False
+    kernel, disks, legacy = validator("KernelBootSpec"), validator("DiskBootSpec"), validator("OldDiskSpec")
+    both = base(disks=[dsk()])
+    assert kernel.is_valid(base()) and kernel.is_valid(both) and not disks.is_valid(both)
+    d = {"name": "vm1", "memory": 64, "disks": [dsk()]}
+    assert disks.is_valid(d) and not kernel.is_valid(d) and not legacy.is_valid(d)
     d = {"name": "vm1", "memory": 64, "disk": "/d"}
-    assert disk.is_valid(d) and not kernel.is_valid(d)
+    assert legacy.is_valid(d) and not kernel.is_valid(d) and not disks.is_valid(d)
 
 
 def _no_untyped_arrays(node, path="$"):

@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .._hotplug import MAX_DISK_SIZE, IoLimits, parse_disk, parse_size
-from .._spec import DISK_ID_RE, FIRST_SLOT, IO_LIMITS, LAST_SLOT, MAX_IO_LIMIT, MAX_PATH, SERIAL_RE
+from .._spec import DISK_ID_RE, IO_LIMITS, MAX_IO_LIMIT
 from ._errors import ErrorKind, HttpError
-from ._openapi import NAME_PARAM, ApiRoute, Op, errors, json_body, ok, ref
+from ._openapi import DISK_SPEC, NAME_PARAM, ApiRoute, Op, errors, json_body, ok, ref
 from ._request import instance, read_json, refuse_while_stopping, validate_body
 
 
@@ -113,33 +113,12 @@ ROUTES = [
         parameters=[NAME_PARAM, DISK_ID_PARAM]),
 ]
 
-_TEXT = "\\x00-\\x1f\\x7f-\\x9f"
 _LIMIT = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_IO_LIMIT}, {"type": "null"}], "default": None}
 _LIMITS = {k: {**_LIMIT, "description": ("bytes/s" if k.startswith("bps") else "operations/s")
                + ("" if "_" in k else f"; excludes {k}_rd/{k}_wr")} for k in IO_LIMITS}
 
 SCHEMAS = {
-    "DiskSpec": {
-        "type": "object", "additionalProperties": False, "required": ["id", "path", "format"],
-        "description": "One disk. The format is declared, never probed; qsup opens the image and every "
-                       "file of its qcow2 backing chain, beneath an image dir",
-        "properties": {
-            "id": {"type": "string", "pattern": DISK_ID_RE.pattern[:-2] + "$"},
-            "path": {"type": "string", "maxLength": MAX_PATH, "pattern": f"^/[^{_TEXT}]*$"},
-            "format": {"type": "string", "enum": ["raw", "qcow2"]},
-            "readonly": {"type": "boolean", "default": False},
-            "cache": {"type": "string", "enum": ["none", "writeback", "writethrough", "directsync", "unsafe"],
-                      "default": "none"},
-            "discard": {"type": "string", "enum": ["ignore", "unmap"], "default": "ignore"},
-            "serial": {"anyOf": [{"type": "string", "pattern": SERIAL_RE.pattern[:-2] + "$"}, {"type": "null"}],
-                       "default": None},
-            "boot": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "null"}],
-                     "default": None, "description": "boot order: the lowest boots first"},
-            **_LIMITS,
-            "pci_slot": {"anyOf": [{"type": "integer", "minimum": FIRST_SLOT, "maximum": LAST_SLOT},
-                                   {"type": "null"}], "default": None,
-                         "description": "default: the lowest free slot"},
-        }},
+    "DiskSpec": DISK_SPEC,  # the instance spec's (supervisor/api/_openapi.py): one definition
     "IoLimits": {"type": "object", "additionalProperties": False, "properties": dict(_LIMITS),
                  "description": "absent: unchanged; null: no limit"},
     "DiskResize": {

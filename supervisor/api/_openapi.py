@@ -8,8 +8,10 @@ is generated from the route list (:func:`document`) and cannot drift from it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import get_args
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,7 +19,26 @@ from starlette.routing import Route
 
 from netconf._types import MODES as netconf_MODES
 
-from .._spec import MAX_NICS, MAX_PATH, MAX_QUEUES, MAX_TOTAL_QUEUES, NAME_RE, ON_PANIC_POLICIES
+from .._spec import (
+    DISK_ID_RE,
+    FIRST_SLOT,
+    IO_LIMITS,
+    LAST_SLOT,
+    MACHINE_RE,
+    MAX_BACKING_DEPTH,
+    MAX_DISKS,
+    MAX_IO_LIMIT,
+    MAX_NICS,
+    MAX_PATH,
+    MAX_QUEUES,
+    MAX_TOTAL_QUEUES,
+    NAME_RE,
+    ON_PANIC_POLICIES,
+    SERIAL_RE,
+    DiskCache,
+    DiskFormat,
+    DiskSpec,
+)
 from .._state import ExitCause, State
 from ._authz import Access
 from ._errors import ErrorKind
@@ -135,6 +156,7 @@ IP6_PATTERN = (f"^([1-9a-eA-E][0-9a-fA-F]{{3}}|[fF][0-9a-dA-D][0-9a-fA-F]{{2}}|[
 _TEXT = "\\x00-\\x1f\\x7f-\\x9f"
 TEXT_PATTERN = f"^[^{_TEXT}]*$"
 PATH_PATTERN = f"^/[^,{_TEXT}]*$"
+DISK_PATH_PATTERN = f"^/[^{_TEXT}]*$"
 LINK_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 ACCEL_PATTERN = "^[a-z][a-z0-9_-]{0,15}$"
 STATES = [s.value for s in State]
@@ -146,6 +168,14 @@ def _nullable(schema: dict) -> dict:
 
 
 _PATH = {"type": "string", "maxLength": MAX_PATH, "pattern": PATH_PATTERN}
+#: a disk's path is never part of a QEMU option string (it is opened by qsup): ',' is allowed
+_DISK_PATH = {"type": "string", "maxLength": MAX_PATH, "pattern": DISK_PATH_PATTERN}
+_PCI_SLOT = {"type": "integer", "minimum": FIRST_SLOT, "maximum": LAST_SLOT}
+
+
+def _pattern(rx: re.Pattern) -> str:
+    """A ``re`` pattern anchored with ``\\Z`` as a JSON Schema (ECMA-262) one, where ``$`` is the end."""
+    return rx.pattern[:-2] + "$" if rx.pattern.endswith("\\Z") else rx.pattern
 
 
 def _vlan_id() -> dict:
@@ -172,6 +202,8 @@ NIC_SPEC = {
                            {"type": "null"}],
                  "default": None, "description": "an access VLAN, or a list of trunk VLANs"},
         "queues": {"type": "integer", "minimum": 1, "maximum": MAX_QUEUES, "default": 1},
+        "pci_slot": {**_nullable(_PCI_SLOT), "default": None,
+                     "description": "its PCI slot; the lowest free one is assigned and recorded at create"},
     },
     # what each mode needs (if/then/else: client generators keep NicSpec one model)
     "if": {"properties": {"mode": {"const": "routed"}}},
@@ -181,28 +213,79 @@ NIC_SPEC = {
     "else": {"required": ["link"], "properties": {"link": {"type": "string"}}},
 }
 
+_IO_LIMIT = {**_nullable({"type": "integer", "minimum": 1, "maximum": MAX_IO_LIMIT}), "default": None}
+#: a disk's I/O limits (DiskSpec; the live change's body, IoLimits, too)
+IO_LIMIT_FIELDS = {k: {**_IO_LIMIT, "description": ("bytes/s" if k.startswith("bps") else "operations/s")
+                       + ("" if "_" in k else f"; excludes {k}_rd/{k}_wr")} for k in IO_LIMITS}
+
+
+def _is_integer(field: str) -> dict:
+    return {"required": [field], "properties": {field: {"type": "integer"}}}
+
+
+DISK_SPEC = {
+    "type": "object",
+    "description": "One disk. `id` is its identity (QEMU node and device names, records, `disk rm`); ids "
+                   "must differ between disks, and PCI slots between all NICs and disks. The format is "
+                   "declared, never probed. qsup opens the image and every file of its qcow2 backing "
+                   "chain itself (inside image_dirs, no symlink, a regular file; a backing must name its "
+                   f"format, raw or qcow2, and be a file: no json: or protocol backing; at most "
+                   f"{MAX_BACKING_DEPTH} backing files) and QEMU gets descriptors, never a path.",
+    "additionalProperties": False,
+    "required": ["id", "path", "format"],
+    "properties": {
+        "id": {"type": "string", "pattern": _pattern(DISK_ID_RE)},
+        "path": _DISK_PATH,
+        "format": {"type": "string", "enum": list(get_args(DiskFormat))},
+        "readonly": {"type": "boolean", "default": False},
+        "cache": {"type": "string", "enum": list(get_args(DiskCache)), "default": "none"},
+        "discard": {"type": "string", "enum": list(get_args(DiskSpec.model_fields["discard"].annotation)),
+                    "default": "ignore"},
+        "serial": {**_nullable({"type": "string", "pattern": _pattern(SERIAL_RE)}), "default": None},
+        "boot": {**_nullable({"type": "integer", "minimum": 0, "maximum": 99}), "default": None,
+                 "description": "boot order (bootindex): the lowest boots first; null: not a boot device"},
+        **IO_LIMIT_FIELDS,
+        "pci_slot": {**_nullable(_PCI_SLOT), "default": None,
+                     "description": "its PCI slot; default: the lowest free one (at create, after the "
+                                    "NICs'; at a hotplug, then), recorded"},
+    },
+    # a total limit excludes its read/write limits
+    "not": {"anyOf": [{"allOf": [_is_integer(kind), {"anyOf": [_is_integer(f"{kind}_rd"),
+                                                                  _is_integer(f"{kind}_wr")]}]}
+                      for kind in ("bps", "iops")]},
+}
+
+
+#: the fields of a spec, by name (InstanceSpecFields holds exactly the model's; the old shape,
+#: OldDiskSpec, has ``disk`` as well)
+_SPEC_FIELDS = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": NAME_RE.pattern},
+    "memory": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024, "description": "MiB"},
+    "vcpus": {"type": "integer", "minimum": 1, "maximum": 255, "default": 1},
+    "kernel": {**_nullable(_PATH), "default": None},
+    "initrd": {**_nullable(_PATH), "default": None},
+    "append": {**_nullable({"type": "string", "maxLength": 4096, "pattern": TEXT_PATTERN}), "default": None},
+    "disks": {"type": "array", "items": ref("DiskSpec"), "maxItems": MAX_DISKS, "default": [],
+              "description": f"at most {MAX_DISKS} disks, with distinct ids"},
+    "machine": {**_nullable({"type": "string", "pattern": _pattern(MACHINE_RE)}), "default": None,
+                "description": "a versioned machine type (pc-i440fx-7.2); default: what QEMU's pc alias "
+                               "stands for, pinned and recorded at the first start"},
+    "accel": {**_nullable({"type": "string", "pattern": ACCEL_PATTERN}), "default": None,
+              "description": "default: the node's accel"},
+    "nics": {"type": "array", "items": ref("NicSpec"), "maxItems": MAX_NICS, "default": [],
+             "description": f"at most {MAX_NICS} NICs with at most {MAX_TOTAL_QUEUES} queues in all"},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
+             "default": []},
+    "on_panic": {**_nullable({"type": "string", "enum": list(ON_PANIC_POLICIES)}), "default": None,
+                 "description": "what a guest kernel panic does; default: the node's on_panic"},
+}
+
 INSTANCE_SPEC_BASE = {
     "type": "object",
     "description": "The fields of an instance spec (see InstanceSpec for the boot-source rule).",
     "additionalProperties": False,
     "required": ["name", "memory"],
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 63, "pattern": NAME_RE.pattern},
-        "memory": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024, "description": "MiB"},
-        "vcpus": {"type": "integer", "minimum": 1, "maximum": 255, "default": 1},
-        "kernel": {**_nullable(_PATH), "default": None},
-        "initrd": {**_nullable(_PATH), "default": None},
-        "append": {**_nullable({"type": "string", "maxLength": 4096, "pattern": TEXT_PATTERN}), "default": None},
-        "disk": {**_nullable(_PATH), "default": None},
-        "accel": {**_nullable({"type": "string", "pattern": ACCEL_PATTERN}), "default": None,
-                  "description": "default: the node's accel"},
-        "nics": {"type": "array", "items": ref("NicSpec"), "maxItems": MAX_NICS, "default": [],
-                 "description": f"at most {MAX_NICS} NICs with at most {MAX_TOTAL_QUEUES} queues in all"},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 256, "pattern": TEXT_PATTERN},
-                 "default": []},
-        "on_panic": {**_nullable({"type": "string", "enum": list(ON_PANIC_POLICIES)}), "default": None,
-                     "description": "what a guest kernel panic does; default: the node's on_panic"},
-    },
+    "properties": _SPEC_FIELDS,
 }
 
 
@@ -210,24 +293,42 @@ def _is_string(field: str, **kw) -> dict:
     return {"required": [field], "properties": {field: {"type": "string", **kw}}}
 
 
-#: exactly one boot source; each branch is the whole spec (allOf the base), so a client
-#: generator makes each a complete model
+_HAS_DISKS = {"required": ["disks"], "properties": {"disks": {"minItems": 1}}}
+#: initrd and append (non-empty) need a kernel
+_NEEDS_KERNEL = {"if": {"anyOf": [_is_string("initrd"), _is_string("append", minLength=1)]},
+                 "then": _is_string("kernel")}
+
+#: a boot source: a kernel, or at least one disk, or both.  The branches are exclusive (a kernel
+#: or none; the old ``disk`` key or not) and each is the whole spec (allOf the base, or complete),
+#: so a client generator makes each a complete model
 INSTANCE_SPEC = {
-    "description": "An instance. Exactly one boot source: `kernel` (with optional `initrd`/`append`) or `disk`.",
-    "oneOf": [ref("KernelBootSpec"), ref("DiskBootSpec")],
+    "description": "An instance: a `kernel` (with optional `initrd`/`append`), at least one of `disks`, "
+                   "or both. OldDiskSpec is the old shape with a single `disk`.",
+    "oneOf": [ref("KernelBootSpec"), ref("DiskBootSpec"), ref("OldDiskSpec")],
 }
 KERNEL_BOOT_SPEC = {
     "title": "KernelBootSpec",
-    "allOf": [ref("InstanceSpecFields"),
-              {"required": ["kernel"],
-               "not": {"anyOf": [{"properties": {"kernel": {"type": "null"}}}, _is_string("disk")]}}],
+    "allOf": [ref("InstanceSpecFields"), _is_string("kernel")],
 }
 DISK_BOOT_SPEC = {
     "title": "DiskBootSpec",
     "allOf": [ref("InstanceSpecFields"),
-              {"required": ["disk"],
-               "not": {"anyOf": [{"properties": {"disk": {"type": "null"}}}, _is_string("kernel"),
-                                 _is_string("initrd"), _is_string("append", minLength=1)]}}],
+              {**_HAS_DISKS, "not": {"anyOf": [_is_string("kernel"), _is_string("initrd"),
+                                               _is_string("append", minLength=1)]}}],
+}
+#: the old shape: a single ``disk`` path, read as ``disks = [{id = "disk0", path, format}]`` (format
+#: qcow2 for a ``.qcow2`` name, else raw); with a ``disk`` there may be no ``disks``
+OLD_DISK_SPEC = {
+    "title": "OldDiskSpec",
+    "type": "object",
+    "description": "Deprecated: the old single `disk`, read as disks[0] (id `disk0`, format qcow2 when the "
+                   "name ends in .qcow2, else raw). Records of running instances may still hold it.",
+    "additionalProperties": False,
+    "required": ["name", "memory", "disk"],
+    "properties": {**_SPEC_FIELDS, "disk": {**_nullable(_DISK_PATH), "default": None}},
+    "allOf": [{"if": _is_string("disk"), "then": {"not": {"required": ["disks"]}}},
+              {"anyOf": [_is_string("kernel"), _is_string("disk"), _HAS_DISKS]},
+              _NEEDS_KERNEL],
 }
 
 NIC_VIEW = {
@@ -356,7 +457,8 @@ STOP_OPTIONS = {
 #: the component schemas of the core routes (``_migration_routes.SCHEMAS`` has the migration ones)
 SCHEMAS = {
     "InstanceSpec": INSTANCE_SPEC, "KernelBootSpec": KERNEL_BOOT_SPEC, "DiskBootSpec": DISK_BOOT_SPEC,
-    "InstanceSpecFields": INSTANCE_SPEC_BASE, "NicSpec": NIC_SPEC,
+    "OldDiskSpec": OLD_DISK_SPEC, "InstanceSpecFields": INSTANCE_SPEC_BASE, "NicSpec": NIC_SPEC,
+    "DiskSpec": DISK_SPEC,
     "InstanceView": INSTANCE_VIEW, "NicView": NIC_VIEW, "Timings": TIMINGS, "InstanceList": INSTANCE_LIST,
     "StopOptions": STOP_OPTIONS, "Health": HEALTH, "Capacity": CAPACITY, "Event": EVENT, "Error": ERROR,
 }
