@@ -67,13 +67,16 @@ async def read_json(request: Request, *, required: bool = True) -> object | None
         raise HttpError(f"Content-Type must be application/json, not {media or 'missing'!r}",
                         kind=ErrorKind.BAD_REQUEST)
     try:
-        return json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant, parse_float=_number)
+        value = json.loads(bytes(body).decode("utf-8"), parse_constant=_reject_constant, parse_float=_number)
     except UnicodeDecodeError:
         raise HttpError("body is not UTF-8", kind=ErrorKind.BAD_REQUEST) from None
     except RecursionError:
         raise HttpError("malformed JSON: nested too deeply", kind=ErrorKind.BAD_REQUEST) from None
     except ValueError as e:
         raise HttpError(f"malformed JSON: {e}", kind=ErrorKind.BAD_REQUEST) from None
+    if value is None:  # a body of ``null`` is not "no body": None means absent to the caller
+        raise HttpError("the body must be a JSON object, not null", kind=ErrorKind.BAD_REQUEST)
+    return value
 
 
 def query_int(request: Request, key: str, default: int) -> int:
