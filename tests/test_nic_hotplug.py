@@ -396,3 +396,33 @@ def test_daemon_killed_mid_change_then_record_qemu_and_host_agree(tmp_path, op, 
         assert nic_fakes.host() == {} and nic_fakes.tap_names() == set()
 
     trio.run(restarted)
+
+
+@trio_test
+async def test_a_migration_after_a_hotplug_builds_the_destination_with_both_nics_at_their_slots(tmp_path,
+                                                                                               monkeypatch):
+    from supervisor._migration import MigrateOptions
+    from supervisor._state import State
+
+    def tap_anyway(name, queues=1, mac=None):  # both "nodes" share this host: the same tap name twice
+        return nic_fakes.netconf.TapHandle(name=name, fds=[os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                                                           for _ in range(queues)], vnet_hdr=True)
+    monkeypatch.setattr(nic_fakes.netconf, "open_tap", tap_anyway)
+    fake_knobs(tmp_path)
+    a, b = Bench(tmp_path, "a"), Bench(tmp_path, "b")
+    async with a.running(), b.running(api=True):
+        inst = await _start(a, tmp_path)
+        await inst.nic_ops.add(NicSpec(mode="routed", ip="10.9.0.3", mac=MAC2))
+        await a.node.migrate("vm", MigrateOptions(to=str(b.socket)))
+        with trio.fail_after(20):
+            while inst.state != State.STOPPED:
+                await trio.sleep(0.05)
+        dest = b.node.instances["vm"]
+        assert dest.state == State.RUNNING, dest.view()
+        assert [(n.mac, n.pci_slot) for n in dest.spec.nics] == [(MAC1, 3), (MAC2, 4)]
+        nets = await _nets(dest)
+        assert {d["mac"]: d["addr"] for d in nets["nics"].values()} == {MAC1: "0x3", MAC2: "0x4"}
+        assert dest.nic_ops.ids == {MAC1: ("net0", "nic0"), MAC2: ("net1", "nic1")}
+        await dest.nic_ops.remove(MAC2)  # by its id on this QEMU (by position here)
+        assert (await _nets(dest))["netdevs"] == ["net0"] and [n.mac for n in dest.nics] == [MAC1]
+        await b.node.stop("vm")
