@@ -133,3 +133,29 @@ def test_a_qcow2_whose_backing_file_lies_outside_image_dirs_is_refused(node, dae
     assert r.returncode == 2 and "disks[1].path" in r.stderr and "image_dirs" in r.stderr, r.stderr
     assert "/etc/passwd" in r.stderr
     assert dm.cli_json("ls") == [] or all(i["name"] != "evil" for i in dm.cli_json("ls"))
+
+
+def test_a_record_without_pci_slots_learns_them_from_the_running_qemu(node, daemon_factory, tmp_path):  # noqa: F811
+    """A record written before slots were fixed (here: the slots taken out of a live one) is
+    reattached, and the slots are read from the running QEMU (query-pci: nic0, blk-ID), recorded
+    and shown: a later hotplug takes a free slot, a migration builds the same layout."""
+    ns, _client = node
+    dm = daemon_factory(ns)
+    data = tmp_path / "d.raw"
+    _qemu_img("create", "-f", "raw", str(data), "4M")
+    spec = routed("oldrec", "10.99.7.40", "52:54:00:77:00:40")
+    spec["disks"] = [{"id": "data", "path": str(data), "format": "raw"}]
+    v = dm.start_instance(spec)
+    assert v["nics"][0]["pci_slot"] == 3 and v["disks"][0]["pci_slot"] == 4
+    dm.kill()
+    rec_path = dm.state_dir / "instances" / "oldrec" / "record.json"
+    rec = json.loads(rec_path.read_text())
+    for dev in rec["spec"]["nics"] + rec["spec"]["disks"]:
+        dev.pop("pci_slot")
+    rec_path.write_text(json.dumps(rec))
+    dm.start()
+    shown = dm.cli_json("show", "oldrec")
+    assert shown["pid"] == v["pid"]
+    assert shown["nics"][0]["pci_slot"] == 3 and shown["disks"][0]["pci_slot"] == 4, shown
+    assert json.loads(rec_path.read_text())["spec"]["disks"][0]["pci_slot"] == 4
+    assert dm.cli_json("stop", "oldrec", "--timeout", "10")["state"] == "stopped"

@@ -610,10 +610,11 @@ class Instance:
         self.checkpoint(Checkpoint.REATTACH_STATUS)
         answer = await self.qmp.execute("query-status")
         await self._follow_console()
-        try:  # a record from before machine types were pinned
+        try:  # a record from before machine types and PCI slots were pinned
             await self._pin_machine()
+            await self._learn_layout()
         except (qmp_glue.QMPError, trio.TooSlowError) as e:
-            log.info("machine type not pinned", error=str(e))
+            log.info("machine type or device layout not pinned", error=str(e))
         self.runstate, running = _run_status(answer)
         self.disk_ops.adopted(rec.get("fdsets"))
         await self.nic_ops.adopted(rec.get("nic_ops"))  # settles a NIC change a killed daemon left
@@ -723,6 +724,33 @@ class Instance:
         if isinstance(pinned, str) and MACHINE_RE.fullmatch(pinned):
             self.spec = self.spec.model_copy(update={"machine": pinned})
             self._save()
+
+    async def _learn_layout(self) -> None:
+        """A record from before PCI slots were fixed: take each device's slot from the running QEMU
+        (``query-pci``: ``nicN``, ``blk-ID``; the old single disk was an anonymous virtio-blk), so
+        a hotplug picks a free slot and a migration destination gets the same layout."""
+        spec = self.spec
+        if all(n.pci_slot is not None for n in spec.nics) and all(d.pci_slot is not None for d in spec.disks):
+            return
+        buses = await self.qmp.execute("query-pci")
+        devices: list[dict[str, Any]] = []
+        for bus in buses if isinstance(buses, list) else []:
+            found = bus.get("devices") if isinstance(bus, dict) else None
+            devices += [d for d in found if isinstance(d, dict)] if isinstance(found, list) else []
+        by_id = {str(d.get("qdev_id") or ""): d.get("slot") for d in devices}
+        anonymous_blk = [d.get("slot") for d in devices if not d.get("qdev_id")  # virtio-blk, legacy/modern
+                         and isinstance(d.get("id"), dict) and d["id"].get("device") in (0x1001, 0x1042)]
+        nics = [n if n.pci_slot is not None or not isinstance(by_id.get(f"nic{i}"), int)
+                else n.model_copy(update={"pci_slot": by_id[f"nic{i}"]}) for i, n in enumerate(spec.nics)]
+        disks = []
+        for d in spec.disks:
+            slot = by_id.get(f"blk-{d.id}")
+            if d.pci_slot is None and slot is None and len(spec.disks) == 1 and len(anonymous_blk) == 1:
+                slot = anonymous_blk[0]
+            disks.append(d if d.pci_slot is not None or not isinstance(slot, int)
+                         else d.model_copy(update={"pci_slot": slot}))
+        self.spec = spec.model_copy(update={"nics": nics, "disks": disks})
+        self._save()
 
     async def _learn_version(self, qmp: qmp_glue.QMPClient) -> None:
         v = await qemu_version(qmp)
