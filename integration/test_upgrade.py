@@ -64,7 +64,11 @@ def _upgrade_under_ping(dm, ns, client, name: str, ip: str, tap: str, *args: str
         counts = pinger.stop()
         lines = watch.stop()
     assert not _changes(lines, tap), lines
-    assert counts["lost"] <= 50, counts  # 100/s: at most half a second without the guest
+    # the guest is unreachable only while QEMU switches over (its own downtime), not while the
+    # new QEMU starts and the RAM moves: the taps keep the running QEMU's framing (qsup puts it
+    # back right after the new QEMU set its own); 100/s pings, a budget like migtopo.loss_budget
+    downtime = r["upgrade"]["downtime_ms"] or 0
+    assert counts["lost"] <= downtime // 10 + 10, (counts, r["upgrade"])
     return r
 
 
