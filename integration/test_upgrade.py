@@ -36,8 +36,9 @@ class NetlinkWatch:
 
 
 #: the kernel's own reachability tracking of a dynamic neighbour entry (ping traffic moves it
-#: between these on its own): not a change of the host's configuration
-_NUD_ONLY = re.compile(r"^(?!Deleted )\S+ dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
+#: between these on its own; a bridge's learned MACs show without an address): not a change of the
+#: host's configuration
+_NUD_ONLY = re.compile(r"^(?!Deleted )(?:\S+ )?dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
 
 
 def _changes(lines: list[str], tap: str) -> list[str]:
