@@ -93,6 +93,32 @@ class FakeDiskOps:
         return d.model_copy(update=limits.model_dump(exclude_unset=True))
 
 
+class FakeNicOps:
+    """NIC hotplug on a node with every bridge: an add takes any NIC (a generated MAC, the lowest
+    free slot), a change of a NIC the instance lacks is 404, as the real one's (supervisor/_nicplug.py)."""
+
+    def __init__(self, inst: "FakeInstance"):
+        self.inst = inst
+
+    def _nic(self, mac: str):
+        n = next((x for x in self.inst.spec.resolved_nics() if x.mac == mac.lower()), None)
+        if n is None:
+            raise NotFound(f"instance {self.inst.name!r} has no NIC {mac!r}", "mac")
+        return n
+
+    async def add(self, nic, others=()):
+        await trio.lowlevel.checkpoint()
+        return nic.model_copy(update={"mac": nic.mac or "52:54:00:00:00:99",
+                                      "pci_slot": nic.pci_slot or self.inst.spec.free_slot()})
+
+    async def remove(self, mac: str):
+        return self._nic(mac)
+
+    async def change(self, mac: str, nic, others=()):
+        old = self._nic(mac)
+        return nic.model_copy(update={"mac": old.mac, "pci_slot": old.pci_slot})
+
+
 class FakeInstance:
     def __init__(self, spec: InstanceSpec, state: State = State.RUNNING):
         self.spec = spec
@@ -102,6 +128,7 @@ class FakeInstance:
         self.incoming = False
         self.qmp = FakeQmp()
         self.disk_ops = FakeDiskOps(self)
+        self.nic_ops = FakeNicOps(self)
 
     def qemu_identity(self) -> dict | None:  # the metrics ask (supervisor/api/_metrics.py): no QEMU here
         return None
