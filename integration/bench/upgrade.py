@@ -112,7 +112,7 @@ class NetlinkWatch:
 
 
 #: the kernel's own reachability tracking of a dynamic neighbour entry: not a configuration change
-_NUD_ONLY = re.compile(r"^(?!Deleted )\S+ dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
+_NUD_ONLY = re.compile(r"^(?!Deleted )(?:\S+ )?dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
 
 
 def _changes(lines: list[str], tap: str) -> list[str]:
