@@ -17,37 +17,10 @@ import pytest
 
 from guestcheck import check_guest
 from migtopo import BUSY, Pinger
+from netwatch import NetlinkWatch
+from netwatch import changes as _changes
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
 from topo import QEMU, QEMU_DEBIAN, pid_alive
-
-
-class NetlinkWatch:
-    """``ip -o monitor`` in a namespace: every address, route, rule, neighbour and link message."""
-
-    def __init__(self, ns) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "ip", "-o", "monitor",
-                                      "address", "route", "rule", "neigh", "link"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def stop(self) -> list[str]:
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        return [line for line in out.splitlines() if line.strip()]
-
-
-#: the kernel's own reachability tracking of a dynamic neighbour entry (ping traffic moves it
-#: between these on its own; a bridge's learned MACs show without an address): not a change of the
-#: host's configuration
-_NUD_ONLY = re.compile(r"^(?!Deleted )(?:\S+ )?dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
-
-
-def _changes(lines: list[str], tap: str) -> list[str]:
-    """What is neither QEMU's own offload setup on the tap (a link message naming it; and the
-    ``FEATURE CHANGE`` that a bridge the tap is a port of recomputes from it) nor the kernel's
-    reachability tracking of a dynamic neighbour entry."""
-    return [line for line in lines
-            if not (tap and re.match(rf"^\d+: {re.escape(tap)}[:@ ]", line)) and not _NUD_ONLY.match(line)
-            and " event FEATURE CHANGE " not in line]
 
 
 def _ifindex(ns, tap: str) -> int:

@@ -69,7 +69,7 @@ from ._migration import (
     tcp_uri,
 )
 from ._nicplug import NicOps
-from ._process import QEMU_ENV, QemuProcess, listening_socket
+from ._process import QEMU_ENV, QemuProcess, connect_qmp_or_exit, listening_socket
 from ._qemu import HostFds, NicFds, build_argv
 from ._ratelimit import EventBudget
 from ._records import Layout, ensure_dir, write_json
@@ -839,34 +839,16 @@ class Instance:
 
     async def _connect_qmp(self) -> qmp_glue.QMPClient:
         """Connect QMP, or fail fast with QEMU's own words if it exits first."""
-        result: list[qmp_glue.QMPClient] = []
         proc = self._qemu
-
-        async def connect(cancel: trio.CancelScope) -> None:
-            try:
-                result.append(await qmp_glue.connect(
-                    str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio, timeout=30, name=self.name))
-            except qmp_glue.QMPConnectionLost:
-                # qsup binds the monitor socket itself, so a connect can succeed and then see
-                # EOF when QEMU dies at start: let QEMU's exit (and its words) answer instead
-                with trio.move_on_after(5):
-                    await proc.wait()
-                if proc.alive:
-                    raise
-                return
-            cancel.cancel()
-
-        async with trio.open_nursery() as n:
-            n.start_soon(connect, n.cancel_scope)
-            await proc.wait()
-            n.cancel_scope.cancel()
-        if not result:
+        client = await connect_qmp_or_exit(proc, str(self.ctx.layout.qmp_path(self.name)), loop=self.ctx.aio,
+                                           name=self.name)
+        if client is None:
             await self._log_copied()
             said = self._log_tail()
             for fd_path, path in self._fd_paths.items():  # QEMU names the file as it was given it
                 said = said.replace(fd_path, path)
             raise StartError(f"qemu exited with status {proc.returncode}: {said}", self._field_named_by(said))
-        return result[0]
+        return client
 
     def _field_named_by(self, qemu_said: str) -> str | None:
         """The spec field QEMU's error is about: the one whose path it quotes, else its keyword."""

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
+    import qmp_glue
+
     from ._jail import JailPlan
 
 
@@ -184,3 +186,32 @@ class QemuProcess:
                 pass
             os.close(self._pidfd)
             self._pidfd = None
+
+
+async def connect_qmp_or_exit(proc: QemuProcess, path: str, *, loop: qmp_glue.AsyncioThread,
+                              name: str) -> qmp_glue.QMPClient | None:
+    """Connect QEMU's monitor at ``path``, or None if QEMU exits first (its log then says why).
+
+    qsup binds the monitor socket itself, so a connect can succeed and then see EOF when QEMU
+    dies at start: QEMU's exit answers then, not the lost connection.
+    """
+    import qmp_glue  # noqa: F811 -- at run time too
+
+    result: list[qmp_glue.QMPClient] = []
+
+    async def connect(cancel: trio.CancelScope) -> None:
+        try:
+            result.append(await qmp_glue.connect(path, loop=loop, timeout=30, name=name))
+        except qmp_glue.QMPConnectionLost:
+            with trio.move_on_after(5):
+                await proc.wait()
+            if proc.alive:
+                raise
+            return
+        cancel.cancel()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(connect, n.cancel_scope)
+        await proc.wait()
+        n.cancel_scope.cancel()
+    return result[0] if result else None

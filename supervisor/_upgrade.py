@@ -348,28 +348,13 @@ def _qemu_env() -> dict[str, str]:
 
 async def _connect(inst: Instance, proc, path: Path) -> qmp_glue.QMPClient:
     """The new QEMU's monitor, or its own words if it exits first."""
-    result: list[qmp_glue.QMPClient] = []
+    from ._process import connect_qmp_or_exit
 
-    async def connect(cancel: trio.CancelScope) -> None:
-        try:
-            result.append(await qmp_glue.connect(str(path), loop=inst.ctx.aio, timeout=30,
-                                                 name=f"{inst.name}.next"))
-        except qmp_glue.QMPConnectionLost:  # qsup bound the socket: QEMU died after the connect
-            with trio.move_on_after(5):
-                await proc.wait()
-            if proc.alive:
-                raise
-            return
-        cancel.cancel()
-
-    async with trio.open_nursery() as n:
-        n.start_soon(connect, n.cancel_scope)
-        await proc.wait()
-        n.cancel_scope.cancel()
-    if not result:
+    client = await connect_qmp_or_exit(proc, str(path), loop=inst.ctx.aio, name=f"{inst.name}.next")
+    if client is None:
         await trio.sleep(0.2)  # its last words into the log
         raise UpgradeError(f"the new QEMU exited with status {proc.returncode}: {inst._log_tail()}", "qemu")  # noqa: SLF001
-    return result[0]
+    return client
 
 
 async def _undo(inst: Instance, h: Handover, old_qmp: qmp_glue.QMPClient, new_proc, new_qmp, live_paths) -> None:

@@ -24,7 +24,7 @@ new QEMU started), ``gap_end_after_upgraded_ms`` = first reply after it - ``inst
 (new QEMU cont-ed, paths renamed).
 
 Around every upgrade ``ip -o monitor address route rule neigh link`` runs in node A's namespace
-(NetlinkWatch, as in integration/test_upgrade.py) and ``netlink_changes`` counts what that
+(integration/netwatch.py, as integration/test_upgrade.py) and ``netlink_changes`` counts what that
 test's ``_changes`` keeps: everything but link messages naming the guest's tap (QEMU's own offload
 setup), ``FEATURE CHANGE`` and the kernel's reachability tracking of dynamic neighbours.
 After every upgrade: the old pid is gone, the new one differs, the tap's ifindex is the same,
@@ -82,6 +82,8 @@ sys.path.insert(0, str(ROOT / "integration"))
 
 from guestcheck import check_guest, memcheck_progress, netns_ping, qsup_console_reader  # noqa: E402
 from migtopo import BUSY, Pinger, TwoNodes, close_nodes, loss_budget, percentile  # noqa: E402
+from netwatch import NetlinkWatch  # noqa: E402
+from netwatch import changes as _changes  # noqa: E402
 from topo import QEMU, guest_spec, pid_alive, qemus_under  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "20"))
@@ -93,35 +95,6 @@ PARALLEL = (1, 2, 4)
 NAME, IP, MAC = "ub1", "10.99.0.2", "52:54:00:99:00:42"
 
 _STAMPED_REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from \S+: icmp_seq=\d+ ", re.M)
-
-
-# NetlinkWatch, _NUD_ONLY and _changes: the same as integration/test_upgrade.py's (copied, not
-# imported: a bench must not depend on a test module importing cleanly); keep them in step.
-class NetlinkWatch:
-    """``ip -o monitor`` in a namespace: every address, route, rule, neighbour and link message."""
-
-    def __init__(self, ns) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "ip", "-o", "monitor",
-                                      "address", "route", "rule", "neigh", "link"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def stop(self) -> list[str]:
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        return [line for line in out.splitlines() if line.strip()]
-
-
-#: the kernel's own reachability tracking of a dynamic neighbour entry: not a configuration change
-_NUD_ONLY = re.compile(r"^(?!Deleted )(?:\S+ )?dev \S+ lladdr \S+ (?:router )?(STALE|REACHABLE|DELAY|PROBE) ?$")
-
-
-def _changes(lines: list[str], tap: str) -> list[str]:
-    """What is neither QEMU's own offload setup on the tap (a link message naming it; and the
-    ``FEATURE CHANGE`` that a bridge the tap is a port of recomputes from it) nor the kernel's
-    reachability tracking of a dynamic neighbour entry."""
-    return [line for line in lines
-            if not (tap and re.match(rf"^\d+: {re.escape(tap)}[:@ ]", line)) and not _NUD_ONLY.match(line)
-            and " event FEATURE CHANGE " not in line]
 
 
 class ReplaceableQemu:
