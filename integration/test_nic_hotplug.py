@@ -13,6 +13,7 @@ import json
 import time
 
 import httpx
+import pytest
 
 from test_daemon import daemon_factory, node, routed  # noqa: F401 - fixtures
 from topo import qmp
@@ -95,4 +96,55 @@ def test_add_ping_set_address_rm_leaves_nothing(node, daemon_factory):  # noqa: 
     assert [n["mac"] for n in dm.cli_json("show", "nh")["nics"]] == [MAC0]
     print(f"nic add->ping {add_ms:.0f} ms, rm {rm_ms:.0f} ms")
     assert dm.cli_json("stop", "nh", "--timeout", "10")["state"] == "stopped"
+    assert _host(ns)["links"] == []
+
+
+@pytest.mark.parametrize("op, step", [("add", "nic.netdev"), ("add", "nic.device"), ("rm", "nic.unplugged"),
+                                      ("set", "nic.converged")])
+def test_a_daemon_killed_mid_change_then_restarted_agrees_with_qemu_and_the_host(node, daemon_factory,  # noqa: F811
+                                                                                   op, step):
+    """``kill -9`` of the daemon at a NIC checkpoint (QSUP_TEST_CRASH_AT), then a plain restart: the
+    change is settled (an add whose device QEMU has is finished, one without undone; a removal whose
+    device is gone finished; a set rolled back), and the record, QEMU's devices, the node's taps
+    and routes and the guest's answers agree."""
+    ns, client = node
+    dm = daemon_factory(ns, env={"QSUP_TEST_CRASH_AT": step}, extra_config="unplug_timeout = 30\n")
+    spec = routed("nk", IP0, MAC0)
+    spec["append"] += f" guest.ip1={IP1}/32 guest.ip1_also={IP1B}/32"
+    if op != "add":  # the NIC exists from the start (eth1 at boot: configured by the watcher's rules too)
+        spec["nics"].append({"mode": "routed", "mac": MAC1, "ip": IP1})
+    v = dm.start_instance(spec)
+    sock = v["qmp_operator"]
+    dm.wait_console("nk")
+    body = json.dumps({"mode": "routed", "ip": IP1, "mac": MAC1})
+    argv = {"add": ("nic", "add", "nk", body), "rm": ("nic", "rm", "nk", MAC1),
+            "set": ("nic", "set", "nk", MAC1, json.dumps({"mode": "routed", "ip": IP1B}))}[op]
+    r = dm.cli(*argv, check=False, timeout=120)
+    assert r.returncode != 0, r.stdout  # the daemon died under the request
+    dm.kill()
+    dm._env = None  # noqa: SLF001 - the next daemon crashes nowhere
+    dm.start()
+    settled = [e for e in dm.events() if e["type"] == "nic.change_settled"]
+    assert len(settled) == 1, [e["type"] for e in dm.events()][-20:]
+    shown = dm.cli_json("show", "nk")
+    macs = [n["mac"] for n in shown["nics"]]
+    expect_two = {"add": step == "nic.device", "rm": False, "set": True}[op]
+    assert macs == ([MAC0, MAC1] if expect_two else [MAC0]), (settled, shown["nics"])
+    rec = json.loads((dm.state_dir / "instances" / "nk" / "record.json").read_text())
+    assert [n["mac"] for n in rec["spec"]["nics"]] == macs and sorted(rec["nics"]) == sorted(macs)
+    assert rec["nic_ops"]["pending"] is None
+    nic_devices = [p for p in _peripherals(sock) if p.startswith("nic")]
+    assert len(nic_devices) == len(macs), nic_devices
+    assert _host(ns)["links"] == sorted(n["tap"] for n in shown["nics"])
+    routes = " ".join(_host(ns)["routes"])
+    assert IP0 in routes
+    if op == "set":
+        assert shown["nics"][1]["ip"] == IP1 and IP1 in routes and IP1B not in routes  # rolled back
+    elif expect_two:
+        assert IP1 in routes and client.ping(IP1, timeout=60), dm.console("nk")[-1500:]
+    else:
+        assert IP1 not in routes and IP1B not in routes
+        assert not client.ping(IP1, count=1, timeout=3)
+    assert client.ping(IP0)
+    assert dm.cli_json("stop", "nk", "--timeout", "10")["state"] == "stopped"
     assert _host(ns)["links"] == []

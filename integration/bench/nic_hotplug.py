@@ -54,7 +54,7 @@ def _ping_once(client: Netns, ip: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def _wait_ping(client: Netns, ip: str, timeout: float = 60) -> float:
+def _wait_ping(client: Netns, ip: str, timeout: float = 180) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _ping_once(client, ip):
@@ -102,7 +102,7 @@ def run(work: Path) -> dict:
         spec = guest_spec("nb", [{"mode": "routed", "mac": MAC0, "ip": IP0}],
                           append=f"guest.ip0={IP0}/32 guest.ip1={IP1}/32 guest.ip1_also={IP1B}/32")
         v = dm.start_instance(spec)
-        dm.wait_console("nb")
+        dm.wait_console("nb", timeout=600)  # TCG on a loaded host boots slowly
         _wait_ping(client, IP0)
         qemu_pid, sock = v["pid"], v["qmp_operator"]
         h = httpx.Client(transport=httpx.HTTPTransport(uds=str(dm.socket)), base_url="http://qsup", timeout=120)
