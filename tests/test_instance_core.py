@@ -440,6 +440,9 @@ ELSEWHERE = {Checkpoint.REATTACH, Checkpoint.REATTACH_STATUS,
              Checkpoint.UPGRADE_CONT}
 #: live NIC changes: tests/test_nic_hotplug.py (a fault at each step of an add, and the daemon
 #: SIGKILLed at every one of them, then restarted: record, QEMU and host agree)
+#: live disk changes: tests/test_disk_hotplug.py (a fault after each kind of step of an add: every
+#: done step undone in reverse, nothing left in QEMU)
+ELSEWHERE |= {Checkpoint.DISK_FDS, Checkpoint.DISK_NODES, Checkpoint.DISK_DEVICE}
 ELSEWHERE |= {Checkpoint.NIC_TAP, Checkpoint.NIC_NETDEV, Checkpoint.NIC_DEVICE, Checkpoint.NIC_ACTIVATED,
               Checkpoint.NIC_UNPLUGGED, Checkpoint.NIC_DETACHED, Checkpoint.NIC_CONVERGED}
 
