@@ -287,3 +287,32 @@ def test_upgrade_with_qemu_chroot_gets_a_fresh_jail(node, daemon_factory):  # no
     assert r["view"]["uid"] == v["uid"]
     assert client.ping("10.99.9.6", timeout=10)
     assert dm.cli_json("stop", "upj", "--timeout", "10")["state"] == "stopped"
+
+
+def test_upgrade_after_a_nic_hotplug_keeps_both_nics(node, daemon_factory):  # noqa: F811
+    """A NIC hotplugged with ``qsup nic add`` reached QEMU over SCM_RIGHTS, not on its command
+    line: the upgrade finds its tap by the descriptors' fdinfo (``iff:``), and the new QEMU gets
+    both NICs at their slots; both addresses answer after, nothing on the host network moved."""
+    ns, client = node
+    dm = daemon_factory(ns)
+    spec = routed("upn", "10.99.9.20", "52:54:00:99:00:20")
+    spec["append"] += " guest.ip1=10.99.9.21/32"  # for eth1, once it appears
+    dm.start_instance(spec)
+    dm.wait_console("upn")
+    dm.cli_json("nic", "add", "upn", json.dumps({"mode": "routed", "ip": "10.99.9.21", "mac": "52:54:00:99:01:20"}))
+    dm.wait_console("upn", "guest-nic: + eth1", timeout=60)
+    assert client.ping("10.99.9.21", timeout=30)
+    shown = dm.cli_json("show", "upn")
+    taps = [n["tap"] for n in shown["nics"]]
+    watch = NetlinkWatch(ns)
+    try:
+        r = dm.cli_json("upgrade", "upn", timeout=300)
+    finally:
+        lines = watch.stop()
+    assert not [ln for ln in _changes(lines, "") if not any(t in ln for t in taps)], lines
+    after = dm.cli_json("show", "upn")
+    assert after["pid"] == r["upgrade"]["pid"] != shown["pid"]
+    assert [(n["tap"], n["pci_slot"]) for n in after["nics"]] == [(n["tap"], n["pci_slot"]) for n in shown["nics"]]
+    for ip in ("10.99.9.20", "10.99.9.21"):
+        assert client.ping(ip, timeout=10), ip
+    assert dm.cli_json("stop", "upn", "--timeout", "10")["state"] == "stopped"

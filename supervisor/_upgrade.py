@@ -90,23 +90,6 @@ def take_fd(pidfd: int, target_fd: int) -> int:
     return int(fd)
 
 
-def tap_fds_of(cmdline: list[str]) -> list[tuple[int, ...]]:
-    """The tap descriptors of each ``-netdev tap`` on a QEMU command line qsup built, in order
-    (``fd=N`` or ``fds=a:b:...``)."""
-    out: list[tuple[int, ...]] = []
-    for opt, val in zip(cmdline, cmdline[1:]):
-        if opt != "-netdev" or not val.startswith("tap,"):
-            continue
-        props = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
-        if "fds" in props:
-            out.append(tuple(int(x) for x in props["fds"].split(":")))
-        elif "fd" in props:
-            out.append((int(props["fd"]),))
-        else:
-            raise UpgradeError(f"netdev {val!r} has no fd: not a QEMU qsup started")
-    return out
-
-
 def check_binary(path: str) -> str:
     """``--qemu``: an absolute path to a regular executable that only root can change (it will
     run as the instance's uid, started by root).  Returns the path as given."""
@@ -187,13 +170,32 @@ async def wait_completed(qmp: qmp_glue.QMPClient, timeout: float) -> dict:
             await trio.sleep(0.02)
 
 
-def _tap_groups(pid: int) -> list[tuple[tuple[int, ...], bool]]:
-    """(fds, vnet_hdr) of each tap NIC of the QEMU at ``pid``, in order."""
+def _tap_groups(pid: int, taps: list[str]) -> list[tuple[tuple[int, ...], bool]]:
+    """(fds, vnet_hdr) of each of ``taps`` (the instance's NICs, in order) as the QEMU at ``pid``
+    holds them: its descriptors whose ``/proc/PID/fdinfo`` names the tap (``iff:``) -- those
+    passed on its command line and those a hotplug handed over with ``getfd`` alike.  vnet_hdr:
+    what the command line says, else on (a hotplugged NIC's tap is opened with it)."""
     from ._process import cmdline
 
     args = cmdline(pid)
-    vnet = [("vnet_hdr=off" not in v) for o, v in zip(args, args[1:]) if o == "-netdev" and v.startswith("tap,")]
-    return list(zip(tap_fds_of(args), vnet, strict=True))
+    off = {v.split(",id=", 1)[1].split(",", 1)[0] for o, v in zip(args, args[1:])
+           if o == "-netdev" and v.startswith("tap,") and "vnet_hdr=off" in v and ",id=" in v}
+    by_tap: dict[str, list[int]] = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                iff = next((line.split(":", 1)[1].strip() for line in f if line.startswith("iff:")), None)
+        except OSError:
+            continue
+        if iff:
+            by_tap.setdefault(iff, []).append(int(name))
+    out = []
+    for i, tap in enumerate(taps):
+        fds = sorted(by_tap.get(tap, ()))
+        if not fds:
+            raise UpgradeError(f"the running QEMU holds no descriptor of tap {tap!r} (nics[{i}])")
+        out.append((tuple(fds), f"net{i}" not in off))
+    return out
 
 
 async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
@@ -221,9 +223,7 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
     inst.emit("instance.upgrading", qemu=binary, mode="stopped-copy" if stopped_copy else "live")
     try:
         with trio.fail_after(UPGRADE_TIMEOUT):
-            groups = _tap_groups(old_proc.pid)
-            if len(groups) != len(inst.nics):
-                raise UpgradeError(f"the running QEMU has {len(groups)} tap NICs, the record {len(inst.nics)}")
+            groups = _tap_groups(old_proc.pid, [n.tap for n in inst.nics])
             pidfd = os.pidfd_open(old_proc.pid)
             try:
                 taps: list[tuple[tuple[int, ...], bool]] = []
@@ -407,7 +407,7 @@ def restore_offloads(inst: Instance, offloads: list[netconf.TapOffloads], quiet:
         log.warning("upgrade: taps' offloads not restored", error=str(e))
         return
     try:
-        for (fds, _), nic, off in zip(_tap_groups(proc.pid), inst.nics, offloads, strict=True):
+        for (fds, _), off in zip(_tap_groups(proc.pid, [n.tap for n in inst.nics]), offloads, strict=True):
             fd = take_fd(pidfd, fds[0])
             try:
                 netconf.set_tap_offloads(fd, off)
