@@ -272,3 +272,32 @@ def test_prepared_destination_nobody_migrates_to_tears_itself_down(tmp_path):
     finally:
         leaked = t.close()
         assert not leaked
+
+
+def test_migration_after_a_nic_hotplug_keeps_both_nics(nodes, tmp_path):
+    """Issue 18: a second routed NIC hotplugged into a running (busy) guest; then a live migration
+    under ping of that NIC's address: overlap 0 for it, both NICs answer from B at the PCI slots
+    they had on A (the destination is built from the spec, which carries them), and A keeps no
+    tap, route or rule of either."""
+    t, a, b = nodes
+    ip1, mac1 = "10.99.0.3", "52:54:00:99:01:03"
+    spec = routed_spec("mh")
+    spec["append"] += f" guest.ip1={ip1}/32"  # eth1, once it appears
+    a.start_instance(spec)
+    a.wait_console("mh")
+    a.cli_json("nic", "add", "mh", json.dumps({"mode": "routed", "ip": ip1, "mac": mac1}))
+    a.wait_console("mh", "guest-nic: + eth1", timeout=60)
+    assert t.client.ping(ip1, timeout=30) and t.client.ping(IP)
+    va = a.cli_json("show", "mh")
+    summary, w = watched_migration(t, a, b, t.a, t.b, "mh", ip1, tmp_path)
+    assert summary["result"] == "completed", summary
+    assert w["overlap_ms"] == 0.0, w["overlap_ms"]
+    assert w["ping"]["lost"] <= switchover_budget(summary), (w["ping"], summary)
+    vb = b.cli_json("show", "mh")
+    assert [(n["mac"], n["ip"], n["pci_slot"]) for n in vb["nics"]] == \
+        [(n["mac"], n["ip"], n["pci_slot"]) for n in va["nics"]]
+    for ip in (IP, ip1):
+        assert t.client.ping(ip, timeout=10), ip
+        assert has_route(t.b, ip) and not has_route(t.a, ip)
+    assert leftovers(t.a) == []
+    b.cli("stop", "mh")
