@@ -148,3 +148,34 @@ def test_a_daemon_killed_mid_change_then_restarted_agrees_with_qemu_and_the_host
     assert client.ping(IP0)
     assert dm.cli_json("stop", "nk", "--timeout", "10")["state"] == "stopped"
     assert _host(ns)["links"] == []
+
+
+def test_a_hotplugged_nic_configured_through_the_attached_console(node, daemon_factory):  # noqa: F811
+    """Issue 18 must-show: a running guest gets a second NIC; the operator configures it inside
+    the guest through ``qsup console --attach`` (the API the CLI uses: AttachedConsole) -- no
+    ``guest.ipN`` on the command line -- and the guest answers a ping on it."""
+    from guestcheck import AttachedConsole
+
+    ns, client = node
+    dm = daemon_factory(ns)
+    ip1, mac1 = "10.99.0.31", "52:54:00:77:01:31"
+    spec = routed("nc", "10.99.0.30", "52:54:00:77:00:30")
+    spec["append"] += " guest.shell=1"
+    dm.start_instance(spec)
+    dm.wait_console("nc")
+    dm.cli_json("nic", "add", "nc", json.dumps({"mode": "routed", "ip": ip1, "mac": mac1}))
+    dm.wait_console("nc", "guest-nic: + eth1", timeout=60)
+    assert not client.ping(ip1, count=1, timeout=3)  # nothing in the guest configured it
+    with AttachedConsole(dm.socket, "nc") as con:
+        con.wait_ready(60)
+        for cmd in ("ip link set eth1 up", f"ip addr add {ip1}/32 dev eth1",
+                    "ip route add 169.254.0.1 dev eth1 table 131",
+                    "ip route add default via 169.254.0.1 dev eth1 table 131",
+                    f"ip rule add from {ip1} table 131"):
+            rc, out = con.run(cmd)
+            assert rc == 0, (cmd, out)
+        rc, out = con.run("ip -o addr show dev eth1")
+        assert ip1 in out, out
+    assert client.ping(ip1, timeout=30), dm.console("nc")[-1500:]
+    assert client.ping("10.99.0.30")
+    assert dm.cli_json("stop", "nc", "--timeout", "10")["state"] == "stopped"
