@@ -16,6 +16,7 @@ also declares node-c, a peer that exists only as a certificate, and both list ``
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -63,8 +64,12 @@ def curl(ns, pki, cert: str | None, method: str, url: str, body: dict | None = N
 
 
 def _operations(name: str) -> list[tuple[str, str, Access]]:
-    return [(m, r.path.replace("{name}", name), ACCESS[op.operation["operationId"]])
-            for r in ROUTES for m, op in r.ops.items()]
+    """Every route with its path parameters filled in: ``{name}`` with ``name``, any other (a
+    disk's ``{id}``, a NIC's ``{mac}``) with a plain value (curl would glob a ``{...}``)."""
+    def fill(path: str) -> str:
+        return re.sub(r"\{(\w+)\}", lambda m: name if m.group(1) == "name" else f"{m.group(1)}1", path)
+
+    return [(m, fill(r.path), ACCESS[op.operation["operationId"]]) for r in ROUTES for m, op in r.ops.items()]
 
 
 def _incoming(name: str, ip: str, mac: str, **kw) -> dict:
