@@ -43,8 +43,9 @@ from ._errors import ErrorKind, HttpError
 from ._openapi import NAME_PARAM, ApiRoute, Op, errors
 from ._request import instance, query_bool, query_int, refuse_while_stopping
 
-#: the media type of the frame stream
-FRAMES = "application/vnd.qsup.console-frames"
+#: the media type of the frame stream: bytes (the frames are described in the operation's text;
+#: a vendor type made generated clients drop the response: openapi-python-client knows octet-stream)
+FRAMES = "application/octet-stream"
 MAX_TAIL = 1 << 20
 _HEADER = struct.Struct(">cI")
 

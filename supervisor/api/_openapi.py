@@ -308,7 +308,10 @@ INSTANCE_SPEC = {
 }
 KERNEL_BOOT_SPEC = {
     "title": "KernelBootSpec",
-    "allOf": [ref("InstanceSpecFields"), _is_string("kernel")],
+    # "kernel present and not null" rather than a second "type": "string" for it: a client
+    # generator cannot merge the base's nullable kernel with a plain string one
+    "allOf": [ref("InstanceSpecFields"),
+              {"required": ["kernel"], "not": {"properties": {"kernel": {"type": "null"}}}}],
 }
 DISK_BOOT_SPEC = {
     "title": "DiskBootSpec",
