@@ -142,6 +142,10 @@ class Handover:
     """What one upgrade made, so a failure undoes exactly that."""
 
     step: Step = Step.PREPARED
+    #: the guest ran when the upgrade began: a failure resumes it on the old QEMU if it is paused
+    #: (QEMU resumes a guest it stopped for a failed migration itself, but not one qsup stopped
+    #: for a stopped copy; the instance's runstate follows QEMU's STOP, so it can't tell)
+    was_running: bool = False
     taken: list[int] = field(default_factory=list)  # tap fds taken from the old QEMU
     offloads: list[netconf.TapOffloads] = field(default_factory=list)  # the old QEMU's, per NIC
     stream: socket.socket | None = None  # our end of the socketpair, for the old QEMU
@@ -216,7 +220,7 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
     was = inst.state
     live_paths = [layout.qmp_path(name), layout.operator_qmp_path(name), layout.console_socket_path(name),
                   layout.log_fifo_path(name)]
-    h = Handover()
+    h = Handover(was_running=inst.runstate == "running")
     new_proc: QemuProcess | None = None
     new_qmp: qmp_glue.QMPClient | None = None
     inst.sm.move(State.MIGRATING, "upgrade")
@@ -291,7 +295,7 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
             inst.checkpoint(Checkpoint.UPGRADE_STREAMING)
             await old_qmp.execute("getfd", {"fdname": FD_NAME}, fds=[ours.fileno()])
             h.close()  # QEMU holds its own copies now (the taps, our end of the stream)
-            was_running = inst.runstate == "running"
+            was_running = h.was_running
             if stopped_copy and was_running:
                 await old_qmp.execute("stop")
             t_mig = time.perf_counter()
@@ -316,12 +320,15 @@ async def run_upgrade(inst: Instance, binary: str) -> dict[str, object]:
         if isinstance(exc, Exception):  # never the guest's end: the old QEMU runs on
             raise UpgradeError(f"upgrade failed, the guest runs on its old QEMU: {describe(exc)}") from exc
         raise
-    # the new QEMU is the guest's now
+    # the new QEMU is the guest's now: from here nothing may fail the instance
     assert new_proc is not None and new_qmp is not None
-    for p in live_paths:
-        os.replace(next_path(p), p)
     version = await qemu_version(new_qmp)
     inst._swap_qemu(new_proc, new_qmp, ".".join(map(str, version)) if version else None)  # noqa: SLF001
+    for p in live_paths:
+        try:
+            os.replace(next_path(p), p)
+        except OSError as e:  # the console pump / a restarted daemon would not find it: say so
+            log.error("upgrade: a path of the new QEMU not renamed", path=str(p), error=str(e))
     downtime = info.get("downtime") if isinstance(info, dict) else None
     result: dict[str, object] = {
         "old_pid": old_proc.pid, "pid": new_proc.pid, "qemu": binary,
@@ -374,8 +381,7 @@ async def _undo(inst: Instance, h: Handover, old_qmp: qmp_glue.QMPClient, new_pr
                 await trio.sleep(0.05)
         try:
             status = await old_qmp.execute("query-status", timeout=5)
-            if isinstance(status, dict) and status.get("status") in ("paused", "postmigrate") and \
-                    inst.runstate == "running":
+            if isinstance(status, dict) and status.get("status") in ("paused", "postmigrate") and h.was_running:
                 await old_qmp.execute("cont", timeout=5)
         except (qmp_glue.QMPError, qmp_glue.QMPConnectionLost, trio.TooSlowError) as e:
             log.warning("upgrade: resuming the old QEMU", error=str(e))
