@@ -27,8 +27,10 @@ def _host(ns) -> dict:
     links = {link["ifname"] for link in ns.json("link", "show") if link["ifname"].startswith("qs")}
     routes = [r for r in ns.json("route", "show", "table", "all") if r.get("dev", "").startswith("qs")]
     rules = [r for r in ns.json("rule", "show") if str(r.get("iif", "")).startswith("qs")]
-    neigh = [n for n in ns.json("neigh", "show") if n.get("dev", "").startswith("qs")
-             and n.get("state") != ["FAILED"]]
+    # the permanent entries (qsup's own: neigh4/neigh6); dynamic ones come and go with the
+    # guest's traffic and change state on their own (a CI run failed on a STALE -> DELAY)
+    neigh = [{k: n.get(k) for k in ("dst", "dev", "lladdr")} for n in ns.json("neigh", "show")
+             if n.get("dev", "").startswith("qs") and "PERMANENT" in (n.get("state") or [])]
     return {"links": sorted(links), "routes": sorted(json.dumps(r, sort_keys=True) for r in routes),
             "rules": sorted(json.dumps(r, sort_keys=True) for r in rules),
             "neigh": sorted(json.dumps(n, sort_keys=True) for n in neigh)}
